@@ -1,0 +1,3 @@
+from splitfed.cli import app
+
+app(prog_name="splitfed")

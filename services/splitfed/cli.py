@@ -1,0 +1,272 @@
+"""The splitfed command line: `run` a whole scenario, `serve` one role. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splitfed.learning.data import DATASETS
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+run_app = typer.Typer(help="Run a whole scenario and write its results.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run one long-lived service (the entrypoint of every image). Every option can also come from SPLITFED_<OPTION>.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(serve_app, name="serve")
+
+err = Console(stderr=True)
+log = logging.getLogger("splitfed")
+
+Dataset = Enum("Dataset", {name.replace("-", "_"): name for name in DATASETS}, type=str)
+
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class SplitMode(str, Enum):
+    vanilla = "vanilla"
+    u_shaped = "u-shaped"
+
+
+class Via(str, Enum):
+    relay = "relay"
+    direct = "direct"
+
+
+def _env(name: str) -> str:
+    return "SPLITFED_" + name.upper().replace("-", "_")
+
+
+def opt(name: str, help: str, **kwargs):  # noqa: A002 (typer's word)
+    return typer.Option(f"--{name}", envvar=_env(name), help=help, **kwargs)
+
+
+# Options shared by `run` and `serve` commands (one definition each).
+DatasetOpt = Annotated[Dataset, opt("dataset", "Data set.")]
+DataDirOpt = Annotated[Optional[Path], opt("data-dir", "Folder with IDX files (MNIST, or Fashion-MNIST outside Debian's package).")]
+EpochsOpt = Annotated[int, opt("epochs", "Passes over the training data.", min=1)]
+BatchOpt = Annotated[int, opt("batch-size", "Training batch size.", min=1)]
+LrOpt = Annotated[float, opt("lr", "Learning rate.", min=0.0)]
+OptimizerOpt = Annotated[Optimizer, opt("optimizer", "Optimiser (each party runs its own over its own layers).")]
+SeedOpt = Annotated[int, opt("seed", "Seed for initialisation and batch order.")]
+LimitOpt = Annotated[Optional[int], opt("limit", "Use only the first N training samples.", min=1)]
+TestLimitOpt = Annotated[Optional[int], opt("test-limit", "Use only the first N test samples.", min=1)]
+CutOpt = Annotated[Optional[int], opt("cut-layer", "Layer index where the model is cut (default: after the conv blocks).", min=1)]
+ModeOpt = Annotated[SplitMode, opt("mode", "vanilla: the server computes the loss; u-shaped: the client keeps the last layer and the labels.")]
+ViaOpt = Annotated[Via, opt("via", "Through the relay service, or straight between the halves' queues.")]
+SessionOpt = Annotated[str, opt("session", "Session id: names the queues, so runs never see each other's messages.")]
+TimeoutOpt = Annotated[float, opt("timeout", "Seconds to wait for a peer before giving up.", min=0.1)]
+OutOpt = Annotated[Optional[Path], opt("out", "Write the results as JSON here.")]
+BrokerOpt = Annotated[str, opt("broker", "memory (one process) or amqp(s)://user:pass@host:port/vhost.")]
+ChunkOpt = Annotated[int, opt("chunk-size", "Frames larger than this many bytes travel in chunks.", min=1024)]
+HeartbeatOpt = Annotated[Optional[int], opt("heartbeat", "AMQP heartbeat in seconds (broker default if unset).", min=0)]
+TlsCaOpt = Annotated[Optional[Path], opt("tls-ca", "CA file to verify the broker (amqps://).")]
+TlsCertOpt = Annotated[Optional[Path], opt("tls-cert", "Client certificate for the broker (amqps://).")]
+TlsKeyOpt = Annotated[Optional[Path], opt("tls-key", "Client key for the broker (amqps://).")]
+MetricsPortOpt = Annotated[int, opt("metrics-port", "Serve Prometheus metrics on this port (0: off).", min=0, max=65535)]
+LogLevelOpt = Annotated[str, opt("log-level", "Logging level.")]
+ThreadsOpt = Annotated[Optional[int], opt("torch-threads", "Torch threads in this process.", min=1)]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _write_results(result: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"splitfed {result['scenario']}")
+    for column in ("step", "test accuracy", "test loss", "train loss", "seconds"):
+        table.add_column(column, justify="right")
+    for record in result["history"]:
+        table.add_row(str(record["step"]), f"{record['accuracy']:.4f}", f"{record['loss']:.4f}", f"{record['train_loss']:.4f}", f"{record['seconds']:.1f}")
+    Console(stderr=True).print(table)
+    err.print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  wall {result['wall_seconds']:.1f}s  "
+              f"traffic {result['traffic']['messages']} messages / {result['traffic']['bytes'] / 1e6:.1f} MB"
+              + (f"  results in {out}" if out else ""), highlight=False)
+
+
+def _transport_options(chunk_size: int, heartbeat: int | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> dict:
+    from splitfed.transport.rabbitmq import TLSOptions
+
+    options: dict = {"chunk_size": chunk_size, "heartbeat": heartbeat}
+    if tls_ca or tls_cert:
+        options["tls"] = TLSOptions(str(tls_ca) if tls_ca else None, str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None)
+    return options
+
+
+def _guard(fn):
+    """Turn expected failures into a message on stderr and a non-zero exit code."""
+    from splitfed.learning.data import DataError
+    from splitfed.roles.endpoint import RoleTimeout
+    from splitfed.scenarios.launch import ScenarioError
+    from splitfed.transport import TransportError
+
+    try:
+        return fn()
+    except (DataError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+    except RoleTimeout as exc:
+        raise _fail(str(exc), 3) from None
+    except (TransportError, ScenarioError) as exc:
+        raise _fail(str(exc), 4) from None
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+@run_app.command("centralized")
+def run_centralized(
+    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+    test_limit: TestLimitOpt = None, out: OutOpt = None,
+    save_model: Annotated[Optional[Path], typer.Option(help="Write the trained model (safetensors).")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """The reference's "normal" mode: the whole model in one process (the baseline)."""
+    from splitfed.learning.settings import TrainSettings
+    from splitfed.scenarios import centralized
+    from splitfed.scenarios.progress import Reporter
+
+    _logging(log_level)
+    settings = TrainSettings(dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit)
+    with Reporter("centralized", epochs) as reporter:
+        result = _guard(lambda: centralized.run(settings, reporter, save_model))
+    _write_results(result, out)
+
+
+@run_app.command("split")
+def run_split(
+    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+    test_limit: TestLimitOpt = None, cut_layer: CutOpt = None, mode: ModeOpt = SplitMode.vanilla, via: ViaOpt = Via.relay,
+    broker: BrokerOpt = "memory", session: Annotated[Optional[str], opt("session", "Session id (default: a new random one).")] = None,
+    timeout: TimeoutOpt = 300.0, chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None, out: OutOpt = None,
+    save_model: Annotated[Optional[Path], typer.Option(help="Write the trained model, both halves merged (safetensors).")] = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Split learning: client (data, labels, first layers) and server (the rest), in one process
+    (--broker memory) or as separate relay / split-client / split-server processes over RabbitMQ."""
+    from splitfed.roles.split_common import SplitSettings
+    from splitfed.scenarios import split
+    from splitfed.scenarios.progress import Reporter
+
+    _logging(log_level)
+    settings = SplitSettings(
+        dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        session=session or split.new_session(), cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
+    )
+    options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key) if broker != "memory" else {}
+    with Reporter(f"split ({mode.value}, {via.value}, {broker.split('://')[0]})", epochs) as reporter:
+        result = _guard(lambda: split.run(settings, broker, reporter, save_model, transport_options=options))
+    _write_results(result, out)
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | None, broker: str, transport_options: dict, work) -> None:
+    """settings → logging → metrics server → transport → role loop → exit code."""
+    from splitfed.observability import metrics
+    from splitfed.transport import is_amqp
+
+    _logging(log_level)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    if not is_amqp(broker):
+        raise _fail(f"serve {role} needs --broker amqp://... or amqps://... (got {broker!r})", 2)
+    metrics.serve(metrics_port)
+
+    def connect_and_run():
+        from splitfed.transport.rabbitmq import RabbitTransport
+
+        with RabbitTransport(broker, name=role, **transport_options) as transport:
+            return work(transport)
+
+    _guard(connect_and_run)
+
+
+@serve_app.command("relay")
+def serve_relay(
+    session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/", timeout: TimeoutOpt = 300.0,
+    chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None, metrics_port: MetricsPortOpt = 0, log_level: LogLevelOpt = "info",
+) -> None:
+    """Forward frames between the two halves of one split session (no torch)."""
+    from splitfed.roles.relay import Relay
+
+    _serve("relay", log_level, metrics_port, None, broker, _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key),
+           lambda transport: Relay(session, transport, timeout).run())
+
+
+def _split_role(role: str):
+    def command(
+        session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
+        dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+        lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+        test_limit: TestLimitOpt = None, cut_layer: CutOpt = None, mode: ModeOpt = SplitMode.vanilla, via: ViaOpt = Via.relay,
+        timeout: TimeoutOpt = 300.0, chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None,
+        tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+        save: Annotated[Optional[Path], opt("save", "Write this party's layers here at the end (safetensors).")] = None,
+        out: OutOpt = None,
+        progress_events: Annotated[bool, opt("progress-events", "Print batch and epoch events as JSON lines on stdout.")] = False,
+        metrics_port: MetricsPortOpt = 0, torch_threads: ThreadsOpt = None, log_level: LogLevelOpt = "info",
+    ) -> None:
+        from splitfed.roles.split_client import SplitClient
+        from splitfed.roles.split_common import SplitSettings
+        from splitfed.roles.split_server import SplitServer
+
+        settings = SplitSettings(
+            dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+            session=session, cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
+        )
+
+        def emit(event: dict) -> None:
+            print(json.dumps(event), flush=True)
+
+        def work(transport):
+            if role == "split-server":
+                return SplitServer(settings, transport, save).run()
+            client = SplitClient(settings, transport, save)
+            result = client.run(
+                (lambda done, total, loss: emit({"event": "batch", "done": done, "total": total, "loss": loss})) if progress_events else None,
+                (lambda record: emit({"event": "epoch", "record": vars(record)})) if progress_events else None,
+            )
+            if out:
+                out.write_text(json.dumps(result))
+            return result
+
+        _serve(role, log_level, metrics_port, torch_threads, broker, _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key), work)
+
+    return command
+
+
+serve_app.command("split-client", help="The data owner of a split session: data, labels, first layers; drives training.")(_split_role("split-client"))
+serve_app.command("split-server", help="The server half of a split session: the remaining layers, no data.")(_split_role("split-server"))
+
+
+def main() -> None:
+    app(prog_name="splitfed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Data sets as in-memory tensors, and the deterministic batch order every scenario shares.
+
+Each data set is (images: float32 (N, C, H, W) normalised, labels: int64 (N,)).
+Split learning is exact only if every mode sees the same batches in the same order, so batch
+order comes from one seeded generator (`batch_order`), never from a DataLoader's worker RNG.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a party needs to build a model without loading any data."""
+
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: int
+    mean: float
+    std: float
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) float32
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class DataError(RuntimeError):
+    """A data set cannot be found or read; the message says where it looked."""
+
+
+def info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | None = None) -> Split:
+    """Load the train or test split of `name`; `limit` keeps the first N samples."""
+    meta = info(name)
+    if name == "digits":
+        images, labels = _digits(train)
+    else:
+        images, labels = _idx_pair(_idx_dir(name, data_dir), train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.astype(np.float32))
+    x = ((x - meta.mean * _scale(name)) / (meta.std * _scale(name))).reshape(-1, *meta.shape)
+    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _scale(name: str) -> float:
+    # IDX pixels are 0..255 and the statistics above are for 0..1; digits are 0..16 as published.
+    return 1.0 if name == "digits" else 255.0
+
+
+def _digits(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # A fixed 80/20 cut of the 1797 samples; the bundled order is already mixed across classes.
+    cut = int(len(bunch.target) * 0.8)
+    part = slice(0, cut) if train else slice(cut, None)
+    return bunch.data[part], bunch.target[part]
+
+
+def _idx_dir(name: str, data_dir: Path | None) -> Path:
+    candidates = [data_dir, data_dir / name if data_dir else None, data_dir / name.upper() / "raw" if data_dir else None]
+    if name == "fashion-mnist":
+        candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    for path in filter(None, candidates):
+        if _idx_file(path, "train-images-idx3-ubyte"):
+            return path
+    looked = ", ".join(str(p) for p in candidates if p) or "nowhere (no --data-dir given)"
+    hint = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    raise DataError(f"{name} IDX files not found; looked in {looked}{hint}")
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_pair(directory: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if train else "t10k"
+    images = _read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
+
+
+def _read_idx(path: Path | None) -> np.ndarray:
+    if path is None:
+        raise DataError("IDX file missing")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    dims = raw[3]
+    shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated ({data.size} values for shape {shape})")
+    return data.reshape(shape)
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of indices: a seeded permutation cut into `batch_size` pieces."""
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def partition(labels: torch.Tensor, spec: str, parts: int, seed: int) -> list[torch.Tensor]:
+    """Indices of each party's share: `iid`, `classes:0-3,4-6,7-9`, `dirichlet:ALPHA`, `shards:K`."""
+    generator = torch.Generator().manual_seed(seed)
+    kind, _, arg = spec.partition(":")
+    if kind == "iid":
+        return list(torch.randperm(len(labels), generator=generator).tensor_split(parts))
+    if kind == "classes":
+        groups = [_class_range(group) for group in arg.split(",")]
+        if len(groups) != parts:
+            raise ValueError(f"partition {spec!r} names {len(groups)} groups for {parts} parties")
+        return [torch.nonzero(torch.isin(labels, torch.tensor(group))).flatten() for group in groups]
+    if kind == "dirichlet":
+        return _dirichlet(labels, parts, float(arg), seed)
+    if kind == "shards":
+        shards_per_party = int(arg)
+        by_label = torch.argsort(labels, stable=True)
+        shards = by_label.tensor_split(parts * shards_per_party)
+        order = torch.randperm(len(shards), generator=generator).tolist()
+        return [torch.cat([shards[i] for i in order[p::parts]]) for p in range(parts)]
+    raise ValueError(f"unknown partition {spec!r}; use iid, classes:0-3,4-6,7-9, dirichlet:ALPHA or shards:K")
+
+
+def _class_range(group: str) -> list[int]:
+    low, _, high = group.partition("-")
+    return list(range(int(low), int(high or low) + 1))
+
+
+def _dirichlet(labels: torch.Tensor, parts: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    if alpha <= 0:
+        raise ValueError("dirichlet alpha must be > 0")
+    rng = np.random.default_rng(seed)
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    for label in labels.unique().tolist():
+        members = torch.nonzero(labels == label).flatten().numpy()
+        rng.shuffle(members)
+        cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(members)).astype(int)[:-1]
+        for party, chunk in enumerate(np.split(members, cuts)):
+            shares[party].extend(chunk.tolist())
+    return [torch.tensor(sorted(share), dtype=torch.int64) for share in shares]

@@ -1,0 +1,51 @@
+"""Models as `nn.Sequential`, so that any layer index is a cut point."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splitfed.learning.data import DatasetInfo
+
+
+def default_cnn(meta: DatasetInfo) -> nn.Sequential:
+    """Two conv blocks and two linear layers (pytorch/examples mnist, without dropout).
+
+    No dropout: a split run must draw no random numbers that centralized training does not,
+    or the halves stop being the same computation as the whole.
+    """
+    channels, height, width = meta.shape
+    flat = 64 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2),  # 0: (B, 32, H, W)
+        nn.ReLU(),  # 1
+        nn.MaxPool2d(2),  # 2: (B, 32, H/2, W/2)
+        nn.Conv2d(32, 64, 5, padding=2),  # 3: (B, 64, H/2, W/2)
+        nn.ReLU(),  # 4
+        nn.MaxPool2d(2),  # 5: (B, 64, H/4, W/4)
+        nn.Flatten(),  # 6: (B, 64*H/4*W/4)
+        nn.Linear(flat, 128),  # 7: (B, 128)
+        nn.ReLU(),  # 8
+        nn.Linear(128, meta.classes),  # 9: (B, classes) logits; the loss applies log-softmax once
+    )
+
+
+# Layers [0, DEFAULT_CUT) stay with the data owner: both conv blocks, as in the relay reference
+# where "Harvard" keeps the first layers. The cut activation is (B, 64, H/4, W/4).
+DEFAULT_CUT = 6
+
+MODELS = {"cnn": default_cnn}
+
+
+def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
+    """The full model, initialised from `seed`: every party builds it and keeps its own layers."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    return MODELS[name](meta)
+
+
+def output_shape(layers: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one sample after `layers` (without the batch dimension)."""
+    with torch.no_grad():
+        return tuple(layers(torch.zeros(1, *input_shape)).shape[1:])

@@ -1,0 +1,35 @@
+"""Prometheus metrics shared by every role. Labels always include role and session."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter("splitfed_messages_total", "Messages sent or received", ["role", "session", "kind", "direction"])
+BYTES = Counter("splitfed_bytes_total", "Message bytes sent or received", ["role", "session", "kind", "direction"])
+REJECTED = Counter("splitfed_messages_rejected_total", "Messages refused, by reason", ["role", "session", "reason"])
+ROUND_TRIP = Histogram(
+    "splitfed_round_trip_seconds",
+    "From sending a batch's activations to holding its gradients",
+    ["role", "session"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+)
+EPOCH = Gauge("splitfed_epoch", "Current epoch (or round)", ["role", "session"])
+TRAIN_LOSS = Gauge("splitfed_train_loss", "Mean training loss of the last epoch or round", ["role", "session"])
+TEST_ACCURACY = Gauge("splitfed_test_accuracy", "Test accuracy after the last epoch or round", ["role", "session"])
+UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on `port` (0: not at all)."""
+    if port:
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)
+
+
+def rejected_count(role: str, session: str, reason: str) -> float:
+    """Current value of one rejection counter (for summaries and tests in the same process)."""
+    return REJECTED.labels(role, session, reason)._value.get()

@@ -1,0 +1,16 @@
+"""Typed messages and their wire encoding: a small JSON header plus a safetensors body.
+
+Never pickle, never torch.load: decoding only parses JSON and safetensors, and checks every field.
+"""
+
+from splitfed.protocol.codec import (
+    MAX_MESSAGE_BYTES,
+    Message,
+    ProtocolError,
+    TensorSpec,
+    decode,
+    encode,
+    check_tensors,
+)
+
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "encode", "check_tensors"]

@@ -1,0 +1,116 @@
+"""split-client: the data owner. Holds the data, the labels and the first layers (and in
+u-shaped mode the last layer too), drives training batch by batch and evaluates."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitfed.learning import data, models, split, train
+from splitfed.learning.train import EpochRecord
+from splitfed.observability import metrics
+from splitfed.protocol import Message, TensorSpec, check_tensors
+from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.transport import Transport
+from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
+
+log = logging.getLogger(__name__)
+
+BatchCallback = Callable[[int, int, float], None]  # (batches done this epoch, batches per epoch, loss)
+
+
+class SplitClient:
+    def __init__(self, settings: SplitSettings, transport: Transport, save: Path | None = None):
+        self.settings = settings
+        self.save = save
+        meta = data.info(settings.dataset)
+        self.parts = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+        params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
+        self.opt = train.optimizer(params, settings.optimizer, settings.lr)
+        self.cut_shape = models.output_shape(self.parts.head, meta.shape)
+        self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
+        self.train_data = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+        self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.endpoint = Endpoint(transport, session=settings.session, role=CLIENT, inbox=queue_name(settings.session, CLIENT), timeout=settings.timeout)
+        self.server = settings.peer_queue(SERVER)
+        transport.declare(self.server)
+        self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, settings.session)
+
+    # -- one exchange with the server -----------------------------------------------------
+
+    def exchange(self, kind: str, tensors: dict[str, np.ndarray], reply_kind: str, reply_spec: dict[str, TensorSpec], **meta) -> Message:
+        started = time.perf_counter()
+        self.endpoint.send(self.server, kind, tensors, **meta)
+
+        def check(message: Message) -> None:
+            check_tensors(message, reply_spec)
+
+        reply, delivery = self.endpoint.receive((reply_kind,), (SERVER,), check)
+        self.endpoint.ack(delivery)
+        self.round_trip.observe(time.perf_counter() - started)
+        return reply
+
+    def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
+        """The server's layers applied to `activations` (B, *cut_shape) -> (B, *server_out_shape)."""
+        spec = {"h": TensorSpec("float32", (len(activations), *self.server_out_shape))}
+        reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations)}, OUTPUTS, spec, train=train_step)
+        return torch.from_numpy(reply.tensors["h"])
+
+    # -- training -------------------------------------------------------------------------
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.parts.head.train()
+        self.opt.zero_grad(set_to_none=True)
+        activations = self.parts.head(images)  # (B, *cut_shape)
+        cut_spec = {"g": TensorSpec("float32", (len(images), *self.cut_shape))}
+        if self.parts.tail is None:
+            reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations), "y": labels.numpy()}, GRADIENTS, cut_spec, train=True)
+            loss = float(reply.meta.get("loss", float("nan")))
+        else:
+            features = self.remote_forward(activations, train_step=True).requires_grad_(True)
+            batch_loss = train.loss_fn(self.parts.tail(features), labels)  # labels stay here
+            batch_loss.backward()
+            reply = self.exchange(GRADIENTS, {"g": to_numpy(features.grad)}, GRADIENTS, cut_spec)
+            loss = batch_loss.item()
+        activations.backward(torch.from_numpy(reply.tensors["g"]))
+        self.opt.step()
+        return loss
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the whole split model, for evaluation."""
+        self.parts.head.eval()
+        outputs = self.remote_forward(self.parts.head(images), train_step=False)
+        return self.parts.tail(outputs) if self.parts.tail is not None else outputs
+
+    def run(self, on_batch: BatchCallback | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> dict:
+        session = self.settings.session
+
+        def epoch_done(record: EpochRecord) -> None:
+            metrics.EPOCH.labels(CLIENT, session).set(record.step)
+            metrics.TRAIN_LOSS.labels(CLIENT, session).set(record.train_loss)
+            metrics.TEST_ACCURACY.labels(CLIENT, session).set(record.accuracy)
+            if on_epoch:
+                on_epoch(record)
+
+        started = time.perf_counter()
+        history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, on_batch, epoch_done)
+        self.endpoint.send(self.server, DONE)
+        _, delivery = self.endpoint.receive((DONE,), (SERVER,))
+        self.endpoint.ack(delivery)
+        if self.save:
+            parts = [(self.parts.head.state_dict(), 0)]
+            if self.parts.tail is not None:
+                parts.append((self.parts.tail.state_dict(), self.parts.tail_start))
+            save_parts(self.save, parts)
+        return {
+            "accuracy": history[-1].accuracy,
+            "loss": history[-1].loss,
+            "wall_seconds": time.perf_counter() - started,
+            "history": [vars(r) for r in history],
+            "traffic": vars(self.endpoint.traffic),
+        }

@@ -1,0 +1,53 @@
+"""What the split-learning roles share: settings, queue names, message kinds, parameter files.
+
+Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
+Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
+                                client --gradients{g}--> server --gradients{g}--> client
+Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
+End:                            client --done--> server --done--> client (the relay exits after both)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from splitfed.learning.settings import TrainSettings
+from splitfed.roles.endpoint import queue_name
+
+CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
+ACTIVATIONS, GRADIENTS, OUTPUTS, DONE = "activations", "gradients", "outputs", "done"
+KINDS = (ACTIVATIONS, GRADIENTS, OUTPUTS, DONE)
+
+
+@dataclass
+class SplitSettings(TrainSettings):
+    session: str = "local"
+    cut_layer: int | None = None  # None: the model's default cut (models.DEFAULT_CUT)
+    mode: str = "vanilla"
+    via: str = "relay"
+    timeout: float = 300.0
+
+    def peer_queue(self, target: str) -> str:
+        """Where a half sends to reach `target`: the relay's inbox, or the target's own."""
+        return queue_name(self.session, RELAY if self.via == "relay" else target)
+
+
+def to_numpy(tensor) -> np.ndarray:  # noqa: ANN001 (torch.Tensor; kept torch-free at import)
+    return tensor.detach().contiguous().numpy()
+
+
+def save_parts(path: Path, parts: list[tuple[dict, int]]) -> None:
+    """Write parts' parameters (state dict, index of its first layer in the full model) under the
+    full model's layer indices, as safetensors, so the parties' files merge into one model."""
+    from safetensors.torch import save_file
+
+    renamed = {}
+    for state, offset in parts:
+        for key, value in state.items():
+            index, _, rest = key.partition(".")
+            renamed[f"{int(index) + offset}.{rest}"] = value.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(renamed, str(path))

@@ -1,0 +1,135 @@
+"""split: the relay reference's split modes. Client (data, labels, first layers), server (the
+rest) and optionally the relay, over the in-memory transport or RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from splitfed.roles.relay import Relay
+from splitfed.roles.split_client import SplitClient
+from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
+from splitfed.roles.split_server import SplitServer
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, threads_per_process
+from splitfed.scenarios.progress import Reporter
+from splitfed.transport import MemoryBroker, MemoryTransport, Transport, is_amqp
+
+TransportFactory = Callable[[str], Transport]  # role name -> its own connection
+
+
+def new_session() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def run(
+    settings: SplitSettings,
+    broker: str = "memory",
+    reporter: Reporter | None = None,
+    save_model: Path | None = None,
+    launch: str | None = None,
+    transport_options: dict | None = None,
+) -> dict:
+    """Run one split session. `launch`: "threads" (default for memory) or "processes"
+    (default for amqp://, every role its own `splitfed serve` process)."""
+    launch = launch or ("processes" if is_amqp(broker) else "threads")
+    started = time.perf_counter()
+    if launch == "processes":
+        if not is_amqp(broker):
+            raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
+        client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {})
+    else:
+        client_result = run_threads(settings, _transport_factory(broker, transport_options or {}), reporter, save_model)
+    return {
+        "scenario": "split",
+        **client_result,
+        "wall_seconds": time.perf_counter() - started,
+        "config": {**settings.config(), "broker": _redact(broker), "launch": launch},
+    }
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def _transport_factory(broker: str, options: dict) -> TransportFactory:
+    if broker == "memory":
+        shared = MemoryBroker()
+        return lambda role: MemoryTransport(shared)
+    if is_amqp(broker):
+        from splitfed.transport.rabbitmq import RabbitTransport
+
+        return lambda role: RabbitTransport(broker, name=role, **options)
+    raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
+
+
+def run_threads(settings: SplitSettings, connect: TransportFactory, reporter: Reporter | None = None, save_model: Path | None = None) -> dict:
+    """Every role in this process, each on its own transport connection; the client on this thread."""
+    transports = {role: connect(role) for role in (SERVER, CLIENT, *((RELAY,) if settings.via == "relay" else ()))}
+    parts_dir = Path(save_model).parent if save_model else None
+    try:
+        server = SplitServer(settings, transports[SERVER], save=parts_dir / f".{SERVER}.safetensors" if parts_dir else None)
+        helpers = [RoleThread(SERVER, server.run)]
+        if settings.via == "relay":
+            helpers.append(RoleThread(RELAY, Relay(settings.session, transports[RELAY], settings.timeout).run))
+        for thread in helpers:
+            thread.start()
+        client = SplitClient(settings, transports[CLIENT], save=parts_dir / f".{CLIENT}.safetensors" if parts_dir else None)
+        result = client.run(reporter.batch if reporter else None, reporter.epoch if reporter else None)
+        for thread in helpers:
+            thread.outcome(settings.timeout)
+    finally:
+        for transport in transports.values():
+            transport.close()
+    if save_model:
+        merge_parts(save_model, [parts_dir / f".{role}.safetensors" for role in (CLIENT, SERVER)])
+    return result
+
+
+def merge_parts(save_model: Path, part_files: list[Path]) -> None:
+    """One model file from the parties' part files (disjoint layer indices)."""
+    merged = {}
+    for path in part_files:
+        merged.update(load_file(str(path)))  # safetensors: no code runs on load
+        path.unlink()
+    save_file(merged, str(save_model))
+
+
+def _run_processes(settings: SplitSettings, broker: str, reporter: Reporter | None, save_model: Path | None, transport_options: dict) -> dict:
+    group = ProcessGroup()
+    common = {**settings.config(), "broker": broker, **transport_options}
+    # The halves compute in turn, never at once: each may use every core.
+    threads = threads_per_process(1)
+    parts = {role: group.workdir / f"{role}.safetensors" for role in (CLIENT, SERVER)}
+    result_path = group.workdir / "client-result.json"
+    try:
+        if settings.via == "relay":
+            group.start(RELAY, {"session": settings.session, "broker": broker, "timeout": settings.timeout, **transport_options}, threads=1)
+        server = group.start(SERVER, {**common, "save": parts[SERVER] if save_model else None}, threads)
+        client = group.start(CLIENT, {**common, "save": parts[CLIENT] if save_model else None, "out": result_path, "progress_events": True}, threads)
+
+        def on_event(event: dict) -> None:
+            if not reporter:
+                return
+            if event.get("event") == "batch":
+                reporter.batch(event["done"], event["total"], event["loss"])
+            elif event.get("event") == "epoch":
+                from splitfed.learning.train import EpochRecord
+
+                reporter.epoch(EpochRecord(**event["record"]))
+
+        group.follow(client, on_event)
+        for member in group.members:
+            group.wait(member, settings.timeout)
+    finally:
+        group.stop()
+    if save_model:
+        merge_parts(save_model, [parts[CLIENT], parts[SERVER]])
+    return json.loads(result_path.read_text())

@@ -1,0 +1,52 @@
+"""The one small interface every role talks through; in-memory and RabbitMQ implement it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class TransportError(RuntimeError):
+    """The transport cannot go on (refused credentials, closed for good)."""
+
+
+@dataclass
+class Delivery:
+    queue: str
+    body: bytes
+    tag: Any = None  # what `ack` needs; opaque to roles
+
+
+RejectHook = Callable[[str, str], None]  # (reason, detail) for frames refused below the protocol
+
+
+class Transport(ABC):
+    @abstractmethod
+    def declare(self, queue: str, *, durable: bool = False) -> None:
+        """Create `queue` if missing (idempotent). Durable queues and persistent messages survive a broker restart."""
+
+    @abstractmethod
+    def publish(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
+        """Send `body` to `queue`; returns once the broker has it (publisher confirm)."""
+
+    @abstractmethod
+    def receive(self, queue: str, timeout: float) -> Delivery | None:
+        """Next delivery from `queue`, or None after `timeout` seconds."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """The work for `delivery` is done; until then it comes back if this party dies."""
+
+    def delete(self, queue: str) -> None:
+        """Remove `queue` (end of a session)."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

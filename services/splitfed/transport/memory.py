@@ -1,0 +1,51 @@
+"""Queues in one process: the embedded default, for runs that need no broker."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from splitfed.transport.base import Delivery, Transport
+
+
+class MemoryBroker:
+    """Shared by every MemoryTransport of one run, as a broker is shared by connections."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, queue.Queue[bytes]] = {}
+        self._lock = threading.Lock()
+        self.taps: list[Callable[[str, bytes], None]] = []  # observers of every publish (tests, traffic)
+
+    def queue(self, name: str) -> queue.Queue[bytes]:
+        with self._lock:
+            return self._queues.setdefault(name, queue.Queue())
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self._queues.pop(name, None)
+
+
+class MemoryTransport(Transport):
+    def __init__(self, broker: MemoryBroker):
+        self.broker = broker
+
+    def declare(self, queue: str, *, durable: bool = False) -> None:
+        self.broker.queue(queue)
+
+    def publish(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
+        for tap in self.broker.taps:
+            tap(queue, body)
+        self.broker.queue(queue).put(body)
+
+    def receive(self, queue_name: str, timeout: float) -> Delivery | None:
+        try:
+            return Delivery(queue_name, self.broker.queue(queue_name).get(timeout=timeout))
+        except queue.Empty:
+            return None
+
+    def ack(self, delivery: Delivery) -> None:
+        """Nothing to do: a message in memory dies with the process that would redeliver it."""
+
+    def delete(self, queue: str) -> None:
+        self.broker.delete(queue)

@@ -1,0 +1,336 @@
+"""RabbitMQ transport (pika), following pika's basic_consumer_threaded pattern.
+
+One I/O thread owns the connection and does nothing but pika work, so heartbeats are answered
+while the caller's thread trains. Callers hand operations over through a deque and
+`add_callback_threadsafe`; results come back through futures. Publisher confirms are on;
+acks are manual and sent only when the caller says the work is done. Frames larger than
+`chunk_size` travel as numbered chunks and are reassembled before delivery, so no message hits
+the broker's `max_message_size`. Connection loss is retried with capped exponential back-off;
+refused credentials, access or channel errors are final.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+
+from splitfed.transport.base import Delivery, RejectHook, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+CHUNK_ID, CHUNK_INDEX, CHUNK_COUNT = "x-splitfed-chunk-id", "x-splitfed-chunk-index", "x-splitfed-chunk-count"
+MAX_PENDING_REASSEMBLIES = 64
+
+
+@dataclass
+class TLSOptions:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+@dataclass
+class _Reassembly:
+    parts: list[bytes | None]
+    tags: list[int]
+    size: int = 0
+
+
+class RabbitTransport(Transport):
+    def __init__(
+        self,
+        url: str,
+        *,
+        chunk_size: int = 16 * 1024**2,
+        max_message_bytes: int = 2 * 1024**3,
+        prefetch: int = 16,
+        heartbeat: int | None = None,
+        tls: TLSOptions | None = None,
+        queue_expires_ms: int | None = 30 * 60 * 1000,
+        connect_timeout: float = 30.0,
+        operation_timeout: float = 300.0,
+        on_reject: RejectHook | None = None,
+        name: str = "splitfed",
+    ):
+        self._params = pika.URLParameters(url)
+        self._params.client_properties = {"connection_name": name}
+        if heartbeat is not None:
+            self._params.heartbeat = heartbeat
+        if url.startswith("amqps://"):
+            tls = tls or TLSOptions()
+            self._params.ssl_options = pika.SSLOptions(tls.context(), tls.server_hostname or self._params.host)
+        self._chunk_size = chunk_size
+        self._max_chunks = -(-max_message_bytes // chunk_size)
+        self._max_message_bytes = max_message_bytes
+        # A message's chunks are acked together after the work, so all of them must fit in flight.
+        self._prefetch = prefetch + self._max_chunks
+        self._queue_expires_ms = queue_expires_ms
+        self._operation_timeout = operation_timeout
+        self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
+
+        self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
+        self._inboxes: dict[str, queue.Queue[Delivery]] = {}  # consumed queues
+        self._reassembly: dict[str, _Reassembly] = {}
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self.generation = 0  # connections made so far; a tag from an older one is stale
+        self._connected = threading.Event()
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
+        self._thread.start()
+        if not self._connected.wait(connect_timeout) or self._fatal:
+            self._closing = True
+            raise TransportError(f"cannot connect to RabbitMQ at {self._params.host}:{self._params.port}: {self._fatal or 'timed out'}")
+
+    # -- caller side -----------------------------------------------------------------
+
+    def declare(self, queue_name: str, *, durable: bool = False) -> None:
+        self._call(lambda: self._declare(queue_name, durable))
+
+    def publish(self, queue_name: str, body: bytes, *, persistent: bool = False) -> None:
+        if len(body) <= self._chunk_size:
+            self._call(lambda: self._publish(queue_name, body, persistent, None))
+            return
+        if len(body) > self._max_message_bytes:
+            raise TransportError(f"message of {len(body)} bytes exceeds max_message_bytes {self._max_message_bytes}")
+        chunk_id = uuid.uuid4().hex
+        count = -(-len(body) // self._chunk_size)
+        view = memoryview(body)
+        for index in range(count):
+            piece = bytes(view[index * self._chunk_size : (index + 1) * self._chunk_size])
+            headers = {CHUNK_ID: chunk_id, CHUNK_INDEX: index, CHUNK_COUNT: count}
+            self._call(lambda piece=piece, headers=headers: self._publish(queue_name, piece, persistent, headers))
+
+    def receive(self, queue_name: str, timeout: float) -> Delivery | None:
+        if queue_name not in self._inboxes:
+            self._call(lambda: self._consume(queue_name))
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_fatal()
+            try:
+                return self._inboxes[queue_name].get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+
+    def ack(self, delivery: Delivery) -> None:
+        generation, tags = delivery.tag
+        self._submit(lambda: self._ack(generation, tags))
+
+    def delete(self, queue_name: str) -> None:
+        self._declared.pop(queue_name, None)
+        self._call(lambda: self._channel.queue_delete(queue_name))
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        # Let queued acks and publishes go out before the connection closes.
+        try:
+            self._call(lambda: None, timeout=10)
+        except TransportError:
+            pass
+        self._closing = True
+        self._wake()
+        self._thread.join(timeout=10)
+
+    def _call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        future = self._submit(fn)
+        try:
+            return future.result(timeout or self._operation_timeout)
+        except TimeoutError:
+            raise TransportError(f"broker operation timed out after {timeout or self._operation_timeout}s") from None
+
+    def _submit(self, fn: Callable[[], Any]) -> Future:
+        self._raise_if_fatal()
+        future: Future = Future()
+        self._ops.append((fn, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.add_callback_threadsafe(self._drain)
+            except Exception:  # connection is closing; the I/O thread drains after reconnecting
+                pass
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise TransportError(f"RabbitMQ transport stopped: {self._fatal}")
+
+    # -- I/O thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._closing:
+            try:
+                self._connect()
+                backoff = 0.5
+                while not self._closing:
+                    self._drain()
+                    self._connection.process_data_events(time_limit=1)
+            except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError, pex.AuthenticationError) as exc:
+                self._stop(exc)
+            except pex.ConnectionClosedByBroker as exc:
+                if exc.reply_code not in (320, 541):  # broker shutting down or internal error: retry
+                    self._stop(exc)
+                else:
+                    backoff = self._lost(exc, backoff)
+            except (pex.ChannelClosedByBroker, pex.ChannelWrongStateError) as exc:
+                self._stop(exc)
+            except (pex.AMQPConnectionError, pex.StreamLostError, ConnectionError, OSError) as exc:
+                backoff = self._lost(exc, backoff)
+        self._disconnect()
+
+    def _stop(self, exc: BaseException) -> None:
+        log.error("RabbitMQ transport stopping: %r", exc)
+        self._fatal = exc
+        self._closing = True
+        self._connected.set()
+        while self._ops:
+            _, future = self._ops.popleft()
+            future.set_exception(TransportError(str(exc)))
+
+    def _lost(self, exc: BaseException, backoff: float) -> float:
+        log.warning("RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff)
+        self._disconnect()
+        time.sleep(backoff)
+        return min(backoff * 2, 30.0)
+
+    def _connect(self) -> None:
+        connection = pika.BlockingConnection(self._params)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_qos(prefetch_count=self._prefetch)
+        self._connection, self._channel = connection, channel
+        self.generation += 1
+        self._reassembly.clear()
+        for name, durable in self._declared.items():
+            self._declare(name, durable)
+        for name, inbox in self._inboxes.items():
+            # Unacked deliveries of the old connection are redelivered; drop our stale copies.
+            stale = [d for d in list(inbox.queue) if d.tag[0] != self.generation]
+            for delivery in stale:
+                try:
+                    inbox.queue.remove(delivery)
+                except ValueError:
+                    pass
+            self._start_consumer(name)
+        if self.generation > 1:
+            log.info("RabbitMQ reconnected (connection %d)", self.generation)
+        self._connected.set()
+
+    def _disconnect(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # already broken; nothing left to release
+                pass
+
+    def _drain(self) -> None:
+        while self._ops and self._channel is not None:
+            fn, future = self._ops.popleft()
+            if future.done():
+                continue
+            try:
+                future.set_result(fn())
+            except (pex.AMQPConnectionError, pex.StreamLostError, ConnectionError) as exc:
+                self._ops.appendleft((fn, future))  # retried on the next connection
+                raise exc
+            except Exception as exc:
+                future.set_exception(exc)
+                if isinstance(exc, pex.ChannelClosedByBroker):
+                    raise
+
+    def _declare(self, name: str, durable: bool) -> None:
+        arguments = {"x-expires": self._queue_expires_ms} if self._queue_expires_ms and not durable else None
+        self._channel.queue_declare(name, durable=durable, arguments=arguments)
+        self._declared[name] = durable
+
+    def _publish(self, name: str, body: bytes, persistent: bool, headers: dict | None) -> None:
+        properties = pika.BasicProperties(delivery_mode=2 if persistent else 1, headers=headers)
+        try:
+            self._channel.basic_publish("", name, body, properties, mandatory=True)
+        except pex.UnroutableError:
+            raise TransportError(f"queue {name!r} does not exist") from None
+        except pex.NackError:
+            raise TransportError(f"broker refused a message for {name!r}") from None
+
+    def _consume(self, name: str) -> None:
+        if name not in self._inboxes:
+            self._inboxes[name] = queue.Queue()
+            self._start_consumer(name)
+
+    def _start_consumer(self, name: str) -> None:
+        generation = self.generation
+
+        def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            self._on_message(name, generation, method.delivery_tag, properties.headers or {}, body)
+
+        self._channel.basic_consume(name, on_message, auto_ack=False)
+
+    def _ack(self, generation: int, tags: list[int]) -> None:
+        if generation != self.generation or self._channel is None:
+            return  # the old connection's deliveries come back; handlers drop the duplicates
+        for tag in tags:
+            self._channel.basic_ack(tag)
+
+    def _on_message(self, name: str, generation: int, tag: int, headers: dict, body: bytes) -> None:
+        if CHUNK_ID not in headers:
+            self._inboxes[name].put(Delivery(name, body, (generation, [tag])))
+            return
+        chunk_id, index, count = headers.get(CHUNK_ID), headers.get(CHUNK_INDEX), headers.get(CHUNK_COUNT)
+        if not (isinstance(chunk_id, (str, bytes)) and isinstance(index, int) and isinstance(count, int)) or not 0 <= index < count:
+            self._reject(tag, "malformed", f"bad chunk headers on {name}")
+            return
+        if count > self._max_chunks:
+            self._reject(tag, "oversized", f"{count} chunks of {self._chunk_size} bytes exceed the message limit")
+            return
+        key = f"{name}/{chunk_id!s}"
+        entry = self._reassembly.get(key)
+        if entry is None:
+            if len(self._reassembly) >= MAX_PENDING_REASSEMBLIES:
+                oldest_key = next(iter(self._reassembly))
+                oldest = self._reassembly.pop(oldest_key)
+                self._reject(oldest.tags, "malformed", f"chunked message {oldest_key} never completed")
+            entry = self._reassembly[key] = _Reassembly([None] * count, [])
+        if len(entry.parts) != count or entry.parts[index] is not None:
+            self._reject(tag, "malformed", f"chunk {index}/{count} of {key} conflicts with earlier chunks")
+            return
+        entry.parts[index] = body
+        entry.tags.append(tag)
+        entry.size += len(body)
+        if entry.size > self._max_message_bytes:
+            del self._reassembly[key]
+            self._reject(entry.tags, "oversized", f"chunked message {key} exceeds {self._max_message_bytes} bytes")
+        elif all(part is not None for part in entry.parts):
+            del self._reassembly[key]
+            self._inboxes[name].put(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
+
+    def _reject(self, tags: int | list[int], reason: str, detail: str) -> None:
+        for tag in tags if isinstance(tags, list) else [tags]:
+            self._channel.basic_ack(tag)  # refused for good: redelivering it would not make it valid
+        self._on_reject(reason, detail)
