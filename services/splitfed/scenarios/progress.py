@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
-
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from splitfed.learning.train import EpochRecord
@@ -15,10 +14,11 @@ log = logging.getLogger("splitfed.progress")
 class Reporter:
     """Receives batch and epoch events from a training loop; shows them as fits the terminal."""
 
-    def __init__(self, label: str, epochs: int, interactive: bool | None = None):
+    def __init__(self, label: str, epochs: int, console: Console | None = None):
         self.label = label
         self.epochs = epochs
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.console = console or Console(stderr=True)
+        self.interactive = self.console.is_terminal
         self._bar: Progress | None = None
         self._task = None
         self._epoch = 1
@@ -28,7 +28,7 @@ class Reporter:
         if self.interactive:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
             )
             self._bar.start()
         return self
@@ -50,7 +50,7 @@ class Reporter:
     def epoch(self, record: EpochRecord) -> None:
         message = f"{self.label} epoch {record.step}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s"
         if self._bar:
-            self._bar.console.print(message)
+            self._bar.console.print(message, highlight=False)
             self._task = None
         else:
             log.info(message)

@@ -1,0 +1,23 @@
+# The two commands a newcomer needs: `make demo` (a real split-learning run, no broker) and
+# `make test` (everything installed, RabbitMQ started if needed, the whole suite).
+PY := .venv/bin/python
+SPLITFED := .venv/bin/splitfed
+
+.PHONY: demo test bench setup setup-test
+
+setup:
+	ci/setup.sh run
+
+setup-test:
+	ci/setup.sh test
+
+demo: setup
+	$(SPLITFED) run split --dataset fashion-mnist --epochs 1 --out results/split.json
+
+test: setup-test
+	ci/broker.sh
+	$(PY) -m pytest -q tests
+
+bench: setup-test
+	ci/broker.sh
+	$(PY) ci/bench_split.py

@@ -1,0 +1,41 @@
+import torch
+
+from splitfed.learning import data
+
+
+def test_digits_load_normalised_with_shapes():
+    train, test = data.load("digits", train=True), data.load("digits", train=False)
+    assert train.images.shape[1:] == (1, 8, 8) and len(train) + len(test) == 1797
+    assert abs(train.images.mean().item()) < 0.2 and train.labels.dtype == torch.int64
+
+
+def test_fashion_mnist_from_the_debian_package_is_the_full_set():
+    train = data.load("fashion-mnist", train=True)
+    test = data.load("fashion-mnist", train=False, limit=100)
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 100
+    assert set(train.labels.unique().tolist()) == set(range(10))
+
+
+def test_missing_mnist_says_where_it_looked(tmp_path):
+    try:
+        data.load("mnist", train=True, data_dir=tmp_path)
+    except data.DataError as exc:
+        assert str(tmp_path) in str(exc)
+    else:
+        raise AssertionError("expected DataError")
+
+
+def test_batch_order_is_a_seeded_permutation():
+    a = data.batch_order(10, 4, torch.Generator().manual_seed(3))
+    b = data.batch_order(10, 4, torch.Generator().manual_seed(3))
+    assert [len(x) for x in a] == [4, 4, 2] and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(torch.cat(a).tolist()) == list(range(10))
+
+
+def test_partitions_cover_as_the_reference_and_dirichlet():
+    labels = data.load("digits", train=True).labels
+    parts = data.partition(labels, "classes:0-3,4-6,7-9", 3, seed=0)
+    assert [sorted(labels[p].unique().tolist()) for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    for spec in ("iid", "dirichlet:0.5", "shards:2"):
+        parts = data.partition(labels, spec, 3, seed=0)
+        assert sorted(torch.cat(parts).tolist()) == list(range(len(labels))), spec
