@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.learning.data import DATASETS
+from splitfed.learning.settings import DATASETS
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 run_app = typer.Typer(help="Run a whole scenario and write its results.", no_args_is_help=True)

@@ -17,19 +17,31 @@ def frame(session, sender, seq, kind="activations", **tensors) -> bytes:
     return encode(Message(kind, session, sender, seq=seq, meta={"train": True}, tensors=tensors))
 
 
-def nan_activations(session):
-    x = np.ones((4, 64, 2, 2), np.float32)
-    x[0, 0, 0, 0] = np.nan
-    return frame(session, CLIENT, 1, x=x, y=np.zeros(4, np.int64))
+def corrupted_copies(message: Message) -> list[Message]:
+    """Copies of a real frame, same sender and sequence number, each broken in one way."""
+    name = next(n for n, t in message.tensors.items() if t.dtype == np.float32)
+    array = message.tensors[name]
+    nan = array.copy()
+    nan.flat[0] = np.nan
+    variants = [{name: array[:, :-1]}, {name: array.astype(np.float64)}, {name: nan}]  # shape, dtype, nonfinite
+    if "y" in message.tensors:
+        variants.append({"y": message.tensors["y"] + 100})  # labels out of range
+    return [Message(message.kind, message.session, message.sender, message.seq, meta=message.meta, tensors={**message.tensors, **change}) for change in variants]
 
 
 class Meddler(RabbitTransport):
-    """A party's real connection that also replays its own frames as an attacker on the wire
-    would: every 5th frame twice (a duplicate) and then once more renumbered far ahead."""
+    """A party's real connection, plus an attacker with access to the broker: before some real
+    frames it publishes corrupted copies with the same sequence number straight into the
+    receiver's queue, and after others it replays the frame (a duplicate) and sends it again
+    renumbered far ahead (out of order) along the same route."""
 
     def publish(self, queue, body, *, persistent=False):
-        super().publish(queue, body, persistent=persistent)
         message = decode(body)
+        receiver = queue_name(message.session, SERVER if message.sender == CLIENT else CLIENT)
+        if message.seq % 7 == 3 and message.tensors:
+            for bad in corrupted_copies(message):
+                super().publish(receiver, encode(bad))
+        super().publish(queue, body, persistent=persistent)
         if message.seq % 5 == 0 and message.kind != "done":
             super().publish(queue, body)
             message.seq += 1000
@@ -39,49 +51,40 @@ class Meddler(RabbitTransport):
 @pytest.mark.parametrize("via", ["relay", "direct"])
 def test_bad_input_is_rejected_counted_and_harmless(broker_url, session, digits_baseline, tmp_path, via):
     _, baseline_model = digits_baseline
-    ok_x, ok_y = np.ones((4, 64, 2, 2), np.float32), np.zeros(4, np.int64)
-    attacks = {
-        queue_name(session, SERVER): [
-            b"garbage bytes", frame(session, CLIENT, 1, x=ok_x, y=ok_y)[:-7],  # truncated body
-            frame(session, CLIENT, 1, x=np.ones((4, 64, 3, 3), np.float32), y=ok_y),  # wrong shape
-            frame(session, CLIENT, 1, x=ok_x.astype(np.float64), y=ok_y),  # wrong dtype
-            nan_activations(session), frame(session, CLIENT, 1, x=ok_x, y=np.full(4, 99, np.int64)),  # labels out of range
-            frame("another-session", CLIENT, 1, x=ok_x, y=ok_y), frame(session, "mallory", 1, x=ok_x, y=ok_y),
-        ],
-        queue_name(session, CLIENT): [
-            b"\x00" * 64, frame(session, SERVER, 1, "gradients", g=np.ones((3, 64, 2, 2), np.float32)),  # wrong shape
-            frame(session, SERVER, 1, "gradients", g=np.full((32, 64, 2, 2), np.inf, np.float32)),
-        ],
-    }
-    if via == "relay":
-        attacks[queue_name(session, RELAY)] = [
-            b"\x80\x04garbage", nan_activations(session)[:-3], nan_activations(session),
-            frame(session, CLIENT, 1, x=ok_x.astype(np.int16)), frame("another-session", CLIENT, 1, x=ok_x),
-            frame(session, "mallory", 1, x=ok_x),
-        ]
+    x, y = np.ones((4, 128), np.float32), np.zeros(4, np.int64)
+    nan = x.copy()
+    nan[0, 0] = np.inf
+    waiting_before_start = [
+        b"garbage bytes", b"\x80\x04\x95 a pickle would be here", frame(session, CLIENT, 1, x=x, y=y)[:-7],  # truncated
+        frame(session, CLIENT, 1, x=nan, y=y), frame(session, CLIENT, 1, x=x.astype(np.int16)),  # dtype off the whitelist
+        frame("another-session", CLIENT, 1, x=x, y=y), frame(session, "mallory", 1, x=x, y=y),
+    ]
+    queues = [queue_name(session, role) for role in (SERVER, CLIENT, *((RELAY,) if via == "relay" else ()))]
     with RabbitTransport(broker_url, name="attacker") as attacker:
-        for queue, frames in attacks.items():
+        for queue in queues:
             attacker.declare(queue)
-            for bad in frames:
+            for bad in waiting_before_start:
                 attacker.publish(queue, bad)
 
         settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via=via, timeout=60)
         result = split.run_threads(
             settings,
-            lambda role: (Meddler if role == CLIENT else RabbitTransport)(broker_url, name=f"{role}-{session}"),
+            lambda role: (Meddler if role in (CLIENT, SERVER) else RabbitTransport)(broker_url, name=f"{role}-{session}"),
             save_model=tmp_path / "model.safetensors",
         )
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
     assert result["accuracy"] > 0.5
 
+    first_hop_checks = ["malformed", "nonfinite", "dtype", "session", "sender", "duplicate", "out-of-order"]
     expected = {
         SERVER: ["malformed", "shape", "dtype", "nonfinite", "value", "session", "sender"],
-        CLIENT: ["malformed", "shape", "nonfinite"],
+        CLIENT: ["malformed", "shape", "dtype", "nonfinite", "session", "sender"],
     }
-    first_hop = RELAY if via == "relay" else SERVER
-    expected[first_hop] = expected.get(first_hop, []) + ["duplicate", "out-of-order"]
     if via == "relay":
-        expected[RELAY] += ["malformed", "nonfinite", "dtype", "session", "sender"]
+        expected[RELAY] = first_hop_checks
+    else:
+        expected[SERVER] += ["duplicate", "out-of-order"]
+        expected[CLIENT] += ["duplicate", "out-of-order"]
     for role, reasons in expected.items():
         for reason in reasons:
             assert rejected_count(role, session, reason) >= 1, f"{role} did not count a {reason} rejection"

@@ -79,3 +79,12 @@ def test_check_tensors_enforces_names_dtypes_shapes_and_one_batch_size():
             with pytest.raises(ProtocolError) as caught:
                 check_tensors(bad, specs)
             assert caught.value.reason == expected
+
+
+def test_relay_and_cli_do_not_import_torch():
+    """The relay's image carries no torch; importing its code path must not need it."""
+    import subprocess
+    import sys
+
+    code = "import sys, splitfed.cli, splitfed.roles.relay, splitfed.transport.rabbitmq; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

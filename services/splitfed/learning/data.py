@@ -15,25 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitfed.learning.settings import DATASETS, DatasetInfo
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a party needs to build a model without loading any data."""
-
-    name: str
-    shape: tuple[int, int, int]  # (C, H, W)
-    classes: int
-    mean: float
-    std: float
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
-}
 
 
 @dataclass

@@ -1,9 +1,28 @@
-"""Training settings, kept free of torch so that torch-free roles (relay, tracker) can share them."""
+"""Training settings and data set facts, kept free of torch so that torch-free roles (relay,
+tracker) and the CLI can share them."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a party needs to build a model without loading any data."""
+
+    name: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    classes: int
+    mean: float
+    std: float
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
+}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, TensorSpec, check_tensors
 from splitfed.roles.endpoint import Endpoint, queue_name
 from splitfed.transport import Transport
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
+from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class SplitClient:
         self.server = settings.peer_queue(SERVER)
         transport.declare(self.server)
         self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, settings.session)
+        self.round_trips: list[float] = []
 
     # -- one exchange with the server -----------------------------------------------------
 
@@ -52,7 +53,8 @@ class SplitClient:
 
         reply, delivery = self.endpoint.receive((reply_kind,), (SERVER,), check)
         self.endpoint.ack(delivery)
-        self.round_trip.observe(time.perf_counter() - started)
+        self.round_trips.append(time.perf_counter() - started)
+        self.round_trip.observe(self.round_trips[-1])
         return reply
 
     def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
@@ -81,6 +83,14 @@ class SplitClient:
         self.opt.step()
         return loss
 
+    def handshake(self) -> None:
+        """Wait for the server and check that both halves were configured as one model."""
+        self.endpoint.send(self.server, HELLO, **self.settings.shared())
+        reply, delivery = self.endpoint.receive((HELLO,), (SERVER,))
+        self.endpoint.ack(delivery)
+        if reply.meta.get("ok") is not True:
+            raise ValueError(f"the split-server was configured differently: {reply.meta.get('problem')}")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the whole split model, for evaluation."""
         self.parts.head.eval()
@@ -98,9 +108,10 @@ class SplitClient:
                 on_epoch(record)
 
         started = time.perf_counter()
+        self.handshake()
         history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, on_batch, epoch_done)
         self.endpoint.send(self.server, DONE)
-        _, delivery = self.endpoint.receive((DONE,), (SERVER,))
+        done, delivery = self.endpoint.receive((DONE,), (SERVER,))
         self.endpoint.ack(delivery)
         if self.save:
             parts = [(self.parts.head.state_dict(), 0)]
@@ -113,4 +124,10 @@ class SplitClient:
             "wall_seconds": time.perf_counter() - started,
             "history": [vars(r) for r in history],
             "traffic": vars(self.endpoint.traffic),
+            "timing": {
+                "round_trips": len(self.round_trips),
+                "round_trip_seconds": sum(self.round_trips),
+                "round_trip_p50_ms": 1000 * float(np.median(self.round_trips)),
+                "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)),
+            },
         }

@@ -1,5 +1,6 @@
 """What the split-learning roles share: settings, queue names, message kinds, parameter files.
 
+Start:                          client --hello{settings}--> server --hello{ok, problem}--> client
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
@@ -18,8 +19,10 @@ from splitfed.learning.settings import TrainSettings
 from splitfed.roles.endpoint import queue_name
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
-ACTIVATIONS, GRADIENTS, OUTPUTS, DONE = "activations", "gradients", "outputs", "done"
-KINDS = (ACTIVATIONS, GRADIENTS, OUTPUTS, DONE)
+HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE = "hello", "activations", "gradients", "outputs", "done"
+KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE)
+# Settings both halves must agree on, or they would not be halves of one model.
+SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr")
 
 
 @dataclass
@@ -29,6 +32,9 @@ class SplitSettings(TrainSettings):
     mode: str = "vanilla"
     via: str = "relay"
     timeout: float = 300.0
+
+    def shared(self) -> dict:
+        return {name: getattr(self, name) for name in SHARED_SETTINGS}
 
     def peer_queue(self, target: str) -> str:
         """Where a half sends to reach `target`: the relay's inbox, or the target's own."""

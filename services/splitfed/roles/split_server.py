@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from splitfed.learning import data, models, split, train
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.endpoint import Endpoint, queue_name
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
+from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,17 @@ class SplitServer:
         transport.declare(self.reply_to)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
         self.batches = 0
+        self.greeted = False  # nothing but a matching hello is accepted before the handshake
+        self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
 
     def run(self) -> dict:
         log.info("split-server ready: %s mode, layers %d.., input %s", self.settings.mode, self.cut_layer, self.in_shape)
         while True:
-            message, delivery = self.endpoint.receive((ACTIVATIONS, GRADIENTS, DONE), (CLIENT,), self.check)
+            kinds = (ACTIVATIONS, GRADIENTS, DONE) if self.greeted else (HELLO,)
+            message, delivery = self.endpoint.receive(kinds, (CLIENT,), self.check)
+            started = time.perf_counter()
             finished = self.handle(message)
+            self.compute_seconds += time.perf_counter() - started
             self.endpoint.ack(delivery)
             if finished:
                 break
@@ -66,8 +72,17 @@ class SplitServer:
             check_tensors(message, {"g": TensorSpec("float32", (len(self.pending[1]), *self.out_shape))})
 
     def handle(self, message: Message) -> bool:
+        if message.kind == HELLO:
+            ours = self.settings.shared()
+            differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
+            problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
+            self.endpoint.send(self.reply_to, HELLO, ok=not differing, problem=problem)
+            if differing:
+                log.error("split-server: the client's settings differ (%s)", problem)
+            self.greeted = not differing
+            return bool(differing)
         if message.kind == DONE:
-            self.endpoint.send(self.reply_to, DONE, batches=self.batches)
+            self.endpoint.send(self.reply_to, DONE, batches=self.batches, compute_seconds=self.compute_seconds)
             return True
         if message.kind == GRADIENTS:  # u-shaped, second half of a training batch
             inputs, outputs = self.pending
