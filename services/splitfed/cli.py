@@ -19,8 +19,10 @@ from splitfed.learning.settings import DATASETS
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 run_app = typer.Typer(help="Run a whole scenario and write its results.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run one long-lived service (the entrypoint of every image). Every option can also come from SPLITFED_<OPTION>.", no_args_is_help=True)
+keys_app = typer.Typer(help="Party identities: ed25519 key pairs and the key-list file servers trust.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(serve_app, name="serve")
+app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
 log = logging.getLogger("splitfed")
@@ -36,6 +38,14 @@ class Optimizer(str, Enum):
 class SplitMode(str, Enum):
     vanilla = "vanilla"
     u_shaped = "u-shaped"
+
+
+class Strategy(str, Enum):
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    median = "median"
+    trimmed_mean = "trimmed-mean"
+    krum = "krum"
 
 
 class Via(str, Enum):
@@ -75,6 +85,19 @@ TlsCertOpt = Annotated[Optional[Path], opt("tls-cert", "Client certificate for t
 TlsKeyOpt = Annotated[Optional[Path], opt("tls-key", "Client key for the broker (amqps://).")]
 MetricsPortOpt = Annotated[int, opt("metrics-port", "Serve Prometheus metrics on this port (0: off).", min=0, max=65535)]
 LogLevelOpt = Annotated[str, opt("log-level", "Logging level.")]
+WorkersOpt = Annotated[int, opt("workers", "Number of workers.", min=1)]
+PartitionOpt = Annotated[str, opt("partition", "How the training data is shared out: classes:0-3,4-6,7-9 | iid | dirichlet:ALPHA | shards:K.")]
+RoundsOpt = Annotated[int, opt("rounds", "Federated rounds.", min=1)]
+LocalEpochsOpt = Annotated[int, opt("local-epochs", "Local epochs per round on each worker.", min=1)]
+StrategyOpt = Annotated[Strategy, opt("strategy", "Aggregation rule (median, trimmed-mean and krum resist poisoned updates).")]
+ProxMuOpt = Annotated[float, opt("prox-mu", "FedProx proximal weight (with --strategy fedprox).", min=0.0)]
+TrimOpt = Annotated[float, opt("trim", "Fraction trimmed at each end by trimmed-mean.", min=0.0, max=0.49)]
+ByzantineOpt = Annotated[int, opt("byzantine", "Poisoned workers krum tolerates.", min=0)]
+MinWorkersOpt = Annotated[Optional[int], opt("min-workers", "Close a round with this many updates once --round-timeout passes (default: all).", min=1)]
+RoundTimeoutOpt = Annotated[float, opt("round-timeout", "Seconds a round waits for every worker before closing with --min-workers.", min=0.1)]
+KeyListOpt = Annotated[Optional[Path], opt("key-list", "Key-list file of trusted parties (none: unsafe mode).")]
+PrivateKeyOpt = Annotated[Optional[Path], opt("private-key", "This party's private key (PEM) to sign what it sends.")]
+CheckpointOpt = Annotated[Optional[Path], opt("checkpoint-dir", "Where the server keeps its checkpoint; a restart resumes from it.")]
 ThreadsOpt = Annotated[Optional[int], opt("torch-threads", "Torch threads in this process.", min=1)]
 
 
@@ -115,6 +138,7 @@ def _guard(fn):
     """Turn expected failures into a message on stderr and a non-zero exit code."""
     from splitfed.learning.data import DataError
     from splitfed.roles.endpoint import RoleTimeout
+    from splitfed.roles.fedavg_worker import Refused
     from splitfed.scenarios.launch import ScenarioError
     from splitfed.transport import TransportError
 
@@ -124,6 +148,8 @@ def _guard(fn):
         raise _fail(str(exc), 2) from None
     except RoleTimeout as exc:
         raise _fail(str(exc), 3) from None
+    except Refused as exc:
+        raise _fail(str(exc), 5) from None
     except (TransportError, ScenarioError) as exc:
         raise _fail(str(exc), 4) from None
 
@@ -179,12 +205,80 @@ def run_split(
     _write_results(result, out)
 
 
+@run_app.command("fedavg")
+def run_fedavg(
+    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+    test_limit: TestLimitOpt = None, workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9",
+    rounds: RoundsOpt = 10, local_epochs: LocalEpochsOpt = 1, strategy: StrategyOpt = Strategy.fedavg, prox_mu: ProxMuOpt = 0.01,
+    trim: TrimOpt = 0.2, byzantine: ByzantineOpt = 1, min_workers: MinWorkersOpt = None, round_timeout: RoundTimeoutOpt = 120.0,
+    key_list: Annotated[Optional[Path], opt("key-list", "Key-list file; every party signs with PARTY.key from its folder (splitfed keys generate).")] = None,
+    checkpoint_dir: CheckpointOpt = None, broker: BrokerOpt = "memory",
+    session: Annotated[Optional[str], opt("session", "Session id (default: a new random one).")] = None, timeout: TimeoutOpt = 600.0,
+    chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None, out: OutOpt = None, log_level: LogLevelOpt = "info",
+) -> None:
+    """Federated averaging: a server and N workers that each hold only their share of the data
+    (in one process with --broker memory, or every party its own process over RabbitMQ)."""
+    from splitfed.roles.fedavg_common import FedAvgSettings
+    from splitfed.scenarios import fedavg
+    from splitfed.scenarios.progress import Reporter
+    from splitfed.scenarios.split import new_session
+
+    _logging(log_level)
+    settings = FedAvgSettings(
+        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        session=session or new_session(), workers=workers, partition=partition, rounds=rounds, local_epochs=local_epochs,
+        strategy=strategy.value, prox_mu=prox_mu, trim=trim, byzantine=byzantine, min_workers=min_workers,
+        round_timeout=round_timeout, timeout=timeout,
+    )
+    options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key) if broker != "memory" else {}
+    with Reporter(f"fedavg ({strategy.value}, {workers} workers)", 1) as reporter:
+        result = _guard(lambda: fedavg.run(settings, broker, reporter, key_list=key_list, checkpoint_dir=checkpoint_dir, transport_options=options))
+    _write_results(result, out)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="Folder for PARTY.key (private), PARTY.pub and key-list.json.")],
+    workers: Annotated[int, typer.Option(help="Worker key pairs to make: worker-0 ... worker-(N-1).", min=0)] = 0,
+    party: Annotated[Optional[list[str]], typer.Option(help="Other party names (repeatable).")] = None,
+    server: Annotated[bool, typer.Option(help="Also make the fedavg-server key pair.")] = True,
+) -> None:
+    """Generate ed25519 key pairs and the key-list file that servers trust."""
+    from splitfed.scenarios.fedavg import worker_ids
+    from splitfed.security import keys
+
+    names = (["fedavg-server"] if server else []) + worker_ids(workers) + list(party or [])
+    if not names:
+        raise _fail("nothing to generate: give --workers N or --party NAME", 2)
+    key_list = keys.generate(out, names)
+    err.print(f"wrote {len(names)} key pairs and {key_list}", highlight=False)
+
+
 # -- serve ----------------------------------------------------------------------------------
+
+
+def _identity(role: str, key_list: Path | None, private_key: Path | None) -> dict:
+    from splitfed.security.keys import KeyList, load_private
+
+    return {
+        "signer": load_private(private_key, role) if private_key else None,
+        "trusted": KeyList.load(key_list) if key_list else None,
+    }
+
+
+def _emitter(enabled: bool):
+    """Progress events as JSON lines on stdout, for an orchestrating `splitfed run`."""
+    if not enabled:
+        return None
+    return lambda event: print(json.dumps(event), flush=True)
 
 
 def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | None, broker: str, transport_options: dict, work) -> None:
     """settings → logging → metrics server → transport → role loop → exit code."""
     from splitfed.observability import metrics
+    from splitfed.security.keys import KeyFileError
     from splitfed.transport import is_amqp
 
     _logging(log_level)
@@ -202,7 +296,10 @@ def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | No
         with RabbitTransport(broker, name=role, **transport_options) as transport:
             return work(transport)
 
-    _guard(connect_and_run)
+    try:
+        _guard(connect_and_run)
+    except KeyFileError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @serve_app.command("relay")
@@ -262,6 +359,72 @@ def _split_role(role: str):
 
 serve_app.command("split-client", help="The data owner of a split session: data, labels, first layers; drives training.")(_split_role("split-client"))
 serve_app.command("split-server", help="The server half of a split session: the remaining layers, no data.")(_split_role("split-server"))
+
+
+@serve_app.command("fedavg-server")
+def serve_fedavg_server(
+    session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
+    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+    test_limit: TestLimitOpt = None, workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9",
+    rounds: RoundsOpt = 10, local_epochs: LocalEpochsOpt = 1, strategy: StrategyOpt = Strategy.fedavg, prox_mu: ProxMuOpt = 0.01,
+    trim: TrimOpt = 0.2, byzantine: ByzantineOpt = 1, min_workers: MinWorkersOpt = None, round_timeout: RoundTimeoutOpt = 120.0,
+    key_list: KeyListOpt = None, private_key: PrivateKeyOpt = None, checkpoint_dir: CheckpointOpt = None, timeout: TimeoutOpt = 600.0,
+    chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None, out: OutOpt = None,
+    progress_events: Annotated[bool, opt("progress-events", "Print round events as JSON lines on stdout.")] = False,
+    metrics_port: MetricsPortOpt = 0, torch_threads: ThreadsOpt = None, log_level: LogLevelOpt = "info",
+) -> None:
+    """The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints."""
+    from splitfed.roles.fedavg_common import SERVER, FedAvgSettings
+    from splitfed.roles.fedavg_server import FedAvgServer
+
+    settings = FedAvgSettings(
+        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        session=session, workers=workers, partition=partition, rounds=rounds, local_epochs=local_epochs, strategy=strategy.value,
+        prox_mu=prox_mu, trim=trim, byzantine=byzantine, min_workers=min_workers, round_timeout=round_timeout, timeout=timeout,
+    )
+    emit = _emitter(progress_events)
+
+    def work(transport):
+        server = FedAvgServer(
+            settings, transport, checkpoint_dir=checkpoint_dir, on_round=(lambda record: emit({"event": "round", "record": vars(record)})) if emit else None,
+            **_identity(SERVER, key_list, private_key),
+        )
+        result = server.run()
+        if out:
+            out.write_text(json.dumps(result))
+
+    # Every update of a round stays unacked until the round is on disk: let them all in.
+    options = {**_transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key), "prefetch": 2 * workers + 16}
+    _serve(SERVER, log_level, metrics_port, torch_threads, broker, options, work)
+
+
+@serve_app.command("fedavg-worker")
+def serve_fedavg_worker(
+    session: SessionOpt, worker_id: Annotated[str, opt("worker-id", "This worker's name (as in the key list).")],
+    index: Annotated[int, opt("index", "Which share of the partition this worker holds (0-based).", min=0)],
+    broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
+    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
+    workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9", local_epochs: LocalEpochsOpt = 1,
+    key_list: KeyListOpt = None, private_key: PrivateKeyOpt = None, timeout: TimeoutOpt = 600.0,
+    chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None, metrics_port: MetricsPortOpt = 0, torch_threads: ThreadsOpt = None, log_level: LogLevelOpt = "info",
+) -> None:
+    """A FedAvg worker: trains the global model on its own share and sends signed updates."""
+    from splitfed.roles.fedavg_common import FedAvgSettings
+    from splitfed.roles.fedavg_worker import FedAvgWorker
+
+    if index >= workers:
+        raise _fail(f"--index {index} is not below --workers {workers}", 2)
+    settings = FedAvgSettings(
+        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, None,
+        session=session, workers=workers, partition=partition, local_epochs=local_epochs, timeout=timeout,
+    )
+    options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key)
+    _serve(worker_id, log_level, metrics_port, torch_threads, broker, options,
+           lambda transport: FedAvgWorker(settings, transport, worker_id, index, **_identity(worker_id, key_list, private_key)).run())
 
 
 def main() -> None:

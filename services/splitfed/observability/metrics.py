@@ -20,6 +20,14 @@ ROUND_TRIP = Histogram(
 EPOCH = Gauge("splitfed_epoch", "Current epoch (or round)", ["role", "session"])
 TRAIN_LOSS = Gauge("splitfed_train_loss", "Mean training loss of the last epoch or round", ["role", "session"])
 TEST_ACCURACY = Gauge("splitfed_test_accuracy", "Test accuracy after the last epoch or round", ["role", "session"])
+TEST_LOSS = Gauge("splitfed_test_loss", "Test loss after the last epoch or round", ["role", "session"])
+ROUND_SECONDS = Histogram(
+    "splitfed_round_duration_seconds", "Duration of a federated round", ["role", "session"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+ROUND_BYTES = Gauge("splitfed_round_bytes", "Update bytes accepted in the last round", ["role", "session"])
+UPDATES = Counter("splitfed_updates_total", "Worker updates and joins by outcome (received, accepted)", ["role", "session", "outcome"])
+ACTIVE_WORKERS = Gauge("splitfed_active_workers", "Workers taking part in rounds", ["role", "session"])
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
 
 

@@ -9,8 +9,11 @@ from splitfed.protocol.codec import (
     ProtocolError,
     TensorSpec,
     decode,
+    decode_with_body,
     encode,
+    encode_body,
     check_tensors,
+    signed_bytes,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "encode", "check_tensors"]
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes"]

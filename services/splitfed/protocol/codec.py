@@ -7,6 +7,7 @@ present, covers the header without its `sig` field followed by the body.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -31,6 +32,8 @@ class ProtocolError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.message: Message | None = None  # set when the frame decoded but failed a later check
+        self.frame: bytes | None = None
 
 
 @dataclass
@@ -55,10 +58,9 @@ class Message:
         }
 
 
-def signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
-    """What a signature covers: the canonical header (no `sig`) then the body."""
-    unsigned = {k: v for k, v in header.items() if k != "sig"}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode() + body
+def signed_bytes(message: Message, body: bytes) -> bytes:
+    """What a signature covers: the canonical header (without `sig`) and the body's SHA-256."""
+    return json.dumps(message.header(), sort_keys=True, separators=(",", ":")).encode() + hashlib.sha256(body).digest()
 
 
 def encode_body(tensors: dict[str, np.ndarray]) -> bytes:
@@ -110,6 +112,11 @@ def _reject_constant(name: str) -> None:
 def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Parse and structurally validate a frame. Semantic checks (session, sender, shapes) follow
     in `check_tensors` and in the receiving role, which knows what it expects."""
+    return decode_with_body(frame, max_bytes)[0]
+
+
+def decode_with_body(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Message, bytes]:
+    """`decode`, also returning the raw body (what a signature check needs)."""
     header, body = split_frame(frame, max_bytes)
     tensors: dict[str, np.ndarray] = {}
     if body:
@@ -125,7 +132,7 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     for value in header["meta"].values():
         if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError("nonfinite", "metadata holds NaN or Inf")
-    return Message(
+    message = Message(
         kind=header["kind"],
         session=header["session"],
         sender=header["sender"],
@@ -135,6 +142,7 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         tensors=tensors,
         sig=header.get("sig"),
     )
+    return message, body
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitfed.observability import metrics
-from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
+from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_with_body, encode, encode_body, signed_bytes
+from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -47,31 +48,56 @@ class Endpoint:
         inbox: str,
         timeout: float = 300.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        signer: Signer | None = None,
+        trusted: KeyList | None = None,
+        ordered: bool = True,
+        durable: bool = False,
+        name: str | None = None,
     ):
+        """`name` is this party's sender id (default: the role); `signer` signs what it sends;
+        `trusted` lists whose signed
+        messages it accepts (None: unsafe mode, anyone). `ordered`: each sender numbers its
+        messages 1, 2, 3... and anything else is a duplicate or out of order; roles that
+        deduplicate by round instead turn it off."""
         self.transport = transport
         self.session = session
         self.role = role
-        self.sender = role
+        self.sender = name or role
+        if signer is not None and signer.party != self.sender:
+            raise ValueError(f"the private key is for {signer.party!r}, but this party is {self.sender!r}")
+        self.signer = signer
+        self.trusted = trusted
+        self.ordered = ordered
         self.inbox = inbox
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.traffic = Traffic()
+        self.last_frame = b""  # the frame sent last (a refusal names the join it answers by its digest)
+        self.on_frame: Callable[[], None] | None = None  # called for every frame that arrives, valid or not
         self._seq = 0
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
-        transport.declare(inbox)
+        transport.declare(inbox, durable=durable)
 
     def rejected(self, reason: str, detail: str) -> None:
         metrics.REJECTED.labels(self.role, self.session, reason).inc()
         log.warning("%s rejected a message (%s): %s", self.role, reason, detail)
 
     def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> Message:
+        return self.send_message(queue, Message(kind, self.session, self.sender, meta=meta, tensors=tensors or {}))
+
+    def send_message(self, queue: str, message: Message, *, persistent: bool = False) -> Message:
+        """Number, sign and send `message` (its kind, round, meta and tensors set by the caller)."""
         self._seq += 1
-        message = Message(kind, self.session, self.sender, seq=self._seq, meta=meta, tensors=tensors or {})
-        self.send_frame(queue, kind, encode(message))
+        message.session, message.sender, message.seq = self.session, self.sender, self._seq
+        body = encode_body(message.tensors)
+        if self.signer:
+            message.sig = self.signer.sign(signed_bytes(message, body))
+        self.send_frame(queue, message.kind, encode(message, body), persistent=persistent)
         return message
 
-    def send_frame(self, queue: str, kind: str, frame: bytes) -> None:
-        self.transport.publish(queue, frame)
+    def send_frame(self, queue: str, kind: str, frame: bytes, *, persistent: bool = False) -> None:
+        self.transport.publish(queue, frame, persistent=persistent)
+        self.last_frame = frame
         self._count(kind, "sent", len(frame))
 
     def _count(self, kind: str, direction: str, size: int) -> None:
@@ -82,45 +108,73 @@ class Endpoint:
     def receive(
         self,
         kinds: Collection[str],
-        senders: Collection[str],
+        senders: Collection[str] | None,
         check: Callable[[Message], None] | None = None,
-    ) -> tuple[Message, Delivery]:
-        """The next message that passes every check, in sequence from its sender. The caller acks
-        it when its work is done; anything refused on the way is acked and counted here."""
-        deadline = time.monotonic() + self.timeout
+        on_reject: Callable[[ProtocolError], None] | None = None,
+        wait: float | None = None,
+    ) -> tuple[Message, Delivery] | None:
+        """The next message that passes every check, in sequence from its sender (`senders` None:
+        from anyone the key list allows). The caller acks it when its work is done; anything
+        refused on the way is acked and counted here. Gives up after the endpoint's timeout
+        (RoleTimeout) or, when `wait` is given, after `wait` seconds (None)."""
+        deadline = time.monotonic() + (self.timeout if wait is None else wait)
         while (remaining := deadline - time.monotonic()) > 0:
             delivery = self.transport.receive(self.inbox, remaining)
             if delivery is None:
                 break
+            if self.on_frame:
+                self.on_frame()
             try:
                 message = self.validate(delivery.body, kinds, senders, check)
             except ProtocolError as exc:
                 self.rejected(exc.reason, exc.detail)
                 self.transport.ack(delivery)
+                if on_reject:
+                    on_reject(exc)
                 continue
-            self._next_seq[message.sender] = message.seq + 1
+            if self.ordered:
+                self._next_seq[message.sender] = message.seq + 1
             self._count(message.kind, "received", len(delivery.body))
             return message, delivery
+        if wait is not None:
+            return None
         raise RoleTimeout(f"{self.role}: no valid {'/'.join(kinds)} message on {self.inbox} within {self.timeout:.0f}s")
 
     def validate(
-        self, frame: bytes, kinds: Collection[str], senders: Collection[str], check: Callable[[Message], None] | None
+        self, frame: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
     ) -> Message:
-        message = decode(frame, self.max_message_bytes)
+        message, body = decode_with_body(frame, self.max_message_bytes)
+        try:
+            self._check(message, body, kinds, senders, check)
+        except ProtocolError as exc:
+            exc.message, exc.frame = message, frame  # what a role needs to answer the refused party
+            raise
+        return message
+
+    def _check(
+        self, message: Message, body: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
+    ) -> None:
         if message.session != self.session:
             raise ProtocolError("session", f"message for session {message.session!r}, this is {self.session!r}")
-        if message.sender not in senders:
+        if senders is not None and message.sender not in senders:
             raise ProtocolError("sender", f"unexpected sender {message.sender!r}")
-        expected = self._next_seq.get(message.sender, 1)
-        if message.seq < expected:
-            raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen (expecting {expected})")
-        if message.seq > expected:
-            raise ProtocolError("out-of-order", f"seq {message.seq} from {message.sender}, expecting {expected}")
+        if self.trusted is not None:
+            if message.sender not in self.trusted:
+                raise ProtocolError("unknown-key", f"{message.sender!r} is not in the key list")
+            if not message.sig:
+                raise ProtocolError("unsigned", f"{message.kind} from {message.sender!r} carries no signature")
+            if not self.trusted.verify(message.sender, message.sig, signed_bytes(message, body)):
+                raise ProtocolError("signature", f"{message.kind} from {message.sender!r} has a bad signature")
+        if self.ordered:
+            expected = self._next_seq.get(message.sender, 1)
+            if message.seq < expected:
+                raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen (expecting {expected})")
+            if message.seq > expected:
+                raise ProtocolError("out-of-order", f"seq {message.seq} from {message.sender}, expecting {expected}")
         if message.kind not in kinds:
             raise ProtocolError("kind", f"{message.kind!r} where {'/'.join(kinds)} was expected")
         if check is not None:
             check(message)
-        return message
 
     def ack(self, delivery: Delivery) -> None:
         self.transport.ack(delivery)

@@ -13,6 +13,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitfed.transport import MemoryBroker, MemoryTransport, Transport, is_amqp
+
+
+TransportFactory = Callable[[str], Transport]  # role name -> its own connection
+
+
+def redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def transport_factory(broker: str, options: dict) -> TransportFactory:
+    if broker == "memory":
+        shared = MemoryBroker()
+        return lambda role: MemoryTransport(shared)
+    if is_amqp(broker):
+        from splitfed.transport.rabbitmq import RabbitTransport
+
+        return lambda role: RabbitTransport(broker, name=role, **options)
+    raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
+
 
 class ScenarioError(RuntimeError):
     """A role failed; the message carries what it said."""

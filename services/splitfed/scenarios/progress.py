@@ -47,12 +47,19 @@ class Reporter:
             self._last_logged = tenth
             log.info("%s epoch %d/%d batch %d/%d loss %.4f", self.label, self._epoch, self.epochs, done, total, loss)
 
-    def epoch(self, record: EpochRecord) -> None:
-        message = f"{self.label} epoch {record.step}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s"
+    def round(self, record: EpochRecord, rounds: int) -> None:
+        """A federated round closed: the bar counts rounds, the line shows the global model."""
+        self.batch(record.step, rounds, record.train_loss)
+        self._line(f"{self.label} round {record.step}/{rounds}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s")
+
+    def _line(self, message: str) -> None:
         if self._bar:
             self._bar.console.print(message, highlight=False)
-            self._task = None
         else:
             log.info(message)
+
+    def epoch(self, record: EpochRecord) -> None:
+        self._line(f"{self.label} epoch {record.step}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s")
+        self._task = None
         self._epoch = record.step + 1
         self._last_logged = -1

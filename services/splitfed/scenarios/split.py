@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -15,12 +14,9 @@ from splitfed.roles.relay import Relay
 from splitfed.roles.split_client import SplitClient
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, threads_per_process
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
-from splitfed.transport import MemoryBroker, MemoryTransport, Transport, is_amqp
-
-TransportFactory = Callable[[str], Transport]  # role name -> its own connection
-
+from splitfed.transport import is_amqp
 
 def new_session() -> str:
     return uuid.uuid4().hex[:12]
@@ -43,31 +39,13 @@ def run(
             raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
         client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {})
     else:
-        client_result = run_threads(settings, _transport_factory(broker, transport_options or {}), reporter, save_model)
+        client_result = run_threads(settings, transport_factory(broker, transport_options or {}), reporter, save_model)
     return {
         "scenario": "split",
         **client_result,
         "wall_seconds": time.perf_counter() - started,
-        "config": {**settings.config(), "broker": _redact(broker), "launch": launch},
+        "config": {**settings.config(), "broker": redact(broker), "launch": launch},
     }
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
-
-
-def _transport_factory(broker: str, options: dict) -> TransportFactory:
-    if broker == "memory":
-        shared = MemoryBroker()
-        return lambda role: MemoryTransport(shared)
-    if is_amqp(broker):
-        from splitfed.transport.rabbitmq import RabbitTransport
-
-        return lambda role: RabbitTransport(broker, name=role, **options)
-    raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
 
 
 def run_threads(settings: SplitSettings, connect: TransportFactory, reporter: Reporter | None = None, save_model: Path | None = None) -> dict:

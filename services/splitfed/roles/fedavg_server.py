@@ -1,0 +1,252 @@
+"""fedavg-server: starts rounds, collects signed updates, aggregates, tests the global model.
+
+Crash safety: accepted updates stay unacked in the durable queue until the round's aggregate and
+checkpoint are on disk; a restarted server resumes from the checkpoint and the broker redelivers
+whatever it had not acked. An update is applied once: a second copy for the same worker and
+round is a duplicate, a copy for an earlier round is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from splitfed.learning import aggregate, data, models, train
+from splitfed.learning.train import EpochRecord
+from splitfed.observability import metrics
+from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.endpoint import Endpoint, RoleTimeout
+from splitfed.roles.fedavg_common import (
+    DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, FedAvgSettings, frame_digest, server_queue, to_wire, worker_queue,
+)
+from splitfed.security.keys import KeyList, Signer
+from splitfed.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Update:
+    vector: torch.Tensor  # (P,) all parameters, flattened
+    samples: int
+    train_loss: float
+    delivery: Delivery
+    size: int
+
+
+@dataclass
+class ServerState:
+    """What a restarted server needs, written to `state.json` beside `model.safetensors`."""
+
+    round: int = 1  # the round being collected
+    workers: list[str] = field(default_factory=list)  # joined and active
+    history: list[dict] = field(default_factory=list)
+    contributors: dict[str, list[str]] = field(default_factory=dict)  # round -> workers applied
+
+
+class FedAvgServer:
+    def __init__(
+        self, settings: FedAvgSettings, transport: Transport, *, trusted: KeyList | None = None, signer: Signer | None = None,
+        checkpoint_dir: Path | None = None, on_round: Callable[[EpochRecord], None] | None = None,
+    ):
+        self.settings = settings
+        self.transport = transport
+        self.meta = data.info(settings.dataset)
+        self.model = models.build(settings.model, self.meta, settings.seed)
+        self.names = list(self.model.state_dict())
+        self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
+        model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
+        self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.endpoint = Endpoint(
+            transport, session=settings.session, role=SERVER, inbox=server_queue(settings.session), timeout=settings.timeout,
+            max_message_bytes=2 * model_bytes + 64 * 1024, signer=signer, trusted=trusted, ordered=False, durable=True,
+        )
+        self.checkpoint_dir = checkpoint_dir
+        self.on_round = on_round
+        self.state = ServerState()
+        self.restore()
+        received = metrics.UPDATES.labels(SERVER, settings.session, "received")
+        self.endpoint.on_frame = received.inc
+        metrics.UNSAFE_MODE.labels(SERVER, settings.session).set(trusted is None)
+        if trusted is None:
+            log.warning("fedavg-server is running in **** UNSAFE MODE ****: no key list, every worker is accepted unauthenticated")
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def restore(self) -> None:
+        if not self.checkpoint_dir or not (self.checkpoint_dir / "state.json").exists():
+            return
+        self.state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
+        self.model.load_state_dict(load_file(str(self.checkpoint_dir / "model.safetensors")))  # our own file, never network bytes
+        log.info("resumed from checkpoint: round %d, workers %s", self.state.round, ", ".join(self.state.workers))
+
+    def checkpoint(self, with_model: bool) -> None:
+        """Atomically replace the checkpoint (write, fsync, rename)."""
+        if not self.checkpoint_dir:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if with_model:
+            _atomic(self.checkpoint_dir / "model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path)))
+        _atomic(self.checkpoint_dir / "state.json", lambda path: path.write_text(json.dumps(vars(self.state))))
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        if not self.state.history and self.state.round == 1:
+            self.wait_for_workers()  # a resumed server knows its workers from the checkpoint
+        while self.state.round <= self.settings.rounds:
+            self.run_round()
+        for worker in self.state.workers:
+            self.endpoint.send_message(worker_queue(self.settings.session, worker), Message(DONE, "", "", round=self.state.round), persistent=True)
+        log.info("fedavg-server done: %d rounds", self.settings.rounds)
+        last = self.state.history[-1]
+        return {
+            "accuracy": last["accuracy"], "loss": last["loss"], "wall_seconds": time.perf_counter() - started,
+            "history": self.state.history, "traffic": vars(self.endpoint.traffic),
+            "contributors": self.state.contributors,
+        }
+
+    def wait_for_workers(self) -> None:
+        """Until every expected worker has joined (a resumed server already knows them)."""
+        deadline = time.monotonic() + self.settings.timeout
+        while len(self.state.workers) < self.settings.workers:
+            if time.monotonic() > deadline:
+                raise RoleTimeout(f"only {len(self.state.workers)} of {self.settings.workers} workers joined")
+            message, delivery = self.endpoint.receive((JOIN,), None, on_reject=self.refuse)
+            self.join(message, send_model=False)
+            self.endpoint.ack(delivery)
+        log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
+
+    def join(self, message: Message, send_model: bool) -> None:
+        worker = message.sender
+        if not WORKER_ID.match(worker):
+            self.endpoint.rejected("sender", f"worker id {worker!r} is not a valid name")
+            return
+        if worker not in self.state.workers:
+            self.state.workers.append(worker)
+            self.checkpoint(with_model=False)
+        metrics.ACTIVE_WORKERS.labels(SERVER, self.settings.session).set(len(self.state.workers))
+        log.info("worker %s joined (round %d)", worker, self.state.round)
+        queue = worker_queue(self.settings.session, worker)
+        self.transport.declare(queue, durable=True)
+        self.endpoint.send_message(queue, Message(WELCOME, "", "", round=self.state.round), persistent=True)
+        if send_model:
+            self.send_model(worker)
+
+    def refuse(self, error: ProtocolError) -> None:
+        """Tell a worker whose join was refused why, where it listens (it checks `ref`)."""
+        message = error.message
+        if message is None or message.kind != JOIN or not WORKER_ID.match(message.sender):
+            return
+        log.error("refused worker %r: %s", message.sender, error)
+        queue = worker_queue(self.settings.session, message.sender)
+        self.transport.declare(queue, durable=True)
+        self.endpoint.send_message(queue, Message(REFUSED, "", "", meta={"reason": error.reason, "detail": error.detail, "ref": frame_digest(error.frame)}))
+
+    def send_model(self, worker: str) -> None:
+        meta = {"prox_mu": self.settings.prox_mu if self.settings.strategy == "fedprox" else 0.0}
+        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=to_wire(self.model.state_dict()))
+        self.endpoint.send_message(worker_queue(self.settings.session, worker), message, persistent=True)
+
+    def run_round(self) -> None:
+        round_number = self.state.round
+        started = time.perf_counter()
+        metrics.EPOCH.labels(SERVER, self.settings.session).set(round_number)
+        expected = set(self.state.workers)
+        for worker in sorted(expected):
+            self.send_model(worker)
+        updates = self.collect(expected)
+        vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
+        weights = torch.tensor([float(u.samples) for u in updates.values()])
+        combined = aggregate.aggregate(self.settings.strategy, vectors, weights, trim=self.settings.trim, byzantine=self.settings.byzantine)
+        self.model.load_state_dict(aggregate.unflatten(combined, self.model.state_dict(), self.names))
+        self.model.eval()
+        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
+        record = EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(u.train_loss for u in updates.values()) / len(updates), time.perf_counter() - started)
+        self.state.history.append({**vars(record), "workers": sorted(updates)})
+        self.state.contributors[str(round_number)] = sorted(updates)
+        self.state.round += 1
+        missing = expected - set(updates)
+        if missing:  # they come back by joining again; until then no round waits for them
+            self.state.workers = [w for w in self.state.workers if w not in missing]
+            log.warning("round %d closed without %s", round_number, ", ".join(sorted(missing)))
+        self.checkpoint(with_model=True)
+        for update in updates.values():  # only now is the update's effect on disk
+            self.endpoint.ack(update.delivery)
+        self._round_metrics(record, updates)
+        if self.on_round:
+            self.on_round(record)
+        log.info("round %d: test accuracy %.4f, test loss %.4f, %d updates, %.1fs", round_number, record.accuracy, record.loss, len(updates), record.seconds)
+
+    def _round_metrics(self, record: EpochRecord, updates: dict[str, Update]) -> None:
+        session = self.settings.session
+        metrics.TEST_ACCURACY.labels(SERVER, session).set(record.accuracy)
+        metrics.TEST_LOSS.labels(SERVER, session).set(record.loss)
+        metrics.TRAIN_LOSS.labels(SERVER, session).set(record.train_loss)
+        metrics.ROUND_SECONDS.labels(SERVER, session).observe(record.seconds)
+        metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
+        metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers))
+
+    def collect(self, expected: set[str]) -> dict[str, Update]:
+        """Updates for this round until every expected worker sent one, or the round timeout has
+        passed with at least `min_workers` of them. Joins are answered on the way."""
+        updates: dict[str, Update] = {}
+
+        def check(message: Message) -> None:
+            if message.kind != UPDATE:
+                return
+            if message.sender not in self.state.workers:
+                raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
+            if message.round < self.state.round:
+                raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
+            if message.round > self.state.round:
+                raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
+            if message.sender in updates:
+                raise ProtocolError("duplicate", f"second update for round {message.round} from {message.sender}")
+            check_tensors(message, self.specs)
+            samples = message.meta.get("samples")
+            if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+                raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r}")
+
+        round_deadline = time.monotonic() + self.settings.round_timeout
+        give_up = time.monotonic() + self.settings.timeout
+        while not expected <= set(updates):
+            now = time.monotonic()
+            if now >= round_deadline and len(updates) >= self.settings.quorum:
+                break
+            if now >= give_up:
+                raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {self.settings.quorum} needed")
+            received = self.endpoint.receive((JOIN, UPDATE), None, check, self.refuse, wait=min(1.0, max(0.05, (round_deadline if now < round_deadline else give_up) - now)))
+            if received is None:
+                continue
+            message, delivery = received
+            if message.kind == JOIN:
+                self.join(message, send_model=True)
+                expected.add(message.sender)
+                self.endpoint.ack(delivery)
+                continue
+            state = {name: torch.from_numpy(message.tensors[name]) for name in self.names}
+            loss = message.meta.get("train_loss")
+            updates[message.sender] = Update(
+                aggregate.flatten(state, self.names), message.meta["samples"],
+                float(loss) if isinstance(loss, (int, float)) else float("nan"), delivery, len(delivery.body),
+            )
+            metrics.UPDATES.labels(SERVER, self.settings.session, "accepted").inc()
+        return updates
+
+
+def _atomic(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,1 @@
+"""Identity: ed25519 key pairs, key-list files, message signatures."""
