@@ -30,6 +30,9 @@ log = logging.getLogger("splitfed")
 Dataset = Enum("Dataset", {name.replace("-", "_"): name for name in DATASETS}, type=str)
 
 
+Model = Enum("Model", {name: name for name in ("cnn", "tiny")}, type=str)
+
+
 class Optimizer(str, Enum):
     adam = "adam"
     sgd = "sgd"
@@ -63,6 +66,7 @@ def opt(name: str, help: str, **kwargs):  # noqa: A002 (typer's word)
 
 # Options shared by `run` and `serve` commands (one definition each).
 DatasetOpt = Annotated[Dataset, opt("dataset", "Data set.")]
+ModelOpt = Annotated[Model, opt("model", "cnn: two conv blocks and three dense layers; tiny: logistic regression, for scale tests.")]
 DataDirOpt = Annotated[Optional[Path], opt("data-dir", "Folder with IDX files (MNIST, or Fashion-MNIST outside Debian's package).")]
 EpochsOpt = Annotated[int, opt("epochs", "Passes over the training data.", min=1)]
 BatchOpt = Annotated[int, opt("batch-size", "Training batch size.", min=1)]
@@ -126,12 +130,8 @@ def _write_results(result: dict, out: Path | None) -> None:
 
 
 def _transport_options(chunk_size: int, heartbeat: int | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> dict:
-    from splitfed.transport.rabbitmq import TLSOptions
-
-    options: dict = {"chunk_size": chunk_size, "heartbeat": heartbeat}
-    if tls_ca or tls_cert:
-        options["tls"] = TLSOptions(str(tls_ca) if tls_ca else None, str(tls_cert) if tls_cert else None, str(tls_key) if tls_key else None)
-    return options
+    """Broker options in the flat form that also travels to child processes as SPLITFED_*."""
+    return {"chunk_size": chunk_size, "heartbeat": heartbeat, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
 
 
 def _guard(fn):
@@ -159,7 +159,7 @@ def _guard(fn):
 
 @run_app.command("centralized")
 def run_centralized(
-    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+    dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
     test_limit: TestLimitOpt = None, out: OutOpt = None,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the trained model (safetensors).")] = None,
@@ -171,7 +171,7 @@ def run_centralized(
     from splitfed.scenarios.progress import Reporter
 
     _logging(log_level)
-    settings = TrainSettings(dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit)
+    settings = TrainSettings(dataset.value, data_dir, model.value, epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit)
     with Reporter("centralized", epochs) as reporter:
         result = _guard(lambda: centralized.run(settings, reporter, save_model))
     _write_results(result, out)
@@ -179,7 +179,7 @@ def run_centralized(
 
 @run_app.command("split")
 def run_split(
-    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+    dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
     test_limit: TestLimitOpt = None, cut_layer: CutOpt = None, mode: ModeOpt = SplitMode.vanilla, via: ViaOpt = Via.relay,
     broker: BrokerOpt = "memory", session: Annotated[Optional[str], opt("session", "Session id (default: a new random one).")] = None,
@@ -196,7 +196,7 @@ def run_split(
 
     _logging(log_level)
     settings = SplitSettings(
-        dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        dataset.value, data_dir, model.value, epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
         session=session or split.new_session(), cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
     )
     options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key) if broker != "memory" else {}
@@ -207,7 +207,7 @@ def run_split(
 
 @run_app.command("fedavg")
 def run_fedavg(
-    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
     test_limit: TestLimitOpt = None, workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9",
     rounds: RoundsOpt = 10, local_epochs: LocalEpochsOpt = 1, strategy: StrategyOpt = Strategy.fedavg, prox_mu: ProxMuOpt = 0.01,
@@ -227,7 +227,7 @@ def run_fedavg(
 
     _logging(log_level)
     settings = FedAvgSettings(
-        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        dataset.value, data_dir, model.value, 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
         session=session or new_session(), workers=workers, partition=partition, rounds=rounds, local_epochs=local_epochs,
         strategy=strategy.value, prox_mu=prox_mu, trim=trim, byzantine=byzantine, min_workers=min_workers,
         round_timeout=round_timeout, timeout=timeout,
@@ -275,7 +275,7 @@ def _emitter(enabled: bool):
     return lambda event: print(json.dumps(event), flush=True)
 
 
-def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | None, broker: str, transport_options: dict, work) -> None:
+def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | None, broker: str, transport_options: dict, work, **transport_extra) -> None:
     """settings → logging → metrics server → transport → role loop → exit code."""
     from splitfed.observability import metrics
     from splitfed.security.keys import KeyFileError
@@ -293,7 +293,7 @@ def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | No
     def connect_and_run():
         from splitfed.transport.rabbitmq import RabbitTransport
 
-        with RabbitTransport(broker, name=role, **transport_options) as transport:
+        with RabbitTransport.from_options(broker, role, transport_options, **transport_extra) as transport:
             return work(transport)
 
     try:
@@ -318,7 +318,7 @@ def serve_relay(
 def _split_role(role: str):
     def command(
         session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
-        dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
+        dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, epochs: EpochsOpt = 1, batch_size: BatchOpt = 64,
         lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
         test_limit: TestLimitOpt = None, cut_layer: CutOpt = None, mode: ModeOpt = SplitMode.vanilla, via: ViaOpt = Via.relay,
         timeout: TimeoutOpt = 300.0, chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None,
@@ -333,7 +333,7 @@ def _split_role(role: str):
         from splitfed.roles.split_server import SplitServer
 
         settings = SplitSettings(
-            dataset.value, data_dir, "cnn", epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+            dataset.value, data_dir, model.value, epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
             session=session, cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
         )
 
@@ -364,7 +364,7 @@ serve_app.command("split-server", help="The server half of a split session: the 
 @serve_app.command("fedavg-server")
 def serve_fedavg_server(
     session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
-    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
     test_limit: TestLimitOpt = None, workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9",
     rounds: RoundsOpt = 10, local_epochs: LocalEpochsOpt = 1, strategy: StrategyOpt = Strategy.fedavg, prox_mu: ProxMuOpt = 0.01,
@@ -380,7 +380,7 @@ def serve_fedavg_server(
     from splitfed.roles.fedavg_server import FedAvgServer
 
     settings = FedAvgSettings(
-        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
+        dataset.value, data_dir, model.value, 1, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
         session=session, workers=workers, partition=partition, rounds=rounds, local_epochs=local_epochs, strategy=strategy.value,
         prox_mu=prox_mu, trim=trim, byzantine=byzantine, min_workers=min_workers, round_timeout=round_timeout, timeout=timeout,
     )
@@ -396,8 +396,8 @@ def serve_fedavg_server(
             out.write_text(json.dumps(result))
 
     # Every update of a round stays unacked until the round is on disk: let them all in.
-    options = {**_transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key), "prefetch": 2 * workers + 16}
-    _serve(SERVER, log_level, metrics_port, torch_threads, broker, options, work)
+    options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key)
+    _serve(SERVER, log_level, metrics_port, torch_threads, broker, options, work, prefetch=2 * workers + 16)
 
 
 @serve_app.command("fedavg-worker")
@@ -405,7 +405,7 @@ def serve_fedavg_worker(
     session: SessionOpt, worker_id: Annotated[str, opt("worker-id", "This worker's name (as in the key list).")],
     index: Annotated[int, opt("index", "Which share of the partition this worker holds (0-based).", min=0)],
     broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/",
-    dataset: DatasetOpt = Dataset.fashion_mnist, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
+    dataset: DatasetOpt = Dataset.fashion_mnist, model: ModelOpt = Model.cnn, data_dir: DataDirOpt = None, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, optimizer: OptimizerOpt = Optimizer.adam, seed: SeedOpt = 1, limit: LimitOpt = None,
     workers: WorkersOpt = 3, partition: PartitionOpt = "classes:0-3,4-6,7-9", local_epochs: LocalEpochsOpt = 1,
     key_list: KeyListOpt = None, private_key: PrivateKeyOpt = None, timeout: TimeoutOpt = 600.0,
@@ -419,7 +419,7 @@ def serve_fedavg_worker(
     if index >= workers:
         raise _fail(f"--index {index} is not below --workers {workers}", 2)
     settings = FedAvgSettings(
-        dataset.value, data_dir, "cnn", 1, batch_size, 500, lr, optimizer.value, seed, limit, None,
+        dataset.value, data_dir, model.value, 1, batch_size, 500, lr, optimizer.value, seed, limit, None,
         session=session, workers=workers, partition=partition, local_epochs=local_epochs, timeout=timeout,
     )
     options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key)

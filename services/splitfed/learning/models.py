@@ -38,7 +38,13 @@ def default_cnn(meta: DatasetInfo) -> nn.Sequential:
 # blocks (--cut-layer 6), and communication is what split learning pays for per batch.
 DEFAULT_CUT = 9
 
-MODELS = {"cnn": default_cnn}
+def tiny(meta: DatasetInfo) -> nn.Sequential:
+    """Multinomial logistic regression: for scale tests with many parties, not for accuracy."""
+    channels, height, width = meta.shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, meta.classes))
+
+
+MODELS = {"cnn": default_cnn, "tiny": tiny}
 
 
 def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:

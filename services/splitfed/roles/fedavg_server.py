@@ -207,6 +207,8 @@ class FedAvgServer:
             if message.sender not in self.state.workers:
                 raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
             if message.round < self.state.round:
+                if message.sender in self.state.contributors.get(str(message.round), ()):
+                    raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")

@@ -33,7 +33,7 @@ def transport_factory(broker: str, options: dict) -> TransportFactory:
     if is_amqp(broker):
         from splitfed.transport.rabbitmq import RabbitTransport
 
-        return lambda role: RabbitTransport(broker, name=role, **options)
+        return lambda role: RabbitTransport.from_options(broker, role, options)
     raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
 
 
