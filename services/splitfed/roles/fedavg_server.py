@@ -47,7 +47,10 @@ class ServerState:
     """What a restarted server needs, written to `state.json` beside `model.safetensors`."""
 
     round: int = 1  # the round being collected
-    workers: list[str] = field(default_factory=list)  # joined and active
+    workers: list[str] = field(default_factory=list)  # joined; each is sent every round's model
+    # Workers that missed a round and have not been heard from since: no round waits for them
+    # (a dead worker would stall every round); a late update or a new join brings them back.
+    missed: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     contributors: dict[str, list[str]] = field(default_factory=dict)  # round -> workers applied
 
@@ -85,17 +88,30 @@ class FedAvgServer:
         if not self.checkpoint_dir or not (self.checkpoint_dir / "state.json").exists():
             return
         self.state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
-        self.model.load_state_dict(load_file(str(self.checkpoint_dir / "model.safetensors")))  # our own file, never network bytes
+        # Our own file, written before the state that names it: never bytes from the network.
+        self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round))))
         log.info("resumed from checkpoint: round %d, workers %s", self.state.round, ", ".join(self.state.workers))
 
+    @staticmethod
+    def model_file(round_number: int) -> str:
+        return f"model-round-{round_number}.safetensors"
+
     def checkpoint(self, with_model: bool) -> None:
-        """Atomically replace the checkpoint (write, fsync, rename)."""
+        """Write the global model for the round about to run, then atomically replace state.json,
+        which names it: a crash at any point leaves a state and the model it refers to."""
         if not self.checkpoint_dir:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if with_model:
-            _atomic(self.checkpoint_dir / "model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path)))
+        current = self.checkpoint_dir / self.model_file(self.state.round)
+        if with_model or not current.exists():
+            _atomic(current, lambda path: save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path)))
         _atomic(self.checkpoint_dir / "state.json", lambda path: path.write_text(json.dumps(vars(self.state))))
+        for old in self.checkpoint_dir.glob("model-round-*.safetensors"):
+            if old != current:
+                old.unlink()
+        latest = self.checkpoint_dir / "model.safetensors"  # the newest global model, for people and tools
+        if with_model:
+            _atomic(latest, lambda path: path.write_bytes(current.read_bytes()))
 
     # -- the run --------------------------------------------------------------------------
 
@@ -131,8 +147,9 @@ class FedAvgServer:
         if not WORKER_ID.match(worker):
             self.endpoint.rejected("sender", f"worker id {worker!r} is not a valid name")
             return
-        if worker not in self.state.workers:
-            self.state.workers.append(worker)
+        if worker not in self.state.workers or worker in self.state.missed:
+            self.state.workers = sorted(set(self.state.workers) | {worker})
+            self.state.missed = [w for w in self.state.missed if w != worker]
             self.checkpoint(with_model=False)
         metrics.ACTIVE_WORKERS.labels(SERVER, self.settings.session).set(len(self.state.workers))
         log.info("worker %s joined (round %d)", worker, self.state.round)
@@ -161,10 +178,11 @@ class FedAvgServer:
         round_number = self.state.round
         started = time.perf_counter()
         metrics.EPOCH.labels(SERVER, self.settings.session).set(round_number)
-        expected = set(self.state.workers)
-        for worker in sorted(expected):
+        for worker in self.state.workers:
             self.send_model(worker)
-        updates = self.collect(expected)
+        expected = set(self.state.workers) - set(self.state.missed)
+        # In a fixed order, not arrival order: the same updates always sum to the same bits.
+        updates = dict(sorted(self.collect(expected).items()))
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
         weights = torch.tensor([float(u.samples) for u in updates.values()])
         combined = aggregate.aggregate(self.settings.strategy, vectors, weights, trim=self.settings.trim, byzantine=self.settings.byzantine)
@@ -175,10 +193,9 @@ class FedAvgServer:
         self.state.history.append({**vars(record), "workers": sorted(updates)})
         self.state.contributors[str(round_number)] = sorted(updates)
         self.state.round += 1
-        missing = expected - set(updates)
-        if missing:  # they come back by joining again; until then no round waits for them
-            self.state.workers = [w for w in self.state.workers if w not in missing]
-            log.warning("round %d closed without %s", round_number, ", ".join(sorted(missing)))
+        self.state.missed = sorted(set(self.state.workers) - set(updates))
+        if self.state.missed:  # still sent every model: a late update or a join takes them back in
+            log.warning("round %d closed without %s", round_number, ", ".join(self.state.missed))
         self.checkpoint(with_model=True)
         for update in updates.values():  # only now is the update's effect on disk
             self.endpoint.ack(update.delivery)
@@ -194,11 +211,11 @@ class FedAvgServer:
         metrics.TRAIN_LOSS.labels(SERVER, session).set(record.train_loss)
         metrics.ROUND_SECONDS.labels(SERVER, session).observe(record.seconds)
         metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
-        metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers))
+        metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
 
     def collect(self, expected: set[str]) -> dict[str, Update]:
-        """Updates for this round until every expected worker sent one, or the round timeout has
-        passed with at least `min_workers` of them. Joins are answered on the way."""
+        """Updates for this round, from any member, until every expected worker sent one, or the
+        round timeout has passed with at least `min_workers` of them. Joins are answered on the way."""
         updates: dict[str, Update] = {}
 
         def check(message: Message) -> None:
@@ -209,6 +226,8 @@ class FedAvgServer:
             if message.round < self.state.round:
                 if message.sender in self.state.contributors.get(str(message.round), ()):
                     raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
+                if message.sender in self.state.missed:  # alive after all, only slow: wait for it next round
+                    self.state.missed.remove(message.sender)
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")

@@ -1,0 +1,180 @@
+"""FedAvg survives crashes: a killed server resumes from its checkpoint, a killed worker is left
+out of a round and comes back, a restarted broker is reconnected to; nothing is lost or applied
+twice (the final model equals the uninterrupted plain loop's). Plus TLS-only brokers."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitfed.learning import federated
+from splitfed.roles.fedavg_common import FedAvgSettings
+from splitfed.scenarios import fedavg
+from splitfed.scenarios.launch import ProcessGroup
+from splitfed.transport import TransportError
+from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
+from tests.own_broker import OwnBroker, make_tls_files
+
+
+def checkpoint_state(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return {"round": 0, "contributors": {}}
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Poll a condition on what the run wrote (bounded): the run itself never sleeps."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def assert_equals_reference(settings: FedAvgSettings, checkpoint: Path) -> None:
+    """Long local training amplifies the last bit, so the plain loop runs with the workers' thread
+    count (one each: three worker processes on this machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference, _ = federated.reference_run(settings)
+    finally:
+        torch.set_num_threads(threads)
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
+
+
+def slow_enough(session: str) -> FedAvgSettings:
+    """Rounds of a second or two: long enough to kill or restart something in the middle of one."""
+    return FedAvgSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid", session=session, timeout=120)
+
+
+def all_workers(settings):
+    return fedavg.worker_ids(settings.workers)
+
+
+def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path):
+    from splitfed.security import keys
+
+    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *fedavg.worker_ids(3)])
+    settings = FedAvgSettings(dataset="digits", rounds=2, partition="iid", session=session, timeout=120)
+    result = fedavg.run(settings, broker_url, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
+    assert result["config"]["launch"] == "processes" and result["config"]["authenticated"]
+    assert_equals_reference(settings, tmp_path / "ckpt")
+
+
+def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path):
+    settings = slow_enough(session)
+    checkpoint = tmp_path / "ckpt"
+    group = ProcessGroup()
+    try:
+        first = group.start("fedavg-server", fedavg.server_options(settings, broker_url, None, checkpoint, {}), 1)
+        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
+        first.process.kill()  # mid-round: round 2's models are out, its updates on their way
+        first.process.wait()
+        killed_in = checkpoint_state(checkpoint)["round"]
+        assert killed_in < settings.rounds + 1, "the run ended before the kill; make rounds longer"
+        out = tmp_path / "result.json"
+        second = group.start("fedavg-server", {**fedavg.server_options(settings, broker_url, None, checkpoint, {}), "out": out}, 1, name="server-restarted")
+        for member in (second, *workers):
+            group.wait(member, 180)
+    finally:
+        group.stop()
+    assert f"resumed from checkpoint: round {killed_in}" in second.log_path.read_text()
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["history"]] == list(range(1, settings.rounds + 1))
+    assert result["contributors"] == {str(r): all_workers(settings) for r in range(1, settings.rounds + 1)}
+    assert_equals_reference(settings, checkpoint)  # nothing lost, nothing applied twice
+
+
+def test_killed_worker_is_left_out_then_rejoins(broker_url, session, tmp_path):
+    settings = FedAvgSettings(
+        dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=8, local_epochs=1, partition="iid", session=session,
+        min_workers=2, round_timeout=10, timeout=120,  # rounds of a second or two: time for worker-2 to restart
+    )
+    checkpoint = tmp_path / "ckpt"
+    out = tmp_path / "result.json"
+    group = ProcessGroup()
+    try:
+        server = group.start("fedavg-server", {**fedavg.server_options(settings, broker_url, None, checkpoint, {}), "out": out}, 1)
+        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
+        workers[2].process.kill()
+        workers[2].process.wait()
+        short = lambda: [r for r, who in checkpoint_state(checkpoint)["contributors"].items() if who == ["worker-0", "worker-1"]]  # noqa: E731
+        wait_for(short, "a round closed with two workers after the round timeout")
+        restarted = group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, 2, {}), 1, name="worker-2-restarted")
+        for member in (server, workers[0], workers[1], restarted):
+            group.wait(member, 180)
+    finally:
+        group.stop()
+    contributors = json.loads(out.read_text())["contributors"]
+    left_out = min(int(r) for r, who in contributors.items() if "worker-2" not in who)
+    assert contributors[str(left_out)] == ["worker-0", "worker-1"]
+    assert any("worker-2" in who for r, who in contributors.items() if int(r) > left_out), "worker-2 never came back"
+    assert sorted(map(int, contributors)) == list(range(1, settings.rounds + 1))
+
+
+def test_a_restarted_broker_is_survived(tmp_path, session):
+    broker = OwnBroker(tmp_path / "node").start()
+    settings = slow_enough(session)
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "result.json"
+    group = ProcessGroup()
+    try:
+        server = group.start("fedavg-server", {**fedavg.server_options(settings, broker.url, None, checkpoint, {}), "out": out}, 1)
+        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker.url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
+        broker.restart_app()  # closes every connection; durable queues and persistent messages stay
+        for member in (server, *workers):
+            group.wait(member, 180)
+    finally:
+        group.stop()
+        broker.stop()
+    assert "reconnected" in server.log_path.read_text()
+    assert json.loads(out.read_text())["contributors"] == {str(r): all_workers(settings) for r in range(1, settings.rounds + 1)}
+    assert_equals_reference(settings, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tls")
+    broker = OwnBroker(directory / "node", make_tls_files(directory / "certs")).start()
+    yield broker
+    broker.stop()
+
+
+def test_fedavg_over_a_tls_only_broker(tls_broker, tmp_path):
+    tls = tls_broker.tls
+    out = tmp_path / "result.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "splitfed", "run", "fedavg", "--dataset", "digits", "--rounds", "2", "--partition", "iid",
+         "--broker", tls_broker.url, "--tls-ca", str(tls.ca), "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["launch"] == "processes" and len(result["history"]) == 2
+
+
+def test_plain_or_unverified_connections_to_the_tls_broker_are_refused(tls_broker):
+    tls = tls_broker.tls
+    plain = tls_broker.url.replace("amqps://", "amqp://")
+    attempts = {
+        "plain AMQP": (plain, None),
+        "TLS without a client certificate": (tls_broker.url, TLSOptions(str(tls.ca))),
+        "TLS trusting another CA": (tls_broker.url, TLSOptions(str(tls.other_ca), str(tls.client_cert), str(tls.client_key))),
+    }
+    for what, (url, options) in attempts.items():
+        with pytest.raises(TransportError, match="cannot connect"):
+            RabbitTransport(url, tls=options, connect_timeout=3)
+            pytest.fail(f"{what} was accepted")
+    good = RabbitTransport(tls_broker.url, tls=TLSOptions(str(tls.ca), str(tls.client_cert), str(tls.client_key)), connect_timeout=10)
+    good.close()
