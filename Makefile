@@ -21,3 +21,5 @@ test: setup-test
 bench: setup-test
 	ci/broker.sh
 	$(PY) ci/bench_split.py
+	$(PY) ci/bench_fedavg.py overhead
+	$(PY) ci/bench_fedavg.py scale

@@ -223,7 +223,7 @@ def run_fedavg(
     from splitfed.roles.fedavg_common import FedAvgSettings
     from splitfed.scenarios import fedavg
     from splitfed.scenarios.progress import Reporter
-    from splitfed.scenarios.split import new_session
+    from splitfed.scenarios.launch import new_session
 
     _logging(log_level)
     settings = FedAvgSettings(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -40,4 +40,5 @@ def serve(port: int) -> None:
 
 def rejected_count(role: str, session: str, reason: str) -> float:
     """Current value of one rejection counter (for summaries and tests in the same process)."""
-    return REJECTED.labels(role, session, reason)._value.get()
+    labels = {"role": role, "session": session, "reason": reason}
+    return REGISTRY.get_sample_value("splitfed_messages_rejected_total", labels) or 0.0

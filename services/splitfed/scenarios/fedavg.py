@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from splitfed.learning.train import EpochRecord
-from splitfed.roles.fedavg_common import SERVER, FedAvgSettings
+from splitfed.roles.fedavg_common import SERVER, FedAvgSettings, server_queue, worker_queue
 from splitfed.roles.fedavg_server import FedAvgServer
 from splitfed.roles.fedavg_worker import FedAvgWorker
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
 from splitfed.security.keys import KeyList, load_private
 from splitfed.transport import is_amqp
@@ -20,6 +20,10 @@ from splitfed.transport import is_amqp
 
 def worker_ids(count: int) -> list[str]:
     return [f"worker-{index}" for index in range(count)]
+
+
+def session_queues(settings: FedAvgSettings) -> list[str]:
+    return [server_queue(settings.session), *(worker_queue(settings.session, worker) for worker in worker_ids(settings.workers))]
 
 
 def run(
@@ -40,6 +44,7 @@ def run(
         if not is_amqp(broker):
             raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
         result = _run_processes(settings, broker, on_round, key_list, checkpoint_dir, transport_options or {})
+        delete_queues(transport_factory(broker, transport_options or {}), session_queues(settings))
     else:
         result = run_threads(settings, transport_factory(broker, transport_options or {}), on_round, key_list, checkpoint_dir)
     return {
@@ -72,6 +77,8 @@ def run_threads(
         result = server.run()
         for thread in threads:
             thread.outcome(settings.timeout)
+        for queue in session_queues(settings):
+            transports[SERVER].delete(queue)
     finally:
         for transport in transports.values():
             transport.close()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ from splitfed.transport import MemoryBroker, MemoryTransport, Transport, is_amqp
 
 
 TransportFactory = Callable[[str], Transport]  # role name -> its own connection
+
+
+def new_session() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def redact(url: str) -> str:
@@ -35,6 +40,16 @@ def transport_factory(broker: str, options: dict) -> TransportFactory:
 
         return lambda role: RabbitTransport.from_options(broker, role, options)
     raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
+
+
+def delete_queues(connect: TransportFactory, queues: list[str]) -> None:
+    """Remove a finished session's queues (best effort: they also expire when abandoned)."""
+    transport = connect("cleanup")
+    try:
+        for queue in queues:
+            transport.delete(queue)
+    finally:
+        transport.close()
 
 
 class ScenarioError(RuntimeError):

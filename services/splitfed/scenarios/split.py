@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from splitfed.roles.endpoint import queue_name
 from splitfed.roles.relay import Relay
 from splitfed.roles.split_client import SplitClient
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, new_session, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
 from splitfed.transport import is_amqp
-
-def new_session() -> str:
-    return uuid.uuid4().hex[:12]
-
 
 def run(
     settings: SplitSettings,
@@ -38,6 +34,7 @@ def run(
         if not is_amqp(broker):
             raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
         client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {})
+        delete_queues(transport_factory(broker, transport_options or {}), [queue_name(settings.session, role) for role in (CLIENT, SERVER, RELAY)])
     else:
         client_result = run_threads(settings, transport_factory(broker, transport_options or {}), reporter, save_model)
     return {
@@ -63,6 +60,8 @@ def run_threads(settings: SplitSettings, connect: TransportFactory, reporter: Re
         result = client.run(reporter.batch if reporter else None, reporter.epoch if reporter else None)
         for thread in helpers:
             thread.outcome(settings.timeout)
+        for role in transports:
+            transports[CLIENT].delete(queue_name(settings.session, role))
     finally:
         for transport in transports.values():
             transport.close()

@@ -66,6 +66,7 @@ class RabbitTransport(Transport):
         heartbeat: int | None = None,
         tls: TLSOptions | None = None,
         queue_expires_ms: int | None = 30 * 60 * 1000,
+        durable_queue_expires_ms: int | None = 24 * 3600 * 1000,
         connect_timeout: float = 30.0,
         operation_timeout: float = 300.0,
         on_reject: RejectHook | None = None,
@@ -83,7 +84,9 @@ class RabbitTransport(Transport):
         self._max_message_bytes = max_message_bytes
         # A message's chunks are acked together after the work, so all of them must fit in flight.
         self._prefetch = prefetch + self._max_chunks
-        self._queue_expires_ms = queue_expires_ms
+        # An abandoned session's queues vanish after this long unused; durable ones hold state a
+        # restarted party needs, so they wait longer.
+        self._expires_ms = {False: queue_expires_ms, True: durable_queue_expires_ms}
         self._operation_timeout = operation_timeout
         self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
 
@@ -275,7 +278,8 @@ class RabbitTransport(Transport):
                     raise
 
     def _declare(self, name: str, durable: bool) -> None:
-        arguments = {"x-expires": self._queue_expires_ms} if self._queue_expires_ms and not durable else None
+        expires = self._expires_ms[durable]
+        arguments = {"x-expires": expires} if expires else None
         self._channel.queue_declare(name, durable=durable, arguments=arguments)
         self._declared[name] = durable
 
