@@ -35,6 +35,7 @@ def test_reference_partition_keeps_classes_apart_and_reports_rounds(tmp_path):
     assert REGISTRY.get_sample_value("splitfed_updates_total", {**labels, "outcome": "accepted"}) == 9
     assert REGISTRY.get_sample_value("splitfed_round_duration_seconds_count", labels) == 3
     assert REGISTRY.get_sample_value("splitfed_active_workers", labels) == 3
+    assert REGISTRY.get_sample_value("splitfed_round", labels) == 3
     assert REGISTRY.get_sample_value("splitfed_round_bytes", labels) > 0
     assert REGISTRY.get_sample_value("splitfed_test_accuracy", labels) == result["accuracy"]
 

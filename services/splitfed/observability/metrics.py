@@ -17,7 +17,8 @@ ROUND_TRIP = Histogram(
     ["role", "session"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
-EPOCH = Gauge("splitfed_epoch", "Current epoch (or round)", ["role", "session"])
+EPOCH = Gauge("splitfed_epoch", "Current training epoch", ["role", "session"])
+ROUND = Gauge("splitfed_round", "Current federated round (the global model's version)", ["role", "session"])
 TRAIN_LOSS = Gauge("splitfed_train_loss", "Mean training loss of the last epoch or round", ["role", "session"])
 TEST_ACCURACY = Gauge("splitfed_test_accuracy", "Test accuracy after the last epoch or round", ["role", "session"])
 TEST_LOSS = Gauge("splitfed_test_loss", "Test loss after the last epoch or round", ["role", "session"])

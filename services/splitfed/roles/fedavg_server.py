@@ -177,7 +177,7 @@ class FedAvgServer:
     def run_round(self) -> None:
         round_number = self.state.round
         started = time.perf_counter()
-        metrics.EPOCH.labels(SERVER, self.settings.session).set(round_number)
+        metrics.ROUND.labels(SERVER, self.settings.session).set(round_number)
         for worker in self.state.workers:
             self.send_model(worker)
         expected = set(self.state.workers) - set(self.state.missed)
