@@ -186,6 +186,7 @@ def run_split(
     timeout: TimeoutOpt = 300.0, chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None,
     tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None, out: OutOpt = None,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the trained model, both halves merged (safetensors).")] = None,
+    key_list: Annotated[Optional[Path], opt("key-list", "Key-list file; the halves sign with PARTY.key from its folder (splitfed keys generate --party split-client --party split-server).")] = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Split learning: client (data, labels, first layers) and server (the rest), in one process
@@ -201,7 +202,7 @@ def run_split(
     )
     options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key) if broker != "memory" else {}
     with Reporter(f"split ({mode.value}, {via.value}, {broker.split('://')[0]})", epochs) as reporter:
-        result = _guard(lambda: split.run(settings, broker, reporter, save_model, transport_options=options))
+        result = _guard(lambda: split.run(settings, broker, reporter, save_model, transport_options=options, key_list=key_list))
     _write_results(result, out)
 
 
@@ -306,13 +307,13 @@ def _serve(role: str, log_level: str, metrics_port: int, torch_threads: int | No
 def serve_relay(
     session: SessionOpt, broker: BrokerOpt = "amqp://guest:guest@127.0.0.1:5672/", timeout: TimeoutOpt = 300.0,
     chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None, metrics_port: MetricsPortOpt = 0, log_level: LogLevelOpt = "info",
+    tls_key: TlsKeyOpt = None, key_list: KeyListOpt = None, metrics_port: MetricsPortOpt = 0, log_level: LogLevelOpt = "info",
 ) -> None:
     """Forward frames between the two halves of one split session (no torch)."""
     from splitfed.roles.relay import Relay
 
     _serve("relay", log_level, metrics_port, None, broker, _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key),
-           lambda transport: Relay(session, transport, timeout).run())
+           lambda transport: Relay(session, transport, timeout, _identity("relay", key_list, None)["trusted"]).run())
 
 
 def _split_role(role: str):
@@ -324,7 +325,7 @@ def _split_role(role: str):
         timeout: TimeoutOpt = 300.0, chunk_size: ChunkOpt = 16 * 1024**2, heartbeat: HeartbeatOpt = None,
         tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
         save: Annotated[Optional[Path], opt("save", "Write this party's layers here at the end (safetensors).")] = None,
-        out: OutOpt = None,
+        key_list: KeyListOpt = None, private_key: PrivateKeyOpt = None, out: OutOpt = None,
         progress_events: Annotated[bool, opt("progress-events", "Print batch and epoch events as JSON lines on stdout.")] = False,
         metrics_port: MetricsPortOpt = 0, torch_threads: ThreadsOpt = None, log_level: LogLevelOpt = "info",
     ) -> None:
@@ -341,9 +342,10 @@ def _split_role(role: str):
             print(json.dumps(event), flush=True)
 
         def work(transport):
+            parties = _identity(role, key_list, private_key)
             if role == "split-server":
-                return SplitServer(settings, transport, save).run()
-            client = SplitClient(settings, transport, save)
+                return SplitServer(settings, transport, save, **parties).run()
+            client = SplitClient(settings, transport, save, **parties)
             result = client.run(
                 (lambda done, total, loss: emit({"event": "batch", "done": done, "total": total, "loss": loss})) if progress_events else None,
                 (lambda record: emit({"event": "epoch", "record": vars(record)})) if progress_events else None,

@@ -9,6 +9,7 @@ from splitfed.protocol import Message, decode, encode
 from splitfed.roles.endpoint import queue_name
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.scenarios import split
+from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
 from tests.conftest import max_param_diff
 
@@ -88,3 +89,45 @@ def test_bad_input_is_rejected_counted_and_harmless(broker_url, session, digits_
     for role, reasons in expected.items():
         for reason in reasons:
             assert rejected_count(role, session, reason) >= 1, f"{role} did not count a {reason} rejection"
+
+
+class Forger(RabbitTransport):
+    """Someone on the broker without a key: before each of the client's real frames it sends a
+    well-formed copy with the same sequence number and different numbers, straight to the
+    server (and the relay), one unsigned and one signed with a key of its own."""
+
+    def publish(self, queue, body, *, persistent=False):
+        message = decode(body)
+        if message.tensors and message.kind == "activations":
+            def forged() -> Message:
+                zeros = {name: np.zeros_like(array) for name, array in message.tensors.items()}
+                return Message(message.kind, message.session, message.sender, message.seq, meta=message.meta, tensors=zeros)
+
+            stranger = keys.Signer(CLIENT, keys.Ed25519PrivateKey.generate())
+            for target in {queue, queue_name(message.session, SERVER)}:
+                super().publish(target, encode(forged()))
+                super().publish(target, sign(forged(), stranger))
+        super().publish(queue, body, persistent=persistent)
+
+
+def sign(message: Message, signer) -> bytes:
+    from splitfed.protocol import encode_body, signed_bytes
+
+    body = encode_body(message.tensors)
+    message.sig = signer.sign(signed_bytes(message, body))
+    return encode(message, body)
+
+
+@pytest.mark.parametrize("via", ["relay", "direct"])
+def test_with_keys_forged_frames_in_sequence_are_refused(broker_url, session, digits_baseline, tmp_path, via):
+    _, baseline_model = digits_baseline
+    key_list = keys.generate(tmp_path / "keys", [CLIENT, SERVER])
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via=via, timeout=60)
+    split.run_threads(
+        settings, lambda role: (Forger if role == CLIENT else RabbitTransport)(broker_url, name=f"{role}-{session}"),
+        save_model=tmp_path / "model.safetensors", key_list=key_list,
+    )
+    assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
+    first_hop = RELAY if via == "relay" else SERVER
+    for role in {first_hop, SERVER}:
+        assert rejected_count(role, session, "unsigned") >= 1 and rejected_count(role, session, "signature") >= 1, role

@@ -22,6 +22,17 @@ def test_split_processes_over_rabbitmq_equal_centralized(broker_url, session, di
     assert result["traffic"]["messages"] >= 2 * 45  # one exchange per batch at least
 
 
+def test_signed_split_processes_equal_centralized(broker_url, session, digits_baseline, tmp_path):
+    from splitfed.security import keys
+
+    _, baseline_model = digits_baseline
+    key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via="relay", timeout=120)
+    result = split.run(settings, broker_url, save_model=tmp_path / "model.safetensors", key_list=key_list)
+    assert result["config"]["authenticated"] is True
+    assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
+
+
 def test_cli_run_split_over_rabbitmq_writes_results(broker_url, tmp_path):
     out = tmp_path / "results.json"
     completed = subprocess.run(

@@ -24,6 +24,13 @@ class RoleTimeout(RuntimeError):
     """No acceptable message arrived in time: the peer is gone or the run is misconfigured."""
 
 
+def warn_if_unsafe(role: str, session: str, trusted: KeyList | None) -> None:
+    """A role without a key list accepts anyone's messages: say so loudly, and in a metric."""
+    metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
+    if trusted is None:
+        log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", role)
+
+
 def queue_name(session: str, role: str, ident: str | None = None) -> str:
     return f"splitfed.{session}.{role}" + (f".{ident}" if ident else "")
 

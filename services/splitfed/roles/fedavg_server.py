@@ -23,7 +23,7 @@ from splitfed.learning import aggregate, data, models, train
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, RoleTimeout
+from splitfed.roles.endpoint import Endpoint, RoleTimeout, warn_if_unsafe
 from splitfed.roles.fedavg_common import (
     DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, FedAvgSettings, frame_digest, server_queue, to_wire, worker_queue,
 )
@@ -78,9 +78,7 @@ class FedAvgServer:
         self.restore()
         received = metrics.UPDATES.labels(SERVER, settings.session, "received")
         self.endpoint.on_frame = received.inc
-        metrics.UNSAFE_MODE.labels(SERVER, settings.session).set(trusted is None)
-        if trusted is None:
-            log.warning("fedavg-server is running in **** UNSAFE MODE ****: no key list, every worker is accepted unauthenticated")
+        warn_if_unsafe(SERVER, settings.session, trusted)
 
     # -- checkpoints ----------------------------------------------------------------------
 

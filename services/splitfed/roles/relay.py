@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.endpoint import Endpoint, queue_name, warn_if_unsafe
+from splitfed.security.keys import KeyList
 from splitfed.roles.split_common import CLIENT, DONE, KINDS, RELAY, SERVER
 from splitfed.transport import Transport
 
@@ -18,8 +19,10 @@ ROUTES = {CLIENT: SERVER, SERVER: CLIENT}
 
 
 class Relay:
-    def __init__(self, session: str, transport: Transport, timeout: float = 300.0):
-        self.endpoint = Endpoint(transport, session=session, role=RELAY, inbox=queue_name(session, RELAY), timeout=timeout)
+    def __init__(self, session: str, transport: Transport, timeout: float = 300.0, trusted: KeyList | None = None):
+        """With `trusted`, only frames signed by a listed client or server are forwarded."""
+        self.endpoint = Endpoint(transport, session=session, role=RELAY, inbox=queue_name(session, RELAY), timeout=timeout, trusted=trusted)
+        warn_if_unsafe(RELAY, session, trusted)
         self.targets = {sender: queue_name(session, target) for sender, target in ROUTES.items()}
         for target in self.targets.values():
             transport.declare(target)

@@ -16,6 +16,7 @@ from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, TensorSpec, check_tensors
 from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import Transport
 from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
 
@@ -25,7 +26,10 @@ BatchCallback = Callable[[int, int, float], None]  # (batches done this epoch, b
 
 
 class SplitClient:
-    def __init__(self, settings: SplitSettings, transport: Transport, save: Path | None = None):
+    def __init__(
+        self, settings: SplitSettings, transport: Transport, save: Path | None = None, *,
+        signer: Signer | None = None, trusted: KeyList | None = None,
+    ):
         self.settings = settings
         self.save = save
         meta = data.info(settings.dataset)
@@ -36,7 +40,10 @@ class SplitClient:
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
-        self.endpoint = Endpoint(transport, session=settings.session, role=CLIENT, inbox=queue_name(settings.session, CLIENT), timeout=settings.timeout)
+        self.endpoint = Endpoint(
+            transport, session=settings.session, role=CLIENT, inbox=queue_name(settings.session, CLIENT), timeout=settings.timeout,
+            signer=signer, trusted=trusted,
+        )
         self.server = settings.peer_queue(SERVER)
         transport.declare(self.server)
         self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, settings.session)

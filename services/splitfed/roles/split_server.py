@@ -11,7 +11,8 @@ import torch
 
 from splitfed.learning import data, models, split, train
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.endpoint import Endpoint, queue_name, warn_if_unsafe
+from splitfed.security.keys import KeyList, Signer
 from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
 from splitfed.transport import Transport
 
@@ -19,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class SplitServer:
-    def __init__(self, settings: SplitSettings, transport: Transport, save: Path | None = None):
+    def __init__(
+        self, settings: SplitSettings, transport: Transport, save: Path | None = None, *,
+        signer: Signer | None = None, trusted: KeyList | None = None,
+    ):
         self.settings = settings
         self.save = save
         meta = data.info(settings.dataset)
@@ -30,7 +34,11 @@ class SplitServer:
         self.opt = train.optimizer(self.body.parameters(), settings.optimizer, settings.lr)
         self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
         self.out_shape = models.output_shape(self.body, self.in_shape)
-        self.endpoint = Endpoint(transport, session=settings.session, role=SERVER, inbox=queue_name(settings.session, SERVER), timeout=settings.timeout)
+        self.endpoint = Endpoint(
+            transport, session=settings.session, role=SERVER, inbox=queue_name(settings.session, SERVER), timeout=settings.timeout,
+            signer=signer, trusted=trusted,
+        )
+        warn_if_unsafe(SERVER, settings.session, trusted)
         self.reply_to = settings.peer_queue(CLIENT)
         transport.declare(self.reply_to)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients

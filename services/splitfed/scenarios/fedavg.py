@@ -12,9 +12,8 @@ from splitfed.learning.train import EpochRecord
 from splitfed.roles.fedavg_common import SERVER, FedAvgSettings, server_queue, worker_queue
 from splitfed.roles.fedavg_server import FedAvgServer
 from splitfed.roles.fedavg_worker import FedAvgWorker
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
-from splitfed.security.keys import KeyList, load_private
 from splitfed.transport import is_amqp
 
 
@@ -53,12 +52,6 @@ def run(
     }
 
 
-def _identity(key_list: Path | None, party: str):
-    if key_list is None:
-        return {"signer": None, "trusted": None}
-    return {"signer": load_private(key_list.parent / f"{party}.key", party), "trusted": KeyList.load(key_list)}
-
-
 def run_threads(
     settings: FedAvgSettings, connect: TransportFactory, on_round: Callable[[EpochRecord], None] | None = None,
     key_list: Path | None = None, checkpoint_dir: Path | None = None,
@@ -66,11 +59,11 @@ def run_threads(
     """The server on this thread, each worker on its own thread and connection."""
     transports = {SERVER: connect(SERVER)}
     try:
-        server = FedAvgServer(settings, transports[SERVER], checkpoint_dir=checkpoint_dir, on_round=on_round, **_identity(key_list, SERVER))
+        server = FedAvgServer(settings, transports[SERVER], checkpoint_dir=checkpoint_dir, on_round=on_round, **identity(key_list, SERVER))
         threads = []
         for index, worker in enumerate(worker_ids(settings.workers)):
             transports[worker] = connect(worker)
-            role = FedAvgWorker(settings, transports[worker], worker, index, **_identity(key_list, worker))
+            role = FedAvgWorker(settings, transports[worker], worker, index, **identity(key_list, worker))
             threads.append(RoleThread(worker, role.run))
         for thread in threads:
             thread.start()

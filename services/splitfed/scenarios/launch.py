@@ -52,6 +52,16 @@ def delete_queues(connect: TransportFactory, queues: list[str]) -> None:
         transport.close()
 
 
+def identity(key_list: Path | None, party: str) -> dict:
+    """A party's signer and trust list from a `splitfed keys generate` folder (PARTY.key beside
+    the key list); none of either without a key list."""
+    from splitfed.security.keys import KeyList, load_private
+
+    if key_list is None:
+        return {"signer": None, "trusted": None}
+    return {"signer": load_private(key_list.parent / f"{party}.key", party), "trusted": KeyList.load(key_list)}
+
+
 class ScenarioError(RuntimeError):
     """A role failed; the message carries what it said."""
 

@@ -14,8 +14,9 @@ from splitfed.roles.relay import Relay
 from splitfed.roles.split_client import SplitClient
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, new_session, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, new_session, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
+from splitfed.security.keys import KeyList
 from splitfed.transport import is_amqp
 
 def run(
@@ -25,38 +26,44 @@ def run(
     save_model: Path | None = None,
     launch: str | None = None,
     transport_options: dict | None = None,
+    key_list: Path | None = None,
 ) -> dict:
     """Run one split session. `launch`: "threads" (default for memory) or "processes"
-    (default for amqp://, every role its own `splitfed serve` process)."""
+    (default for amqp://, every role its own `splitfed serve` process). With `key_list`, the
+    halves sign with PARTY.key from its folder and every receiver checks signatures."""
     launch = launch or ("processes" if is_amqp(broker) else "threads")
     started = time.perf_counter()
     if launch == "processes":
         if not is_amqp(broker):
             raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
-        client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {})
+        client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {}, key_list)
         delete_queues(transport_factory(broker, transport_options or {}), [queue_name(settings.session, role) for role in (CLIENT, SERVER, RELAY)])
     else:
-        client_result = run_threads(settings, transport_factory(broker, transport_options or {}), reporter, save_model)
+        client_result = run_threads(settings, transport_factory(broker, transport_options or {}), reporter, save_model, key_list)
     return {
         "scenario": "split",
         **client_result,
         "wall_seconds": time.perf_counter() - started,
-        "config": {**settings.config(), "broker": redact(broker), "launch": launch},
+        "config": {**settings.config(), "broker": redact(broker), "launch": launch, "authenticated": key_list is not None},
     }
 
 
-def run_threads(settings: SplitSettings, connect: TransportFactory, reporter: Reporter | None = None, save_model: Path | None = None) -> dict:
+def run_threads(
+    settings: SplitSettings, connect: TransportFactory, reporter: Reporter | None = None, save_model: Path | None = None,
+    key_list: Path | None = None,
+) -> dict:
     """Every role in this process, each on its own transport connection; the client on this thread."""
     transports = {role: connect(role) for role in (SERVER, CLIENT, *((RELAY,) if settings.via == "relay" else ()))}
     parts_dir = Path(save_model).parent if save_model else None
     try:
-        server = SplitServer(settings, transports[SERVER], save=parts_dir / f".{SERVER}.safetensors" if parts_dir else None)
+        server = SplitServer(settings, transports[SERVER], save=parts_dir / f".{SERVER}.safetensors" if parts_dir else None, **identity(key_list, SERVER))
         helpers = [RoleThread(SERVER, server.run)]
         if settings.via == "relay":
-            helpers.append(RoleThread(RELAY, Relay(settings.session, transports[RELAY], settings.timeout).run))
+            relay = Relay(settings.session, transports[RELAY], settings.timeout, KeyList.load(key_list) if key_list else None)
+            helpers.append(RoleThread(RELAY, relay.run))
         for thread in helpers:
             thread.start()
-        client = SplitClient(settings, transports[CLIENT], save=parts_dir / f".{CLIENT}.safetensors" if parts_dir else None)
+        client = SplitClient(settings, transports[CLIENT], save=parts_dir / f".{CLIENT}.safetensors" if parts_dir else None, **identity(key_list, CLIENT))
         result = client.run(reporter.batch if reporter else None, reporter.epoch if reporter else None)
         for thread in helpers:
             thread.outcome(settings.timeout)
@@ -94,17 +101,20 @@ def compute_threads(settings: SplitSettings) -> tuple[int, int]:
     return cores, max(1, round(cores * body / max(1, head + body)))
 
 
-def _run_processes(settings: SplitSettings, broker: str, reporter: Reporter | None, save_model: Path | None, transport_options: dict) -> dict:
+def _run_processes(
+    settings: SplitSettings, broker: str, reporter: Reporter | None, save_model: Path | None, transport_options: dict, key_list: Path | None,
+) -> dict:
     group = ProcessGroup()
-    common = {**settings.config(), "broker": broker, **transport_options}
+    common = {**settings.config(), "broker": broker, **transport_options, "key_list": key_list}
+    keys = {role: key_list.parent / f"{role}.key" if key_list else None for role in (CLIENT, SERVER)}
     client_threads, server_threads = compute_threads(settings)
     parts = {role: group.workdir / f"{role}.safetensors" for role in (CLIENT, SERVER)}
     result_path = group.workdir / "client-result.json"
     try:
         if settings.via == "relay":
-            group.start(RELAY, {"session": settings.session, "broker": broker, "timeout": settings.timeout, **transport_options}, threads=1)
-        group.start(SERVER, {**common, "save": parts[SERVER] if save_model else None}, server_threads)
-        client = group.start(CLIENT, {**common, "save": parts[CLIENT] if save_model else None, "out": result_path, "progress_events": True}, client_threads)
+            group.start(RELAY, {"session": settings.session, "broker": broker, "timeout": settings.timeout, "key_list": key_list, **transport_options}, threads=1)
+        group.start(SERVER, {**common, "private_key": keys[SERVER], "save": parts[SERVER] if save_model else None}, server_threads)
+        client = group.start(CLIENT, {**common, "private_key": keys[CLIENT], "save": parts[CLIENT] if save_model else None, "out": result_path, "progress_events": True}, client_threads)
 
         def on_event(event: dict) -> None:
             if not reporter:
