@@ -18,6 +18,7 @@ from rich.table import Table
 from splitfed.learning.settings import TrainSettings
 from splitfed.roles.split_common import SplitSettings
 from splitfed.scenarios import centralized, split
+from splitfed.scenarios.launch import new_session
 
 
 def main() -> None:
@@ -32,9 +33,9 @@ def main() -> None:
     common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=1)
     runs = {
         "centralized": lambda: centralized.run(TrainSettings(**common)),
-        "split, memory": lambda: split.run(SplitSettings(**common, session=split.new_session(), via="direct"), "memory"),
-        "split, RabbitMQ direct": lambda: split.run(SplitSettings(**common, session=split.new_session(), via="direct"), args.broker),
-        "split, RabbitMQ relay": lambda: split.run(SplitSettings(**common, session=split.new_session(), via="relay"), args.broker),
+        "split, memory": lambda: split.run(SplitSettings(**common, session=new_session(), via="direct"), "memory"),
+        "split, RabbitMQ direct": lambda: split.run(SplitSettings(**common, session=new_session(), via="direct"), args.broker),
+        "split, RabbitMQ relay": lambda: split.run(SplitSettings(**common, session=new_session(), via="relay"), args.broker),
     }
     rows = {}
     for name, run in runs.items():

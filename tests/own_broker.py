@@ -86,7 +86,7 @@ class OwnBroker:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16))
         cookie.chmod(0o400)
-        listener = [f"listeners.tcp = none", f"listeners.ssl.1 = 127.0.0.1:{self.port}"] if tls else [f"listeners.tcp.1 = 127.0.0.1:{self.port}"]
+        listener = ["listeners.tcp = none", f"listeners.ssl.1 = 127.0.0.1:{self.port}"] if tls else [f"listeners.tcp.1 = 127.0.0.1:{self.port}"]
         if tls:
             listener += [
                 f"ssl_options.cacertfile = {tls.ca}", f"ssl_options.certfile = {tls.server_cert}", f"ssl_options.keyfile = {tls.server_key}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -193,12 +192,13 @@ def run_split(
     (--broker memory) or as separate relay / split-client / split-server processes over RabbitMQ."""
     from splitfed.roles.split_common import SplitSettings
     from splitfed.scenarios import split
+    from splitfed.scenarios.launch import new_session
     from splitfed.scenarios.progress import Reporter
 
     _logging(log_level)
     settings = SplitSettings(
         dataset.value, data_dir, model.value, epochs, batch_size, 500, lr, optimizer.value, seed, limit, test_limit,
-        session=session or split.new_session(), cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
+        session=session or new_session(), cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
     )
     options = _transport_options(chunk_size, heartbeat, tls_ca, tls_cert, tls_key) if broker != "memory" else {}
     with Reporter(f"split ({mode.value}, {via.value}, {broker.split('://')[0]})", epochs) as reporter:

@@ -14,7 +14,7 @@ from splitfed.roles.relay import Relay
 from splitfed.roles.split_client import SplitClient
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, new_session, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
 from splitfed.security.keys import KeyList
 from splitfed.transport import is_amqp
