@@ -113,6 +113,8 @@ class Meddler(RabbitTransport):
             signed(variant(**{name: nan}), self.signer),  # NaN
             signed(variant(padding=huge), self.signer),  # oversized
             signed(variant(meta={**message.meta, "samples": -5}), self.signer),  # nonsense weight
+            signed(variant(meta={**message.meta, "samples": 10**13}), self.signer),  # a weight meant to dominate
+            signed(variant(meta={**message.meta, "train_loss": 10**400}), self.signer),  # no float holds it
             signed(variant(**{name: tensors[name] * 100}), None),  # unsigned
             signed(variant(**{name: tensors[name] * 100}), keys.Signer(message.sender, keys.Ed25519PrivateKey.generate())),  # forged
         ]

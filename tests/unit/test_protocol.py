@@ -88,3 +88,8 @@ def test_relay_and_cli_do_not_import_torch():
 
     code = "import sys, splitfed.cli, splitfed.roles.relay, splitfed.transport.rabbitmq; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_deeply_nested_header_is_malformed_not_a_crash():
+    header = b"[" * 60000
+    assert reason(MAGIC + struct.pack(">I", len(header)) + header) == "malformed"

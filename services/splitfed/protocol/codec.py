@@ -92,8 +92,8 @@ def split_frame(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[
         raise ProtocolError("malformed", f"header length {header_len} does not fit the frame")
     try:
         header = json.loads(frame[8 : 8 + header_len], parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError("malformed", f"header is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
+        raise ProtocolError("malformed", f"header is not JSON: {exc!r:.200}") from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "header is not an object")
     for name, kind in _HEADER_TYPES.items():

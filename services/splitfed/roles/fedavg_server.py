@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 10**12  # an update's weight; anything larger is a lie meant to dominate the average
 
 
 @dataclass
@@ -140,11 +143,12 @@ class FedAvgServer:
             self.endpoint.ack(delivery)
         log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
 
-    def join(self, message: Message, send_model: bool) -> None:
+    def join(self, message: Message, send_model: bool) -> bool:
+        """Admit (or re-admit) the sender; False when its name cannot be a worker id."""
         worker = message.sender
         if not WORKER_ID.match(worker):
             self.endpoint.rejected("sender", f"worker id {worker!r} is not a valid name")
-            return
+            return False
         if worker not in self.state.workers or worker in self.state.missed:
             self.state.workers = sorted(set(self.state.workers) | {worker})
             self.state.missed = [w for w in self.state.missed if w != worker]
@@ -156,6 +160,7 @@ class FedAvgServer:
         self.endpoint.send_message(queue, Message(WELCOME, "", "", round=self.state.round), persistent=True)
         if send_model:
             self.send_model(worker)
+        return True
 
     def refuse(self, error: ProtocolError) -> None:
         """Tell a worker whose join was refused why, where it listens (it checks `ref`)."""
@@ -165,7 +170,8 @@ class FedAvgServer:
         log.error("refused worker %r: %s", message.sender, error)
         queue = worker_queue(self.settings.session, message.sender)
         self.transport.declare(queue, durable=True)
-        self.endpoint.send_message(queue, Message(REFUSED, "", "", meta={"reason": error.reason, "detail": error.detail, "ref": frame_digest(error.frame)}))
+        refusal = Message(REFUSED, "", "", meta={"reason": error.reason, "detail": error.detail, "ref": frame_digest(error.frame)})
+        self.endpoint.send_message(queue, refusal, persistent=True)
 
     def send_model(self, worker: str) -> None:
         meta = {"prox_mu": self.settings.prox_mu if self.settings.strategy == "fedprox" else 0.0}
@@ -229,12 +235,12 @@ class FedAvgServer:
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
-            if message.sender in updates:
-                raise ProtocolError("duplicate", f"second update for round {message.round} from {message.sender}")
             check_tensors(message, self.specs)
-            samples = message.meta.get("samples")
-            if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+            samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
+            if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= MAX_SAMPLES:
                 raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r}")
+            if not _finite_number(loss):
+                raise ProtocolError("value", f"update from {message.sender} reports train_loss={loss!r:.40}")
 
         round_deadline = time.monotonic() + self.settings.round_timeout
         give_up = time.monotonic() + self.settings.timeout
@@ -249,23 +255,44 @@ class FedAvgServer:
                 continue
             message, delivery = received
             if message.kind == JOIN:
-                self.join(message, send_model=True)
-                expected.add(message.sender)
+                if self.join(message, send_model=True):
+                    expected.add(message.sender)
                 self.endpoint.ack(delivery)
                 continue
+            if message.sender in updates:
+                # A second copy for this round, e.g. redelivered after a reconnect made the first
+                # one's ack impossible: hold the newer delivery, so the update stays in the queue
+                # until the round is on disk, and let the first one go.
+                self.endpoint.rejected("duplicate", f"second update for round {message.round} from {message.sender}")
+                self.endpoint.ack(updates[message.sender].delivery)
+                updates[message.sender].delivery = delivery
+                continue
             state = {name: torch.from_numpy(message.tensors[name]) for name in self.names}
-            loss = message.meta.get("train_loss")
             updates[message.sender] = Update(
-                aggregate.flatten(state, self.names), message.meta["samples"],
-                float(loss) if isinstance(loss, (int, float)) else float("nan"), delivery, len(delivery.body),
+                aggregate.flatten(state, self.names), message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
             )
             metrics.UPDATES.labels(SERVER, self.settings.session, "accepted").inc()
         return updates
 
 
+def _finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through a temporary file, fsync it, rename it over `path`, fsync the folder."""
     temporary = path.with_name(path.name + ".tmp")
     write(temporary)
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

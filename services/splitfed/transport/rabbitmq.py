@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,8 +152,7 @@ class RabbitTransport(Transport):
         self._submit(lambda: self._ack(generation, tags))
 
     def delete(self, queue_name: str) -> None:
-        self._declared.pop(queue_name, None)
-        self._call(lambda: self._channel.queue_delete(queue_name))
+        self._call(lambda: self._delete(queue_name))
 
     def close(self) -> None:
         if self._closing:
@@ -170,7 +170,8 @@ class RabbitTransport(Transport):
         future = self._submit(fn)
         try:
             return future.result(timeout or self._operation_timeout)
-        except TimeoutError:
+        except FutureTimeout:
+            future.cancel()  # not run later behind the caller's back
             raise TransportError(f"broker operation timed out after {timeout or self._operation_timeout}s") from None
 
     def _submit(self, fn: Callable[[], Any]) -> Future:
@@ -178,6 +179,8 @@ class RabbitTransport(Transport):
         future: Future = Future()
         self._ops.append((fn, future))
         self._wake()
+        if not self._thread.is_alive():  # stopped between the check above and the append
+            self._fail_pending(TransportError(f"RabbitMQ transport stopped: {self._fatal or 'closed'}"))
         return future
 
     def _wake(self) -> None:
@@ -214,16 +217,23 @@ class RabbitTransport(Transport):
                 self._stop(exc)
             except (pex.AMQPConnectionError, pex.StreamLostError, ConnectionError, OSError) as exc:
                 backoff = self._lost(exc, backoff)
+            except Exception as exc:  # a bug or an unforeseen pika state: fail loudly, never hang callers
+                self._stop(exc)
         self._disconnect()
+        self._fail_pending(TransportError("RabbitMQ transport closed"))
 
     def _stop(self, exc: BaseException) -> None:
         log.error("RabbitMQ transport stopping: %r", exc)
         self._fatal = exc
         self._closing = True
         self._connected.set()
+        self._fail_pending(TransportError(str(exc)))
+
+    def _fail_pending(self, error: TransportError) -> None:
         while self._ops:
             _, future = self._ops.popleft()
-            future.set_exception(TransportError(str(exc)))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     def _lost(self, exc: BaseException, backoff: float) -> float:
         log.warning("RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff)
@@ -243,12 +253,10 @@ class RabbitTransport(Transport):
             self._declare(name, durable)
         for name, inbox in self._inboxes.items():
             # Unacked deliveries of the old connection are redelivered; drop our stale copies.
-            stale = [d for d in list(inbox.queue) if d.tag[0] != self.generation]
-            for delivery in stale:
-                try:
-                    inbox.queue.remove(delivery)
-                except ValueError:
-                    pass
+            with inbox.mutex:
+                fresh = [d for d in inbox.queue if d.tag[0] == self.generation]
+                inbox.queue.clear()
+                inbox.queue.extend(fresh)
             self._start_consumer(name)
         if self.generation > 1:
             log.info("RabbitMQ reconnected (connection %d)", self.generation)
@@ -265,17 +273,27 @@ class RabbitTransport(Transport):
     def _drain(self) -> None:
         while self._ops and self._channel is not None:
             fn, future = self._ops.popleft()
-            if future.done():
-                continue
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up on it
             try:
                 future.set_result(fn())
             except (pex.AMQPConnectionError, pex.StreamLostError, ConnectionError) as exc:
-                self._ops.appendleft((fn, future))  # retried on the next connection
+                # Retried on the next connection (a publish may then arrive twice: at least
+                # once, and every role drops duplicates). A running future cannot be re-armed,
+                # so a fresh one forwards the result to the caller's.
+                retry: Future = Future()
+                retry.add_done_callback(lambda done, caller=future: _forward(done, caller))
+                self._ops.appendleft((fn, retry))
                 raise exc
             except Exception as exc:
                 future.set_exception(exc)
                 if isinstance(exc, pex.ChannelClosedByBroker):
                     raise
+
+    def _delete(self, name: str) -> None:
+        self._declared.pop(name, None)
+        self._inboxes.pop(name, None)  # no consumer to restore after a reconnect
+        self._channel.queue_delete(name)
 
     def _declare(self, name: str, durable: bool) -> None:
         expires = self._expires_ms[durable]
@@ -347,3 +365,13 @@ class RabbitTransport(Transport):
         for tag in tags if isinstance(tags, list) else [tags]:
             self._channel.basic_ack(tag)  # refused for good: redelivering it would not make it valid
         self._on_reject(reason, detail)
+
+
+def _forward(done: Future, caller: Future) -> None:
+    """Hand a retried operation's outcome to the future its caller waits on."""
+    if done.cancelled():
+        caller.set_exception(TransportError("operation cancelled"))
+    elif done.exception() is not None:
+        caller.set_exception(done.exception())
+    else:
+        caller.set_result(done.result())
