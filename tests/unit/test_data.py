@@ -39,3 +39,15 @@ def test_partitions_cover_as_the_reference_and_dirichlet():
     for spec in ("iid", "dirichlet:0.5", "shards:2"):
         parts = data.partition(labels, spec, 3, seed=0)
         assert sorted(torch.cat(parts).tolist()) == list(range(len(labels))), spec
+
+
+def test_mnist_loads_from_idx_files_in_data_dir(tmp_path):
+    """MNIST has the same IDX layout as Fashion-MNIST; any folder holding the files works."""
+    import shutil
+
+    for path in data.FASHION_MNIST_SYSTEM_DIR.glob("t10k-*"):
+        shutil.copy(path, tmp_path / path.name)
+    shutil.copy(data.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz", tmp_path)
+    shutil.copy(data.FASHION_MNIST_SYSTEM_DIR / "train-labels-idx1-ubyte.gz", tmp_path)
+    test = data.load("mnist", train=False, data_dir=tmp_path, limit=50)
+    assert test.images.shape == (50, 1, 28, 28) and test.labels.max() <= 9
