@@ -338,8 +338,7 @@ def _split_role(role: str):
             session=session, cut_layer=cut_layer, mode=mode.value, via=via.value, timeout=timeout,
         )
 
-        def emit(event: dict) -> None:
-            print(json.dumps(event), flush=True)
+        emit = _emitter(progress_events)
 
         def work(transport):
             parties = _identity(role, key_list, private_key)
@@ -347,8 +346,8 @@ def _split_role(role: str):
                 return SplitServer(settings, transport, save, **parties).run()
             client = SplitClient(settings, transport, save, **parties)
             result = client.run(
-                (lambda done, total, loss: emit({"event": "batch", "done": done, "total": total, "loss": loss})) if progress_events else None,
-                (lambda record: emit({"event": "epoch", "record": vars(record)})) if progress_events else None,
+                (lambda done, total, loss: emit({"event": "batch", "done": done, "total": total, "loss": loss})) if emit else None,
+                (lambda record: emit({"event": "epoch", "record": vars(record)})) if emit else None,
             )
             if out:
                 out.write_text(json.dumps(result))

@@ -31,6 +31,10 @@ def warn_if_unsafe(role: str, session: str, trusted: KeyList | None) -> None:
         log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", role)
 
 
+def to_numpy(tensor) -> np.ndarray:  # noqa: ANN001 (torch.Tensor; kept torch-free at import)
+    return tensor.detach().contiguous().numpy()
+
+
 def queue_name(session: str, role: str, ident: str | None = None) -> str:
     return f"splitfed.{session}.{role}" + (f".{ident}" if ident else "")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitfed.learning.settings import TrainSettings
-from splitfed.roles.endpoint import queue_name
+from splitfed.roles.endpoint import queue_name, to_numpy
 
 SERVER, WORKER = "fedavg-server", "fedavg-worker"
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
@@ -57,4 +57,4 @@ def frame_digest(frame: bytes) -> str:
 
 
 def to_wire(state: dict) -> dict[str, np.ndarray]:
-    return {name: value.detach().contiguous().numpy() for name, value in state.items()}
+    return {name: to_numpy(value) for name, value in state.items()}

@@ -15,10 +15,10 @@ from splitfed.learning import data, models, split, train
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
 from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import Transport
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
+from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts
 
 log = logging.getLogger(__name__)
 

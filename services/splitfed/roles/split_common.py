@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from splitfed.learning.settings import TrainSettings
 from splitfed.roles.endpoint import queue_name
@@ -39,10 +38,6 @@ class SplitSettings(TrainSettings):
     def peer_queue(self, target: str) -> str:
         """Where a half sends to reach `target`: the relay's inbox, or the target's own."""
         return queue_name(self.session, RELAY if self.via == "relay" else target)
-
-
-def to_numpy(tensor) -> np.ndarray:  # noqa: ANN001 (torch.Tensor; kept torch-free at import)
-    return tensor.detach().contiguous().numpy()
 
 
 def save_parts(path: Path, parts: list[tuple[dict, int]]) -> None:

@@ -11,9 +11,9 @@ import torch
 
 from splitfed.learning import data, models, split, train
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, queue_name, warn_if_unsafe
+from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy, warn_if_unsafe
 from splitfed.security.keys import KeyList, Signer
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts, to_numpy
+from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)

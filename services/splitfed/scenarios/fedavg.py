@@ -12,9 +12,8 @@ from splitfed.learning.train import EpochRecord
 from splitfed.roles.fedavg_common import SERVER, FedAvgSettings, server_queue, worker_queue
 from splitfed.roles.fedavg_server import FedAvgServer
 from splitfed.roles.fedavg_worker import FedAvgWorker
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, resolve_launch, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
-from splitfed.transport import is_amqp
 
 
 def worker_ids(count: int) -> list[str]:
@@ -36,16 +35,15 @@ def run(
 ) -> dict:
     """With `key_list`, every party signs with PARTY.key from the key list's folder (as
     `splitfed keys generate` writes them) and the server accepts only listed workers."""
-    launch = launch or ("processes" if is_amqp(broker) else "threads")
+    launch = resolve_launch(broker, launch)
+    connect = transport_factory(broker, transport_options or {})
     on_round = (lambda record: reporter.round(record, settings.rounds)) if reporter else None
     started = time.perf_counter()
     if launch == "processes":
-        if not is_amqp(broker):
-            raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
         result = _run_processes(settings, broker, on_round, key_list, checkpoint_dir, transport_options or {})
-        delete_queues(transport_factory(broker, transport_options or {}), session_queues(settings))
+        delete_queues(connect, session_queues(settings))
     else:
-        result = run_threads(settings, transport_factory(broker, transport_options or {}), on_round, key_list, checkpoint_dir)
+        result = run_threads(settings, connect, on_round, key_list, checkpoint_dir)
     return {
         "scenario": "fedavg", **result, "wall_seconds": time.perf_counter() - started,
         "config": {**settings.config(), "broker": redact(broker), "launch": launch, "authenticated": key_list is not None},

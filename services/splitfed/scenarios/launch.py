@@ -10,7 +10,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,14 @@ def transport_factory(broker: str, options: dict) -> TransportFactory:
 
         return lambda role: RabbitTransport.from_options(broker, role, options)
     raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
+
+
+def resolve_launch(broker: str, launch: str | None) -> str:
+    """"threads" (the default for memory) or "processes" (the default for a broker URL)."""
+    launch = launch or ("processes" if is_amqp(broker) else "threads")
+    if launch == "processes" and not is_amqp(broker):
+        raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
+    return launch
 
 
 def delete_queues(connect: TransportFactory, queues: list[str]) -> None:
@@ -111,7 +119,6 @@ class RoleProcess:
     role: str
     process: subprocess.Popen
     log_path: Path
-    events: list[dict] = field(default_factory=list)
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -146,7 +153,6 @@ class ProcessGroup:
                 event = json.loads(line)
             except ValueError:
                 continue
-            member.events.append(event)
             on_event(event)
 
     def wait(self, member: RoleProcess, timeout: float) -> None:

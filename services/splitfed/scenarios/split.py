@@ -14,10 +14,10 @@ from splitfed.roles.relay import Relay
 from splitfed.roles.split_client import SplitClient
 from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
 from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, threads_per_process, transport_factory
+from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, resolve_launch, threads_per_process, transport_factory
 from splitfed.scenarios.progress import Reporter
 from splitfed.security.keys import KeyList
-from splitfed.transport import is_amqp
+from splitfed.learning.train import EpochRecord
 
 def run(
     settings: SplitSettings,
@@ -31,15 +31,14 @@ def run(
     """Run one split session. `launch`: "threads" (default for memory) or "processes"
     (default for amqp://, every role its own `splitfed serve` process). With `key_list`, the
     halves sign with PARTY.key from its folder and every receiver checks signatures."""
-    launch = launch or ("processes" if is_amqp(broker) else "threads")
+    launch = resolve_launch(broker, launch)
+    connect = transport_factory(broker, transport_options or {})
     started = time.perf_counter()
     if launch == "processes":
-        if not is_amqp(broker):
-            raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
         client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {}, key_list)
-        delete_queues(transport_factory(broker, transport_options or {}), [queue_name(settings.session, role) for role in (CLIENT, SERVER, RELAY)])
+        delete_queues(connect, [queue_name(settings.session, role) for role in (CLIENT, SERVER, RELAY)])
     else:
-        client_result = run_threads(settings, transport_factory(broker, transport_options or {}), reporter, save_model, key_list)
+        client_result = run_threads(settings, connect, reporter, save_model, key_list)
     return {
         "scenario": "split",
         **client_result,
@@ -122,8 +121,6 @@ def _run_processes(
             if event.get("event") == "batch":
                 reporter.batch(event["done"], event["total"], event["loss"])
             elif event.get("event") == "epoch":
-                from splitfed.learning.train import EpochRecord
-
                 reporter.epoch(EpochRecord(**event["record"]))
 
         group.follow(client, on_event)
