@@ -37,10 +37,10 @@ def max_param_diff(path_a, path_b) -> float:
 def digits_baseline(tmp_path_factory):
     """Centralized training on digits, one epoch: the result every split mode must reproduce."""
     from splitfed.learning.settings import TrainSettings
-    from splitfed.scenarios import centralized
+    from splitfed.scenarios import centralized, launch
 
     path = tmp_path_factory.mktemp("baseline") / "centralized.safetensors"
-    result = centralized.run(TrainSettings(dataset="digits", epochs=1, batch_size=32), save_model=path)
+    result = launch.run(centralized.SCENARIO, TrainSettings(dataset="digits", epochs=1, batch_size=32), centralized.CentralizedRun(save_model=path))
     return result, path
 
 

@@ -59,10 +59,10 @@ def test_running_split_server_serves_metrics_and_counts_rejections(broker_url, s
 def test_run_split_scrapes_client_metrics_after_training(tmp_path):
     from prometheus_client import REGISTRY
 
-    from splitfed.roles.split_common import SplitSettings
-    from splitfed.scenarios import split
+    from splitfed.learning.settings import SplitSettings
+    from splitfed.scenarios import launch, split
 
-    split.run(SplitSettings(dataset="digits", limit=256, batch_size=32, session="metrics-memory", via="direct"))
+    launch.run(split.SCENARIO, SplitSettings(dataset="digits", limit=256, batch_size=32), split.SplitRun(session="metrics-memory", via="direct"))
     sent = REGISTRY.get_sample_value("splitfed_messages_total", {"role": "split-client", "session": "metrics-memory", "kind": "activations", "direction": "sent"})
     trips = REGISTRY.get_sample_value("splitfed_round_trip_seconds_count", {"role": "split-client", "session": "metrics-memory"})
     accuracy = REGISTRY.get_sample_value("splitfed_test_accuracy", {"role": "split-client", "session": "metrics-memory"})

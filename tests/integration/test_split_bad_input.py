@@ -7,8 +7,10 @@ import pytest
 from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode
 from splitfed.roles.endpoint import queue_name
-from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
-from splitfed.scenarios import split
+from splitfed.learning.settings import SplitSettings
+from splitfed.roles.split.common import CLIENT, RELAY, SERVER
+from splitfed.scenarios import launch, split
+from splitfed.scenarios.split import SplitRun
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
 from tests.conftest import max_param_diff
@@ -67,11 +69,11 @@ def test_bad_input_is_rejected_counted_and_harmless(broker_url, session, digits_
             for bad in waiting_before_start:
                 attacker.publish(queue, bad)
 
-        settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via=via, timeout=60)
-        result = split.run_threads(
-            settings,
-            lambda role: (Meddler if role in (CLIENT, SERVER) else RabbitTransport)(broker_url, name=f"{role}-{session}"),
-            save_model=tmp_path / "model.safetensors",
+        settings = SplitSettings(dataset="digits", epochs=1, batch_size=32)
+        result = launch.run(
+            split.SCENARIO, settings,
+            SplitRun(broker=broker_url, launch="threads", session=session, via=via, timeout=60, save_model=tmp_path / "model.safetensors"),
+            connect_as=lambda role: (Meddler if role in (CLIENT, SERVER) else RabbitTransport)(broker_url, name=f"{role}-{session}"),
         )
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
     assert result["accuracy"] > 0.5
@@ -122,10 +124,11 @@ def sign(message: Message, signer) -> bytes:
 def test_with_keys_forged_frames_in_sequence_are_refused(broker_url, session, digits_baseline, tmp_path, via):
     _, baseline_model = digits_baseline
     key_list = keys.generate(tmp_path / "keys", [CLIENT, SERVER])
-    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via=via, timeout=60)
-    split.run_threads(
-        settings, lambda role: (Forger if role == CLIENT else RabbitTransport)(broker_url, name=f"{role}-{session}"),
-        save_model=tmp_path / "model.safetensors", key_list=key_list,
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32)
+    launch.run(
+        split.SCENARIO, settings,
+        SplitRun(broker=broker_url, launch="threads", session=session, via=via, timeout=60, save_model=tmp_path / "model.safetensors", key_list=key_list),
+        connect_as=lambda role: (Forger if role == CLIENT else RabbitTransport)(broker_url, name=f"{role}-{session}"),
     )
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
     first_hop = RELAY if via == "relay" else SERVER

@@ -6,16 +6,17 @@ import sys
 
 import pytest
 
-from splitfed.roles.split_common import SplitSettings
-from splitfed.scenarios import split
+from splitfed.learning.settings import SplitSettings
+from splitfed.scenarios import launch, split
+from splitfed.scenarios.split import SplitRun
 from tests.conftest import max_param_diff
 
 
 @pytest.mark.parametrize(("mode", "via"), [("vanilla", "relay"), ("vanilla", "direct"), ("u-shaped", "relay"), ("u-shaped", "direct")])
 def test_split_processes_over_rabbitmq_equal_centralized(broker_url, session, digits_baseline, tmp_path, mode, via):
     baseline, baseline_model = digits_baseline
-    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, mode=mode, via=via, timeout=120)
-    result = split.run(settings, broker_url, save_model=tmp_path / "model.safetensors")
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, mode=mode)
+    result = launch.run(split.SCENARIO, settings, SplitRun(broker=broker_url, session=session, via=via, timeout=120, save_model=tmp_path / "model.safetensors"))
     assert result["config"]["launch"] == "processes"
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
     assert result["accuracy"] == baseline["accuracy"]
@@ -27,8 +28,9 @@ def test_signed_split_processes_equal_centralized(broker_url, session, digits_ba
 
     _, baseline_model = digits_baseline
     key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
-    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session=session, via="relay", timeout=120)
-    result = split.run(settings, broker_url, save_model=tmp_path / "model.safetensors", key_list=key_list)
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32)
+    run = SplitRun(broker=broker_url, session=session, via="relay", timeout=120, save_model=tmp_path / "model.safetensors", key_list=key_list)
+    result = launch.run(split.SCENARIO, settings, run)
     assert result["config"]["authenticated"] is True
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from splitfed.roles.split_common import SplitSettings
-from splitfed.scenarios import split
+from splitfed.learning.settings import SplitSettings
+from splitfed.scenarios import launch, split
+from splitfed.scenarios.split import SplitRun
 from splitfed.transport import MemoryBroker, MemoryTransport
 from tests.conftest import max_param_diff
 
@@ -12,8 +13,8 @@ from tests.conftest import max_param_diff
 @pytest.mark.parametrize("via", ["relay", "direct"])
 def test_split_in_memory_equals_centralized(digits_baseline, tmp_path, mode, via):
     baseline, baseline_model = digits_baseline
-    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, session="exact", mode=mode, via=via)
-    result = split.run(settings, "memory", save_model=tmp_path / "split.safetensors")
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, mode=mode)
+    result = launch.run(split.SCENARIO, settings, SplitRun(session="exact", via=via, save_model=tmp_path / "split.safetensors"))
     assert max_param_diff(baseline_model, tmp_path / "split.safetensors") <= 1e-5
     assert result["accuracy"] == baseline["accuracy"] and result["accuracy"] > 0.5
 
@@ -32,8 +33,8 @@ def test_u_shaped_labels_never_leave_the_client():
     shared.taps.append(tap)
     for mode in ("vanilla", "u-shaped"):
         sent_by_client.clear()
-        settings = SplitSettings(dataset="digits", epochs=1, limit=256, batch_size=32, session=mode, mode=mode, via="direct")
-        split.run_threads(settings, lambda role: MemoryTransport(shared))
+        settings = SplitSettings(dataset="digits", epochs=1, limit=256, batch_size=32, mode=mode)
+        launch.run(split.SCENARIO, settings, SplitRun(session=mode, via="direct"), connect_as=lambda role: MemoryTransport(shared))
         integer_tensors = [name for m in sent_by_client for name, t in m.tensors.items() if t.dtype.kind in "iub"]
         if mode == "vanilla":
             assert "y" in integer_tensors  # the check below can see labels when they are there

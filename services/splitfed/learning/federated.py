@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from splitfed.learning import aggregate, data, models, train
-from splitfed.learning.settings import TrainSettings
+from splitfed.learning import data, models, strategies, train
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
 from splitfed.learning.train import EpochRecord
 
 
@@ -19,7 +19,7 @@ def round_seed(seed: int, worker_index: int, round_number: int) -> int:
     return seed * 1_000_003 + worker_index * 10_007 + round_number
 
 
-def local_training(model: torch.nn.Module, share: data.Split, settings: TrainSettings, prox_mu: float, seed: int) -> float:
+def local_training(model: torch.nn.Module, share: data.Split, settings: PartitionSettings, prox_mu: float, seed: int) -> float:
     """`local_epochs` over this worker's share; with prox_mu > 0 the FedProx term
     mu/2 * ||w - w_global||^2 keeps the local model near the global one. Returns the mean loss."""
     opt = train.optimizer(model.parameters(), settings.optimizer, settings.lr)
@@ -40,10 +40,10 @@ def local_training(model: torch.nn.Module, share: data.Split, settings: TrainSet
 
 
 def reference_run(
-    settings, on_round: Callable[[EpochRecord], None] | None = None
+    settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None
 ) -> tuple[nn.Module, list[EpochRecord]]:
-    """FedAvg settings run as a plain loop: each round every worker trains in turn from the global
-    model, then the updates are aggregated exactly as the server does."""
+    """Federated settings run as a plain loop: each round every worker trains in turn from the
+    global model, then the same strategy object the server uses combines the updates."""
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
     names = list(model.state_dict())
@@ -51,18 +51,18 @@ def reference_run(
     shares = [data.Split(full.images[i], full.labels[i]) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
     test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
     local = models.build(settings.model, meta, settings.seed)
-    mu = settings.prox_mu if settings.strategy == "fedprox" else 0.0
+    strategy = strategies.from_settings(settings)
     history = []
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
         vectors, weights, losses = [], [], []
         for index, share in enumerate(shares):
             local.load_state_dict(model.state_dict())
-            losses.append(local_training(local, share, settings, mu, round_seed(settings.seed, index, round_number)))
-            vectors.append(aggregate.flatten(local.state_dict(), names))
+            losses.append(local_training(local, share, settings, strategy.local_prox_mu, round_seed(settings.seed, index, round_number)))
+            vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))
-        combined = aggregate.aggregate(settings.strategy, torch.stack(vectors), torch.tensor(weights), trim=settings.trim, byzantine=settings.byzantine)
-        model.load_state_dict(aggregate.unflatten(combined, model.state_dict(), names))
+        combined = strategy(torch.stack(vectors), torch.tensor(weights))  # (K, P), (K,) -> (P,)
+        model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))
         model.eval()
         evaluation = train.evaluate(model, test_data, settings.eval_batch_size)
         history.append(EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(losses) / len(losses), time.perf_counter() - started))

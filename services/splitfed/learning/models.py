@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splitfed.learning.settings import DatasetInfo
+from splitfed.learning.settings import MODELS, DatasetInfo
 
 
 def default_cnn(meta: DatasetInfo) -> nn.Sequential:
@@ -32,8 +32,8 @@ def default_cnn(meta: DatasetInfo) -> nn.Sequential:
     )
 
 
-# Layers [0, DEFAULT_CUT) stay with the data owner, as "Harvard" keeps the first layers in the
-# relay reference: the feature extractor and the first dense layer. The cut is where the
+# Layers [0, DEFAULT_CUT) stay with the data owner: the feature extractor and the first dense
+# layer. The cut is where the
 # activation is smallest, (B, 128): 32 KiB a batch each way instead of 784 KiB after the conv
 # blocks (--cut-layer 6), and communication is what split learning pays for per batch.
 DEFAULT_CUT = 9
@@ -44,7 +44,8 @@ def tiny(meta: DatasetInfo) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, meta.classes))
 
 
-MODELS = {"cnn": default_cnn, "tiny": tiny}
+BUILDERS = {"cnn": default_cnn, "tiny": tiny}
+assert tuple(BUILDERS) == MODELS, "learning.settings.MODELS must list every model"
 
 
 def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
@@ -52,7 +53,7 @@ def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     torch.manual_seed(seed)
-    return MODELS[name](meta)
+    return BUILDERS[name](meta)
 
 
 def output_shape(layers: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,10 +1,14 @@
-"""Training settings and data set facts, kept free of torch so that torch-free roles (relay,
-tracker) and the CLI can share them."""
+"""Learning settings and data set facts, kept free of torch so that torch-free roles (relay,
+tracker) and the CLI can share them. Deployment (sessions, brokers, keys) lives with the roles.
+
+Each field is one CLI flag and one SPLITFED_* variable (see `splitfed.config`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from splitfed.config import setting
 
 
 @dataclass(frozen=True)
@@ -23,23 +27,58 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
     "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
 }
+MODELS = ("cnn", "tiny")  # built by learning.models
+OPTIMIZERS = ("adam", "sgd")  # built by learning.train
+SPLIT_MODES = ("vanilla", "u-shaped")
+STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum")  # built by learning.strategies
 
 
-@dataclass
-class TrainSettings:
-    """What every way of training the same model shares; split and federated settings extend it."""
+@dataclass(kw_only=True)
+class ModelSettings:
+    """The model, its data and how it is optimised: what every way of training it shares."""
 
-    dataset: str = "fashion-mnist"
-    data_dir: Path | None = None
-    model: str = "cnn"
-    epochs: int = 1
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    seed: int = 1
-    limit: int | None = None
-    test_limit: int | None = None
+    dataset: str = setting("fashion-mnist", "Data set.", choices=tuple(DATASETS))
+    data_dir: Path | None = setting(None, "Folder with IDX files (MNIST, or Fashion-MNIST outside Debian's package).")
+    model: str = setting("cnn", "cnn: two conv blocks and three dense layers; tiny: logistic regression, for scale tests.", choices=MODELS)
+    batch_size: int = setting(64, "Training batch size.", min=1)
+    eval_batch_size: int = setting(500, "Batch size for evaluation on the test set.", min=1)
+    lr: float = setting(1e-3, "Learning rate.", min=0.0)
+    optimizer: str = setting("adam", "Optimiser (each party runs its own over its own layers).", choices=OPTIMIZERS)
+    seed: int = setting(1, "Seed for initialisation, batch order and partitions.")
+    limit: int | None = setting(None, "Use only the first N training samples.", min=1)
+    test_limit: int | None = setting(None, "Use only the first N test samples.", min=1)
 
-    def config(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+@dataclass(kw_only=True)
+class TrainSettings(ModelSettings):
+    """Training in epochs over one data set (centralized, split)."""
+
+    epochs: int = setting(1, "Passes over the training data.", min=1)
+
+
+@dataclass(kw_only=True)
+class SplitSettings(TrainSettings):
+    cut_layer: int | None = setting(
+        None, "Layer index where the model is cut (default: after the first dense layer, where the activation is smallest).", min=1,
+    )
+    mode: str = setting("vanilla", "vanilla: the server computes the loss; u-shaped: the client keeps the last layer and the labels.", choices=SPLIT_MODES)
+
+
+@dataclass(kw_only=True)
+class PartitionSettings(ModelSettings):
+    """What a federated worker needs: which share of the data is its own, and its local work."""
+
+    workers: int = setting(3, "Number of workers (each holds one share of the training data).", min=1)
+    partition: str = setting("classes:0-3,4-6,7-9", "How the training data is shared out: classes:0-3,4-6,7-9 | iid | dirichlet:ALPHA | shards:K.")
+    local_epochs: int = setting(1, "Local epochs per round on each worker.", min=1)
+
+
+@dataclass(kw_only=True)
+class FederatedSettings(PartitionSettings):
+    """The whole federation: rounds and the aggregation rule on top of the workers' settings."""
+
+    rounds: int = setting(10, "Federated rounds.", min=1)
+    strategy: str = setting("fedavg", "Aggregation rule (median, trimmed-mean and krum resist poisoned updates).", choices=STRATEGIES)
+    prox_mu: float = setting(0.01, "FedProx proximal weight (with --strategy fedprox).", min=0.0)
+    trim: float = setting(0.2, "Fraction trimmed at each end by trimmed-mean.", min=0.0, max=0.49)
+    byzantine: int = setting(1, "Poisoned workers krum tolerates.", min=0)

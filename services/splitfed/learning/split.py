@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from splitfed.learning.models import DEFAULT_CUT
-
-MODES = ("vanilla", "u-shaped")
+from splitfed.learning.settings import SPLIT_MODES as MODES
 
 
 @dataclass

@@ -13,9 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfed.learning.data import Split, batch_order
-from splitfed.learning.settings import TrainSettings
-
-OPTIMIZERS = ("adam", "sgd")
+from splitfed.learning.settings import OPTIMIZERS, TrainSettings
 
 
 def optimizer(params: Iterable[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
@@ -47,7 +45,7 @@ class Evaluation:
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # Logits in, log-softmax inside: the seed notebook's softmax-then-CrossEntropy applied it twice.
+    # Logits in, log-softmax inside: a softmax layer before CrossEntropy would apply it twice.
     return F.cross_entropy(logits, labels)
 
 

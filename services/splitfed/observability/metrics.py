@@ -35,7 +35,10 @@ UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned me
 def serve(port: int) -> None:
     """Expose /metrics on `port` (0: not at all)."""
     if port:
-        start_http_server(port)
+        try:
+            start_http_server(port)
+        except OSError as exc:
+            raise ValueError(f"cannot serve metrics on port {port}: {exc.strerror or exc}") from None
         log.info("metrics on :%d/metrics", port)
 
 

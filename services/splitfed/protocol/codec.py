@@ -32,8 +32,6 @@ class ProtocolError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-        self.message: Message | None = None  # set when the frame decoded but failed a later check
-        self.frame: bytes | None = None
 
 
 @dataclass

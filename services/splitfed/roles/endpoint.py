@@ -1,10 +1,12 @@
 """One party's end of the wire: frame and count what it sends; receive, validate, count and
 reject what it gets. Every role talks through an Endpoint, so every role refuses bad input the
 same way: a log line, a `splitfed_messages_rejected_total{reason}` increment, an ack (so the bad
-frame is not redelivered), and on to the next message."""
+frame is not redelivered), and on to the next message; and every role says the same way when
+it runs without a key list (unsafe mode: a warning and `splitfed_unsafe_mode`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -24,11 +26,25 @@ class RoleTimeout(RuntimeError):
     """No acceptable message arrived in time: the peer is gone or the run is misconfigured."""
 
 
-def warn_if_unsafe(role: str, session: str, trusted: KeyList | None) -> None:
-    """A role without a key list accepts anyone's messages: say so loudly, and in a metric."""
-    metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
-    if trusted is None:
-        log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", role)
+def frame_digest(frame: bytes) -> str:
+    """Names one frame, so a refusal can say which message it answers."""
+    return hashlib.sha256(frame).hexdigest()
+
+
+@dataclass(frozen=True)
+class Sent:
+    message: Message
+    digest: str  # frame_digest of what went on the wire
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A refused frame, as a role's `on_reject` hook sees it."""
+
+    reason: str
+    detail: str
+    message: Message | None  # None when the frame did not even decode
+    digest: str
 
 
 def to_numpy(tensor) -> np.ndarray:  # noqa: ANN001 (torch.Tensor; kept torch-free at import)
@@ -64,12 +80,13 @@ class Endpoint:
         ordered: bool = True,
         durable: bool = False,
         name: str | None = None,
+        on_arrival: Callable[[], None] | None = None,
     ):
         """`name` is this party's sender id (default: the role); `signer` signs what it sends;
-        `trusted` lists whose signed
-        messages it accepts (None: unsafe mode, anyone). `ordered`: each sender numbers its
-        messages 1, 2, 3... and anything else is a duplicate or out of order; roles that
-        deduplicate by round instead turn it off."""
+        `trusted` lists whose signed messages it accepts (None: unsafe mode, anyone).
+        `ordered`: each sender numbers its messages 1, 2, 3... and anything else is a duplicate
+        or out of order; roles that deduplicate by round instead turn it off. `on_arrival` is
+        called for every frame that arrives, valid or not."""
         self.transport = transport
         self.session = session
         self.role = role
@@ -83,32 +100,34 @@ class Endpoint:
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.traffic = Traffic()
-        self.last_frame = b""  # the frame sent last (a refusal names the join it answers by its digest)
-        self.on_frame: Callable[[], None] | None = None  # called for every frame that arrives, valid or not
+        self.on_arrival = on_arrival
         self._seq = 0
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
+        metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
+        if trusted is None:
+            log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", self.sender)
         transport.declare(inbox, durable=durable)
 
     def rejected(self, reason: str, detail: str) -> None:
         metrics.REJECTED.labels(self.role, self.session, reason).inc()
         log.warning("%s rejected a message (%s): %s", self.role, reason, detail)
 
-    def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> Message:
+    def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> Sent:
         return self.send_message(queue, Message(kind, self.session, self.sender, meta=meta, tensors=tensors or {}))
 
-    def send_message(self, queue: str, message: Message, *, persistent: bool = False) -> Message:
+    def send_message(self, queue: str, message: Message, *, persistent: bool = False) -> Sent:
         """Number, sign and send `message` (its kind, round, meta and tensors set by the caller)."""
         self._seq += 1
         message.session, message.sender, message.seq = self.session, self.sender, self._seq
         body = encode_body(message.tensors)
         if self.signer:
             message.sig = self.signer.sign(signed_bytes(message, body))
-        self.send_frame(queue, message.kind, encode(message, body), persistent=persistent)
-        return message
+        frame = encode(message, body)
+        self.send_frame(queue, message.kind, frame, persistent=persistent)
+        return Sent(message, frame_digest(frame))
 
     def send_frame(self, queue: str, kind: str, frame: bytes, *, persistent: bool = False) -> None:
         self.transport.publish(queue, frame, persistent=persistent)
-        self.last_frame = frame
         self._count(kind, "sent", len(frame))
 
     def _count(self, kind: str, direction: str, size: int) -> None:
@@ -121,7 +140,7 @@ class Endpoint:
         kinds: Collection[str],
         senders: Collection[str] | None,
         check: Callable[[Message], None] | None = None,
-        on_reject: Callable[[ProtocolError], None] | None = None,
+        on_reject: Callable[[Rejection], None] | None = None,
         wait: float | None = None,
     ) -> tuple[Message, Delivery] | None:
         """The next message that passes every check, in sequence from its sender (`senders` None:
@@ -133,15 +152,17 @@ class Endpoint:
             delivery = self.transport.receive(self.inbox, remaining)
             if delivery is None:
                 break
-            if self.on_frame:
-                self.on_frame()
+            if self.on_arrival:
+                self.on_arrival()
+            message: Message | None = None
             try:
-                message = self.validate(delivery.body, kinds, senders, check)
+                message, body = decode_with_body(delivery.body, self.max_message_bytes)
+                self._check(message, body, kinds, senders, check)
             except ProtocolError as exc:
                 self.rejected(exc.reason, exc.detail)
                 self.transport.ack(delivery)
                 if on_reject:
-                    on_reject(exc)
+                    on_reject(Rejection(exc.reason, exc.detail, message, frame_digest(delivery.body)))
                 continue
             if self.ordered:
                 self._next_seq[message.sender] = message.seq + 1
@@ -150,17 +171,6 @@ class Endpoint:
         if wait is not None:
             return None
         raise RoleTimeout(f"{self.role}: no valid {'/'.join(kinds)} message on {self.inbox} within {self.timeout:.0f}s")
-
-    def validate(
-        self, frame: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
-    ) -> Message:
-        message, body = decode_with_body(frame, self.max_message_bytes)
-        try:
-            self._check(message, body, kinds, senders, check)
-        except ProtocolError as exc:
-            exc.message, exc.frame = message, frame  # what a role needs to answer the refused party
-            raise
-        return message
 
     def _check(
         self, message: Message, body: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None

@@ -1,19 +1,27 @@
-"""centralized: the reference's "normal" mode, one process, the baseline for every scenario."""
+"""centralized: the whole model in one process, the baseline for every scenario."""
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from splitfed.learning import data, models, train
+from splitfed.config import setting
 from splitfed.learning.settings import TrainSettings
-from splitfed.scenarios.progress import Reporter
+from splitfed.roles.declaration import Progress, ProgressSink
+from splitfed.scenarios.launch import LocalRun, Scenario
 
 
-def run(settings: TrainSettings, reporter: Reporter | None = None, save_model: Path | None = None) -> dict:
+@dataclass(kw_only=True)
+class CentralizedRun(LocalRun):
+    save_model: Path | None = setting(None, "Write the trained model (safetensors).")
+
+
+def train_here(settings: TrainSettings, run: CentralizedRun, on_progress: ProgressSink | None = None) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from splitfed.learning import data, models, train
+
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
     opt = train.optimizer(model.parameters(), settings.optimizer, settings.lr)
@@ -24,22 +32,24 @@ def run(settings: TrainSettings, reporter: Reporter | None = None, save_model: P
         model.eval()
         return model(images)
 
-    started = time.perf_counter()
     history = train.fit(
         train_data, test_data, settings,
         step=lambda images, labels: train.train_step(model, opt, images, labels),
         forward=forward,
-        on_batch=reporter.batch if reporter else None,
-        on_epoch=reporter.epoch if reporter else None,
+        on_batch=(lambda done, total, loss: on_progress(Progress("batch", done, total, loss))) if on_progress else None,
+        on_epoch=(lambda record: on_progress(Progress("epoch", record.step, settings.epochs, record.train_loss, vars(record)))) if on_progress else None,
     )
-    if save_model:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(save_model))
+    if run.save_model:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.save_model))
     return {
-        "scenario": "centralized",
         "accuracy": history[-1].accuracy,
         "loss": history[-1].loss,
-        "wall_seconds": time.perf_counter() - started,
         "history": [vars(r) for r in history],
         "traffic": {"messages": 0, "bytes": 0},
-        "config": settings.config(),
     }
+
+
+SCENARIO = Scenario(
+    "centralized", "The whole model in one process: the baseline every other scenario is compared with.",
+    TrainSettings, CentralizedRun, plan=lambda *_: [], queues=lambda *_: [], label=lambda settings, run: "centralized", local=train_here,
+)

@@ -1,115 +1,45 @@
-"""fedavg: one fedavg-server and N fedavg-workers, in threads (memory or RabbitMQ) or as
-`splitfed serve` processes over RabbitMQ, as in the dc_federated MNIST example."""
+"""fedavg: one fedavg-server and N fedavg-workers, each holding only its share of the data."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.learning.train import EpochRecord
-from splitfed.roles.fedavg_common import SERVER, FedAvgSettings, server_queue, worker_queue
-from splitfed.roles.fedavg_server import FedAvgServer
-from splitfed.roles.fedavg_worker import FedAvgWorker
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, resolve_launch, threads_per_process, transport_factory
-from splitfed.scenarios.progress import Reporter
+from splitfed import config
+from splitfed.config import setting
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.roles.deployment import RoundPolicy
+from splitfed.roles.fedavg import SERVER, WORKER, ServerDeployment, WorkerDeployment, worker_ids
+from splitfed.roles.fedavg.common import session_queues
+from splitfed.roles.registry import ROLES
+from splitfed.scenarios.launch import Launch, RunSettings, Scenario, threads_per_process
 
 
-def worker_ids(count: int) -> list[str]:
-    return [f"worker-{index}" for index in range(count)]
+@dataclass(kw_only=True)
+class FedAvgRun(RunSettings, RoundPolicy):
+    timeout: float = setting(600.0, "Seconds any role waits for a peer before giving up.", min=0.1)
+    checkpoint_dir: Path | None = setting(None, "Where the server keeps its checkpoint; a run with the same --session resumes from it.")
 
 
-def session_queues(settings: FedAvgSettings) -> list[str]:
-    return [server_queue(settings.session), *(worker_queue(settings.session, worker) for worker in worker_ids(settings.workers))]
+def plan(settings: FederatedSettings, run: FedAvgRun, workdir: Path) -> list[Launch]:
+    service = {"session": run.session, "timeout": run.timeout, "key_list": run.key_list, "log_level": run.log_level}
+    server = ServerDeployment(
+        **service, private_key=run.private_key(SERVER), checkpoint_dir=run.checkpoint_dir, min_workers=run.min_workers, round_timeout=run.round_timeout,
+    )
+    # Workers train at the same time: they share the cores. The server works while they wait.
+    launches = [Launch(ROLES[SERVER], SERVER, settings, server, threads_per_process(1))]
+    share = config.build(PartitionSettings, config.values_of(settings))
+    for index, worker in enumerate(worker_ids(settings.workers)):
+        deployment = WorkerDeployment(**service, private_key=run.private_key(worker), worker_id=worker, index=index)
+        launches.append(Launch(ROLES[WORKER], worker, share, deployment, threads_per_process(settings.workers)))
+    return launches
 
 
-def run(
-    settings: FedAvgSettings,
-    broker: str = "memory",
-    reporter: Reporter | None = None,
-    launch: str | None = None,
-    key_list: Path | None = None,
-    checkpoint_dir: Path | None = None,
-    transport_options: dict | None = None,
-) -> dict:
-    """With `key_list`, every party signs with PARTY.key from the key list's folder (as
-    `splitfed keys generate` writes them) and the server accepts only listed workers."""
-    launch = resolve_launch(broker, launch)
-    connect = transport_factory(broker, transport_options or {})
-    on_round = (lambda record: reporter.round(record, settings.rounds)) if reporter else None
-    started = time.perf_counter()
-    if launch == "processes":
-        result = _run_processes(settings, broker, on_round, key_list, checkpoint_dir, transport_options or {})
-        delete_queues(connect, session_queues(settings))
-    else:
-        result = run_threads(settings, connect, on_round, key_list, checkpoint_dir)
-    return {
-        "scenario": "fedavg", **result, "wall_seconds": time.perf_counter() - started,
-        "config": {**settings.config(), "broker": redact(broker), "launch": launch, "authenticated": key_list is not None},
-    }
-
-
-def run_threads(
-    settings: FedAvgSettings, connect: TransportFactory, on_round: Callable[[EpochRecord], None] | None = None,
-    key_list: Path | None = None, checkpoint_dir: Path | None = None,
-) -> dict:
-    """The server on this thread, each worker on its own thread and connection."""
-    transports = {SERVER: connect(SERVER)}
-    try:
-        server = FedAvgServer(settings, transports[SERVER], checkpoint_dir=checkpoint_dir, on_round=on_round, **identity(key_list, SERVER))
-        threads = []
-        for index, worker in enumerate(worker_ids(settings.workers)):
-            transports[worker] = connect(worker)
-            role = FedAvgWorker(settings, transports[worker], worker, index, **identity(key_list, worker))
-            threads.append(RoleThread(worker, role.run))
-        for thread in threads:
-            thread.start()
-        result = server.run()
-        for thread in threads:
-            thread.outcome(settings.timeout)
-        for queue in session_queues(settings):
-            transports[SERVER].delete(queue)
-    finally:
-        for transport in transports.values():
-            transport.close()
-    return result
-
-
-def server_options(settings: FedAvgSettings, broker: str, key_list: Path | None, checkpoint_dir: Path | None, transport_options: dict) -> dict:
-    options = {**settings.config(), "broker": broker, **transport_options, "checkpoint_dir": checkpoint_dir}
-    if key_list:
-        options.update(key_list=key_list, private_key=key_list.parent / f"{SERVER}.key")
-    return options
-
-
-def worker_options(settings: FedAvgSettings, broker: str, key_list: Path | None, index: int, transport_options: dict) -> dict:
-    worker = worker_ids(settings.workers)[index]
-    options = {**settings.config(), "broker": broker, **transport_options, "worker_id": worker, "index": index}
-    if key_list:
-        options.update(key_list=key_list, private_key=key_list.parent / f"{worker}.key")
-    return options
-
-
-def _run_processes(
-    settings: FedAvgSettings, broker: str, on_round: Callable[[EpochRecord], None] | None, key_list: Path | None,
-    checkpoint_dir: Path | None, transport_options: dict,
-) -> dict:
-    group = ProcessGroup()
-    result_path = group.workdir / "server-result.json"
-    try:
-        # Workers train at the same time: share the cores. The server works while they wait.
-        server = group.start(SERVER, {**server_options(settings, broker, key_list, checkpoint_dir, transport_options), "out": result_path, "progress_events": True}, threads_per_process(1))
-        for index in range(settings.workers):
-            group.start("fedavg-worker", worker_options(settings, broker, key_list, index, transport_options), threads_per_process(settings.workers), name=f"worker-{index}")
-
-        def on_event(event: dict) -> None:
-            if on_round and event.get("event") == "round":
-                on_round(EpochRecord(**event["record"]))
-
-        group.follow(server, on_event)
-        for member in group.members:
-            group.wait(member, settings.timeout)
-    finally:
-        group.stop()
-    return json.loads(result_path.read_text())
+SCENARIO = Scenario(
+    "fedavg",
+    "Federated averaging: a server and N workers that each hold only their share of the data "
+    "(in one process with --broker memory, or every party its own process over RabbitMQ).",
+    FederatedSettings, FedAvgRun, plan,
+    queues=lambda settings, run: session_queues(run.session, settings.workers),
+    label=lambda settings, run: f"fedavg ({settings.strategy}, {settings.workers} workers)",
+)

@@ -1,58 +1,149 @@
-"""Starting roles: as threads in this process, or as `splitfed serve ROLE` OS processes."""
+"""The one launcher: a scenario's roles as threads in this process (memory or RabbitMQ) or as
+`splitfed serve ROLE` OS processes configured by SPLITFED_* variables, with progress events,
+result collection, fail-fast error reporting and queue clean-up written once for every scenario.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitfed.transport import MemoryBroker, MemoryTransport, Transport, is_amqp
+from splitfed import config
+from splitfed.config import setting
+from splitfed.roles.declaration import Identity, Progress, ProgressSink, RoleSpec
+from splitfed.roles.deployment import LOG_LEVELS
+from splitfed.transport import Connection, MemoryBroker, MemoryTransport, Transport, connect, is_amqp, redact
+from splitfed.transport.connection import warn_if_unencrypted
+
+TransportFactory = Callable[[str], Transport]  # party name -> its own connection
+POLL_SECONDS = 0.1  # how often the launcher looks at its roles while it waits for them
 
 
-TransportFactory = Callable[[str], Transport]  # role name -> its own connection
+class ScenarioError(RuntimeError):
+    """A role failed; the message carries what it said."""
 
 
 def new_session() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+@dataclass(kw_only=True)
+class LocalRun:
+    """Settings of a run in this process only."""
+
+    out: Path | None = setting(None, "Write the results as JSON here.")
+    log_level: str = setting("info", "Logging level.", choices=LOG_LEVELS)
 
 
-def transport_factory(broker: str, options: dict) -> TransportFactory:
-    if broker == "memory":
+@dataclass(kw_only=True)
+class RunSettings(Connection, LocalRun):
+    """How `splitfed run` deploys a scenario's roles."""
+
+    broker: str = setting("memory", "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost.", metavar="URL")
+    launch: str | None = setting(None, "threads or processes (default: threads with memory, processes with a broker URL).", choices=("threads", "processes"))
+    session: str | None = setting(None, "Session id: names the queues (default: a new random one).")
+    timeout: float = setting(300.0, "Seconds any role waits for a peer before giving up.", min=0.1)
+    key_list: Path | None = setting(None, "Key-list file; every party signs with PARTY.key from its folder (splitfed keys generate). None: unsafe mode.")
+
+    def resolved(self) -> RunSettings:
+        """The same settings with the session and launch mode filled in."""
+        launch = self.launch or ("processes" if is_amqp(self.broker) else "threads")
+        if launch == "processes" and not is_amqp(self.broker):
+            raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
+        if self.broker != "memory" and not is_amqp(self.broker):
+            raise ValueError(f"unknown broker {redact(self.broker)!r}: use memory, amqp://... or amqps://...")
+        return dataclasses.replace(self, launch=launch, session=self.session or new_session())
+
+    def private_key(self, party: str) -> Path | None:
+        """Where `splitfed keys generate` put `party`'s private key: beside the key list."""
+        return self.key_list.parent / f"{party}.key" if self.key_list else None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One role of a run: which, under what name, with which settings."""
+
+    spec: RoleSpec
+    name: str  # its party name (threads, processes and logs are named after it)
+    learning: Any
+    deployment: Any
+    threads: int = 1  # torch threads when it runs as its own process
+
+    def with_deployment(self, **changes: Any) -> Launch:
+        return dataclasses.replace(self, deployment=dataclasses.replace(self.deployment, **changes))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario declared once: its settings, the roles it starts (the first is the lead, whose
+    result is the run's result), the queues it leaves behind, and what it does at the end."""
+
+    name: str
+    summary: str
+    learning: type
+    run_settings: type
+    plan: Callable[[Any, Any, Path], list[Launch]]  # (learning, run settings, work folder) -> roles
+    queues: Callable[[Any, Any], list[str]]  # (learning, run settings) -> queues to delete at the end
+    label: Callable[[Any, Any], str]  # for progress bars
+    finish: Callable[[Any, Any, Path, dict], None] | None = None  # (learning, run settings, work folder, result)
+    local: Callable[[Any, Any, ProgressSink | None], dict] | None = None  # a scenario with no roles: run here
+
+
+def threads_per_process(co_running: int) -> int:
+    """Torch threads for each of `co_running` processes that compute at the same time."""
+    return max(1, (os.cpu_count() or 1) // max(1, co_running))
+
+
+def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressSink | None = None, connect_as: TransportFactory | None = None) -> dict:
+    """Run `scenario` to its end and return its results (the lead role's result, the wall time
+    and the configuration). `connect_as` replaces the transports of a threads run (tests)."""
+    started = time.perf_counter()
+    if scenario.local is not None:
+        result = scenario.local(learning, settings, on_progress)
+        config_values = config.values_of(learning)
+    else:
+        settings = settings.resolved()
+        warn_if_unencrypted(settings.broker, settings.key_list is not None)
+        workdir = Path(tempfile.mkdtemp(prefix="splitfed-"))
+        launches = scenario.plan(learning, settings, workdir)
+        if settings.launch == "processes":
+            result = run_processes(launches, _connection(settings), on_progress, settings.timeout)
+        else:
+            result = run_threads(launches, connect_as or transport_factory(settings), on_progress, settings.timeout)
+        delete_queues(connect_as or transport_factory(settings), scenario.queues(learning, settings))
+        if scenario.finish:
+            scenario.finish(learning, settings, workdir, result)
+        config_values = {**config.values_of(learning), "session": settings.session, "broker": redact(settings.broker), "launch": settings.launch,
+                         "authenticated": settings.key_list is not None}
+    return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
+
+
+def _connection(settings: RunSettings) -> Connection:
+    return config.build(Connection, config.values_of(settings))
+
+
+def transport_factory(settings: RunSettings) -> TransportFactory:
+    if settings.broker == "memory":
         shared = MemoryBroker()
-        return lambda role: MemoryTransport(shared)
-    if is_amqp(broker):
-        from splitfed.transport.rabbitmq import RabbitTransport
-
-        return lambda role: RabbitTransport.from_options(broker, role, options)
-    raise ValueError(f"unknown broker {broker!r}: use memory, amqp://... or amqps://...")
+        return lambda party: MemoryTransport(shared)
+    connection = _connection(settings)
+    return lambda party: connect(connection, party)
 
 
-def resolve_launch(broker: str, launch: str | None) -> str:
-    """"threads" (the default for memory) or "processes" (the default for a broker URL)."""
-    launch = launch or ("processes" if is_amqp(broker) else "threads")
-    if launch == "processes" and not is_amqp(broker):
-        raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
-    return launch
-
-
-def delete_queues(connect: TransportFactory, queues: list[str]) -> None:
+def delete_queues(connect_as: TransportFactory, queues: list[str]) -> None:
     """Remove a finished session's queues (best effort: they also expire when abandoned)."""
-    transport = connect("cleanup")
+    transport = connect_as("cleanup")
     try:
         for queue in queues:
             transport.delete(queue)
@@ -60,22 +151,11 @@ def delete_queues(connect: TransportFactory, queues: list[str]) -> None:
         transport.close()
 
 
-def identity(key_list: Path | None, party: str) -> dict:
-    """A party's signer and trust list from a `splitfed keys generate` folder (PARTY.key beside
-    the key list); none of either without a key list."""
-    from splitfed.security.keys import KeyList, load_private
-
-    if key_list is None:
-        return {"signer": None, "trusted": None}
-    return {"signer": load_private(key_list.parent / f"{party}.key", party), "trusted": KeyList.load(key_list)}
-
-
-class ScenarioError(RuntimeError):
-    """A role failed; the message carries what it said."""
+# -- threads ------------------------------------------------------------------------------
 
 
 class RoleThread(threading.Thread):
-    """Runs one role's `run()` and keeps its result or exception."""
+    """Runs one role and keeps its result or exception."""
 
     def __init__(self, name: str, target: Callable[[], Any]):
         super().__init__(name=name, daemon=True)
@@ -86,37 +166,59 @@ class RoleThread(threading.Thread):
     def run(self) -> None:
         try:
             self.result = self._target_fn()
-        except BaseException as exc:  # reported by join_all in the launching thread
+        except BaseException as exc:  # reported by the launching thread
             self.error = exc
 
-    def outcome(self, timeout: float) -> Any:
-        self.join(timeout)
-        if self.is_alive():
-            raise ScenarioError(f"{self.name} did not finish within {timeout:.0f}s")
-        if self.error is not None:
-            raise ScenarioError(f"{self.name} failed: {self.error}") from self.error
-        return self.result
+
+def run_threads(launches: list[Launch], connect_as: TransportFactory, on_progress: ProgressSink | None, timeout: float) -> dict:
+    """Every role in this process, each on its own thread and transport connection."""
+    transports: list[Transport] = []
+    threads: list[RoleThread] = []
+    try:
+        for index, launch in enumerate(launches):
+            transport = connect_as(launch.name)
+            transports.append(transport)
+            identity = Identity.load(launch.name, launch.deployment.key_list, getattr(launch.deployment, "private_key", None))
+            role = launch.spec.build(launch.learning, launch.deployment, transport, identity, on_progress if index == 0 else None)
+            threads.append(RoleThread(launch.name, role.run))
+        for thread in threads:
+            thread.start()
+        _wait(
+            threads, timeout,
+            done=lambda thread: not thread.is_alive(),
+            failure=lambda thread: f"{thread.name} failed: {thread.error}" if thread.error else None,
+        )
+    finally:
+        for transport in transports:
+            transport.close()
+    return threads[0].result
 
 
-def env_for(options: dict[str, Any]) -> dict[str, str]:
-    """Options as SPLITFED_* variables: how the Helm chart configures a service, too."""
-    env = {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        name = "SPLITFED_" + key.upper().replace("-", "_")
-        env[name] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+def _wait(members: list, timeout: float, done: Callable[[Any], bool], failure: Callable[[Any], str | None]) -> None:
+    """Until every member is done. The first failure ends the wait at once (the other roles
+    would only wait for it until their timeouts); once the lead is done, the others get
+    `timeout` seconds to finish."""
+    deadline: float | None = None
+    while True:
+        for member in members:
+            if done(member) and (problem := failure(member)):
+                raise ScenarioError(problem)
+        if all(done(member) for member in members):
+            return
+        if deadline is None and done(members[0]):
+            deadline = time.monotonic() + timeout
+        if deadline is not None and time.monotonic() > deadline:
+            late = ", ".join(str(getattr(m, "name", m)) for m in members if not done(m))
+            raise ScenarioError(f"{late} did not finish within {timeout:.0f}s of the run's end")
+        time.sleep(POLL_SECONDS)
 
 
-def threads_per_process(co_running: int) -> int:
-    """Torch threads for each of `co_running` processes that compute at the same time."""
-    return max(1, (os.cpu_count() or 1) // max(1, co_running))
+# -- processes ----------------------------------------------------------------------------
 
 
 @dataclass
 class RoleProcess:
-    role: str
+    name: str
     process: subprocess.Popen
     log_path: Path
 
@@ -127,44 +229,84 @@ class RoleProcess:
             return ""
 
 
-class ProcessGroup:
-    """The OS processes of one run; killed together if anything fails."""
+def role_environment(launch: Launch, connection: Connection) -> dict[str, str]:
+    """The process environment for one role: this one's, without SPLITFED_* variables meant for
+    the launching command, plus exactly the variables the role declares."""
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith(config.ENV_PREFIX)}
+    learning = (launch.learning,) if launch.spec.learning else ()
+    return {**inherited, **config.to_env(*learning, launch.deployment, connection), "OMP_NUM_THREADS": str(launch.threads)}
 
-    def __init__(self) -> None:
+
+class ProcessGroup:
+    """The OS processes of one run; killed together when anything fails."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         self.workdir = Path(tempfile.mkdtemp(prefix="splitfed-"))
         self.members: list[RoleProcess] = []
 
-    def start(self, role: str, options: dict[str, Any], threads: int, extra_args: list[str] | None = None, name: str | None = None) -> RoleProcess:
-        name = name or role
-        env = {**os.environ, **env_for(options), "OMP_NUM_THREADS": str(threads), "SPLITFED_TORCH_THREADS": str(threads)}
+    def start(self, launch: Launch, name: str | None = None) -> RoleProcess:
+        if "torch_threads" in {field.name for field in dataclasses.fields(launch.deployment)}:
+            launch = launch.with_deployment(torch_threads=launch.threads)
+        name = name or launch.name
         log_path = self.workdir / f"{name}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "splitfed", "serve", role, *(extra_args or [])],
-            env=env, stdout=subprocess.PIPE, stderr=log_path.open("wb"), text=True,
-        )
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "splitfed", "serve", launch.spec.name], env=role_environment(launch, self.connection),
+                stdout=subprocess.PIPE, stderr=log_file, text=True,
+            )
         member = RoleProcess(name, process, log_path)
         self.members.append(member)
         return member
 
-    def follow(self, member: RoleProcess, on_event: Callable[[dict], None]) -> None:
-        """Pass the JSON progress events a role prints on stdout to `on_event`, until it exits."""
-        for line in member.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            on_event(event)
+    def follow(self, member: RoleProcess, on_progress: ProgressSink | None) -> threading.Thread:
+        """Pass the progress events a role prints on stdout to `on_progress`, until it exits."""
+
+        def read() -> None:
+            for line in member.process.stdout:
+                try:
+                    progress = Progress(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue
+                if on_progress:
+                    on_progress(progress)
+
+        reader = threading.Thread(target=read, name=f"follow-{member.name}", daemon=True)
+        reader.start()
+        return reader
 
     def wait(self, member: RoleProcess, timeout: float) -> None:
         try:
             code = member.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise ScenarioError(f"{member.role} did not finish within {timeout:.0f}s\n{member.tail()}") from None
+            raise ScenarioError(f"{member.name} did not finish within {timeout:.0f}s\n{member.tail()}") from None
         if code != 0:
-            raise ScenarioError(f"{member.role} exited with code {code}:\n{member.tail()}")
+            raise ScenarioError(f"{member.name} exited with code {code}:\n{member.tail()}")
 
     def stop(self) -> None:
         for member in self.members:
             if member.process.poll() is None:
                 member.process.kill()
                 member.process.wait()
+            if member.process.stdout:
+                member.process.stdout.close()
+
+
+def run_processes(launches: list[Launch], connection: Connection, on_progress: ProgressSink | None, timeout: float) -> dict:
+    """Every role as its own `splitfed serve` process; the lead's result comes back as a file."""
+    group = ProcessGroup(connection)
+    result_path = group.workdir / "result.json"
+    try:
+        lead = group.start(launches[0].with_deployment(out=result_path, progress_events=True))
+        for launch in launches[1:]:
+            group.start(launch)
+        reader = group.follow(lead, on_progress)
+        _wait(
+            group.members, timeout,
+            done=lambda member: member.process.poll() is not None,
+            failure=lambda member: f"{member.name} exited with code {member.process.returncode}:\n{member.tail()}" if member.process.returncode else None,
+        )
+        reader.join(timeout)
+    finally:
+        group.stop()
+    return json.loads(result_path.read_text())

@@ -1,32 +1,33 @@
-"""Progress for people: a rich bar on a terminal, plain log lines otherwise."""
+"""Progress for people: a rich bar on a terminal, plain log lines otherwise. Fed by the typed
+progress events every role emits (in this process, or as JSON lines from a role process)."""
 
 from __future__ import annotations
 
 import logging
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splitfed.learning.train import EpochRecord
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from splitfed.roles.declaration import Progress
 
 log = logging.getLogger("splitfed.progress")
 
 
 class Reporter:
-    """Receives batch and epoch events from a training loop; shows them as fits the terminal."""
+    """Shows batch, epoch and round events as fits the terminal; call it with each event."""
 
-    def __init__(self, label: str, epochs: int, console: Console | None = None):
+    def __init__(self, label: str, console: Console | None = None):
         self.label = label
-        self.epochs = epochs
         self.console = console or Console(stderr=True)
         self.interactive = self.console.is_terminal
-        self._bar: Progress | None = None
+        self._bar: Bar | None = None
         self._task = None
         self._epoch = 1
         self._last_logged = -1
 
     def __enter__(self) -> Reporter:
         if self.interactive:
-            self._bar = Progress(
+            self._bar = Bar(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
             )
@@ -37,29 +38,35 @@ class Reporter:
         if self._bar:
             self._bar.stop()
 
-    def batch(self, done: int, total: int, loss: float) -> None:
+    def __call__(self, progress: Progress) -> None:
+        if progress.event == "batch":
+            self._advance(f"{self.label} epoch {self._epoch} batch", progress.done, progress.total, progress.loss)
+        elif progress.event == "epoch":
+            self._line(f"{self.label} epoch {progress.done}/{progress.total}: {self._summary(progress.record)}")
+            self._task = None
+            self._epoch = progress.done + 1
+            self._last_logged = -1
+        elif progress.event == "round":
+            self._advance(f"{self.label} rounds", progress.done, progress.total, progress.loss)
+            self._line(f"{self.label} round {progress.done}/{progress.total}: {self._summary(progress.record)}")
+
+    def _advance(self, description: str, done: int, total: int, loss: float) -> None:
         if self._bar:
-            description = f"{self.label} epoch {self._epoch}/{self.epochs}"
             if self._task is None:
                 self._task = self._bar.add_task(description, total=total, loss=loss)
             self._bar.update(self._task, completed=done, total=total, description=description, loss=loss)
-        elif (tenth := done * 10 // total) != self._last_logged:
+        elif (tenth := done * 10 // max(1, total)) != self._last_logged:
             self._last_logged = tenth
-            log.info("%s epoch %d/%d batch %d/%d loss %.4f", self.label, self._epoch, self.epochs, done, total, loss)
+            log.info("%s %d/%d loss %.4f", description, done, total, loss)
 
-    def round(self, record: EpochRecord, rounds: int) -> None:
-        """A federated round closed: the bar counts rounds, the line shows the global model."""
-        self.batch(record.step, rounds, record.train_loss)
-        self._line(f"{self.label} round {record.step}/{rounds}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s")
+    @staticmethod
+    def _summary(record: dict | None) -> str:
+        record = record or {}
+        return (f"test accuracy {record.get('accuracy', float('nan')):.4f}, test loss {record.get('loss', float('nan')):.4f}, "
+                f"train loss {record.get('train_loss', float('nan')):.4f}, {record.get('seconds', 0.0):.1f}s")
 
     def _line(self, message: str) -> None:
         if self._bar:
             self._bar.console.print(message, highlight=False)
         else:
             log.info(message)
-
-    def epoch(self, record: EpochRecord) -> None:
-        self._line(f"{self.label} epoch {record.step}: test accuracy {record.accuracy:.4f}, test loss {record.loss:.4f}, train loss {record.train_loss:.4f}, {record.seconds:.1f}s")
-        self._task = None
-        self._epoch = record.step + 1
-        self._last_logged = -1

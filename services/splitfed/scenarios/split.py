@@ -1,88 +1,23 @@
-"""split: the relay reference's split modes. Client (data, labels, first layers), server (the
-rest) and optionally the relay, over the in-memory transport or RabbitMQ."""
+"""split: a client (data, labels, first layers) and a server (the rest), optionally through the
+relay, over the in-memory transport or RabbitMQ."""
 
 from __future__ import annotations
 
-import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from splitfed.roles.endpoint import queue_name
-from splitfed.roles.relay import Relay
-from splitfed.roles.split_client import SplitClient
-from splitfed.roles.split_common import CLIENT, RELAY, SERVER, SplitSettings
-from splitfed.roles.split_server import SplitServer
-from splitfed.scenarios.launch import ProcessGroup, RoleThread, TransportFactory, delete_queues, identity, redact, resolve_launch, threads_per_process, transport_factory
-from splitfed.scenarios.progress import Reporter
-from splitfed.security.keys import KeyList
-from splitfed.learning.train import EpochRecord
-
-def run(
-    settings: SplitSettings,
-    broker: str = "memory",
-    reporter: Reporter | None = None,
-    save_model: Path | None = None,
-    launch: str | None = None,
-    transport_options: dict | None = None,
-    key_list: Path | None = None,
-) -> dict:
-    """Run one split session. `launch`: "threads" (default for memory) or "processes"
-    (default for amqp://, every role its own `splitfed serve` process). With `key_list`, the
-    halves sign with PARTY.key from its folder and every receiver checks signatures."""
-    launch = resolve_launch(broker, launch)
-    connect = transport_factory(broker, transport_options or {})
-    started = time.perf_counter()
-    if launch == "processes":
-        client_result = _run_processes(settings, broker, reporter, save_model, transport_options or {}, key_list)
-        delete_queues(connect, [queue_name(settings.session, role) for role in (CLIENT, SERVER, RELAY)])
-    else:
-        client_result = run_threads(settings, connect, reporter, save_model, key_list)
-    return {
-        "scenario": "split",
-        **client_result,
-        "wall_seconds": time.perf_counter() - started,
-        "config": {**settings.config(), "broker": redact(broker), "launch": launch, "authenticated": key_list is not None},
-    }
+from splitfed.config import setting
+from splitfed.learning.settings import SplitSettings
+from splitfed.roles.deployment import Service, SplitRouting
+from splitfed.roles.registry import ROLES
+from splitfed.roles.split import SplitParty
+from splitfed.roles.split.common import CLIENT, RELAY, SERVER, session_queues
+from splitfed.scenarios.launch import Launch, RunSettings, Scenario, threads_per_process
 
 
-def run_threads(
-    settings: SplitSettings, connect: TransportFactory, reporter: Reporter | None = None, save_model: Path | None = None,
-    key_list: Path | None = None,
-) -> dict:
-    """Every role in this process, each on its own transport connection; the client on this thread."""
-    transports = {role: connect(role) for role in (SERVER, CLIENT, *((RELAY,) if settings.via == "relay" else ()))}
-    parts_dir = Path(save_model).parent if save_model else None
-    try:
-        server = SplitServer(settings, transports[SERVER], save=parts_dir / f".{SERVER}.safetensors" if parts_dir else None, **identity(key_list, SERVER))
-        helpers = [RoleThread(SERVER, server.run)]
-        if settings.via == "relay":
-            relay = Relay(settings.session, transports[RELAY], settings.timeout, KeyList.load(key_list) if key_list else None)
-            helpers.append(RoleThread(RELAY, relay.run))
-        for thread in helpers:
-            thread.start()
-        client = SplitClient(settings, transports[CLIENT], save=parts_dir / f".{CLIENT}.safetensors" if parts_dir else None, **identity(key_list, CLIENT))
-        result = client.run(reporter.batch if reporter else None, reporter.epoch if reporter else None)
-        for thread in helpers:
-            thread.outcome(settings.timeout)
-        for role in transports:
-            transports[CLIENT].delete(queue_name(settings.session, role))
-    finally:
-        for transport in transports.values():
-            transport.close()
-    if save_model:
-        merge_parts(save_model, [parts_dir / f".{role}.safetensors" for role in (CLIENT, SERVER)])
-    return result
-
-
-def merge_parts(save_model: Path, part_files: list[Path]) -> None:
-    """One model file from the parties' part files (disjoint layer indices)."""
-    merged = {}
-    for path in part_files:
-        merged.update(load_file(str(path)))  # safetensors: no code runs on load
-        path.unlink()
-    save_file(merged, str(save_model))
+@dataclass(kw_only=True)
+class SplitRun(RunSettings, SplitRouting):
+    save_model: Path | None = setting(None, "Write the trained model, both halves merged (safetensors).")
 
 
 def compute_threads(settings: SplitSettings) -> tuple[int, int]:
@@ -100,34 +35,43 @@ def compute_threads(settings: SplitSettings) -> tuple[int, int]:
     return cores, max(1, round(cores * body / max(1, head + body)))
 
 
-def _run_processes(
-    settings: SplitSettings, broker: str, reporter: Reporter | None, save_model: Path | None, transport_options: dict, key_list: Path | None,
-) -> dict:
-    group = ProcessGroup()
-    common = {**settings.config(), "broker": broker, **transport_options, "key_list": key_list}
-    keys = {role: key_list.parent / f"{role}.key" if key_list else None for role in (CLIENT, SERVER)}
+def part_file(workdir: Path, role: str) -> Path:
+    return workdir / f"{role}.safetensors"
+
+
+def plan(settings: SplitSettings, run: SplitRun, workdir: Path) -> list[Launch]:
     client_threads, server_threads = compute_threads(settings)
-    parts = {role: group.workdir / f"{role}.safetensors" for role in (CLIENT, SERVER)}
-    result_path = group.workdir / "client-result.json"
-    try:
-        if settings.via == "relay":
-            group.start(RELAY, {"session": settings.session, "broker": broker, "timeout": settings.timeout, "key_list": key_list, **transport_options}, threads=1)
-        group.start(SERVER, {**common, "private_key": keys[SERVER], "save": parts[SERVER] if save_model else None}, server_threads)
-        client = group.start(CLIENT, {**common, "private_key": keys[CLIENT], "save": parts[CLIENT] if save_model else None, "out": result_path, "progress_events": True}, client_threads)
+    service = {"session": run.session, "timeout": run.timeout, "key_list": run.key_list, "log_level": run.log_level}
 
-        def on_event(event: dict) -> None:
-            if not reporter:
-                return
-            if event.get("event") == "batch":
-                reporter.batch(event["done"], event["total"], event["loss"])
-            elif event.get("event") == "epoch":
-                reporter.epoch(EpochRecord(**event["record"]))
+    def half(role: str, threads: int) -> Launch:
+        deployment = SplitParty(**service, via=run.via, private_key=run.private_key(role), save=part_file(workdir, role) if run.save_model else None)
+        return Launch(ROLES[role], role, settings, deployment, threads)
 
-        group.follow(client, on_event)
-        for member in group.members:
-            group.wait(member, settings.timeout)
-    finally:
-        group.stop()
-    if save_model:
-        merge_parts(save_model, [parts[CLIENT], parts[SERVER]])
-    return json.loads(result_path.read_text())
+    launches = [half(CLIENT, client_threads), half(SERVER, server_threads)]
+    if run.via == "relay":
+        launches.append(Launch(ROLES[RELAY], RELAY, None, Service(**service), 1))
+    return launches
+
+
+def merge_parts(settings: SplitSettings, run: SplitRun, workdir: Path, result: dict) -> None:
+    """One model file from the halves' part files (disjoint layer indices)."""
+    if not run.save_model:
+        return
+    from safetensors.torch import load_file, save_file
+
+    merged = {}
+    for role in (CLIENT, SERVER):
+        merged.update(load_file(str(part_file(workdir, role))))  # our own files; safetensors runs no code
+        part_file(workdir, role).unlink()
+    save_file(merged, str(run.save_model))
+
+
+SCENARIO = Scenario(
+    "split",
+    "Split learning: client (data, labels, first layers) and server (the rest), in one process (--broker memory) "
+    "or as separate relay / split-client / split-server processes over RabbitMQ.",
+    SplitSettings, SplitRun, plan,
+    queues=lambda settings, run: session_queues(run.session),
+    label=lambda settings, run: f"split ({settings.mode}, {run.via}, {run.broker.split('://')[0]})",
+    finish=merge_parts,
+)

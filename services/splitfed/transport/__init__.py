@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from splitfed.transport.base import Delivery, Transport, TransportError
+from splitfed.transport.connection import Connection, connect, is_amqp, redact
 from splitfed.transport.memory import MemoryBroker, MemoryTransport
 
-__all__ = ["Delivery", "Transport", "TransportError", "MemoryBroker", "MemoryTransport", "is_amqp"]
-
-
-def is_amqp(broker: str) -> bool:
-    return broker.startswith(("amqp://", "amqps://"))
+__all__ = ["Connection", "Delivery", "Transport", "TransportError", "MemoryBroker", "MemoryTransport", "connect", "is_amqp", "redact"]

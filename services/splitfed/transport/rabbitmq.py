@@ -107,15 +107,6 @@ class RabbitTransport(Transport):
             self._closing = True
             raise TransportError(f"cannot connect to RabbitMQ at {self._params.host}:{self._params.port}: {self._fatal or 'timed out'}")
 
-    @classmethod
-    def from_options(cls, url: str, name: str, options: dict, **extra: Any) -> RabbitTransport:
-        """Connect with the flat options the CLI and SPLITFED_* variables use: chunk_size,
-        heartbeat, tls_ca, tls_cert, tls_key (paths)."""
-        options = {key: value for key, value in options.items() if value is not None}
-        tls_paths = {key: str(options.pop(key)) for key in ("tls_ca", "tls_cert", "tls_key") if key in options}
-        tls = TLSOptions(tls_paths.get("tls_ca"), tls_paths.get("tls_cert"), tls_paths.get("tls_key")) if tls_paths else None
-        return cls(url, name=name, tls=tls, **options, **extra)
-
     # -- caller side -----------------------------------------------------------------
 
     def declare(self, queue_name: str, *, durable: bool = False) -> None:

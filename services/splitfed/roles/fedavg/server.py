@@ -13,22 +13,20 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitfed.learning import aggregate, data, models, train
+from splitfed.learning import data, models, strategies, train
+from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, RoleTimeout, warn_if_unsafe
-from splitfed.roles.fedavg_common import (
-    DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, FedAvgSettings, frame_digest, server_queue, to_wire, worker_queue,
-)
-from splitfed.security.keys import KeyList, Signer
+from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
+from splitfed.roles.fedavg.common import DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, worker_queue
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -60,10 +58,14 @@ class ServerState:
 
 class FedAvgServer:
     def __init__(
-        self, settings: FedAvgSettings, transport: Transport, *, trusted: KeyList | None = None, signer: Signer | None = None,
-        checkpoint_dir: Path | None = None, on_round: Callable[[EpochRecord], None] | None = None,
+        self, settings: FederatedSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.fedavg.ServerDeployment)
+        on_progress: ProgressSink | None = None,
     ):
         self.settings = settings
+        self.deployment = deployment
+        self.session = deployment.session
+        self.quorum = deployment.min_workers or settings.workers
+        self.strategy = strategies.from_settings(settings)
         self.transport = transport
         self.meta = data.info(settings.dataset)
         self.model = models.build(settings.model, self.meta, settings.seed)
@@ -72,16 +74,14 @@ class FedAvgServer:
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
         self.endpoint = Endpoint(
-            transport, session=settings.session, role=SERVER, inbox=server_queue(settings.session), timeout=settings.timeout,
-            max_message_bytes=2 * model_bytes + 64 * 1024, signer=signer, trusted=trusted, ordered=False, durable=True,
+            transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
+            max_message_bytes=2 * model_bytes + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
+            on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc,
         )
-        self.checkpoint_dir = checkpoint_dir
-        self.on_round = on_round
+        self.checkpoint_dir: Path | None = deployment.checkpoint_dir
+        self.on_progress = on_progress
         self.state = ServerState()
         self.restore()
-        received = metrics.UPDATES.labels(SERVER, settings.session, "received")
-        self.endpoint.on_frame = received.inc
-        warn_if_unsafe(SERVER, settings.session, trusted)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class FedAvgServer:
         while self.state.round <= self.settings.rounds:
             self.run_round()
         for worker in self.state.workers:
-            self.endpoint.send_message(worker_queue(self.settings.session, worker), Message(DONE, "", "", round=self.state.round), persistent=True)
+            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round), persistent=True)
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         last = self.state.history[-1]
         return {
@@ -134,7 +134,7 @@ class FedAvgServer:
 
     def wait_for_workers(self) -> None:
         """Until every expected worker has joined (a resumed server already knows them)."""
-        deadline = time.monotonic() + self.settings.timeout
+        deadline = time.monotonic() + self.deployment.timeout
         while len(self.state.workers) < self.settings.workers:
             if time.monotonic() > deadline:
                 raise RoleTimeout(f"only {len(self.state.workers)} of {self.settings.workers} workers joined")
@@ -153,35 +153,35 @@ class FedAvgServer:
             self.state.workers = sorted(set(self.state.workers) | {worker})
             self.state.missed = [w for w in self.state.missed if w != worker]
             self.checkpoint(with_model=False)
-        metrics.ACTIVE_WORKERS.labels(SERVER, self.settings.session).set(len(self.state.workers))
+        metrics.ACTIVE_WORKERS.labels(SERVER, self.session).set(len(self.state.workers))
         log.info("worker %s joined (round %d)", worker, self.state.round)
-        queue = worker_queue(self.settings.session, worker)
+        queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
         self.endpoint.send_message(queue, Message(WELCOME, "", "", round=self.state.round), persistent=True)
         if send_model:
             self.send_model(worker)
         return True
 
-    def refuse(self, error: ProtocolError) -> None:
+    def refuse(self, rejection: Rejection) -> None:
         """Tell a worker whose join was refused why, where it listens (it checks `ref`)."""
-        message = error.message
+        message = rejection.message
         if message is None or message.kind != JOIN or not WORKER_ID.match(message.sender):
             return
-        log.error("refused worker %r: %s", message.sender, error)
-        queue = worker_queue(self.settings.session, message.sender)
+        log.error("refused worker %r: %s: %s", message.sender, rejection.reason, rejection.detail)
+        queue = worker_queue(self.session, message.sender)
         self.transport.declare(queue, durable=True)
-        refusal = Message(REFUSED, "", "", meta={"reason": error.reason, "detail": error.detail, "ref": frame_digest(error.frame)})
+        refusal = Message(REFUSED, "", "", meta={"reason": rejection.reason, "detail": rejection.detail, "ref": rejection.digest})
         self.endpoint.send_message(queue, refusal, persistent=True)
 
     def send_model(self, worker: str) -> None:
-        meta = {"prox_mu": self.settings.prox_mu if self.settings.strategy == "fedprox" else 0.0}
+        meta = {"prox_mu": self.strategy.local_prox_mu}
         message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=to_wire(self.model.state_dict()))
-        self.endpoint.send_message(worker_queue(self.settings.session, worker), message, persistent=True)
+        self.endpoint.send_message(worker_queue(self.session, worker), message, persistent=True)
 
     def run_round(self) -> None:
         round_number = self.state.round
         started = time.perf_counter()
-        metrics.ROUND.labels(SERVER, self.settings.session).set(round_number)
+        metrics.ROUND.labels(SERVER, self.session).set(round_number)
         for worker in self.state.workers:
             self.send_model(worker)
         expected = set(self.state.workers) - set(self.state.missed)
@@ -189,8 +189,8 @@ class FedAvgServer:
         updates = dict(sorted(self.collect(expected).items()))
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
         weights = torch.tensor([float(u.samples) for u in updates.values()])
-        combined = aggregate.aggregate(self.settings.strategy, vectors, weights, trim=self.settings.trim, byzantine=self.settings.byzantine)
-        self.model.load_state_dict(aggregate.unflatten(combined, self.model.state_dict(), self.names))
+        combined = self.strategy(vectors, weights)  # (P,)
+        self.model.load_state_dict(strategies.unflatten(combined, self.model.state_dict(), self.names))
         self.model.eval()
         evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
         record = EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(u.train_loss for u in updates.values()) / len(updates), time.perf_counter() - started)
@@ -204,12 +204,12 @@ class FedAvgServer:
         for update in updates.values():  # only now is the update's effect on disk
             self.endpoint.ack(update.delivery)
         self._round_metrics(record, updates)
-        if self.on_round:
-            self.on_round(record)
+        if self.on_progress:
+            self.on_progress(Progress("round", round_number, self.settings.rounds, record.train_loss, vars(record)))
         log.info("round %d: test accuracy %.4f, test loss %.4f, %d updates, %.1fs", round_number, record.accuracy, record.loss, len(updates), record.seconds)
 
     def _round_metrics(self, record: EpochRecord, updates: dict[str, Update]) -> None:
-        session = self.settings.session
+        session = self.session
         metrics.TEST_ACCURACY.labels(SERVER, session).set(record.accuracy)
         metrics.TEST_LOSS.labels(SERVER, session).set(record.loss)
         metrics.TRAIN_LOSS.labels(SERVER, session).set(record.train_loss)
@@ -242,14 +242,14 @@ class FedAvgServer:
             if not _finite_number(loss):
                 raise ProtocolError("value", f"update from {message.sender} reports train_loss={loss!r:.40}")
 
-        round_deadline = time.monotonic() + self.settings.round_timeout
-        give_up = time.monotonic() + self.settings.timeout
+        round_deadline = time.monotonic() + self.deployment.round_timeout
+        give_up = time.monotonic() + self.deployment.timeout
         while not expected <= set(updates):
             now = time.monotonic()
-            if now >= round_deadline and len(updates) >= self.settings.quorum:
+            if now >= round_deadline and len(updates) >= self.quorum:
                 break
             if now >= give_up:
-                raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {self.settings.quorum} needed")
+                raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {self.quorum} needed")
             received = self.endpoint.receive((JOIN, UPDATE), None, check, self.refuse, wait=min(1.0, max(0.05, (round_deadline if now < round_deadline else give_up) - now)))
             if received is None:
                 continue
@@ -269,9 +269,9 @@ class FedAvgServer:
                 continue
             state = {name: torch.from_numpy(message.tensors[name]) for name in self.names}
             updates[message.sender] = Update(
-                aggregate.flatten(state, self.names), message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
+                strategies.flatten(state, self.names), message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
             )
-            metrics.UPDATES.labels(SERVER, self.settings.session, "accepted").inc()
+            metrics.UPDATES.labels(SERVER, self.session, "accepted").inc()
         return updates
 
 

@@ -10,22 +10,24 @@ import numpy as np
 import torch
 
 from splitfed.learning import data, models, split, train
+from splitfed.learning.settings import SplitSettings
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy, warn_if_unsafe
-from splitfed.security.keys import KeyList, Signer
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts
-from splitfed.transport import Transport
+from splitfed.roles.base import Role
+from splitfed.roles.declaration import Identity, ProgressSink
+from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
+from splitfed.roles.split.common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared
+from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
 
-class SplitServer:
+class SplitServer(Role):
     def __init__(
-        self, settings: SplitSettings, transport: Transport, save: Path | None = None, *,
-        signer: Signer | None = None, trusted: KeyList | None = None,
+        self, settings: SplitSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.split.SplitParty)
+        on_progress: ProgressSink | None = None,
     ):
         self.settings = settings
-        self.save = save
+        self.save: Path | None = deployment.save
         meta = data.info(settings.dataset)
         self.classes = meta.classes
         parts = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
@@ -35,11 +37,10 @@ class SplitServer:
         self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
         self.out_shape = models.output_shape(self.body, self.in_shape)
         self.endpoint = Endpoint(
-            transport, session=settings.session, role=SERVER, inbox=queue_name(settings.session, SERVER), timeout=settings.timeout,
-            signer=signer, trusted=trusted,
+            transport, session=deployment.session, role=SERVER, inbox=queue_name(deployment.session, SERVER), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted,
         )
-        warn_if_unsafe(SERVER, settings.session, trusted)
-        self.reply_to = settings.peer_queue(CLIENT)
+        self.reply_to = peer_queue(deployment.session, deployment.via, CLIENT)
         transport.declare(self.reply_to)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
         self.batches = 0
@@ -48,19 +49,14 @@ class SplitServer:
 
     def run(self) -> dict:
         log.info("split-server ready: %s mode, layers %d.., input %s", self.settings.mode, self.cut_layer, self.in_shape)
-        while True:
-            kinds = (ACTIVATIONS, GRADIENTS, DONE) if self.greeted else (HELLO,)
-            message, delivery = self.endpoint.receive(kinds, (CLIENT,), self.check)
-            started = time.perf_counter()
-            finished = self.handle(message)
-            self.compute_seconds += time.perf_counter() - started
-            self.endpoint.ack(delivery)
-            if finished:
-                break
+        self.consume()
         if self.save:
             save_parts(self.save, [(self.body.state_dict(), self.cut_layer)])
         log.info("split-server done after %d training batches", self.batches)
         return {"batches": self.batches, "traffic": vars(self.endpoint.traffic)}
+
+    def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return ((ACTIVATIONS, GRADIENTS, DONE) if self.greeted else (HELLO,)), (CLIENT,)
 
     def check(self, message: Message) -> None:
         """Refuse what this server cannot apply, before it touches the model."""
@@ -79,9 +75,15 @@ class SplitServer:
                 raise ProtocolError("kind", "gradients with no batch outstanding")
             check_tensors(message, {"g": TensorSpec("float32", (len(self.pending[1]), *self.out_shape))})
 
-    def handle(self, message: Message) -> bool:
+    def handle(self, message: Message, delivery: Delivery) -> bool:
+        started = time.perf_counter()
+        finished = self.apply(message)
+        self.compute_seconds += time.perf_counter() - started
+        return finished
+
+    def apply(self, message: Message) -> bool:
         if message.kind == HELLO:
-            ours = self.settings.shared()
+            ours = shared(self.settings)
             differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
             problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
             self.endpoint.send(self.reply_to, HELLO, ok=not differing, problem=problem)

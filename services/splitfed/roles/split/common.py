@@ -1,4 +1,4 @@
-"""What the split-learning roles share: settings, queue names, message kinds, parameter files.
+"""What the split-learning roles share: queue names, message kinds, parameter files.
 
 Start:                          client --hello{settings}--> server --hello{ok, problem}--> client
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
@@ -10,11 +10,9 @@ End:                            client --done--> server --done--> client (the re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-
-from splitfed.learning.settings import TrainSettings
+from splitfed.learning.settings import SplitSettings
 from splitfed.roles.endpoint import queue_name
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
@@ -24,20 +22,17 @@ KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE)
 SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr")
 
 
-@dataclass
-class SplitSettings(TrainSettings):
-    session: str = "local"
-    cut_layer: int | None = None  # None: the model's default cut (models.DEFAULT_CUT)
-    mode: str = "vanilla"
-    via: str = "relay"
-    timeout: float = 300.0
+def shared(settings: SplitSettings) -> dict:
+    return {name: getattr(settings, name) for name in SHARED_SETTINGS}
 
-    def shared(self) -> dict:
-        return {name: getattr(self, name) for name in SHARED_SETTINGS}
 
-    def peer_queue(self, target: str) -> str:
-        """Where a half sends to reach `target`: the relay's inbox, or the target's own."""
-        return queue_name(self.session, RELAY if self.via == "relay" else target)
+def peer_queue(session: str, via: str, target: str) -> str:
+    """Where a half sends to reach `target`: the relay's inbox, or the target's own."""
+    return queue_name(session, RELAY if via == "relay" else target)
+
+
+def session_queues(session: str) -> list[str]:
+    return [queue_name(session, role) for role in (CLIENT, SERVER, RELAY)]
 
 
 def save_parts(path: Path, parts: list[tuple[dict, int]]) -> None:

@@ -5,33 +5,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from splitfed.learning import data, models, split, train
+from splitfed.learning.settings import SplitSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, TensorSpec, check_tensors
+from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
-from splitfed.security.keys import KeyList, Signer
+from splitfed.roles.split.common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared
 from splitfed.transport import Transport
-from splitfed.roles.split_common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, SplitSettings, save_parts
 
 log = logging.getLogger(__name__)
-
-BatchCallback = Callable[[int, int, float], None]  # (batches done this epoch, batches per epoch, loss)
 
 
 class SplitClient:
     def __init__(
-        self, settings: SplitSettings, transport: Transport, save: Path | None = None, *,
-        signer: Signer | None = None, trusted: KeyList | None = None,
+        self, settings: SplitSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.split.SplitParty)
+        on_progress: ProgressSink | None = None,
     ):
         self.settings = settings
-        self.save = save
+        self.save: Path | None = deployment.save
+        self.on_progress = on_progress
         meta = data.info(settings.dataset)
         self.parts = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
@@ -40,13 +39,14 @@ class SplitClient:
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.session = deployment.session
         self.endpoint = Endpoint(
-            transport, session=settings.session, role=CLIENT, inbox=queue_name(settings.session, CLIENT), timeout=settings.timeout,
-            signer=signer, trusted=trusted,
+            transport, session=self.session, role=CLIENT, inbox=queue_name(self.session, CLIENT), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted,
         )
-        self.server = settings.peer_queue(SERVER)
+        self.server = peer_queue(self.session, deployment.via, SERVER)
         transport.declare(self.server)
-        self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, settings.session)
+        self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, self.session)
         self.round_trips: list[float] = []
 
     # -- one exchange with the server -----------------------------------------------------
@@ -92,7 +92,7 @@ class SplitClient:
 
     def handshake(self) -> None:
         """Wait for the server and check that both halves were configured as one model."""
-        self.endpoint.send(self.server, HELLO, **self.settings.shared())
+        self.endpoint.send(self.server, HELLO, **shared(self.settings))
         reply, delivery = self.endpoint.receive((HELLO,), (SERVER,))
         self.endpoint.ack(delivery)
         if reply.meta.get("ok") is not True:
@@ -104,19 +104,22 @@ class SplitClient:
         outputs = self.remote_forward(self.parts.head(images), train_step=False)
         return self.parts.tail(outputs) if self.parts.tail is not None else outputs
 
-    def run(self, on_batch: BatchCallback | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> dict:
-        session = self.settings.session
+    def batch_done(self, done: int, total: int, loss: float) -> None:
+        if self.on_progress:
+            self.on_progress(Progress("batch", done, total, loss))
 
-        def epoch_done(record: EpochRecord) -> None:
-            metrics.EPOCH.labels(CLIENT, session).set(record.step)
-            metrics.TRAIN_LOSS.labels(CLIENT, session).set(record.train_loss)
-            metrics.TEST_ACCURACY.labels(CLIENT, session).set(record.accuracy)
-            if on_epoch:
-                on_epoch(record)
+    def epoch_done(self, record: EpochRecord) -> None:
+        metrics.EPOCH.labels(CLIENT, self.session).set(record.step)
+        metrics.TRAIN_LOSS.labels(CLIENT, self.session).set(record.train_loss)
+        metrics.TEST_ACCURACY.labels(CLIENT, self.session).set(record.accuracy)
+        metrics.TEST_LOSS.labels(CLIENT, self.session).set(record.loss)
+        if self.on_progress:
+            self.on_progress(Progress("epoch", record.step, self.settings.epochs, record.train_loss, vars(record)))
 
+    def run(self) -> dict:
         started = time.perf_counter()
         self.handshake()
-        history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, on_batch, epoch_done)
+        history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, self.batch_done, self.epoch_done)
         self.endpoint.send(self.server, DONE)
         done, delivery = self.endpoint.receive((DONE,), (SERVER,))
         self.endpoint.ack(delivery)

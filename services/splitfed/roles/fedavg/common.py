@@ -1,4 +1,4 @@
-"""What the FedAvg roles share: settings, queue names, message kinds, model tensors on the wire.
+"""What the FedAvg roles share: queue names, message kinds, model tensors on the wire.
 
 worker --join--> server --welcome{round}--> worker          (or --refused{reason, ref}--> worker)
 server --model{round, params, prox_mu}--> each active worker
@@ -9,38 +9,15 @@ Every queue is durable and every update persistent: a restarted server or broker
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from splitfed.learning.settings import TrainSettings
 from splitfed.roles.endpoint import queue_name, to_numpy
+from splitfed.roles.fedavg import SERVER, WORKER, worker_ids
 
-SERVER, WORKER = "fedavg-server", "fedavg-worker"
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
 WORKER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-@dataclass
-class FedAvgSettings(TrainSettings):
-    session: str = "local"
-    workers: int = 3
-    partition: str = "classes:0-3,4-6,7-9"
-    rounds: int = 10
-    local_epochs: int = 1
-    strategy: str = "fedavg"
-    prox_mu: float = 0.01
-    trim: float = 0.2
-    byzantine: int = 1
-    min_workers: int | None = None  # None: every worker
-    round_timeout: float = 120.0
-    timeout: float = 600.0
-
-    @property
-    def quorum(self) -> int:
-        return self.min_workers or self.workers
 
 
 def server_queue(session: str) -> str:
@@ -51,9 +28,8 @@ def worker_queue(session: str, worker_id: str) -> str:
     return queue_name(session, WORKER, worker_id)
 
 
-def frame_digest(frame: bytes) -> str:
-    """Names one frame, so a refusal can say which join it answers."""
-    return hashlib.sha256(frame).hexdigest()
+def session_queues(session: str, workers: int) -> list[str]:
+    return [server_queue(session), *(worker_queue(session, worker) for worker in worker_ids(workers))]
 
 
 def to_wire(state: dict) -> dict[str, np.ndarray]:

@@ -1,0 +1,63 @@
+"""The FedAvg role family: `fedavg-server` (rounds, signed-update checks, aggregation,
+checkpoints) and `fedavg-worker` (one share of the data; trains what it is sent). Declarations
+only: the role classes are imported when a role is built, so declaring never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitfed.config import setting
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.observability import metrics
+from splitfed.roles.declaration import RoleSpec
+from splitfed.roles.deployment import Party, RoundPolicy
+
+SERVER, WORKER = "fedavg-server", "fedavg-worker"
+
+
+@dataclass(kw_only=True)
+class ServerDeployment(Party, RoundPolicy):
+    timeout: float = setting(600.0, "Seconds to wait for workers before giving up.", min=0.1)
+    checkpoint_dir: Path | None = setting(None, "Where the server keeps its checkpoint; a restart resumes from it.")
+
+
+@dataclass(kw_only=True)
+class WorkerDeployment(Party):
+    timeout: float = setting(600.0, "Seconds to wait for the server before giving up.", min=0.1)
+    worker_id: str = setting(help="This worker's name (as in the key list).")
+    index: int = setting(help="Which share of the partition this worker holds (0-based).", min=0)
+
+
+def worker_ids(count: int) -> list[str]:
+    return [f"worker-{index}" for index in range(count)]
+
+
+def _server(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
+    from splitfed.roles.fedavg.server import FedAvgServer
+
+    return FedAvgServer(settings, deployment, transport, identity, on_progress)
+
+
+def _worker(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
+    from splitfed.roles.fedavg.worker import FedAvgWorker
+
+    return FedAvgWorker(settings, deployment, transport, identity, on_progress)
+
+
+WIRE = (metrics.MESSAGES, metrics.BYTES, metrics.REJECTED, metrics.UNSAFE_MODE)
+
+ROLES = (
+    RoleSpec(
+        SERVER, "The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints.", FederatedSettings, ServerDeployment,
+        _server,
+        (*WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS, metrics.ROUND_SECONDS, metrics.ROUND_BYTES,
+         metrics.UPDATES, metrics.ACTIVE_WORKERS),
+        # Every update of a round stays unacked until the round is on disk: let them all in.
+        prefetch=lambda settings: 2 * settings.workers + 16,
+    ),
+    RoleSpec(
+        WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,
+        _worker, (*WIRE, metrics.ROUND, metrics.TRAIN_LOSS), party=lambda deployment: deployment.worker_id,
+    ),
+)

@@ -1,0 +1,8 @@
+"""Every scenario `splitfed run` offers. Adding one is a module with its SCENARIO and an entry here."""
+
+from __future__ import annotations
+
+from splitfed.scenarios import centralized, fedavg, split
+from splitfed.scenarios.launch import Scenario
+
+SCENARIOS: dict[str, Scenario] = {scenario.name: scenario for scenario in (centralized.SCENARIO, split.SCENARIO, fedavg.SCENARIO)}
