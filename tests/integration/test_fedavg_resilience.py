@@ -2,6 +2,7 @@
 out of a round and comes back, a restarted broker is reconnected to; nothing is lost or applied
 twice (the final model equals the uninterrupted plain loop's). Plus TLS-only brokers."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from splitfed.learning import federated
-from splitfed.roles.fedavg_common import FedAvgSettings
-from splitfed.scenarios import fedavg
-from splitfed.scenarios.launch import ProcessGroup
+from splitfed.learning.settings import FederatedSettings
+from splitfed.roles.fedavg import worker_ids
+from splitfed.scenarios import fedavg, launch
+from splitfed.scenarios.fedavg import FedAvgRun
+from splitfed.scenarios.launch import Launch, ProcessGroup
 from splitfed.transport import TransportError
 from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
 from tests.own_broker import OwnBroker, make_tls_files
@@ -37,7 +40,7 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def assert_equals_reference(settings: FedAvgSettings, checkpoint: Path) -> None:
+def assert_equals_reference(settings: FederatedSettings, checkpoint: Path) -> None:
     """Long local training amplifies the last bit, so the plain loop runs with the workers' thread
     count (one each: three worker processes on this machine's cores)."""
     threads = torch.get_num_threads()
@@ -50,39 +53,52 @@ def assert_equals_reference(settings: FedAvgSettings, checkpoint: Path) -> None:
     assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
 
 
-def slow_enough(session: str) -> FedAvgSettings:
+def slow_enough() -> FederatedSettings:
     """Rounds of a second or two: long enough to kill or restart something in the middle of one."""
-    return FedAvgSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid", session=session, timeout=120)
+    return FederatedSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid")
 
 
 def all_workers(settings):
-    return fedavg.worker_ids(settings.workers)
+    return worker_ids(settings.workers)
+
+
+def roles(settings: FederatedSettings, run: FedAvgRun, workdir: Path) -> tuple[Launch, list[Launch]]:
+    """The server's and the workers' launches of a run, one torch thread each."""
+    server, *workers = [dataclasses.replace(launch, threads=1) for launch in fedavg.plan(settings, run.resolved(), workdir)]
+    return server, workers
+
+
+def process_group(run: FedAvgRun) -> ProcessGroup:
+    return ProcessGroup(launch.connection_of(run))
 
 
 def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path):
     from splitfed.security import keys
 
-    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *fedavg.worker_ids(3)])
-    settings = FedAvgSettings(dataset="digits", rounds=2, partition="iid", session=session, timeout=120)
-    result = fedavg.run(settings, broker_url, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
+    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3)])
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+    run = FedAvgRun(broker=broker_url, session=session, timeout=120, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
+    result = launch.run(fedavg.SCENARIO, settings, run)
     assert result["config"]["launch"] == "processes" and result["config"]["authenticated"]
     assert_equals_reference(settings, tmp_path / "ckpt")
 
 
 def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path):
-    settings = slow_enough(session)
+    settings = slow_enough()
     checkpoint = tmp_path / "ckpt"
-    group = ProcessGroup()
+    run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint)
+    server_launch, worker_launches = roles(settings, run, tmp_path)
+    group = process_group(run)
     try:
-        first = group.start("fedavg-server", fedavg.server_options(settings, broker_url, None, checkpoint, {}), 1)
-        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        first = group.start(server_launch)
+        workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
         first.process.kill()  # mid-round: round 2's models are out, its updates on their way
         first.process.wait()
         killed_in = checkpoint_state(checkpoint)["round"]
         assert killed_in < settings.rounds + 1, "the run ended before the kill; make rounds longer"
         out = tmp_path / "result.json"
-        second = group.start("fedavg-server", {**fedavg.server_options(settings, broker_url, None, checkpoint, {}), "out": out}, 1, name="server-restarted")
+        second = group.start(server_launch.with_deployment(out=out), name="server-restarted")
         for member in (second, *workers):
             group.wait(member, 180)
     finally:
@@ -95,22 +111,22 @@ def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path
 
 
 def test_killed_worker_is_left_out_then_rejoins(broker_url, session, tmp_path):
-    settings = FedAvgSettings(
-        dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=8, local_epochs=1, partition="iid", session=session,
-        min_workers=2, round_timeout=10, timeout=120,  # rounds of a second or two: time for worker-2 to restart
-    )
+    settings = FederatedSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=8, local_epochs=1, partition="iid")
     checkpoint = tmp_path / "ckpt"
     out = tmp_path / "result.json"
-    group = ProcessGroup()
+    # Rounds of a second or two: time for worker-2 to restart.
+    run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint, min_workers=2, round_timeout=10)
+    server_launch, worker_launches = roles(settings, run, tmp_path)
+    group = process_group(run)
     try:
-        server = group.start("fedavg-server", {**fedavg.server_options(settings, broker_url, None, checkpoint, {}), "out": out}, 1)
-        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        server = group.start(server_launch.with_deployment(out=out))
+        workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
         workers[2].process.kill()
         workers[2].process.wait()
         short = lambda: [r for r, who in checkpoint_state(checkpoint)["contributors"].items() if who == ["worker-0", "worker-1"]]  # noqa: E731
         wait_for(short, "a round closed with two workers after the round timeout")
-        restarted = group.start("fedavg-worker", fedavg.worker_options(settings, broker_url, None, 2, {}), 1, name="worker-2-restarted")
+        restarted = group.start(worker_launches[2], name="worker-2-restarted")
         for member in (server, workers[0], workers[1], restarted):
             group.wait(member, 180)
     finally:
@@ -124,12 +140,14 @@ def test_killed_worker_is_left_out_then_rejoins(broker_url, session, tmp_path):
 
 def test_a_restarted_broker_is_survived(tmp_path, session):
     broker = OwnBroker(tmp_path / "node").start()
-    settings = slow_enough(session)
+    settings = slow_enough()
     checkpoint, out = tmp_path / "ckpt", tmp_path / "result.json"
-    group = ProcessGroup()
+    run = FedAvgRun(broker=broker.url, session=session, timeout=120, checkpoint_dir=checkpoint)
+    server_launch, worker_launches = roles(settings, run, tmp_path)
+    group = process_group(run)
     try:
-        server = group.start("fedavg-server", {**fedavg.server_options(settings, broker.url, None, checkpoint, {}), "out": out}, 1)
-        workers = [group.start("fedavg-worker", fedavg.worker_options(settings, broker.url, None, i, {}), 1, name=f"worker-{i}") for i in range(3)]
+        server = group.start(server_launch.with_deployment(out=out))
+        workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
         broker.restart_app()  # closes every connection; durable queues and persistent messages stay
         for member in (server, *workers):

@@ -12,10 +12,13 @@ from safetensors.torch import load_file
 from splitfed.learning import federated
 from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode, encode_body, signed_bytes
-from splitfed.roles.fedavg_common import SERVER, FedAvgSettings
-from splitfed.roles.fedavg_server import FedAvgServer
-from splitfed.roles.fedavg_worker import FedAvgWorker, Refused
-from splitfed.scenarios import fedavg
+from splitfed.learning.settings import FederatedSettings
+from splitfed.roles.declaration import Identity
+from splitfed.roles.fedavg import SERVER, ServerDeployment, WorkerDeployment
+from splitfed.roles.fedavg.server import FedAvgServer
+from splitfed.roles.fedavg.worker import FedAvgWorker, Refused
+from splitfed.scenarios import fedavg, launch
+from splitfed.scenarios.fedavg import FedAvgRun
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
 
@@ -34,11 +37,14 @@ def signed(message: Message, signer) -> bytes:
 
 def test_only_listed_correctly_signed_workers_get_in(broker_url, session, key_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    settings = FedAvgSettings(dataset="digits", rounds=1, workers=2, partition="iid", session=session, timeout=60)
+    settings = FederatedSettings(dataset="digits", rounds=1, workers=2, partition="iid")
     key_list = keys.KeyList.load(key_dir / "key-list.json")
     connect = lambda name: RabbitTransport(broker_url, name=f"{name}-{session}", connect_timeout=10)  # noqa: E731
     server_transport = connect("server")
-    server = FedAvgServer(settings, server_transport, trusted=key_list, signer=keys.load_private(key_dir / "fedavg-server.key", SERVER))
+    server = FedAvgServer(
+        settings, ServerDeployment(session=session, timeout=60), server_transport,
+        Identity(keys.load_private(key_dir / "fedavg-server.key", SERVER), key_list),
+    )
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=server.run()), daemon=True)
     thread.start()
@@ -51,7 +57,7 @@ def test_only_listed_correctly_signed_workers_get_in(broker_url, session, key_di
     }
     for reason, who in impostors.items():
         transport = connect(f"impostor-{reason}")
-        worker = FedAvgWorker(settings, transport, who["worker"], 1, signer=who["signer"], trusted=key_list)
+        worker = FedAvgWorker(settings, WorkerDeployment(session=session, timeout=60, worker_id=who["worker"], index=1), transport, Identity(who["signer"], key_list))
         with pytest.raises(Refused, match=reason):
             worker.run()
         transport.close()
@@ -61,7 +67,8 @@ def test_only_listed_correctly_signed_workers_get_in(broker_url, session, key_di
     honest = []
     for index in range(2):
         transport = connect(f"worker-{index}")
-        role = FedAvgWorker(settings, transport, f"worker-{index}", index, signer=keys.load_private(key_dir / f"worker-{index}.key", f"worker-{index}"), trusted=key_list)
+        identity = Identity(keys.load_private(key_dir / f"worker-{index}.key", f"worker-{index}"), key_list)
+        role = FedAvgWorker(settings, WorkerDeployment(session=session, timeout=60, worker_id=f"worker-{index}", index=index), transport, identity)
         honest.append((transport, threading.Thread(target=role.run, daemon=True)))
         honest[-1][1].start()
     thread.join(120)
@@ -121,7 +128,7 @@ class Meddler(RabbitTransport):
 
 
 def test_bad_duplicate_and_replayed_updates_are_dropped_and_counted(broker_url, session, key_dir, tmp_path):
-    settings = FedAvgSettings(dataset="digits", rounds=3, partition="iid", session=session, timeout=120)
+    settings = FederatedSettings(dataset="digits", rounds=3, partition="iid")
     reference, _ = federated.reference_run(settings)
 
     def connect(role):
@@ -131,7 +138,8 @@ def test_bad_duplicate_and_replayed_updates_are_dropped_and_counted(broker_url, 
         meddler.signer = keys.load_private(key_dir / "worker-0.key", "worker-0")
         return meddler
 
-    result = fedavg.run_threads(settings, connect, key_list=key_dir / "key-list.json", checkpoint_dir=tmp_path / "ckpt")
+    run = FedAvgRun(broker=broker_url, launch="threads", session=session, timeout=120, key_list=key_dir / "key-list.json", checkpoint_dir=tmp_path / "ckpt")
+    result = launch.run(fedavg.SCENARIO, settings, run, connect_as=connect)
     saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
     assert all(r["workers"] == ["worker-0", "worker-1", "worker-2"] for r in result["history"])
@@ -157,16 +165,17 @@ class Poisoner(RabbitTransport):
 
 
 def poisoned_run(broker_url, session, key_dir, strategy, poison: bool) -> float:
-    settings = FedAvgSettings(dataset="digits", rounds=4, local_epochs=3, workers=5, partition="iid", strategy=strategy, session=f"{session}-{strategy}-{poison}", timeout=120)
+    settings = FederatedSettings(dataset="digits", rounds=4, local_epochs=3, workers=5, partition="iid", strategy=strategy)
+    run = FedAvgRun(broker=broker_url, launch="threads", session=f"{session}-{strategy}-{poison}", timeout=120, key_list=key_dir / "key-list.json")
 
     def connect(role):
         if poison and role == "worker-4":
-            transport = Poisoner(broker_url, name=f"poisoner-{settings.session}")
+            transport = Poisoner(broker_url, name=f"poisoner-{run.session}")
             transport.signer = keys.load_private(key_dir / "worker-4.key", "worker-4")
             return transport
-        return RabbitTransport(broker_url, name=f"{role}-{settings.session}")
+        return RabbitTransport(broker_url, name=f"{role}-{run.session}")
 
-    return fedavg.run_threads(settings, connect, key_list=key_dir / "key-list.json")["accuracy"]
+    return launch.run(fedavg.SCENARIO, settings, run, connect_as=connect)["accuracy"]
 
 
 def test_median_and_krum_hold_against_a_poisoning_worker(broker_url, session, key_dir):

@@ -6,8 +6,9 @@ from prometheus_client import REGISTRY
 from safetensors.torch import load_file
 
 from splitfed.learning import federated
-from splitfed.roles.fedavg_common import FedAvgSettings
-from splitfed.scenarios import fedavg
+from splitfed.learning.settings import FederatedSettings
+from splitfed.scenarios import fedavg, launch
+from splitfed.scenarios.fedavg import FedAvgRun
 
 
 def final_diff(model, checkpoint_dir) -> float:
@@ -17,17 +18,17 @@ def final_diff(model, checkpoint_dir) -> float:
 
 @pytest.mark.parametrize(("strategy", "workers"), [("fedavg", 3), ("fedprox", 3), ("median", 4), ("trimmed-mean", 5), ("krum", 5)])
 def test_fedavg_in_memory_equals_the_plain_loop(tmp_path, strategy, workers):
-    settings = FedAvgSettings(dataset="digits", rounds=2, workers=workers, partition="iid", strategy=strategy, session=f"mem-{strategy}")
+    settings = FederatedSettings(dataset="digits", rounds=2, workers=workers, partition="iid", strategy=strategy)
     reference, history = federated.reference_run(settings)
-    result = fedavg.run(settings, checkpoint_dir=tmp_path)
+    result = launch.run(fedavg.SCENARIO, settings, FedAvgRun(session=f"mem-{strategy}", checkpoint_dir=tmp_path))
     assert final_diff(reference, tmp_path) <= 1e-5
     assert [r["accuracy"] for r in result["history"]] == pytest.approx([r.accuracy for r in history], abs=1e-3)
     assert result["contributors"] == {str(r): [f"worker-{i}" for i in range(workers)] for r in (1, 2)}
 
 
 def test_reference_partition_keeps_classes_apart_and_reports_rounds(tmp_path):
-    settings = FedAvgSettings(dataset="digits", rounds=3, session="mem-classes")
-    result = fedavg.run(settings, checkpoint_dir=tmp_path)
+    settings = FederatedSettings(dataset="digits", rounds=3)
+    result = launch.run(fedavg.SCENARIO, settings, FedAvgRun(session="mem-classes", checkpoint_dir=tmp_path))
     assert [r["step"] for r in result["history"]] == [1, 2, 3]
     assert all(r["workers"] == ["worker-0", "worker-1", "worker-2"] for r in result["history"])
     labels = {"role": "fedavg-server", "session": "mem-classes"}
@@ -44,8 +45,8 @@ def test_signed_run_in_memory_is_not_unsafe(tmp_path):
     from splitfed.security import keys
 
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", "worker-0", "worker-1", "worker-2"])
-    settings = FedAvgSettings(dataset="digits", rounds=1, partition="iid", session="mem-signed")
-    result = fedavg.run(settings, key_list=key_list)
+    settings = FederatedSettings(dataset="digits", rounds=1, partition="iid")
+    result = launch.run(fedavg.SCENARIO, settings, FedAvgRun(session="mem-signed", key_list=key_list))
     assert result["config"]["authenticated"] is True
     assert REGISTRY.get_sample_value("splitfed_unsafe_mode", {"role": "fedavg-server", "session": "mem-signed"}) == 0.0
     assert torch.isfinite(torch.tensor(result["loss"]))

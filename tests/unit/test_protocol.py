@@ -86,7 +86,7 @@ def test_relay_and_cli_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, splitfed.cli, splitfed.roles.relay, splitfed.transport.rabbitmq; print('torch' in sys.modules)"
+    code = "import sys, splitfed.cli, splitfed.roles.split.relay, splitfed.roles.registry, splitfed.scenarios.registry, splitfed.transport.rabbitmq; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

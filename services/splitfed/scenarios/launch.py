@@ -118,7 +118,7 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         workdir = Path(tempfile.mkdtemp(prefix="splitfed-"))
         launches = scenario.plan(learning, settings, workdir)
         if settings.launch == "processes":
-            result = run_processes(launches, _connection(settings), on_progress, settings.timeout)
+            result = run_processes(launches, connection_of(settings), on_progress, settings.timeout)
         else:
             result = run_threads(launches, connect_as or transport_factory(settings), on_progress, settings.timeout)
         delete_queues(connect_as or transport_factory(settings), scenario.queues(learning, settings))
@@ -129,7 +129,7 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
     return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
 
 
-def _connection(settings: RunSettings) -> Connection:
+def connection_of(settings: RunSettings) -> Connection:
     return config.build(Connection, config.values_of(settings))
 
 
@@ -137,7 +137,7 @@ def transport_factory(settings: RunSettings) -> TransportFactory:
     if settings.broker == "memory":
         shared = MemoryBroker()
         return lambda party: MemoryTransport(shared)
-    connection = _connection(settings)
+    connection = connection_of(settings)
     return lambda party: connect(connection, party)
 
 
