@@ -12,6 +12,7 @@ setup-test:
 	ci/setup.sh test
 
 demo: setup
+	mkdir -p results
 	$(SPLITFED) run split --dataset fashion-mnist --epochs 1 --out results/split.json
 
 test: setup-test

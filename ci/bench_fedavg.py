@@ -23,10 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from splitfed.learning import federated
-from splitfed.roles.fedavg_common import FedAvgSettings
-from splitfed.roles.fedavg_server import FedAvgServer
-from splitfed.roles.fedavg_worker import FedAvgWorker
-from splitfed.scenarios import fedavg
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.roles.declaration import Identity
+from splitfed.roles.fedavg import ServerDeployment, WorkerDeployment, worker_ids
+from splitfed.roles.fedavg.server import FedAvgServer
+from splitfed.roles.fedavg.worker import FedAvgWorker
+from splitfed.scenarios import fedavg, launch
+from splitfed.scenarios.fedavg import FedAvgRun
 from splitfed.scenarios.launch import RoleThread, new_session
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
@@ -36,15 +39,14 @@ BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
 def overhead(args) -> None:
     """Plain loop and distributed run alternate `--repeat` times; each pair gives one ratio."""
-    settings = FedAvgSettings(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, rounds=args.rounds, partition="iid")
+    settings = FederatedSettings(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, rounds=args.rounds, partition="iid")
     table = Table(title=f"FedAvg, 3 workers, {args.dataset} ({args.limit} samples), mean s/round over rounds 2..{args.rounds}")
     for column in ("pair", "plain loop, 1 process", "RabbitMQ, 4 processes", "ratio", "accuracy plain / RabbitMQ"):
         table.add_column(column, justify="right")
     ratios = []
     for pair in range(1, args.repeat + 1):
         _, plain = federated.reference_run(settings)
-        settings.session = new_session()
-        distributed = fedavg.run(settings, args.broker)
+        distributed = launch.run(fedavg.SCENARIO, settings, FedAvgRun(broker=args.broker))
         # Round 1 includes the workers' start-up; compare the rounds after it.
         plain_seconds = statistics.mean(r.seconds for r in plain[1:])
         broker_seconds = statistics.mean(r["seconds"] for r in distributed["history"][1:])
@@ -68,11 +70,12 @@ def scale(args) -> None:
 
 def scale_run(count: int, per_process: int, rounds: int) -> tuple[float, float, float]:
     directory = Path(tempfile.mkdtemp(prefix="splitfed-scale-"))
-    key_list = keys.generate(directory, ["fedavg-server", *fedavg.worker_ids(count)])
+    key_list = keys.generate(directory, ["fedavg-server", *worker_ids(count)])
     session = new_session()
-    settings = FedAvgSettings(dataset="digits", model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", session=session, lr=0.05, timeout=300)
+    settings = FederatedSettings(dataset="digits", model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05)
     server_transport = RabbitTransport(BROKER, name="scale-server", prefetch=2 * count + 16)
-    server = FedAvgServer(settings, server_transport, trusted=keys.KeyList.load(key_list), signer=keys.load_private(directory / "fedavg-server.key", "fedavg-server"))
+    identity = Identity.load("fedavg-server", key_list, directory / "fedavg-server.key")
+    server = FedAvgServer(settings, ServerDeployment(session=session, timeout=300), server_transport, identity)
     helpers = [
         subprocess.Popen([sys.executable, __file__, "workers", "--session", session, "--first", str(first), "--count", str(min(per_process, count - first)),
                           "--total", str(count), "--rounds", str(rounds), "--key-list", str(key_list)])
@@ -91,19 +94,21 @@ def scale_run(count: int, per_process: int, rounds: int) -> tuple[float, float, 
 def workers(args) -> None:
     """A helper process hosting `count` workers, each on its own thread and connection."""
     torch.set_num_threads(1)
-    settings = FedAvgSettings(dataset="digits", model="tiny", batch_size=16, rounds=args.rounds, workers=args.total, partition="iid", session=args.session, lr=0.05, timeout=300)
-    trusted = keys.KeyList.load(args.key_list)
+    settings = PartitionSettings(dataset="digits", model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05)
     threads = []
     for index in range(args.first, args.first + args.count):
         name = f"worker-{index}"
         transport = RabbitTransport(BROKER, name=name)
-        role = FedAvgWorker(settings, transport, name, index, signer=keys.load_private(args.key_list.parent / f"{name}.key", name), trusted=trusted)
+        identity = Identity.load(name, args.key_list, args.key_list.parent / f"{name}.key")
+        role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=300, worker_id=name, index=index), transport, identity)
         threads.append((transport, RoleThread(name, role.run)))
     for _, thread in threads:
         thread.start()
     for transport, thread in threads:
-        thread.outcome(600)
+        thread.join(600)
         transport.close()
+        if thread.error:
+            raise thread.error
 
 
 def main() -> None:

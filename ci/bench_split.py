@@ -3,7 +3,7 @@ split over RabbitMQ via the relay, on the same data subset, in one run; ratios t
 
     .venv/bin/python ci/bench_split.py [--limit 10000] [--dataset fashion-mnist] [--broker URL]
 
-Goals (issue 2): direct <= 1.3x, relay <= 1.5x centralized at the default cut layer.
+Goals: direct <= 1.3x, relay <= 1.5x centralized at the default cut layer.
 Timings are of the epoch (training plus evaluation), not of process start-up.
 """
 
@@ -15,10 +15,9 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.learning.settings import TrainSettings
-from splitfed.roles.split_common import SplitSettings
-from splitfed.scenarios import centralized, split
-from splitfed.scenarios.launch import new_session
+from splitfed.learning.settings import SplitSettings, TrainSettings
+from splitfed.scenarios import centralized, launch, split
+from splitfed.scenarios.split import SplitRun
 
 
 def main() -> None:
@@ -32,10 +31,10 @@ def main() -> None:
 
     common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=1)
     runs = {
-        "centralized": lambda: centralized.run(TrainSettings(**common)),
-        "split, memory": lambda: split.run(SplitSettings(**common, session=new_session(), via="direct"), "memory"),
-        "split, RabbitMQ direct": lambda: split.run(SplitSettings(**common, session=new_session(), via="direct"), args.broker),
-        "split, RabbitMQ relay": lambda: split.run(SplitSettings(**common, session=new_session(), via="relay"), args.broker),
+        "centralized": lambda: launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun()),
+        "split, memory": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(via="direct")),
+        "split, RabbitMQ direct": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="direct")),
+        "split, RabbitMQ relay": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="relay")),
     }
     rows = {}
     for name, run in runs.items():

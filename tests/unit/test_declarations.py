@@ -1,0 +1,103 @@
+"""The contract between settings, CLI flags, SPLITFED_* variables, the launcher and the README:
+derived from one declaration per role and scenario, checked here so that none can drift."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from splitfed import config, docs
+from splitfed.cli import app
+from splitfed.roles.registry import ROLES
+from splitfed.scenarios import launch
+from splitfed.scenarios.registry import SCENARIOS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def command(group: str, name: str):
+    return typer.main.get_command(app).commands[group].commands[name]
+
+
+def flags_and_envs(cli_command) -> tuple[list[str], list[str]]:
+    options = [p for p in cli_command.params if p.name != "help"]
+    return [flag for p in options for flag in p.opts + p.secondary_opts], [p.envvar for p in options]
+
+
+@pytest.mark.parametrize("name", sorted(ROLES))
+def test_every_role_setting_is_one_flag_and_one_variable(name):
+    spec = ROLES[name]
+    flags, envs = flags_and_envs(command("serve", name))
+    fields = [option.name for option in spec.options()]
+    assert len(flags) == len(set(flags)) == len(fields), "a settings field with no flag, or two"
+    assert len(envs) == len(set(envs)) == len(fields)
+    assert set(envs) == spec.env_names() == {config.env_name(field) for field in fields}
+    assert set(flags) == {"--" + field.replace("_", "-") for field in fields}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_run_setting_is_one_flag_and_one_variable(name):
+    scenario = SCENARIOS[name]
+    flags, envs = flags_and_envs(command("run", name))
+    fields = [option.name for option in config.options(scenario.learning, scenario.run_settings)]
+    assert len(flags) == len(set(flags)) == len(fields)
+    assert set(envs) == {config.env_name(field) for field in fields}
+
+
+def plans(tmp_path):
+    """Every scenario's launches, in the variants that change what is passed to the roles."""
+    keys = tmp_path / "keys" / "key-list.json"
+    variants = {
+        "split": [dict(via="relay"), dict(via="direct", key_list=keys, save_model=tmp_path / "m.safetensors")],
+        "fedavg": [dict(), dict(key_list=keys, checkpoint_dir=tmp_path / "ckpt", min_workers=2, round_timeout=5.0)],
+    }
+    for name, changes in variants.items():
+        scenario = SCENARIOS[name]
+        for change in changes:
+            run = scenario.run_settings(broker="amqp://u:p@broker:5672/", tls_ca=tmp_path / "ca.pem", **change).resolved()
+            yield name, scenario.plan(scenario.learning(dataset="digits", seed=7, lr=0.01), run, tmp_path)
+
+
+def test_every_variable_a_scenario_passes_is_accepted_by_its_role_and_means_the_same(tmp_path):
+    from splitfed.transport import Connection
+
+    seen = set()
+    for name, launches in plans(tmp_path):
+        for role in launches:
+            spec = ROLES[role.spec.name]
+            passed = {key: value for key, value in launch.role_environment(role, Connection(broker="amqp://u:p@broker:5672/")).items() if key.startswith("SPLITFED_")}
+            assert set(passed) <= spec.env_names(), f"{name}: serve {spec.name} has no option for {set(passed) - spec.env_names()}"
+            # Read back as `serve` reads them: the role gets exactly the settings it was planned with.
+            values = {option.name: option.parse(passed[option.env]) for option in spec.options() if option.env in passed}
+            if spec.learning:
+                assert config.build(spec.learning, values) == role.learning
+            assert config.build(spec.deployment, values) == role.deployment
+            seen.add(spec.name)
+    assert seen == set(ROLES), "a role no scenario starts"
+
+
+def test_unknown_variables_are_reported_by_name():
+    env = {**os.environ, "SPLITFED_ROUNDS": "3", "SPLITFED_SESION": "typo"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "splitfed", "serve", "relay", "--session", "s", "--broker", "memory"], env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2 and "needs --broker amqp" in completed.stderr
+    for name in ("SPLITFED_ROUNDS", "SPLITFED_SESION"):
+        assert f"{name} is set, but serve relay has no such option" in completed.stderr
+
+
+def test_bad_values_are_refused_with_the_flag_named():
+    option = next(o for o in ROLES["fedavg-server"].options() if o.name == "lr")
+    for text in ("nan", "inf", "-1", "fast"):
+        with pytest.raises(ValueError, match="SPLITFED_LR|--lr"):
+            option.parse(text)
+    assert option.parse("0.5") == 0.5
+
+
+def test_the_readme_option_table_is_the_generated_one():
+    text = README.read_text()
+    start, end = text.index(docs.BEGIN), text.index(docs.END) + len(docs.END)
+    assert text[start:end] == docs.options_table(), "README options are stale: python -m splitfed.docs"
