@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,31 +20,77 @@ def round_seed(seed: int, worker_index: int, round_number: int) -> int:
     return seed * 1_000_003 + worker_index * 10_007 + round_number
 
 
-def local_training(model: torch.nn.Module, share: data.Split, settings: PartitionSettings, prox_mu: float, seed: int) -> float:
-    """`local_epochs` over this worker's share; with prox_mu > 0 the FedProx term
-    mu/2 * ||w - w_global||^2 keeps the local model near the global one. Returns the mean loss."""
-    opt = train.optimizer(model.parameters(), settings.optimizer, settings.lr)
-    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+def local_batches(size: int, settings: PartitionSettings, generator: torch.Generator) -> list[torch.Tensor]:
+    """This round's batches of indices: `local_epochs` passes over the share, or exactly
+    `local_steps` batches (further passes begin as the previous one ends)."""
+    if settings.local_steps is None:
+        return [batch for _ in range(settings.local_epochs) for batch in data.batch_order(size, settings.batch_size, generator)]
+    batches: list[torch.Tensor] = []
+    while len(batches) < settings.local_steps:
+        batches.extend(data.batch_order(size, settings.batch_size, generator))
+    return batches[: settings.local_steps]
+
+
+def round_lr(settings: PartitionSettings, round_number: int) -> float:
+    return settings.lr * settings.lr_decay ** (round_number - 1)
+
+
+def local_gradient(model: nn.Module, share: data.Split, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean gradient of the local loss at the model as it is, over `batches` (no step)."""
+    totals = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    model.train()
+    for indices in batches:
+        model.zero_grad(set_to_none=True)
+        train.loss_fn(model(share.images[indices]), share.labels[indices]).backward()
+        for name, p in model.named_parameters():
+            totals[name] += p.grad
+    model.zero_grad(set_to_none=True)
+    return {name: total / len(batches) for name, total in totals.items()}
+
+
+@dataclass
+class LocalWork:
+    loss: float  # mean training loss of the round
+    control: dict[str, torch.Tensor] | None = None  # SCAFFOLD: this worker's new control variate c_i
+
+
+def local_training(
+    model: nn.Module, share: data.Split, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
+    controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+) -> LocalWork:
+    """One round of local work on this worker's share, from the global model in `model`.
+
+    prox_mu > 0: the FedProx term mu/2 * ||w - w_global||^2 keeps the local model near the
+    global one. `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
+    variates: every gradient is corrected by c - c_i, and the new c_i is the local gradient at
+    the global model over this round's batches (the paper's option I, whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
+    batches = local_batches(len(share), settings, generator)
+    new_control = local_gradient(model, share, batches) if controls is not None else None
+    correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
+    opt = train.optimizer(model.parameters(), settings.optimizer, round_lr(settings, round_number))
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     losses = []
     model.train()
-    for _ in range(settings.local_epochs):
-        for indices in data.batch_order(len(share), settings.batch_size, generator):
-            opt.zero_grad(set_to_none=True)
-            loss = train.loss_fn(model(share.images[indices]), share.labels[indices])
-            if anchor is not None:
-                loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    return sum(losses) / max(1, len(losses))
+    for indices in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = train.loss_fn(model(share.images[indices]), share.labels[indices])
+        if anchor is not None:
+            loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+        loss.backward()
+        if correction is not None:
+            for name, p in model.named_parameters():
+                p.grad += correction[name]
+        opt.step()
+        losses.append(loss.item())
+    return LocalWork(sum(losses) / max(1, len(losses)), new_control)
 
 
 def reference_run(
     settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None
 ) -> tuple[nn.Module, list[EpochRecord]]:
     """Federated settings run as a plain loop: each round every worker trains in turn from the
-    global model, then the same strategy object the server uses combines the updates."""
+    global model, then the same strategy object the server uses steps the global model."""
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
     names = list(model.state_dict())
@@ -52,16 +99,27 @@ def reference_run(
     test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
     local = models.build(settings.model, meta, settings.seed)
     strategy = strategies.from_settings(settings)
+    worker_controls = [zeros_like_state(model) for _ in shares] if strategy.control_variates else []
     history = []
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        vectors, weights, losses = [], [], []
+        current = strategies.flatten(model.state_dict(), names)
+        server_control = strategies.unflatten(strategy.control(current), model.state_dict(), names) if strategy.control_variates else None
+        vectors, weights, losses, control_deltas = [], [], [], []
         for index, share in enumerate(shares):
             local.load_state_dict(model.state_dict())
-            losses.append(local_training(local, share, settings, strategy.local_prox_mu, round_seed(settings.seed, index, round_number)))
+            controls = (server_control, worker_controls[index]) if server_control is not None else None
+            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number,
+                                  prox_mu=strategy.local_prox_mu, controls=controls)
+            losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))
-        combined = strategy(torch.stack(vectors), torch.tensor(weights))  # (K, P), (K,) -> (P,)
+            if work.control is not None:
+                control_deltas.append(strategies.flatten(work.control, names) - strategies.flatten(worker_controls[index], names))
+                worker_controls[index] = work.control
+        combined = strategy.step(current, torch.stack(vectors), torch.tensor(weights))  # (P,), (K, P), (K,) -> (P,)
+        if strategy.control_variates:
+            strategy.update_control(torch.stack(control_deltas), len(shares))
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))
         model.eval()
         evaluation = train.evaluate(model, test_data, settings.eval_batch_size)
@@ -69,3 +127,7 @@ def reference_run(
         if on_round:
             on_round(history[-1])
     return model, history
+
+
+def zeros_like_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(value) for name, value in model.state_dict().items()}

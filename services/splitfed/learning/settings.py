@@ -30,7 +30,8 @@ DATASETS: dict[str, DatasetInfo] = {
 MODELS = ("cnn", "tiny")  # built by learning.models
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
-STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum")  # built by learning.strategies
+STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # learning.strategies
+RULES = ("mean", "median", "trimmed-mean", "krum")
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,8 @@ class PartitionSettings(ModelSettings):
     workers: int = setting(3, "Number of workers (each holds one share of the training data).", min=1)
     partition: str = setting("classes:0-3,4-6,7-9", "How the training data is shared out: classes:0-3,4-6,7-9 | iid | dirichlet:ALPHA | shards:K.")
     local_epochs: int = setting(1, "Local epochs per round on each worker.", min=1)
+    local_steps: int | None = setting(None, "Local optimiser steps per round instead of --local-epochs.", min=1)
+    lr_decay: float = setting(1.0, "Workers' learning rate in round r is lr * lr_decay^(r-1).", min=0.0, max=1.0)
 
 
 @dataclass(kw_only=True)
@@ -78,7 +81,16 @@ class FederatedSettings(PartitionSettings):
     """The whole federation: rounds and the aggregation rule on top of the workers' settings."""
 
     rounds: int = setting(10, "Federated rounds.", min=1)
-    strategy: str = setting("fedavg", "Aggregation rule (median, trimmed-mean and krum resist poisoned updates).", choices=STRATEGIES)
+    strategy: str = setting(
+        "fedavg", "Aggregation: fedavg, fedprox; median, trimmed-mean, krum (resist poisoned updates); server optimisers fedavgm, "
+        "fedadam, fedyogi, fedadagrad; scaffold (drift correction).", choices=STRATEGIES,
+    )
     prox_mu: float = setting(0.01, "FedProx proximal weight (with --strategy fedprox).", min=0.0)
     trim: float = setting(0.2, "Fraction trimmed at each end by trimmed-mean.", min=0.0, max=0.49)
     byzantine: int = setting(1, "Poisoned workers krum tolerates.", min=0)
+    rule: str = setting("mean", "How server optimisers combine the round's models before their step (a robust rule resists poisoning).", choices=RULES)
+    server_lr: float | None = setting(None, "Server learning rate of fedavgm, fedadam, fedyogi, fedadagrad, scaffold (default: 1 for fedavgm and scaffold, 0.01 for the adaptive ones).", min=0.0)
+    server_momentum: float = setting(0.9, "fedavgm's server momentum.", min=0.0, max=1.0)
+    beta1: float = setting(0.9, "First-moment decay of fedadam, fedyogi, fedadagrad.", min=0.0, max=1.0)
+    beta2: float = setting(0.99, "Second-moment decay of fedadam and fedyogi.", min=0.0, max=1.0)
+    tau: float = setting(1e-3, "Adaptivity (epsilon) of fedadam, fedyogi, fedadagrad.", min=1e-12)

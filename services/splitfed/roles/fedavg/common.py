@@ -28,6 +28,17 @@ def worker_queue(session: str, worker_id: str) -> str:
     return queue_name(session, WORKER, worker_id)
 
 
+CONTROL, CONTROL_DELTA = "control/", "control-delta/"  # SCAFFOLD tensors travel beside the model's, by prefix
+
+
+def with_prefix(prefix: str, state: dict) -> dict:
+    return {prefix + name: value for name, value in state.items()}
+
+
+def without_prefix(prefix: str, tensors: dict) -> dict:
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
 def session_queues(session: str, workers: int) -> list[str]:
     return [server_queue(session), *(worker_queue(session, worker) for worker in worker_ids(workers))]
 

@@ -26,7 +26,10 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
-from splitfed.roles.fedavg.common import DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, worker_queue
+from splitfed.roles.fedavg.common import (
+    CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
+    worker_queue,
+)
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ MAX_SAMPLES = 10**12  # an update's weight; anything larger is a lie meant to do
 @dataclass
 class Update:
     vector: torch.Tensor  # (P,) all parameters, flattened
+    control_delta: torch.Tensor | None  # (P,) SCAFFOLD: the change of the worker's control variate
     samples: int
     train_loss: float
     delivery: Delivery
@@ -71,6 +75,7 @@ class FedAvgServer:
         self.model = models.build(settings.model, self.meta, settings.seed)
         self.names = list(self.model.state_dict())
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
+        self.update_specs = {**self.specs, **(with_prefix(CONTROL_DELTA, self.specs) if self.strategy.control_variates else {})}
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
         self.endpoint = Endpoint(
@@ -89,13 +94,19 @@ class FedAvgServer:
         if not self.checkpoint_dir or not (self.checkpoint_dir / "state.json").exists():
             return
         self.state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
-        # Our own file, written before the state that names it: never bytes from the network.
+        # Our own files, written before the state that names them: never bytes from the network.
         self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round))))
+        strategy_file = self.checkpoint_dir / self.strategy_file(self.state.round)
+        self.strategy.load_state(load_file(str(strategy_file)) if strategy_file.exists() else {})
         log.info("resumed from checkpoint: round %d, workers %s", self.state.round, ", ".join(self.state.workers))
 
     @staticmethod
     def model_file(round_number: int) -> str:
         return f"model-round-{round_number}.safetensors"
+
+    @staticmethod
+    def strategy_file(round_number: int) -> str:
+        return f"strategy-round-{round_number}.safetensors"
 
     def checkpoint(self, with_model: bool) -> None:
         """Write the global model for the round about to run, then atomically replace state.json,
@@ -104,11 +115,15 @@ class FedAvgServer:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         current = self.checkpoint_dir / self.model_file(self.state.round)
+        strategy = self.checkpoint_dir / self.strategy_file(self.state.round)
         if with_model or not current.exists():
             _atomic(current, lambda path: save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path)))
+            # The strategy's state (momentum, moments, control variate) belongs to this model.
+            if state := self.strategy.state():
+                _atomic(strategy, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, str(path)))
         _atomic(self.checkpoint_dir / "state.json", lambda path: path.write_text(json.dumps(vars(self.state))))
-        for old in self.checkpoint_dir.glob("model-round-*.safetensors"):
-            if old != current:
+        for old in (*self.checkpoint_dir.glob("model-round-*.safetensors"), *self.checkpoint_dir.glob("strategy-round-*.safetensors")):
+            if old not in (current, strategy):
                 old.unlink()
         latest = self.checkpoint_dir / "model.safetensors"  # the newest global model, for people and tools
         if with_model:
@@ -175,7 +190,11 @@ class FedAvgServer:
 
     def send_model(self, worker: str) -> None:
         meta = {"prox_mu": self.strategy.local_prox_mu}
-        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=to_wire(self.model.state_dict()))
+        tensors = to_wire(self.model.state_dict())
+        if self.strategy.control_variates:
+            current = strategies.flatten(self.model.state_dict(), self.names)
+            tensors.update(to_wire(with_prefix(CONTROL, strategies.unflatten(self.strategy.control(current), self.model.state_dict(), self.names))))
+        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=tensors)
         self.endpoint.send_message(worker_queue(self.session, worker), message, persistent=True)
 
     def run_round(self) -> None:
@@ -189,7 +208,10 @@ class FedAvgServer:
         updates = dict(sorted(self.collect(expected).items()))
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
         weights = torch.tensor([float(u.samples) for u in updates.values()])
-        combined = self.strategy(vectors, weights)  # (P,)
+        current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
+        combined = self.strategy.step(current, vectors, weights)  # (P,)
+        if self.strategy.control_variates:
+            self.strategy.update_control(torch.stack([u.control_delta for u in updates.values()]), len(self.state.workers))
         self.model.load_state_dict(strategies.unflatten(combined, self.model.state_dict(), self.names))
         self.model.eval()
         evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
@@ -235,7 +257,7 @@ class FedAvgServer:
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
-            check_tensors(message, self.specs)
+            check_tensors(message, self.update_specs)
             samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
             if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= MAX_SAMPLES:
                 raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r}")
@@ -267,9 +289,10 @@ class FedAvgServer:
                 self.endpoint.ack(updates[message.sender].delivery)
                 updates[message.sender].delivery = delivery
                 continue
-            state = {name: torch.from_numpy(message.tensors[name]) for name in self.names}
+            tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
+            control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.strategy.control_variates else None
             updates[message.sender] = Update(
-                strategies.flatten(state, self.names), message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
+                strategies.flatten(tensors, self.names), control_delta, message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
             )
             metrics.UPDATES.labels(SERVER, self.session, "accepted").inc()
         return updates

@@ -15,7 +15,10 @@ from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
-from splitfed.roles.fedavg.common import DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER, server_queue, to_wire, worker_queue
+from splitfed.roles.fedavg.common import (
+    CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix, without_prefix,
+    worker_queue,
+)
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class FedAvgWorker(Role):
         )
         self.server = server_queue(self.session)
         transport.declare(self.server, durable=True)
+        self.control = federated.zeros_like_state(self.model)  # SCAFFOLD's c_i; zero again after a restart
         self.last_round = 0  # the last round this worker sent an update for
         self.rounds = 0
         self.done = False
@@ -76,7 +80,8 @@ class FedAvgWorker(Role):
 
     def check(self, message: Message) -> None:
         if message.kind == MODEL:
-            check_tensors(message, self.specs)
+            controlled = any(name.startswith(CONTROL) for name in message.tensors)
+            check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
             mu = message.meta.get("prox_mu", 0.0)
             if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0 <= mu < float("inf"):
                 raise ProtocolError("value", f"prox_mu {mu!r}")
@@ -89,11 +94,19 @@ class FedAvgWorker(Role):
 
     def train_and_send(self, message: Message) -> None:
         started = time.perf_counter()
-        global_state = {name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()}
-        self.model.load_state_dict(global_state)
+        tensors = {name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()}
+        self.model.load_state_dict({name: tensors[name] for name in self.specs})
+        server_control = without_prefix(CONTROL, tensors)
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
-        loss = federated.local_training(self.model, self.data, self.settings, float(message.meta.get("prox_mu", 0.0)), seed)
-        update = Message(UPDATE, "", "", round=message.round, meta={"samples": len(self.data), "train_loss": loss}, tensors=to_wire(self.model.state_dict()))
+        work = federated.local_training(
+            self.model, self.data, self.settings, seed, message.round, prox_mu=float(message.meta.get("prox_mu", 0.0)),
+            controls=(server_control, self.control) if server_control else None,
+        )
+        loss, sent = work.loss, to_wire(self.model.state_dict())
+        if work.control is not None:
+            sent.update(to_wire(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))
+            self.control = work.control
+        update = Message(UPDATE, "", "", round=message.round, meta={"samples": len(self.data), "train_loss": loss}, tensors=sent)
         self.endpoint.send_message(self.server, update, persistent=True)
         self.last_round = message.round
         self.rounds += 1
