@@ -53,9 +53,9 @@ def assert_equals_reference(settings: FederatedSettings, checkpoint: Path) -> No
     assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
 
 
-def slow_enough() -> FederatedSettings:
+def slow_enough(**strategy) -> FederatedSettings:
     """Rounds of a second or two: long enough to kill or restart something in the middle of one."""
-    return FederatedSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid")
+    return FederatedSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid", **strategy)
 
 
 def all_workers(settings):
@@ -72,19 +72,23 @@ def process_group(run: FedAvgRun) -> ProcessGroup:
     return ProcessGroup(launch.connection_of(run))
 
 
-def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path):
+@pytest.mark.parametrize("strategy", [{}, {"strategy": "fedadam", "local_steps": 8}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.05}])
+def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path, strategy):
     from splitfed.security import keys
 
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3)])
-    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid", **strategy)
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
     result = launch.run(fedavg.SCENARIO, settings, run)
     assert result["config"]["launch"] == "processes" and result["config"]["authenticated"]
     assert_equals_reference(settings, tmp_path / "ckpt")
 
 
-def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path):
-    settings = slow_enough()
+# Server optimisers and SCAFFOLD keep state beside the model (moments, control variates): the
+# resumed run equals the uninterrupted one only if that state is checkpointed with the model.
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02}])
+def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path, strategy):
+    settings = slow_enough(**strategy)
     checkpoint = tmp_path / "ckpt"
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint)
     server_launch, worker_launches = roles(settings, run, tmp_path)

@@ -20,6 +20,29 @@ def round_seed(seed: int, worker_index: int, round_number: int) -> int:
     return seed * 1_000_003 + worker_index * 10_007 + round_number
 
 
+def training_data(settings: PartitionSettings) -> data.Split:
+    """The training samples the workers share out (all but the held-out ones)."""
+    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+    if settings.holdout >= len(full):
+        raise ValueError(f"--holdout {settings.holdout} leaves no training samples out of {len(full)}")
+    end = len(full) - settings.holdout
+    return data.Split(full.images[:end], full.labels[:end])
+
+
+def evaluation_data(settings: PartitionSettings) -> data.Split:
+    """What the global model is scored on: the held-out training samples, or the test set."""
+    if settings.holdout:
+        full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+        return data.Split(full.images[len(full) - settings.holdout :], full.labels[len(full) - settings.holdout :])
+    return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+
+
+def worker_share(settings: PartitionSettings, index: int) -> data.Split:
+    full = training_data(settings)
+    mine = data.partition(full.labels, settings.partition, settings.workers, settings.seed)[index]
+    return data.Split(full.images[mine], full.labels[mine])
+
+
 def local_batches(size: int, settings: PartitionSettings, generator: torch.Generator) -> list[torch.Tensor]:
     """This round's batches of indices: `local_epochs` passes over the share, or exactly
     `local_steps` batches (further passes begin as the previous one ends)."""
@@ -94,9 +117,9 @@ def reference_run(
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
     names = list(model.state_dict())
-    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+    full = training_data(settings)
     shares = [data.Split(full.images[i], full.labels[i]) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
-    test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+    test_data = evaluation_data(settings)
     local = models.build(settings.model, meta, settings.seed)
     strategy = strategies.from_settings(settings)
     worker_controls = [zeros_like_state(model) for _ in shares] if strategy.control_variates else []

@@ -74,6 +74,7 @@ class PartitionSettings(ModelSettings):
     local_epochs: int = setting(1, "Local epochs per round on each worker.", min=1)
     local_steps: int | None = setting(None, "Local optimiser steps per round instead of --local-epochs.", min=1)
     lr_decay: float = setting(1.0, "Workers' learning rate in round r is lr * lr_decay^(r-1).", min=0.0, max=1.0)
+    holdout: int = setting(0, "Keep the last N training samples from the workers and evaluate on them instead of the test set (to tune without the test set).", min=0)
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitfed.learning import data, models, strategies, train
+from splitfed.learning import data, federated, models, strategies, train
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
@@ -77,7 +77,7 @@ class FedAvgServer:
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
         self.update_specs = {**self.specs, **(with_prefix(CONTROL_DELTA, self.specs) if self.strategy.control_variates else {})}
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
-        self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.test_data = federated.evaluation_data(settings)
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             max_message_bytes=2 * model_bytes + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,

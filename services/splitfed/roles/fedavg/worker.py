@@ -42,9 +42,7 @@ class FedAvgWorker(Role):
         meta = data.info(settings.dataset)
         self.model = models.build(settings.model, meta, settings.seed)
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
-        full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-        mine = data.partition(full.labels, settings.partition, settings.workers, settings.seed)[self.index]
-        self.data = data.Split(full.images[mine], full.labels[mine])  # only this worker's share is kept
+        self.data = federated.worker_share(settings, self.index)  # only this worker's share is kept
         self.endpoint = Endpoint(
             transport, session=self.session, role=WORKER, inbox=worker_queue(self.session, self.worker_id), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id,
