@@ -100,4 +100,4 @@ def test_bad_values_are_refused_with_the_flag_named():
 def test_the_readme_option_table_is_the_generated_one():
     text = README.read_text()
     start, end = text.index(docs.BEGIN), text.index(docs.END) + len(docs.END)
-    assert text[start:end] == docs.options_table(), "README options are stale: python -m splitfed.docs"
+    assert text[start:end] == docs.options_table(), "README options are stale: run ci/update_readme_options.sh"

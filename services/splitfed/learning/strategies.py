@@ -148,7 +148,21 @@ RULES: dict[str, type[Strategy]] = {"mean": FedAvg, "median": Median, "trimmed-m
 
 
 @dataclass(frozen=True)
-class ServerOptimizer(Strategy):
+class StatefulStrategy(Strategy):
+    """A strategy with server-side tensors (float64) that the server checkpoints with the model."""
+
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.buffers)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.buffers.clear()
+        self.buffers.update({name: value.to(torch.float64) for name, value in state.items()})
+
+
+@dataclass(frozen=True)
+class ServerOptimizer(StatefulStrategy):
     """Combines the round's models with `rule` (mean, or a robust rule), takes the difference to
     the global model as a pseudo-gradient delta (P,), and steps the global model along it."""
 
@@ -156,7 +170,6 @@ class ServerOptimizer(Strategy):
     trim: float = 0.2
     byzantine: int = 1
     server_lr: float | None = None  # None: the strategy's own default
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
     default_server_lr: ClassVar[float] = 1.0
 
     @property
@@ -181,13 +194,6 @@ class ServerOptimizer(Strategy):
         if name not in self.buffers:
             self.buffers[name] = torch.full_like(like, fill, dtype=torch.float64)
         return self.buffers[name]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.buffers)
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffers.clear()
-        self.buffers.update({name: value.to(torch.float64) for name, value in state.items()})
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,7 @@ class FedYogi(AdaptiveServerOptimizer):
 
 
 @dataclass(frozen=True)
-class Scaffold(Strategy):
+class Scaffold(StatefulStrategy):
     """SCAFFOLD: workers correct each local gradient by (c - c_i); the server steps the global
     model by lr times the mean model change and moves c by the mean change of the c_i
     (all workers take part in every round, so |S| / N = 1)."""
@@ -259,7 +265,6 @@ class Scaffold(Strategy):
     name = "scaffold"
     control_variates = True
     server_lr: float | None = None
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(updates, weights)
@@ -277,13 +282,6 @@ class Scaffold(Strategy):
         """c += sum_i delta c_i / N over the K workers heard this round. control_deltas: (K, P)."""
         change = control_deltas.to(torch.float64).sum(0) / total_workers
         self.buffers["control"] = self.buffers.get("control", torch.zeros_like(change)) + change
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.buffers)
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffers.clear()
-        self.buffers.update({name: value.to(torch.float64) for name, value in state.items()})
 
 
 REGISTRY: dict[str, type[Strategy]] = {
