@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,10 +19,14 @@ from typing import Any, Union
 ENV_PREFIX = "SPLITFED_"
 
 
+NAME = r"[A-Za-z0-9_.-]{1,64}"  # what may name a session or a party: it becomes part of queue names
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
-            min: float | None = None, max: float | None = None, metavar: str | None = None) -> Any:  # noqa: A002
-    """A settings field: its default, its help text, and what values it accepts."""
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "metavar": metavar}
+            min: float | None = None, max: float | None = None, metavar: str | None = None, pattern: str | None = None) -> Any:  # noqa: A002
+    """A settings field: its default, its help text, and what values it accepts (`pattern`: a
+    regular expression a text value must match whole)."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "metavar": metavar, "pattern": pattern}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -38,6 +43,7 @@ class Option:
     min: float | None
     max: float | None
     metavar: str | None
+    pattern: str | None
     owner: type  # the dataclass that declares it
 
     @property
@@ -75,6 +81,8 @@ class Option:
             return
         if self.choices and value not in self.choices:
             raise ValueError(f"{self.flag} {value!r}: choose one of {', '.join(self.choices)}")
+        if self.pattern and not re.fullmatch(self.pattern, str(value)):
+            raise ValueError(f"{self.flag} {str(value)[:80]!r}: must match {self.pattern}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{self.flag} {value!r}: not a finite number")
         if self.min is not None and value < self.min:
@@ -116,7 +124,7 @@ def options(*classes: type) -> list[Option]:
             meta = field.metadata
             found[field.name] = Option(
                 field.name, base, optional, field.default, meta.get("help", ""), meta.get("choices"), meta.get("min"),
-                meta.get("max"), meta.get("metavar"), cls,
+                meta.get("max"), meta.get("metavar"), meta.get("pattern"), cls,
             )
     return list(found.values())
 

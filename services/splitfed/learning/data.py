@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitfed.learning.settings import DATASETS, DatasetInfo
+from splitfed.learning.settings import DATASETS, DatasetInfo, parse_partition
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -119,35 +119,28 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[tor
 
 
 def partition(labels: torch.Tensor, spec: str, parts: int, seed: int) -> list[torch.Tensor]:
-    """Indices of each party's share: `iid`, `classes:0-3,4-6,7-9`, `dirichlet:ALPHA`, `shards:K`."""
+    """Indices of each party's share: `iid`, `classes:0-3,4-6,7-9`, `dirichlet:ALPHA`, `shards:K`.
+    A share left empty (more parties than samples, classes the data does not hold) is an error."""
     generator = torch.Generator().manual_seed(seed)
-    kind, _, arg = spec.partition(":")
-    if kind == "iid":
-        return list(torch.randperm(len(labels), generator=generator).tensor_split(parts))
-    if kind == "classes":
-        groups = [_class_range(group) for group in arg.split(",")]
-        if len(groups) != parts:
-            raise ValueError(f"partition {spec!r} names {len(groups)} groups for {parts} parties")
-        return [torch.nonzero(torch.isin(labels, torch.tensor(group))).flatten() for group in groups]
-    if kind == "dirichlet":
-        return _dirichlet(labels, parts, float(arg), seed)
-    if kind == "shards":
-        shards_per_party = int(arg)
+    parsed = parse_partition(spec, parts, int(labels.max()) + 1 if len(labels) else 0)
+    if parsed.kind == "iid":
+        shares = list(torch.randperm(len(labels), generator=generator).tensor_split(parts))
+    elif parsed.kind == "classes":
+        shares = [torch.nonzero(torch.isin(labels, torch.tensor(group))).flatten() for group in parsed.groups]
+    elif parsed.kind == "dirichlet":
+        shares = _dirichlet(labels, parts, parsed.alpha, seed)
+    else:
         by_label = torch.argsort(labels, stable=True)
-        shards = by_label.tensor_split(parts * shards_per_party)
+        shards = by_label.tensor_split(parts * parsed.shards)
         order = torch.randperm(len(shards), generator=generator).tolist()
-        return [torch.cat([shards[i] for i in order[p::parts]]) for p in range(parts)]
-    raise ValueError(f"unknown partition {spec!r}; use iid, classes:0-3,4-6,7-9, dirichlet:ALPHA or shards:K")
-
-
-def _class_range(group: str) -> list[int]:
-    low, _, high = group.partition("-")
-    return list(range(int(low), int(high or low) + 1))
+        shares = [torch.cat([shards[i] for i in order[p::parts]]) for p in range(parts)]
+    for index, share in enumerate(shares):
+        if len(share) == 0:
+            raise ValueError(f"--partition {spec!r} leaves worker {index} with no samples (of {len(labels)})")
+    return shares
 
 
 def _dirichlet(labels: torch.Tensor, parts: int, alpha: float, seed: int) -> list[torch.Tensor]:
-    if alpha <= 0:
-        raise ValueError("dirichlet alpha must be > 0")
     rng = np.random.default_rng(seed)
     shares: list[list[int]] = [[] for _ in range(parts)]
     for label in labels.unique().tolist():

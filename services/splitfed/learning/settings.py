@@ -34,6 +34,50 @@ STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", 
 RULES = ("mean", "median", "trimmed-mean", "krum")
 
 
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed `--partition`: how the training data is shared out among the workers."""
+
+    kind: str  # iid | classes | dirichlet | shards
+    groups: tuple[tuple[int, ...], ...] = ()  # classes: each worker's classes
+    alpha: float = 0.0  # dirichlet
+    shards: int = 0  # shards per worker
+
+
+def parse_partition(spec: str, parts: int, classes: int) -> PartitionSpec:
+    """Check `spec` against the number of workers and the data set's classes; ValueError says why."""
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "iid" and not arg:
+            return PartitionSpec("iid")
+        if kind == "classes":
+            groups = tuple(_class_group(group, classes) for group in arg.split(","))
+            if len(groups) != parts:
+                raise ValueError(f"it names {len(groups)} groups of classes for {parts} workers")
+            return PartitionSpec("classes", groups=groups)
+        if kind == "dirichlet":
+            alpha = float(arg)
+            if not 0 < alpha < float("inf"):
+                raise ValueError("ALPHA must be a positive number")
+            return PartitionSpec("dirichlet", alpha=alpha)
+        if kind == "shards":
+            shards = int(arg)
+            if shards < 1:
+                raise ValueError("K must be at least 1")
+            return PartitionSpec("shards", shards=shards)
+    except ValueError as exc:
+        raise ValueError(f"--partition {spec!r}: {exc}") from None
+    raise ValueError(f"--partition {spec!r}: use iid, classes:0-3,4-6,7-9, dirichlet:ALPHA or shards:K")
+
+
+def _class_group(group: str, classes: int) -> tuple[int, ...]:
+    low, _, high = group.partition("-")
+    first, last = int(low), int(high or low)
+    if not 0 <= first <= last < classes:
+        raise ValueError(f"classes {group!r} are not a range within 0-{classes - 1}")
+    return tuple(range(first, last + 1))
+
+
 @dataclass(kw_only=True)
 class ModelSettings:
     """The model, its data and how it is optimised: what every way of training it shares."""
@@ -75,6 +119,9 @@ class PartitionSettings(ModelSettings):
     local_steps: int | None = setting(None, "Local optimiser steps per round instead of --local-epochs.", min=1)
     lr_decay: float = setting(1.0, "Workers' learning rate in round r is lr * lr_decay^(r-1).", min=0.0, max=1.0)
     holdout: int = setting(0, "Keep the last N training samples from the workers and evaluate on them instead of the test set (to tune without the test set).", min=0)
+
+    def __post_init__(self) -> None:
+        parse_partition(self.partition, self.workers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.config import setting
+from splitfed.config import NAME, setting
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -17,7 +17,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class Service:
     """What every long-lived role has: its session, patience, trust, logs and metrics."""
 
-    session: str = setting(help="Session id: names the queues, so runs never see each other's messages.")
+    session: str = setting(help="Session id: names the queues, so runs never see each other's messages.", pattern=NAME)
     timeout: float = setting(300.0, "Seconds to wait for a peer before giving up.", min=0.1)
     key_list: Path | None = setting(None, "Key-list file of trusted parties (none: unsafe mode, anyone's messages are accepted).")
     metrics_port: int = setting(0, "Serve Prometheus metrics on this port (0: off).", min=0, max=65535)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from splitfed import config
-from splitfed.config import setting
+from splitfed.config import NAME, setting
 from splitfed.roles.declaration import Identity, Progress, ProgressSink, RoleSpec
 from splitfed.roles.deployment import LOG_LEVELS
 from splitfed.transport import Connection, MemoryBroker, MemoryTransport, Transport, connect, is_amqp, redact
@@ -52,7 +52,7 @@ class RunSettings(Connection, LocalRun):
 
     broker: str = setting("memory", "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost.", metavar="URL")
     launch: str | None = setting(None, "threads or processes (default: threads with memory, processes with a broker URL).", choices=("threads", "processes"))
-    session: str | None = setting(None, "Session id: names the queues (default: a new random one).")
+    session: str | None = setting(None, "Session id: names the queues (default: a new random one).", pattern=NAME)
     timeout: float = setting(300.0, "Seconds any role waits for a peer before giving up.", min=0.1)
     key_list: Path | None = setting(None, "Key-list file; every party signs with PARTY.key from its folder (splitfed keys generate). None: unsafe mode.")
 
@@ -61,8 +61,8 @@ class RunSettings(Connection, LocalRun):
         launch = self.launch or ("processes" if is_amqp(self.broker) else "threads")
         if launch == "processes" and not is_amqp(self.broker):
             raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
-        if self.broker != "memory" and not is_amqp(self.broker):
-            raise ValueError(f"unknown broker {redact(self.broker)!r}: use memory, amqp://... or amqps://...")
+        if self.broker != "memory":
+            connection_of(self).check("a run over RabbitMQ")
         return dataclasses.replace(self, launch=launch, session=self.session or new_session())
 
     def private_key(self, party: str) -> Path | None:

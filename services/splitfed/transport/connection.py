@@ -44,18 +44,22 @@ class Connection:
     def tls_given(self) -> bool:
         return any(path is not None for path in (self.tls_ca, self.tls_cert, self.tls_key))
 
+    def check(self, name: str) -> None:
+        """Refuse settings that cannot work, before anything connects or trains."""
+        if not is_amqp(self.broker):
+            raise ValueError(f"{name} needs --broker amqp://... or amqps://... (got {redact(self.broker)!r})")
+        if self.tls_given() and not self.broker.startswith("amqps://"):
+            raise ValueError("--tls-ca/--tls-cert/--tls-key need an amqps:// broker URL; with amqp:// they would be ignored")
+        for path in (self.tls_ca, self.tls_cert, self.tls_key):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+
 
 def connect(connection: Connection, name: str, **extra: Any) -> Transport:
     """A RabbitMQ transport for `connection` (`extra`: RabbitTransport keywords such as prefetch)."""
     from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
 
-    if not is_amqp(connection.broker):
-        raise ValueError(f"{name} needs --broker amqp://... or amqps://... (got {redact(connection.broker)!r})")
-    if connection.tls_given() and not connection.broker.startswith("amqps://"):
-        raise ValueError("--tls-ca/--tls-cert/--tls-key need an amqps:// broker URL; with amqp:// they would be ignored")
-    for path in (connection.tls_ca, connection.tls_cert, connection.tls_key):
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"TLS file {path} does not exist")
+    connection.check(name)
     tls = TLSOptions(*(str(path) if path else None for path in (connection.tls_ca, connection.tls_cert, connection.tls_key))) if connection.tls_given() else None
     heartbeat = {"heartbeat": connection.heartbeat} if connection.heartbeat is not None else {}
     return RabbitTransport(connection.broker, name=name, tls=tls, chunk_size=connection.chunk_size, **heartbeat, **extra)

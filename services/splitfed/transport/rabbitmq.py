@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ID, CHUNK_INDEX, CHUNK_COUNT = "x-splitfed-chunk-id", "x-splitfed-chunk-index", "x-splitfed-chunk-count"
 MAX_PENDING_REASSEMBLIES = 64
+MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 
 
 @dataclass
@@ -85,6 +86,11 @@ class RabbitTransport(Transport):
         self._max_message_bytes = max_message_bytes
         # A message's chunks are acked together after the work, so all of them must fit in flight.
         self._prefetch = prefetch + self._max_chunks
+        if self._prefetch > MAX_PREFETCH:
+            raise ValueError(
+                f"--chunk-size {chunk_size} is too small: a {max_message_bytes}-byte message would need {self._max_chunks} chunks in flight, "
+                f"and AMQP allows {MAX_PREFETCH} (use at least {-(-max_message_bytes // (MAX_PREFETCH - prefetch))} bytes)"
+            )
         # An abandoned session's queues vanish after this long unused; durable ones hold state a
         # restarted party needs, so they wait longer.
         self._expires_ms = {False: queue_expires_ms, True: durable_queue_expires_ms}

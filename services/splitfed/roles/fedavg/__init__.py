@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.config import setting
+from splitfed.config import NAME, setting
 from splitfed.learning.settings import FederatedSettings, PartitionSettings
 from splitfed.observability import metrics
 from splitfed.roles.declaration import RoleSpec
@@ -25,7 +25,7 @@ class ServerDeployment(Party, RoundPolicy):
 @dataclass(kw_only=True)
 class WorkerDeployment(Party):
     timeout: float = setting(600.0, "Seconds to wait for the server before giving up.", min=0.1)
-    worker_id: str = setting(help="This worker's name (as in the key list).")
+    worker_id: str = setting(help="This worker's name (as in the key list).", pattern=NAME)
     index: int = setting(help="Which share of the partition this worker holds (0-based).", min=0)
 
 

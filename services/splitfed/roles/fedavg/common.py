@@ -13,11 +13,12 @@ import re
 
 import numpy as np
 
+from splitfed.config import NAME
 from splitfed.roles.endpoint import queue_name, to_numpy
 from splitfed.roles.fedavg import SERVER, WORKER, worker_ids
 
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
-WORKER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+WORKER_ID = re.compile(NAME)  # fullmatch: a worker id becomes part of a queue name
 
 
 def server_queue(session: str) -> str:

@@ -161,7 +161,7 @@ class FedAvgServer:
     def join(self, message: Message, send_model: bool) -> bool:
         """Admit (or re-admit) the sender; False when its name cannot be a worker id."""
         worker = message.sender
-        if not WORKER_ID.match(worker):
+        if not WORKER_ID.fullmatch(worker):
             self.endpoint.rejected("sender", f"worker id {worker!r} is not a valid name")
             return False
         if worker not in self.state.workers or worker in self.state.missed:
@@ -180,7 +180,7 @@ class FedAvgServer:
     def refuse(self, rejection: Rejection) -> None:
         """Tell a worker whose join was refused why, where it listens (it checks `ref`)."""
         message = rejection.message
-        if message is None or message.kind != JOIN or not WORKER_ID.match(message.sender):
+        if message is None or message.kind != JOIN or not WORKER_ID.fullmatch(message.sender):
             return
         log.error("refused worker %r: %s: %s", message.sender, rejection.reason, rejection.detail)
         queue = worker_queue(self.session, message.sender)
