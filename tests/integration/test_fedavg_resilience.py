@@ -14,11 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from splitfed.learning import federated
-from splitfed.learning.settings import FederatedSettings
-from splitfed.roles.fedavg import worker_ids
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.protocol import Message, decode_with_body, encode, encode_body, signed_bytes
+from splitfed.roles.declaration import Identity
+from splitfed.roles.endpoint import Endpoint, frame_digest
+from splitfed.roles.fedavg import WorkerDeployment, worker_ids
+from splitfed.roles.fedavg.common import server_queue, session_queues, worker_queue
+from splitfed.roles.fedavg.worker import FedAvgWorker
 from splitfed.scenarios import fedavg, launch
 from splitfed.scenarios.fedavg import FedAvgRun
-from splitfed.scenarios.launch import Launch, ProcessGroup
+from splitfed.scenarios.launch import Launch, ProcessGroup, RoleThread
 from splitfed.transport import TransportError
 from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
 from tests.own_broker import OwnBroker, make_tls_files
@@ -72,15 +77,64 @@ def process_group(run: FedAvgRun) -> ProcessGroup:
     return ProcessGroup(launch.connection_of(run))
 
 
-@pytest.mark.parametrize("strategy", [{}, {"strategy": "fedadam", "local_steps": 8}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.05}])
-def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path, strategy):
+def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path):
+    """Signed processes equal the plain loop, and the server process really checks signatures:
+    joins waiting in its queue before it starts, one unsigned, one signed with the wrong key and
+    one from a party off the list, are each answered with a signed refusal naming the reason
+    (accepted, any of them would have taken a worker's place in every round)."""
+    from splitfed.security import keys
+
+    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3), "worker-8", "worker-9"])  # 8, 9: listed, never run
+    stranger = keys.generate(tmp_path / "stranger", ["worker-8", "intruder"]).parent
+    impostors = {  # sender -> (its signer, the refusal expected)
+        "worker-9": (None, "unsigned"),
+        "worker-8": (keys.load_private(stranger / "worker-8.key", "worker-8"), "signature"),
+        "intruder": (keys.load_private(stranger / "intruder.key", "intruder"), "unknown-key"),
+    }
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+    impostor = RabbitTransport(broker_url, name=f"impostor-{session}")
+    try:
+        impostor.declare(server_queue(session), durable=True)
+        frames = {}
+        for sender, (signer, _) in impostors.items():
+            impostor.declare(worker_queue(session, sender), durable=True)
+            join = Message("join", session, sender, seq=1, meta={"samples": 479})
+            body = encode_body(join.tensors)
+            join.sig = signer.sign(signed_bytes(join, body)) if signer else None
+            frames[sender] = encode(join, body)
+            impostor.publish(server_queue(session), frames[sender], persistent=True)
+        run = FedAvgRun(broker=broker_url, session=session, timeout=120, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
+        result = launch.run(fedavg.SCENARIO, settings, run)
+        trusted = keys.KeyList.load(key_list)
+        for sender, (_, reason) in impostors.items():
+            delivery = impostor.receive(worker_queue(session, sender), timeout=10)
+            assert delivery is not None, f"{sender}'s join was not answered"
+            impostor.ack(delivery)
+            refusal, body = decode_with_body(delivery.body)
+            assert (refusal.kind, refusal.sender, refusal.meta.get("reason")) == ("refused", "fedavg-server", reason), sender
+            assert refusal.meta["ref"] == frame_digest(frames[sender])  # it answers that very join
+            assert trusted.verify("fedavg-server", refusal.sig, signed_bytes(refusal, body))
+            assert impostor.receive(worker_queue(session, sender), timeout=0.2) is None, f"{sender} was sent more than a refusal"
+    finally:
+        for sender in impostors:
+            impostor.delete(worker_queue(session, sender))
+        impostor.delete(server_queue(session))
+        impostor.close()
+    assert result["config"]["launch"] == "processes"
+    assert result["contributors"] == {"1": all_workers(settings), "2": all_workers(settings)}
+    assert_equals_reference(settings, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam", "local_steps": 8}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.05}])
+def test_server_optimisers_and_scaffold_as_processes_equal_the_plain_loop(broker_url, session, tmp_path, strategy):
+    """The strategies with server state, and SCAFFOLD's control variates travelling signed."""
     from splitfed.security import keys
 
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3)])
-    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid", **strategy)
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="classes:0-3,4-6,7-9", **strategy)
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
     result = launch.run(fedavg.SCENARIO, settings, run)
-    assert result["config"]["launch"] == "processes" and result["config"]["authenticated"]
+    assert result["contributors"] == {"1": all_workers(settings), "2": all_workers(settings)}
     assert_equals_reference(settings, tmp_path / "ckpt")
 
 
@@ -111,6 +165,82 @@ def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path
     result = json.loads(out.read_text())
     assert [r["step"] for r in result["history"]] == list(range(1, settings.rounds + 1))
     assert result["contributors"] == {str(r): all_workers(settings) for r in range(1, settings.rounds + 1)}
+    assert_equals_reference(settings, checkpoint)  # nothing lost, nothing applied twice
+
+
+def queue_counts(queue: str) -> tuple[int, int] | None:
+    """(ready, unacknowledged) messages of `queue` as the broker counts them; None if it is absent."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_queues", "--quiet", "--no-table-headers", "name", "messages_ready", "messages_unacknowledged"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == queue:
+            return int(fields[1]), int(fields[2])
+    return None
+
+
+def test_server_killed_holding_unacked_updates_loses_none(broker_url, session, tmp_path):
+    """The server process is killed (SIGKILL) while its queue holds updates it accepted for a round
+    not yet closed: worker-2 joined but never answers (a stalled worker), so round 1 waits with
+    the updates of worker-0 and worker-1 in hand. Those must still be unacked: the broker hands
+    them to the restarted server, which applies each once when the real worker-2 catches up.
+    The workers run as threads here (one torch thread, as the plain loop compared with)."""
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "result.json"
+    run = FedAvgRun(broker=broker_url, session=session, timeout=90, checkpoint_dir=checkpoint)
+    server_launch, _ = roles(settings, run, tmp_path)
+    share = PartitionSettings(dataset="digits", partition="iid")
+    inbox = server_queue(session)
+    group = process_group(run)
+    transports = [RabbitTransport(broker_url, name=f"stalled-worker-2-{session}")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def start_worker(index: int) -> tuple[FedAvgWorker, RoleThread]:
+        transports.append(RabbitTransport(broker_url, name=f"worker-{index}-{session}"))
+        role = FedAvgWorker(share, WorkerDeployment(session=session, timeout=90, worker_id=f"worker-{index}", index=index), transports[-1], Identity())
+        thread = RoleThread(f"worker-{index}", role.run)
+        thread.start()
+        return role, thread
+
+    try:
+        first = group.start(server_launch)
+        # worker-2 joins through the real protocol, then never reads its queue.
+        transports[0].declare(inbox, durable=True)
+        stalled = Endpoint(transports[0], session=session, role="fedavg-worker", inbox=worker_queue(session, "worker-2"), durable=True, ordered=False, name="worker-2")
+        stalled.send_message(inbox, Message("join", "", "", meta={"samples": 479}), persistent=True)
+        workers = [start_worker(index) for index in range(2)]
+
+        def delivered() -> bool:
+            # A worker records its round once the broker has confirmed the update; none left
+            # ready in the queue means the broker has handed both to the server.
+            if not all(role.last_round == 1 for role, _ in workers):
+                return False
+            counts = queue_counts(inbox)
+            return counts is not None and counts[0] == 0
+
+        wait_for(delivered, "round 1's updates of worker-0 and worker-1 delivered to the server")
+        wait_for(lambda: queue_counts(inbox) == (0, 2), "the server holding both updates unacked while round 1 waits for worker-2", timeout=15)
+        assert checkpoint_state(checkpoint)["round"] == 1 and first.process.poll() is None
+        first.process.kill()
+        first.process.wait()
+        wait_for(lambda: queue_counts(inbox) == (2, 0), "the broker taking both updates back for the next server", timeout=30)
+        workers.append(start_worker(2))
+        second = group.start(server_launch.with_deployment(out=out), name="server-restarted")
+        group.wait(second, 180)
+        assert [thread.outcome(60)["rounds"] for _, thread in workers] == [2, 2, 2]
+    finally:
+        torch.set_num_threads(threads)
+        group.stop()
+        for transport in transports:
+            transport.close()
+        launch.delete_queues(launch.transport_factory(run.resolved()), session_queues(session, settings.workers))
+    assert "resumed from checkpoint: round 1" in second.log_path.read_text()
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["history"]] == [1, 2]
+    assert result["contributors"] == {"1": all_workers(settings), "2": all_workers(settings)}
     assert_equals_reference(settings, checkpoint)  # nothing lost, nothing applied twice
 
 

@@ -14,7 +14,7 @@ from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode, encode_body, signed_bytes
 from splitfed.learning.settings import FederatedSettings
 from splitfed.roles.declaration import Identity
-from splitfed.roles.fedavg import SERVER, ServerDeployment, WorkerDeployment
+from splitfed.roles.fedavg import SERVER, ServerDeployment, WorkerDeployment, worker_ids
 from splitfed.roles.fedavg.server import FedAvgServer
 from splitfed.roles.fedavg.worker import FedAvgWorker, Refused
 from splitfed.scenarios import fedavg, launch
@@ -184,3 +184,53 @@ def test_median_and_krum_hold_against_a_poisoning_worker(broker_url, session, ke
     assert poisoned_run(broker_url, session, key_dir, "fedavg", poison=True) < 0.5 * clean  # the attack is real
     for strategy in ("median", "krum"):
         assert poisoned_run(broker_url, session, key_dir, strategy, poison=True) >= 0.9 * clean, strategy
+
+
+class Tamperer(RabbitTransport):
+    """Someone on the path between a listed worker and the server: each genuine, signed update is
+    copied and the copy changed after signing, keeping the worker's real signature: its tensors
+    scaled (body), and from round 2 on last round's update relabelled as this round's (round).
+    Both copies are valid in every other way and reach the server before the genuine update, so
+    a signature that left the body or the round uncovered would let them in."""
+
+    previous: bytes | None = None
+    tampered = 0
+
+    def publish(self, queue, body, *, persistent=False):
+        message = decode(body)
+        if message.kind == "update":
+            assert message.sig, "the worker's update should be signed"
+            changed = decode(body)
+            changed.tensors = {name: (array * 1.5).astype(np.float32) for name, array in changed.tensors.items()}
+            super().publish(queue, encode(changed))  # encode keeps changed.sig, the genuine signature
+            self.tampered += 1
+            if self.previous is not None:
+                replay = decode(self.previous)
+                replay.round = message.round
+                super().publish(queue, encode(replay))
+                self.tampered += 1
+            self.previous = body
+        super().publish(queue, body, persistent=persistent)
+
+
+def test_signed_updates_changed_after_signing_are_refused(broker_url, session, key_dir, tmp_path):
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+    tamperer = None
+
+    def connect(role):
+        nonlocal tamperer
+        if role == "worker-0":
+            tamperer = Tamperer(broker_url, name=f"tamperer-{session}")
+            return tamperer
+        return RabbitTransport(broker_url, name=f"{role}-{session}")
+
+    run = FedAvgRun(broker=broker_url, launch="threads", session=session, timeout=60, key_list=key_dir / "key-list.json", checkpoint_dir=tmp_path / "ckpt")
+    result = launch.run(fedavg.SCENARIO, settings, run, connect_as=connect)
+    assert tamperer.tampered == 3  # two with a changed body, one with a changed round
+    assert rejected_count(SERVER, session, "signature") == tamperer.tampered
+    assert result["contributors"] == {"1": worker_ids(3), "2": worker_ids(3)}
+    labels = {"role": SERVER, "session": session}
+    assert REGISTRY.get_sample_value("splitfed_updates_total", {**labels, "outcome": "accepted"}) == 6
+    reference, _ = federated.reference_run(settings)
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5

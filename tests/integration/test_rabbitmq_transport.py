@@ -1,14 +1,20 @@
 """The RabbitMQ transport against the real broker: heartbeats, confirms, chunking, reconnects."""
 
+import json
+import struct
 import subprocess
 import time
 
 import numpy as np
+import pika
 import pytest
 
+from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode
+from splitfed.protocol.codec import MAGIC
+from splitfed.roles.endpoint import Endpoint
 from splitfed.transport import TransportError
-from splitfed.transport.rabbitmq import RabbitTransport
+from splitfed.transport.rabbitmq import CHUNK_COUNT, CHUNK_ID, CHUNK_INDEX, RabbitTransport
 
 
 def test_publish_receive_ack_round_trip(broker_url, session):
@@ -102,3 +108,170 @@ def _connection_pid(name: str) -> str:
         if name in line:
             return line.split()[0]
     raise AssertionError(f"connection {name} not listed:\n{listing.stdout}")
+
+
+# -- chunk reassembly, fed raw chunks straight through the broker ------------------------------
+# A chunked message is reassembled by its chunk index, whatever order the chunks arrive in. A chunk
+# that repeats an index already held (a duplicate or a conflicting copy) or disagrees on the count
+# is refused (acked, reported as malformed) and the chunks held first are kept; a chunk with bad
+# headers is refused on its own; chunks adding up to more than max_message_bytes are refused
+# together (oversized). Nothing refused is redelivered: the queue is empty afterwards.
+
+CHUNK_RECEIVER = {"chunk_size": 16, "max_message_bytes": 256}  # at most 16 chunks per message
+
+
+class ChunkBench:
+    """A queue, a raw pika publisher for hand-made chunks, and a receiving RabbitTransport
+    whose refusals are recorded."""
+
+    def __init__(self, broker_url: str, session: str):
+        self.queue = f"splitfed.{session}.chunks"
+        self.rejections: list[tuple[str, str]] = []
+        self.receiver = RabbitTransport(broker_url, name=f"chunk-receiver-{session}", on_reject=lambda *r: self.rejections.append(r), **CHUNK_RECEIVER)
+        self.receiver.declare(self.queue)
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self.channel = self.connection.channel()
+
+    def send(self, body: bytes, headers: dict | None = None) -> None:
+        self.channel.basic_publish("", self.queue, body, pika.BasicProperties(headers=headers))
+
+    def send_chunks(self, chunk_id: str, pieces: list[bytes], order: list[int], count: int | None = None) -> None:
+        for index in order:
+            self.send(pieces[index], {CHUNK_ID: chunk_id, CHUNK_INDEX: index, CHUNK_COUNT: count or len(pieces)})
+
+    def receive_acked(self, timeout: float = 10) -> bytes:
+        delivery = self.receiver.receive(self.queue, timeout)
+        assert delivery is not None, "nothing was delivered"
+        self.receiver.ack(delivery)
+        return delivery.body
+
+    def wait_for_rejections(self, count: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while len(self.rejections) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [reason for reason, _ in self.rejections]
+
+    def close_and_count_left(self) -> int:
+        """Close the receiver (anything it did not ack goes back) and count what the queue holds."""
+        self.receiver.close()
+        left = self.channel.queue_declare(self.queue, passive=True).method.message_count
+        self.channel.queue_delete(self.queue)
+        self.connection.close()
+        return left
+
+
+@pytest.fixture
+def bench(broker_url, session):
+    bench = ChunkBench(broker_url, session)
+    yield bench
+    if bench.connection.is_open:  # the test failed before closing it
+        bench.receiver.close()
+        bench.channel.queue_delete(bench.queue)
+        bench.connection.close()
+
+
+def pieces_of(payload: bytes, size: int = 16) -> list[bytes]:
+    return [payload[start : start + size] for start in range(0, len(payload), size)]
+
+
+def update_frame(session: str, seed: int) -> bytes:
+    weights = np.random.default_rng(seed).standard_normal(12).astype(np.float32)
+    return encode(Message("update", session, f"worker-{seed}", seq=seed, round=1, meta={"samples": 7}, tensors={"w": weights}))
+
+
+def test_chunks_arriving_out_of_order_are_joined_by_index(bench, session):
+    first, second = update_frame(session, 1), update_frame(session, 2)
+    a, b = pieces_of(first), pieces_of(second)
+    assert len(a) >= 8 and len(b) >= 8 and len(a) <= 16 and len(b) <= 16
+    order_a = list(range(len(a)))[::-1]  # last chunk first
+    order_b = [*range(1, len(b), 2), *range(0, len(b), 2)]  # odd indices, then even ones
+    # Interleaved: every second chunk belongs to the other message; b's last chunk comes last.
+    for index in range(max(len(a), len(b))):
+        if index < len(a):
+            bench.send_chunks("message-a", a, [order_a[index]])
+        if index < len(b):
+            bench.send_chunks("message-b", b, [order_b[index]])
+    assert bench.receive_acked() == first
+    assert bench.receive_acked() == second
+    assert np.array_equal(decode(second).tensors["w"], np.random.default_rng(2).standard_normal(12).astype(np.float32))
+    assert bench.rejections == []
+    assert bench.close_and_count_left() == 0
+
+
+def test_a_duplicate_chunk_is_refused_and_the_message_arrives_once(bench, session):
+    payload = update_frame(session, 3)
+    pieces = pieces_of(payload)
+    bench.send_chunks("dup", pieces, [2, 0, 2, 1, *range(3, len(pieces))])  # chunk 2 twice, the second copy before the rest
+    assert bench.receive_acked() == payload
+    assert bench.wait_for_rejections(1) == ["malformed"] and "conflicts" in bench.rejections[0][1]
+    assert bench.receiver.receive(bench.queue, 0.5) is None  # delivered once
+    assert bench.close_and_count_left() == 0
+
+
+def test_a_conflicting_chunk_is_refused_and_the_first_copy_kept(bench, session):
+    payload = update_frame(session, 4)
+    pieces = pieces_of(payload)
+    other = bytes(byte ^ 0xFF for byte in pieces[1])  # same id, same index, different bytes
+    bench.send_chunks("conflict", pieces, [0, 1])
+    bench.send(other, {CHUNK_ID: "conflict", CHUNK_INDEX: 1, CHUNK_COUNT: len(pieces)})
+    bench.send(pieces[2], {CHUNK_ID: "conflict", CHUNK_INDEX: 2, CHUNK_COUNT: len(pieces) + 1})  # same id, another count
+    bench.send_chunks("conflict", pieces, list(range(2, len(pieces))))
+    assert bench.receive_acked() == payload
+    assert bench.wait_for_rejections(2) == ["malformed", "malformed"]
+    assert bench.receiver.receive(bench.queue, 0.5) is None
+    assert bench.close_and_count_left() == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        pytest.param({CHUNK_ID: "x", CHUNK_INDEX: "0", CHUNK_COUNT: 2}, "malformed", id="index-not-a-number"),
+        pytest.param({CHUNK_ID: "x", CHUNK_INDEX: -1, CHUNK_COUNT: 2}, "malformed", id="negative-index"),
+        pytest.param({CHUNK_ID: "x", CHUNK_INDEX: 2, CHUNK_COUNT: 2}, "malformed", id="index-past-count"),
+        pytest.param({CHUNK_ID: "x", CHUNK_INDEX: 0, CHUNK_COUNT: 0}, "malformed", id="zero-count"),
+        pytest.param({CHUNK_ID: "x", CHUNK_COUNT: 2}, "malformed", id="no-index"),
+        pytest.param({CHUNK_ID: 12345, CHUNK_INDEX: 0, CHUNK_COUNT: 2}, "malformed", id="id-not-a-string"),
+        pytest.param({CHUNK_ID: "x", CHUNK_INDEX: 0, CHUNK_COUNT: 17}, "oversized", id="more-chunks-than-the-limit"),
+    ],
+)
+def test_a_chunk_with_bad_headers_is_refused_and_the_transport_goes_on(bench, headers, reason):
+    bench.send(b"0123456789abcdef", headers)
+    bench.send(b"the next message")
+    assert bench.receive_acked() == b"the next message"
+    assert bench.wait_for_rejections(1) == [reason]
+    assert bench.close_and_count_left() == 0
+
+
+def test_chunks_adding_up_past_the_limit_are_refused_together(bench):
+    big = [bytes([index]) * 100 for index in range(3)]  # 300 bytes in 3 chunks > max_message_bytes 256
+    bench.send_chunks("big", big, [0, 1, 2])
+    bench.send(b"the next message")
+    assert bench.receive_acked() == b"the next message"
+    assert bench.wait_for_rejections(1) == ["oversized"]
+    assert bench.close_and_count_left() == 0
+
+
+def test_a_huge_float_in_the_header_is_refused_not_a_crash(broker_url, session):
+    """1e400 is valid JSON but no float holds it (json reads it as inf): refused as nonfinite in
+    the metadata, as malformed where an integer field is expected; the next frame still arrives."""
+    inbox = f"splitfed.{session}.fedavg-server"
+    valid = Message("update", session, "worker-0", seq=1, round=1, meta={"samples": 3, "train_loss": 0.25})
+    header = json.dumps(valid.header(), sort_keys=True).encode()
+    frames = {
+        "nonfinite": header.replace(b'"train_loss": 0.25', b'"train_loss": 1e400'),
+        "malformed": header.replace(b'"round": 1', b'"round": 1e400'),
+    }
+    assert all(frame != header for frame in frames.values())
+    with RabbitTransport(broker_url, name=f"huge-float-{session}") as transport:
+        endpoint = Endpoint(transport, session=session, role="fedavg-server", inbox=inbox, ordered=False)
+        try:
+            for raw in frames.values():
+                transport.publish(inbox, MAGIC + struct.pack(">I", len(raw)) + raw)
+            transport.publish(inbox, encode(valid))
+            message, delivery = endpoint.receive(("update",), None, wait=10)
+            endpoint.ack(delivery)
+            assert (message.round, message.meta) == (1, {"samples": 3, "train_loss": 0.25})
+            for reason in frames:
+                assert rejected_count("fedavg-server", session, reason) == 1, reason
+        finally:
+            transport.delete(inbox)

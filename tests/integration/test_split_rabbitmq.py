@@ -24,14 +24,34 @@ def test_split_processes_over_rabbitmq_equal_centralized(broker_url, session, di
 
 
 def test_signed_split_processes_equal_centralized(broker_url, session, digits_baseline, tmp_path):
+    """Signed split processes equal centralized training, and every receiver really checks
+    signatures: forged hellos wait in the relay's, the server's and the client's queues before
+    the run starts, unsigned or signed with a stranger's key. Accepted, any of them would end the
+    run (a client hello with another learning rate, a server hello saying the settings differ)."""
+    from splitfed.protocol import Message, encode, encode_body, signed_bytes
+    from splitfed.roles.endpoint import queue_name
+    from splitfed.roles.split.common import shared
     from splitfed.security import keys
+    from splitfed.transport.rabbitmq import RabbitTransport
 
     _, baseline_model = digits_baseline
     key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
     settings = SplitSettings(dataset="digits", epochs=1, batch_size=32)
-    run = SplitRun(broker=broker_url, session=session, via="relay", timeout=120, save_model=tmp_path / "model.safetensors", key_list=key_list)
-    result = launch.run(split.SCENARIO, settings, run)
-    assert result["config"]["authenticated"] is True
+    forged_hellos = {  # queue -> a hello as one of the halves would send it first
+        queue_name(session, "relay"): Message("hello", session, "split-client", seq=1, meta={**shared(settings), "lr": 0.5}),
+        queue_name(session, "split-server"): Message("hello", session, "split-client", seq=1, meta={**shared(settings), "lr": 0.5}),
+        queue_name(session, "split-client"): Message("hello", session, "split-server", seq=1, meta={"ok": False, "problem": "forged"}),
+    }
+    with RabbitTransport(broker_url, name=f"forger-{session}") as forger:
+        for queue, hello in forged_hellos.items():
+            forger.declare(queue)
+            forger.publish(queue, encode(hello))  # unsigned
+            stranger = keys.Signer(hello.sender, keys.Ed25519PrivateKey.generate())
+            hello.sig = stranger.sign(signed_bytes(hello, encode_body({})))
+            forger.publish(queue, encode(hello))  # signed, by the wrong key
+        run = SplitRun(broker=broker_url, session=session, via="relay", timeout=120, save_model=tmp_path / "model.safetensors", key_list=key_list)
+        result = launch.run(split.SCENARIO, settings, run)
+    assert result["config"]["launch"] == "processes" and result["history"][-1]["accuracy"] > 0.5
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
 
 

@@ -53,3 +53,36 @@ def test_flatten_round_trip_and_errors():
         agg.trimmed_mean(torch.ones(2, 2), 0.5)
     with pytest.raises(ValueError, match="K weights"):
         strategy("fedavg")(torch.ones(2, 2), torch.ones(3))
+
+
+# Exact results, worked out by hand, with the poisoned update FIRST: a rule that returned the
+# first row, or any row at all, would fail these.
+POISON_FIRST = torch.tensor([[1e6, -1e6], [1.0, 1.0], [1.2, 0.8], [0.8, 1.2], [1.1, 0.9]])
+
+
+def test_median_of_an_odd_count_is_the_middle_value_per_coordinate():
+    # column 0 sorted: 0.8, 1.0, 1.1, 1.2, 1e6 -> 1.1;  column 1 sorted: -1e6, 0.8, 0.9, 1.0, 1.2 -> 0.9
+    assert torch.equal(strategy("median")(POISON_FIRST, torch.ones(5)), torch.tensor([1.1, 0.9]))
+
+
+def test_median_of_an_even_count_with_the_outlier_first():
+    updates = torch.tensor([[100.0, -100.0], [1.0, 4.0], [2.0, 2.0], [4.0, 1.0]])
+    # column 0 sorted: 1, 2, 4, 100 -> (2 + 4) / 2 = 3;  column 1 sorted: -100, 1, 2, 4 -> (1 + 2) / 2 = 1.5
+    assert torch.equal(strategy("median")(updates, torch.ones(4)), torch.tensor([3.0, 1.5]))
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    # trim 0.2 of 5 drops one value at each end: column 0 keeps 1.0, 1.1, 1.2; column 1 keeps 0.8, 0.9, 1.0
+    expected = torch.tensor([(1.0 + 1.1 + 1.2) / 3, (0.8 + 0.9 + 1.0) / 3])
+    assert torch.allclose(strategy("trimmed-mean", trim=0.2)(POISON_FIRST, torch.ones(5)), expected, atol=1e-6)
+
+
+def test_krum_picks_the_update_with_the_closest_neighbours():
+    updates = torch.tensor([[100.0, -100.0], [0.0, 0.0], [1.0, 1.0], [3.0, 0.0], [0.0, 4.0]])
+    # n = 5, f = 1: each score is the sum of the n - f - 2 = 2 smallest squared distances to others.
+    #   [0,0]: to [1,1] 2, [3,0] 9, [0,4] 16           -> 2 + 9  = 11
+    #   [1,1]: to [0,0] 2, [3,0] 5, [0,4] 10           -> 2 + 5  = 7   (the smallest)
+    #   [3,0]: to [0,0] 9, [1,1] 5, [0,4] 25           -> 5 + 9  = 14
+    #   [0,4]: to [0,0] 16, [1,1] 10, [3,0] 25         -> 10 + 16 = 26
+    #   [100,-100]: every distance is above 10^4
+    assert torch.equal(strategy("krum", byzantine=1)(updates, torch.ones(5)), torch.tensor([1.0, 1.0]))

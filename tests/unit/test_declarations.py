@@ -57,7 +57,8 @@ def plans(tmp_path):
     for name, changes in variants.items():
         scenario = SCENARIOS[name]
         for change in changes:
-            run = scenario.run_settings(broker="amqp://u:p@broker:5672/", tls_ca=tmp_path / "ca.pem", **change).resolved()
+            (tmp_path / "ca.pem").write_text("a CA file")
+            run = scenario.run_settings(broker="amqps://u:p@broker:5671/", tls_ca=tmp_path / "ca.pem", **change).resolved()
             yield name, scenario.plan(scenario.learning(dataset="digits", seed=7, lr=0.01), run, tmp_path)
 
 
@@ -68,7 +69,7 @@ def test_every_variable_a_scenario_passes_is_accepted_by_its_role_and_means_the_
     for name, launches in plans(tmp_path):
         for role in launches:
             spec = ROLES[role.spec.name]
-            passed = {key: value for key, value in launch.role_environment(role, Connection(broker="amqp://u:p@broker:5672/")).items() if key.startswith("SPLITFED_")}
+            passed = {key: value for key, value in launch.role_environment(role, Connection(broker="amqps://u:p@broker:5671/", tls_ca=tmp_path / "ca.pem")).items() if key.startswith("SPLITFED_")}
             assert set(passed) <= spec.env_names(), f"{name}: serve {spec.name} has no option for {set(passed) - spec.env_names()}"
             # Read back as `serve` reads them: the role gets exactly the settings it was planned with.
             values = {option.name: option.parse(passed[option.env]) for option in spec.options() if option.env in passed}

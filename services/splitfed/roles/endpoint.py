@@ -172,6 +172,15 @@ class Endpoint:
             return None
         raise RoleTimeout(f"{self.role}: no valid {'/'.join(kinds)} message on {self.inbox} within {self.timeout:.0f}s")
 
+    def validate(
+        self, frame: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
+    ) -> Message:
+        """The message in `frame` if it passes every check `receive` applies; ProtocolError if not.
+        Sequence numbers are checked but not advanced."""
+        message, body = decode_with_body(frame, self.max_message_bytes)
+        self._check(message, body, kinds, senders, check)
+        return message
+
     def _check(
         self, message: Message, body: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
     ) -> None:
