@@ -105,10 +105,8 @@ def workers(args) -> None:
     for _, thread in threads:
         thread.start()
     for transport, thread in threads:
-        thread.join(600)
+        thread.outcome(600)
         transport.close()
-        if thread.error:
-            raise thread.error
 
 
 def main() -> None:

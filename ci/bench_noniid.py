@@ -34,6 +34,7 @@ CANDIDATES: dict[str, list[dict]] = {
     "fedadam": [{"server_lr": 0.003}, {"server_lr": 0.01}],
     "fedyogi": [{"server_lr": 0.003}, {"server_lr": 0.01}],
     "scaffold": [{"optimizer": "sgd", "lr": 0.01}, {"optimizer": "sgd", "lr": 0.003}],
+    "fedrs": [{"rs_alpha": 0.5}, {"rs_alpha": 0.1}],
 }
 
 # What the table runs: (dataset, partition, workers, rounds).

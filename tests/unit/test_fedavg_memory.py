@@ -28,9 +28,10 @@ def final_diff(model, checkpoint_dir) -> float:
     ("fedavg", 3, {}), ("fedprox", 3, {}), ("median", 4, {}), ("trimmed-mean", 5, {}), ("krum", 5, {}),
     ("fedavgm", 3, {"local_steps": 10, "lr_decay": 0.8}), ("fedadam", 3, {"rule": "trimmed-mean", "trim": 0.34}),
     ("fedyogi", 3, {"local_steps": 10}), ("fedadagrad", 3, {}), ("scaffold", 3, {"local_steps": 10, "optimizer": "sgd", "lr": 0.05}),
+    ("fedrs", 3, {"partition": "classes:0-3,4-6,7-9", "rs_alpha": 0.3}),
 ])
 def test_fedavg_in_memory_equals_the_plain_loop(tmp_path, strategy, workers, local):
-    settings = FederatedSettings(dataset="digits", rounds=2, workers=workers, partition="iid", strategy=strategy, **local)
+    settings = FederatedSettings(dataset="digits", rounds=2, workers=workers, strategy=strategy, **{"partition": "iid", **local})
     reference, history = federated.reference_run(settings)
     result = launch.run(fedavg.SCENARIO, settings, FedAvgRun(session=f"mem-{strategy}", checkpoint_dir=tmp_path))
     assert final_diff(reference, tmp_path) <= 1e-5

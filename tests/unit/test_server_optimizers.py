@@ -111,3 +111,22 @@ def test_local_steps_and_lr_decay():
     assert federated.round_lr(settings, 3) == pytest.approx(0.025)
     epochs = FederatedSettings(local_epochs=2, batch_size=10)
     assert len(federated.local_batches(25, epochs, torch.Generator().manual_seed(0))) == 6
+
+
+def test_fedrs_scales_only_the_logits_of_absent_classes():
+    share = data.load("digits", train=True, limit=200)
+    mine = share.labels < 4
+    only_low = data.Split(share.images[mine], share.labels[mine])
+    factors = federated.absent_class_scale(only_low, 10, 0.3)
+    assert torch.equal(factors, torch.tensor([1.0] * 4 + [0.3] * 6))
+    assert build("fedrs", rs_alpha=0.3).local_absent_scale == 0.3 and build("fedavg").local_absent_scale == 1.0
+    # Scale 1 is plain training; a smaller one trains differently on the same batches.
+    settings = FederatedSettings(dataset="digits", model="tiny", local_steps=3, batch_size=16)
+    runs = {}
+    for scale in (1.0, 0.3):
+        model = models.build("tiny", data.info("digits"), 3)
+        runs[scale] = (federated.local_training(model, only_low, settings, 5, 1, absent_scale=scale), model.state_dict())
+    plain, _ = tiny_share()
+    federated.local_training(plain, only_low, settings, 5, 1)
+    assert all(torch.equal(plain.state_dict()[k], runs[1.0][1][k]) for k in plain.state_dict())
+    assert not all(torch.equal(runs[0.3][1][k], runs[1.0][1][k]) for k in plain.state_dict())

@@ -71,6 +71,13 @@ def local_gradient(model: nn.Module, share: data.Split, batches: list[torch.Tens
     return {name: total / len(batches) for name, total in totals.items()}
 
 
+def absent_class_scale(share: data.Split, classes: int, scale: float) -> torch.Tensor:
+    """(classes,): 1 for the classes in `share`, `scale` for the others."""
+    factors = torch.full((classes,), scale)
+    factors[share.labels.unique()] = 1.0
+    return factors
+
+
 @dataclass
 class LocalWork:
     loss: float  # mean training loss of the round
@@ -79,12 +86,13 @@ class LocalWork:
 
 def local_training(
     model: nn.Module, share: data.Split, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
-    controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    absent_scale: float = 1.0, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`.
 
     prox_mu > 0: the FedProx term mu/2 * ||w - w_global||^2 keeps the local model near the
-    global one. `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
+    global one. absent_scale < 1: the logits of classes this share holds no sample of are scaled
+    by it (FedRS's restricted softmax). `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
     variates: every gradient is corrected by c - c_i, and the new c_i is the local gradient at
     the global model over this round's batches (the paper's option I, whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
@@ -93,11 +101,13 @@ def local_training(
     correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
     opt = train.optimizer(model.parameters(), settings.optimizer, round_lr(settings, round_number))
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+    logit_scale = absent_class_scale(share, data.info(settings.dataset).classes, absent_scale) if absent_scale != 1.0 else None  # (classes,)
     losses = []
     model.train()
     for indices in batches:
         opt.zero_grad(set_to_none=True)
-        loss = train.loss_fn(model(share.images[indices]), share.labels[indices])
+        logits = model(share.images[indices])  # (B, classes)
+        loss = train.loss_fn(logits * logit_scale if logit_scale is not None else logits, share.labels[indices])
         if anchor is not None:
             loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
         loss.backward()
@@ -133,7 +143,7 @@ def reference_run(
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
             work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number,
-                                  prox_mu=strategy.local_prox_mu, controls=controls)
+                                  prox_mu=strategy.local_prox_mu, absent_scale=strategy.local_absent_scale, controls=controls)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))

@@ -69,11 +69,13 @@ def krum(updates: torch.Tensor, byzantine: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Strategy:
     """One aggregation rule with its own parameters (dataclass fields named as the settings that
-    set them). `local_prox_mu` is the proximal weight workers add to their local loss;
-    `control_variates` says whether workers train with SCAFFOLD's drift correction."""
+    set them). What workers do differently is said by `local_prox_mu` (the proximal weight of
+    their local loss), `local_absent_scale` (how much the logits of classes a worker does not hold
+    count, 1: as any other) and `control_variates` (SCAFFOLD's drift correction)."""
 
     name: ClassVar[str]
     local_prox_mu: ClassVar[float] = 0.0
+    local_absent_scale: ClassVar[float] = 1.0
     control_variates: ClassVar[bool] = False
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -142,6 +144,21 @@ class Krum(Strategy):
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return krum(updates, self.byzantine)
+
+
+@dataclass(frozen=True)
+class FedRS(FedAvg):
+    """FedRS (Li and Zhan, KDD 2021, "Federated Learning with Restricted Softmax for Label
+    Distribution Non-IID Data"): workers scale the logits of classes they hold no sample of by
+    `rs_alpha` < 1, so local training stops pushing those classes' weights away from the data
+    it has never seen them with; the server averages as FedAvg."""
+
+    name = "fedrs"
+    rs_alpha: float = 0.5
+
+    @property
+    def local_absent_scale(self) -> float:  # type: ignore[override]
+        return self.rs_alpha
 
 
 RULES: dict[str, type[Strategy]] = {"mean": FedAvg, "median": Median, "trimmed-mean": TrimmedMean, "krum": Krum}
@@ -285,7 +302,7 @@ class Scaffold(StatefulStrategy):
 
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold)
+    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS)
 }
 assert tuple(REGISTRY) == STRATEGIES, "learning.settings.STRATEGIES must list every strategy"
 

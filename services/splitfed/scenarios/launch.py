@@ -169,6 +169,15 @@ class RoleThread(threading.Thread):
         except BaseException as exc:  # reported by the launching thread
             self.error = exc
 
+    def outcome(self, timeout: float) -> Any:
+        """The role's result once it has finished; ScenarioError if it failed or is still running."""
+        self.join(timeout)
+        if self.is_alive():
+            raise ScenarioError(f"{self.name} did not finish within {timeout:.0f}s")
+        if self.error is not None:
+            raise ScenarioError(f"{self.name} failed: {self.error}") from self.error
+        return self.result
+
 
 def run_threads(launches: list[Launch], connect_as: TransportFactory, on_progress: ProgressSink | None, timeout: float) -> dict:
     """Every role in this process, each on its own thread and transport connection."""

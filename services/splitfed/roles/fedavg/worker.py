@@ -80,9 +80,10 @@ class FedAvgWorker(Role):
         if message.kind == MODEL:
             controlled = any(name.startswith(CONTROL) for name in message.tensors)
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
-            mu = message.meta.get("prox_mu", 0.0)
-            if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0 <= mu < float("inf"):
-                raise ProtocolError("value", f"prox_mu {mu!r}")
+            for name, low, high in (("prox_mu", 0.0, float("inf")), ("absent_scale", 0.0, 1.0)):
+                value = message.meta.get(name, 0.0)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high or value == float("inf"):
+                    raise ProtocolError("value", f"{name} {value!r}")
 
     def handle(self, message: Message, delivery: Delivery) -> bool:
         # A model for a round already answered is a redelivery: nothing to do.
@@ -98,7 +99,7 @@ class FedAvgWorker(Role):
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
         work = federated.local_training(
             self.model, self.data, self.settings, seed, message.round, prox_mu=float(message.meta.get("prox_mu", 0.0)),
-            controls=(server_control, self.control) if server_control else None,
+            absent_scale=float(message.meta.get("absent_scale", 1.0)), controls=(server_control, self.control) if server_control else None,
         )
         loss, sent = work.loss, to_wire(self.model.state_dict())
         if work.control is not None:
