@@ -29,6 +29,7 @@ def final_diff(model, checkpoint_dir) -> float:
     ("fedavgm", 3, {"local_steps": 10, "lr_decay": 0.8}), ("fedadam", 3, {"rule": "trimmed-mean", "trim": 0.34}),
     ("fedyogi", 3, {"local_steps": 10}), ("fedadagrad", 3, {}), ("scaffold", 3, {"local_steps": 10, "optimizer": "sgd", "lr": 0.05}),
     ("fedrs", 3, {"partition": "classes:0-3,4-6,7-9", "rs_alpha": 0.3}),
+    ("fedbabu", 3, {"partition": "classes:0-3,4-6,7-9"}),
 ])
 def test_fedavg_in_memory_equals_the_plain_loop(tmp_path, strategy, workers, local):
     settings = FederatedSettings(dataset="digits", rounds=2, workers=workers, strategy=strategy, **{"partition": "iid", **local})

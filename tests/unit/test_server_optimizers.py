@@ -130,3 +130,14 @@ def test_fedrs_scales_only_the_logits_of_absent_classes():
     federated.local_training(plain, only_low, settings, 5, 1)
     assert all(torch.equal(plain.state_dict()[k], runs[1.0][1][k]) for k in plain.state_dict())
     assert not all(torch.equal(runs[0.3][1][k], runs[1.0][1][k]) for k in plain.state_dict())
+
+
+def test_fedbabu_workers_leave_the_head_as_it_is():
+    model, share = models.build("cnn", data.info("digits"), 3), data.load("digits", train=True, limit=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = FederatedSettings(dataset="digits", local_steps=3, batch_size=32)
+    federated.local_training(model, share, settings, 5, 1, frozen_head=True)
+    head = federated.last_layer(model)
+    assert head == ["11.weight", "11.bias"] and build("fedbabu").local_frozen_head and not build("fedavg").local_frozen_head
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in head)
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])  # the body trains

@@ -71,6 +71,12 @@ def local_gradient(model: nn.Module, share: data.Split, batches: list[torch.Tens
     return {name: total / len(batches) for name, total in totals.items()}
 
 
+def last_layer(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last module that has any: the classifier head."""
+    owners = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    return [f"{owners[-1]}.{name}" for name, _ in dict(model.named_modules())[owners[-1]].named_parameters(recurse=False)]
+
+
 def absent_class_scale(share: data.Split, classes: int, scale: float) -> torch.Tensor:
     """(classes,): 1 for the classes in `share`, `scale` for the others."""
     factors = torch.full((classes,), scale)
@@ -86,20 +92,23 @@ class LocalWork:
 
 def local_training(
     model: nn.Module, share: data.Split, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
-    absent_scale: float = 1.0, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    absent_scale: float = 1.0, frozen_head: bool = False, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`.
 
     prox_mu > 0: the FedProx term mu/2 * ||w - w_global||^2 keeps the local model near the
     global one. absent_scale < 1: the logits of classes this share holds no sample of are scaled
-    by it (FedRS's restricted softmax). `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
+    by it (FedRS's restricted softmax). frozen_head: the last layer is not trained (FedBABU).
+    `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
     variates: every gradient is corrected by c - c_i, and the new c_i is the local gradient at
     the global model over this round's batches (the paper's option I, whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
     batches = local_batches(len(share), settings, generator)
     new_control = local_gradient(model, share, batches) if controls is not None else None
     correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
-    opt = train.optimizer(model.parameters(), settings.optimizer, round_lr(settings, round_number))
+    head = set(last_layer(model)) if frozen_head else set()
+    trained = [p for name, p in model.named_parameters() if name not in head]
+    opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     logit_scale = absent_class_scale(share, data.info(settings.dataset).classes, absent_scale) if absent_scale != 1.0 else None  # (classes,)
     losses = []
@@ -143,7 +152,8 @@ def reference_run(
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
             work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number,
-                                  prox_mu=strategy.local_prox_mu, absent_scale=strategy.local_absent_scale, controls=controls)
+                                  prox_mu=strategy.local_prox_mu, absent_scale=strategy.local_absent_scale,
+                                  frozen_head=strategy.local_frozen_head, controls=controls)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))

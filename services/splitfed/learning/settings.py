@@ -30,7 +30,7 @@ DATASETS: dict[str, DatasetInfo] = {
 MODELS = ("cnn", "tiny")  # built by learning.models
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
-STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs")  # learning.strategies
+STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
 
 
@@ -131,7 +131,7 @@ class FederatedSettings(PartitionSettings):
     rounds: int = setting(10, "Federated rounds.", min=1)
     strategy: str = setting(
         "fedavg", "Aggregation: fedavg, fedprox; median, trimmed-mean, krum (resist poisoned updates); server optimisers fedavgm, "
-        "fedadam, fedyogi, fedadagrad; scaffold (drift correction); fedrs (restricted softmax, for label skew).", choices=STRATEGIES,
+        "fedadam, fedyogi, fedadagrad; scaffold (drift correction); fedrs (restricted softmax) and fedbabu (fixed head), for label skew.", choices=STRATEGIES,
     )
     prox_mu: float = setting(0.01, "FedProx proximal weight (with --strategy fedprox).", min=0.0)
     trim: float = setting(0.2, "Fraction trimmed at each end by trimmed-mean.", min=0.0, max=0.49)

@@ -76,6 +76,7 @@ class Strategy:
     name: ClassVar[str]
     local_prox_mu: ClassVar[float] = 0.0
     local_absent_scale: ClassVar[float] = 1.0
+    local_frozen_head: ClassVar[bool] = False  # workers leave the model's last layer as it is
     control_variates: ClassVar[bool] = False
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -159,6 +160,17 @@ class FedRS(FedAvg):
     @property
     def local_absent_scale(self) -> float:  # type: ignore[override]
         return self.rs_alpha
+
+
+@dataclass(frozen=True)
+class FedBABU(FedAvg):
+    """FedBABU (Oh, Kim and Yun, ICLR 2022, "FedBABU: Toward Enhanced Representation for Federated
+    Image Classification"): the classifier head keeps its random initialisation and workers train
+    only the body, so no worker can tilt the shared head towards its own classes; the server
+    averages as FedAvg."""
+
+    name = "fedbabu"
+    local_frozen_head = True
 
 
 RULES: dict[str, type[Strategy]] = {"mean": FedAvg, "median": Median, "trimmed-mean": TrimmedMean, "krum": Krum}
@@ -302,7 +314,7 @@ class Scaffold(StatefulStrategy):
 
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS)
+    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS, FedBABU)
 }
 assert tuple(REGISTRY) == STRATEGIES, "learning.settings.STRATEGIES must list every strategy"
 

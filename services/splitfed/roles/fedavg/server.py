@@ -189,7 +189,7 @@ class FedAvgServer:
         self.endpoint.send_message(queue, refusal, persistent=True)
 
     def send_model(self, worker: str) -> None:
-        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale}
+        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
         tensors = to_wire(self.model.state_dict())
         if self.strategy.control_variates:
             current = strategies.flatten(self.model.state_dict(), self.names)

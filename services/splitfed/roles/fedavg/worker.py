@@ -84,6 +84,8 @@ class FedAvgWorker(Role):
                 value = message.meta.get(name, 0.0)
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high or value == float("inf"):
                     raise ProtocolError("value", f"{name} {value!r}")
+            if not isinstance(message.meta.get("frozen_head", False), bool):
+                raise ProtocolError("value", f"frozen_head {message.meta.get('frozen_head')!r}")
 
     def handle(self, message: Message, delivery: Delivery) -> bool:
         # A model for a round already answered is a redelivery: nothing to do.
@@ -99,7 +101,7 @@ class FedAvgWorker(Role):
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
         work = federated.local_training(
             self.model, self.data, self.settings, seed, message.round, prox_mu=float(message.meta.get("prox_mu", 0.0)),
-            absent_scale=float(message.meta.get("absent_scale", 1.0)), controls=(server_control, self.control) if server_control else None,
+            absent_scale=float(message.meta.get("absent_scale", 1.0)), frozen_head=message.meta.get("frozen_head", False), controls=(server_control, self.control) if server_control else None,
         )
         loss, sent = work.loss, to_wire(self.model.state_dict())
         if work.control is not None:
