@@ -29,12 +29,13 @@ from splitfed.learning.settings import FederatedSettings
 # Candidates per strategy, tried on the held-out split; the best of each goes into the table.
 CANDIDATES: dict[str, list[dict]] = {
     "fedavg": [{}, {"optimizer": "sgd", "lr": 0.01}],
-    "fedprox": [{"prox_mu": 0.1}, {"prox_mu": 1.0}],
-    "fedavgm": [{"server_momentum": 0.5}, {"server_momentum": 0.9, "server_lr": 0.5}],
-    "fedadam": [{"server_lr": 0.003}, {"server_lr": 0.01}],
-    "fedyogi": [{"server_lr": 0.003}, {"server_lr": 0.01}],
-    "scaffold": [{"optimizer": "sgd", "lr": 0.01}, {"optimizer": "sgd", "lr": 0.003}],
-    "fedrs": [{"rs_alpha": 0.5}, {"rs_alpha": 0.1}],
+    "fedprox": [{"prox_mu": 0.1}],
+    "fedavgm": [{"server_momentum": 0.5}, {"optimizer": "sgd", "lr": 0.005, "server_momentum": 0.7}],
+    "fedadam": [{"server_lr": 0.003}],
+    "fedyogi": [{"server_lr": 0.003}],
+    "scaffold": [{"optimizer": "sgd", "lr": 0.002}],
+    "fedrs": [{"rs_alpha": 0.1}],
+    "fedbabu": [{}],
 }
 
 # What the table runs: (dataset, partition, workers, rounds).
