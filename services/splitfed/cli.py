@@ -10,8 +10,6 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
-from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -76,25 +74,30 @@ def _guard(fn: Callable[[], Any]) -> Any:
 # -- commands generated from settings declarations ------------------------------------------
 
 
-@cache
-def _choices(name: str, choices: tuple[str, ...]) -> type[Enum]:
-    return Enum(name, {choice: choice for choice in choices}, type=str)
-
-
 def _parameter(option: config.Option) -> inspect.Parameter:
-    kind = _choices(option.name, option.choices) if option.choices else option.type
-    bounds = {key: getattr(option, key) for key in ("min", "max") if getattr(option, key) is not None and option.type in (int, float)}
-    info = typer.Option(option.flag, envvar=option.env, help=option.help, metavar=option.metavar, **bounds)
-    annotation = Annotated[Optional[kind] if option.optional else kind, info]
-    default = inspect.Parameter.empty if option.required else (kind(option.default) if option.choices and option.default is not None else option.default)
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    """Flags are taken as text and parsed by the declaration, so that every bad value, from a flag
+    or a variable, gets the same one-line error; booleans are plain on/off flags."""
+    if option.type is bool:
+        info = typer.Option(option.flag, envvar=option.env, help=option.help)
+        return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=Annotated[bool, info])
+    shown = "required" if option.required else ("" if option.default is None else str(option.default))
+    info = typer.Option(option.flag, envvar=option.env, help=option.help, metavar=option.metavar or option.kind, show_default=shown or False)
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
 
 
 def _command(options: list[config.Option], summary: str, body: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
-    """A typer command taking exactly `options`; it calls `body` with their values by field name."""
+    """A typer command taking exactly `options`; it calls `body` with their values by field name
+    (options not given are left out, so the settings' own defaults apply)."""
+    by_name = {option.name: option for option in options}
 
-    def command(**values: Any) -> None:
-        body({name: value.value if isinstance(value, Enum) else value for name, value in values.items()})
+    def command(**given: Any) -> None:
+        values = {}
+        for name, value in given.items():
+            if isinstance(value, str):
+                values[name] = _guard(lambda option=by_name[name], value=value: option.parse(value))
+            elif value is not None:
+                values[name] = value
+        body(values)
 
     parameters = [_parameter(option) for option in options]
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]

@@ -59,20 +59,28 @@ class Option:
         return self.default is dataclasses.MISSING
 
     def parse(self, text: str) -> Any:
-        """A value from its text form (an environment variable), checked like the CLI checks it."""
+        """A value from its text form (a flag or an environment variable), checked."""
         if self.optional and text == "":
             return None
         if self.type is bool:
             lowered = text.strip().lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{self.env}={text!r}: not a boolean")
+                raise ValueError(f"{self.flag} {text[:80]!r}: not true or false")
             return lowered in ("true", "1", "yes")
         try:
             value = self.type(text)
-        except ValueError:
-            raise ValueError(f"{self.env}={text!r}: not a valid {self.type.__name__}") from None
+        except (ValueError, OverflowError):
+            raise ValueError(f"{self.flag} {text[:80]!r}: not {TYPE_NAMES[self.type]}") from None
         self.check(value)
         return value
+
+    @property
+    def kind(self) -> str:
+        """What the value is, for help: its choices, or its type and bounds."""
+        if self.choices:
+            return "|".join(self.choices)
+        bounds = [f">={self.min:g}" if self.min is not None else "", f"<={self.max:g}" if self.max is not None else ""]
+        return self.type.__name__.upper().replace("STR", "TEXT") + "".join(bounds)
 
     def check(self, value: Any) -> None:
         if value is None:
@@ -93,6 +101,9 @@ class Option:
     def text(self, value: Any) -> str:
         """The inverse of `parse`: how a value travels in an environment variable."""
         return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", Path: "a path", bool: "true or false"}
 
 
 def env_name(field_name: str) -> str:
@@ -137,6 +148,8 @@ def build(cls: type, values: dict[str, Any]) -> Any:
         if option.name in values:
             option.check(values[option.name])
             mine[option.name] = values[option.name]
+        elif option.required:
+            raise ValueError(f"{option.flag} (or {option.env}) is required")
     return cls(**mine)
 
 

@@ -1,0 +1,71 @@
+"""Every kind of bad input to the CLI gets one clear line on stderr and a non-zero exit, before
+anything trains or connects; never a traceback, never a hang."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+CASES = {  # name -> (arguments, exit code, what the line says)
+    "shards:0": (["run", "fedavg", "--partition", "shards:0"], 2, "K must be at least 1"),
+    "classes the data set lacks": (["run", "fedavg", "--partition", "classes:0-3,4-6,7-12"], 2, "not a range within 0-9"),
+    "classes for too few workers": (["run", "fedavg", "--partition", "classes:0-4,5-9"], 2, "2 groups of classes for 3 workers"),
+    "a worker with no samples": (["run", "fedavg", "--dataset", "digits", "--limit", "2", "--partition", "iid"], 2, "leaves worker 2 with no samples"),
+    "lr nan": (["run", "centralized", "--lr", "nan"], 2, "--lr nan: not a finite number"),
+    "lr not a number": (["run", "centralized", "--lr", "fast"], 2, "--lr 'fast': not a number"),
+    "timeout nan": (["run", "split", "--timeout", "nan"], 2, "--timeout nan: not a finite number"),
+    "unknown data set": (["run", "centralized", "--dataset", "cifar"], 2, "choose one of fashion-mnist, mnist, digits"),
+    "chunk size too small": (["run", "split", "--broker", BROKER, "--chunk-size", "1024"], 2, "--chunk-size 1024: must be at least 65536"),
+    "session too long": (["run", "split", "--session", "s" * 300], 2, "--session"),
+    "worker id with a space": (["serve", "fedavg-worker", "--session", "s", "--worker-id", "bad id", "--index", "0"], 2, "--worker-id 'bad id': must match"),
+    "missing TLS file": (["run", "split", "--broker", "amqps://guest:secret@127.0.0.1:5671/", "--tls-ca", "/missing/ca.pem"], 2, "TLS file /missing/ca.pem does not exist"),
+    "TLS with plain AMQP": (["serve", "relay", "--session", "s", "--broker", BROKER, "--tls-ca", "/etc/hostname"], 2, "need an amqps:// broker URL"),
+    "results into a missing folder": (["run", "centralized", "--dataset", "digits", "--out", "/missing/folder/r.json"], 2, "folder /missing/folder does not exist"),
+    "required option missing": (["serve", "relay"], 2, "--session (or SPLITFED_SESSION) is required"),
+    "unknown broker scheme": (["run", "split", "--broker", "ftp://user:secret@host/"], 2, "needs --broker amqp://"),
+}
+
+
+def run_cli(args, timeout=120):
+    started = time.monotonic()
+    completed = subprocess.run([sys.executable, "-m", "splitfed", *args], capture_output=True, text=True, timeout=timeout)
+    return completed, time.monotonic() - started
+
+
+def assert_one_clear_line(completed, code, says):
+    assert completed.returncode == code, completed.stderr[-2000:]
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr and "secret" not in completed.stderr
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_clear_line(case):
+    args, code, says = CASES[case]
+    completed, _ = run_cli(args)
+    assert_one_clear_line(completed, code, says)
+    assert "epoch 1" not in completed.stderr and "round 1" not in completed.stderr  # refused before any training
+
+
+def test_a_metrics_port_in_use(broker_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed, _ = run_cli(["serve", "relay", "--session", "s", "--broker", broker_url, "--metrics-port", str(port)])
+    assert_one_clear_line(completed, 2, f"cannot serve metrics on port {port}")
+
+
+def test_a_worker_that_fails_early_fails_the_run_at_once(broker_url, tmp_path):
+    from splitfed.security import keys
+
+    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", "worker-0", "worker-1", "worker-2"])
+    (tmp_path / "keys" / "worker-2.key").unlink()  # worker-2 cannot sign: it stops at start
+    completed, seconds = run_cli(["run", "fedavg", "--dataset", "digits", "--partition", "iid", "--rounds", "2", "--broker", broker_url,
+                                  "--key-list", str(key_list), "--timeout", "600"], timeout=300)
+    assert completed.returncode == 4 and "worker-2 exited with code 2" in completed.stderr and "worker-2.key" in completed.stderr
+    assert seconds < 60, f"the run took {seconds:.0f}s to report a worker that failed at start"
