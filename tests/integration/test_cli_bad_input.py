@@ -69,3 +69,37 @@ def test_a_worker_that_fails_early_fails_the_run_at_once(broker_url, tmp_path):
                                   "--key-list", str(key_list), "--timeout", "600"], timeout=300)
     assert completed.returncode == 4 and "worker-2 exited with code 2" in completed.stderr and "worker-2.key" in completed.stderr
     assert seconds < 60, f"the run took {seconds:.0f}s to report a worker that failed at start"
+
+
+def test_keys_are_private_never_overwritten_and_never_written_outside_their_folder(tmp_path):
+    import os
+    import stat
+
+    folder = tmp_path / "keys"
+    completed, _ = run_cli(["keys", "generate", "--workers", "1", "--out", str(folder)])
+    assert completed.returncode == 0, completed.stderr
+    key = folder / "worker-0.key"
+    first = key.read_bytes()
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    again, _ = run_cli(["keys", "generate", "--workers", "1", "--out", str(folder)])
+    assert_one_clear_line(again, 2, "already exist")
+    assert key.read_bytes() == first  # refused before anything was written
+    os.chmod(key, 0o644)
+    forced, _ = run_cli(["keys", "generate", "--workers", "1", "--out", str(folder), "--force"])
+    assert forced.returncode == 0 and key.read_bytes() != first and stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    escaping, _ = run_cli(["keys", "generate", "--party", "../../escaped", "--no-server", "--out", str(folder)])
+    assert_one_clear_line(escaping, 2, "party name '../../escaped' must match")
+    assert not (tmp_path.parent / "escaped.key").exists()
+
+
+def test_a_private_key_readable_by_others_is_warned_about(tmp_path, caplog):
+    import logging
+    import os
+
+    from splitfed.security import keys
+
+    keys.generate(tmp_path, ["worker-0"])
+    os.chmod(tmp_path / "worker-0.key", 0o644)
+    with caplog.at_level(logging.WARNING, "splitfed.security.keys"):
+        keys.load_private(tmp_path / "worker-0.key", "worker-0")
+    assert any("can be read by others" in record.getMessage() for record in caplog.records)

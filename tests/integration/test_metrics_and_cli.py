@@ -33,7 +33,8 @@ def test_running_split_server_serves_metrics_and_counts_rejections(broker_url, s
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "splitfed", "serve", "split-server", "--dataset", "digits", "--timeout", "60"],
-        env={**__import__("os").environ, "SPLITFED_SESSION": session, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port)},
+        env={**__import__("os").environ, "SPLITFED_SESSION": session, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port),
+             "SPLITFED_METRICS_ADDRESS": "127.0.0.1"},
         stderr=subprocess.PIPE, text=True,
     )
     try:

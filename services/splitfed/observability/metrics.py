@@ -32,14 +32,14 @@ ACTIVE_WORKERS = Gauge("splitfed_active_workers", "Workers taking part in rounds
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on `port` (0: not at all)."""
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    """Expose /metrics on `address`:`port` (port 0: not at all)."""
     if port:
         try:
-            start_http_server(port)
+            start_http_server(port, addr=address)
         except OSError as exc:
             raise ValueError(f"cannot serve metrics on port {port}: {exc.strerror or exc}") from None
-        log.info("metrics on :%d/metrics", port)
+        log.info("metrics on %s:%d/metrics", address, port)
 
 
 def rejected_count(role: str, session: str, reason: str) -> float:

@@ -21,6 +21,7 @@ class Service:
     timeout: float = setting(300.0, "Seconds to wait for a peer before giving up.", min=0.1)
     key_list: Path | None = setting(None, "Key-list file of trusted parties (none: unsafe mode, anyone's messages are accepted).")
     metrics_port: int = setting(0, "Serve Prometheus metrics on this port (0: off).", min=0, max=65535)
+    metrics_address: str = setting("0.0.0.0", "Address the metrics endpoint listens on: all interfaces by default (a pod is scraped from outside); 127.0.0.1 keeps it local.")
     log_level: str = setting("info", "Logging level.", choices=LOG_LEVELS)
     out: Path | None = setting(None, "Write this role's result as JSON here at the end.")
 

@@ -55,7 +55,7 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
     party = spec.party_name(deployment)
     identity = Identity.load(party, deployment.key_list, getattr(deployment, "private_key", None))
     warn_if_unencrypted(connection.broker, identity.trusted is not None)
-    metrics.serve(deployment.metrics_port)
+    metrics.serve(deployment.metrics_port, deployment.metrics_address)
     extra = {"prefetch": spec.prefetch(learning)} if spec.prefetch else {}
     on_progress = print_progress if getattr(deployment, "progress_events", False) else None
     with connect(connection, party, **extra) as transport:

@@ -7,7 +7,10 @@ Private keys are PEM (PKCS#8) files readable by their owner only.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 KEY_LIST_NAME = "key-list.json"
+PARTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a file name in the key folder, never a path out of it
+
+log = logging.getLogger(__name__)
 
 
 class KeyFileError(ValueError):
@@ -69,6 +75,9 @@ class KeyList:
 
 def load_private(path: Path, party: str) -> Signer:
     try:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("private key %s can be read by others (mode %o): chmod 600 it", path, stat.S_IMODE(mode))
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise KeyFileError(f"private key {path} is unreadable: {exc}") from None
@@ -77,15 +86,25 @@ def load_private(path: Path, party: str) -> Signer:
     return Signer(party, key)
 
 
-def generate(out: Path, parties: list[str]) -> Path:
-    """Write PARTY.key (private, mode 0600) and PARTY.pub for each party, and the key list."""
+def generate(out: Path, parties: list[str], *, force: bool = False) -> Path:
+    """Write PARTY.key (private, mode 0600) and PARTY.pub for each party, and the key list.
+    Existing keys are kept unless `force`: a new key would lock the party out of its servers."""
+    for party in parties:
+        if not PARTY_NAME.fullmatch(party):
+            raise KeyFileError(f"party name {party[:80]!r} must match {PARTY_NAME.pattern} (it names files in {out})")
+    if len(set(parties)) != len(parties):
+        raise KeyFileError("a party is named twice")
+    existing = [str(out / f"{party}.key") for party in parties if (out / f"{party}.key").exists()]
+    if existing and not force:
+        raise KeyFileError(f"{', '.join(existing[:3])} already exist: keep them, or give --force to replace them")
     out.mkdir(parents=True, exist_ok=True)
     listing = {}
     for party in parties:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         private_path = out / f"{party}.key"
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
         public = Signer(party, key).public_hex()
