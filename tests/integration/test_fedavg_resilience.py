@@ -210,7 +210,7 @@ def test_server_killed_holding_unacked_updates_loses_none(broker_url, session, t
         # worker-2 joins through the real protocol, then never reads its queue.
         transports[0].declare(inbox, durable=True)
         stalled = Endpoint(transports[0], session=session, role="fedavg-worker", inbox=worker_queue(session, "worker-2"), durable=True, ordered=False, name="worker-2")
-        stalled.send_message(inbox, Message("join", "", "", meta={"samples": 479}), persistent=True)
+        stalled.send_message(inbox, Message("join", "", "", meta={"samples": 479, "nonce": "0" * 32}), persistent=True)
         workers = [start_worker(index) for index in range(2)]
 
         def delivered() -> bool:

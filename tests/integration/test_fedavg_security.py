@@ -87,13 +87,13 @@ class Meddler(RabbitTransport):
     signer = None
     first_update: bytes | None = None
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         if message.kind != "update":
-            return super().publish(queue, body, persistent=persistent)
+            return super().publish(queue, body, persistent=persistent, must_exist=must_exist)
         for bad in self.broken_copies(message):
             super().publish(queue, bad)
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
         super().publish(queue, body)  # duplicate
         message.round = 0
         super().publish(queue, signed(message, self.signer))  # stale
@@ -155,13 +155,13 @@ class Poisoner(RabbitTransport):
 
     signer = None
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         if message.kind == "update":
             rng = np.random.default_rng(message.round)
             message.tensors = {k: (v + rng.normal(0, 100, v.shape)).astype(np.float32) for k, v in message.tensors.items()}
             body = signed(message, self.signer)
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
 
 
 def poisoned_run(broker_url, session, key_dir, strategy, poison: bool) -> float:
@@ -196,7 +196,7 @@ class Tamperer(RabbitTransport):
     previous: bytes | None = None
     tampered = 0
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         if message.kind == "update":
             assert message.sig, "the worker's update should be signed"
@@ -210,7 +210,7 @@ class Tamperer(RabbitTransport):
                 super().publish(queue, encode(replay))
                 self.tampered += 1
             self.previous = body
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
 
 
 def test_signed_updates_changed_after_signing_are_refused(broker_url, session, key_dir, tmp_path):

@@ -38,13 +38,13 @@ class Meddler(RabbitTransport):
     receiver's queue, and after others it replays the frame (a duplicate) and sends it again
     renumbered far ahead (out of order) along the same route."""
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         receiver = queue_name(message.session, SERVER if message.sender == CLIENT else CLIENT)
         if message.seq % 7 == 3 and message.tensors:
             for bad in corrupted_copies(message):
                 super().publish(receiver, encode(bad))
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
         if message.seq % 5 == 0 and message.kind != "done":
             super().publish(queue, body)
             message.seq += 1000
@@ -98,7 +98,7 @@ class Forger(RabbitTransport):
     well-formed copy with the same sequence number and different numbers, straight to the
     server (and the relay), one unsigned and one signed with a key of its own."""
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         if message.tensors and message.kind == "activations":
             def forged() -> Message:
@@ -109,7 +109,7 @@ class Forger(RabbitTransport):
             for target in {queue, queue_name(message.session, SERVER)}:
                 super().publish(target, encode(forged()))
                 super().publish(target, sign(forged(), stranger))
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
 
 
 def sign(message: Message, signer) -> bytes:

@@ -91,7 +91,7 @@ class ForgedCopies(MemoryTransport):
     update the server gets a copy with other numbers, once unsigned and once signed with a key
     that is not worker-0's."""
 
-    def publish(self, queue, body, *, persistent=False):
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
         message = decode(body)
         if message.kind == "update":
             forged = Message(message.kind, message.session, message.sender, message.seq, message.round, message.meta,
@@ -100,7 +100,7 @@ class ForgedCopies(MemoryTransport):
             stranger = keys.Signer(message.sender, keys.Ed25519PrivateKey.generate())
             forged.sig = stranger.sign(signed_bytes(forged, encode_body(forged.tensors)))
             super().publish(queue, encode(forged))
-        super().publish(queue, body, persistent=persistent)
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
 
 
 def test_uneven_shares_are_averaged_by_their_sample_counts(tmp_path):

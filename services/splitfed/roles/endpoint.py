@@ -115,7 +115,7 @@ class Endpoint:
     def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> Sent:
         return self.send_message(queue, Message(kind, self.session, self.sender, meta=meta, tensors=tensors or {}))
 
-    def send_message(self, queue: str, message: Message, *, persistent: bool = False) -> Sent:
+    def send_message(self, queue: str, message: Message, *, persistent: bool = False, must_exist: bool = False) -> Sent:
         """Number, sign and send `message` (its kind, round, meta and tensors set by the caller)."""
         self._seq += 1
         message.session, message.sender, message.seq = self.session, self.sender, self._seq
@@ -123,11 +123,12 @@ class Endpoint:
         if self.signer:
             message.sig = self.signer.sign(signed_bytes(message, body))
         frame = encode(message, body)
-        self.send_frame(queue, message.kind, frame, persistent=persistent)
+        self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
         return Sent(message, frame_digest(frame))
 
-    def send_frame(self, queue: str, kind: str, frame: bytes, *, persistent: bool = False) -> None:
-        self.transport.publish(queue, frame, persistent=persistent)
+    def send_frame(self, queue: str, kind: str, frame: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
+        """`must_exist`: TransportError rather than creating `queue` where the transport would."""
+        self.transport.publish(queue, frame, persistent=persistent, must_exist=must_exist)
         self._count(kind, "sent", len(frame))
 
     def _count(self, kind: str, direction: str, size: int) -> None:

@@ -28,8 +28,10 @@ class Transport(ABC):
         """Create `queue` if missing (idempotent). Durable queues and persistent messages survive a broker restart."""
 
     @abstractmethod
-    def publish(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
-        """Send `body` to `queue`; returns once the broker has it (publisher confirm)."""
+    def publish(self, queue: str, body: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
+        """Send `body` to `queue`; returns once the broker has it (publisher confirm). A queue
+        nobody declared is a TransportError (the broker cannot route it); `must_exist` asks for
+        that error from transports that would otherwise create the queue."""
 
     @abstractmethod
     def receive(self, queue: str, timeout: float) -> Delivery | None:

@@ -6,7 +6,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from splitfed.transport.base import Delivery, Transport
+from splitfed.transport.base import Delivery, Transport, TransportError
 
 
 class MemoryBroker:
@@ -25,6 +25,10 @@ class MemoryBroker:
         with self._lock:
             self._queues.pop(name, None)
 
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._queues
+
 
 class MemoryTransport(Transport):
     def __init__(self, broker: MemoryBroker):
@@ -33,7 +37,9 @@ class MemoryTransport(Transport):
     def declare(self, queue: str, *, durable: bool = False) -> None:
         self.broker.queue(queue)
 
-    def publish(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
+    def publish(self, queue: str, body: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
+        if must_exist and not self.broker.exists(queue):
+            raise TransportError(f"queue {queue!r} does not exist")
         for tap in self.broker.taps:
             tap(queue, body)
         self.broker.queue(queue).put(body)

@@ -118,7 +118,7 @@ class RabbitTransport(Transport):
     def declare(self, queue_name: str, *, durable: bool = False) -> None:
         self._call(lambda: self._declare(queue_name, durable))
 
-    def publish(self, queue_name: str, body: bytes, *, persistent: bool = False) -> None:
+    def publish(self, queue_name: str, body: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
         if len(body) <= self._chunk_size:
             self._call(lambda: self._publish(queue_name, body, persistent, None))
             return

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
     worker_queue,
 )
-from splitfed.transport import Delivery, Transport
+from splitfed.transport import Delivery, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ class ServerState:
     missed: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     contributors: dict[str, list[str]] = field(default_factory=dict)  # round -> workers applied
+    # The nonces of the joins each worker was admitted with: a replayed join is refused, while a
+    # restarted worker, which joins with a new nonce, gets the current model.
+    join_nonces: dict[str, list[str]] = field(default_factory=dict)
+
+
+JOIN_NONCES_KEPT = 16
+NONCE = re.compile(r"[0-9a-f]{32}")
 
 
 class FedAvgServer:
@@ -153,21 +161,33 @@ class FedAvgServer:
         while len(self.state.workers) < self.settings.workers:
             if time.monotonic() > deadline:
                 raise RoleTimeout(f"only {len(self.state.workers)} of {self.settings.workers} workers joined")
-            message, delivery = self.endpoint.receive((JOIN,), None, on_reject=self.refuse)
+            message, delivery = self.endpoint.receive((JOIN,), None, self.check_join, self.refuse)
             self.join(message, send_model=False)
             self.endpoint.ack(delivery)
         log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
 
-    def join(self, message: Message, send_model: bool) -> bool:
-        """Admit (or re-admit) the sender; False when its name cannot be a worker id."""
-        worker = message.sender
+    def check_join(self, message: Message) -> None:
+        """A join must name a worker, carry a fresh nonce, and (without a key list, where anyone
+        can join) find a free place among the `--workers` the run was set up for."""
+        if message.kind != JOIN:
+            return
+        worker, nonce = message.sender, message.meta.get("nonce")
         if not WORKER_ID.fullmatch(worker):
-            self.endpoint.rejected("sender", f"worker id {worker!r} is not a valid name")
-            return False
-        if worker not in self.state.workers or worker in self.state.missed:
-            self.state.workers = sorted(set(self.state.workers) | {worker})
-            self.state.missed = [w for w in self.state.missed if w != worker]
-            self.checkpoint(with_model=False)
+            raise ProtocolError("sender", f"worker id {worker[:80]!r} is not a valid name")
+        if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
+            raise ProtocolError("value", f"join from {worker} carries no valid nonce")
+        if nonce in self.state.join_nonces.get(worker, ()):
+            raise ProtocolError("replay", f"join from {worker} was seen before (nonce {nonce})")
+        if self.endpoint.trusted is None and worker not in self.state.workers and len(self.state.workers) >= self.settings.workers:
+            raise ProtocolError("full", f"{worker} cannot join: all {self.settings.workers} places are taken")
+
+    def join(self, message: Message, send_model: bool) -> bool:
+        """Admit (or re-admit) the sender of a join that passed `check_join`."""
+        worker = message.sender
+        self.state.join_nonces[worker] = [*self.state.join_nonces.get(worker, ()), message.meta["nonce"]][-JOIN_NONCES_KEPT:]
+        self.state.workers = sorted(set(self.state.workers) | {worker})
+        self.state.missed = [w for w in self.state.missed if w != worker]
+        self.checkpoint(with_model=False)
         metrics.ACTIVE_WORKERS.labels(SERVER, self.session).set(len(self.state.workers))
         log.info("worker %s joined (round %d)", worker, self.state.round)
         queue = worker_queue(self.session, worker)
@@ -178,15 +198,18 @@ class FedAvgServer:
         return True
 
     def refuse(self, rejection: Rejection) -> None:
-        """Tell a worker whose join was refused why, where it listens (it checks `ref`)."""
+        """Tell a worker whose join was refused why, in the queue it listens on (it checks `ref`).
+        The server never creates that queue: a refused party gets no queue, no model and at most
+        one message per join it sent; a replayed join gets nothing."""
         message = rejection.message
-        if message is None or message.kind != JOIN or not WORKER_ID.fullmatch(message.sender):
+        if message is None or message.kind != JOIN or rejection.reason == "replay" or not WORKER_ID.fullmatch(message.sender):
             return
         log.error("refused worker %r: %s: %s", message.sender, rejection.reason, rejection.detail)
-        queue = worker_queue(self.session, message.sender)
-        self.transport.declare(queue, durable=True)
         refusal = Message(REFUSED, "", "", meta={"reason": rejection.reason, "detail": rejection.detail, "ref": rejection.digest})
-        self.endpoint.send_message(queue, refusal, persistent=True)
+        try:
+            self.endpoint.send_message(worker_queue(self.session, message.sender), refusal, persistent=True, must_exist=True)
+        except TransportError as exc:  # nobody listens under that name: nothing to tell
+            log.info("refusal for %r not delivered: %s", message.sender, exc)
 
     def send_model(self, worker: str) -> None:
         meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
@@ -245,6 +268,8 @@ class FedAvgServer:
         updates: dict[str, Update] = {}
 
         def check(message: Message) -> None:
+            if message.kind == JOIN:
+                self.check_join(message)
             if message.kind != UPDATE:
                 return
             if message.sender not in self.state.workers:
@@ -277,8 +302,8 @@ class FedAvgServer:
                 continue
             message, delivery = received
             if message.kind == JOIN:
-                if self.join(message, send_model=True):
-                    expected.add(message.sender)
+                self.join(message, send_model=True)
+                expected.add(message.sender)
                 self.endpoint.ack(delivery)
                 continue
             if message.sender in updates:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import torch
 
@@ -62,7 +63,8 @@ class FedAvgWorker(Role):
 
     def join(self) -> None:
         """Announce this worker; wait for the welcome (or a refusal naming this very join)."""
-        sent = self.endpoint.send_message(self.server, Message(JOIN, "", "", meta={"samples": len(self.data)}), persistent=True)
+        join = Message(JOIN, "", "", meta={"samples": len(self.data), "nonce": uuid.uuid4().hex})  # a fresh nonce: a replay is told apart
+        sent = self.endpoint.send_message(self.server, join, persistent=True)
         while True:
             message, delivery = self.endpoint.receive((WELCOME, REFUSED, MODEL, DONE), (SERVER,))
             self.endpoint.ack(delivery)
