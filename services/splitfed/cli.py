@@ -54,6 +54,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
     from splitfed.learning.data import DataError
     from splitfed.roles.endpoint import RoleTimeout
+    from splitfed.roles.fedavg import CheckpointError
     from splitfed.roles.fedavg.worker import Refused
     from splitfed.scenarios.launch import ScenarioError
     from splitfed.security.keys import KeyFileError
@@ -63,6 +64,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
         return fn()
     except (DataError, KeyFileError, ValueError) as exc:
         raise _fail(str(exc), 2) from None
+    except CheckpointError as exc:
+        raise _fail(str(exc), 6) from None
     except RoleTimeout as exc:
         raise _fail(str(exc), 3) from None
     except (TransportError, ScenarioError) as exc:

@@ -16,6 +16,10 @@ from splitfed.roles.deployment import Party, RoundPolicy
 SERVER, WORKER = "fedavg-server", "fedavg-worker"
 
 
+class CheckpointError(RuntimeError):
+    """The server cannot write or use its checkpoint; the message says why and what is intact."""
+
+
 @dataclass(kw_only=True)
 class ServerDeployment(Party, RoundPolicy):
     timeout: float = setting(600.0, "Seconds to wait for workers before giving up.", min=0.1)

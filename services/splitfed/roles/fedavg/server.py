@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from splitfed import config
 from splitfed.learning import data, federated, models, strategies, train
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.fedavg import CheckpointError
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
 from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
@@ -62,6 +64,11 @@ class ServerState:
     # The nonces of the joins each worker was admitted with: a replayed join is refused, while a
     # restarted worker, which joins with a new nonce, gets the current model.
     join_nonces: dict[str, list[str]] = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # what the checkpoint belongs to: session and learning settings
+
+
+# Settings a resumed run may change: how far it goes and how the global model is scored.
+RESUMABLE_CHANGES = ("rounds", "data_dir", "eval_batch_size", "test_limit")
 
 
 JOIN_NONCES_KEPT = 16
@@ -93,7 +100,8 @@ class FedAvgServer:
         )
         self.checkpoint_dir: Path | None = deployment.checkpoint_dir
         self.on_progress = on_progress
-        self.state = ServerState()
+        self.fingerprint = {"session": self.session, **{k: v for k, v in config.values_of(settings).items() if k not in RESUMABLE_CHANGES}}
+        self.state = ServerState(run=self.fingerprint)
         self.restore()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -101,7 +109,12 @@ class FedAvgServer:
     def restore(self) -> None:
         if not self.checkpoint_dir or not (self.checkpoint_dir / "state.json").exists():
             return
-        self.state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
+        state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
+        if state.run != self.fingerprint:
+            differing = sorted(key for key in {*state.run, *self.fingerprint} if state.run.get(key) != self.fingerprint.get(key))
+            shown = ", ".join(f"{key} {state.run.get(key)!r} there, {self.fingerprint.get(key)!r} here" for key in differing[:4])
+            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} belongs to another run ({shown}): use another --checkpoint-dir")
+        self.state = state
         # Our own files, written before the state that names them: never bytes from the network.
         self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round))))
         strategy_file = self.checkpoint_dir / self.strategy_file(self.state.round)
@@ -118,24 +131,34 @@ class FedAvgServer:
 
     def checkpoint(self, with_model: bool) -> None:
         """Write the global model for the round about to run, then atomically replace state.json,
-        which names it: a crash at any point leaves a state and the model it refers to."""
+        which names it: a crash at any point leaves a state and the model it refers to. A write
+        that fails (a full disk) stops the server and leaves the last complete checkpoint."""
         if not self.checkpoint_dir:
             return
+        try:
+            self._write_checkpoint(with_model)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write the checkpoint in {self.checkpoint_dir}: {exc.strerror or exc}; the last complete checkpoint is intact"
+            ) from None
+
+    def _write_checkpoint(self, with_model: bool) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         current = self.checkpoint_dir / self.model_file(self.state.round)
         strategy = self.checkpoint_dir / self.strategy_file(self.state.round)
+        model = save({k: v.contiguous() for k, v in self.model.state_dict().items()})
         if with_model or not current.exists():
-            _atomic(current, lambda path: save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path)))
+            _atomic(current, model)
             # The strategy's state (momentum, moments, control variate) belongs to this model.
             if state := self.strategy.state():
-                _atomic(strategy, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, str(path)))
-        _atomic(self.checkpoint_dir / "state.json", lambda path: path.write_text(json.dumps(vars(self.state))))
-        for old in (*self.checkpoint_dir.glob("model-round-*.safetensors"), *self.checkpoint_dir.glob("strategy-round-*.safetensors")):
-            if old not in (current, strategy):
-                old.unlink()
+                _atomic(strategy, save({k: v.contiguous() for k, v in state.items()}))
+        _atomic(self.checkpoint_dir / "state.json", json.dumps(vars(self.state)).encode())
+        # Only the previous round's files, which this server wrote: nothing else in the folder.
+        for old in (self.model_file(self.state.round - 1), self.strategy_file(self.state.round - 1)):
+            (self.checkpoint_dir / old).unlink(missing_ok=True)
         latest = self.checkpoint_dir / "model.safetensors"  # the newest global model, for people and tools
         if with_model:
-            _atomic(latest, lambda path: path.write_bytes(current.read_bytes()))
+            _atomic(latest, model)
 
     # -- the run --------------------------------------------------------------------------
 
@@ -332,12 +355,18 @@ def _finite_number(value: object) -> bool:
         return False
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file, fsync it, rename it over `path`, fsync the folder."""
+def _atomic(path: Path, content: bytes) -> None:
+    """Write through a temporary file, fsync it, rename it over `path`, fsync the folder. A write
+    that fails leaves `path` as it was and no temporary file behind."""
     temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:

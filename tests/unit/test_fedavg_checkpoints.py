@@ -1,0 +1,62 @@
+"""A FedAvg checkpoint belongs to one run: resuming another run from it is an error, the server
+touches no file it did not write, and a full disk stops the run with the last complete
+checkpoint intact (and resumable)."""
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from splitfed.learning import federated
+from splitfed.learning.settings import FederatedSettings
+from splitfed.roles.fedavg import CheckpointError
+from splitfed.scenarios import fedavg, launch
+from splitfed.scenarios.fedavg import FedAvgRun
+from splitfed.scenarios.launch import ScenarioError
+
+SETTINGS = FederatedSettings(dataset="digits", model="tiny", rounds=3, partition="iid", lr=0.05)
+
+
+def test_a_checkpoint_resumes_only_its_own_run(tmp_path):
+    launch.run(fedavg.SCENARIO, SETTINGS, FedAvgRun(session="ckpt-own", checkpoint_dir=tmp_path))
+    assert json.loads((tmp_path / "state.json").read_text())["run"]["session"] == "ckpt-own"
+    others = {
+        "lr": (FederatedSettings(**{**vars(SETTINGS), "lr": 0.01}), "ckpt-own"),
+        "session": (SETTINGS, "ckpt-other"),
+        "model": (FederatedSettings(**{**vars(SETTINGS), "model": "cnn"}), "ckpt-own"),
+    }
+    for differing, (settings, session) in others.items():
+        with pytest.raises(CheckpointError, match=rf"belongs to another run \({differing} "):
+            launch.run(fedavg.SCENARIO, settings, FedAvgRun(session=session, checkpoint_dir=tmp_path, timeout=20))
+    # More rounds are a continuation of the same run, not another one.
+    longer = FederatedSettings(**{**vars(SETTINGS), "rounds": 4})
+    result = launch.run(fedavg.SCENARIO, longer, FedAvgRun(session="ckpt-own", checkpoint_dir=tmp_path))
+    assert [r["step"] for r in result["history"]] == [1, 2, 3, 4]
+
+
+def test_the_server_leaves_other_files_alone(tmp_path):
+    mine = {"notes.txt": b"the operator's notes", "model-round-99.safetensors": b"someone else's model", "state.json.bak": b"{}"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    launch.run(fedavg.SCENARIO, SETTINGS, FedAvgRun(session="ckpt-others", checkpoint_dir=tmp_path))
+    assert all((tmp_path / name).read_bytes() == content for name, content in mine.items())
+    written = sorted(path.name for path in tmp_path.iterdir() if path.name not in mine)
+    assert written == ["model-round-4.safetensors", "model.safetensors", "state.json"]
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """The write of round 3's model meets a full disk: its temporary file is a link to /dev/full,
+    where every write fails with ENOSPC, as on a full file system (no root needed)."""
+    os.symlink("/dev/full", tmp_path / "model-round-3.safetensors.tmp")
+    with pytest.raises(ScenarioError, match="cannot write the checkpoint .*No space left on device.*the last complete checkpoint is intact"):
+        launch.run(fedavg.SCENARIO, SETTINGS, FedAvgRun(session="ckpt-full", checkpoint_dir=tmp_path, timeout=20))
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["round"] == 2 and state["contributors"].keys() == {"1"}  # round 2 was being written when the disk filled
+    assert load_file(str(tmp_path / "model-round-2.safetensors"))  # the model that state names
+    assert not (tmp_path / "model-round-3.safetensors.tmp").exists() and not (tmp_path / "model-round-3.safetensors").exists()
+    # Space again: the run resumes from the last complete checkpoint and ends as if nothing happened.
+    launch.run(fedavg.SCENARIO, SETTINGS, FedAvgRun(session="ckpt-full", checkpoint_dir=tmp_path))
+    reference, _ = federated.reference_run(SETTINGS)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
