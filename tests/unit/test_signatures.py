@@ -100,3 +100,23 @@ def test_receive_counts_the_tampered_frames_and_goes_on_to_the_genuine_one(parti
     message, _ = endpoint.receive(("update",), None, wait=5)
     assert message.round == 5 and np.array_equal(message.tensors["w"], np.arange(12, dtype=np.float32).reshape(3, 4) / 7)
     assert rejected_count("fedavg-server", SESSION, "signature") == before + 2
+
+
+def test_an_unsigned_body_is_refused_before_it_is_parsed(parties):
+    """A frame announcing a million tensors, unsigned: refused as `unsigned` at the cost of a
+    hash, with the body never handed to the safetensors parser."""
+    import time
+    from unittest import mock
+
+    from splitfed.protocol import codec
+
+    header = json.dumps({"__metadata__": {}, **{f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(1_000_000)}}).encode()
+    body = struct.pack("<Q", len(header)) + header + bytes(4_000_000)
+    frame = encode(Message("update", SESSION, "worker-0", seq=1, round=1, meta={"samples": 1}), body)
+    key_list, _ = parties
+    endpoint = server_endpoint(key_list)
+    with mock.patch.object(codec, "st_load", side_effect=AssertionError("the body was parsed")):
+        started = time.perf_counter()
+        with pytest.raises(ProtocolError, match="unsigned"):
+            endpoint.validate(frame, ("update",), None, None)
+    assert time.perf_counter() - started < 1.0

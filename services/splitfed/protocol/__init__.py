@@ -9,6 +9,8 @@ from splitfed.protocol.codec import (
     ProtocolError,
     TensorSpec,
     decode,
+    decode_header,
+    decode_tensors,
     decode_with_body,
     encode,
     encode_body,
@@ -16,4 +18,4 @@ from splitfed.protocol.codec import (
     signed_bytes,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes"]
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_header", "decode_tensors", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes"]

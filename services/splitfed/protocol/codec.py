@@ -115,7 +115,32 @@ def decode(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
 
 def decode_with_body(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Message, bytes]:
     """`decode`, also returning the raw body (what a signature check needs)."""
+    message, body = decode_header(frame, max_bytes)
+    message.tensors = decode_tensors(body)
+    return message, body
+
+
+def decode_header(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Message, bytes]:
+    """The message without its tensors, and the raw body: all a signature check needs, so a
+    receiver can refuse an unsigned frame before it spends anything on the body."""
     header, body = split_frame(frame, max_bytes)
+    for value in header["meta"].values():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError("nonfinite", "metadata holds NaN or Inf")
+    message = Message(
+        kind=header["kind"],
+        session=header["session"],
+        sender=header["sender"],
+        seq=header["seq"],
+        round=header["round"],
+        meta=header["meta"],
+        sig=header.get("sig"),
+    )
+    return message, body
+
+
+def decode_tensors(body: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a body, each of an allowed dtype and, if floating, finite."""
     tensors: dict[str, np.ndarray] = {}
     if body:
         try:
@@ -127,20 +152,7 @@ def decode_with_body(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[
             raise ProtocolError("dtype", f"tensor {name!r} has dtype {array.dtype.name}")
         if array.dtype.kind in FLOAT_KINDS and not np.isfinite(array).all():
             raise ProtocolError("nonfinite", f"tensor {name!r} holds NaN or Inf")
-    for value in header["meta"].values():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError("nonfinite", "metadata holds NaN or Inf")
-    message = Message(
-        kind=header["kind"],
-        session=header["session"],
-        sender=header["sender"],
-        seq=header["seq"],
-        round=header["round"],
-        meta=header["meta"],
-        tensors=tensors,
-        sig=header.get("sig"),
-    )
-    return message, body
+    return tensors
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitfed.observability import metrics
-from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_with_body, encode, encode_body, signed_bytes
+from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_header, decode_tensors, encode, encode_body, signed_bytes
 from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import Delivery, Transport
 
@@ -63,6 +63,14 @@ class Traffic:
     def add(self, size: int) -> None:
         self.messages += 1
         self.bytes += size
+
+
+def _header_of(frame: bytes) -> Message | None:
+    """What a refused frame says about itself, if that much of it is readable."""
+    try:
+        return decode_header(frame)[0]
+    except ProtocolError:
+        return None
 
 
 class Endpoint:
@@ -155,15 +163,13 @@ class Endpoint:
                 break
             if self.on_arrival:
                 self.on_arrival()
-            message: Message | None = None
             try:
-                message, body = decode_with_body(delivery.body, self.max_message_bytes)
-                self._check(message, body, kinds, senders, check)
+                message = self.validate(delivery.body, kinds, senders, check)
             except ProtocolError as exc:
                 self.rejected(exc.reason, exc.detail)
                 self.transport.ack(delivery)
                 if on_reject:
-                    on_reject(Rejection(exc.reason, exc.detail, message, frame_digest(delivery.body)))
+                    on_reject(Rejection(exc.reason, exc.detail, _header_of(delivery.body), frame_digest(delivery.body)))
                 continue
             if self.ordered:
                 self._next_seq[message.sender] = message.seq + 1
@@ -177,14 +183,16 @@ class Endpoint:
         self, frame: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
     ) -> Message:
         """The message in `frame` if it passes every check `receive` applies; ProtocolError if not.
+        Who sent it (session, sender, key list, signature over the header and the body's digest)
+        is checked before the body is parsed: an unsigned frame costs a hash, not a parse.
         Sequence numbers are checked but not advanced."""
-        message, body = decode_with_body(frame, self.max_message_bytes)
-        self._check(message, body, kinds, senders, check)
+        message, body = decode_header(frame, self.max_message_bytes)
+        self._check_origin(message, body, senders)
+        message.tensors = decode_tensors(body)
+        self._check_content(message, kinds, check)
         return message
 
-    def _check(
-        self, message: Message, body: bytes, kinds: Collection[str], senders: Collection[str] | None, check: Callable[[Message], None] | None
-    ) -> None:
+    def _check_origin(self, message: Message, body: bytes, senders: Collection[str] | None) -> None:
         if message.session != self.session:
             raise ProtocolError("session", f"message for session {message.session!r}, this is {self.session!r}")
         if senders is not None and message.sender not in senders:
@@ -196,6 +204,8 @@ class Endpoint:
                 raise ProtocolError("unsigned", f"{message.kind} from {message.sender!r} carries no signature")
             if not self.trusted.verify(message.sender, message.sig, signed_bytes(message, body)):
                 raise ProtocolError("signature", f"{message.kind} from {message.sender!r} has a bad signature")
+
+    def _check_content(self, message: Message, kinds: Collection[str], check: Callable[[Message], None] | None) -> None:
         if self.ordered:
             expected = self._next_seq.get(message.sender, 1)
             if message.seq < expected:
