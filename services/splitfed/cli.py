@@ -166,9 +166,10 @@ for _role in ROLES.values():
 def keys_generate(
     out: Annotated[Path, typer.Option(envvar="SPLITFED_KEYS_OUT", help="Folder for PARTY.key (private), PARTY.pub and key-list.json.")],
     workers: Annotated[int, typer.Option(envvar="SPLITFED_KEYS_WORKERS", help="Worker key pairs to make: worker-0 ... worker-(N-1).", min=0)] = 0,
-    party: Annotated[Optional[list[str]], typer.Option(envvar="SPLITFED_KEYS_PARTY", help="Other party names (repeatable).")] = None,
+    party: Annotated[Optional[list[str]], typer.Option(envvar="SPLITFED_KEYS_PARTY", help="Other parties (repeatable): NAME:ROLE, or a role name such as split-client.")] = None,
     server: Annotated[bool, typer.Option(envvar="SPLITFED_KEYS_SERVER", help="Also make the fedavg-server key pair.")] = True,
     force: Annotated[bool, typer.Option(envvar="SPLITFED_KEYS_FORCE", help="Replace key pairs that already exist.")] = False,
+    max_samples: Annotated[Optional[int], typer.Option(envvar="SPLITFED_KEYS_MAX_SAMPLES", help="The most training samples each worker's updates may claim.", min=1)] = None,
 ) -> None:
     """Generate ed25519 key pairs and the key-list file that servers trust."""
     from splitfed.roles.fedavg import SERVER, worker_ids
@@ -177,7 +178,7 @@ def keys_generate(
     names = ([SERVER] if server else []) + worker_ids(workers) + list(party or [])
     if not names:
         raise _fail("nothing to generate: give --workers N or --party NAME", 2)
-    key_list = _guard(lambda: keys.generate(out, names, force=force))
+    key_list = _guard(lambda: keys.generate(out, names, force=force, max_samples=max_samples))
     err.print(f"wrote {len(names)} key pairs and {key_list}", highlight=False)
 
 

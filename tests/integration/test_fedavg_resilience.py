@@ -85,7 +85,7 @@ def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path)
     from splitfed.security import keys
 
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3), "worker-8", "worker-9"])  # 8, 9: listed, never run
-    stranger = keys.generate(tmp_path / "stranger", ["worker-8", "intruder"]).parent
+    stranger = keys.generate(tmp_path / "stranger", ["worker-8", "intruder:fedavg-worker"]).parent
     impostors = {  # sender -> (its signer, the refusal expected)
         "worker-9": (None, "unsigned"),
         "worker-8": (keys.load_private(stranger / "worker-8.key", "worker-8"), "signature"),

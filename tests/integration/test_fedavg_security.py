@@ -49,7 +49,7 @@ def test_only_listed_correctly_signed_workers_get_in(broker_url, session, key_di
     thread = threading.Thread(target=lambda: outcome.update(result=server.run()), daemon=True)
     thread.start()
 
-    stranger = keys.generate(tmp_path / "stranger", ["worker-1", "intruder"]).parent
+    stranger = keys.generate(tmp_path / "stranger", ["worker-1", "intruder:fedavg-worker"]).parent
     impostors = {
         "unsigned": dict(worker="worker-1", signer=None),
         "signature": dict(worker="worker-1", signer=keys.load_private(stranger / "worker-1.key", "worker-1")),

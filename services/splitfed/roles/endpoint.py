@@ -89,12 +89,14 @@ class Endpoint:
         durable: bool = False,
         name: str | None = None,
         on_arrival: Callable[[], None] | None = None,
+        peer_roles: Collection[str] = (),
     ):
         """`name` is this party's sender id (default: the role); `signer` signs what it sends;
         `trusted` lists whose signed messages it accepts (None: unsafe mode, anyone).
         `ordered`: each sender numbers its messages 1, 2, 3... and anything else is a duplicate
         or out of order; roles that deduplicate by round instead turn it off. `on_arrival` is
-        called for every frame that arrives, valid or not."""
+        called for every frame that arrives, valid or not. `peer_roles`: with a key list, a
+        sender's key must be allowed to act as one of these roles."""
         self.transport = transport
         self.session = session
         self.role = role
@@ -109,6 +111,7 @@ class Endpoint:
         self.max_message_bytes = max_message_bytes
         self.traffic = Traffic()
         self.on_arrival = on_arrival
+        self.peer_roles = tuple(peer_roles)
         self._seq = 0
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
         metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
@@ -200,6 +203,8 @@ class Endpoint:
         if self.trusted is not None:
             if message.sender not in self.trusted:
                 raise ProtocolError("unknown-key", f"{message.sender!r} is not in the key list")
+            if self.peer_roles and not self.trusted.allows(message.sender, self.peer_roles):
+                raise ProtocolError("role", f"{message.sender!r}'s key may not act as {' or '.join(self.peer_roles)}")
             if not message.sig:
                 raise ProtocolError("unsigned", f"{message.kind} from {message.sender!r} carries no signature")
             if not self.trusted.verify(message.sender, message.sig, signed_bytes(message, body)):

@@ -1,6 +1,11 @@
 """ed25519 keys for parties, the key-list file servers trust, and message signatures.
 
-Key-list file (JSON): {"version": 1, "parties": {"worker-0": "<public key, hex>", ...}}
+Key-list file (JSON):
+    {"version": 2, "parties": {"worker-0": {"key": "<public key, hex>", "roles": ["fedavg-worker"],
+                                            "max_samples": 60000}, ...}}
+`roles`: the roles the party may act as (a split-client's key cannot join as a FedAvg worker);
+`max_samples` (optional): the most training samples its updates may claim. Version 1 lists
+(`"worker-0": "<hex>"`) name no roles: their keys may act as any role, with a warning.
 Private keys are PEM (PKCS#8) files readable by their owner only.
 """
 
@@ -11,6 +16,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,21 +48,42 @@ class Signer:
         return self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-class KeyList:
-    """The parties a receiver trusts, each with its public key."""
+# Roles a party's name implies when `generate` is not told: fixed role names, and worker-N.
+NAMED_ROLES = ("fedavg-server", "split-client", "split-server", "relay")
+WORKER_NAME = re.compile(r"worker-[0-9]+")
 
-    def __init__(self, parties: dict[str, Ed25519PublicKey]):
+
+@dataclass(frozen=True)
+class Party:
+    key: Ed25519PublicKey
+    roles: frozenset[str] | None  # None: any role (a version 1 key list)
+    max_samples: int | None = None
+
+
+class KeyList:
+    """The parties a receiver trusts: each one's public key, roles and sample ceiling."""
+
+    def __init__(self, parties: dict[str, Party]):
         self.parties = parties
 
     def __contains__(self, party: str) -> bool:
         return party in self.parties
 
+    def allows(self, party: str, roles: Collection[str]) -> bool:
+        """Whether `party` may act as one of `roles`."""
+        entry = self.parties.get(party)
+        return entry is not None and (entry.roles is None or bool(entry.roles & set(roles)))
+
+    def max_samples(self, party: str) -> int | None:
+        entry = self.parties.get(party)
+        return entry.max_samples if entry else None
+
     def verify(self, party: str, signature_hex: str | None, data: bytes) -> bool:
-        key = self.parties.get(party)
-        if key is None or not signature_hex:
+        entry = self.parties.get(party)
+        if entry is None or not signature_hex:
             return False
         try:
-            key.verify(bytes.fromhex(signature_hex), data)
+            entry.key.verify(bytes.fromhex(signature_hex), data)
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -65,12 +92,38 @@ class KeyList:
     def load(cls, path: Path) -> KeyList:
         try:
             document = json.loads(Path(path).read_text())
-            parties = {name: Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key)) for name, hex_key in document["parties"].items()}
+            parties = {name: _party(entry) for name, entry in document["parties"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyFileError(f"key list {path} is unreadable: {exc!r}") from None
         if not parties:
             raise KeyFileError(f"key list {path} names no parties")
+        if any(party.roles is None for party in parties.values()):
+            log.warning("key list %s names no roles: its keys may act as any role (regenerate it with splitfed keys generate)", path)
         return cls(parties)
+
+
+def _party(entry: str | dict) -> Party:
+    if isinstance(entry, str):  # version 1: a public key, no roles
+        return Party(Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry)), None)
+    ceiling = entry.get("max_samples")
+    if ceiling is not None and (not isinstance(ceiling, int) or isinstance(ceiling, bool) or ceiling < 1):
+        raise ValueError(f"max_samples {ceiling!r} is not a positive whole number")
+    roles = entry["roles"]
+    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+        raise ValueError(f"roles {roles!r} is not a list of role names")
+    return Party(Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["key"])), frozenset(roles), ceiling)
+
+
+def party_roles(spec: str) -> tuple[str, list[str]]:
+    """`NAME:ROLE[,ROLE...]`, or a NAME whose role is implied (fedavg-server, worker-N, ...)."""
+    name, _, roles = spec.partition(":")
+    if roles:
+        return name, roles.split(",")
+    if name in NAMED_ROLES:
+        return name, [name]
+    if WORKER_NAME.fullmatch(name):
+        return name, ["fedavg-worker"]
+    raise KeyFileError(f"say which role {name!r} may act as: {name}:ROLE (for example {name}:fedavg-worker)")
 
 
 def load_private(path: Path, party: str) -> Signer:
@@ -86,9 +139,12 @@ def load_private(path: Path, party: str) -> Signer:
     return Signer(party, key)
 
 
-def generate(out: Path, parties: list[str], *, force: bool = False) -> Path:
-    """Write PARTY.key (private, mode 0600) and PARTY.pub for each party, and the key list.
+def generate(out: Path, specs: list[str], *, force: bool = False, max_samples: int | None = None) -> Path:
+    """Write PARTY.key (private, mode 0600) and PARTY.pub for each party (`party_roles` specs),
+    and the key list naming each one's roles (and, given, the sample ceiling of its updates).
     Existing keys are kept unless `force`: a new key would lock the party out of its servers."""
+    roles = dict(party_roles(spec) for spec in specs)
+    parties = [party_roles(spec)[0] for spec in specs]
     for party in parties:
         if not PARTY_NAME.fullmatch(party):
             raise KeyFileError(f"party name {party[:80]!r} must match {PARTY_NAME.pattern} (it names files in {out})")
@@ -109,7 +165,7 @@ def generate(out: Path, parties: list[str], *, force: bool = False) -> Path:
             handle.write(pem)
         public = Signer(party, key).public_hex()
         (out / f"{party}.pub").write_text(public + "\n")
-        listing[party] = public
+        listing[party] = {"key": public, "roles": roles[party], **({"max_samples": max_samples} if max_samples else {})}
     key_list = out / KEY_LIST_NAME
-    key_list.write_text(json.dumps({"version": 1, "parties": listing}, indent=2) + "\n")
+    key_list.write_text(json.dumps({"version": 2, "parties": listing}, indent=2) + "\n")
     return key_list

@@ -24,6 +24,7 @@ class CheckpointError(RuntimeError):
 class ServerDeployment(Party, RoundPolicy):
     timeout: float = setting(600.0, "Seconds to wait for workers before giving up.", min=0.1)
     checkpoint_dir: Path | None = setting(None, "Where the server keeps its checkpoint; a restart resumes from it.")
+    max_samples: int = setting(10**9, "The most training samples one update may claim (a key list's max_samples can set less per worker).", min=1)
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,7 @@ from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.fedavg import CheckpointError
+from splitfed.roles.fedavg import WORKER, CheckpointError
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
 from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
@@ -96,7 +96,7 @@ class FedAvgServer:
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             max_message_bytes=2 * model_bytes + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
-            on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc,
+            on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc, peer_roles=(WORKER,),
         )
         self.checkpoint_dir: Path | None = deployment.checkpoint_dir
         self.on_progress = on_progress
@@ -307,8 +307,9 @@ class FedAvgServer:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
             check_tensors(message, self.update_specs)
             samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
-            if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= MAX_SAMPLES:
-                raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r}")
+            ceiling = min(self.deployment.max_samples, (self.endpoint.trusted and self.endpoint.trusted.max_samples(message.sender)) or MAX_SAMPLES)
+            if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= ceiling:
+                raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r} (at most {ceiling})")
             if not _finite_number(loss):
                 raise ProtocolError("value", f"update from {message.sender} reports train_loss={loss!r:.40}")
 

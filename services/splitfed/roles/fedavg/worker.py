@@ -46,7 +46,7 @@ class FedAvgWorker(Role):
         self.data = federated.worker_share(settings, self.index)  # only this worker's share is kept
         self.endpoint = Endpoint(
             transport, session=self.session, role=WORKER, inbox=worker_queue(self.session, self.worker_id), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id,
+            signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id, peer_roles=(SERVER,),
         )
         self.server = server_queue(self.session)
         transport.declare(self.server, durable=True)

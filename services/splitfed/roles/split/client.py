@@ -42,7 +42,7 @@ class SplitClient:
         self.session = deployment.session
         self.endpoint = Endpoint(
             transport, session=self.session, role=CLIENT, inbox=queue_name(self.session, CLIENT), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted,
+            signer=identity.signer, trusted=identity.trusted, peer_roles=(SERVER,),
         )
         self.server = peer_queue(self.session, deployment.via, SERVER)
         transport.declare(self.server)

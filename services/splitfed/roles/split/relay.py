@@ -26,7 +26,7 @@ class Relay(Role):
         """With a key list, only frames signed by a listed client or server are forwarded."""
         session = deployment.session
         self.endpoint = Endpoint(
-            transport, session=session, role=RELAY, inbox=queue_name(session, RELAY), timeout=deployment.timeout, trusted=identity.trusted,
+            transport, session=session, role=RELAY, inbox=queue_name(session, RELAY), timeout=deployment.timeout, trusted=identity.trusted, peer_roles=tuple(ROUTES),
         )
         self.targets = {sender: queue_name(session, target) for sender, target in ROUTES.items()}
         for target in self.targets.values():

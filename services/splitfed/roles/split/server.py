@@ -38,7 +38,7 @@ class SplitServer(Role):
         self.out_shape = models.output_shape(self.body, self.in_shape)
         self.endpoint = Endpoint(
             transport, session=deployment.session, role=SERVER, inbox=queue_name(deployment.session, SERVER), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted,
+            signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT,),
         )
         self.reply_to = peer_queue(deployment.session, deployment.via, CLIENT)
         transport.declare(self.reply_to)
