@@ -117,6 +117,8 @@ def _party(entry: str | dict) -> Party:
 def party_roles(spec: str) -> tuple[str, list[str]]:
     """`NAME:ROLE[,ROLE...]`, or a NAME whose role is implied (fedavg-server, worker-N, ...)."""
     name, _, roles = spec.partition(":")
+    if not PARTY_NAME.fullmatch(name):
+        raise KeyFileError(f"party name {name[:80]!r} must match {PARTY_NAME.pattern} (it names files in the key folder)")
     if roles:
         return name, roles.split(",")
     if name in NAMED_ROLES:
@@ -145,9 +147,6 @@ def generate(out: Path, specs: list[str], *, force: bool = False, max_samples: i
     Existing keys are kept unless `force`: a new key would lock the party out of its servers."""
     roles = dict(party_roles(spec) for spec in specs)
     parties = [party_roles(spec)[0] for spec in specs]
-    for party in parties:
-        if not PARTY_NAME.fullmatch(party):
-            raise KeyFileError(f"party name {party[:80]!r} must match {PARTY_NAME.pattern} (it names files in {out})")
     if len(set(parties)) != len(parties):
         raise KeyFileError("a party is named twice")
     existing = [str(out / f"{party}.key") for party in parties if (out / f"{party}.key").exists()]
