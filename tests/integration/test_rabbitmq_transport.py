@@ -275,3 +275,68 @@ def test_a_huge_float_in_the_header_is_refused_not_a_crash(broker_url, session):
                 assert rejected_count("fedavg-server", session, reason) == 1, reason
         finally:
             transport.delete(inbox)
+
+
+def test_a_watched_queue_refuses_an_oversized_message_at_its_first_chunk(bench):
+    """A queue whose role expects at most 64 bytes: a message announcing 10 chunks of 16 is
+    refused at the first chunk it sends, before anything is kept, and counted by that queue's hook."""
+    counted = []
+    bench.receiver.watch(bench.queue, max_bytes=64, on_reject=lambda reason, detail: counted.append(reason))
+    bench.send_chunks("too-big", [b"x" * 16] * 10, [0])
+    bench.send(b"the next message")
+    assert bench.receive_acked() == b"the next message"
+    deadline = time.monotonic() + 10
+    while not counted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert counted == ["oversized"] and bench.rejections == []  # the queue's hook, not the transport's
+    assert bench.close_and_count_left() == 0
+
+
+def test_partials_expire_and_a_flood_of_them_evicts_no_genuine_message(broker_url, session):
+    """A genuine two-chunk message has sent its first chunk when 100 bogus chunk ids arrive, each
+    the first of two: the transport keeps at most 64 partial messages per queue, so it refuses
+    the newcomers (`partials`) instead of evicting anything, the genuine message completes when
+    its second chunk arrives, and the bogus partials still held expire after the TTL (`expired`),
+    their prefetch slots freed. (The receiver's prefetch window here is wider than the 64
+    partials; a narrower one stalls until they expire, which is still open work.)"""
+    bench = ChunkBench.__new__(ChunkBench)
+    bench.queue, bench.rejections = f"splitfed.{session}.chunks", []
+    bench.receiver = RabbitTransport(broker_url, name=f"flooded-{session}", on_reject=lambda *r: bench.rejections.append(r), partial_ttl=2.0, prefetch=100, **CHUNK_RECEIVER)
+    bench.receiver.declare(bench.queue)
+    bench.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    bench.channel = bench.connection.channel()
+    try:
+        genuine = pieces_of(b"g" * 32)
+        bench.send_chunks("genuine", genuine, [0])
+        for flood in range(100):
+            bench.send_chunks(f"bogus-{flood}", [b"b" * 16, b"b" * 16], [0])
+        bench.send_chunks("genuine", genuine, [1])
+        assert bench.receive_acked() == b"g" * 32
+        reasons = bench.wait_for_rejections(100)
+        assert reasons.count("partials") == 100 - 63 and reasons.count("expired") == 63  # 63 bogus + the genuine one held the 64 places
+        assert bench.close_and_count_left() == 0
+    finally:
+        if bench.connection.is_open:
+            bench.receiver.close()
+            bench.channel.queue_delete(bench.queue)
+            bench.connection.close()
+
+
+def test_an_endpoint_counts_refused_chunks_by_reason(broker_url, session):
+    inbox = f"splitfed.{session}.split-server"
+    with RabbitTransport(broker_url, name=f"endpoint-{session}", chunk_size=16, max_message_bytes=256, partial_ttl=1.0) as transport:
+        Endpoint(transport, session=session, role="split-server", inbox=inbox, timeout=5, max_message_bytes=64)
+        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        try:
+            channel = connection.channel()
+            for chunk_id, count in (("abandoned", 2), ("announced-too-big", 10)):
+                channel.basic_publish("", inbox, b"x" * 16, pika.BasicProperties(headers={CHUNK_ID: chunk_id, CHUNK_INDEX: 0, CHUNK_COUNT: count}))
+            assert transport.receive(inbox, timeout=3) is None  # neither is ever delivered
+            deadline = time.monotonic() + 10
+            while rejected_count("split-server", session, "expired") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert rejected_count("split-server", session, "expired") == 1
+            assert rejected_count("split-server", session, "oversized") == 1
+            channel.queue_delete(inbox)
+        finally:
+            connection.close()

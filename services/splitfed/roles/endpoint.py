@@ -118,6 +118,9 @@ class Endpoint:
         if trusted is None:
             log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", self.sender)
         transport.declare(inbox, durable=durable)
+        # Oversized messages are refused before their chunks are put together, and refusals below
+        # the protocol (bad or abandoned chunks) are counted like any other.
+        transport.watch(inbox, max_bytes=max_message_bytes, on_reject=self.rejected)
 
     def rejected(self, reason: str, detail: str) -> None:
         metrics.REJECTED.labels(self.role, self.session, reason).inc()

@@ -41,6 +41,11 @@ class Transport(ABC):
     def ack(self, delivery: Delivery) -> None:
         """The work for `delivery` is done; until then it comes back if this party dies."""
 
+    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook) -> None:
+        """What `queue`'s consumer accepts: messages of at most `max_bytes` (larger ones are
+        refused before they are put together), and who hears of frames refused below the
+        protocol (bad or abandoned chunks). Transports that do not chunk need neither."""
+
     def delete(self, queue: str) -> None:
         """Remove `queue` (end of a session)."""
 

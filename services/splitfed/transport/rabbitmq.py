@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
@@ -32,7 +32,8 @@ from splitfed.transport.base import Delivery, RejectHook, Transport, TransportEr
 log = logging.getLogger(__name__)
 
 CHUNK_ID, CHUNK_INDEX, CHUNK_COUNT = "x-splitfed-chunk-id", "x-splitfed-chunk-index", "x-splitfed-chunk-count"
-MAX_PENDING_REASSEMBLIES = 64
+MAX_PENDING_REASSEMBLIES = 64  # per queue; a new partial beyond them is refused, none is evicted
+PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other chunks
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 
 
@@ -52,9 +53,11 @@ class TLSOptions:
 
 @dataclass
 class _Reassembly:
+    queue: str
     parts: list[bytes | None]
     tags: list[int]
     size: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class RabbitTransport(Transport):
@@ -72,6 +75,7 @@ class RabbitTransport(Transport):
         connect_timeout: float = 30.0,
         operation_timeout: float = 300.0,
         on_reject: RejectHook | None = None,
+        partial_ttl: float = PARTIAL_TTL,
         name: str = "splitfed",
     ):
         self._params = pika.URLParameters(url)
@@ -96,6 +100,8 @@ class RabbitTransport(Transport):
         self._expires_ms = {False: queue_expires_ms, True: durable_queue_expires_ms}
         self._operation_timeout = operation_timeout
         self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
+        self._partial_ttl = partial_ttl
+        self._watched: dict[str, tuple[int, RejectHook]] = {}  # queue -> (max bytes, who hears of refusals)
 
         self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
@@ -147,6 +153,9 @@ class RabbitTransport(Transport):
     def ack(self, delivery: Delivery) -> None:
         generation, tags = delivery.tag
         self._submit(lambda: self._ack(generation, tags))
+
+    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook) -> None:
+        self._watched[queue] = (min(max_bytes, self._max_message_bytes), on_reject)
 
     def delete(self, queue_name: str) -> None:
         self._call(lambda: self._delete(queue_name))
@@ -203,6 +212,7 @@ class RabbitTransport(Transport):
                 while not self._closing:
                     self._drain()
                     self._connection.process_data_events(time_limit=1)
+                    self._expire_partials()
             except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError, pex.AuthenticationError) as exc:
                 self._stop(exc)
             except pex.ConnectionClosedByBroker as exc:
@@ -332,36 +342,50 @@ class RabbitTransport(Transport):
             return
         chunk_id, index, count = headers.get(CHUNK_ID), headers.get(CHUNK_INDEX), headers.get(CHUNK_COUNT)
         if not (isinstance(chunk_id, (str, bytes)) and isinstance(index, int) and isinstance(count, int)) or not 0 <= index < count:
-            self._reject(tag, "malformed", f"bad chunk headers on {name}")
+            self._reject(tag, "malformed", f"bad chunk headers on {name}", name)
             return
-        if count > self._max_chunks:
-            self._reject(tag, "oversized", f"{count} chunks of {self._chunk_size} bytes exceed the message limit")
+        limit = self._limit(name)
+        if count > -(-limit // self._chunk_size):  # more chunks than a message this queue accepts can have
+            self._reject(tag, "oversized", f"{count} chunks of {self._chunk_size} bytes exceed the {limit}-byte limit of {name}", name)
             return
         key = f"{name}/{chunk_id!s}"
         entry = self._reassembly.get(key)
         if entry is None:
-            if len(self._reassembly) >= MAX_PENDING_REASSEMBLIES:
-                oldest_key = next(iter(self._reassembly))
-                oldest = self._reassembly.pop(oldest_key)
-                self._reject(oldest.tags, "malformed", f"chunked message {oldest_key} never completed")
-            entry = self._reassembly[key] = _Reassembly([None] * count, [])
+            if sum(1 for partial in self._reassembly.values() if partial.queue == name) >= MAX_PENDING_REASSEMBLIES:
+                # Refuse the newcomer rather than evict a message still arriving: a flood of
+                # bogus chunk ids cannot push out a genuine message, and it expires on its own.
+                self._reject(tag, "partials", f"{MAX_PENDING_REASSEMBLIES} messages on {name} are already partly here", name)
+                return
+            entry = self._reassembly[key] = _Reassembly(name, [None] * count, [])
         if len(entry.parts) != count or entry.parts[index] is not None:
-            self._reject(tag, "malformed", f"chunk {index}/{count} of {key} conflicts with earlier chunks")
+            self._reject(tag, "malformed", f"chunk {index}/{count} of {key} conflicts with earlier chunks", name)
             return
         entry.parts[index] = body
         entry.tags.append(tag)
         entry.size += len(body)
-        if entry.size > self._max_message_bytes:
+        if entry.size > limit:
             del self._reassembly[key]
-            self._reject(entry.tags, "oversized", f"chunked message {key} exceeds {self._max_message_bytes} bytes")
+            self._reject(entry.tags, "oversized", f"chunked message {key} exceeds {limit} bytes", name)
         elif all(part is not None for part in entry.parts):
             del self._reassembly[key]
             self._inboxes[name].put(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
 
-    def _reject(self, tags: int | list[int], reason: str, detail: str) -> None:
+    def _limit(self, name: str) -> int:
+        return self._watched[name][0] if name in self._watched else self._max_message_bytes
+
+    def _expire_partials(self) -> None:
+        """Refuse messages whose other chunks have not come within the partial TTL: they would
+        hold memory and prefetch slots for ever."""
+        now = time.monotonic()
+        for key, entry in list(self._reassembly.items()):
+            if now - entry.started > self._partial_ttl:
+                del self._reassembly[key]
+                self._reject(entry.tags, "expired", f"chunked message {key} incomplete after {self._partial_ttl:.0f}s", entry.queue)
+
+    def _reject(self, tags: int | list[int], reason: str, detail: str, name: str | None = None) -> None:
         for tag in tags if isinstance(tags, list) else [tags]:
             self._channel.basic_ack(tag)  # refused for good: redelivering it would not make it valid
-        self._on_reject(reason, detail)
+        (self._watched[name][1] if name in self._watched else self._on_reject)(reason, detail)
 
 
 def _forward(done: Future, caller: Future) -> None:
