@@ -140,7 +140,7 @@ def test_server_optimisers_and_scaffold_as_processes_equal_the_plain_loop(broker
 
 # Server optimisers and SCAFFOLD keep state beside the model (moments, control variates): the
 # resumed run equals the uninterrupted one only if that state is checkpointed with the model.
-@pytest.mark.parametrize("strategy", [{"strategy": "fedadam"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02}])
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02, "local_steps": 12}])
 def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path, strategy):
     settings = slow_enough(**strategy)
     checkpoint = tmp_path / "ckpt"

@@ -91,7 +91,7 @@ def test_cli_errors_go_to_stderr_with_non_zero_exit(tmp_path):
     assert bad_cut.returncode == 2 and "cut layer 42" in bad_cut.stderr
     no_broker = run_cli("serve", "relay", "--session", "x", "--broker", "memory")
     assert no_broker.returncode == 2 and "needs --broker amqp" in no_broker.stderr
-    unreachable = run_cli("serve", "relay", "--session", "x", "--broker", "amqp://guest:guest@127.0.0.1:1/", timeout=120)
+    unreachable = run_cli("serve", "relay", "--session", "x", "--broker", "amqp://guest:guest@127.0.0.1:1/", "--connect-timeout", "2", timeout=120)
     assert unreachable.returncode == 4 and "cannot connect" in unreachable.stderr
 
 

@@ -35,6 +35,7 @@ class Connection:
     broker: str = setting(DEFAULT_BROKER, "RabbitMQ URL: amqp://user:pass@host:port/vhost, or amqps://... for TLS.", metavar="URL")
     chunk_size: int = setting(16 * 1024**2, "Frames larger than this many bytes travel in chunks.", min=64 * 1024)
     heartbeat: int | None = setting(None, "AMQP heartbeat in seconds (broker default if unset).", min=0)
+    connect_timeout: float = setting(30.0, "Seconds to keep trying to reach the broker at start before giving up.", min=0.1)
     tls_ca: Path | None = setting(None, "CA file to verify the broker (amqps://).")
     tls_cert: Path | None = setting(None, "Client certificate for the broker (amqps://).")
     tls_key: Path | None = setting(None, "Client key for the broker (amqps://).")
@@ -62,7 +63,9 @@ def connect(connection: Connection, name: str, **extra: Any) -> Transport:
     connection.check(name)
     tls = TLSOptions(*(str(path) if path else None for path in (connection.tls_ca, connection.tls_cert, connection.tls_key))) if connection.tls_given() else None
     heartbeat = {"heartbeat": connection.heartbeat} if connection.heartbeat is not None else {}
-    return RabbitTransport(connection.broker, name=name, tls=tls, chunk_size=connection.chunk_size, **heartbeat, **extra)
+    return RabbitTransport(
+        connection.broker, name=name, tls=tls, chunk_size=connection.chunk_size, connect_timeout=connection.connect_timeout, **heartbeat, **extra,
+    )
 
 
 def warn_if_unencrypted(broker: str, signed: bool) -> None:
