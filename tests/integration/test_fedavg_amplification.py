@@ -141,3 +141,62 @@ def fedavg_queues(session: str) -> list[str]:
     from splitfed.roles.fedavg.common import session_queues
 
     return session_queues(session, 3)
+
+
+class Recorder(RabbitTransport):
+    """worker-0's connection in a first run: keeps the first update it sends and the round-2
+    model it is sent, as someone watching the broker would."""
+
+    update: bytes | None = None
+    model: bytes | None = None
+
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
+        if decode(body).kind == "update" and self.update is None:
+            Recorder.update = body
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
+
+    def receive(self, queue, timeout):
+        delivery = super().receive(queue, timeout)
+        if delivery is not None and (message := decode(delivery.body)).kind == "model" and message.round == 2:
+            Recorder.model = delivery.body
+        return delivery
+
+
+class Replayer(RabbitTransport):
+    """worker-0's connection in a second run on the same session, all frames validly signed by
+    the same keys: as round 1 starts, the first run's round-1 update of worker-0 goes to the
+    server ahead of the real one; as worker-0's round-1 update leaves, the first run's round-2
+    model is put in worker-0's queue."""
+
+    def receive(self, queue, timeout):
+        delivery = super().receive(queue, timeout)
+        if delivery is not None and (message := decode(delivery.body)).kind == "model" and message.round == 1:
+            super().publish(server_queue(message.session), Recorder.update)
+        return delivery
+
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
+        if decode(body).kind == "update" and decode(body).round == 1:
+            super().publish(worker_queue(decode(body).session, "worker-0"), Recorder.model)
+
+
+def test_frames_recorded_in_an_earlier_run_of_the_session_are_refused(broker_url, session, tmp_path):
+    key_list = keys.generate(tmp_path / "keys", [SERVER, "worker-0", "worker-1", "worker-2"])
+    first = FederatedSettings(dataset="digits", rounds=2, partition="iid")
+
+    def connect_with(double):
+        return lambda party: (double if party == "worker-0" else RabbitTransport)(broker_url, name=f"{party}-{session}")
+
+    launch.run(fedavg.SCENARIO, first, FedAvgRun(broker=broker_url, launch="threads", session=session, timeout=60, key_list=key_list),
+               connect_as=connect_with(Recorder))
+    assert Recorder.update is not None and Recorder.model is not None
+    # A second run on the same session, same keys, another seed, with the first run's frames replayed.
+    second = FederatedSettings(dataset="digits", rounds=2, partition="iid", seed=2)
+    run = FedAvgRun(broker=broker_url, launch="threads", session=session, timeout=60, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
+    result = launch.run(fedavg.SCENARIO, second, run, connect_as=connect_with(Replayer))
+    assert rejected_count(SERVER, session, "replay") == 1  # the old update
+    assert rejected_count("fedavg-worker", session, "replay") == 1  # the old model
+    assert result["contributors"] == {"1": ["worker-0", "worker-1", "worker-2"], "2": ["worker-0", "worker-1", "worker-2"]}
+    reference, _ = federated.reference_run(second)
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.fedavg import WORKER, CheckpointError
-from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
+from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_digest
 from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
     worker_queue,
@@ -65,6 +66,10 @@ class ServerState:
     # restarted worker, which joins with a new nonce, gets the current model.
     join_nonces: dict[str, list[str]] = field(default_factory=dict)
     run: dict = field(default_factory=dict)  # what the checkpoint belongs to: session and learning settings
+    # This run's id, fixed at its start and kept across restarts: every message of the run names
+    # it (and its recipient) under the signature, so frames recorded in an earlier run with the
+    # same session are refused as `replay`.
+    run_id: str = ""
 
 
 # Settings a resumed run may change: how far it goes and how the global model is scored.
@@ -103,6 +108,7 @@ class FedAvgServer:
         self.fingerprint = {"session": self.session, **{k: v for k, v in config.values_of(settings).items() if k not in RESUMABLE_CHANGES}}
         self.state = ServerState(run=self.fingerprint)
         self.restore()
+        self.state.run_id = self.state.run_id or uuid.uuid4().hex
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -169,7 +175,7 @@ class FedAvgServer:
         while self.state.round <= self.settings.rounds:
             self.run_round()
         for worker in self.state.workers:
-            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round), persistent=True)
+            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round, meta=self.addressed(worker)), persistent=True)
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         last = self.state.history[-1]
         return {
@@ -185,7 +191,7 @@ class FedAvgServer:
             if time.monotonic() > deadline:
                 raise RoleTimeout(f"only {len(self.state.workers)} of {self.settings.workers} workers joined")
             message, delivery = self.endpoint.receive((JOIN,), None, self.check_join, self.refuse)
-            self.join(message, send_model=False)
+            self.join(message, frame_digest(delivery.body), send_model=False)
             self.endpoint.ack(delivery)
         log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
 
@@ -204,8 +210,13 @@ class FedAvgServer:
         if self.endpoint.trusted is None and worker not in self.state.workers and len(self.state.workers) >= self.settings.workers:
             raise ProtocolError("full", f"{worker} cannot join: all {self.settings.workers} places are taken")
 
-    def join(self, message: Message, send_model: bool) -> bool:
-        """Admit (or re-admit) the sender of a join that passed `check_join`."""
+    def addressed(self, worker: str) -> dict:
+        """What binds a message to this run and to its one recipient (signed with the rest)."""
+        return {"run": self.state.run_id, "to": worker}
+
+    def join(self, message: Message, digest: str, send_model: bool) -> None:
+        """Admit (or re-admit) the sender of a join that passed `check_join`; the welcome names
+        the join it answers by its digest."""
         worker = message.sender
         self.state.join_nonces[worker] = [*self.state.join_nonces.get(worker, ()), message.meta["nonce"]][-JOIN_NONCES_KEPT:]
         self.state.workers = sorted(set(self.state.workers) | {worker})
@@ -215,10 +226,10 @@ class FedAvgServer:
         log.info("worker %s joined (round %d)", worker, self.state.round)
         queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
-        self.endpoint.send_message(queue, Message(WELCOME, "", "", round=self.state.round), persistent=True)
+        welcome = Message(WELCOME, "", "", round=self.state.round, meta={**self.addressed(worker), "ref": digest})
+        self.endpoint.send_message(queue, welcome, persistent=True)
         if send_model:
             self.send_model(worker)
-        return True
 
     def refuse(self, rejection: Rejection) -> None:
         """Tell a worker whose join was refused why, in the queue it listens on (it checks `ref`).
@@ -240,7 +251,7 @@ class FedAvgServer:
         if self.strategy.control_variates:
             current = strategies.flatten(self.model.state_dict(), self.names)
             tensors.update(to_wire(with_prefix(CONTROL, strategies.unflatten(self.strategy.control(current), self.model.state_dict(), self.names))))
-        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=tensors)
+        message = Message(MODEL, "", "", round=self.state.round, meta={**meta, **self.addressed(worker)}, tensors=tensors)
         self.endpoint.send_message(worker_queue(self.session, worker), message, persistent=True)
 
     def run_round(self) -> None:
@@ -297,6 +308,8 @@ class FedAvgServer:
                 return
             if message.sender not in self.state.workers:
                 raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
+            if message.meta.get("run") != self.state.run_id or message.meta.get("to") != SERVER:
+                raise ProtocolError("replay", f"update from {message.sender} belongs to another run or recipient")
             if message.round < self.state.round:
                 if message.sender in self.state.contributors.get(str(message.round), ()):
                     raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
@@ -326,7 +339,7 @@ class FedAvgServer:
                 continue
             message, delivery = received
             if message.kind == JOIN:
-                self.join(message, send_model=True)
+                self.join(message, frame_digest(delivery.body), send_model=True)
                 expected.add(message.sender)
                 self.endpoint.ack(delivery)
                 continue
