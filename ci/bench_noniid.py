@@ -78,7 +78,7 @@ def table(args: argparse.Namespace) -> None:
     out = Table(title="test accuracy after rounds 1 / 5 / last")
     for column in ("data set", "partition", "workers", "strategy", "settings", "round 1", "round 5", "last round"):
         out.add_column(column)
-    for dataset, partition, workers, rounds in SETUPS:
+    for dataset, partition, workers, rounds in [SETUPS[index] for index in args.setups]:
         for strategy, params in chosen.items():
             accuracies = run(dataset, partition, workers, rounds, strategy, params)
             rows.append({"dataset": dataset, "partition": partition, "workers": workers, "strategy": strategy, "settings": params, "accuracy": accuracies})
@@ -102,6 +102,7 @@ def main() -> None:
     tuning.add_argument("--strategies", nargs="*")
     final = commands.add_parser("table")
     final.add_argument("--settings", help="JSON {strategy: settings} printed by `tune` (default: each strategy's first candidate)")
+    final.add_argument("--setups", type=int, nargs="*", default=list(range(len(SETUPS))), help="indices into SETUPS (default: all)")
     final.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
