@@ -102,3 +102,11 @@ def test_the_readme_option_table_is_the_generated_one():
     text = README.read_text()
     start, end = text.index(docs.BEGIN), text.index(docs.END) + len(docs.END)
     assert text[start:end] == docs.options_table(), "README options are stale: run ci/update_readme_options.sh"
+
+
+@pytest.mark.parametrize("name", sorted(ROLES))
+def test_every_declared_metric_follows_the_scheme_and_is_documented(name):
+    readme = README.read_text()
+    for metric in ROLES[name].metrics:
+        assert metric._name.startswith("splitfed_") and metric._labelnames[:2] == ("role", "session"), metric._name
+        assert metric._name in readme, f"{metric._name} is not in the README's metrics list"

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from prometheus_client.metrics import MetricWrapperBase
 
 from splitfed import config
-from splitfed.security.keys import KeyList, Signer
+from splitfed.security.keys import KeyList, Signer, load_private
 from splitfed.transport import Connection, Transport
 
 
@@ -44,8 +44,6 @@ class Identity:
 
     @classmethod
     def load(cls, party: str, key_list: Path | None, private_key: Path | None = None) -> Identity:
-        from splitfed.security.keys import load_private
-
         return cls(load_private(private_key, party) if private_key else None, KeyList.load(key_list) if key_list else None)
 
 
@@ -61,7 +59,6 @@ class RoleSpec:
     deployment: type  # a roles.deployment dataclass
     build: Builder
     metrics: tuple[MetricWrapperBase, ...]
-    needs_torch: bool = True
     party: Callable[[Any], str] = lambda deployment: ""  # the party name it signs as (default: the role name)
     prefetch: Callable[[Any], int] | None = None  # deliveries it may hold unacked, from its learning settings
 

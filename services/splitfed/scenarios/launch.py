@@ -115,15 +115,17 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
     else:
         settings = settings.resolved()
         warn_if_unencrypted(settings.broker, settings.key_list is not None)
-        workdir = Path(tempfile.mkdtemp(prefix="splitfed-"))
-        launches = scenario.plan(learning, settings, workdir)
-        if settings.launch == "processes":
-            result = run_processes(launches, connection_of(settings), on_progress, settings.timeout)
-        else:
-            result = run_threads(launches, connect_as or transport_factory(settings), on_progress, settings.timeout)
-        delete_queues(connect_as or transport_factory(settings), scenario.queues(learning, settings))
-        if scenario.finish:
-            scenario.finish(learning, settings, workdir, result)
+        connect_as = connect_as or transport_factory(settings)
+        with tempfile.TemporaryDirectory(prefix="splitfed-") as folder:
+            workdir = Path(folder)
+            launches = scenario.plan(learning, settings, workdir)
+            if settings.launch == "processes":
+                result = run_processes(launches, connection_of(settings), on_progress, settings.timeout, workdir)
+            else:
+                result = run_threads(launches, connect_as, on_progress, settings.timeout)
+            delete_queues(connect_as, scenario.queues(learning, settings))
+            if scenario.finish:
+                scenario.finish(learning, settings, workdir, result)
         config_values = {**config.values_of(learning), "session": settings.session, "broker": redact(settings.broker), "launch": settings.launch,
                          "authenticated": settings.key_list is not None}
     return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
@@ -249,13 +251,13 @@ def role_environment(launch: Launch, connection: Connection) -> dict[str, str]:
 class ProcessGroup:
     """The OS processes of one run; killed together when anything fails."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, workdir: Path | None = None) -> None:
         self.connection = connection
-        self.workdir = Path(tempfile.mkdtemp(prefix="splitfed-"))
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="splitfed-"))  # logs and the lead's result
         self.members: list[RoleProcess] = []
 
     def start(self, launch: Launch, name: str | None = None) -> RoleProcess:
-        if "torch_threads" in {field.name for field in dataclasses.fields(launch.deployment)}:
+        if hasattr(launch.deployment, "torch_threads"):
             launch = launch.with_deployment(torch_threads=launch.threads)
         name = name or launch.name
         log_path = self.workdir / f"{name}.log"
@@ -301,9 +303,9 @@ class ProcessGroup:
                 member.process.stdout.close()
 
 
-def run_processes(launches: list[Launch], connection: Connection, on_progress: ProgressSink | None, timeout: float) -> dict:
+def run_processes(launches: list[Launch], connection: Connection, on_progress: ProgressSink | None, timeout: float, workdir: Path) -> dict:
     """Every role as its own `splitfed serve` process; the lead's result comes back as a file."""
-    group = ProcessGroup(connection)
+    group = ProcessGroup(connection, workdir)
     result_path = group.workdir / "result.json"
     try:
         lead = group.start(launches[0].with_deployment(out=result_path, progress_events=True))

@@ -38,9 +38,6 @@ from splitfed.transport import Delivery, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
-MAX_SAMPLES = 10**12  # an update's weight; anything larger is a lie meant to dominate the average
-
-
 @dataclass
 class Update:
     vector: torch.Tensor  # (P,) all parameters, flattened
@@ -152,8 +149,8 @@ class FedAvgServer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         current = self.checkpoint_dir / self.model_file(self.state.round)
         strategy = self.checkpoint_dir / self.strategy_file(self.state.round)
-        model = save({k: v.contiguous() for k, v in self.model.state_dict().items()})
-        if with_model or not current.exists():
+        model = save({k: v.contiguous() for k, v in self.model.state_dict().items()}) if with_model or not current.exists() else None
+        if model is not None:
             _atomic(current, model)
             # The strategy's state (momentum, moments, control variate) belongs to this model.
             if state := self.strategy.state():
@@ -163,7 +160,7 @@ class FedAvgServer:
         for old in (self.model_file(self.state.round - 1), self.strategy_file(self.state.round - 1)):
             (self.checkpoint_dir / old).unlink(missing_ok=True)
         latest = self.checkpoint_dir / "model.safetensors"  # the newest global model, for people and tools
-        if with_model:
+        if with_model and model is not None:
             _atomic(latest, model)
 
     # -- the run --------------------------------------------------------------------------
@@ -245,21 +242,26 @@ class FedAvgServer:
         except TransportError as exc:  # nobody listens under that name: nothing to tell
             log.info("refusal for %r not delivered: %s", message.sender, exc)
 
-    def send_model(self, worker: str) -> None:
-        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
+    def model_tensors(self) -> dict:
+        """What every worker is sent this round: the global model, and SCAFFOLD's control."""
         tensors = to_wire(self.model.state_dict())
         if self.strategy.control_variates:
             current = strategies.flatten(self.model.state_dict(), self.names)
             tensors.update(to_wire(with_prefix(CONTROL, strategies.unflatten(self.strategy.control(current), self.model.state_dict(), self.names))))
-        message = Message(MODEL, "", "", round=self.state.round, meta={**meta, **self.addressed(worker)}, tensors=tensors)
+        return tensors
+
+    def send_model(self, worker: str, tensors: dict | None = None) -> None:
+        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
+        message = Message(MODEL, "", "", round=self.state.round, meta={**meta, **self.addressed(worker)}, tensors=tensors or self.model_tensors())
         self.endpoint.send_message(worker_queue(self.session, worker), message, persistent=True)
 
     def run_round(self) -> None:
         round_number = self.state.round
         started = time.perf_counter()
         metrics.ROUND.labels(SERVER, self.session).set(round_number)
+        tensors = self.model_tensors()  # once for the round; each worker's message differs only in its address
         for worker in self.state.workers:
-            self.send_model(worker)
+            self.send_model(worker, tensors)
         expected = set(self.state.workers) - set(self.state.missed)
         # In a fixed order, not arrival order: the same updates always sum to the same bits.
         updates = dict(sorted(self.collect(expected).items()))
@@ -320,7 +322,8 @@ class FedAvgServer:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
             check_tensors(message, self.update_specs)
             samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
-            ceiling = min(self.deployment.max_samples, (self.endpoint.trusted and self.endpoint.trusted.max_samples(message.sender)) or MAX_SAMPLES)
+            listed = self.endpoint.trusted.max_samples(message.sender) if self.endpoint.trusted else None
+            ceiling = min(self.deployment.max_samples, listed or self.deployment.max_samples)
             if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= ceiling:
                 raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r} (at most {ceiling})")
             if not _finite_number(loss):

@@ -40,7 +40,7 @@ def _relay(settings, deployment, transport, identity, on_progress):  # noqa: ANN
 WIRE = (metrics.MESSAGES, metrics.BYTES, metrics.REJECTED, metrics.UNSAFE_MODE)
 
 ROLES = (
-    RoleSpec("relay", "Forward frames between the two halves of one split session (no torch).", None, Service, _relay, WIRE, needs_torch=False),
+    RoleSpec("relay", "Forward frames between the two halves of one split session (no torch).", None, Service, _relay, WIRE),
     RoleSpec(
         "split-client", "The data owner of a split session: data, labels, first layers; drives training.", SplitSettings, SplitParty, _client,
         (*WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
