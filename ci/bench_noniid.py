@@ -58,7 +58,8 @@ def tune(args: argparse.Namespace) -> None:
     for column in ("strategy", "settings", "accuracy per round", "seconds"):
         table.add_column(column)
     best: dict[str, tuple[float, dict]] = {}
-    for strategy, candidates in CANDIDATES.items():
+    candidates_by_strategy = json.loads(args.candidates) if args.candidates else CANDIDATES
+    for strategy, candidates in candidates_by_strategy.items():
         if args.strategies and strategy not in args.strategies:
             continue
         for params in candidates:
@@ -100,12 +101,14 @@ def main() -> None:
     tuning.add_argument("--rounds", type=int, default=10)
     tuning.add_argument("--holdout", type=int, default=10000)
     tuning.add_argument("--strategies", nargs="*")
+    tuning.add_argument("--candidates", help='JSON {strategy: [settings, ...]} to try instead of CANDIDATES')
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     final = commands.add_parser("table")
     final.add_argument("--settings", help="JSON {strategy: settings} printed by `tune` (default: each strategy's first candidate)")
     final.add_argument("--setups", type=int, nargs="*", default=list(range(len(SETUPS))), help="indices into SETUPS (default: all)")
     final.add_argument("--out")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     {"tune": tune, "table": table}[args.command](args)
 
 

@@ -56,6 +56,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
     from splitfed.roles.endpoint import RoleTimeout
     from splitfed.roles.fedavg import CheckpointError
     from splitfed.roles.fedavg.worker import Refused
+    from splitfed.roles.split.client import RunAborted
     from splitfed.scenarios.launch import ScenarioError
     from splitfed.security.keys import KeyFileError
     from splitfed.transport import TransportError
@@ -70,7 +71,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise _fail(str(exc), 3) from None
     except (TransportError, ScenarioError) as exc:
         raise _fail(str(exc), 4) from None
-    except Refused as exc:
+    except (Refused, RunAborted) as exc:
         raise _fail(str(exc), 5) from None
 
 

@@ -19,7 +19,7 @@ CASES = {  # name -> (arguments, exit code, what the line says)
     "lr not a number": (["run", "centralized", "--lr", "fast"], 2, "--lr 'fast': not a number"),
     "timeout nan": (["run", "split", "--timeout", "nan"], 2, "--timeout nan: not a finite number"),
     "unknown data set": (["run", "centralized", "--dataset", "cifar"], 2, "choose one of fashion-mnist, mnist, digits"),
-    "chunk size too small": (["run", "split", "--broker", BROKER, "--chunk-size", "1024"], 2, "--chunk-size 1024: must be at least 65536"),
+    "chunk size too small": (["run", "split", "--broker", BROKER, "--chunk-size", "1024"], 2, "--chunk-size 1024: must be at least 131072"),
     "session too long": (["run", "split", "--session", "s" * 300], 2, "--session"),
     "worker id with a space": (["serve", "fedavg-worker", "--session", "s", "--worker-id", "bad id", "--index", "0"], 2, "--worker-id 'bad id': must match"),
     "missing TLS file": (["run", "split", "--broker", "amqps://guest:secret@127.0.0.1:5671/", "--tls-ca", "/missing/ca.pem"], 2, "TLS file /missing/ca.pem does not exist"),

@@ -297,11 +297,12 @@ def test_partials_expire_and_a_flood_of_them_evicts_no_genuine_message(broker_ur
     the first of two: the transport keeps at most 64 partial messages per queue, so it refuses
     the newcomers (`partials`) instead of evicting anything, the genuine message completes when
     its second chunk arrives, and the bogus partials still held expire after the TTL (`expired`),
-    their prefetch slots freed. (The receiver's prefetch window here is wider than the 64
-    partials; a narrower one stalls until they expire, which is still open work.)"""
+    their prefetch slots freed. The receiver's prefetch window (16 messages beside the chunks it
+    sets aside for partials) is narrower than the flood, which cannot stall it: partials reserve
+    the chunks they announce, and a newcomer that would not fit is refused."""
     bench = ChunkBench.__new__(ChunkBench)
     bench.queue, bench.rejections = f"splitfed.{session}.chunks", []
-    bench.receiver = RabbitTransport(broker_url, name=f"flooded-{session}", on_reject=lambda *r: bench.rejections.append(r), partial_ttl=2.0, prefetch=100, **CHUNK_RECEIVER)
+    bench.receiver = RabbitTransport(broker_url, name=f"flooded-{session}", on_reject=lambda *r: bench.rejections.append(r), partial_ttl=2.0, prefetch=16, **CHUNK_RECEIVER)
     bench.receiver.declare(bench.queue)
     bench.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     bench.channel = bench.connection.channel()
@@ -313,7 +314,8 @@ def test_partials_expire_and_a_flood_of_them_evicts_no_genuine_message(broker_ur
         bench.send_chunks("genuine", genuine, [1])
         assert bench.receive_acked() == b"g" * 32
         reasons = bench.wait_for_rejections(100)
-        assert reasons.count("partials") == 100 - 63 and reasons.count("expired") == 63  # 63 bogus + the genuine one held the 64 places
+        # 32 chunks are set aside for partials (two 256-byte messages): the genuine one reserved 2, 15 bogus ones the other 30
+        assert reasons.count("partials") == 100 - 15 and reasons.count("expired") == 15
         assert bench.close_and_count_left() == 0
     finally:
         if bench.connection.is_open:
@@ -340,3 +342,107 @@ def test_an_endpoint_counts_refused_chunks_by_reason(broker_url, session):
             channel.queue_delete(inbox)
         finally:
             connection.close()
+
+
+# -- with a key list, a chunked message is judged by its signed first chunk ------------------
+
+
+def resident_bytes() -> int:
+    """This process's resident set, as the kernel counts it."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class KeyedInbox:
+    """A split-server's Endpoint with a key list, over a transport chunking at 64 KiB, and a raw
+    pika publisher for what an attacker with guest access can put on its queue."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, broker_url: str, session: str, keys_dir):
+        from splitfed.security import keys
+
+        key_list = keys.generate(keys_dir, ["split-client", "split-server"])
+        self.client = keys.load_private(keys_dir / "split-client.key", "split-client")
+        self.session, self.inbox = session, f"splitfed.{session}.split-server"
+        self.transport = RabbitTransport(broker_url, name=f"keyed-{session}", chunk_size=self.CHUNK, max_message_bytes=16 * 1024**2, partial_ttl=5.0)
+        self.endpoint = Endpoint(
+            self.transport, session=session, role="split-server", inbox=self.inbox, timeout=30, max_message_bytes=16 * 1024**2,
+            trusted=keys.KeyList.load(key_list), peer_roles=("split-client",),
+        )
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self.channel = self.connection.channel()
+
+    def signed_frame(self, seq: int, megabytes: int, signer=None) -> bytes:
+        from splitfed.protocol import encode_body, signed_bytes
+
+        tensors = {"x": np.full((megabytes * 1024**2 // 4,), seq, np.float32)}
+        message = Message("activations", self.session, "split-client", seq=seq, meta={"train": True}, tensors=tensors)
+        body = encode_body(tensors)
+        message.sig = (signer or self.client).sign(signed_bytes(message, body))
+        return encode(message, body)
+
+    def publish_chunks(self, frame: bytes, chunk_id: str, indices=None) -> None:
+        pieces = [frame[start : start + self.CHUNK] for start in range(0, len(frame), self.CHUNK)]
+        for index in range(len(pieces)) if indices is None else indices:
+            headers = {CHUNK_ID: chunk_id, CHUNK_INDEX: index, CHUNK_COUNT: len(pieces)}
+            self.channel.basic_publish("", self.inbox, pieces[index], pika.BasicProperties(headers=headers))
+
+    def close(self) -> None:
+        self.channel.queue_delete(self.inbox)
+        self.connection.close()
+        self.transport.close()
+
+
+@pytest.fixture
+def keyed(broker_url, session, tmp_path):
+    inbox = KeyedInbox(broker_url, session, tmp_path / "keys")
+    yield inbox
+    inbox.close()
+
+
+def test_with_a_key_list_forged_first_chunks_are_refused_before_anything_is_kept(keyed):
+    """An attacker without a key floods the queue with 160 MiB of first chunks, each announcing a
+    message of 16 MiB: garbage, a well-formed header signed by a stranger, and a genuine frame's
+    later chunks with no first one. Each is refused as it arrives (the transport keeps nothing
+    unauthenticated); the process's resident memory grows by at most the prefetch window (33 MiB
+    of chunks in flight), not by what was sent; and the genuine 2 MiB message behind the flood
+    arrives whole."""
+    from splitfed.security import keys
+
+    stranger = keys.Signer("split-client", keys.Ed25519PrivateKey.generate())
+    forged = keyed.signed_frame(1, 1, signer=stranger)[: keyed.CHUNK]
+    garbage = b"\x00" * keyed.CHUNK
+    before = resident_bytes()
+    for flood in range(2560):  # 160 MiB of first chunks
+        body = garbage if flood % 2 else forged
+        keyed.channel.basic_publish("", keyed.inbox, body, pika.BasicProperties(headers={CHUNK_ID: f"flood-{flood}", CHUNK_INDEX: 0, CHUNK_COUNT: 256}))
+    genuine = keyed.signed_frame(1, 2)
+    keyed.publish_chunks(genuine, "orphan", indices=[1, 2])  # no first chunk: nothing vouches for them
+    keyed.publish_chunks(genuine, "genuine")
+    message, delivery = keyed.endpoint.receive(("activations",), ("split-client",), wait=60)
+    keyed.endpoint.ack(delivery)
+    grown = resident_bytes() - before
+    assert message.seq == 1 and message.tensors["x"].nbytes == 2 * 1024**2
+    session = keyed.session
+    assert rejected_count("split-server", session, "malformed") == 1280 + 2  # garbage, and the two orphans
+    assert rejected_count("split-server", session, "signature") == 1280
+    assert rejected_count("split-server", session, "partials") == 0 and rejected_count("split-server", session, "expired") == 0
+    assert grown < 48 * 1024**2, f"resident memory grew by {grown / 1024**2:.0f} MiB under a 160 MiB flood"
+
+
+def test_a_listed_sender_holds_at_most_a_few_partial_messages(keyed):
+    """A listed client (its key stolen, say) opens six messages it never finishes: four are held,
+    the rest refused (`partials`); once the four expire, its next complete message gets through."""
+    for seq in range(1, 7):
+        keyed.publish_chunks(keyed.signed_frame(seq, 1), f"unfinished-{seq}", indices=[0])
+    assert keyed.endpoint.receive(("activations",), ("split-client",), wait=2) is None
+    assert rejected_count("split-server", keyed.session, "partials") == 2
+    deadline = time.monotonic() + 30
+    while rejected_count("split-server", keyed.session, "expired") < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rejected_count("split-server", keyed.session, "expired") == 4
+    keyed.publish_chunks(keyed.signed_frame(1, 1), "finished")
+    message, delivery = keyed.endpoint.receive(("activations",), ("split-client",), wait=30)
+    keyed.endpoint.ack(delivery)
+    assert message.seq == 1

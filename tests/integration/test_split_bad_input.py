@@ -78,16 +78,13 @@ def test_bad_input_is_rejected_counted_and_harmless(broker_url, session, digits_
     assert max_param_diff(baseline_model, tmp_path / "model.safetensors") <= 1e-5
     assert result["accuracy"] > 0.5
 
-    first_hop_checks = ["malformed", "nonfinite", "dtype", "session", "sender", "duplicate", "out-of-order"]
+    # The relay keeps no sequence state (so it can restart): the halves drop what it forwards twice.
     expected = {
-        SERVER: ["malformed", "shape", "dtype", "nonfinite", "value", "session", "sender"],
-        CLIENT: ["malformed", "shape", "dtype", "nonfinite", "session", "sender"],
+        SERVER: ["malformed", "shape", "dtype", "nonfinite", "value", "session", "sender", "duplicate", "out-of-order"],
+        CLIENT: ["malformed", "shape", "dtype", "nonfinite", "session", "sender", "duplicate", "out-of-order"],
     }
     if via == "relay":
-        expected[RELAY] = first_hop_checks
-    else:
-        expected[SERVER] += ["duplicate", "out-of-order"]
-        expected[CLIENT] += ["duplicate", "out-of-order"]
+        expected[RELAY] = ["malformed", "nonfinite", "dtype", "session", "sender"]
     for role, reasons in expected.items():
         for reason in reasons:
             assert rejected_count(role, session, reason) >= 1, f"{role} did not count a {reason} rejection"

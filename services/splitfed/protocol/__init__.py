@@ -16,6 +16,7 @@ from splitfed.protocol.codec import (
     encode_body,
     check_tensors,
     signed_bytes,
+    signed_header,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_header", "decode_tensors", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes"]
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_header", "decode_tensors", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes", "signed_header"]

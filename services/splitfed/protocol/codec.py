@@ -2,7 +2,9 @@
 
 The header carries kind, session, sender, seq, round and JSON metadata; tensors travel in the
 body as numpy arrays (torch-free, so the relay and tracker stay small). A signature, when
-present, covers the header without its `sig` field followed by the body.
+present, covers the header without its `sig` field followed by the body's SHA-256; a signed
+frame also states that digest in its header (`digest`, outside what is signed), so a receiver can
+check the signature from the first chunk of a large frame, before it holds the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     sig: str | None = None
+    digest: str | None = None  # hex SHA-256 of the body, as the frame states it (signed frames)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -56,23 +59,33 @@ class Message:
         }
 
 
+def body_digest(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
 def signed_bytes(message: Message, body: bytes) -> bytes:
     """What a signature covers: the canonical header (without `sig`) and the body's SHA-256."""
-    return json.dumps(message.header(), sort_keys=True, separators=(",", ":")).encode() + hashlib.sha256(body).digest()
+    return signed_header(message, body_digest(body))
+
+
+def signed_header(message: Message, digest: bytes) -> bytes:
+    """`signed_bytes` for a body known only by its digest (a frame whose first chunk is here)."""
+    return json.dumps(message.header(), sort_keys=True, separators=(",", ":")).encode() + digest
 
 
 def encode_body(tensors: dict[str, np.ndarray]) -> bytes:
     return st_save({name: np.ascontiguousarray(array) for name, array in tensors.items()}) if tensors else b""
 
 
-def encode(message: Message, body: bytes | None = None) -> bytes:
-    """Frame `message`; pass `body` when it was already encoded (to sign it once)."""
+def encode(message: Message, body: bytes | None = None, digest: bytes | None = None) -> bytes:
+    """Frame `message`; pass `body` (and its `digest`) when they were already made, to sign it."""
+    if body is None:
+        body = encode_body(message.tensors)
     header = message.header()
     if message.sig is not None:
         header["sig"] = message.sig
+        header["digest"] = (digest or body_digest(body)).hex()
     raw_header = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    if body is None:
-        body = encode_body(message.tensors)
     return MAGIC + struct.pack(">I", len(raw_header)) + raw_header + body
 
 
@@ -80,7 +93,8 @@ _HEADER_TYPES = {"kind": str, "session": str, "sender": str, "seq": int, "round"
 
 
 def split_frame(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], bytes]:
-    """Check the framing and header fields; return (header, body) without touching tensors."""
+    """Check the framing and header fields; return (header, body) without touching tensors.
+    `frame` may be a frame's first part only: then the body returned is as much as is there."""
     if len(frame) > max_bytes:
         raise ProtocolError("oversized", f"{len(frame)} bytes > limit {max_bytes}")
     if len(frame) < 8 or frame[:4] != MAGIC:
@@ -98,8 +112,9 @@ def split_frame(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[
         value = header.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ProtocolError("malformed", f"header field {name!r} missing or not {kind.__name__}")
-    if "sig" in header and not isinstance(header["sig"], str):
-        raise ProtocolError("malformed", "header field 'sig' is not a string")
+    for name in ("sig", "digest"):
+        if name in header and not isinstance(header[name], str):
+            raise ProtocolError("malformed", f"header field {name!r} is not a string")
     return header, frame[8 + header_len :]
 
 
@@ -135,6 +150,7 @@ def decode_header(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Mes
         round=header["round"],
         meta=header["meta"],
         sig=header.get("sig"),
+        digest=header.get("digest"),
     )
     return message, body
 

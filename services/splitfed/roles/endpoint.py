@@ -2,7 +2,14 @@
 reject what it gets. Every role talks through an Endpoint, so every role refuses bad input the
 same way: a log line, a `splitfed_messages_rejected_total{reason}` increment, an ack (so the bad
 frame is not redelivered), and on to the next message; and every role says the same way when
-it runs without a key list (unsafe mode: a warning and `splitfed_unsafe_mode`)."""
+it runs without a key list (unsafe mode: a warning and `splitfed_unsafe_mode`).
+
+A bound endpoint (`bind`) belongs to one run: every message it sends names the run and its
+recipient (meta `run` and `to`, under the signature), and every message it accepts must name this
+run and this party, so frames recorded in an earlier run of the same session are refused as
+`replay`. Handshake kinds open a run and are exempt: they are neither bound nor in sequence.
+Chunked messages are judged the same way by their first chunk (`admit`), before the transport
+keeps any of them."""
 
 from __future__ import annotations
 
@@ -15,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitfed.observability import metrics
-from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_header, decode_tensors, encode, encode_body, signed_bytes
+from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_header, decode_tensors, encode, encode_body, signed_header
+from splitfed.protocol.codec import body_digest
 from splitfed.security.keys import KeyList, Signer
-from splitfed.transport import Delivery, Transport
+from splitfed.transport import ChunkRefused, Delivery, Transport
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +98,15 @@ class Endpoint:
         name: str | None = None,
         on_arrival: Callable[[], None] | None = None,
         peer_roles: Collection[str] = (),
+        handshake: Collection[str] = (),
     ):
         """`name` is this party's sender id (default: the role); `signer` signs what it sends;
         `trusted` lists whose signed messages it accepts (None: unsafe mode, anyone).
         `ordered`: each sender numbers its messages 1, 2, 3... and anything else is a duplicate
         or out of order; roles that deduplicate by round instead turn it off. `on_arrival` is
         called for every frame that arrives, valid or not. `peer_roles`: with a key list, a
-        sender's key must be allowed to act as one of these roles."""
+        sender's key must be allowed to act as one of these roles. `handshake`: kinds that open a
+        run (exempt from run binding and sequence; the role calls `resync` when it accepts one)."""
         self.transport = transport
         self.session = session
         self.role = role
@@ -112,6 +122,8 @@ class Endpoint:
         self.traffic = Traffic()
         self.on_arrival = on_arrival
         self.peer_roles = tuple(peer_roles)
+        self.handshake = tuple(handshake)
+        self.run: str | None = None  # see `bind`
         self._seq = 0
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
         metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
@@ -120,23 +132,42 @@ class Endpoint:
         transport.declare(inbox, durable=durable)
         # Oversized messages are refused before their chunks are put together, and refusals below
         # the protocol (bad or abandoned chunks) are counted like any other.
-        transport.watch(inbox, max_bytes=max_message_bytes, on_reject=self.rejected)
+        # With a key list, a chunked message is judged by its signed first chunk before any of it is kept.
+        transport.watch(inbox, max_bytes=max_message_bytes, on_reject=self.rejected, admit=self.admit if trusted is not None else None)
+
+    def bind(self, run: str) -> None:
+        """From now on, send and accept only messages of `run` (handshakes aside)."""
+        self.run = run
+
+    def resync(self, message: Message) -> None:
+        """An accepted handshake starts its sender's sequence afresh after it."""
+        self._next_seq[message.sender] = message.seq + 1
 
     def rejected(self, reason: str, detail: str) -> None:
         metrics.REJECTED.labels(self.role, self.session, reason).inc()
         log.warning("%s rejected a message (%s): %s", self.role, reason, detail)
 
-    def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> Sent:
-        return self.send_message(queue, Message(kind, self.session, self.sender, meta=meta, tensors=tensors or {}))
+    def send(self, queue: str, kind: str, tensors: dict[str, np.ndarray] | None = None, *, to: str | None = None, **meta: object) -> Sent:
+        """`to`: the recipient, which a bound endpoint names with its run in every message."""
+        return self.send_message(queue, Message(kind, self.session, self.sender, meta=meta, tensors=tensors or {}), to=to)
 
-    def send_message(self, queue: str, message: Message, *, persistent: bool = False, must_exist: bool = False) -> Sent:
-        """Number, sign and send `message` (its kind, round, meta and tensors set by the caller)."""
-        self._seq += 1
-        message.session, message.sender, message.seq = self.session, self.sender, self._seq
+    def send_message(self, queue: str, message: Message, *, to: str | None = None, persistent: bool = False, must_exist: bool = False) -> Sent:
+        """Number, bind, sign and send `message` (its kind, round, meta and tensors set by the caller).
+        Handshakes go out unnumbered (seq 0): a receiver may refuse them (an answer to another
+        hello), and a number it never accepts would leave a gap in the sequence."""
+        handshake = message.kind in self.handshake
+        if not handshake:
+            self._seq += 1
+        message.session, message.sender, message.seq = self.session, self.sender, 0 if handshake else self._seq
+        if self.run is not None and not handshake:
+            if to is None:
+                raise ValueError(f"{self.sender}: a bound {message.kind} must name its recipient")
+            message.meta.update(run=self.run, to=to)
         body = encode_body(message.tensors)
+        digest = body_digest(body)
         if self.signer:
-            message.sig = self.signer.sign(signed_bytes(message, body))
-        frame = encode(message, body)
+            message.sig = self.signer.sign(signed_header(message, digest))
+        frame = encode(message, body, digest)
         self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
         return Sent(message, frame_digest(frame))
 
@@ -177,7 +208,7 @@ class Endpoint:
                 if on_reject:
                     on_reject(Rejection(exc.reason, exc.detail, _header_of(delivery.body), frame_digest(delivery.body)))
                 continue
-            if self.ordered:
+            if self.ordered and message.kind not in self.handshake:
                 self._next_seq[message.sender] = message.seq + 1
             self._count(message.kind, "received", len(delivery.body))
             return message, delivery
@@ -193,12 +224,30 @@ class Endpoint:
         is checked before the body is parsed: an unsigned frame costs a hash, not a parse.
         Sequence numbers are checked but not advanced."""
         message, body = decode_header(frame, self.max_message_bytes)
-        self._check_origin(message, body, senders)
+        self._check_origin(message, body_digest(body), senders)
         message.tensors = decode_tensors(body)
         self._check_content(message, kinds, check)
         return message
 
-    def _check_origin(self, message: Message, body: bytes, senders: Collection[str] | None) -> None:
+    def admit(self, first_chunk: bytes) -> str:
+        """The sender of a chunked message, judged on its first chunk before the transport keeps
+        any of it: the whole header must be there, signed by a listed party for this run (over
+        the body digest the header states; the whole body is checked against it on arrival), and
+        not a message already received. Runs on the transport's I/O thread."""
+        try:
+            message, _ = decode_header(first_chunk, self.max_message_bytes)
+            try:
+                digest = bytes.fromhex(message.digest or "")
+            except ValueError:
+                raise ProtocolError("malformed", "header field 'digest' is not hex") from None
+            self._check_origin(message, digest, None)
+            if self.ordered and message.kind not in self.handshake and message.seq < self._next_seq.get(message.sender, 1):
+                raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen")
+        except ProtocolError as exc:
+            raise ChunkRefused(exc.reason, exc.detail) from None
+        return message.sender
+
+    def _check_origin(self, message: Message, digest: bytes, senders: Collection[str] | None) -> None:
         if message.session != self.session:
             raise ProtocolError("session", f"message for session {message.session!r}, this is {self.session!r}")
         if senders is not None and message.sender not in senders:
@@ -210,11 +259,14 @@ class Endpoint:
                 raise ProtocolError("role", f"{message.sender!r}'s key may not act as {' or '.join(self.peer_roles)}")
             if not message.sig:
                 raise ProtocolError("unsigned", f"{message.kind} from {message.sender!r} carries no signature")
-            if not self.trusted.verify(message.sender, message.sig, signed_bytes(message, body)):
+            if not self.trusted.verify(message.sender, message.sig, signed_header(message, digest)):
                 raise ProtocolError("signature", f"{message.kind} from {message.sender!r} has a bad signature")
+        if self.run is not None and message.kind not in self.handshake:
+            if message.meta.get("run") != self.run or message.meta.get("to") != self.sender:
+                raise ProtocolError("replay", f"{message.kind} from {message.sender!r} belongs to another run or recipient")
 
     def _check_content(self, message: Message, kinds: Collection[str], check: Callable[[Message], None] | None) -> None:
-        if self.ordered:
+        if self.ordered and message.kind not in self.handshake:
             expected = self._next_seq.get(message.sender, 1)
             if message.seq < expected:
                 raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen (expecting {expected})")

@@ -22,6 +22,20 @@ class Delivery:
 RejectHook = Callable[[str, str], None]  # (reason, detail) for frames refused below the protocol
 
 
+class ChunkRefused(Exception):
+    """An admission hook's verdict on a chunked message's first chunk; `reason` is the metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Judges a chunked message by its first chunk, before any of it is kept: returns who sent it, or
+# raises ChunkRefused. With a key list, that is where a forged or replayed message stops.
+AdmitHook = Callable[[bytes], str]
+
+
 class Transport(ABC):
     @abstractmethod
     def declare(self, queue: str, *, durable: bool = False) -> None:
@@ -41,10 +55,11 @@ class Transport(ABC):
     def ack(self, delivery: Delivery) -> None:
         """The work for `delivery` is done; until then it comes back if this party dies."""
 
-    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook) -> None:
+    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook, admit: AdmitHook | None = None) -> None:
         """What `queue`'s consumer accepts: messages of at most `max_bytes` (larger ones are
-        refused before they are put together), and who hears of frames refused below the
-        protocol (bad or abandoned chunks). Transports that do not chunk need neither."""
+        refused before they are put together), who hears of frames refused below the protocol
+        (bad or abandoned chunks), and `admit`, which judges a chunked message by its first chunk
+        (None: any sender may start one). Transports that do not chunk need none of it."""
 
     def delete(self, queue: str) -> None:
         """Remove `queue` (end of a session)."""

@@ -33,7 +33,7 @@ class Connection:
     """How a role reaches RabbitMQ."""
 
     broker: str = setting(DEFAULT_BROKER, "RabbitMQ URL: amqp://user:pass@host:port/vhost, or amqps://... for TLS.", metavar="URL")
-    chunk_size: int = setting(16 * 1024**2, "Frames larger than this many bytes travel in chunks.", min=64 * 1024)
+    chunk_size: int = setting(16 * 1024**2, "Frames larger than this many bytes travel in chunks.", min=128 * 1024)
     heartbeat: int | None = setting(None, "AMQP heartbeat in seconds (broker default if unset).", min=0)
     connect_timeout: float = setting(30.0, "Seconds to keep trying to reach the broker at start before giving up.", min=0.1)
     tls_ca: Path | None = setting(None, "CA file to verify the broker (amqps://).")

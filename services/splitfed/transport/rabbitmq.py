@@ -5,7 +5,10 @@ while the caller's thread trains. Callers hand operations over through a deque a
 `add_callback_threadsafe`; results come back through futures. Publisher confirms are on;
 acks are manual and sent only when the caller says the work is done. Frames larger than
 `chunk_size` travel as numbered chunks and are reassembled before delivery, so no message hits
-the broker's `max_message_size`. Connection loss is retried with capped exponential back-off;
+the broker's `max_message_size`. Partly arrived messages are bounded per queue (count, age, and
+the chunks they announce, reserved when they start) and per sender; the reserved chunks never
+exceed the part of the prefetch window set aside for them, so partials that never complete
+cannot stall consumption, and memory in flight stays within the window. Connection loss is retried with capped exponential back-off;
 refused credentials, access or channel errors are final.
 """
 
@@ -27,12 +30,13 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from splitfed.transport.base import Delivery, RejectHook, Transport, TransportError
+from splitfed.transport.base import AdmitHook, ChunkRefused, Delivery, RejectHook, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
 CHUNK_ID, CHUNK_INDEX, CHUNK_COUNT = "x-splitfed-chunk-id", "x-splitfed-chunk-index", "x-splitfed-chunk-count"
 MAX_PENDING_REASSEMBLIES = 64  # per queue; a new partial beyond them is refused, none is evicted
+MAX_PENDING_PER_SENDER = 4  # a sender's messages arrive in order: more than a few in progress is a flood
 PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other chunks
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 
@@ -51,9 +55,17 @@ class TLSOptions:
         return context
 
 
+@dataclass(frozen=True)
+class _Watch:
+    max_bytes: int
+    on_reject: RejectHook
+    admit: AdmitHook | None
+
+
 @dataclass
 class _Reassembly:
     queue: str
+    sender: str  # as the admission hook named it ("" without one)
     parts: list[bytes | None]
     tags: list[int]
     size: int = 0
@@ -86,14 +98,16 @@ class RabbitTransport(Transport):
             tls = tls or TLSOptions()
             self._params.ssl_options = pika.SSLOptions(tls.context(), tls.server_hostname or self._params.host)
         self._chunk_size = chunk_size
-        self._max_chunks = -(-max_message_bytes // chunk_size)
         self._max_message_bytes = max_message_bytes
-        # A message's chunks are acked together after the work, so all of them must fit in flight.
-        self._prefetch = prefetch + self._max_chunks
+        # A message's chunks are acked together after the work, so all of them must fit in flight:
+        # the window has room for `prefetch` messages and for the chunks of partial messages (two
+        # of the largest at once: senders publishing at the same time interleave their chunks).
+        self._partial_chunks = 2 * -(-max_message_bytes // chunk_size)
+        self._prefetch = prefetch + self._partial_chunks
         if self._prefetch > MAX_PREFETCH:
             raise ValueError(
-                f"--chunk-size {chunk_size} is too small: a {max_message_bytes}-byte message would need {self._max_chunks} chunks in flight, "
-                f"and AMQP allows {MAX_PREFETCH} (use at least {-(-max_message_bytes // (MAX_PREFETCH - prefetch))} bytes)"
+                f"--chunk-size {chunk_size} is too small: two {max_message_bytes}-byte messages would need {self._partial_chunks} chunks in flight, "
+                f"and AMQP allows {MAX_PREFETCH} (use at least {-(-2 * max_message_bytes // (MAX_PREFETCH - prefetch))} bytes)"
             )
         # An abandoned session's queues vanish after this long unused; durable ones hold state a
         # restarted party needs, so they wait longer.
@@ -101,7 +115,7 @@ class RabbitTransport(Transport):
         self._operation_timeout = operation_timeout
         self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
         self._partial_ttl = partial_ttl
-        self._watched: dict[str, tuple[int, RejectHook]] = {}  # queue -> (max bytes, who hears of refusals)
+        self._watched: dict[str, _Watch] = {}
 
         self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
@@ -154,8 +168,8 @@ class RabbitTransport(Transport):
         generation, tags = delivery.tag
         self._submit(lambda: self._ack(generation, tags))
 
-    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook) -> None:
-        self._watched[queue] = (min(max_bytes, self._max_message_bytes), on_reject)
+    def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook, admit: AdmitHook | None = None) -> None:
+        self._watched[queue] = _Watch(min(max_bytes, self._max_message_bytes), on_reject, admit)
 
     def delete(self, queue_name: str) -> None:
         self._call(lambda: self._delete(queue_name))
@@ -349,14 +363,9 @@ class RabbitTransport(Transport):
             self._reject(tag, "oversized", f"{count} chunks of {self._chunk_size} bytes exceed the {limit}-byte limit of {name}", name)
             return
         key = f"{name}/{chunk_id!s}"
-        entry = self._reassembly.get(key)
+        entry = self._reassembly.get(key) or self._open_partial(name, key, tag, index, count, body)
         if entry is None:
-            if sum(1 for partial in self._reassembly.values() if partial.queue == name) >= MAX_PENDING_REASSEMBLIES:
-                # Refuse the newcomer rather than evict a message still arriving: a flood of
-                # bogus chunk ids cannot push out a genuine message, and it expires on its own.
-                self._reject(tag, "partials", f"{MAX_PENDING_REASSEMBLIES} messages on {name} are already partly here", name)
-                return
-            entry = self._reassembly[key] = _Reassembly(name, [None] * count, [])
+            return
         if len(entry.parts) != count or entry.parts[index] is not None:
             self._reject(tag, "malformed", f"chunk {index}/{count} of {key} conflicts with earlier chunks", name)
             return
@@ -370,8 +379,37 @@ class RabbitTransport(Transport):
             del self._reassembly[key]
             self._inboxes[name].put(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
 
+    def _open_partial(self, name: str, key: str, tag: int, index: int, count: int, body: bytes) -> _Reassembly | None:
+        """A place for a new chunked message, or None when it is refused. With an admission hook
+        the message must open with its first chunk, which the hook judges (signature, run) before
+        anything is kept. The message reserves the chunks it announces; when they do not fit
+        beside those already reserved, or the queue or sender holds its most partials, the
+        newcomer is refused rather than a message still arriving evicted: a flood can neither
+        push out a genuine message nor fill the prefetch window, and it expires on its own."""
+        watch = self._watched.get(name)
+        sender = ""
+        if watch is not None and watch.admit is not None:
+            if index != 0:
+                self._reject(tag, "malformed", f"chunk {index}/{count} of {key}, which did not open with its first chunk", name)
+                return None
+            try:
+                sender = watch.admit(body)
+            except ChunkRefused as refused:
+                self._reject(tag, refused.reason, f"first chunk of {key}: {refused.detail}", name)
+                return None
+        partials = [entry for entry in self._reassembly.values() if entry.queue == name]
+        reserved = sum(len(entry.parts) for entry in self._reassembly.values())
+        if len(partials) >= MAX_PENDING_REASSEMBLIES or reserved + count > self._partial_chunks:
+            self._reject(tag, "partials", f"{len(partials)} messages on {name} ({reserved} chunks) are already partly here", name)
+            return None
+        if sender and sum(entry.sender == sender for entry in partials) >= MAX_PENDING_PER_SENDER:
+            self._reject(tag, "partials", f"{MAX_PENDING_PER_SENDER} messages from {sender} on {name} are already partly here", name)
+            return None
+        entry = self._reassembly[key] = _Reassembly(name, sender, [None] * count, [])
+        return entry
+
     def _limit(self, name: str) -> int:
-        return self._watched[name][0] if name in self._watched else self._max_message_bytes
+        return self._watched[name].max_bytes if name in self._watched else self._max_message_bytes
 
     def _expire_partials(self) -> None:
         """Refuse messages whose other chunks have not come within the partial TTL: they would
@@ -385,7 +423,7 @@ class RabbitTransport(Transport):
     def _reject(self, tags: int | list[int], reason: str, detail: str, name: str | None = None) -> None:
         for tag in tags if isinstance(tags, list) else [tags]:
             self._channel.basic_ack(tag)  # refused for good: redelivering it would not make it valid
-        (self._watched[name][1] if name in self._watched else self._on_reject)(reason, detail)
+        (self._watched[name].on_reject if name in self._watched else self._on_reject)(reason, detail)
 
 
 def _forward(done: Future, caller: Future) -> None:

@@ -99,6 +99,7 @@ class FedAvgServer:
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             max_message_bytes=2 * model_bytes + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
             on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc, peer_roles=(WORKER,),
+            handshake=(JOIN, REFUSED),  # they come before (or instead of) a place in the run
         )
         self.checkpoint_dir: Path | None = deployment.checkpoint_dir
         self.on_progress = on_progress
@@ -106,6 +107,7 @@ class FedAvgServer:
         self.state = ServerState(run=self.fingerprint)
         self.restore()
         self.state.run_id = self.state.run_id or uuid.uuid4().hex
+        self.endpoint.bind(self.state.run_id)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -172,7 +174,7 @@ class FedAvgServer:
         while self.state.round <= self.settings.rounds:
             self.run_round()
         for worker in self.state.workers:
-            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round, meta=self.addressed(worker)), persistent=True)
+            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round), to=worker, persistent=True)
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         last = self.state.history[-1]
         return {
@@ -207,10 +209,6 @@ class FedAvgServer:
         if self.endpoint.trusted is None and worker not in self.state.workers and len(self.state.workers) >= self.settings.workers:
             raise ProtocolError("full", f"{worker} cannot join: all {self.settings.workers} places are taken")
 
-    def addressed(self, worker: str) -> dict:
-        """What binds a message to this run and to its one recipient (signed with the rest)."""
-        return {"run": self.state.run_id, "to": worker}
-
     def join(self, message: Message, digest: str, send_model: bool) -> None:
         """Admit (or re-admit) the sender of a join that passed `check_join`; the welcome names
         the join it answers by its digest."""
@@ -223,8 +221,8 @@ class FedAvgServer:
         log.info("worker %s joined (round %d)", worker, self.state.round)
         queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
-        welcome = Message(WELCOME, "", "", round=self.state.round, meta={**self.addressed(worker), "ref": digest})
-        self.endpoint.send_message(queue, welcome, persistent=True)
+        welcome = Message(WELCOME, "", "", round=self.state.round, meta={"ref": digest})  # bound: it names the run
+        self.endpoint.send_message(queue, welcome, to=worker, persistent=True)
         if send_model:
             self.send_model(worker)
 
@@ -252,8 +250,8 @@ class FedAvgServer:
 
     def send_model(self, worker: str, tensors: dict | None = None) -> None:
         meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
-        message = Message(MODEL, "", "", round=self.state.round, meta={**meta, **self.addressed(worker)}, tensors=tensors or self.model_tensors())
-        self.endpoint.send_message(worker_queue(self.session, worker), message, persistent=True)
+        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=tensors or self.model_tensors())
+        self.endpoint.send_message(worker_queue(self.session, worker), message, to=worker, persistent=True)
 
     def run_round(self) -> None:
         round_number = self.state.round
@@ -310,8 +308,6 @@ class FedAvgServer:
                 return
             if message.sender not in self.state.workers:
                 raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
-            if message.meta.get("run") != self.state.run_id or message.meta.get("to") != SERVER:
-                raise ProtocolError("replay", f"update from {message.sender} belongs to another run or recipient")
             if message.round < self.state.round:
                 if message.sender in self.state.contributors.get(str(message.round), ()):
                     raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")

@@ -51,7 +51,6 @@ class FedAvgWorker(Role):
         self.server = server_queue(self.session)
         transport.declare(self.server, durable=True)
         self.control = federated.zeros_like_state(self.model)  # SCAFFOLD's c_i; zero again after a restart
-        self.run_id = ""  # the run this worker joined, from the server's welcome
         self.last_round = 0  # the last round this worker sent an update for
         self.rounds = 0
         self.done = False
@@ -72,8 +71,8 @@ class FedAvgWorker(Role):
             if message.kind == REFUSED and message.meta.get("ref") == sent.digest:
                 raise Refused(f"the server refused worker {self.worker_id}: {message.meta.get('reason')} ({message.meta.get('detail')})")
             if message.kind == WELCOME and message.meta.get("ref") == sent.digest and isinstance(message.meta.get("run"), str):
-                self.run_id = message.meta["run"]
-                log.info("worker %s joined run %s at round %d", self.worker_id, self.run_id, message.round)
+                self.endpoint.bind(message.meta["run"])  # from now on only this run's messages, to this worker
+                log.info("worker %s joined run %s at round %d", self.worker_id, self.endpoint.run, message.round)
                 return
             # Anything else predates this join (a model queued while this worker was away): stale.
 
@@ -81,8 +80,6 @@ class FedAvgWorker(Role):
         return (MODEL, DONE, WELCOME), (SERVER,)
 
     def check(self, message: Message) -> None:
-        if message.meta.get("run") != self.run_id or message.meta.get("to") != self.worker_id:
-            raise ProtocolError("replay", f"{message.kind} for another run or recipient")
         if message.kind == MODEL:
             controlled = any(name.startswith(CONTROL) for name in message.tensors)
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
@@ -113,9 +110,8 @@ class FedAvgWorker(Role):
         if work.control is not None:
             sent.update(to_wire(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))
             self.control = work.control
-        meta = {"samples": len(self.data), "train_loss": loss, "run": self.run_id, "to": SERVER}
-        update = Message(UPDATE, "", "", round=message.round, meta=meta, tensors=sent)
-        self.endpoint.send_message(self.server, update, persistent=True)
+        update = Message(UPDATE, "", "", round=message.round, meta={"samples": len(self.data), "train_loss": loss}, tensors=sent)
+        self.endpoint.send_message(self.server, update, to=SERVER, persistent=True)
         self.last_round = message.round
         self.rounds += 1
         metrics.ROUND.labels(WORKER, self.session).set(message.round)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,19 @@ from splitfed.learning import data, models, split, train
 from splitfed.learning.settings import SplitSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
-from splitfed.protocol import Message, TensorSpec, check_tensors
+from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
-from splitfed.roles.split.common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared
+from splitfed.roles.split.common import (
+    ABORT, ACTIVATIONS, CLIENT, DONE, GRADIENTS, HANDSHAKE, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared,
+)
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
+
+
+class RunAborted(RuntimeError):
+    """The split-server ended this run (it restarted, or never knew it): the run cannot go on."""
 
 
 class SplitClient:
@@ -42,7 +49,7 @@ class SplitClient:
         self.session = deployment.session
         self.endpoint = Endpoint(
             transport, session=self.session, role=CLIENT, inbox=queue_name(self.session, CLIENT), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, peer_roles=(SERVER,),
+            signer=identity.signer, trusted=identity.trusted, peer_roles=(SERVER,), handshake=HANDSHAKE,
         )
         self.server = peer_queue(self.session, deployment.via, SERVER)
         transport.declare(self.server)
@@ -51,17 +58,28 @@ class SplitClient:
 
     # -- one exchange with the server -----------------------------------------------------
 
-    def exchange(self, kind: str, tensors: dict[str, np.ndarray], reply_kind: str, reply_spec: dict[str, TensorSpec], **meta) -> Message:
+    def exchange(self, kind: str, tensors: dict[str, np.ndarray], reply_kind: str, reply_spec: dict[str, TensorSpec] | None, **meta) -> Message:
         started = time.perf_counter()
-        self.endpoint.send(self.server, kind, tensors, **meta)
-
-        def check(message: Message) -> None:
-            check_tensors(message, reply_spec)
-
-        reply, delivery = self.endpoint.receive((reply_kind,), (SERVER,), check)
-        self.endpoint.ack(delivery)
+        self.endpoint.send(self.server, kind, tensors, to=SERVER, **meta)
+        reply = self.reply(reply_kind, reply_spec)
         self.round_trips.append(time.perf_counter() - started)
         self.round_trip.observe(self.round_trips[-1])
+        return reply
+
+    def reply(self, kind: str, spec: dict[str, TensorSpec] | None) -> Message:
+        """The server's next message, of `kind` (with tensors as in `spec`); RunAborted when
+        the server says it does not know this run."""
+
+        def check(message: Message) -> None:
+            if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
+                raise ProtocolError("replay", "abort for another run")
+            if message.kind == kind and spec is not None:
+                check_tensors(message, spec)
+
+        reply, delivery = self.endpoint.receive((kind, ABORT), (SERVER,), check)
+        self.endpoint.ack(delivery)
+        if reply.kind == ABORT:
+            raise RunAborted(f"the split-server ended run {self.endpoint.run}: {reply.meta.get('reason')}")
         return reply
 
     def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
@@ -91,12 +109,24 @@ class SplitClient:
         return loss
 
     def handshake(self) -> None:
-        """Wait for the server and check that both halves were configured as one model."""
-        self.endpoint.send(self.server, HELLO, **shared(self.settings))
-        reply, delivery = self.endpoint.receive((HELLO,), (SERVER,))
+        """Wait for the server, check that both halves were configured as one model, and join
+        the run the server names in its answer to this hello (and to no other)."""
+        nonce = uuid.uuid4().hex
+
+        def check(message: Message) -> None:
+            if message.meta.get("ref") != nonce or not isinstance(message.meta.get("run"), str):
+                raise ProtocolError("replay", "hello answering another hello")
+
+        self.endpoint.send(self.server, HELLO, nonce=nonce, **shared(self.settings))
+        reply, delivery = self.endpoint.receive((HELLO,), (SERVER,), check)
         self.endpoint.ack(delivery)
         if reply.meta.get("ok") is not True:
+            if reply.meta.get("begun") is True:
+                raise RunAborted(f"the split-server refused this client: {reply.meta.get('problem')}")
             raise ValueError(f"the split-server was configured differently: {reply.meta.get('problem')}")
+        self.endpoint.resync(reply)
+        self.endpoint.bind(reply.meta["run"])
+        log.info("split-client joined run %s", self.endpoint.run)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the whole split model, for evaluation."""
@@ -120,9 +150,8 @@ class SplitClient:
         started = time.perf_counter()
         self.handshake()
         history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, self.batch_done, self.epoch_done)
-        self.endpoint.send(self.server, DONE)
-        done, delivery = self.endpoint.receive((DONE,), (SERVER,))
-        self.endpoint.ack(delivery)
+        self.endpoint.send(self.server, DONE, to=SERVER)
+        done = self.reply(DONE, None)
         if self.save:
             parts = [(self.parts.head.state_dict(), 0)]
             if self.parts.tail is not None:

@@ -1,11 +1,20 @@
 """What the split-learning roles share: queue names, message kinds, parameter files.
 
-Start:                          client --hello{settings}--> server --hello{ok, problem}--> client
+Start:                          client --hello{settings, nonce}--> server --hello{ok, problem, ref=nonce, run}--> client
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
 End:                            client --done--> server --done--> client (the relay exits after both)
+A run the server does not know:  client --activations{run=old}--> server --abort{run=old, reason}--> client
+
+The server draws the run id when it starts; its hello answers the client's nonce with it, and
+every later message names the run and its recipient (Endpoint.bind), so frames recorded in an
+earlier run of the session are refused as `replay`. A restart cannot resume a split run (each
+half's layers and optimiser live only in its process), so it fails at once and says why: a
+restarted server answers the client's next message with `abort`, and a restarted client's hello
+is answered with ok=false once the run has begun. The relay keeps no state: it restarts and
+goes on, and the halves drop the duplicates it may forward twice.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from splitfed.learning.settings import SplitSettings
 from splitfed.roles.endpoint import queue_name
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
-HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE = "hello", "activations", "gradients", "outputs", "done"
-KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE)
+HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT = "hello", "activations", "gradients", "outputs", "done", "abort"
+KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT)
+HANDSHAKE = (HELLO, ABORT)  # they speak of a run rather than within one: unbound, out of sequence
 # Settings both halves must agree on, or they would not be halves of one model.
 SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from splitfed.learning.settings import SplitSettings
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
-from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
-from splitfed.roles.split.common import ACTIVATIONS, CLIENT, DONE, GRADIENTS, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared
+from splitfed.roles.endpoint import Endpoint, Rejection, queue_name, to_numpy
+from splitfed.roles.split.common import (
+    ABORT, ACTIVATIONS, CLIENT, DONE, GRADIENTS, HANDSHAKE, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared,
+)
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,16 @@ class SplitServer(Role):
         self.out_shape = models.output_shape(self.body, self.in_shape)
         self.endpoint = Endpoint(
             transport, session=deployment.session, role=SERVER, inbox=queue_name(deployment.session, SERVER), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT,),
+            signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT,), handshake=HANDSHAKE,
         )
+        self.endpoint.bind(uuid.uuid4().hex)  # this server's run: drawn afresh at every start
+        self.started_at = time.time()  # stated in its hello, so a relay follows the newest run
         self.reply_to = peer_queue(deployment.session, deployment.via, CLIENT)
         transport.declare(self.reply_to)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
         self.batches = 0
         self.greeted = False  # nothing but a matching hello is accepted before the handshake
+        self.started = False  # a batch has come: a hello can no longer (re)start the run
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
 
     def run(self) -> dict:
@@ -56,10 +62,12 @@ class SplitServer(Role):
         return {"batches": self.batches, "traffic": vars(self.endpoint.traffic)}
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return ((ACTIVATIONS, GRADIENTS, DONE) if self.greeted else (HELLO,)), (CLIENT,)
+        return ((HELLO, ACTIVATIONS, GRADIENTS, DONE) if self.greeted else (HELLO,)), (CLIENT,)
 
     def check(self, message: Message) -> None:
         """Refuse what this server cannot apply, before it touches the model."""
+        if message.kind == HELLO and not isinstance(message.meta.get("nonce"), str):
+            raise ProtocolError("malformed", "hello without a nonce")
         vanilla_train = self.settings.mode == "vanilla" and message.meta.get("train") is True
         if message.kind == ACTIVATIONS:
             specs = {"x": TensorSpec("float32", (None, *self.in_shape))}
@@ -75,6 +83,17 @@ class SplitServer(Role):
                 raise ProtocolError("kind", "gradients with no batch outstanding")
             check_tensors(message, {"g": TensorSpec("float32", (len(self.pending[1]), *self.out_shape))})
 
+    def on_reject(self, rejection: Rejection) -> None:
+        """A client message of another run: this server restarted (or never saw the run's
+        hello), so that run cannot go on; say so to the client rather than leave it waiting.
+        An authentic message of an old run gets one abort naming that run, which the client of
+        the current run refuses: replaying them costs the attacker a message per abort."""
+        message = rejection.message
+        if rejection.reason == "replay" and message is not None and message.sender == CLIENT and message.kind not in HANDSHAKE:
+            run = message.meta.get("run")
+            reason = f"this split-server (run {self.endpoint.run}) does not know run {run}: it restarted, or the run began with another server"
+            self.endpoint.send(self.reply_to, ABORT, run=run if isinstance(run, str) else "", reason=reason)
+
     def handle(self, message: Message, delivery: Delivery) -> bool:
         started = time.perf_counter()
         finished = self.apply(message)
@@ -83,30 +102,24 @@ class SplitServer(Role):
 
     def apply(self, message: Message) -> bool:
         if message.kind == HELLO:
-            ours = shared(self.settings)
-            differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
-            problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
-            self.endpoint.send(self.reply_to, HELLO, ok=not differing, problem=problem)
-            if differing:
-                log.error("split-server: the client's settings differ (%s)", problem)
-            self.greeted = not differing
-            return bool(differing)
+            return self.greet(message)
+        self.started = True
         if message.kind == DONE:
-            self.endpoint.send(self.reply_to, DONE, batches=self.batches, compute_seconds=self.compute_seconds)
+            self.endpoint.send(self.reply_to, DONE, to=CLIENT, batches=self.batches, compute_seconds=self.compute_seconds)
             return True
         if message.kind == GRADIENTS:  # u-shaped, second half of a training batch
             inputs, outputs = self.pending
             self.pending = None
             outputs.backward(torch.from_numpy(message.tensors["g"]))
             self._step()
-            self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)})
+            self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)}, to=CLIENT)
             return False
         inputs = torch.from_numpy(message.tensors["x"])  # (B, *in_shape)
         if message.meta.get("train") is not True:
             self.body.eval()
             with torch.no_grad():
                 outputs = self.body(inputs)  # (B, *out_shape)
-            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)})
+            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)}, to=CLIENT)
             return False
         self.body.train()
         self.opt.zero_grad(set_to_none=True)
@@ -114,12 +127,35 @@ class SplitServer(Role):
         outputs = self.body(inputs)
         if self.settings.mode == "u-shaped":
             self.pending = (inputs, outputs)
-            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)})
+            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)}, to=CLIENT)
             return False
         loss = train.loss_fn(outputs, torch.from_numpy(message.tensors["y"]))
         loss.backward()
         self._step()
-        self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)}, loss=loss.item())
+        self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)}, to=CLIENT, loss=loss.item())
+        return False
+
+    def greet(self, message: Message) -> bool:
+        """Answer a hello with this server's run, if the settings match and the run has not
+        begun; True when the server is finished (the client was configured differently). A hello
+        once the run has begun comes from a restarted client (or is replayed): its answer says
+        the run cannot go on, and the run of the client already here is untouched. (A client's
+        hello is always its first message, so accepting one expects the client's second next.)"""
+        ours = shared(self.settings)
+        differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
+        problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
+        if self.started:
+            problem = f"run {self.endpoint.run} is {self.batches} batches in; a restarted client cannot rejoin it: restart both halves"
+            log.warning("split-server: a hello arrived %d batches into the run (a restarted client, or a replay); refused", self.batches)
+        answer = {"ok": not problem, "problem": problem, "begun": self.started, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at}
+        self.endpoint.send(self.reply_to, HELLO, **answer)
+        if self.started:
+            return False
+        if differing:
+            log.error("split-server: the client's settings differ (%s)", problem)
+            return True
+        self.greeted = True
+        self.endpoint.resync(message)
         return False
 
     def _step(self) -> None:
