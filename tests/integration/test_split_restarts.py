@@ -106,7 +106,8 @@ def test_a_restarted_server_makes_the_client_fail_at_once_with_a_clear_error(hal
     """The split-server dies mid-epoch and a new one starts: it does not know the client's run,
     answers its next message with `abort`, and the client exits with code 5 saying so, long
     before its 60 s timeout."""
-    server, client = halves.start(SERVER), halves.start(CLIENT)
+    halves.start(SERVER)
+    client = halves.start(CLIENT)
     halves.pause_client_after(10)
     halves.kill(SERVER)
     replacement = halves.start(SERVER, name="server-restarted")
@@ -122,7 +123,8 @@ def test_a_restarted_server_makes_the_client_fail_at_once_with_a_clear_error(hal
 def test_a_restarted_client_is_refused_with_a_clear_error(halves):
     """The split-client dies mid-epoch and a new one starts: its hello is answered ok=false (the
     server's run has begun, and a fresh client cannot rejoin it) and it exits with code 5."""
-    server, client = halves.start(SERVER), halves.start(CLIENT)
+    server = halves.start(SERVER)
+    halves.start(CLIENT)
     halves.pause_client_after(10)
     halves.kill(CLIENT)
     second = halves.start(CLIENT, name="client-restarted")
