@@ -139,9 +139,9 @@ class Endpoint:
         """From now on, send and accept only messages of `run` (handshakes aside)."""
         self.run = run
 
-    def resync(self, message: Message) -> None:
-        """An accepted handshake starts its sender's sequence afresh after it."""
-        self._next_seq[message.sender] = message.seq + 1
+    def resync(self, sender: str) -> None:
+        """An accepted handshake starts its sender's numbered messages afresh, from 1."""
+        self._next_seq[sender] = 1
 
     def rejected(self, reason: str, detail: str) -> None:
         metrics.REJECTED.labels(self.role, self.session, reason).inc()
@@ -266,6 +266,8 @@ class Endpoint:
                 raise ProtocolError("replay", f"{message.kind} from {message.sender!r} belongs to another run or recipient")
 
     def _check_content(self, message: Message, kinds: Collection[str], check: Callable[[Message], None] | None) -> None:
+        if self.ordered and message.kind in self.handshake and message.seq != 0:
+            raise ProtocolError("out-of-order", f"{message.kind} from {message.sender} numbered {message.seq}: handshakes are unnumbered")
         if self.ordered and message.kind not in self.handshake:
             expected = self._next_seq.get(message.sender, 1)
             if message.seq < expected:

@@ -124,7 +124,7 @@ class SplitClient:
             if reply.meta.get("begun") is True:
                 raise RunAborted(f"the split-server refused this client: {reply.meta.get('problem')}")
             raise ValueError(f"the split-server was configured differently: {reply.meta.get('problem')}")
-        self.endpoint.resync(reply)
+        self.endpoint.resync(reply.sender)
         self.endpoint.bind(reply.meta["run"])
         log.info("split-client joined run %s", self.endpoint.run)
 

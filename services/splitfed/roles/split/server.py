@@ -140,7 +140,7 @@ class SplitServer(Role):
         begun; True when the server is finished (the client was configured differently). A hello
         once the run has begun comes from a restarted client (or is replayed): its answer says
         the run cannot go on, and the run of the client already here is untouched. (A client's
-        hello is always its first message, so accepting one expects the client's second next.)"""
+        hello is unnumbered, so accepting one expects the client's numbered messages from 1.)"""
         ours = shared(self.settings)
         differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
         problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
@@ -155,7 +155,7 @@ class SplitServer(Role):
             log.error("split-server: the client's settings differ (%s)", problem)
             return True
         self.greeted = True
-        self.endpoint.resync(message)
+        self.endpoint.resync(message.sender)
         return False
 
     def _step(self) -> None:
