@@ -1,0 +1,208 @@
+{{/* Names, labels and the pieces every role's pod shares. */}}
+
+{{- define "splitfed.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "splitfed.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "component" names: the role name, or broker / broker-test. Object name: fullname-component. */}}
+{{- define "splitfed.componentName" -}}
+{{- printf "%s-%s" (include "splitfed.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "splitfed.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels: name + instance (+ component, to tell roles apart). Never change on upgrade. */}}
+{{- define "splitfed.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "splitfed.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "splitfed.labels" -}}
+{{ include "splitfed.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: splitfed
+helm.sh/chart: {{ include "splitfed.chart" .root }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "splitfed.session" -}}
+{{- default .Release.Name .Values.session -}}
+{{- end -}}
+
+{{- define "splitfed.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "splitfed.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The roles, in values-key order: role name -> values key. */}}
+{{- define "splitfed.roleKeys" -}}
+relay: relay
+split-client: splitClient
+split-server: splitServer
+fedavg-server: fedavgServer
+fedavg-worker: fedavgWorker
+{{- end -}}
+
+{{/* Names of the enabled roles, as a YAML list (for NetworkPolicy and PodMonitor selectors). */}}
+{{- define "splitfed.enabledRoles" -}}
+{{- $root := . -}}
+{{- range $role, $key := include "splitfed.roleKeys" . | fromYaml }}
+{{- if (index $root.Values $key).enabled }}
+- {{ $role }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod security: the same for every splitfed pod (the images' user is 10001). */}}
+{{- define "splitfed.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "splitfed.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .runAsUser | default 10001 }}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Broker: the Secret with the credentials, and whether it holds a ready URL (the chart's own). */}}
+{{- define "splitfed.brokerSecretName" -}}
+{{- if .Values.broker.external.enabled -}}
+{{- .Values.broker.external.existingSecret -}}
+{{- else -}}
+{{- default (printf "%s-broker" (include "splitfed.fullname" .)) .Values.broker.rabbitmq.auth.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitfed.brokerHost" -}}
+{{- if .Values.broker.external.enabled -}}
+{{- .Values.broker.external.host -}}
+{{- else -}}
+{{- printf "%s-broker" (include "splitfed.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitfed.brokerPort" -}}
+{{- if .Values.broker.external.enabled -}}{{ .Values.broker.external.port }}{{- else -}}5672{{- end -}}
+{{- end -}}
+
+{{/* The chart's own Secret keeps a ready URL under "url". */}}
+{{- define "splitfed.brokerUrlKey" -}}
+{{- if .Values.broker.external.enabled -}}
+{{- .Values.broker.external.urlKey -}}
+{{- else if not .Values.broker.rabbitmq.auth.existingSecret -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{- define "splitfed.brokerTLS" -}}
+{{- if and .Values.broker.external.enabled .Values.broker.external.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Env vars for the broker URL. The credentials never appear in the manifest: either the whole
+URL comes from a Secret, or the user name and password do and Kubernetes puts them into the URL
+($(VAR) references to variables defined just before). */}}
+{{- define "splitfed.brokerEnv" -}}
+{{- $secret := include "splitfed.brokerSecretName" . -}}
+{{- $urlKey := include "splitfed.brokerUrlKey" . -}}
+{{- if $urlKey }}
+- name: SPLITFED_BROKER
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $urlKey }}
+{{- else }}
+{{- $ext := .Values.broker.external }}
+- name: BROKER_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary $ext.usernameKey "username" $ext.enabled }}
+- name: BROKER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ ternary $ext.passwordKey "password" $ext.enabled }}
+- name: SPLITFED_BROKER
+  value: {{ printf "%s://$(BROKER_USERNAME):$(BROKER_PASSWORD)@%s:%s/%s" (ternary "amqps" "amqp" (eq (include "splitfed.brokerTLS" .) "true")) (include "splitfed.brokerHost" .) (include "splitfed.brokerPort" .) (urlquery .Values.broker.vhost) | quote }}
+{{- end }}
+{{- if include "splitfed.brokerTLS" . }}
+{{- $tls := .Values.broker.external.tls }}
+- name: SPLITFED_TLS_CA
+  value: /etc/splitfed/tls/{{ $tls.caKey }}
+{{- if and $tls.certKey $tls.keyKey }}
+- name: SPLITFED_TLS_CERT
+  value: /etc/splitfed/tls/{{ $tls.certKey }}
+- name: SPLITFED_TLS_KEY
+  value: /etc/splitfed/tls/{{ $tls.keyKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "splitfed.brokerTLSVolume" -}}
+{{- if include "splitfed.brokerTLS" . }}
+- name: broker-tls
+  secret:
+    secretName: {{ .Values.broker.external.tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "splitfed.brokerTLSMount" -}}
+{{- if include "splitfed.brokerTLS" . }}
+- name: broker-tls
+  mountPath: /etc/splitfed/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* An env value as text: whole numbers without an exponent (YAML numbers arrive as floats). */}}
+{{- define "splitfed.envText" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The image of a role: tag defaults to appVersion; a GPU role gets the CUDA build. */}}
+{{- define "splitfed.image" -}}
+{{- $values := index .root.Values .key -}}
+{{- $tag := default .root.Chart.AppVersion $values.image.tag -}}
+{{- if and $values.gpu $values.gpu.enabled -}}
+{{- $tag = printf "%s%s" $tag .root.Values.gpu.imageTagSuffix -}}
+{{- end -}}
+{{- printf "%s:%s" $values.image.repository $tag -}}
+{{- end -}}
