@@ -1,0 +1,185 @@
+{{/*
+The pod template of one role: dict "root" $ "role" ROLE "key" VALUES-KEY ("restartPolicy" for Jobs).
+Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed serve ROLE`).
+*/}}
+{{- define "splitfed.rolePodTemplate" -}}
+{{- $root := .root -}}
+{{- $role := .role -}}
+{{- $values := index $root.Values .key -}}
+{{- $ctx := dict "root" $root "component" $role -}}
+{{- $gpu := false -}}
+{{- if $values.gpu }}{{ $gpu = $values.gpu.enabled }}{{ end -}}
+{{- $training := ne $role "relay" -}}
+{{- $keys := $root.Values.keys.existingSecret -}}
+{{- $data := $root.Values.data -}}
+metadata:
+  labels:
+    {{- include "splitfed.labels" $ctx | nindent 4 }}
+spec:
+  {{- with .restartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
+  serviceAccountName: {{ include "splitfed.serviceAccountName" $root }}
+  # No role talks to the Kubernetes API.
+  automountServiceAccountToken: false
+  securityContext:
+    {{- include "splitfed.podSecurityContext" $root | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $nodeSelector := merge (dict) (deepCopy ($values.nodeSelector | default dict)) (ternary $root.Values.gpu.nodeSelector dict $gpu) }}
+  {{- with $nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $tolerations := concat ($values.tolerations | default list) (ternary $root.Values.gpu.tolerations list $gpu) }}
+  {{- with $tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ $role }}
+      image: {{ include "splitfed.image" (dict "root" $root "key" .key) | quote }}
+      imagePullPolicy: {{ $values.image.pullPolicy }}
+      securityContext:
+        {{- include "splitfed.containerSecurityContext" dict | nindent 8 }}
+      env:
+        {{- if eq $role "fedavg-worker" }}
+        # Identity from the pod: its name is the worker id (as in the key list), its ordinal the share.
+        - name: SPLITFED_WORKER_ID
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: SPLITFED_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        {{- end }}
+        - name: SPLITFED_SESSION
+          value: {{ include "splitfed.session" $root | quote }}
+        {{- include "splitfed.brokerEnv" $root | trim | nindent 8 }}
+        - name: SPLITFED_METRICS_PORT
+          value: {{ $root.Values.metrics.port | quote }}
+        {{- if $training }}
+        - name: SPLITFED_DATASET
+          value: {{ $data.dataset | quote }}
+        {{- if $data.volume }}
+        - name: SPLITFED_DATA_DIR
+          value: {{ $data.mountPath | quote }}
+        {{- end }}
+        {{- end }}
+        {{- if $keys }}
+        - name: SPLITFED_KEY_LIST
+          value: /etc/splitfed/keys/{{ $root.Values.keys.keyListKey }}
+        {{- if eq $role "fedavg-worker" }}
+        - name: SPLITFED_PRIVATE_KEY
+          value: /etc/splitfed/keys/$(SPLITFED_WORKER_ID).key
+        {{- else if $training }}
+        - name: SPLITFED_PRIVATE_KEY
+          value: /etc/splitfed/keys/{{ $role }}.key
+        {{- end }}
+        {{- end }}
+        {{- if hasPrefix "split-" $role }}
+        - name: SPLITFED_VIA
+          value: {{ ternary "relay" "direct" $root.Values.relay.enabled | quote }}
+        {{- end }}
+        {{- if hasPrefix "fedavg-" $role }}
+        - name: SPLITFED_WORKERS
+          value: {{ $root.Values.fedavgWorker.replicas | quote }}
+        {{- end }}
+        {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
+        - name: SPLITFED_CHECKPOINT_DIR
+          value: /var/lib/splitfed/checkpoint
+        {{- end }}
+        {{- /* Learning settings: the family's shared ones, then the role's own (which win). */}}
+        {{- $shared := dict }}
+        {{- if hasPrefix "split-" $role }}{{ $shared = $root.Values.split.settings | default dict }}{{ end }}
+        {{- if hasPrefix "fedavg-" $role }}{{ $shared = $root.Values.fedavg.settings | default dict }}{{ end }}
+        {{- $settings := merge (dict) (deepCopy ($values.settings | default dict)) (deepCopy $shared) }}
+        {{- range $name, $value := $settings }}
+        {{- if not (kindIs "invalid" $value) }}
+        - name: {{ printf "SPLITFED_%s" ($name | upper | replace "-" "_") }}
+          value: {{ include "splitfed.envText" $value | quote }}
+        {{- end }}
+        {{- end }}
+        {{- with $values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: metrics
+          containerPort: {{ $root.Values.metrics.port }}
+          protocol: TCP
+      {{- if $values.probes.enabled }}
+      {{- range $probe := list "readinessProbe" "livenessProbe" }}
+      {{ $probe }}:
+        httpGet:
+          path: /metrics
+          port: metrics
+        initialDelaySeconds: {{ $values.probes.initialDelaySeconds }}
+        periodSeconds: {{ $values.probes.periodSeconds }}
+        failureThreshold: {{ $values.probes.failureThreshold }}
+      {{- end }}
+      {{- end }}
+      resources:
+        {{- $resources := deepCopy ($values.resources | default dict) }}
+        {{- if $gpu }}
+        {{- $limits := merge (dict $root.Values.gpu.resourceName (toString ($values.gpu.count | default 1))) ($resources.limits | default dict) }}
+        {{- $_ := set $resources "limits" $limits }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        # The root file system is read-only; /tmp is the one place a role may write scratch files.
+        - name: tmp
+          mountPath: /tmp
+        {{- if $keys }}
+        - name: keys
+          mountPath: /etc/splitfed/keys
+          readOnly: true
+        {{- end }}
+        {{- with include "splitfed.brokerTLSMount" $root | trim }}{{ . | nindent 8 }}{{ end }}
+        {{- if and $training $data.volume }}
+        - name: data
+          mountPath: {{ $data.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
+        - name: checkpoint
+          mountPath: /var/lib/splitfed/checkpoint
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir: {}
+    {{- if $keys }}
+    - name: keys
+      secret:
+        secretName: {{ $keys }}
+        # Group-readable: the files belong to root and the pod's group (fsGroup) reads them.
+        defaultMode: 0440
+        {{- if ne $role "fedavg-worker" }}
+        # Only the key list and this party's own key. Workers get the whole Secret, since a
+        # StatefulSet cannot give each pod a Secret of its own: each worker can read every key in it.
+        items:
+          - key: {{ $root.Values.keys.keyListKey }}
+            path: {{ $root.Values.keys.keyListKey }}
+          {{- if $training }}
+          - key: {{ $role }}.key
+            path: {{ $role }}.key
+          {{- end }}
+        {{- end }}
+    {{- end }}
+    {{- with include "splitfed.brokerTLSVolume" $root | trim }}{{ . | nindent 4 }}{{ end }}
+    {{- if and $training $data.volume }}
+    - name: data
+      {{- toYaml $data.volume | nindent 6 }}
+    {{- end }}
+    {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
+    - name: checkpoint
+      persistentVolumeClaim:
+        claimName: {{ include "splitfed.componentName" (dict "root" $root "component" "fedavg-server-checkpoint") }}
+    {{- end }}
+{{- end -}}
