@@ -1,0 +1,378 @@
+"""The Helm chart (helm/splitfed), rendered with every values file in ci/chart-values/ by a real
+helm 3.19 (installed by `ci/chart.sh install` when missing) and checked object by object: labels
+and selectors, resources, pod security, GPU wiring, secrets, and that every SPLITFED_* variable a
+role gets is an option of that role."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitfed.roles.registry import ROLES
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "splitfed"
+HELM = REPO / ".tools" / "bin" / "helm"
+VALUES = sorted((REPO / "ci" / "chart-values").glob("*.yaml"))
+VALUE_NAMES = [path.stem for path in VALUES]
+RELEASE = "ci"
+
+ROLE_NAMES = set(ROLES)
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet"}
+NAME_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
+ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/component",
+              "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
+# Memory per role (requests, limits), as ci/measure_memory.py measured them.
+MEMORY = {"split-client": ("640Mi", "768Mi"), "split-server": ("512Mi", "640Mi"), "fedavg-server": ("640Mi", "768Mi"),
+          "fedavg-worker": ("640Mi", "768Mi"), "relay": ("96Mi", "128Mi")}
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """helm 3.19, installed by the install part of ci/chart.sh if it is not there yet."""
+    if not HELM.exists():
+        env = {**os.environ, "VENV": sys.prefix}
+        subprocess.run(["bash", str(REPO / "ci" / "chart.sh"), "install"], cwd=REPO, env=env, check=True)
+    assert HELM.exists(), "ci/chart.sh install did not produce .tools/bin/helm"
+    return HELM
+
+
+def helm_template(helm: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(helm), "template", RELEASE, str(CHART), "--kube-version", "1.30.0", *args],
+                          capture_output=True, text=True)
+
+
+def render(helm: Path, *args: str) -> list[dict]:
+    result = helm_template(helm, *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm) -> dict[str, list[dict]]:
+    return {path.stem: render(helm, "-f", str(path)) for path in VALUES}
+
+
+def pod_specs(objects: list[dict]):
+    """(object, pod template metadata, pod spec) of every workload and bare pod."""
+    for obj in objects:
+        if obj["kind"] in WORKLOAD_KINDS:
+            template = obj["spec"]["template"]
+            yield obj, template["metadata"], template["spec"]
+        elif obj["kind"] == "Pod":
+            yield obj, obj["metadata"], obj["spec"]
+
+
+def role_containers(objects: list[dict]):
+    """(role, container, pod spec, workload) for each role's main container."""
+    for obj, meta, spec in pod_specs(objects):
+        role = meta["labels"]["app.kubernetes.io/component"]
+        if role in ROLE_NAMES:
+            (container,) = [c for c in spec["containers"] if c["name"] == role]
+            yield role, container, spec, obj
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def test_every_scenario_file_is_there():
+    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split"}
+
+
+def test_values_schema_matches_the_role_declarations():
+    result = subprocess.run([sys.executable, str(REPO / "ci" / "chart_schema.py"), "--check"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, result.stderr
+
+
+def test_chart_app_version_is_the_package_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == version
+
+
+def test_default_values_render_a_small_fedavg_run(rendered):
+    kinds = sorted((obj["kind"], obj["metadata"]["name"]) for obj in rendered["default"])
+    assert kinds == sorted([
+        ("ConfigMap", "ci-splitfed-broker"),
+        ("Job", "ci-splitfed-fedavg-server"),
+        ("NetworkPolicy", "ci-splitfed-broker"),
+        ("NetworkPolicy", "ci-splitfed-roles"),
+        ("PersistentVolumeClaim", "ci-splitfed-fedavg-server-checkpoint"),
+        ("Pod", "ci-splitfed-broker-test"),
+        ("Secret", "ci-splitfed-broker"),
+        ("Service", "ci-splitfed-broker"),
+        ("Service", "ci-splitfed-broker-headless"),
+        ("Service", "ci-splitfed-fedavg-worker"),
+        ("ServiceAccount", "ci-splitfed"),
+        ("StatefulSet", "ci-splitfed-broker"),
+        ("StatefulSet", "ci-splitfed-fedavg-worker"),
+    ])
+    (workers,) = [o for o in rendered["default"] if o["kind"] == "StatefulSet" and "worker" in o["metadata"]["name"]]
+    assert workers["spec"]["replicas"] == 3
+
+
+def test_split_values_turn_on_the_split_roles_only(rendered):
+    roles = {role for role, *_ in role_containers(rendered["split"])}
+    assert roles == {"relay", "split-client", "split-server"}
+    for role, container, _, _ in role_containers(rendered["split"]):
+        if role != "relay":
+            assert env_of(container)["SPLITFED_VIA"]["value"] == "relay"
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_labels_and_selectors(rendered, name):
+    for obj in rendered[name]:
+        labels = obj["metadata"].get("labels", {})
+        missing = [label for label in ALL_LABELS if label not in labels]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        if obj["kind"] in WORKLOAD_KINDS - {"Job"}:
+            selector = obj["spec"]["selector"]["matchLabels"]
+            pod_labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert set(selector) == {*NAME_LABELS, "app.kubernetes.io/component"}
+            assert selector.items() <= pod_labels.items(), f"{obj['metadata']['name']}: selector not in pod labels"
+        if obj["kind"] == "Service":
+            assert set(obj["spec"]["selector"]) == {*NAME_LABELS, "app.kubernetes.io/component"}
+            matched = [o for o in rendered[name] if o["kind"] in WORKLOAD_KINDS
+                       and obj["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(matched) == 1, f"Service {obj['metadata']['name']} selects {len(matched)} workloads"
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_every_container_has_memory_requests_and_limits(rendered, name):
+    for obj, _, spec in pod_specs(rendered[name]):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            resources = container.get("resources", {})
+            assert resources.get("requests", {}).get("memory"), f"{obj['metadata']['name']}/{container['name']}: no memory request"
+            assert resources.get("limits", {}).get("memory"), f"{obj['metadata']['name']}/{container['name']}: no memory limit"
+
+
+def test_role_memory_defaults(helm):
+    objects = render(helm, "--set", "relay.enabled=true,splitClient.enabled=true,splitServer.enabled=true")
+    seen = set()
+    for role, container, _, _ in role_containers(objects):
+        resources = container["resources"]
+        assert (resources["requests"]["memory"], resources["limits"]["memory"]) == MEMORY[role], role
+        seen.add(role)
+    assert seen == ROLE_NAMES
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_pod_security(rendered, name):
+    for obj, meta, spec in pod_specs(rendered[name]):
+        where = obj["metadata"]["name"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        tmp = {v["name"] for v in spec["volumes"] if v["name"] == "tmp" and v.get("emptyDir") == {}}
+        assert tmp, f"{where}: no emptyDir for /tmp"
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] is True, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], where
+            if meta["labels"]["app.kubernetes.io/component"] != "broker":
+                assert context["runAsUser"] == 10001 and pod["runAsUser"] == 10001, where
+
+
+def test_gpu_wiring(rendered):
+    gpu_roles = 0
+    for role, container, spec, _ in role_containers(rendered["gpu"]):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1", role
+        assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true", role
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"], role
+        assert container["image"].endswith(":0.1.0-cuda"), container["image"]
+        gpu_roles += 1
+    assert gpu_roles == 2
+    for role, container, spec, _ in role_containers(rendered["default"]):
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), role
+        assert "nodeSelector" not in spec and "tolerations" not in spec, role
+        assert not container["image"].endswith("-cuda"), role
+
+
+def test_gpu_count_and_own_scheduling_settings_combine(rendered):
+    (client,) = [c for role, c, _, _ in role_containers(rendered["all-roles"]) if role == "split-client"]
+    assert client["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    (spec,) = [s for role, _, s, _ in role_containers(rendered["all-roles"]) if role == "fedavg-worker"]
+    assert spec["nodeSelector"] == {"splitfed.io/site": "edge"}  # no GPU: no GPU selector added
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_role_env_is_accepted_by_the_role(rendered, name):
+    roles = 0
+    for role, container, _, _ in role_containers(rendered[name]):
+        env = env_of(container)
+        splitfed_vars = {n for n in env if n.startswith("SPLITFED_")}
+        unknown = splitfed_vars - ROLES[role].env_names()
+        assert not unknown, f"{role} does not accept {sorted(unknown)}"
+        assert {"SPLITFED_SESSION", "SPLITFED_BROKER", "SPLITFED_METRICS_PORT"} <= splitfed_vars, role
+        assert env["SPLITFED_SESSION"]["value"] == RELEASE
+        assert env["SPLITFED_METRICS_PORT"]["value"] == str(container["ports"][0]["containerPort"])
+        if role == "fedavg-worker":
+            assert env["SPLITFED_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            assert env["SPLITFED_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        roles += 1
+    assert roles > 0
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_server_waits_for_as_many_workers_as_there_are(rendered, name):
+    containers = {role: (c, obj) for role, c, _, obj in role_containers(rendered[name])}
+    if "fedavg-server" in containers:
+        server, _ = containers["fedavg-server"]
+        _, workers = containers["fedavg-worker"]
+        assert env_of(server)["SPLITFED_WORKERS"]["value"] == str(workers["spec"]["replicas"])
+
+
+def test_settings_become_env_vars(rendered):
+    env = {role: env_of(c) for role, c, _, _ in role_containers(rendered["all-roles"])}
+    assert env["fedavg-server"]["SPLITFED_ROUNDS"]["value"] == "20"
+    assert env["fedavg-server"]["SPLITFED_STRATEGY"]["value"] == "median"
+    assert env["fedavg-worker"]["SPLITFED_PARTITION"]["value"] == "iid"  # shared fedavg settings
+    assert env["fedavg-server"]["SPLITFED_PARTITION"]["value"] == "iid"
+    assert env["fedavg-worker"]["SPLITFED_CHUNK_SIZE"]["value"] == "16777216"  # no 1.6777216e+07
+    assert env["split-server"]["SPLITFED_CUT_LAYER"]["value"] == "3"
+    assert env["relay"]["SPLITFED_LOG_LEVEL"]["value"] == "debug"
+    assert "SPLITFED_KEY_LIST" in env["relay"] and "SPLITFED_PRIVATE_KEY" not in env["relay"]
+    assert env["fedavg-worker"]["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/$(SPLITFED_WORKER_ID).key"
+    assert env["split-client"]["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/split-client.key"
+
+
+def credentials_in_url(text: str) -> bool:
+    """amqp(s)://user:pass@ with literal credentials ($(VAR) references are not credentials)."""
+    match = re.search(r"amqps?://([^@/]*)@", text)
+    return bool(match) and re.fullmatch(r"\$\([A-Z_]+\):\$\([A-Z_]+\)", match.group(1)) is None
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_no_plain_text_secrets(rendered, name):
+    checked = 0
+    for obj, _, spec in pod_specs(rendered[name]):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            env = env_of(container)
+            for var, entry in env.items():
+                value = entry.get("value", "")
+                assert not credentials_in_url(value), f"{obj['metadata']['name']}: {var} has credentials in plain text"
+                if re.search(r"PASS|PASSWORD|USER|SECRET", var):
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), f"{var} does not come from a Secret"
+            if "SPLITFED_BROKER" in env:
+                broker = env["SPLITFED_BROKER"]
+                if "value" in broker:  # assembled by Kubernetes from variables that come from a Secret
+                    for ref in re.findall(r"\$\(([A-Z_]+)\)", broker["value"]):
+                        assert "secretKeyRef" in env[ref]["valueFrom"], ref
+                else:
+                    assert "secretKeyRef" in broker["valueFrom"]
+                checked += 1
+    assert checked > 0
+
+
+def test_a_given_password_is_only_in_the_secret(helm):
+    password = "Given-Pa55word"
+    objects = render(helm, "--set", f"broker.rabbitmq.auth.password={password}")
+    holders = [o for o in objects if password in yaml.safe_dump(o)]
+    assert holders == []  # not even in the Secret: Secret data is base64
+    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    import base64
+    assert base64.b64decode(secret["data"]["password"]).decode() == password
+    assert base64.b64decode(secret["data"]["url"]).decode() == f"amqp://splitfed:{password}@ci-splitfed-broker:5672/%2F"
+
+
+def test_external_tls_broker(rendered):
+    objects = rendered["external-tls-broker"]
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-broker")]  # no RabbitMQ of our own
+    for role, container, spec, _ in role_containers(objects):
+        env = env_of(container)
+        assert env["SPLITFED_BROKER"]["value"] == "amqps://$(BROKER_USERNAME):$(BROKER_PASSWORD)@rabbitmq.example.internal:5671/splitfed"
+        assert env["BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rabbitmq-credentials", "key": "password"}
+        assert env["SPLITFED_TLS_CA"]["value"] == "/etc/splitfed/tls/ca.crt"
+        assert env["SPLITFED_TLS_KEY"]["value"] == "/etc/splitfed/tls/tls.key"
+        (tls,) = [v for v in spec["volumes"] if v["name"] == "broker-tls"]
+        assert tls["secret"]["secretName"] == "rabbitmq-client-tls"
+        assert {"name": "broker-tls", "mountPath": "/etc/splitfed/tls", "readOnly": True} in container["volumeMounts"]
+
+
+def test_own_rabbitmq(rendered):
+    (broker,) = [o for o in rendered["default"] if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "ci-splitfed-broker"]
+    assert broker["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    (config,) = [o for o in rendered["default"] if o["kind"] == "ConfigMap"]
+    assert "rabbitmq_prometheus" in config["data"]["enabled_plugins"]
+    env = env_of(broker["spec"]["template"]["spec"]["containers"][0])
+    assert env["RABBITMQ_DEFAULT_PASS"]["valueFrom"]["secretKeyRef"] == {"name": "ci-splitfed-broker", "key": "password"}
+
+
+def test_run_to_completion_roles_are_jobs(rendered):
+    kinds = {role: obj["kind"] for name in rendered for role, _, _, obj in role_containers(rendered[name])}
+    assert kinds == {"fedavg-server": "Job", "split-client": "Job", "fedavg-worker": "StatefulSet",
+                     "relay": "Deployment", "split-server": "Deployment"}
+    for name in rendered:
+        for obj, _, spec in pod_specs(rendered[name]):
+            if obj["kind"] == "Job":
+                assert spec["restartPolicy"] in ("OnFailure", "Never")
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_probes_use_the_metrics_port(rendered, name):
+    for role, container, _, _ in role_containers(rendered[name]):
+        for probe in ("readinessProbe", "livenessProbe"):
+            if probe in container:
+                assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, role
+    if name == "default":
+        assert all("livenessProbe" in c for _, c, _, _ in role_containers(rendered[name]))
+
+
+def test_network_policy_lets_roles_reach_only_the_broker_and_dns(rendered):
+    (policy,) = [o for o in rendered["default"] if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ci-splitfed-roles"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    egress = policy["spec"]["egress"]
+    assert egress[0] == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert egress[1]["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "splitfed", "app.kubernetes.io/instance": RELEASE,
+                                                                 "app.kubernetes.io/component": "broker"}}}]
+    assert egress[1]["ports"] == [{"port": 5672, "protocol": "TCP"}]
+    assert len(egress) == 2
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["fedavg-server", "fedavg-worker"]
+    assert not [o for o in rendered["minimal"] if o["kind"] == "NetworkPolicy"]
+
+
+def test_monitors_only_when_asked(rendered):
+    assert not [o for o in rendered["default"] if o["apiVersion"] == "monitoring.coreos.com/v1"]
+    monitors = {o["kind"]: o for o in rendered["all-roles"] if o["apiVersion"] == "monitoring.coreos.com/v1"}
+    assert set(monitors) == {"PodMonitor", "ServiceMonitor"}
+    assert monitors["PodMonitor"]["metadata"]["labels"]["release"] == "prometheus"
+    assert monitors["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_helm_test_checks_the_broker(rendered):
+    (test_pod,) = [o for o in rendered["default"] if o["kind"] == "Pod"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "BlockingConnection" in test_pod["spec"]["containers"][0]["args"][0]
+    assert "SPLITFED_BROKER" in env_of(test_pod["spec"]["containers"][0])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("fedavgWorker.replica=3", "at '/fedavgWorker': additional properties 'replica' not allowed"),
+    ("fedavgWorker.replicas=-1", "at '/fedavgWorker/replicas': minimum: got -1, want 0"),
+    ("fedavgWorker.gpu.count=2", "at '/fedavgWorker/gpu/enabled': value must be true"),
+    ("fedavg.settings.bogus=1", "at '/fedavg/settings': additional properties 'bogus' not allowed"),
+    ("fedavgServer.settings.rounds=0", "at '/fedavgServer/settings/rounds': minimum"),
+    ("splitClient.replicas=2", "at '/splitClient/replicas': maximum"),
+    ("broker.external.enabled=true,broker.external.existingSecret=creds", "broker.external.enabled needs broker.external.host"),
+    ("fedavgWorker.replicas=0", "fedavgServer.enabled needs fedavgWorker.replicas >= 1"),
+])
+def test_bad_values_fail_with_a_clear_message(helm, values, message):
+    result = helm_template(helm, "--set", values)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
