@@ -17,6 +17,7 @@ demo: setup
 
 test: setup-test
 	ci/broker.sh
+	ci/chart.sh
 	$(PY) -m pytest -q tests
 
 bench: setup-test

@@ -222,7 +222,7 @@ def test_role_env_is_accepted_by_the_role(rendered, name):
         assert env["SPLITFED_SESSION"]["value"] == RELEASE
         assert env["SPLITFED_METRICS_PORT"]["value"] == str(container["ports"][0]["containerPort"])
         if role == "fedavg-worker":
-            assert env["SPLITFED_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            assert env["SPLITFED_WORKER_ID"]["value"] == "worker-$(SPLITFED_INDEX)"  # as `keys generate --workers N` names them
             assert env["SPLITFED_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
         roles += 1
     assert roles > 0

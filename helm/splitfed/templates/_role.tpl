@@ -50,15 +50,14 @@ spec:
         {{- include "splitfed.containerSecurityContext" dict | nindent 8 }}
       env:
         {{- if eq $role "fedavg-worker" }}
-        # Identity from the pod: its name is the worker id (as in the key list), its ordinal the share.
-        - name: SPLITFED_WORKER_ID
-          valueFrom:
-            fieldRef:
-              fieldPath: metadata.name
+        # Identity from the pod: its ordinal is its share, and names it worker-N, as
+        # `splitfed keys generate --workers N` names the workers of the key list.
         - name: SPLITFED_INDEX
           valueFrom:
             fieldRef:
               fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        - name: SPLITFED_WORKER_ID
+          value: worker-$(SPLITFED_INDEX)
         {{- end }}
         - name: SPLITFED_SESSION
           value: {{ include "splitfed.session" $root | quote }}
