@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pika
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 BROKER = os.environ.get("SPLITFED_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
@@ -25,6 +29,35 @@ def broker_url() -> str:
 @pytest.fixture
 def session() -> str:
     return "test-" + uuid.uuid4().hex[:10]
+
+
+# -- the Helm chart ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "splitfed"
+HELM = REPO / ".tools" / "bin" / "helm"
+RELEASE = "ci"
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """helm 3.19, installed by the install part of ci/chart.sh if it is not there yet."""
+    if not HELM.exists():
+        env = {**os.environ, "VENV": sys.prefix}
+        subprocess.run(["bash", str(REPO / "ci" / "chart.sh"), "install"], cwd=REPO, env=env, check=True)
+    assert HELM.exists(), "ci/chart.sh install did not produce .tools/bin/helm"
+    return HELM
+
+
+def helm_template(helm: Path, *args: str, release: str = RELEASE) -> subprocess.CompletedProcess:
+    return subprocess.run([str(helm), "template", release, str(CHART), "--kube-version", "1.30.0", *args],
+                          capture_output=True, text=True)
+
+
+def render(helm: Path, *args: str, release: str = RELEASE) -> list[dict]:
+    result = helm_template(helm, *args, release=release)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def max_param_diff(path_a, path_b) -> float:

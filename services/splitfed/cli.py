@@ -52,11 +52,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _guard(fn: Callable[[], Any]) -> Any:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
-    from splitfed.learning.data import DataError
+    from splitfed.errors import DataError, Refused, RunAborted
     from splitfed.roles.endpoint import RoleTimeout
     from splitfed.roles.fedavg import CheckpointError
-    from splitfed.roles.fedavg.worker import Refused
-    from splitfed.roles.split.client import RunAborted
     from splitfed.scenarios.launch import ScenarioError
     from splitfed.security.keys import KeyFileError
     from splitfed.transport import TransportError
@@ -126,7 +124,7 @@ def _write_results(result: dict, out: Path | None) -> None:
 
 def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
     def body(values: dict[str, Any]) -> None:
-        from splitfed.roles.service import configure_logging
+        from splitfed.roles.service import configure_logging, output_problem
         from splitfed.scenarios import launch
         from splitfed.scenarios.progress import Reporter
 
@@ -134,8 +132,8 @@ def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
         learning = _guard(lambda: config.build(scenario.learning, values))
         settings = _guard(lambda: config.build(scenario.run_settings, values))
         for path in (settings.out, getattr(settings, "save_model", None)):
-            if path is not None and not path.parent.is_dir():
-                raise _fail(f"{path}: folder {path.parent} does not exist", 2)
+            if path is not None and (problem := output_problem(path)):
+                raise _fail(problem, 2)
         configure_logging(settings.log_level)
         with Reporter(scenario.label(learning, settings)) as reporter:
             result = _guard(lambda: launch.run(scenario, learning, settings, reporter))

@@ -9,19 +9,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from splitfed.roles.registry import ROLES
+from tests.conftest import CHART, REPO, RELEASE, helm_template, render
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "splitfed"
-HELM = REPO / ".tools" / "bin" / "helm"
 VALUES = sorted((REPO / "ci" / "chart-values").glob("*.yaml"))
 VALUE_NAMES = [path.stem for path in VALUES]
-RELEASE = "ci"
 
 ROLE_NAMES = set(ROLES)
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet"}
@@ -31,27 +27,6 @@ ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/comp
 # Memory per role (requests, limits), as ci/measure_memory.py measured them.
 MEMORY = {"split-client": ("640Mi", "768Mi"), "split-server": ("512Mi", "640Mi"), "fedavg-server": ("640Mi", "768Mi"),
           "fedavg-worker": ("640Mi", "768Mi"), "relay": ("96Mi", "128Mi")}
-
-
-@pytest.fixture(scope="session")
-def helm() -> Path:
-    """helm 3.19, installed by the install part of ci/chart.sh if it is not there yet."""
-    if not HELM.exists():
-        env = {**os.environ, "VENV": sys.prefix}
-        subprocess.run(["bash", str(REPO / "ci" / "chart.sh"), "install"], cwd=REPO, env=env, check=True)
-    assert HELM.exists(), "ci/chart.sh install did not produce .tools/bin/helm"
-    return HELM
-
-
-def helm_template(helm: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(helm), "template", RELEASE, str(CHART), "--kube-version", "1.30.0", *args],
-                          capture_output=True, text=True)
-
-
-def render(helm: Path, *args: str) -> list[dict]:
-    result = helm_template(helm, *args)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,18 @@ def test_relay_and_cli_do_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def test_the_relay_command_reports_bad_input_without_torch():
+    """As in the relay's image, where importing torch fails: a bad value still gets its one-line
+    error (the CLI's error types are torch-free), not a ModuleNotFoundError."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; from splitfed.cli import app; app(['serve', 'relay', '--session', 's', '--timeout', 'nan'])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "error:" in run.stderr and "--timeout" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_deeply_nested_header_is_malformed_not_a_crash():
     header = b"[" * 60000
     assert reason(MAGIC + struct.pack(">I", len(header)) + header) == "malformed"

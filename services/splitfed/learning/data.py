@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitfed.errors import DataError
 from splitfed.learning.settings import DATASETS, DatasetInfo, parse_partition
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -28,9 +29,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-
-class DataError(RuntimeError):
-    """A data set cannot be found or read; the message says where it looked."""
 
 
 def info(name: str) -> DatasetInfo:

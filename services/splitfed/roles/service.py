@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from splitfed import config
@@ -31,6 +32,15 @@ def unknown_variables(spec: RoleSpec, environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.startswith(config.ENV_PREFIX) and name not in known)
 
 
+def output_problem(path: Path) -> str | None:
+    """Why a result could not be written to `path`, checked before any work is done."""
+    if not path.parent.is_dir():
+        return f"{path}: folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path}: not writable by this user (uid {os.getuid()})"
+    return None
+
+
 def print_progress(progress: Progress) -> None:
     """Progress as JSON lines on stdout, for an orchestrating `splitfed run`."""
     print(json.dumps(asdict(progress)), flush=True)
@@ -45,8 +55,8 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
     configure_logging(deployment.log_level)
     for name in unknown_variables(spec, os.environ):
         log.warning("%s is set, but serve %s has no such option: ignored", name, spec.name)
-    if deployment.out is not None and not deployment.out.parent.is_dir():
-        raise ValueError(f"--out {deployment.out}: folder {deployment.out.parent} does not exist")
+    if deployment.out is not None and (problem := output_problem(deployment.out)):
+        raise ValueError(f"--out {problem}")
     threads = getattr(deployment, "torch_threads", None)
     if threads:
         import torch

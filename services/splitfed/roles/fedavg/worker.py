@@ -9,6 +9,7 @@ import uuid
 
 import torch
 
+from splitfed.errors import Refused
 from splitfed.learning import data, federated, models
 from splitfed.learning.settings import PartitionSettings
 from splitfed.observability import metrics
@@ -24,9 +25,6 @@ from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
-
-class Refused(RuntimeError):
-    """The server refused this worker; the message says why."""
 
 
 class FedAvgWorker(Role):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitfed.errors import RunAborted
 from splitfed.learning import data, models, split, train
 from splitfed.learning.settings import SplitSettings
 from splitfed.learning.train import EpochRecord
@@ -25,9 +26,6 @@ from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
 
-
-class RunAborted(RuntimeError):
-    """The split-server ended this run (it restarted, or never knew it): the run cannot go on."""
 
 
 class SplitClient:

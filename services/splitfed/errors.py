@@ -1,0 +1,16 @@
+"""Failures a user is told about in one line (the CLI maps each to an exit code). They live here,
+torch-free, so that every command, the relay's included, can name them without importing torch."""
+
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """A data set cannot be found or read; the message says where it looked."""
+
+
+class Refused(RuntimeError):
+    """The FedAvg server refused this worker; the message says why."""
+
+
+class RunAborted(RuntimeError):
+    """The split-server ended this run (it restarted, or never knew it): the run cannot go on."""

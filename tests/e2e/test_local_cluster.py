@@ -1,0 +1,231 @@
+"""The local cluster test, our stand-in for kind: the Helm chart's pods run for real as containers.
+
+For a small FedAvg run and a small split run through the relay, the chart is rendered with
+`helm template`, its workloads are turned into Pods, and `podman kube play --network host` runs
+them from the images `ci/images.sh` built, against this machine's RabbitMQ. Each run must end
+with the same accuracy as `splitfed run` on the same settings in one process of the same image.
+
+What this covers: the images' entrypoints, users and read-only root filesystems; the chart's
+SPLITFED_* variables, arguments, security contexts and memory limits as the containers get them;
+the broker URL from a Secret; worker identities from pod ordinals; a whole run in containers.
+
+What it does not (no Kubernetes API server can run here), and how each is stood in for:
+- Jobs, Deployments and StatefulSets become one Pod per replica (podman 4.3 plays Pods and
+  Deployments, not Jobs or StatefulSets); ordinals are given to the StatefulSet's pods as the
+  `apps.kubernetes.io/pod-index` label Kubernetes sets.
+- `secretKeyRef` and downward-API `fieldRef` values, and `$(VAR)` references, are resolved by the
+  test, as the kubelet would; the broker Secret is the test's own (the machine's guest user).
+- Services, NetworkPolicies, the ServiceAccount and the helm test Pod are not run: pods use the
+  host network, so neither DNS names nor network policies are exercised.
+- On the host network, container ports cannot be mapped: they are dropped, and each pod's
+  metrics port is moved to one of its own (all pods share the host's ports).
+- Persistent volume claims become emptyDirs; probes are dropped (podman runs them as health
+  checks, which would only slow the run); restart policies become Never, so a failure shows.
+- The chart's own RabbitMQ StatefulSet is not run: the values point at an external broker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, render
+
+CONTAINERS_CONF = REPO / "ci" / "containers.conf"
+WORKLOADS = {"Job", "Deployment", "StatefulSet"}
+NOT_RUN = {"Service", "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim", "Pod"}
+SMALL_FEDAVG = {"partition": "iid", "seed": 3}  # with 2 rounds, 2 workers, on digits
+SMALL_SPLIT = {"epochs": 1, "batch-size": 32}  # on digits
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def images() -> None:
+    """The role images `ci/images.sh` builds; a missing one is a broken set-up, not a skip."""
+    missing = [role for role in ("relay", "split-client", "split-server", "fedavg-server", "fedavg-worker")
+               if podman("image", "exists", f"localhost/splitfed-{role}:latest", check=False).returncode != 0]
+    assert not missing, f"images {missing} are not built: run ci/images.sh"
+
+
+def chart_values(session: str, scenario: dict) -> dict:
+    images = {key: {"image": {"repository": f"localhost/splitfed-{role}", "tag": "latest", "pullPolicy": "Never"}}
+              for key, role in (("relay", "relay"), ("splitClient", "split-client"), ("splitServer", "split-server"),
+                                ("fedavgServer", "fedavg-server"), ("fedavgWorker", "fedavg-worker"))}
+    values = {
+        "session": session,
+        "broker": {"external": {"enabled": True, "host": "127.0.0.1", "port": 5672, "existingSecret": "e2e-broker"}},
+        "networkPolicy": {"enabled": False},
+        "data": {"dataset": "digits"},
+    }
+    return merge(merge(values, images), scenario)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def resolve_env(container: dict, pod_name: str, labels: dict, secrets: dict[str, dict[str, str]]) -> None:
+    """Turn the container's env into literal values, as the kubelet would."""
+    resolved: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "valueFrom" in variable:
+            source = variable.pop("valueFrom")
+            if "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                value = secrets[ref["name"]][ref["key"]]
+            else:
+                path = source["fieldRef"]["fieldPath"]
+                label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+                value = labels[label.group(1)] if label else {"metadata.name": pod_name, "metadata.namespace": "default"}[path]
+        else:
+            value = str(variable.get("value", ""))
+        value = re.sub(r"\$\((\w+)\)", lambda ref: resolved.get(ref.group(1), ref.group(0)), value)
+        variable["value"] = resolved[variable["name"]] = value
+
+
+def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Path) -> list[dict]:
+    """One Pod per replica of every workload, ready for `podman kube play`; each mounts `results`
+    at /results, where a role writes its result when SPLITFED_OUT says so."""
+    pods = []
+    free_ports = iter(range(19100, 19200))
+    for obj in objects:
+        if obj["kind"] not in WORKLOADS:
+            assert obj["kind"] in NOT_RUN, f"the test does not know how to stand in for a {obj['kind']}"
+            continue
+        replicas = 1 if obj["kind"] == "Job" else obj["spec"].get("replicas", 1)
+        for ordinal in range(replicas):
+            template = copy.deepcopy(obj["spec"]["template"])
+            name = f"{obj['metadata']['name']}-{ordinal}"
+            labels = {**template["metadata"].get("labels", {})}
+            if obj["kind"] == "StatefulSet":
+                labels["apps.kubernetes.io/pod-index"] = str(ordinal)
+            spec = template["spec"]
+            spec["restartPolicy"] = "Never"
+            for field in ("serviceAccountName", "automountServiceAccountToken"):
+                spec.pop(field, None)
+            for volume in spec.get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    volume.pop("persistentVolumeClaim")
+                    volume["emptyDir"] = {}
+            spec.setdefault("volumes", []).append({"name": "e2e-results", "hostPath": {"path": str(results), "type": "Directory"}})
+            for container in spec["containers"]:
+                for field in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
+                    container.pop(field, None)
+                resolve_env(container, name, labels, secrets)
+                for variable in container["env"]:
+                    if variable["name"] == "SPLITFED_METRICS_PORT" and variable["value"] != "0":
+                        variable["value"] = str(next(free_ports))
+                container.setdefault("volumeMounts", []).append({"name": "e2e-results", "mountPath": "/results"})
+                container["env"].append({"name": "SPLITFED_OUT", "value": f"/results/{name}.json"})
+            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}, "spec": spec})
+    return pods
+
+
+class Cluster:
+    """The pods of one rendered release, played by podman; removed again at the end."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.results = workdir / "results"
+        self.results.mkdir()
+        self.results.chmod(0o777)  # the containers write as uid 10001
+        self.pods: list[str] = []
+
+    def play(self, pods: list[dict]) -> None:
+        manifest = self.workdir / "pods.yaml"
+        manifest.write_text(yaml.safe_dump_all(pods))
+        self.pods = [pod["metadata"]["name"] for pod in pods]
+        podman("kube", "play", "--network", "host", str(manifest))
+
+    def wait(self, pod: str, container: str, timeout: float = 600) -> dict:
+        """The exit code and result of a run-to-completion container."""
+        name = f"{pod}-{container}"
+        code = int(podman("wait", name, timeout=timeout).stdout.strip())
+        assert code == 0, f"{name} exited with {code}:\n{podman('logs', name, check=False).stderr[-3000:]}"
+        return json.loads((self.results / f"{pod}.json").read_text())
+
+    def remove(self) -> None:
+        for pod in self.pods:
+            podman("pod", "rm", "--force", pod, check=False)
+
+
+def reference_run(image: str, results: Path, scenario: str, settings: dict) -> dict:
+    """`splitfed run` on the same settings, in one process of the same image (as its user)."""
+    flags = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    podman("run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp", "-v", f"{results}:/results",
+           "--entrypoint", "splitfed", image, "run", scenario, *flags, "--out", "/results/reference.json", timeout=600)
+    return json.loads((results / "reference.json").read_text())
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = Cluster(tmp_path)
+    yield cluster
+    cluster.remove()
+
+
+def broker_secret() -> dict[str, dict[str, str]]:
+    return {"e2e-broker": {"username": "guest", "password": "guest"}}
+
+
+@pytest.mark.usefixtures("images", "broker_url")
+def test_a_fedavg_release_runs_as_containers_and_equals_splitfed_run(helm, cluster, tmp_path):
+    session = "e2e-" + uuid.uuid4().hex[:8]
+    settings = {**SMALL_FEDAVG}
+    values = chart_values(session, {
+        "fedavg": {"settings": settings},
+        "fedavgWorker": {"replicas": 2},
+        "fedavgServer": {"persistence": {"enabled": False}, "settings": {"rounds": 2}},
+    })
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    objects = render(helm, "-f", str(values_file), release="e2e")
+    pods = pods_of(objects, broker_secret(), cluster.results)
+    assert sorted(p["metadata"]["name"] for p in pods) == ["e2e-splitfed-fedavg-server-0", "e2e-splitfed-fedavg-worker-0", "e2e-splitfed-fedavg-worker-1"]
+    cluster.play(pods)
+    result = cluster.wait("e2e-splitfed-fedavg-server-0", "fedavg-server")
+    workers = [cluster.wait(f"e2e-splitfed-fedavg-worker-{i}", "fedavg-worker") for i in range(2)]
+    assert sorted(w["worker"] for w in workers) == ["worker-0", "worker-1"]
+    reference = reference_run("localhost/splitfed-fedavg-server:latest", cluster.results, "fedavg",
+                              {**settings, "dataset": "digits", "rounds": 2, "workers": 2})
+    assert [r["accuracy"] for r in result["history"]] == [r["accuracy"] for r in reference["history"]]
+    assert result["history"][-1]["accuracy"] > 0.3  # two rounds: well above chance (0.1), far from done
+
+
+@pytest.mark.usefixtures("images", "broker_url")
+def test_a_split_release_through_the_relay_runs_as_containers_and_equals_splitfed_run(helm, cluster, tmp_path):
+    session = "e2e-" + uuid.uuid4().hex[:8]
+    settings = {**SMALL_SPLIT}
+    values = chart_values(session, {
+        "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False},
+        "relay": {"enabled": True}, "splitClient": {"enabled": True}, "splitServer": {"enabled": True},
+        "split": {"settings": settings},
+    })
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    objects = render(helm, "-f", str(values_file), release="e2e")
+    pods = pods_of(objects, broker_secret(), cluster.results)
+    assert sorted(p["metadata"]["name"] for p in pods) == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
+    cluster.play(pods)
+    result = cluster.wait("e2e-splitfed-split-client-0", "split-client")
+    reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
+    assert result["accuracy"] == reference["accuracy"]
+    assert result["accuracy"] > 0.5
