@@ -50,7 +50,7 @@ make_base() {
   printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
     'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
     | $sudo tee "$root"/etc/dpkg/dpkg.cfg.d/splitfed-slim >/dev/null
-  $sudo tar -C "$root" -c . | "${podman[@]}" import \
+  $sudo tar -C "$root" -c . | "${podman[@]}" import --quiet \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
 }
@@ -70,7 +70,7 @@ wheel=$(find "$TORCH_WHEELS" -maxdepth 1 -name 'torch-*+cpu-*.whl' 2>/dev/null |
 if [ -n "$wheel" ]; then
   torch_version=$(basename "$wheel" | cut -d- -f2)
   echo "images: torch ${torch_version} from $wheel"
-  build_args+=(--volume "$TORCH_WHEELS:/wheels:ro" --build-arg TORCH_SOURCE=wheels
+  build_args+=(--volume "$TORCH_WHEELS:/mnt:ro" --build-arg TORCH_SOURCE=wheels
                --build-arg "TORCH_VERSION=${torch_version%+cpu}")
 else
   echo "images: torch from PyTorch's CPU index (no CPU wheel in $TORCH_WHEELS)"
