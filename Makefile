@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` (a real split-learning run, no broker) and
-# `make test` (everything installed, RabbitMQ started if needed, the whole suite).
+# `make test` (everything installed, RabbitMQ started if needed, the chart checked, the images
+# built, the whole suite: unit, broker, chart, image and local cluster tests).
 PY := .venv/bin/python
 SPLITFED := .venv/bin/splitfed
 
@@ -18,6 +19,7 @@ demo: setup
 test: setup-test
 	ci/broker.sh
 	ci/chart.sh
+	ci/images.sh
 	$(PY) -m pytest -q tests
 
 bench: setup-test
