@@ -146,11 +146,17 @@ class Cluster:
         self.results.chmod(0o777)  # the containers write as uid 10001
         self.pods: list[str] = []
 
-    def play(self, pods: list[dict]) -> None:
+    def install(self, helm: Path, scenario: dict) -> list[str]:
+        """Render the chart for `scenario` (values over `chart_values`), play its pods, and
+        return their names."""
+        values_file = self.workdir / "values.yaml"
+        values_file.write_text(yaml.safe_dump(chart_values("e2e-" + uuid.uuid4().hex[:8], scenario)))
+        pods = pods_of(render(helm, "-f", str(values_file), release="e2e"), broker_secret(), self.results)
         manifest = self.workdir / "pods.yaml"
         manifest.write_text(yaml.safe_dump_all(pods))
         self.pods = [pod["metadata"]["name"] for pod in pods]
         podman("kube", "play", "--network", "host", str(manifest))
+        return sorted(self.pods)
 
     def wait(self, pod: str, container: str, timeout: float = 600) -> dict:
         """The exit code and result of a run-to-completion container."""
@@ -184,20 +190,14 @@ def broker_secret() -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.usefixtures("images", "broker_url")
-def test_a_fedavg_release_runs_as_containers_and_equals_splitfed_run(helm, cluster, tmp_path):
-    session = "e2e-" + uuid.uuid4().hex[:8]
+def test_a_fedavg_release_runs_as_containers_and_equals_splitfed_run(helm, cluster):
     settings = {**SMALL_FEDAVG}
-    values = chart_values(session, {
+    pods = cluster.install(helm, {
         "fedavg": {"settings": settings},
         "fedavgWorker": {"replicas": 2},
         "fedavgServer": {"persistence": {"enabled": False}, "settings": {"rounds": 2}},
     })
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    objects = render(helm, "-f", str(values_file), release="e2e")
-    pods = pods_of(objects, broker_secret(), cluster.results)
-    assert sorted(p["metadata"]["name"] for p in pods) == ["e2e-splitfed-fedavg-server-0", "e2e-splitfed-fedavg-worker-0", "e2e-splitfed-fedavg-worker-1"]
-    cluster.play(pods)
+    assert pods == ["e2e-splitfed-fedavg-server-0", "e2e-splitfed-fedavg-worker-0", "e2e-splitfed-fedavg-worker-1"]
     result = cluster.wait("e2e-splitfed-fedavg-server-0", "fedavg-server")
     workers = [cluster.wait(f"e2e-splitfed-fedavg-worker-{i}", "fedavg-worker") for i in range(2)]
     assert sorted(w["worker"] for w in workers) == ["worker-0", "worker-1"]
@@ -208,20 +208,14 @@ def test_a_fedavg_release_runs_as_containers_and_equals_splitfed_run(helm, clust
 
 
 @pytest.mark.usefixtures("images", "broker_url")
-def test_a_split_release_through_the_relay_runs_as_containers_and_equals_splitfed_run(helm, cluster, tmp_path):
-    session = "e2e-" + uuid.uuid4().hex[:8]
+def test_a_split_release_through_the_relay_runs_as_containers_and_equals_splitfed_run(helm, cluster):
     settings = {**SMALL_SPLIT}
-    values = chart_values(session, {
+    pods = cluster.install(helm, {
         "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False},
         "relay": {"enabled": True}, "splitClient": {"enabled": True}, "splitServer": {"enabled": True},
         "split": {"settings": settings},
     })
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    objects = render(helm, "-f", str(values_file), release="e2e")
-    pods = pods_of(objects, broker_secret(), cluster.results)
-    assert sorted(p["metadata"]["name"] for p in pods) == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
-    cluster.play(pods)
+    assert pods == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
     result = cluster.wait("e2e-splitfed-split-client-0", "split-client")
     reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
     assert result["accuracy"] == reference["accuracy"]
