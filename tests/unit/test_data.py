@@ -6,7 +6,17 @@ from splitfed.learning import data
 def test_digits_load_normalised_with_shapes():
     train, test = data.load("digits", train=True), data.load("digits", train=False)
     assert train.images.shape[1:] == (1, 8, 8) and len(train) + len(test) == 1797
-    assert abs(train.images.mean().item()) < 0.2 and train.labels.dtype == torch.int64
+    assert abs(train.images[:].mean().item()) < 0.2 and train.labels.dtype == torch.int64
+
+
+def test_images_are_kept_as_pixels_and_normalised_as_they_are_taken():
+    """A quarter of the memory of float32, and the same bits as normalising the whole set."""
+    train = data.load("fashion-mnist", train=True, limit=1000)
+    assert train.images.raw.dtype == torch.uint8
+    whole = train.images.raw.to(torch.float32).sub_(train.images.offset).div_(train.images.divisor)
+    picked = torch.tensor([7, 3, 999, 0])
+    assert train.images[picked].dtype == torch.float32
+    assert torch.equal(train.images[picked], whole[picked]) and torch.equal(train.images[10:20], whole[10:20])
 
 
 def test_fashion_mnist_from_the_debian_package_is_the_full_set():
