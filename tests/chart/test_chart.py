@@ -25,7 +25,7 @@ NAME_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
 ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/component",
               "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
 # Memory per role (requests, limits), as ci/measure_memory.py measured them.
-MEMORY = {"split-client": ("736Mi", "928Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("480Mi", "576Mi"),
+MEMORY = {"split-client": ("576Mi", "704Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("480Mi", "608Mi"),
           "fedavg-worker": ("512Mi", "640Mi"), "relay": ("64Mi", "96Mi")}
 
 
