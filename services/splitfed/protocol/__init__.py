@@ -8,6 +8,7 @@ from splitfed.protocol.codec import (
     Message,
     ProtocolError,
     TensorSpec,
+    body_digest,
     decode,
     decode_header,
     decode_tensors,
@@ -19,4 +20,4 @@ from splitfed.protocol.codec import (
     signed_header,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "decode", "decode_header", "decode_tensors", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes", "signed_header"]
+__all__ = ["MAX_MESSAGE_BYTES", "Message", "ProtocolError", "TensorSpec", "body_digest", "decode", "decode_header", "decode_tensors", "decode_with_body", "encode", "encode_body", "check_tensors", "signed_bytes", "signed_header"]

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitfed.observability import metrics
-from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode_header, decode_tensors, encode, encode_body, signed_header
-from splitfed.protocol.codec import body_digest
+from splitfed.protocol import (
+    MAX_MESSAGE_BYTES, Message, ProtocolError, body_digest, decode_header, decode_tensors, encode, encode_body, signed_header,
+)
 from splitfed.security.keys import KeyList, Signer
 from splitfed.transport import ChunkRefused, Delivery, Transport
 
@@ -241,8 +242,7 @@ class Endpoint:
             except ValueError:
                 raise ProtocolError("malformed", "header field 'digest' is not hex") from None
             self._check_origin(message, digest, None)
-            if self.ordered and message.kind not in self.handshake and message.seq < self._next_seq.get(message.sender, 1):
-                raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen")
+            self._check_sequence(message, whole=False)
         except ProtocolError as exc:
             raise ChunkRefused(exc.reason, exc.detail) from None
         return message.sender
@@ -265,15 +265,23 @@ class Endpoint:
             if message.meta.get("run") != self.run or message.meta.get("to") != self.sender:
                 raise ProtocolError("replay", f"{message.kind} from {message.sender!r} belongs to another run or recipient")
 
+    def _check_sequence(self, message: Message, *, whole: bool) -> None:
+        """Handshakes unnumbered, everything else next in its sender's sequence. A first chunk
+        (`whole` False) may run ahead: the messages before it can still be waiting for the role."""
+        if not self.ordered:
+            return
+        if message.kind in self.handshake:
+            if message.seq != 0:
+                raise ProtocolError("out-of-order", f"{message.kind} from {message.sender} numbered {message.seq}: handshakes are unnumbered")
+            return
+        expected = self._next_seq.get(message.sender, 1)
+        if message.seq < expected:
+            raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen (expecting {expected})")
+        if whole and message.seq > expected:
+            raise ProtocolError("out-of-order", f"seq {message.seq} from {message.sender}, expecting {expected}")
+
     def _check_content(self, message: Message, kinds: Collection[str], check: Callable[[Message], None] | None) -> None:
-        if self.ordered and message.kind in self.handshake and message.seq != 0:
-            raise ProtocolError("out-of-order", f"{message.kind} from {message.sender} numbered {message.seq}: handshakes are unnumbered")
-        if self.ordered and message.kind not in self.handshake:
-            expected = self._next_seq.get(message.sender, 1)
-            if message.seq < expected:
-                raise ProtocolError("duplicate", f"seq {message.seq} from {message.sender} already seen (expecting {expected})")
-            if message.seq > expected:
-                raise ProtocolError("out-of-order", f"seq {message.seq} from {message.sender}, expecting {expected}")
+        self._check_sequence(message, whole=True)
         if message.kind not in kinds:
             raise ProtocolError("kind", f"{message.kind!r} where {'/'.join(kinds)} was expected")
         if check is not None:

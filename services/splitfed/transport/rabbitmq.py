@@ -398,7 +398,7 @@ class RabbitTransport(Transport):
                 self._reject(tag, refused.reason, f"first chunk of {key}: {refused.detail}", name)
                 return None
         partials = [entry for entry in self._reassembly.values() if entry.queue == name]
-        reserved = sum(len(entry.parts) for entry in self._reassembly.values())
+        reserved = sum(len(entry.parts) for entry in partials)  # each consumer has its own window
         if len(partials) >= MAX_PENDING_REASSEMBLIES or reserved + count > self._partial_chunks:
             self._reject(tag, "partials", f"{len(partials)} messages on {name} ({reserved} chunks) are already partly here", name)
             return None

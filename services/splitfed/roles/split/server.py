@@ -50,7 +50,7 @@ class SplitServer(Role):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
         self.batches = 0
         self.greeted = False  # nothing but a matching hello is accepted before the handshake
-        self.started = False  # a batch has come: a hello can no longer (re)start the run
+        self.begun = False  # a batch has come: a hello can no longer (re)start the run
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
 
     def run(self) -> dict:
@@ -103,23 +103,23 @@ class SplitServer(Role):
     def apply(self, message: Message) -> bool:
         if message.kind == HELLO:
             return self.greet(message)
-        self.started = True
+        self.begun = True
         if message.kind == DONE:
-            self.endpoint.send(self.reply_to, DONE, to=CLIENT, batches=self.batches, compute_seconds=self.compute_seconds)
+            self.answer(DONE, batches=self.batches, compute_seconds=self.compute_seconds)
             return True
         if message.kind == GRADIENTS:  # u-shaped, second half of a training batch
             inputs, outputs = self.pending
             self.pending = None
             outputs.backward(torch.from_numpy(message.tensors["g"]))
             self._step()
-            self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)}, to=CLIENT)
+            self.answer(GRADIENTS, {"g": to_numpy(inputs.grad)})
             return False
         inputs = torch.from_numpy(message.tensors["x"])  # (B, *in_shape)
         if message.meta.get("train") is not True:
             self.body.eval()
             with torch.no_grad():
                 outputs = self.body(inputs)  # (B, *out_shape)
-            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)}, to=CLIENT)
+            self.answer(OUTPUTS, {"h": to_numpy(outputs)})
             return False
         self.body.train()
         self.opt.zero_grad(set_to_none=True)
@@ -127,13 +127,17 @@ class SplitServer(Role):
         outputs = self.body(inputs)
         if self.settings.mode == "u-shaped":
             self.pending = (inputs, outputs)
-            self.endpoint.send(self.reply_to, OUTPUTS, {"h": to_numpy(outputs)}, to=CLIENT)
+            self.answer(OUTPUTS, {"h": to_numpy(outputs)})
             return False
         loss = train.loss_fn(outputs, torch.from_numpy(message.tensors["y"]))
         loss.backward()
         self._step()
-        self.endpoint.send(self.reply_to, GRADIENTS, {"g": to_numpy(inputs.grad)}, to=CLIENT, loss=loss.item())
+        self.answer(GRADIENTS, {"g": to_numpy(inputs.grad)}, loss=loss.item())
         return False
+
+    def answer(self, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> None:
+        """Send the client `kind`, bound to this run like every answer but the handshakes."""
+        self.endpoint.send(self.reply_to, kind, tensors, to=CLIENT, **meta)
 
     def greet(self, message: Message) -> bool:
         """Answer a hello with this server's run, if the settings match and the run has not
@@ -144,12 +148,12 @@ class SplitServer(Role):
         ours = shared(self.settings)
         differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
         problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
-        if self.started:
+        if self.begun:
             problem = f"run {self.endpoint.run} is {self.batches} batches in; a restarted client cannot rejoin it: restart both halves"
             log.warning("split-server: a hello arrived %d batches into the run (a restarted client, or a replay); refused", self.batches)
-        answer = {"ok": not problem, "problem": problem, "begun": self.started, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at}
+        answer = {"ok": not problem, "problem": problem, "begun": self.begun, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at}
         self.endpoint.send(self.reply_to, HELLO, **answer)
-        if self.started:
+        if self.begun:
             return False
         if differing:
             log.error("split-server: the client's settings differ (%s)", problem)
