@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rewrite the README's option table from the role and scenario declarations.
+# Rewrite the README's option and metrics tables from the role and scenario declarations and
+# the metrics module.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python - <<'PY'
@@ -8,6 +9,8 @@ from splitfed import docs
 
 readme = pathlib.Path("README.md")
 text = readme.read_text()
-start, end = text.index(docs.BEGIN), text.index(docs.END) + len(docs.END)
-readme.write_text(text[:start] + docs.options_table() + text[end:])
+for begin, end, table in ((docs.BEGIN, docs.END, docs.options_table()), (docs.METRICS_BEGIN, docs.METRICS_END, docs.metrics_table())):
+    start, stop = text.index(begin), text.index(end) + len(end)
+    text = text[:start] + table + text[stop:]
+readme.write_text(text)
 PY

@@ -1,4 +1,10 @@
-"""Prometheus metrics shared by every role. Labels always include role and session."""
+"""Prometheus metrics, declared once for every role (each RoleSpec lists those it exports).
+
+The scheme (tests/unit/test_metrics_scheme.py holds every metric to it; the README's table is
+generated from here by `python -m splitfed.docs`): names start `splitfed_`; counters end
+`_total`, durations `_seconds`, sizes `_bytes`; the first labels are always `role` and
+`session`; further labels come from BOUNDED_LABELS only, whose values are a fixed set or grow
+with the number of parties (never per message, round or batch)."""
 
 from __future__ import annotations
 
@@ -7,6 +13,16 @@ import logging
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
+
+# label -> what bounds its values
+BOUNDED_LABELS = {
+    "kind": "the protocol's message kinds",
+    "direction": "sent, received",
+    "reason": "the rejection reasons (ProtocolError.reason and the transport's)",
+    "outcome": "received, accepted",
+    "activity": "training, waiting",
+    "worker": "the run's workers",
+}
 
 MESSAGES = Counter("splitfed_messages_total", "Messages sent or received", ["role", "session", "kind", "direction"])
 BYTES = Counter("splitfed_bytes_total", "Message bytes sent or received", ["role", "session", "kind", "direction"])
@@ -29,7 +45,18 @@ ROUND_SECONDS = Histogram(
 ROUND_BYTES = Gauge("splitfed_round_bytes", "Update bytes accepted in the last round", ["role", "session"])
 UPDATES = Counter("splitfed_updates_total", "Worker updates and joins by outcome (received, accepted)", ["role", "session", "outcome"])
 ACTIVE_WORKERS = Gauge("splitfed_active_workers", "Workers taking part in rounds", ["role", "session"])
+WORKER_MISSED_ROUNDS = Gauge(
+    "splitfed_worker_missed_rounds", "Rounds in a row closed without this worker's update (0 once heard from)", ["role", "session", "worker"]
+)
+LOCAL_SAMPLES = Gauge("splitfed_local_samples", "Training samples this party holds", ["role", "session"])
+UPDATE_BYTES = Gauge("splitfed_update_bytes", "Tensor bytes in the last update this worker sent", ["role", "session"])
+ACTIVITY_SECONDS = Counter(
+    "splitfed_activity_seconds", "Time spent training a round, or waiting for the next model", ["role", "session", "activity"]
+)
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
+
+# What every role that talks over the transport exports.
+WIRE = (MESSAGES, BYTES, REJECTED, UNSAFE_MODE)
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from typing import Any
 
 from splitfed import config
 from splitfed.config import NAME, setting
+from splitfed.observability import metrics
 from splitfed.roles.declaration import Identity, Progress, ProgressSink, RoleSpec
 from splitfed.roles.deployment import LOG_LEVELS
 from splitfed.transport import Connection, MemoryBroker, MemoryTransport, Transport, connect, is_amqp, redact
 from splitfed.transport.connection import warn_if_unencrypted
 
+log = logging.getLogger(__name__)
 TransportFactory = Callable[[str], Transport]  # party name -> its own connection
 POLL_SECONDS = 0.1  # how often the launcher looks at its roles while it waits for them
 
@@ -43,6 +46,7 @@ class LocalRun:
     """Settings of a run in this process only."""
 
     out: Path | None = setting(None, "Write the results as JSON here.")
+    plot: Path | None = setting(None, "Draw the training curves and traffic as a PNG here at the end (needs the plots extra).")
     log_level: str = setting("info", "Logging level.", choices=LOG_LEVELS)
 
 
@@ -55,6 +59,10 @@ class RunSettings(Connection, LocalRun):
     session: str | None = setting(None, "Session id: names the queues (default: a new random one).", pattern=NAME)
     timeout: float = setting(300.0, "Seconds any role waits for a peer before giving up.", min=0.1)
     key_list: Path | None = setting(None, "Key-list file; every party signs with PARTY.key from its folder (splitfed keys generate). None: unsafe mode.")
+    metrics_port: int = setting(
+        0, "Serve Prometheus metrics on 127.0.0.1: every role on this port with --launch threads; the Nth role (the lead first) on this port + N "
+        "with --launch processes (0: off).", min=0, max=65535,
+    )
 
     def resolved(self) -> RunSettings:
         """The same settings with the session and launch mode filled in."""
@@ -118,7 +126,7 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         connect_as = connect_as or transport_factory(settings)
         with tempfile.TemporaryDirectory(prefix="splitfed-") as folder:
             workdir = Path(folder)
-            launches = scenario.plan(learning, settings, workdir)
+            launches = with_metrics(scenario.plan(learning, settings, workdir), settings)
             if settings.launch == "processes":
                 result = run_processes(launches, connection_of(settings), on_progress, settings.timeout, workdir)
             else:
@@ -129,6 +137,21 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         config_values = {**config.values_of(learning), "session": settings.session, "broker": redact(settings.broker), "launch": settings.launch,
                          "authenticated": settings.key_list is not None}
     return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
+
+
+def with_metrics(launches: list[Launch], settings: RunSettings) -> list[Launch]:
+    """Roles in their own processes serve metrics on consecutive ports; roles in this process
+    share its registry and one port."""
+    if not settings.metrics_port:
+        return launches
+    if settings.launch == "threads":
+        metrics.serve(settings.metrics_port, "127.0.0.1")
+        return launches
+    ports = [settings.metrics_port + n for n in range(len(launches))]
+    if ports[-1] > 65535:
+        raise ValueError(f"--metrics-port {settings.metrics_port} leaves no room for {len(launches)} roles below 65536")
+    log.info("metrics: %s", ", ".join(f"{launch.name} on 127.0.0.1:{port}" for launch, port in zip(launches, ports)))
+    return [launch.with_deployment(metrics_port=port, metrics_address="127.0.0.1") for launch, port in zip(launches, ports)]
 
 
 def connection_of(settings: RunSettings) -> Connection:

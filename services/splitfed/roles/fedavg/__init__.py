@@ -50,19 +50,17 @@ def _worker(settings, deployment, transport, identity, on_progress):  # noqa: AN
     return FedAvgWorker(settings, deployment, transport, identity, on_progress)
 
 
-WIRE = (metrics.MESSAGES, metrics.BYTES, metrics.REJECTED, metrics.UNSAFE_MODE)
-
 ROLES = (
     RoleSpec(
         SERVER, "The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints.", FederatedSettings, ServerDeployment,
         _server,
-        (*WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS, metrics.ROUND_SECONDS, metrics.ROUND_BYTES,
-         metrics.UPDATES, metrics.ACTIVE_WORKERS),
+        (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS, metrics.ROUND_SECONDS, metrics.ROUND_BYTES,
+         metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS),
         # Every update of a round stays unacked until the round is on disk: let them all in.
         prefetch=lambda settings: 2 * settings.workers + 16,
     ),
     RoleSpec(
         WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,
-        _worker, (*WIRE, metrics.ROUND, metrics.TRAIN_LOSS), party=lambda deployment: deployment.worker_id,
+        _worker, (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.LOCAL_SAMPLES, metrics.UPDATE_BYTES, metrics.ACTIVITY_SECONDS), party=lambda deployment: deployment.worker_id,
     ),
 )

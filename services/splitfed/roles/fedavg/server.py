@@ -218,6 +218,7 @@ class FedAvgServer:
         self.state.missed = [w for w in self.state.missed if w != worker]
         self.checkpoint(with_model=False)
         metrics.ACTIVE_WORKERS.labels(SERVER, self.session).set(len(self.state.workers))
+        metrics.WORKER_MISSED_ROUNDS.labels(SERVER, self.session, worker).set(0)
         log.info("worker %s joined (round %d)", worker, self.state.round)
         queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
@@ -295,6 +296,9 @@ class FedAvgServer:
         metrics.ROUND_SECONDS.labels(SERVER, session).observe(record.seconds)
         metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
         metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
+        for worker in self.state.workers:
+            missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
+            missed.inc() if worker in self.state.missed else missed.set(0)
 
     def collect(self, expected: set[str]) -> dict[str, Update]:
         """Updates for this round, from any member, until every expected worker sent one, or the
@@ -313,6 +317,7 @@ class FedAvgServer:
                     raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
                 if message.sender in self.state.missed:  # alive after all, only slow: wait for it next round
                     self.state.missed.remove(message.sender)
+                    metrics.WORKER_MISSED_ROUNDS.labels(SERVER, self.session, message.sender).set(0)
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")

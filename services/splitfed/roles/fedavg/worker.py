@@ -52,6 +52,10 @@ class FedAvgWorker(Role):
         self.last_round = 0  # the last round this worker sent an update for
         self.rounds = 0
         self.done = False
+        metrics.LOCAL_SAMPLES.labels(WORKER, self.session).set(len(self.data))
+        self.training = metrics.ACTIVITY_SECONDS.labels(WORKER, self.session, "training")
+        self.waiting = metrics.ACTIVITY_SECONDS.labels(WORKER, self.session, "waiting")
+        self.idle_since = time.monotonic()
 
     def run(self) -> dict:
         self.join()
@@ -91,7 +95,11 @@ class FedAvgWorker(Role):
     def handle(self, message: Message, delivery: Delivery) -> bool:
         # A model for a round already answered is a redelivery: nothing to do.
         if message.kind == MODEL and message.round > self.last_round:
+            arrived = time.monotonic()
+            self.waiting.inc(arrived - self.idle_since)
             self.train_and_send(message)
+            self.idle_since = time.monotonic()
+            self.training.inc(self.idle_since - arrived)
         return message.kind == DONE
 
     def train_and_send(self, message: Message) -> None:
@@ -114,5 +122,6 @@ class FedAvgWorker(Role):
         self.rounds += 1
         metrics.ROUND.labels(WORKER, self.session).set(message.round)
         metrics.TRAIN_LOSS.labels(WORKER, self.session).set(loss)
+        metrics.UPDATE_BYTES.labels(WORKER, self.session).set(sum(array.nbytes for array in sent.values()))
         log.info("worker %s: round %d trained on %d samples, loss %.4f, %.1fs", self.worker_id, message.round, len(self.data), loss,
                  time.perf_counter() - started)

@@ -37,13 +37,11 @@ def _relay(settings, deployment, transport, identity, on_progress):  # noqa: ANN
     return Relay(deployment, transport, identity)
 
 
-WIRE = (metrics.MESSAGES, metrics.BYTES, metrics.REJECTED, metrics.UNSAFE_MODE)
-
 ROLES = (
-    RoleSpec("relay", "Forward frames between the two halves of one split session (no torch).", None, Service, _relay, WIRE),
+    RoleSpec("relay", "Forward frames between the two halves of one split session (no torch).", None, Service, _relay, metrics.WIRE),
     RoleSpec(
         "split-client", "The data owner of a split session: data, labels, first layers; drives training.", SplitSettings, SplitParty, _client,
-        (*WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
+        (*metrics.WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
     ),
-    RoleSpec("split-server", "The server half of a split session: the remaining layers, no data.", SplitSettings, SplitParty, _server, WIRE),
+    RoleSpec("split-server", "The server half of a split session: the remaining layers, no data.", SplitSettings, SplitParty, _server, metrics.WIRE),
 )

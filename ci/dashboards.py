@@ -1,0 +1,220 @@
+"""Write splitfed's Grafana dashboards (helm/splitfed/files/dashboards/*.json) from the panel
+lists below: one place for every panel's query, so that the chart's ConfigMaps, the real-
+Prometheus test (tests/observability) and the README's panel list agree.
+
+    python ci/dashboards.py           write the files
+    python ci/dashboards.py --check   exit 1 if a file differs from what would be written
+
+Every splitfed dashboard has the template variables `datasource`, `session` and `role`
+(multi-value, "All" = `.*`); queries use `$__rate_interval`, which Grafana sets from the scrape
+interval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parents[1] / "helm" / "splitfed" / "files" / "dashboards"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+S = 'session=~"$session"'
+SR = 'session=~"$session", role=~"$role"'
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str = ""
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    kind: str = "timeseries"  # or "stat"
+    description: str = ""
+    width: int = 12
+    stacked: bool = False
+    options: dict = field(default_factory=dict)
+
+
+def q(expr: str, legend: str = "") -> Query:
+    return Query(expr, legend)
+
+
+def quantiles(metric: str, selector: str, by: str = "session") -> tuple[Query, ...]:
+    return tuple(
+        q(f"histogram_quantile({p}, sum by (le, {by}) (rate({metric}_bucket{{{selector}}}[$__rate_interval])))", f"p{round(p * 100)} {{{{{by}}}}}")
+        for p in (0.5, 0.99)
+    )
+
+
+OVERVIEW = (
+    Panel("Runs", (q(f"count(count by (session) (splitfed_unsafe_mode{{{S}}}))", "runs"),), kind="stat", width=4,
+          description="Sessions with at least one live party"),
+    Panel("Parties", (q(f"count(splitfed_unsafe_mode{{{SR}}})", "parties"),), kind="stat", width=4,
+          description="Live parties (every role sets splitfed_unsafe_mode when it starts)"),
+    Panel("Unsafe mode", (q(f"max by (session, role) (splitfed_unsafe_mode{{{SR}}})", "{{session}} {{role}}"),), kind="stat", width=16,
+          description="1: the role accepts unsigned messages (started without a key list)",
+          options={"mappings": [{"type": "value", "options": {"0": {"text": "signed", "color": "green"}, "1": {"text": "UNSAFE", "color": "red"}}}]}),
+    Panel("Round or epoch", (q(f"max by (session, role) (splitfed_round{{{SR}}})", "round {{session}} {{role}}"),
+                             q(f"max by (session, role) (splitfed_epoch{{{SR}}})", "epoch {{session}} {{role}}"))),
+    Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{SR}}}", "{{session}} {{role}}"),), unit="percentunit"),
+    Panel("Loss", (q(f"splitfed_test_loss{{{SR}}}", "test {{session}} {{role}}"), q(f"splitfed_train_loss{{{SR}}}", "train {{session}} {{role}} {{instance}}"))),
+    Panel("Active parties by role", (q(f"count by (role) (splitfed_unsafe_mode{{{SR}}})", "{{role}}"),), stacked=True),
+    Panel("Bytes per second", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{SR}}}[$__rate_interval]))", "{{role}} {{direction}}"),), unit="Bps"),
+    Panel("Messages per second", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{SR}}}[$__rate_interval]))", "{{role}} {{kind}}"),), unit="ops"),
+    Panel("Round-trip latency (split)", quantiles("splitfed_round_trip_seconds", SR), unit="s",
+          description="From sending a batch's activations to holding its gradients"),
+    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{SR}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
+          description="Frames refused: garbage, bad signatures, replays, wrong shapes, NaN/Inf, ...", stacked=True),
+)
+
+FEDAVG_SERVER = f'role="fedavg-server", {S}'
+FEDAVG_WORKER = f'role="fedavg-worker", {S}'
+FEDAVG = (
+    Panel("Round", (q(f"max by (session) (splitfed_round{{{FEDAVG_SERVER}}})", "{{session}}"),), width=8),
+    Panel("Active workers", (q(f"splitfed_active_workers{{{FEDAVG_SERVER}}}", "{{session}}"),), width=8),
+    Panel("Update bytes accepted per round", (q(f"splitfed_round_bytes{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="bytes", width=8),
+    Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="percentunit"),
+    Panel("Loss", (q(f"splitfed_test_loss{{{FEDAVG_SERVER}}}", "test {{session}}"), q(f"splitfed_train_loss{{{FEDAVG_SERVER}}}", "train (workers' mean) {{session}}"))),
+    Panel("Round duration", quantiles("splitfed_round_duration_seconds", FEDAVG_SERVER), unit="s"),
+    Panel("Updates per second", (q(f"sum by (session, outcome) (rate(splitfed_updates_total{{{FEDAVG_SERVER}}}[$__rate_interval]))", "{{outcome}} {{session}}"),),
+          unit="ops", description="Received: every update and join that arrived; accepted: those applied"),
+    Panel("Workers' round", (q(f"splitfed_round{{{FEDAVG_WORKER}}}", "{{instance}}"),)),
+    Panel("Workers' train loss", (q(f"splitfed_train_loss{{{FEDAVG_WORKER}}}", "{{instance}}"),)),
+    Panel("Samples per worker", (q(f"splitfed_local_samples{{{FEDAVG_WORKER}}}", "{{instance}}"),)),
+    Panel("Update size", (q(f"splitfed_update_bytes{{{FEDAVG_WORKER}}}", "{{instance}}"),), unit="bytes"),
+    Panel("Training vs waiting", (q(f"sum by (activity) (rate(splitfed_activity_seconds_total{{{FEDAVG_WORKER}}}[$__rate_interval]))", "{{activity}}"),),
+          unit="s", stacked=True, description="Worker-seconds per second spent training a round or waiting for the next model"),
+    Panel("Missed rounds by worker", (q(f"splitfed_worker_missed_rounds{{{FEDAVG_SERVER}}}", "{{worker}}"),),
+          description="Rounds in a row closed without the worker's update; 0 once it is heard from"),
+)
+
+SPLIT_CLIENT = f'role="split-client", {S}'
+SPLIT_ROLES = f'role=~"split-client|split-server|relay", {S}'
+SPLIT = (
+    Panel("Epoch", (q(f"max by (session) (splitfed_epoch{{{SPLIT_CLIENT}}})", "{{session}}"),), width=8),
+    Panel("Batches per second", (q(f"sum by (session) (rate(splitfed_round_trip_seconds_count{{{SPLIT_CLIENT}}}[$__rate_interval]))", "{{session}}"),),
+          unit="ops", width=8),
+    Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{SPLIT_CLIENT}}}", "{{session}}"),), unit="percentunit", width=8),
+    Panel("Loss", (q(f"splitfed_test_loss{{{SPLIT_CLIENT}}}", "test {{session}}"), q(f"splitfed_train_loss{{{SPLIT_CLIENT}}}", "train {{session}}"))),
+    Panel("Round-trip latency", quantiles("splitfed_round_trip_seconds", SPLIT_CLIENT), unit="s"),
+    Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
+          unit="Bps"),
+    Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
+          unit="ops"),
+    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
+          stacked=True),
+)
+
+# RabbitMQ's own rabbitmq_prometheus plugin: aggregated /metrics, and per-queue series from
+# /metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count (the chart scrapes
+# both). splitfed's queues are named splitfed.SESSION.ROLE[.ID].
+QUEUES = 'queue=~"splitfed\\\\.($session)\\\\..*"'
+RABBITMQ = (
+    Panel("Connections", (q("sum(rabbitmq_connections)", "connections"),), kind="stat", width=6),
+    Panel("Channels", (q("sum(rabbitmq_channels)", "channels"),), kind="stat", width=6),
+    Panel("splitfed queues", (q(f"count(rabbitmq_detailed_queue_messages{{{QUEUES}}})", "queues"),), kind="stat", width=6),
+    Panel("Unacked messages", (q(f"sum(rabbitmq_detailed_queue_messages_unacked{{{QUEUES}}})", "unacked"),), kind="stat", width=6),
+    Panel("Queue depth (ready)", (q(f"sum by (queue) (rabbitmq_detailed_queue_messages_ready{{{QUEUES}}})", "{{queue}}"),)),
+    Panel("Unacked by queue", (q(f"sum by (queue) (rabbitmq_detailed_queue_messages_unacked{{{QUEUES}}})", "{{queue}}"),)),
+    Panel("Consumers by queue", (q(f"sum by (queue) (rabbitmq_detailed_queue_consumers{{{QUEUES}}})", "{{queue}}"),)),
+    Panel("Publish, deliver, ack per second", (
+        q("sum(rate(rabbitmq_global_messages_received_total[$__rate_interval]))", "published"),
+        q("sum(rate(rabbitmq_global_messages_delivered_total[$__rate_interval]))", "delivered"),
+        q("sum(rate(rabbitmq_global_messages_acknowledged_total[$__rate_interval]))", "acknowledged"),
+    ), unit="ops", description="The whole broker (the plugin's aggregated metrics)"),
+)
+
+
+def variable(name: str, label: str, query: str) -> dict:
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DATASOURCE, "definition": query,
+        "query": {"query": query, "refId": f"{name}-variable"}, "refresh": 2, "multi": True, "includeAll": True, "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 1, "hide": 0, "options": [],
+    }
+
+
+def templating(roles: str) -> dict:
+    return {"list": [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0, "options": [], "refresh": 1},
+        variable("session", "Session", "label_values(splitfed_unsafe_mode, session)"),
+        variable("role", "Role", f'label_values(splitfed_unsafe_mode{{session=~"$session", role=~"{roles}"}}, role)'),
+    ]}
+
+
+def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
+    targets = [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": query.expr, "legendFormat": query.legend or "__auto", "range": True}
+               for i, query in enumerate(panel.queries)]
+    height = 4 if panel.kind == "stat" else 8
+    defaults: dict = {"unit": panel.unit, **({"mappings": panel.options["mappings"]} if "mappings" in panel.options else {})}
+    if panel.kind == "timeseries":
+        defaults["custom"] = {"stacking": {"mode": "normal" if panel.stacked else "none", "group": "A"}, "fillOpacity": 20 if panel.stacked else 0}
+        options = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}, "tooltip": {"mode": "multi", "sort": "desc"}}
+    else:
+        options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value", "graphMode": "none", "textMode": "auto"}
+    return {
+        "id": panel_id, "type": panel.kind, "title": panel.title, "description": panel.description, "datasource": DATASOURCE,
+        "gridPos": {"h": height, "w": panel.width, "x": x, "y": y}, "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options,
+    }
+
+
+def layout(panels: tuple[Panel, ...]) -> list[dict]:
+    """Left to right in rows of 24 columns."""
+    placed, x, y, row_height = [], 0, 0, 0
+    for panel_id, panel in enumerate(panels, start=1):
+        height = 4 if panel.kind == "stat" else 8
+        if x + panel.width > 24:
+            x, y, row_height = 0, y + row_height, 0
+        placed.append(panel_json(panel, panel_id, x, y))
+        x, row_height = x + panel.width, max(row_height, height)
+    return placed
+
+
+def dashboard(uid: str, title: str, description: str, panels: tuple[Panel, ...], roles: str = ".*") -> dict:
+    return {
+        "uid": uid, "title": title, "description": description, "tags": ["splitfed"], "editable": True, "graphTooltip": 1,
+        "schemaVersion": SCHEMA_VERSION, "version": 1, "refresh": "10s", "time": {"from": "now-1h", "to": "now"}, "timezone": "browser",
+        "annotations": {"list": []}, "links": [{"type": "dashboards", "tags": ["splitfed"], "asDropdown": True, "title": "splitfed", "includeVars": True,
+                                                "keepTime": True}],
+        "templating": templating(roles), "panels": layout(panels),
+    }
+
+
+DASHBOARDS = {
+    "overview.json": dashboard("splitfed-overview", "splitfed / Overview", "Every splitfed run: progress, accuracy, traffic, latency, rejections", OVERVIEW),
+    "fedavg.json": dashboard("splitfed-fedavg", "splitfed / FedAvg", "Federated averaging: rounds, the server's model, every worker", FEDAVG, "fedavg-.*"),
+    "split.json": dashboard("splitfed-split", "splitfed / Split learning", "Split learning: epochs, round trips, traffic through the relay", SPLIT,
+                            "split-.*|relay"),
+    "rabbitmq.json": dashboard("splitfed-rabbitmq", "splitfed / RabbitMQ", "The broker: splitfed's queues, rates, connections (rabbitmq_prometheus)", RABBITMQ),
+}
+
+
+def render(board: dict) -> str:
+    return json.dumps(board, indent=2) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file differs from what would be written")
+    args = parser.parse_args()
+    stale = [name for name, board in DASHBOARDS.items() if not (FOLDER / name).exists() or (FOLDER / name).read_text() != render(board)]
+    if args.check:
+        for name in stale:
+            print(f"dashboards: {FOLDER / name} is stale: run python ci/dashboards.py", file=sys.stderr)
+        return 1 if stale else 0
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    for name, board in DASHBOARDS.items():
+        (FOLDER / name).write_text(render(board))
+    print(f"dashboards: wrote {', '.join(DASHBOARDS)} to {FOLDER}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

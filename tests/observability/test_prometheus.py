@@ -1,0 +1,228 @@
+"""A real Prometheus scrapes a real FedAvg run and a real split run over a RabbitMQ node of the
+test's own (with its rabbitmq_prometheus plugin); then every query of every dashboard panel,
+and every template variable, is evaluated through Prometheus' HTTP API and must return data.
+
+Every role runs as its own `splitfed serve` process (`splitfed run --metrics-port`), so each
+role's /metrics endpoint is a scrape target of its own: relay, split-client, split-server,
+fedavg-server and three fedavg-workers. A garbage frame is put in the FedAvg server's and the
+relay's queues before the runs, so the rejection panels have something to show."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from splitfed.roles.endpoint import queue_name
+from splitfed.transport.rabbitmq import RabbitTransport
+from tests.own_broker import OwnBroker
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((ROOT / "helm" / "splitfed" / "files" / "dashboards").glob("*.json"))
+SCRAPE_INTERVAL = "1s"
+RATE_INTERVAL = "5s"  # what Grafana's $__rate_interval becomes at a 1 s scrape interval and a short range
+FEDAVG_ROLES, SPLIT_ROLES = 4, 3  # fedavg-server + 3 workers; split-client, split-server, relay
+
+
+def port_block(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                bound = socket.socket()
+                sockets.append(bound)
+                bound.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for bound in sockets:
+                bound.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+class Prometheus:
+    def __init__(self, directory: Path, targets: dict[str, list[str]], broker_port: int):
+        self.port = port_block(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        detailed = {"family": ["queue_coarse_metrics", "queue_consumer_count"]}
+        config = {
+            "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": SCRAPE_INTERVAL},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()
+            ] + [
+                {"job_name": "rabbitmq", "static_configs": [{"targets": [f"127.0.0.1:{broker_port}"]}]},
+                {"job_name": "rabbitmq-detailed", "metrics_path": "/metrics/detailed", "params": detailed,
+                 "static_configs": [{"targets": [f"127.0.0.1:{broker_port}"]}]},
+            ],
+        }
+        (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.log = directory / "prometheus.log"
+        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+        if not Path(binary).exists():
+            pytest.fail("prometheus is not installed: run ci/setup.sh test (it installs the Debian package)")
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"prometheus exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"prometheus not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def api(self, path: str, **params: str | list[str]) -> dict:
+        answer = http_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}")
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    def query_range(self, expr: str, start: float, end: float) -> list[dict]:
+        data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
+        return data["result"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SPLITFED_")}
+    return subprocess.run([sys.executable, "-m", "splitfed", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def put_garbage(broker_url: str, queue: str, durable: bool) -> None:
+    with RabbitTransport(broker_url, name="prober") as prober:
+        prober.declare(queue, durable=durable)
+        prober.publish(queue, b"not a frame", persistent=durable)
+
+
+@pytest.fixture(scope="module")
+def scraped_runs(tmp_path_factory):
+    """Both runs, scraped: (prometheus, sessions, start, end)."""
+    directory = tmp_path_factory.mktemp("observability")
+    broker = OwnBroker(directory / "broker", prometheus=True).start()
+    fedavg_port, split_port = port_block(FEDAVG_ROLES), port_block(SPLIT_ROLES)
+    targets = {"splitfed": [f"127.0.0.1:{port}" for port in [*range(fedavg_port, fedavg_port + FEDAVG_ROLES), *range(split_port, split_port + SPLIT_ROLES)]]}
+    prometheus = Prometheus(directory, targets, broker.prometheus_port)
+    try:
+        prometheus.wait_ready()
+        sessions = {"fedavg": f"prom-fedavg-{secrets.token_hex(3)}", "split": f"prom-split-{secrets.token_hex(3)}"}
+        put_garbage(broker.url, queue_name(sessions["fedavg"], "fedavg-server"), durable=True)
+        put_garbage(broker.url, queue_name(sessions["split"], "relay"), durable=False)
+        start = time.time()
+        fedavg = run_cli("run", "fedavg", "--dataset", "digits", "--workers", "3", "--rounds", "15", "--broker", broker.url,
+                         "--session", sessions["fedavg"], "--metrics-port", str(fedavg_port), "--out", str(directory / "fedavg.json"))
+        assert fedavg.returncode == 0, fedavg.stderr[-3000:]
+        split = run_cli("run", "split", "--dataset", "digits", "--epochs", "4", "--broker", broker.url, "--via", "relay",
+                        "--session", sessions["split"], "--metrics-port", str(split_port), "--out", str(directory / "split.json"))
+        assert split.returncode == 0, split.stderr[-3000:]
+        yield prometheus, sessions, start, time.time()
+    finally:
+        prometheus.stop()
+        broker.stop()
+
+
+def substituted(expr: str, sessions: dict[str, str]) -> str:
+    """A panel's query as Grafana sends it with every session selected and role "All"."""
+    chosen = "(" + "|".join(sessions.values()) + ")"  # Grafana's regex format of a multi-value variable
+    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$session", chosen).replace("$role", ".*")
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    found = []
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                found.append((path.stem, f"{panel['title']} {target['refId']}", target["expr"]))
+    return found
+
+
+PANEL_QUERIES = panel_queries()
+
+
+def test_there_are_dashboards_with_queries():
+    assert {path.stem for path in DASHBOARDS} >= {"overview", "fedavg", "split", "rabbitmq"}
+    assert len(PANEL_QUERIES) >= 40
+
+
+def test_every_role_was_scraped_while_running(scraped_runs):
+    prometheus, sessions, start, end = scraped_runs
+    span = f"{int(end - start) + 5}s"
+    up = prometheus.api("query", query=f'max by (instance) (max_over_time(up{{job="splitfed"}}[{span}]))', time=f"{end:.3f}")["result"]
+    assert len(up) == FEDAVG_ROLES + SPLIT_ROLES and all(series["value"][1] == "1" for series in up), up
+    roles = prometheus.api("query", query=f"count by (role) (max_over_time(splitfed_unsafe_mode[{span}]))", time=f"{end:.3f}")["result"]
+    assert {series["metric"]["role"] for series in roles} == {"relay", "split-client", "split-server", "fedavg-server", "fedavg-worker"}
+    workers = prometheus.api("query", query=f'count(max_over_time(splitfed_activity_seconds_total{{activity="training"}}[{span}]) > 0)', time=f"{end:.3f}")
+    assert workers["result"] and workers["result"][0]["value"][1] == "3", "every worker reports time spent training"
+
+
+def test_the_garbage_frames_were_counted(scraped_runs):
+    prometheus, sessions, start, end = scraped_runs
+    span = f"{int(end - start) + 5}s"
+    rejected = prometheus.api("query", query=f'max by (role) (max_over_time(splitfed_messages_rejected_total{{reason="malformed"}}[{span}]))',
+                              time=f"{end:.3f}")["result"]
+    assert {series["metric"]["role"]: series["value"][1] for series in rejected} == {"fedavg-server": "1", "relay": "1"}
+
+
+@pytest.mark.parametrize(("dashboard", "panel", "expr"), PANEL_QUERIES, ids=[f"{d}: {p}" for d, p, _ in PANEL_QUERIES])
+def test_panel_query_returns_data(scraped_runs, dashboard, panel, expr):
+    prometheus, sessions, start, end = scraped_runs
+    result = prometheus.query_range(substituted(expr, sessions), start, end)
+    values = [float(value) for series in result for _, value in series["values"] if value not in ("NaN", "+Inf", "-Inf")]
+    assert values, f"{dashboard} / {panel}: no data for {substituted(expr, sessions)}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_template_variables_list_the_runs(scraped_runs, path):
+    prometheus, sessions, start, end = scraped_runs
+    for variable in json.loads(path.read_text())["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"])
+        assert match, f"{variable['name']}: not a label_values query"
+        values = prometheus.api(f"label/{match.group(2)}/values", **{"match[]": substituted(match.group(1), sessions), "start": f"{start:.3f}",
+                                                                     "end": f"{end:.3f}"})
+        assert values, f"{path.stem}: variable {variable['name']} lists nothing"
+        if variable["name"] == "session":
+            assert set(sessions.values()) <= set(values)
+
+
+def test_dashboard_files_are_generated():
+    check = subprocess.run([sys.executable, str(ROOT / "ci" / "dashboards.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
