@@ -142,7 +142,8 @@ def variable(name: str, label: str, query: str) -> dict:
 
 def templating(roles: str) -> dict:
     return {"list": [
-        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus", "current": {}, "hide": 0, "options": [], "refresh": 1},
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus", "hide": 0, "options": [], "refresh": 1,
+         "current": {"selected": False, "text": "default", "value": "default"}},
         variable("session", "Session", "label_values(splitfed_unsafe_mode, session)"),
         variable("role", "Role", f'label_values(splitfed_unsafe_mode{{session=~"$session", role=~"{roles}"}}, role)'),
     ]}
@@ -181,8 +182,9 @@ def dashboard(uid: str, title: str, description: str, panels: tuple[Panel, ...],
     return {
         "uid": uid, "title": title, "description": description, "tags": ["splitfed"], "editable": True, "graphTooltip": 1,
         "schemaVersion": SCHEMA_VERSION, "version": 1, "refresh": "10s", "time": {"from": "now-1h", "to": "now"}, "timezone": "browser",
-        "annotations": {"list": []}, "links": [{"type": "dashboards", "tags": ["splitfed"], "asDropdown": True, "title": "splitfed", "includeVars": True,
-                                                "keepTime": True}],
+        "annotations": {"list": []},
+        "links": [{"type": "dashboards", "tags": ["splitfed"], "asDropdown": True, "title": "splitfed", "includeVars": True, "keepTime": True,
+                   "icon": "external link", "targetBlank": False, "tooltip": "The other splitfed dashboards", "url": ""}],
         "templating": templating(roles), "panels": layout(panels),
     }
 

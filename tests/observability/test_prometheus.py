@@ -26,6 +26,7 @@ import pytest
 
 from splitfed.roles.endpoint import queue_name
 from splitfed.transport.rabbitmq import RabbitTransport
+from tests.observability import grafana_schema
 from tests.own_broker import OwnBroker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,3 +227,10 @@ def test_template_variables_list_the_runs(scraped_runs, path):
 def test_dashboard_files_are_generated():
     check = subprocess.run([sys.executable, str(ROOT / "ci" / "dashboards.py"), "--check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_validates_against_grafanas_schema(path):
+    board = json.loads(path.read_text())
+    assert grafana_schema.problems(board) == []
+    assert board["title"] and board["uid"], "Grafana needs both, though its types mark them optional"
