@@ -13,7 +13,7 @@ chart=helm/splitfed
 kube_version=1.30.0
 # Kinds that are CustomResourceDefinitions: no schema for them ships with kubernetes-validate,
 # so they cannot be validated offline. They are skipped by name, and said so.
-crd_kinds="PodMonitor ServiceMonitor"
+crd_kinds="PodMonitor ServiceMonitor PrometheusRule"
 
 install_helm() {
   if [ -x "$helm" ] && "$helm" version --short 2>/dev/null | grep -q '^v3\.19\.'; then

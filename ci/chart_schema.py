@@ -146,6 +146,28 @@ def monitor_schema() -> dict:
     return closed({"enabled": BOOLEAN, "interval": DURATION, "labels": string_map()}, ["enabled"])
 
 
+# A label's name (optional DNS-subdomain prefix/) and value, as Kubernetes accepts them.
+LABEL_KEY = {"type": "string", "maxLength": 316,
+             "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"}
+LABEL_VALUE = {"type": "string", "maxLength": 63, "pattern": r"^$|^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"}
+
+
+def metrics_schema() -> dict:
+    return closed({
+        "port": PORT,
+        "podMonitor": monitor_schema(),
+        "serviceMonitor": monitor_schema(),
+        "prometheusRule": closed({"enabled": BOOLEAN, "labels": string_map()}, ["enabled"]),
+        "dashboards": closed({
+            "enabled": BOOLEAN,
+            "label": LABEL_KEY,
+            "labelValue": LABEL_VALUE,
+            "annotations": string_map(),
+            "namespace": {"type": "string", "maxLength": 63, "pattern": "^$|" + PATTERN_DNS_LABEL},
+        }, ["enabled"]),
+    })
+
+
 def schema() -> dict:
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
@@ -162,7 +184,7 @@ def schema() -> dict:
                 "volume": VOLUME_SOURCE,
                 "mountPath": {"type": "string", "pattern": "^/"},
             }),
-            "metrics": closed({"port": PORT, "podMonitor": monitor_schema(), "serviceMonitor": monitor_schema()}),
+            "metrics": metrics_schema(),
             "networkPolicy": closed({
                 "enabled": BOOLEAN,
                 "metricsFrom": {"type": "array", "items": K8S_OBJECT},

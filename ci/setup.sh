@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything splitfed needs on a fresh Debian machine: system packages (the Fashion-MNIST
-# data set; RabbitMQ for the tests), a virtual environment with torch and the package.
+# data set; RabbitMQ and Prometheus with promtool for the tests), a virtual environment with torch and the package.
 # Usage: ci/setup.sh [run|test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,7 @@ packages=()
 [ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
 if [ "$purpose" = test ]; then
   command -v rabbitmq-server >/dev/null || packages+=(rabbitmq-server)
+  command -v promtool >/dev/null || packages+=(prometheus)
 fi
 if ((${#packages[@]})); then
   echo "setup: installing ${packages[*]}"
@@ -23,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch: the build these machines keep on disk (pip takes it from there; a CUDA build that runs on CPU too).
 .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-extras=learning
-[ "$purpose" = test ] && extras=learning,test
+extras=learning,plots
+[ "$purpose" = test ] && extras=learning,plots,test
 .venv/bin/pip install -q --disable-pip-version-check -e ".[$extras]"
 echo "setup: ready (.venv/bin/splitfed)"

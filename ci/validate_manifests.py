@@ -2,7 +2,7 @@
 Kinds given with --skip-kinds (CustomResourceDefinitions' kinds, which have no offline schema) are
 left out and listed, so a skip is never silent.
 
-    python ci/validate_manifests.py --kube-version 1.30.0 --skip-kinds "PodMonitor ServiceMonitor" rendered.yaml
+    python ci/validate_manifests.py --kube-version 1.30.0 --skip-kinds "PodMonitor ServiceMonitor PrometheusRule" rendered.yaml
 """
 
 from __future__ import annotations

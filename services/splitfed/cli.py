@@ -1,4 +1,4 @@
-"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`.
+"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`, draw a `report`.
 
 Every `run` and `serve` command is generated from the scenario and role declarations: one flag
 and one SPLITFED_* variable per settings field, so the CLI, the launcher and the Helm chart
@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from splitfed import __version__, config
@@ -46,13 +47,14 @@ def main_options(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)  # a message's own brackets are text
     return typer.Exit(code)
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
     """Turn expected failures into one line on stderr and a non-zero exit code."""
     from splitfed.errors import DataError, Refused, RunAborted
+    from splitfed.observability.report import PlotsUnavailable
     from splitfed.roles.endpoint import RoleTimeout
     from splitfed.roles.fedavg import CheckpointError
     from splitfed.scenarios.launch import ScenarioError
@@ -61,7 +63,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
-    except (DataError, KeyFileError, ValueError) as exc:
+    except (DataError, KeyFileError, ValueError, PlotsUnavailable) as exc:
         raise _fail(str(exc), 2) from None
     except CheckpointError as exc:
         raise _fail(str(exc), 6) from None
@@ -124,6 +126,7 @@ def _write_results(result: dict, out: Path | None) -> None:
 
 def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
     def body(values: dict[str, Any]) -> None:
+        from splitfed.observability import report
         from splitfed.roles.service import configure_logging, output_problem
         from splitfed.scenarios import launch
         from splitfed.scenarios.progress import Reporter
@@ -131,13 +134,18 @@ def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
         scenario = SCENARIOS[name]
         learning = _guard(lambda: config.build(scenario.learning, values))
         settings = _guard(lambda: config.build(scenario.run_settings, values))
-        for path in (settings.out, getattr(settings, "save_model", None)):
+        for path in (settings.out, settings.plot, getattr(settings, "save_model", None)):
             if path is not None and (problem := output_problem(path)):
                 raise _fail(problem, 2)
+        if settings.plot:
+            _guard(report.require)  # before training, not after it
         configure_logging(settings.log_level)
         with Reporter(scenario.label(learning, settings)) as reporter:
             result = _guard(lambda: launch.run(scenario, learning, settings, reporter))
         _write_results(result, settings.out)
+        if settings.plot:
+            _guard(lambda: report.draw([result], settings.plot))
+            err.print(f"figure in {settings.plot}", highlight=False)
 
     return body
 
@@ -179,6 +187,30 @@ def keys_generate(
         raise _fail("nothing to generate: give --workers N or --party NAME", 2)
     key_list = _guard(lambda: keys.generate(out, names, force=force, max_samples=max_samples))
     err.print(f"wrote {len(names)} key pairs and {key_list}", highlight=False)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_command(
+    results: Annotated[list[Path], typer.Argument(metavar="RESULTS", help="Results files written by splitfed run ... --out (one or more).", show_default=False)],
+    out: Annotated[Path, typer.Option(envvar="SPLITFED_REPORT_OUT", help="Write the figure here (PNG).")],
+    title: Annotated[Optional[str], typer.Option(envvar="SPLITFED_REPORT_TITLE", help="Figure title (default: the scenarios, data set and model).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(envvar="SPLITFED_REPORT_LABEL", help="Legend label per results file, in order (repeatable; default: made from each run's config).")] = None,
+) -> None:
+    """Draw finished runs as one PNG: test accuracy, test and train loss per epoch or round, and traffic (needs the plots extra)."""
+    from splitfed.observability import report
+    from splitfed.roles.service import output_problem
+
+    if problem := output_problem(out):
+        raise _fail(problem, 2)
+    if label and len(label) != len(results):
+        raise _fail(f"{len(label)} --label for {len(results)} results files: give one per file, or none", 2)
+    _guard(report.require)
+    loaded = [_guard(lambda path=path: report.read(path)) for path in results]
+    _guard(lambda: report.draw(loaded, out, labels=label or None, title=title, names=[str(path) for path in results]))
+    err.print(f"wrote {out} ({len(results)} runs)", highlight=False)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ role gets is an option of that role."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -325,9 +326,91 @@ def test_network_policy_lets_roles_reach_only_the_broker_and_dns(rendered):
 def test_monitors_only_when_asked(rendered):
     assert not [o for o in rendered["default"] if o["apiVersion"] == "monitoring.coreos.com/v1"]
     monitors = {o["kind"]: o for o in rendered["all-roles"] if o["apiVersion"] == "monitoring.coreos.com/v1"}
-    assert set(monitors) == {"PodMonitor", "ServiceMonitor"}
+    assert set(monitors) == {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
     assert monitors["PodMonitor"]["metadata"]["labels"]["release"] == "prometheus"
-    assert monitors["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    (endpoint,) = monitors["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    # the alert rules find the parties by up{job="splitfed"}, whatever the PodMonitor is called
+    assert {"action": "replace", "targetLabel": "job", "replacement": "splitfed"} in endpoint["relabelings"]
+
+
+def test_broker_monitor_scrapes_the_per_queue_metrics(rendered):
+    (monitor,) = [o for o in rendered["all-roles"] if o["kind"] == "ServiceMonitor"]
+    plain, detailed = monitor["spec"]["endpoints"]
+    assert (plain["port"], plain["path"]) == ("metrics", "/metrics")
+    assert (detailed["port"], detailed["path"]) == ("metrics", "/metrics/detailed")
+    assert detailed["params"] == {"family": ["queue_coarse_metrics", "queue_consumer_count"]}
+    # the two targets share an address: a label keeps their up series apart
+    assert detailed["relabelings"] == [{"action": "replace", "sourceLabels": ["__metrics_path__"], "targetLabel": "metrics_path"}]
+
+
+# -- Grafana dashboards and alert rules ----------------------------------------------------------
+
+DASHBOARD_FILES = sorted((CHART / "files" / "dashboards").glob("*.json"))
+RULES_FILE = CHART / "files" / "alerts" / "splitfed.rules.yaml"
+
+
+def dashboard_maps(objects: list[dict], label: str = "grafana_dashboard") -> list[dict]:
+    return [o for o in objects if o["kind"] == "ConfigMap" and label in o["metadata"].get("labels", {})]
+
+
+def test_there_are_dashboards():
+    assert DASHBOARD_FILES, "helm/splitfed/files/dashboards/ holds no *.json"
+
+
+def test_every_dashboard_is_a_configmap_of_its_own(rendered):
+    maps = dashboard_maps(rendered["all-roles"])
+    assert len(maps) == len(DASHBOARD_FILES)
+    by_file = {}
+    for config in maps:
+        (file,) = config["data"]
+        by_file[file] = config
+    assert sorted(by_file) == [path.name for path in DASHBOARD_FILES]
+    for path in DASHBOARD_FILES:
+        config = by_file[path.name]
+        meta = config["metadata"]
+        assert meta["name"] == f"{RELEASE}-splitfed-dashboard-{path.stem}"
+        assert meta["labels"]["grafana_dashboard"] == "1"
+        assert meta["labels"]["app.kubernetes.io/component"] == "monitoring"
+        assert meta["annotations"] == {"grafana_folder": "splitfed"}
+        assert "namespace" not in meta
+        text = config["data"][path.name]
+        assert json.loads(text) == json.loads(path.read_text()), f"{path.name} changed on its way into the ConfigMap"
+        assert text == path.read_text().rstrip("\n")  # byte for byte: Grafana's {{ legend }} formats untouched
+
+
+def test_dashboard_label_folder_and_namespace_are_values(helm):
+    objects = render(helm, "--set", "metrics.dashboards.enabled=true,metrics.dashboards.label=example.com/dashboard,"
+                     "metrics.dashboards.labelValue=splitfed,metrics.dashboards.namespace=monitoring")
+    maps = dashboard_maps(objects, "example.com/dashboard")
+    assert len(maps) == len(DASHBOARD_FILES)
+    for config in maps:
+        assert config["metadata"]["labels"]["example.com/dashboard"] == "splitfed"
+        assert "grafana_dashboard" not in config["metadata"]["labels"]
+        assert config["metadata"]["namespace"] == "monitoring"
+        assert "annotations" not in config["metadata"]
+
+
+def test_prometheus_rule_is_the_rules_file(rendered):
+    (rule,) = [o for o in rendered["all-roles"] if o["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["name"] == f"{RELEASE}-splitfed-alerts"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"  # metrics.prometheusRule.labels
+    assert rule["spec"] == {"groups": yaml.safe_load(RULES_FILE.read_text())["groups"]}
+    annotations = [r["annotations"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert any("{{ $labels.session }}" in a["summary"] for a in annotations)  # not eaten by Helm's templating
+
+
+def test_dashboards_and_alert_rules_only_when_asked(helm, rendered):
+    for name, objects in rendered.items():
+        if name != "all-roles":
+            assert not dashboard_maps(objects), name
+            assert not [o for o in objects if o["kind"] == "PrometheusRule"], name
+    objects = render(helm, "-f", str(REPO / "ci" / "chart-values" / "all-roles.yaml"),
+                     "--set", "metrics.dashboards.enabled=false,metrics.prometheusRule.enabled=false")
+    assert not dashboard_maps(objects)
+    assert not [o for o in objects if o["kind"] == "PrometheusRule"]
+    assert {o["kind"] for o in objects} >= {"PodMonitor", "ServiceMonitor"}  # the monitors stay
 
 
 def test_helm_test_checks_the_broker(rendered):
@@ -346,6 +429,8 @@ def test_helm_test_checks_the_broker(rendered):
     ("splitClient.replicas=2", "at '/splitClient/replicas': maximum"),
     ("broker.external.enabled=true,broker.external.existingSecret=creds", "broker.external.enabled needs broker.external.host"),
     ("fedavgWorker.replicas=0", "fedavgServer.enabled needs fedavgWorker.replicas >= 1"),
+    ("metrics.prometheusRule.enable=true", "at '/metrics/prometheusRule': additional properties 'enable' not allowed"),
+    ("metrics.dashboards.namespace=Monitoring", "at '/metrics/dashboards/namespace'"),
 ])
 def test_bad_values_fail_with_a_clear_message(helm, values, message):
     result = helm_template(helm, "--set", values)
