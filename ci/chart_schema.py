@@ -12,21 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+from splitfed.cluster.values import MANAGED, ROLE_KEYS
 from splitfed.config import Option
 from splitfed.roles.registry import ROLES
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "values.schema.json"
 
-# Options the chart sets itself, from other values (session, broker, keys, metrics, data,
-# worker identity, worker count, checkpoint volume, relay or direct): never in `settings`.
-MANAGED = {
-    "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
-    "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via",
-}
-
-# values key of each role
-ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer",
-             "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker"}
+# MANAGED: options the chart sets itself, never in `settings`; ROLE_KEYS: the values key of
+# each role. Both live with the run options -> values mapping of `splitfed launch`.
 TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker"}
 SINGLETONS = {"relay", "split-client", "split-server", "fedavg-server"}  # one pod per session
 JOBS = {"split-client", "fedavg-server"}

@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch: the build these machines keep on disk (pip takes it from there; a CUDA build that runs on CPU too).
 .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-extras=learning,plots
-[ "$purpose" = test ] && extras=learning,plots,test
+extras=learning,plots,cluster
+[ "$purpose" = test ] && extras=learning,plots,cluster,test
 .venv/bin/pip install -q --disable-pip-version-check -e ".[$extras]"
 echo "setup: ready (.venv/bin/splitfed)"

@@ -213,6 +213,20 @@ def report_command(
     err.print(f"wrote {out} ({len(results)} runs)", highlight=False)
 
 
+# -- Kubernetes: launch SCENARIO, status, logs, delete (splitfed.cluster; its client is imported lazily) --
+
+from splitfed.cluster.commands import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app)
+
+
+# -- size (splitfed/sizing_cli.py: the memory a role needs, for values.yaml) ------------------
+
+from splitfed.sizing_cli import size_command  # noqa: E402 (it reaches back for _guard and _fail when run)
+
+app.command("size")(size_command)
+
+
 def main() -> None:
     app(prog_name="splitfed")
 

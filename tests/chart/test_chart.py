@@ -26,8 +26,8 @@ NAME_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
 ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/component",
               "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
 # Memory per role (requests, limits), as ci/measure_memory.py measured them.
-MEMORY = {"split-client": ("576Mi", "704Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("480Mi", "608Mi"),
-          "fedavg-worker": ("512Mi", "640Mi"), "relay": ("64Mi", "96Mi")}
+MEMORY = {"split-client": ("608Mi", "736Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("448Mi", "576Mi"),
+          "fedavg-worker": ("448Mi", "544Mi"), "relay": ("96Mi", "96Mi")}
 
 
 @pytest.fixture(scope="session")
@@ -436,3 +436,29 @@ def test_bad_values_fail_with_a_clear_message(helm, values, message):
     result = helm_template(helm, "--set", values)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+def test_lead_roles_print_progress_events_for_launch_unless_told_not_to(helm, rendered):
+    """splitfed launch and status read the lead Jobs' progress events and result from their logs."""
+    seen = set()
+    for name in rendered:
+        for role, container, _, _ in role_containers(rendered[name]):
+            env = env_of(container)
+            if role in ("fedavg-server", "split-client"):
+                assert env["SPLITFED_PROGRESS_EVENTS"]["value"] == "true", (name, role)
+                seen.add(role)
+            else:
+                assert "SPLITFED_PROGRESS_EVENTS" not in env, (name, role)
+    assert seen == {"fedavg-server", "split-client"}
+    (server,) = [c for role, c, _, _ in role_containers(render(helm, "--set", "fedavgServer.settings.progress-events=false"))
+                 if role == "fedavg-server"]
+    assert env_of(server)["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
+
+
+def test_a_roles_own_false_or_zero_beats_the_shared_setting(helm):
+    objects = render(helm, "--set", "fedavg.settings.seed=5,fedavgWorker.settings.seed=0,split.settings.progress-events=true",
+                     "--set", "splitClient.enabled=true,splitServer.enabled=true,splitClient.settings.progress-events=false")
+    env = {role: env_of(c) for role, c, _, _ in role_containers(objects)}
+    assert env["fedavg-worker"]["SPLITFED_SEED"]["value"] == "0" and env["fedavg-server"]["SPLITFED_SEED"]["value"] == "5"
+    assert env["split-client"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
+    assert env["split-server"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "true"

@@ -95,11 +95,18 @@ spec:
         - name: SPLITFED_CHECKPOINT_DIR
           value: /var/lib/splitfed/checkpoint
         {{- end }}
-        {{- /* Learning settings: the family's shared ones, then the role's own (which win). */}}
+        {{- /* Learning settings: the family's shared ones, then the role's own (which win). The lead
+        roles (the Jobs) print progress events and, last, their result as JSON lines on stdout,
+        which `splitfed launch` and `splitfed status` read from their logs; a setting turns it off. */}}
         {{- $shared := dict }}
         {{- if hasPrefix "split-" $role }}{{ $shared = $root.Values.split.settings | default dict }}{{ end }}
         {{- if hasPrefix "fedavg-" $role }}{{ $shared = $root.Values.fedavg.settings | default dict }}{{ end }}
-        {{- $settings := merge (dict) (deepCopy ($values.settings | default dict)) (deepCopy $shared) }}
+        {{- /* set, not merge: merge would let a shared value beat a role's own false or 0. */}}
+        {{- $settings := deepCopy $shared }}
+        {{- range $name, $value := $values.settings | default dict }}{{ $_ := set $settings $name $value }}{{ end }}
+        {{- if and (has $role (list "fedavg-server" "split-client")) (not (hasKey $settings "progress-events")) }}
+        {{- $_ := set $settings "progress-events" true }}
+        {{- end }}
         {{- range $name, $value := $settings }}
         {{- if not (kindIs "invalid" $value) }}
         - name: {{ printf "SPLITFED_%s" ($name | upper | replace "-" "_") }}

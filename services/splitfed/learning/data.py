@@ -39,6 +39,10 @@ class Images:
     def shape(self) -> torch.Size:
         return self.raw.shape
 
+    def subset(self, index) -> Images:  # noqa: ANN001 (whatever a tensor takes)
+        """The images at `index`, still raw: a share of the data set stays uint8."""
+        return Images(self.raw[index], self.offset, self.divisor)
+
 
 @dataclass
 class Split:
@@ -47,6 +51,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, index) -> Split:  # noqa: ANN001 (whatever a tensor takes)
+        """The samples at `index`; raw images stay raw."""
+        images = self.images.subset(index) if isinstance(self.images, Images) else self.images[index]
+        return Split(images, self.labels[index])
 
 
 

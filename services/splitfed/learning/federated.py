@@ -26,21 +26,21 @@ def training_data(settings: PartitionSettings) -> data.Split:
     if settings.holdout >= len(full):
         raise ValueError(f"--holdout {settings.holdout} leaves no training samples out of {len(full)}")
     end = len(full) - settings.holdout
-    return data.Split(full.images[:end], full.labels[:end])
+    return full.subset(slice(0, end))
 
 
 def evaluation_data(settings: PartitionSettings) -> data.Split:
     """What the global model is scored on: the held-out training samples, or the test set."""
     if settings.holdout:
         full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-        return data.Split(full.images[len(full) - settings.holdout :], full.labels[len(full) - settings.holdout :])
+        return full.subset(slice(len(full) - settings.holdout, None))
     return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
 
 
 def worker_share(settings: PartitionSettings, index: int) -> data.Split:
     full = training_data(settings)
     mine = data.partition(full.labels, settings.partition, settings.workers, settings.seed)[index]
-    return data.Split(full.images[mine], full.labels[mine])
+    return full.subset(mine)
 
 
 def local_batches(size: int, settings: PartitionSettings, generator: torch.Generator) -> list[torch.Tensor]:
@@ -137,7 +137,7 @@ def reference_run(
     model = models.build(settings.model, meta, settings.seed)
     names = list(model.state_dict())
     full = training_data(settings)
-    shares = [data.Split(full.images[i], full.labels[i]) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
+    shares = [full.subset(i) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
     test_data = evaluation_data(settings)
     local = models.build(settings.model, meta, settings.seed)
     strategy = strategies.from_settings(settings)

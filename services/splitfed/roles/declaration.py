@@ -19,9 +19,10 @@ from splitfed.transport import Connection, Transport
 @dataclass(frozen=True)
 class Progress:
     """A progress event from a role: a training batch, or a closed epoch or round (`record`:
-    step, accuracy, loss, train_loss, seconds). Travels as a JSON line from `serve` to `run`."""
+    step, accuracy, loss, train_loss, seconds), or, last, the role's result (`record`: the
+    result). Travels as a JSON line from `serve` to `run`, or in a pod's log to `launch`."""
 
-    event: str  # "batch" | "epoch" | "round"
+    event: str  # "batch" | "epoch" | "round" | "result"
     done: int = 0
     total: int = 0
     loss: float = 0.0

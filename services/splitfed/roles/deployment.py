@@ -32,7 +32,7 @@ class Party(Service):
 
     private_key: Path | None = setting(None, "This party's private key (PEM) to sign what it sends.")
     torch_threads: int | None = setting(None, "Torch threads in this process (default: torch's choice).", min=1)
-    progress_events: bool = setting(False, "Print progress (batches, epochs, rounds) as JSON lines on stdout.")
+    progress_events: bool = setting(False, "Print progress (batches, epochs, rounds) and, last, the result as JSON lines on stdout.")
 
 
 @dataclass(kw_only=True)

@@ -72,4 +72,6 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
         result = spec.build(learning, deployment, transport, identity, on_progress).run()
     if deployment.out is not None:
         deployment.out.write_text(json.dumps(result) + "\n")
+    if on_progress:  # the last line: the result, for `splitfed launch`, which reads it from the pod's log
+        on_progress(Progress("result", record=result))
     return result

@@ -1,0 +1,484 @@
+"""`splitfed launch SCENARIO`, `status`, `logs` and `delete`: runs on Kubernetes through the Helm
+chart. cli.py registers them with one call to `register`.
+
+Exit codes, as elsewhere in the CLI: 2 bad input (an option, a values file, a key folder, a
+release that already ran, no such release), 3 no result within --wait-timeout, 4 a pod of the
+run failed (the reason, its events and last log lines follow the error line), 7 no reachable
+cluster, no helm, no kubernetes client, no chart, or helm failed; 130 Ctrl-C (the run goes on)."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from splitfed.cluster import values as chart
+from splitfed.scenarios.registry import SCENARIOS
+
+BAD_INPUT, WAIT_TIMEOUT, POD_FAILED, NO_CLUSTER, INTERRUPTED = 2, 3, 4, 7, 130
+MANAGED_BY = "app.kubernetes.io/managed-by"
+LAUNCHER = "splitfed-launch"  # managed-by of the objects launch makes itself (the keys Secret)
+STATUS_LOG_TAIL = 2000
+
+
+def _cli() -> Any:
+    from splitfed import cli
+
+    return cli
+
+
+def _say(text: str) -> None:
+    """A line on stderr, as it is (no markup, no wrapping: commands are copied from it)."""
+    _cli().err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Cluster failures as one line (plus, for a failed pod, its events and last log lines)."""
+    from splitfed.cluster.helm import HelmError
+    from splitfed.cluster.kube import ClusterError, describe
+    from splitfed.cluster.watch import NoResult, PodFailure, WatchTimeout
+
+    fail = _cli()._fail
+    try:
+        return fn()
+    except (ClusterError, HelmError, ConnectionError) as exc:
+        raise fail(str(exc), NO_CLUSTER) from None
+    except (PodFailure, NoResult) as exc:
+        raise fail(str(exc), POD_FAILED) from None
+    except WatchTimeout as exc:
+        raise fail(str(exc), WAIT_TIMEOUT) from None
+    except ValueError as exc:
+        raise fail(str(exc), BAD_INPUT) from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("kubernetes", "urllib3"):  # ApiException, MaxRetryError...
+            raise fail(f"the cluster failed a request: {describe(exc)}", NO_CLUSTER) from None
+        raise
+
+
+def _connect(kube_context: str | None, namespace: str | None) -> Any:
+    from splitfed.cluster import kube
+
+    return _guard(lambda: kube.connect(kube_context, namespace))
+
+
+def _text(*flags: str, help: str, **extra: Any) -> Any:  # noqa: A002
+    return Annotated[Optional[str], typer.Option(*flags, help=help, show_default=False, **extra)]
+
+
+NAMESPACE = _text("--namespace", "-n", help="Namespace (default: the kube context's, else default).")
+KUBE_CONTEXT = _text("--kube-context", help="Kube config context (default: the current one).")
+
+
+# -- launch -------------------------------------------------------------------------------------
+
+# launch's own options, after the run options; their names must not be run options.
+OWN = {
+    "name": (_text("--name", help="Release name (default: SCENARIO-<6 hex>)."), None),
+    "namespace": (NAMESPACE, None),
+    "set_values": (Annotated[Optional[list[str]], typer.Option(
+        "--set", help="helm --set KEY=VALUE (repeatable), over the generated values and -f files.", show_default=False)], None),
+    "values_files": (Annotated[Optional[list[Path]], typer.Option(
+        "--values", "-f", help="helm values file (repeatable), over the generated values.", show_default=False)], None),
+    "detach": (Annotated[bool, typer.Option("--detach", help="Return once the release is installed; do not follow it.")], False),
+    "wait_timeout": (Annotated[float, typer.Option(
+        "--wait-timeout", min=0, help="Seconds to follow the run before giving up watching (0: until it ends); the run goes on.")], 0.0),
+    "pending_timeout": (Annotated[float, typer.Option(
+        "--pending-timeout", min=0, help="Seconds a pod may stay unschedulable (no GPU, no room) before launch calls it a failure.")], 300.0),
+    "kube_context": (KUBE_CONTEXT, None),
+    "chart_ref": (_text("--chart", envvar="SPLITFED_CHART",
+                        help="The chart: a path or a chart reference (default: helm/splitfed of the repository this splitfed runs from)."), None),
+    "dry_run": (Annotated[bool, typer.Option(
+        "--dry-run", help="Render what would be installed (helm --dry-run=client) and print it; change nothing.")], False),
+}
+
+
+def launch_command(scenario: str) -> Callable[..., None]:
+    """`splitfed launch SCENARIO`: the run options of `splitfed run SCENARIO` (as cli.py makes
+    them, from the same declarations) plus launch's own."""
+    cli = _cli()
+    options = chart.launch_options(scenario)
+    by_name = {option.name: option for option in options}
+    clash = set(by_name) & set(OWN)
+    if clash:
+        raise TypeError(f"launch {scenario}: own options {sorted(clash)} are also run options")
+
+    def command(**given: Any) -> None:
+        own = {name: given.pop(name) for name in OWN}
+        values = {}
+        for name, value in given.items():
+            if isinstance(value, str):
+                values[name] = cli._guard(lambda option=by_name[name], value=value: option.parse(value))
+            elif value is not None:
+                values[name] = value
+        launch(scenario, values, **own)
+
+    parameters = [cli._parameter(option) for option in options]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                   for name, (annotation, default) in OWN.items()]
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    command.__doc__ = f"Install a {scenario} run on Kubernetes (helm upgrade --install) and follow it to its results."
+    return command
+
+
+def _warn_if_too_big(chart_path: str, values: dict, extra_files: list[Path], sets: list[str]) -> None:
+    """SIZING: warn when the chosen model will not fit the values' memory limits, with
+    splitfed.sizing (`splitfed size`'s estimates): check_values over the values helm will use,
+    the chart's defaults, then launch's, the -f files and --set, merged as helm merges them.
+    A warning, never a refusal; a chart that is not a local folder, or a --set this cannot read,
+    skips the check with a notice."""
+    try:
+        from splitfed import sizing
+
+        check = sizing.check_values
+    except (ImportError, AttributeError):
+        return
+    defaults = Path(chart_path) / "values.yaml"
+    overrides = chart.set_values(sets)
+    if not defaults.is_file() or overrides is None:
+        _say("notice: memory limits not checked against the model: " + ("the chart is not a local folder" if overrides is not None
+                                                                           else "a --set uses syntax launch does not read"))
+        return
+    try:
+        import yaml  # PyYAML: a dependency of the kubernetes client
+
+        layers = [yaml.safe_load(defaults.read_text()), values, *(yaml.safe_load(path.read_text()) for path in extra_files), overrides]
+        warnings = check(chart.merged(*layers))
+    except Exception as exc:  # the check must never stop a launch
+        _say(f"notice: memory limits not checked against the model: {exc}")
+        return
+    for warning in warnings:
+        _say(f"warning: {warning}")
+
+
+def _output_problems(given: dict[str, Any]) -> None:
+    from splitfed.roles.service import output_problem
+
+    for name in ("out", "plot"):
+        if given.get(name) is not None and (problem := output_problem(given[name])):
+            raise ValueError(problem)
+
+
+def _already_ran(kube: Any, release: str, lead: str) -> None:
+    from splitfed.cluster.watch import INSTANCE, role_of
+
+    pods = kube.core.list_namespaced_pod(kube.namespace, label_selector=f"{INSTANCE}={release}", _request_timeout=(5, 30)).items
+    if any(role_of(pod) == lead and pod.status.phase == "Succeeded" for pod in pods):
+        raise ValueError(f"release {release} in namespace {kube.namespace} has already run to its end (splitfed status --name {release}): "
+                         f"splitfed delete {release} first, or launch under another --name")
+
+
+def _keys_secret(kube: Any, release: str, files: dict[str, Path]) -> str:
+    """The Secret the chart mounts keys from, made from the key list's folder (made anew each launch)."""
+    from kubernetes import client
+    from kubernetes.client import ApiException
+
+    from splitfed.cluster.watch import INSTANCE, PART_OF
+
+    name = release + chart.KEYS_SECRET_SUFFIX
+    body = client.V1Secret(
+        metadata=client.V1ObjectMeta(name=name, labels={INSTANCE: release, MANAGED_BY: LAUNCHER, PART_OF: "splitfed"}),
+        type="Opaque", data={key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()},
+    )
+    for attempt in range(2):
+        try:
+            kube.core.create_namespaced_secret(kube.namespace, body, _request_timeout=(5, 30))
+            return name
+        except ApiException as exc:
+            if exc.status == 409:
+                kube.core.replace_namespaced_secret(name, kube.namespace, body, _request_timeout=(5, 30))
+                return name
+            if exc.status == 404 and attempt == 0:  # no such namespace yet (helm would make it too)
+                kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=kube.namespace)), _request_timeout=(5, 30))
+                continue
+            raise
+    return name
+
+
+def _follow_hints(release: str, namespace: str) -> str:
+    return (f"follow it with: splitfed status --name {release} -n {namespace}; splitfed logs {release} -n {namespace} --follow; "
+            f"remove it with: splitfed delete {release} -n {namespace}")
+
+
+def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace: str | None, set_values: list[str] | None,
+           values_files: list[Path] | None, detach: bool, wait_timeout: float, pending_timeout: float, kube_context: str | None,
+           chart_ref: str | None, dry_run: bool) -> None:
+    from splitfed.cluster import helm as helm_module
+    from splitfed.cluster.watch import Watch
+    from splitfed.roles.service import configure_logging
+    from splitfed.scenarios.progress import Reporter
+
+    cli = _cli()
+    release = _guard(lambda: chart.check_release_name(name or f"{scenario}-{uuid.uuid4().hex[:6]}"))
+    extra_files = list(values_files or [])
+    sets = list(set_values or [])
+    _guard(lambda: _output_problems(given))
+    for path in extra_files:
+        if not path.is_file():
+            raise cli._fail(f"--values {path}: no such file", BAD_INPUT)
+    if given.get("plot"):
+        from splitfed.observability import report
+
+        cli._guard(report.require)
+    learning = _guard(lambda: chart.learning_config(scenario, given))
+    key_files = _guard(lambda: chart.key_files(scenario, given)) if given.get("key_list") else {}
+    chart_path = _guard(lambda: helm_module.find_chart(chart_ref))
+    helm = _guard(lambda: helm_module.Helm(kube_context))
+    configure_logging(given.get("log_level", "info"))
+    kube = _connect(kube_context, namespace)
+    lead = chart.CHART_SCENARIOS[scenario].lead
+    _guard(lambda: _already_ran(kube, release, lead))
+    keys_secret = release + chart.KEYS_SECRET_SUFFIX if key_files else None
+    values = _guard(lambda: chart.chart_values(scenario, given, keys_secret=keys_secret))
+    _warn_if_too_big(chart_path, values, extra_files, sets)
+    with tempfile.TemporaryDirectory(prefix="splitfed-launch-") as folder:
+        values_file = Path(folder) / "launch-values.yaml"
+        values_file.write_text(json.dumps(values, indent=2) + "\n")  # JSON is YAML
+        if key_files and not dry_run:
+            _guard(lambda: _keys_secret(kube, release, key_files))
+        started = time.perf_counter()
+        output = _guard(lambda: helm.upgrade_install(release, chart_path, kube.namespace, values_file, extra_files, sets, dry_run=dry_run))
+    if dry_run:
+        sys.stdout.write(output)
+        _say(f"dry run: nothing installed{' (the keys Secret was not made)' if key_files else ''}")
+        return
+    session = given.get("session") or release
+    _say(f"launched {scenario} as release {release} in namespace {kube.namespace} (session {session})")
+    if detach:
+        _say(_follow_hints(release, kube.namespace))
+        return
+
+    def follow() -> dict:
+        with Reporter(f"{release} ({scenario})") as reporter:
+            def notice(line: str) -> None:
+                reporter.console.print(f"notice: {line}", markup=False, highlight=False)
+
+            return Watch(kube.core, kube.namespace, release, lead, reporter, notice, pending_timeout=pending_timeout, wait_timeout=wait_timeout).run()
+
+    try:
+        record = _guard(follow)  # the bar is gone before an error is printed
+    except KeyboardInterrupt:
+        _say(f"stopped watching; the run goes on in the cluster: {_follow_hints(release, kube.namespace)}")
+        raise typer.Exit(INTERRUPTED) from None
+    except typer.Exit:
+        _say(f"the release stays installed: splitfed logs {release} -n {kube.namespace}; splitfed delete {release} -n {kube.namespace}")
+        raise
+    result = {"scenario": scenario, **record, "wall_seconds": time.perf_counter() - started,
+              "config": {**learning, "session": session, "launch": "kubernetes", "release": release, "namespace": kube.namespace,
+                         "authenticated": bool(key_files)}}
+    cli._write_results(result, given.get("out"))
+    if given.get("plot"):
+        from splitfed.observability import report
+
+        cli._guard(lambda: report.draw([result], given["plot"]))
+        _say(f"figure in {given['plot']}")
+    _say(f"the release stays installed (its workers and servers wait for a next run): splitfed delete {release} -n {kube.namespace}")
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def _release_pods(kube: Any, release: str | None, all_namespaces: bool) -> dict[tuple[str, str], list[Any]]:
+    from splitfed.cluster.watch import INSTANCE, NOT_WATCHED, PART_OF, role_of
+
+    selector = f"{PART_OF}=splitfed" + (f",{INSTANCE}={release}" if release else "")
+    if all_namespaces:
+        listed = kube.core.list_pod_for_all_namespaces(label_selector=selector, _request_timeout=(5, 30))
+    else:
+        listed = kube.core.list_namespaced_pod(kube.namespace, label_selector=selector, _request_timeout=(5, 30))
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for pod in listed.items:
+        if role_of(pod) in NOT_WATCHED:
+            continue
+        groups.setdefault((pod.metadata.namespace, (pod.metadata.labels or {}).get(INSTANCE, "?")), []).append(pod)
+    return groups
+
+
+def _run_state(kube: Any, namespace: str, pods: list[Any]) -> tuple[str, str, str, str]:
+    """(scenario, progress, accuracy, log note) of one release, from its lead's log."""
+    from splitfed.cluster.kube import describe
+    from splitfed.cluster.watch import _newest, events_in, progress_of, role_of
+
+    leads = [pod for pod in pods if role_of(pod) in chart.LEADS]
+    if not leads:
+        return "-", "-", "-", ""
+    lead = _newest(leads)
+    scenario = chart.LEADS[role_of(lead)]
+    try:
+        log = kube.core.read_namespaced_pod_log(lead.metadata.name, namespace, tail_lines=STATUS_LOG_TAIL, _request_timeout=(5, 30))
+    except Exception as exc:  # not started yet: no log
+        return scenario, "starting", "-", describe(exc)
+    where, accuracy = progress_of(events_in(log))
+    return scenario, where, "-" if accuracy is None else f"{accuracy:.4f}", ""
+
+
+def _out() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=240, soft_wrap=True)
+
+
+def status(
+    name: Annotated[Optional[str], typer.Option("--name", help="Only this run (release); also lists its pods.", show_default=False)] = None,
+    namespace: NAMESPACE = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Runs in every namespace.")] = False,
+    kube_context: KUBE_CONTEXT = None,
+) -> None:
+    """List splitfed runs (releases) on the cluster: scenario, round or epoch, accuracy so far, pod health."""
+    from splitfed.cluster.watch import diagnose, health, role_of, utcnow
+
+    kube = _connect(kube_context, namespace)
+    groups = _guard(lambda: _release_pods(kube, name, all_namespaces))
+    where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
+    if not groups:
+        if name:
+            raise _cli()._fail(f"no run named {name} in {where} (splitfed status lists the runs)", BAD_INPUT)
+        _out().print(f"no splitfed runs in {where}", highlight=False)
+        return
+    now = utcnow()
+    table = Table(title="splitfed runs")
+    for column in ("release", "namespace", "scenario", "progress", "accuracy", "pods", "problems"):
+        table.add_column(column)
+    for (space, release), pods in sorted(groups.items()):
+        scenario, progress, accuracy, note = _guard(lambda pods=pods, space=space: _run_state(kube, space, pods))
+        counts, problems = health(pods, now)
+        table.add_row(release, space, scenario, progress, accuracy, counts, "\n".join(problems) or "-")
+    out = _out()
+    out.print(table)
+    if name:
+        detail = Table(title=f"pods of {name}")
+        for column in ("pod", "role", "phase", "restarts", "problem"):
+            detail.add_column(column)
+        for pod in sorted(next(iter(groups.values())), key=lambda pod: pod.metadata.name):
+            restarts = sum(status.restart_count or 0 for status in pod.status.container_statuses or [])
+            problem = diagnose(pod, now, pending_timeout=0)
+            detail.add_row(pod.metadata.name, role_of(pod), pod.status.phase or "?", str(restarts), problem.line().split(": ", 1)[1] if problem else "-")
+        out.print(detail)
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+
+def logs(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
+    role: Annotated[Optional[str], typer.Option("--role", help="This role's pods (default: the lead: fedavg-server or split-client).", show_default=False)] = None,
+    pod: Annotated[Optional[str], typer.Option("--pod", help="This pod only.", show_default=False)] = None,
+    tail: Annotated[int, typer.Option("--tail", min=0, help="Last lines per pod (0: all).")] = 100,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new lines (one pod) until it ends or Ctrl-C.")] = False,
+    previous: Annotated[bool, typer.Option("--previous", help="The previous container's log (after a crash or restart).")] = False,
+    namespace: NAMESPACE = None,
+    kube_context: KUBE_CONTEXT = None,
+) -> None:
+    """Print the logs of a run's pods (progress events are the JSON lines; the last is the result)."""
+    from splitfed.cluster.watch import role_of
+
+    fail = _cli()._fail
+    kube = _connect(kube_context, namespace)
+    pods = sorted(_guard(lambda: _release_pods(kube, name, False)).get((kube.namespace, name), []), key=lambda p: p.metadata.name)
+    if pod:
+        chosen = [p for p in pods if p.metadata.name == pod]
+    elif role:
+        chosen = [p for p in pods if role_of(p) == role]
+    else:
+        chosen = [p for p in pods if role_of(p) in chart.LEADS] or pods
+    if not chosen:
+        which = f"pod {pod}" if pod else f"role {role}" if role else "pods"
+        roles = ", ".join(sorted({role_of(p) for p in pods})) or "none"
+        raise fail(f"no {which} of run {name} in namespace {kube.namespace} (its roles: {roles}; splitfed status lists the runs)", BAD_INPUT)
+    options = {"previous": previous, **({"tail_lines": tail} if tail else {})}
+    if follow:
+        if len(chosen) != 1:
+            raise fail(f"--follow follows one pod; {len(chosen)} match: give --pod ({', '.join(p.metadata.name for p in chosen)})", BAD_INPUT)
+        _guard(lambda: _follow(kube, chosen[0].metadata.name, options))
+        return
+    for index, chosen_pod in enumerate(chosen):
+        text = _guard(lambda p=chosen_pod: kube.core.read_namespaced_pod_log(p.metadata.name, kube.namespace, _request_timeout=(5, 60), **options))
+        if len(chosen) > 1:
+            sys.stdout.write(("\n" if index else "") + f"==> {chosen_pod.metadata.name} ({role_of(chosen_pod)}) <==\n")
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    sys.stdout.flush()
+
+
+def _follow(kube: Any, pod: str, options: dict[str, Any]) -> None:
+    # No read timeout: a quiet role is not a dead one.
+    response = kube.core.read_namespaced_pod_log(pod, kube.namespace, follow=True, _preload_content=False, **options)
+    try:
+        for chunk in response.stream(4096):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        raise typer.Exit(INTERRUPTED) from None
+    finally:
+        response.release_conn()
+
+
+# -- delete -------------------------------------------------------------------------------------
+
+
+def delete(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
+    volumes: Annotated[bool, typer.Option("--volumes", help="Also delete the volume claims helm leaves behind (the chart's RabbitMQ data).")] = False,
+    namespace: NAMESPACE = None,
+    kube_context: KUBE_CONTEXT = None,
+) -> None:
+    """Uninstall a run (helm uninstall), with the keys Secret launch made for it."""
+    from splitfed.cluster import helm as helm_module
+    from splitfed.cluster.watch import INSTANCE
+
+    helm = _guard(lambda: helm_module.Helm(kube_context))
+    kube = _connect(kube_context, namespace)
+    space = kube.namespace
+    def uninstall() -> bool:
+        try:
+            helm.uninstall(name, space)
+            return True
+        except helm_module.ReleaseNotFound:  # the keys Secret or volume claims may still be there
+            return False
+
+    found = _guard(uninstall)
+    secrets = _guard(lambda: kube.core.list_namespaced_secret(space, label_selector=f"{INSTANCE}={name},{MANAGED_BY}={LAUNCHER}",
+                                                              _request_timeout=(5, 30)).items)
+    for secret in secrets:
+        _guard(lambda secret=secret: kube.core.delete_namespaced_secret(secret.metadata.name, space, _request_timeout=(5, 30)))
+    claims = _guard(lambda: kube.core.list_namespaced_persistent_volume_claim(space, label_selector=f"{INSTANCE}={name}", _request_timeout=(5, 30)).items)
+    if volumes:
+        for claim in claims:
+            _guard(lambda claim=claim: kube.core.delete_namespaced_persistent_volume_claim(claim.metadata.name, space, _request_timeout=(5, 30)))
+    if not found and not secrets and not (volumes and claims):
+        raise _cli()._fail(f"no release {name} in namespace {space} (splitfed status lists the runs)", BAD_INPUT)
+    done = [f"release {name}" if found else None, f"{len(secrets)} keys Secret" if secrets else None,
+            f"{len(claims)} volume claims" if volumes and claims else None]
+    _say(f"deleted {', '.join(d for d in done if d)} in namespace {space}")
+    if claims and not volumes:
+        _say(f"kept {len(claims)} volume claims ({', '.join(c.metadata.name for c in claims)}): splitfed delete {name} --volumes removes them")
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    """Add `launch SCENARIO`, `status`, `logs` and `delete` to the CLI."""
+    launch_app = typer.Typer(
+        help="Run a scenario on Kubernetes: the options of `splitfed run SCENARIO` (less those naming this machine's files "
+             "or broker) become chart values; helm upgrade --install; then follow the pods to the results.",
+        no_args_is_help=True,
+    )
+    for scenario in chart.launchable():
+        summary = SCENARIOS[scenario].summary
+        launch_app.command(scenario, help=f"{summary} On Kubernetes, through the Helm chart.")(launch_command(scenario))
+    app.add_typer(launch_app, name="launch")
+    app.command("status")(status)
+    app.command("logs")(logs)
+    app.command("delete")(delete)
+

@@ -1,0 +1,247 @@
+"""Run options -> chart values, for `splitfed launch`: pure (no cluster, no helm).
+
+`splitfed launch SCENARIO` takes the options of `splitfed run SCENARIO`, derived from the same
+declarations, minus the few that name something on this machine (NOT_OFFERED, each with the
+reason and what to use instead). Every other option lands in the chart: a handful at chart level
+(CHART_LEVEL), the rest in the `settings` of the roles that declare it: the family's shared
+`fedavg.settings` / `split.settings` when every role of the family takes it, else each role's own.
+Only options given on the command line are written, so the chart's and the roles' defaults
+apply to the others, as they do for `splitfed run`.
+
+MANAGED and ROLE_KEYS are the chart's own facts; ci/chart_schema.py imports them from here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitfed import config
+from splitfed.roles.registry import ROLES
+from splitfed.scenarios.registry import SCENARIOS
+
+# Options the chart sets itself, from other values (session, broker, keys, metrics, data,
+# worker identity, worker count, checkpoint volume, relay or direct): never in `settings`.
+MANAGED = {
+    "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
+    "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via",
+}
+
+# values key of each role
+ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer",
+             "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker"}
+
+
+@dataclass(frozen=True)
+class ChartScenario:
+    """How a scenario runs in the chart: the roles it turns on, the lead (a Job whose log carries
+    the progress events and, last, the result), and the values key of the family's shared settings."""
+
+    roles: tuple[str, ...]
+    lead: str
+    family: str
+
+
+# centralized is not here: it has no roles, it trains in one process (nothing to deploy).
+CHART_SCENARIOS = {
+    "fedavg": ChartScenario(("fedavg-server", "fedavg-worker"), "fedavg-server", "fedavg"),
+    "split": ChartScenario(("split-client", "split-server", "relay"), "split-client", "split"),
+}
+LEADS = {scenario.lead: name for name, scenario in CHART_SCENARIOS.items()}  # lead role -> scenario
+
+# Options of `splitfed run` that `splitfed launch` does not take: each names something on this
+# machine that a pod cannot use. The reason is the help text's replacement in the README.
+NOT_OFFERED = {
+    "broker": "the chart's own RabbitMQ, or an external one with --set broker.external.* "
+              "(its credentials come from a Secret, never from a command line)",
+    "launch": "every role is a pod",
+    "tls_ca": "broker TLS material comes from a Secret: --set broker.external.tls.*",
+    "tls_cert": "broker TLS material comes from a Secret: --set broker.external.tls.*",
+    "tls_key": "broker TLS material comes from a Secret: --set broker.external.tls.*",
+    "metrics_port": "every role serves /metrics on the chart's metrics.port (--set metrics.port=N)",
+    "checkpoint_dir": "the fedavg-server keeps its checkpoint on a volume (fedavgServer.persistence)",
+    "save_model": "the model stays in the pods; nothing brings model files back",
+    "data_dir": "a volume with the data set: --set data.volume.* (it becomes SPLITFED_DATA_DIR)",
+}
+# Options that become chart-level values rather than role settings.
+CHART_LEVEL = {
+    "session": "session",
+    "dataset": "data.dataset",
+    "workers": "fedavgWorker.replicas",
+    "via": "relay.enabled (relay: true, direct: false)",
+    "key_list": "keys.existingSecret: a Secret launch makes from the key list's folder",
+}
+LOCAL = {"out", "plot"}  # used by launch itself, on this machine, as by `splitfed run`
+
+RELEASE_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"  # helm: a DNS-1123 label of at most 53 characters
+KEYS_SECRET_SUFFIX = "-keys"
+
+
+def launchable() -> list[str]:
+    """Scenarios `splitfed launch` offers, in registry order."""
+    return [name for name in SCENARIOS if name in CHART_SCENARIOS]
+
+
+def launch_options(scenario: str) -> list[config.Option]:
+    """The options of `splitfed run SCENARIO` that `splitfed launch SCENARIO` takes."""
+    declared = SCENARIOS[scenario]
+    return [option for option in config.options(declared.learning, declared.run_settings) if option.name not in NOT_OFFERED]
+
+
+def settings_options(role: str) -> dict[str, config.Option]:
+    """A role's options the chart's `settings` may set, by field name."""
+    return {option.name: option for option in ROLES[role].options() if option.name not in MANAGED}
+
+
+def declared_default(scenario: str, name: str) -> Any:
+    declared = SCENARIOS[scenario]
+    (option,) = [o for o in config.options(declared.learning, declared.run_settings) if o.name == name]
+    return option.default
+
+
+def enabled_roles(scenario: str, given: dict[str, Any]) -> tuple[str, ...]:
+    roles = CHART_SCENARIOS[scenario].roles
+    if scenario == "split" and given.get("via", declared_default("split", "via")) != "relay":
+        roles = tuple(role for role in roles if role != "relay")
+    return roles
+
+
+def settings_home(scenario: str, name: str, roles: tuple[str, ...]) -> list[str]:
+    """Where option `name` goes: values keys whose `settings` get it (the family's shared
+    settings stand for all of its roles that take it)."""
+    chart = CHART_SCENARIOS[scenario]
+    takers = [role for role in roles if name in settings_options(role)]
+    if not takers:
+        raise LookupError(f"{scenario}: no role of the chart takes --{name.replace('_', '-')}; add it to NOT_OFFERED or CHART_LEVEL")
+    family = [role for role in roles if role != "relay"]
+    homes = []
+    if set(family) <= set(takers):
+        homes.append(chart.family)
+        takers = [role for role in takers if role not in family]
+    return homes + [ROLE_KEYS[role] for role in takers]
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None = None) -> dict:
+    """Chart values for a run of `scenario` with the options `given` (by field name, parsed and
+    checked); `keys_secret`: the Secret with the key list and private keys (with --key-list)."""
+    roles = enabled_roles(scenario, given)
+    values: dict[str, Any] = {key: {"enabled": role in roles} for role, key in ROLE_KEYS.items()}
+    settings: dict[str, dict[str, Any]] = {}
+    for name, value in given.items():
+        if name in LOCAL or name == "via":
+            continue
+        if name in NOT_OFFERED:
+            raise ValueError(f"--{name.replace('_', '-')} is not an option of splitfed launch: {NOT_OFFERED[name]}")
+        if name == "session":
+            values["session"] = value
+        elif name == "dataset":
+            values["data"] = {"dataset": value}
+        elif name == "workers":
+            values["fedavgWorker"]["replicas"] = value
+        elif name == "key_list":
+            if not keys_secret:
+                raise ValueError("--key-list needs the Secret made from its folder")
+            values["keys"] = {"existingSecret": keys_secret, "keyListKey": Path(value).name}
+        else:
+            flag = name.replace("_", "-")
+            for home in settings_home(scenario, name, roles):
+                settings.setdefault(home, {})[flag] = _plain(value)
+    for home, chosen in settings.items():
+        values.setdefault(home, {})["settings"] = chosen
+    return values
+
+
+def parties(scenario: str, given: dict[str, Any]) -> list[str]:
+    """The parties whose private keys the chart mounts (the relay signs nothing)."""
+    if scenario == "fedavg":
+        workers = given.get("workers", declared_default("fedavg", "workers"))
+        return ["fedavg-server", *(f"worker-{index}" for index in range(workers))]
+    return ["split-client", "split-server"]
+
+
+def key_files(scenario: str, given: dict[str, Any]) -> dict[str, Path]:
+    """Secret key -> file for the keys Secret: the key list and each party's private key, from
+    the key list's folder (as `splitfed keys generate` wrote them)."""
+    key_list = Path(given["key_list"])
+    if not key_list.is_file():
+        raise ValueError(f"--key-list {key_list}: no such file")
+    files = {key_list.name: key_list}
+    missing = []
+    for party in parties(scenario, given):
+        path = key_list.parent / f"{party}.key"
+        if path.is_file():
+            files[path.name] = path
+        else:
+            missing.append(path.name)
+    if missing:
+        raise ValueError(f"--key-list {key_list}: {', '.join(missing)} missing beside it (splitfed keys generate --out {key_list.parent} ...)")
+    return files
+
+
+def check_release_name(name: str) -> str:
+    if len(name) > 53 or not re.fullmatch(RELEASE_NAME, name):
+        raise ValueError(f"--name {name[:80]!r}: a release name is lower-case letters, digits and '-', at most 53 characters, "
+                         "starting and ending with a letter or digit")
+    return name
+
+
+def learning_config(scenario: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The learning settings of the run (given options over the declared defaults), for the
+    results' `config`, as `splitfed run` records them. Building them also checks them (a
+    partition that does not fit the workers fails here, before anything is installed)."""
+    declared = SCENARIOS[scenario]
+    return config.values_of(config.build(declared.learning, given))
+
+
+# -- the values helm will use: for the memory check before installing -------------------------------
+
+
+def merged(*layers: dict | None) -> dict:
+    """Values files merged as helm merges them: maps key by key, a later value replacing an
+    earlier one, null removing it."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def _typed(text: str) -> Any:
+    """A --set value as helm types it: true, false, null, whole numbers; the rest is text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lower() == "null":
+        return None
+    if re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
+        return int(text)
+    return text
+
+
+def set_values(assignments: list[str]) -> dict | None:
+    """--set KEY=VALUE[,KEY=VALUE] as values, for the plain form (dotted keys, scalar values);
+    None when one uses what this does not read (list indices, escapes, {a,b} lists)."""
+    out: dict = {}
+    for assignment in assignments:
+        if any(mark in assignment for mark in ("[", "\\", "{")):
+            return None
+        for pair in assignment.split(","):
+            key, equals, text = pair.partition("=")
+            if not equals or not key:
+                return None
+            out = merged(out, _nested(key.split("."), _typed(text)))
+    return out
+
+
+def _nested(path: list[str], value: Any) -> dict:
+    return {path[0]: value} if len(path) == 1 else {path[0]: _nested(path[1:], value)}

@@ -1,0 +1,332 @@
+"""Following a run's pods: pure logic over the kubernetes client's objects (V1Pod, CoreV1Event,
+log text), so that recorded API responses can drive it.
+
+- `diagnose` maps a pod's container states and conditions to a Problem: ImagePullBackOff,
+  ErrImagePull, InvalidImageName, CreateContainerConfigError, CreateContainerError,
+  CrashLoopBackOff, OOMKilled (with the memory limit), a failed pod, and Pending for lack of GPUs
+  (or other unschedulable pods) once it has waited --pending-timeout seconds. A restart and a
+  short wait are notices, not failures.
+- Progress travels in the lead role's log: `splitfed serve` prints progress events as JSON lines
+  on stdout (the chart turns them on for the lead roles), and, last, a "result" event with the
+  role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
+- `Watch.run` polls: the release's pods, then the lead's new log lines, until the result line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from splitfed.roles.declaration import Progress
+
+POLL_SECONDS = 2.0
+LOG_TAIL = 500  # lines read per poll: a split-client prints one event per batch
+LAST_LINES = 20  # log lines shown with a failure
+LOST_AFTER = 5  # consecutive failed polls before the watch gives up on the cluster
+COMPONENT = "app.kubernetes.io/component"
+INSTANCE = "app.kubernetes.io/instance"
+PART_OF = "app.kubernetes.io/part-of"
+NOT_WATCHED = {"broker-test"}  # the helm test pod
+IMAGE_OR_CONFIG = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+_sleep = time.sleep
+
+
+class PodFailure(RuntimeError):
+    """A pod of the run failed; the message is the reason, the pod, events and last log lines."""
+
+
+class WatchTimeout(RuntimeError):
+    pass
+
+
+class NoResult(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Problem:
+    pod: str
+    role: str
+    reason: str  # OOMKilled, CrashLoopBackOff, ImagePullBackOff, ..., "Pending for lack of GPUs"
+    detail: str
+    fatal: bool
+    previous: bool = False  # the interesting log is the previous container's
+
+    def line(self) -> str:
+        return f"{self.role} pod {self.pod}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+def role_of(pod: Any) -> str:
+    return (pod.metadata.labels or {}).get(COMPONENT, "?")
+
+
+def _limits(pod: Any) -> dict[str, dict[str, str]]:
+    containers = list(pod.spec.containers or []) + list(pod.spec.init_containers or []) if pod.spec else []
+    return {c.name: dict((c.resources.limits if c.resources else None) or {}) for c in containers}
+
+
+def diagnose(pod: Any, now: datetime, pending_timeout: float, gpu_resource: str = "nvidia.com/gpu") -> Problem | None:
+    """What is wrong with `pod`, if anything (fatal: the run cannot go on as it is)."""
+    name, role, status = pod.metadata.name, role_of(pod), pod.status
+    limits = _limits(pod)
+    statuses = list(status.init_container_statuses or []) + list(status.container_statuses or [])
+    notice = None
+    for container in statuses:
+        state, last = container.state, container.last_state
+        waiting = state.waiting if state else None
+        terminated = state.terminated if state else None
+        last_terminated = last.terminated if last else None
+        memory = limits.get(container.name, {}).get("memory", "none")
+        if terminated and terminated.reason == "OOMKilled":
+            return Problem(name, role, "OOMKilled", f"memory limit {memory}", True)
+        if last_terminated and last_terminated.reason == "OOMKilled":
+            return Problem(name, role, "OOMKilled", f"memory limit {memory}, {container.restart_count} restarts", True, previous=True)
+        if waiting and waiting.reason in IMAGE_OR_CONFIG:
+            return Problem(name, role, waiting.reason, waiting.message or container.image or "", True)
+        if waiting and waiting.reason == "CrashLoopBackOff":
+            if last_terminated and last_terminated.exit_code == 0:
+                continue  # it finished and its StatefulSet restarted it (a worker after the run)
+            code = last_terminated.exit_code if last_terminated else "?"
+            return Problem(name, role, "CrashLoopBackOff", f"exit code {code}, {container.restart_count} restarts", True, previous=True)
+        if terminated and terminated.exit_code and status.phase == "Failed":
+            return Problem(name, role, terminated.reason or "Error", f"exit code {terminated.exit_code}", True)
+        if last_terminated and last_terminated.exit_code and notice is None:
+            notice = Problem(name, role, "restarted", f"exit code {last_terminated.exit_code}, restart {container.restart_count}", False, previous=True)
+    if status.phase == "Failed":
+        reason = status.reason or "Failed"
+        return Problem(name, role, reason, status.message or "", reason != "Evicted")
+    if status.phase == "Pending":
+        for condition in status.conditions or []:
+            if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
+                message = condition.message or ""
+                wants_gpu = any(gpu_resource in mine for mine in limits.values()) or gpu_resource in message
+                since = condition.last_transition_time
+                waited = (now - since).total_seconds() if since else 0.0
+                return Problem(name, role, "Pending for lack of GPUs" if wants_gpu else "Unschedulable", message, waited >= pending_timeout)
+    return notice
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+_STAMPED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z (.*)$")
+
+
+def parse_line(line: str) -> tuple[tuple[str, int] | None, str]:
+    """(timestamp as (seconds, nanoseconds), text) of a log line read with timestamps=True."""
+    if found := _STAMPED.match(line):
+        seconds, fraction, text = found.groups()
+        return (seconds, int((fraction or "0").ljust(9, "0"))), text
+    return None, line
+
+
+def event_of(text: str) -> Progress | None:
+    """The progress event a log line holds, if it is one (other lines are the role's logging)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        fields = json.loads(text)
+        return Progress(**fields) if isinstance(fields, dict) and isinstance(fields.get("event"), str) else None
+    except (ValueError, TypeError):
+        return None
+
+
+def events_in(log: str) -> list[Progress]:
+    return [event for line in log.splitlines() if (event := event_of(parse_line(line)[1]))]
+
+
+def result_in(log: str) -> dict | None:
+    """The lead's result: the record of the last result event in its log."""
+    results = [event.record for event in events_in(log) if event.event == "result" and isinstance(event.record, dict)]
+    return results[-1] if results else None
+
+
+@dataclass
+class LogCursor:
+    """Takes each line of a log once, across reads of its tail with timestamps."""
+
+    last: tuple[str, int] = ("", -1)
+    at_last: set[str] = field(default_factory=set)
+
+    def new(self, log: str) -> list[str]:
+        fresh = []
+        for line in log.splitlines():
+            stamp, text = parse_line(line)
+            if stamp is None or stamp < self.last or (stamp == self.last and line in self.at_last):
+                continue
+            if stamp > self.last:
+                self.last, self.at_last = stamp, set()
+            self.at_last.add(line)
+            fresh.append(text)
+        return fresh
+
+
+# -- what status shows --------------------------------------------------------------------------
+
+
+def progress_of(events: Iterable[Progress]) -> tuple[str, float | None]:
+    """(where the run is, test accuracy so far) from the lead's progress events."""
+    text, accuracy, epoch = "starting", None, None
+    for event in events:
+        record = event.record or {}
+        if event.event in ("round", "epoch"):
+            text = f"{event.event} {event.done}/{event.total}"
+            accuracy = record.get("accuracy", accuracy)
+            epoch = event.done
+        elif event.event == "batch":
+            text = f"epoch {(epoch or 0) + 1} batch {event.done}/{event.total}"
+        elif event.event == "result":
+            history = record.get("history") or []
+            text = f"done ({len(history)} {'rounds' if 'contributors' in record else 'epochs'})"
+            accuracy = record.get("accuracy", accuracy)
+    return text, accuracy
+
+
+def health(pods: list[Any], now: datetime) -> tuple[str, list[str]]:
+    """('3 running, 1 succeeded', ['split-server: Pending for lack of GPUs']) for a release's pods."""
+    phases: dict[str, int] = {}
+    problems = []
+    for pod in pods:
+        phase = (pod.status.phase or "Unknown").lower()
+        phases[phase] = phases.get(phase, 0) + 1
+        if problem := diagnose(pod, now, pending_timeout=0):
+            problems.append(f"{problem.role}: {problem.reason}")
+    return ", ".join(f"{count} {phase}" for phase, count in sorted(phases.items())), problems
+
+
+# -- the watch loop -----------------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _newest(pods: list[Any]) -> Any:
+    return max(pods, key=lambda pod: (pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc), pod.metadata.name))
+
+
+@dataclass
+class Watch:
+    """Follows one release until its lead prints its result; raises PodFailure, WatchTimeout."""
+
+    core: Any  # kubernetes.client.CoreV1Api
+    namespace: str
+    release: str
+    lead: str
+    on_progress: Callable[[Progress], None]
+    on_notice: Callable[[str], None]
+    pending_timeout: float = 300.0
+    wait_timeout: float = 0.0  # 0: until the run ends
+    poll: float = POLL_SECONDS
+    request_timeout: Any = (5.0, 30.0)
+    clock: Callable[[], datetime] = utcnow
+    noticed: set = field(default_factory=set)
+    cursor: LogCursor = field(default_factory=LogCursor)
+
+    def pods(self) -> list[Any]:
+        listed = self.core.list_namespaced_pod(self.namespace, label_selector=f"{INSTANCE}={self.release}", _request_timeout=self.request_timeout)
+        return [pod for pod in listed.items if role_of(pod) not in NOT_WATCHED]
+
+    def log(self, pod: Any, **options: Any) -> str:
+        return self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, _request_timeout=self.request_timeout, **options)
+
+    def run(self) -> dict:
+        from kubernetes.client import ApiException
+        from urllib3.exceptions import HTTPError
+
+        started = time.monotonic()
+        lost = 0
+        while True:
+            try:
+                result = self.step()
+                lost = 0
+            except ApiException as exc:
+                if exc.status and exc.status < 500 and exc.status not in (404, 429):
+                    raise
+                lost += 1
+            except (OSError, HTTPError):  # a dropped connection, a timeout
+                lost += 1
+            else:
+                if result is not None:
+                    return result
+            if lost >= LOST_AFTER:
+                raise ConnectionError(f"lost the cluster: {LOST_AFTER} requests in a row failed")
+            if self.wait_timeout and time.monotonic() - started > self.wait_timeout:
+                raise WatchTimeout(f"{self.release}: no result within --wait-timeout {self.wait_timeout:g}s; the run goes on")
+            _sleep(self.poll)
+
+    def step(self) -> dict | None:
+        """One look at the release: its result once the lead has printed it, else None."""
+        from kubernetes.client import ApiException
+
+        pods = self.pods()
+        now = self.clock()
+        for pod in pods:
+            problem = diagnose(pod, now, self.pending_timeout)
+            if problem is None:
+                continue
+            if problem.fatal:
+                raise PodFailure(self.explain(pod, problem))
+            key = (problem.pod, problem.reason, problem.detail if problem.reason == "restarted" else "")
+            if key not in self.noticed:
+                self.noticed.add(key)
+                self.on_notice(problem.line())
+        leads = [pod for pod in pods if role_of(pod) == self.lead]
+        if not leads:
+            return None
+        finished = [pod for pod in leads if pod.status.phase == "Succeeded"]
+        lead = finished[0] if finished else _newest(leads)
+        try:
+            log = self.log(lead, timestamps=True, **({} if finished else {"tail_lines": LOG_TAIL}))
+        except ApiException as exc:
+            if exc.status == 400:  # the container has not started yet
+                return None
+            raise
+        result = None
+        for text in self.cursor.new(log):
+            if (event := event_of(text)) is None:
+                continue
+            if event.event == "result" and isinstance(event.record, dict):
+                result = event.record
+            else:
+                self.on_progress(event)
+        if result is None and finished:
+            raise NoResult(f"{self.lead} pod {lead.metadata.name} finished, but its log holds no result line "
+                           f"(is progress-events turned off in its settings?)")
+        return result
+
+    def explain(self, pod: Any, problem: Problem) -> str:
+        """The problem's line, the pod's warning events and its last log lines."""
+        lines = [problem.line()]
+        lines += [f"  event: {message}" for message in self.warnings(pod)]
+        try:
+            tail = self.log(pod, tail_lines=LAST_LINES, previous=problem.previous)
+            shown = [f"    {line}" for line in tail.splitlines()[-LAST_LINES:]]
+            lines.append(f"  last log lines{' of the previous container' if problem.previous else ''}:" if shown else "  (its log is empty)")
+            lines += shown
+        except Exception as exc:  # no log yet (an image never pulled), or none kept
+            from splitfed.cluster.kube import describe
+
+            lines.append(f"  (no log: {describe(exc)})")
+        return "\n".join(lines)
+
+    def warnings(self, pod: Any, most: int = 3) -> list[str]:
+        try:
+            listed = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={pod.metadata.name}",
+                                                     _request_timeout=self.request_timeout)
+        except Exception:  # events are a help, not a need
+            return []
+        warnings = [event for event in listed.items if event.type == "Warning"]
+        floor = datetime.min.replace(tzinfo=timezone.utc)
+        warnings.sort(key=lambda event: event.last_timestamp or event.event_time or floor)
+        messages: list[str] = []
+        for event in reversed(warnings):
+            text = f"{event.reason}: {event.message}"
+            if text not in messages:
+                messages.append(text)
+        return messages[:most][::-1]

@@ -1,0 +1,142 @@
+"""`splitfed size`: the memory a role needs, as a table for people, a values.yaml snippet to paste
+(or pass to helm with -f) and JSON for machines. The estimate itself is `splitfed.sizing`.
+
+Its learning options are the run settings' own declarations (name, help, choices, bounds), so
+they cannot drift from `splitfed run`; they are taken as text and parsed by the declaration, so a
+bad value is one line on stderr and exit code 2, as everywhere in the CLI."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from splitfed import config, sizing
+from splitfed.learning.settings import FederatedSettings, SplitSettings
+
+# The run settings `size` reads, in the order --help shows them.
+LEARNING_OPTIONS = ("model", "dataset", "batch_size", "eval_batch_size", "optimizer", "limit", "test_limit", "cut_layer", "mode", "workers", "partition")
+_DECLARED = {option.name: option for option in config.options(SplitSettings, FederatedSettings)}
+OPTIONS = [_DECLARED[name] for name in LEARNING_OPTIONS]
+ENV_PREFIX = "SPLITFED_SIZE_"
+
+
+def _learning_parameter(option: config.Option) -> inspect.Parameter:
+    shown = "" if option.default is None else str(option.default)
+    info = typer.Option(option.flag, envvar=ENV_PREFIX + option.name.upper(), help=option.help, metavar=option.kind, show_default=shown or False)
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
+
+
+def _own_parameters() -> list[inspect.Parameter]:
+    def keyword(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    return [
+        keyword("role", None, Annotated[Optional[str], typer.Option(
+            envvar=ENV_PREFIX + "ROLE", metavar="|".join(sizing.ROLE_NAMES), help="One role (default: every role).")]),
+        keyword("gpu", False, Annotated[bool, typer.Option(
+            envvar=ENV_PREFIX + "GPU", help="Run on a GPU (the chart's gpu.enabled): the -cuda image's CUDA build, and the GPU memory the model needs.")]),
+        keyword("torch_build", None, Annotated[Optional[str], typer.Option(
+            envvar=ENV_PREFIX + "TORCH_BUILD", metavar="|".join(sizing.TORCH_BUILDS),
+            help="torch build in the role's image (default: cpu, as ci/images.sh builds them; cuda with --gpu).")]),
+        keyword("out", None, Annotated[Optional[Path], typer.Option(
+            envvar=ENV_PREFIX + "OUT", help="Write the estimates as JSON here (- for stdout, instead of the values snippet).")]),
+    ]
+
+
+def size_command(**given: Any) -> None:
+    from splitfed.cli import (  # here, not at import: cli.py imports this module
+        _fail,
+        _guard,
+        err,
+    )
+
+    values = {option.name: _guard(lambda option=option: option.parse(given[option.name])) for option in OPTIONS if given.get(option.name) is not None}
+    role, gpu, torch_build, out = given.get("role"), given.get("gpu", False), given.get("torch_build"), given.get("out")
+    if role is not None and role not in sizing.ROLE_NAMES:
+        raise _fail(f"--role {role!r}: choose one of {', '.join(sizing.ROLE_NAMES)}", 2)
+    if out is not None and str(out) != "-":
+        from splitfed.roles.service import output_problem
+
+        if problem := output_problem(out):
+            raise _fail(problem, 2)
+    roles = [role] if role else [name for name in sizing.ROLE_NAMES if not (gpu and name not in sizing.GPU_ROLES)]
+    estimates, skipped = [], {}
+    for name in roles:
+        try:
+            estimates.append(sizing.estimate_from(name, values, gpu=gpu, torch_build=torch_build))
+        except sizing.CannotSplit as exc:
+            if role is not None:
+                raise _fail(str(exc), 2) from None
+            skipped[name] = str(exc)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None  # all roles asked for: a model that cannot be split still sizes FedAvg
+    snippet = values_snippet(estimates)
+    if out is not None:
+        document = {"estimates": [e.as_dict() for e in estimates], "skipped": skipped, "values": {sizing.values_key(e.role): e.resources() for e in estimates}}
+        text = json.dumps(document, indent=2) + "\n"
+        if str(out) == "-":
+            print(text, end="")
+        else:
+            out.write_text(text)
+    err.print(table(estimates))
+    for name, reason in skipped.items():
+        err.print(f"{name} left out: {reason}", highlight=False, markup=False)
+    for e in estimates:
+        if e.gpu is not None:
+            err.print(f"{e.role}: nvidia.com/gpu: 1, GPU memory {e.gpu[1]:.0f} MiB ({e.gpu[0]:.0f}-{e.gpu[2]:.0f})", highlight=False, markup=False)
+    for note in sorted({note for e in estimates for note in e.notes}):
+        err.print(f"note: {note}", highlight=False, markup=False)
+    if out is None:
+        print(snippet, end="")
+    elif str(out) != "-":
+        err.print(f"estimates in {out}", highlight=False, markup=False)
+
+
+def table(estimates: list[sizing.Estimate]):  # noqa: ANN201 (rich.table.Table, imported here)
+    """One row per role, in MiB: base (interpreter and torch import), data, model (parameters,
+    gradients, optimizer state), act (activations), other (messages and framework overhead; apart
+    in the JSON), then the estimated peak and its range; * marks a peak while reading the data."""
+    from rich import box
+    from rich.table import Table
+
+    first = estimates[0].settings if estimates else {}
+    builds = "/".join(sorted({e.torch_build for e in estimates if e.torch_build})) or "no"
+    title = (f"MiB: {first.get('model')}, {first.get('dataset')}, batch {first.get('batch_size')}, eval batch "
+             f"{first.get('eval_batch_size')}, {first.get('optimizer')}, {builds} torch") if first else "MiB"
+    grid = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    grid.add_column("role", no_wrap=True)
+    for column in ("base", "data", "model", "act", "other", "peak", "range", "request", "limit"):
+        grid.add_column(column, justify="right", no_wrap=True)
+    for e in estimates:
+        columns = e.columns()
+        peak = f"{e.mib:.0f}" + ("*" if e.peak.name == "loading data" else "")
+        row = [e.role, *(f"{columns[kind]:.0f}" for kind in ("baseline", "data", "model", "activations")), f"{columns['messages'] + columns['overhead']:.0f}",
+               peak, f"{e.low_mib:.0f}-{e.high_mib:.0f}", e.request, e.limit]
+        grid.add_row(*row)
+    if any(e.peak.name == "loading data" for e in estimates):
+        grid.caption, grid.caption_justify = "* while reading its data", "left"
+    return grid
+
+
+def values_snippet(estimates: list[sizing.Estimate]) -> str:
+    """values.yaml lines for the estimates (request = estimate, limit = 1.25 x estimate, both
+    rounded up to 32 Mi, as the chart's own figures)."""
+    lines = [f"# splitfed size: request = estimate, limit = {sizing.LIMIT_MARGIN:g} x estimate (at least its high bound), rounded up to {sizing.ROUND_TO_MIB} Mi"]
+    for e in estimates:
+        lines += [f"{sizing.values_key(e.role)}:", "  resources:", "    requests:", f"      memory: {e.request}", "    limits:", f"      memory: {e.limit}"]
+        if e.gpu is not None:
+            lines += ["  gpu:", f"    enabled: true  # the chart adds limits nvidia.com/gpu: 1; estimated GPU memory {e.gpu[1]:.0f} MiB ({e.gpu[0]:.0f}-{e.gpu[2]:.0f})"]
+    return "\n".join(lines) + "\n"
+
+
+_parameters = [_learning_parameter(option) for option in OPTIONS] + _own_parameters()
+size_command.__signature__ = inspect.Signature(_parameters)  # type: ignore[attr-defined]
+size_command.__annotations__ = {parameter.name: parameter.annotation for parameter in _parameters}
+size_command.__doc__ = (
+    "Estimate a role's peak memory (interpreter and torch, data, parameters, gradients, optimizer state, activations, messages) "
+    "and print the requests and limits for values.yaml; --gpu adds the GPU memory."
+)

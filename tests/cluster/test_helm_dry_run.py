@@ -1,0 +1,112 @@
+"""The `helm upgrade --install` call of `splitfed launch`, made by the real helm 3.19 in
+--dry-run=client mode (launch's --dry-run) against the values launch generates.
+
+helm's dry run still reads from a cluster (the server version, the API discovery documents, the
+release's history): those reads are answered with recorded API responses by FakeCoreV1Api (no
+API server can run here). helm would also download the cluster's OpenAPI documents to validate
+the objects; none are recorded, so SPLITFED_HELM is a wrapper that adds
+--disable-openapi-validation to launch's own arguments. The objects themselves are validated
+against the Kubernetes 1.30 schemas by ci/chart.sh (kubernetes-validate)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from splitfed.roles.registry import ROLES
+from tests.cluster.conftest import invoke
+from tests.cluster.recorded_api import FakeCoreV1Api
+
+DISCOVERY = {"/api": "discovery-api.json", "/apis": "discovery-apis.json", "/api/v1": "discovery-api-v1.json",
+             "/apis/apps/v1": "discovery-apis-apps-v1.json", "/apis/batch/v1": "discovery-apis-batch-v1.json",
+             "/apis/networking.k8s.io/v1": "discovery-apis-networking.k8s.io-v1.json", "/apis/policy/v1": "discovery-apis-policy-v1.json"}
+
+
+@pytest.fixture
+def helm_dry_run(api: FakeCoreV1Api, helm, tmp_path, monkeypatch) -> FakeCoreV1Api:
+    for path, name in DISCOVERY.items():
+        api.add("GET", path, name)
+    api.add("GET", "/api/v1/namespaces/ns1/secrets", "secrets-none.json")  # the release's history: none yet
+    api.add("GET", "/api/v1/namespaces/ns1/pods", "pods-none.json")  # launch's look for a finished run
+    wrapper = tmp_path / "helm-without-openapi"
+    wrapper.write_text(f'#!/bin/sh\nexec "{helm}" "$@" --disable-openapi-validation\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("SPLITFED_HELM", str(wrapper))
+    return api
+
+
+def manifests(helm_output: str) -> list[dict]:
+    """The objects of helm's dry-run output (between MANIFEST: and NOTES:)."""
+    assert "MANIFEST:" in helm_output, helm_output[-2000:]
+    body = helm_output.split("MANIFEST:", 1)[1].split("\nNOTES:", 1)[0]
+    return [doc for doc in yaml.safe_load_all(body) if doc]
+
+
+def role_env(objects: list[dict]) -> dict[str, dict[str, str]]:
+    found = {}
+    for obj in objects:
+        if obj["kind"] in ("Job", "StatefulSet", "Deployment"):
+            (container,) = obj["spec"]["template"]["spec"]["containers"]
+            found[container["name"]] = {e["name"]: e.get("value") for e in container["env"]}
+    return found
+
+
+def test_a_small_fedavg_launch_renders_its_options_on_the_right_roles(helm_dry_run, tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("fedavgServer:\n  settings:\n    strategy: median\n")
+
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "--namespace", "ns1", "--workers", "2", "--partition", "iid",
+                    "--rounds", "2", "--lr", "0.01", "--timeout", "90", "--round-timeout", "30", "--dataset", "digits",
+                    "--session", "fl-small", "-f", extra, "--set", "fedavgWorker.settings.local-epochs=2")
+
+    assert result.exit_code == 0, result.stderr
+    assert "dry run: nothing installed" in result.stderr
+    objects = manifests(result.stdout)
+    (workers,) = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "fl-splitfed-fedavg-worker"]
+    assert workers["spec"]["replicas"] == 2
+    env = role_env(objects)
+    assert set(env) == {"fedavg-server", "fedavg-worker", "rabbitmq"}
+    server, worker = env["fedavg-server"], env["fedavg-worker"]
+    for role_env_ in (server, worker):  # shared settings, chart-level values
+        assert role_env_["SPLITFED_PARTITION"] == "iid" and role_env_["SPLITFED_LR"] == "0.01" and role_env_["SPLITFED_TIMEOUT"] == "90"
+        assert role_env_["SPLITFED_DATASET"] == "digits" and role_env_["SPLITFED_SESSION"] == "fl-small" and role_env_["SPLITFED_WORKERS"] == "2"
+    assert server["SPLITFED_ROUNDS"] == "2" and server["SPLITFED_ROUND_TIMEOUT"] == "30"
+    assert server["SPLITFED_STRATEGY"] == "median"  # -f passed through
+    assert server["SPLITFED_PROGRESS_EVENTS"] == "true"  # the lead prints progress and its result
+    assert worker["SPLITFED_LOCAL_EPOCHS"] == "2"  # --set passed through
+    assert "SPLITFED_ROUNDS" not in worker and "SPLITFED_PROGRESS_EVENTS" not in worker
+    for role in ("fedavg-server", "fedavg-worker"):
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names()
+    # helm asked the recorded cluster for this release's history, in this namespace
+    assert any(r.path == "/api/v1/namespaces/ns1/secrets" and r.query.get("labelSelector") == "name=fl,owner=helm" for r in helm_dry_run.requests)
+    assert not helm_dry_run.made("POST") and not helm_dry_run.made("PUT")
+
+
+def test_a_small_split_launch_through_the_relay_and_direct(helm_dry_run):
+    result = invoke("launch", "split", "--dry-run", "--name", "sp", "-n", "ns1", "--epochs", "2", "--mode", "u-shaped",
+                    "--batch-size", "32", "--timeout", "120", "--log-level", "debug")
+    assert result.exit_code == 0, result.stderr
+    env = role_env(manifests(result.stdout))
+    assert set(env) == {"split-client", "split-server", "relay", "rabbitmq"}
+    for half in ("split-client", "split-server"):
+        assert env[half]["SPLITFED_EPOCHS"] == "2" and env[half]["SPLITFED_MODE"] == "u-shaped" and env[half]["SPLITFED_BATCH_SIZE"] == "32"
+        assert env[half]["SPLITFED_VIA"] == "relay"
+    assert env["relay"]["SPLITFED_TIMEOUT"] == "120" and env["relay"]["SPLITFED_LOG_LEVEL"] == "debug"
+    assert "SPLITFED_EPOCHS" not in env["relay"]
+    assert env["split-client"]["SPLITFED_PROGRESS_EVENTS"] == "true" and "SPLITFED_PROGRESS_EVENTS" not in env["split-server"]
+    for role in ("split-client", "split-server", "relay"):
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names()
+
+    result = invoke("launch", "split", "--dry-run", "--name", "sp", "-n", "ns1", "--via", "direct")
+    assert result.exit_code == 0, result.stderr
+    env = role_env(manifests(result.stdout))
+    assert set(env) == {"split-client", "split-server", "rabbitmq"}
+    assert env["split-client"]["SPLITFED_VIA"] == "direct"
+
+
+def test_helm_refusing_the_values_is_one_line(helm_dry_run):
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--set", "fedavgWorker.replicas=many")
+    assert result.exit_code == 7
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: helm upgrade --install failed: values don't meet the specifications of the schema(s)")
+    assert line.endswith("- at '/fedavgWorker/replicas': got string, want integer")

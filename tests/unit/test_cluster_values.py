@@ -1,0 +1,172 @@
+"""`splitfed launch`'s run options -> chart values (pure), and the pure pieces of its watch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitfed import config
+from splitfed.cluster import values
+from splitfed.cluster.watch import LogCursor, event_of, parse_line, progress_of, result_in
+from splitfed.roles.declaration import Progress
+from splitfed.scenarios.registry import SCENARIOS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_options(scenario: str) -> list[config.Option]:
+    declared = SCENARIOS[scenario]
+    return config.options(declared.learning, declared.run_settings)
+
+
+def test_launch_offers_the_scenarios_with_roles():
+    assert values.launchable() == ["split", "fedavg"]  # centralized has no roles: nothing to deploy
+
+
+@pytest.mark.parametrize("scenario", ["split", "fedavg"])
+def test_launch_options_are_the_run_options_less_the_documented_exclusions(scenario):
+    offered = [option.name for option in values.launch_options(scenario)]
+    assert offered == [option.name for option in run_options(scenario) if option.name not in values.NOT_OFFERED]
+    assert set(values.NOT_OFFERED) & set(offered) == set()
+
+
+def test_every_exclusion_is_a_run_option():
+    declared = {option.name for scenario in values.launchable() for option in run_options(scenario)}
+    assert set(values.NOT_OFFERED) <= declared, "a stale NOT_OFFERED entry"
+    assert set(values.CHART_LEVEL) <= declared
+
+
+@pytest.mark.parametrize("scenario", ["split", "fedavg"])
+def test_every_launch_option_has_a_home_in_the_chart(scenario):
+    """A new option in a declaration lands somewhere (a role's settings), or this fails and it
+    must be classified: NOT_OFFERED, CHART_LEVEL or LOCAL."""
+    roles = values.CHART_SCENARIOS[scenario].roles
+    for option in values.launch_options(scenario):
+        if option.name in values.CHART_LEVEL or option.name in values.LOCAL:
+            continue
+        homes = values.settings_home(scenario, option.name, roles)
+        assert homes, option.name
+        assert option.type is not Path, f"--{option.name} names a file on this machine: a pod cannot read it"
+
+
+def test_the_launch_commands_take_exactly_the_launch_options_and_launchs_own():
+    from splitfed.cli import app
+    from typer.main import get_command
+
+    launch = get_command(app).commands["launch"]
+    for scenario in values.launchable():
+        flags = {opt for param in launch.commands[scenario].params for opt in param.opts}
+        wanted = {option.flag for option in values.launch_options(scenario)}
+        own = {"--name", "--namespace", "--set", "--values", "--detach", "--wait-timeout", "--pending-timeout", "--kube-context", "--chart", "--dry-run"}
+        assert flags - {"-n", "-f", "--help"} == wanted | own
+        assert not {option.flag for option in run_options(scenario) if option.name in values.NOT_OFFERED} & flags
+
+
+def test_fedavg_options_become_shared_role_and_chart_level_values():
+    chosen = {"workers": 2, "partition": "iid", "rounds": 2, "lr": 0.01, "dataset": "digits", "session": "s1", "min_workers": 1,
+              "timeout": 90.0, "log_level": "debug", "out": Path("r.json")}
+    assert values.chart_values("fedavg", chosen) == {
+        "relay": {"enabled": False}, "splitClient": {"enabled": False}, "splitServer": {"enabled": False},
+        "fedavgServer": {"enabled": True, "settings": {"rounds": 2, "min-workers": 1}},
+        "fedavgWorker": {"enabled": True, "replicas": 2},
+        "fedavg": {"settings": {"partition": "iid", "lr": 0.01, "timeout": 90.0, "log-level": "debug"}},
+        "data": {"dataset": "digits"}, "session": "s1",
+    }
+
+
+def test_split_options_and_the_relay():
+    through_relay = values.chart_values("split", {"epochs": 2, "mode": "u-shaped", "timeout": 60.0})
+    assert through_relay["relay"] == {"enabled": True, "settings": {"timeout": 60.0}}
+    assert through_relay["split"] == {"settings": {"epochs": 2, "mode": "u-shaped", "timeout": 60.0}}
+    assert through_relay["splitClient"] == {"enabled": True} and through_relay["fedavgServer"] == {"enabled": False}
+    direct = values.chart_values("split", {"via": "direct", "timeout": 60.0})
+    assert direct["relay"] == {"enabled": False} and direct["split"] == {"settings": {"timeout": 60.0}}
+
+
+def test_nothing_given_is_nothing_written():
+    """Options not given are left out: the chart's and the roles' defaults apply, as with run."""
+    assert values.chart_values("fedavg", {}) == {key: {"enabled": key in ("fedavgServer", "fedavgWorker")} for key in values.ROLE_KEYS.values()}
+
+
+def test_the_key_list_becomes_a_secret_of_its_folder(tmp_path):
+    (tmp_path / "key-list.json").write_text("{}")
+    for party in ("fedavg-server", "worker-0", "worker-1"):
+        (tmp_path / f"{party}.key").write_text(party)
+    given = {"key_list": tmp_path / "key-list.json", "workers": 2}
+    assert sorted(values.key_files("fedavg", given)) == ["fedavg-server.key", "key-list.json", "worker-0.key", "worker-1.key"]
+    assert values.chart_values("fedavg", given, keys_secret="fl-keys")["keys"] == {"existingSecret": "fl-keys", "keyListKey": "key-list.json"}
+    with pytest.raises(ValueError, match="worker-2.key missing"):
+        values.key_files("fedavg", {**given, "workers": 3})
+    with pytest.raises(ValueError, match="split-client.key, split-server.key missing"):
+        values.key_files("split", given)
+
+
+def test_options_launch_does_not_take_are_refused_with_what_to_use():
+    with pytest.raises(ValueError, match=r"--broker is not an option of splitfed launch: the chart's own RabbitMQ"):
+        values.chart_values("fedavg", {"broker": "amqp://guest:guest@h/"})
+
+
+@pytest.mark.parametrize("name", ["fl", "fedavg-3f2a1c", "a" * 53])
+def test_release_names_helm_takes(name):
+    assert values.check_release_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["Fl", "-fl", "fl-", "f_l", "a" * 54, ""])
+def test_release_names_helm_refuses(name):
+    with pytest.raises(ValueError, match="--name"):
+        values.check_release_name(name)
+
+
+def test_the_readme_says_what_launch_does_not_take():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Run on Kubernetes"):text.index("## Design")]
+    for name in values.NOT_OFFERED:
+        assert f"--{name.replace('_', '-')}" in section, name
+
+
+def test_the_cli_does_not_import_the_kubernetes_client():
+    code = "import sys, splitfed.cli; assert 'kubernetes' not in sys.modules, 'imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+# -- the watch's pure pieces --------------------------------------------------------------------
+
+
+def test_log_lines_with_timestamps_are_taken_once_and_in_order():
+    cursor = LogCursor()
+    first = "2025-05-06T09:14:01Z a\n2025-05-06T09:14:01.5Z b\n"
+    assert cursor.new(first) == ["a", "b"]  # 01Z sorts before 01.5Z (no fraction: .000000000)
+    assert cursor.new(first + "2025-05-06T09:14:01.5Z c\n2025-05-06T09:14:02.000000001Z d\n") == ["c", "d"]
+    assert cursor.new("2025-05-06T09:14:02.000000001Z d\n") == []
+
+
+def test_events_and_results_from_a_log():
+    record = {"step": 1, "accuracy": 0.5, "loss": 1.0, "train_loss": 1.1, "seconds": 2.0}
+    log = "\n".join([
+        "2025-05-06 09:14:10,231 INFO splitfed: waiting",
+        '{"event": "round", "done": 1, "total": 4, "loss": 1.1, "record": %s}' % __import__("json").dumps(record),
+        '{"not": "an event"}', "{broken",
+        '{"event": "result", "done": 0, "total": 0, "loss": 0.0, "record": {"accuracy": 0.5, "history": [], "contributors": {}}}',
+    ])
+    assert parse_line("2025-05-06T09:14:10.231Z hello") == (("2025-05-06T09:14:10", 231000000), "hello")
+    assert event_of("{broken") is None and event_of('{"not": "an event"}') is None
+    assert result_in(log) == {"accuracy": 0.5, "history": [], "contributors": {}}
+    assert progress_of([Progress("round", 1, 4, 1.1, record)]) == ("round 1/4", 0.5)
+    assert progress_of([Progress("epoch", 1, 3, 1.1, record), Progress("batch", 10, 938, 0.9)]) == ("epoch 2 batch 10/938", 0.5)
+    assert progress_of([]) == ("starting", None)
+
+
+def test_values_merge_as_helm_merges_them():
+    base = {"a": {"b": 1, "c": {"d": 2}}, "e": [1], "f": "x"}
+    assert values.merged(base, {"a": {"c": {"d": 3}}, "e": [2], "f": None}) == {"a": {"b": 1, "c": {"d": 3}}, "e": [2]}
+    assert base["a"]["c"]["d"] == 2  # untouched
+
+
+def test_plain_set_assignments_are_read_others_are_not():
+    assert values.set_values(["fedavgWorker.resources.limits.memory=1Gi,fedavgWorker.replicas=4", "relay.enabled=true", "x=01"]) == {
+        "fedavgWorker": {"resources": {"limits": {"memory": "1Gi"}}, "replicas": 4}, "relay": {"enabled": True}, "x": "01"}
+    assert values.set_values(["fedavgWorker.tolerations[0].key=gpu"]) is None
+    assert values.set_values(["no-equals-sign"]) is None
