@@ -5,8 +5,9 @@ Runs the split scenario (through the relay) and the fedavg scenario at their def
 (fashion-mnist, cnn, batch 64; one epoch, one round) as real `splitfed serve` processes
 against RabbitMQ, each role in its own container from the images ci/images.sh builds
 (--where container, the default) or as processes of this virtual environment (--where host).
-Each role reports its own peak (getrusage's ru_maxrss, the same as /proc/PID/status VmHWM)
-as it exits, so no sample can miss the last spike.
+Each role reports its own peak (/proc/self/status VmHWM) as it exits, so no sample can miss
+the last spike. Not getrusage's ru_maxrss: a process keeps the peak its parent had before exec,
+so a role started from this (torch-laden) interpreter would report this one's.
 
 Usage: python ci/measure_memory.py [--where container|host] [--broker URL]
                                    [--image ROLE=IMAGE ...] [--margin 1.25]
@@ -37,8 +38,11 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 PEAK_LINE = "splitfed-peak-rss-kib"
 # Run `splitfed serve ROLE` in this interpreter and say its peak RSS when it exits.
 SERVE_AND_REPORT = f"""
-import atexit, resource, sys
-atexit.register(lambda: print("{PEAK_LINE}", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr, flush=True))
+import atexit, sys
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+atexit.register(lambda: print("{PEAK_LINE}", peak_kib(), file=sys.stderr, flush=True))
 from splitfed.cli import app
 sys.argv = ["splitfed", "serve", sys.argv[1]]
 app()

@@ -41,3 +41,15 @@ def test_u_shaped_labels_never_leave_the_client():
         else:
             assert sent_by_client and integer_tensors == []
             assert all("label" not in key for m in sent_by_client for key in m.meta)
+
+
+def test_a_cut_that_leaves_a_half_without_weights_names_the_cuts_that_work():
+    from torch import nn
+
+    from splitfed.learning.split import cut
+
+    with pytest.raises(ValueError, match="leaves the client no weights to train; this model cannot be split"):
+        cut(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 1)
+    with pytest.raises(ValueError, match="leaves the server no weights to train; cuts where both do: 1"):
+        cut(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.Softmax(dim=1)), 3)
+    assert len(cut(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), 2).body) == 1

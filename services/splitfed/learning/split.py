@@ -33,5 +33,11 @@ def cut(model: nn.Sequential, cut_layer: int | None, mode: str = "vanilla", tail
     end = len(layers) - (tail_layers if mode == "u-shaped" else 0)
     if not 1 <= cut_layer < end:
         raise ValueError(f"cut layer {cut_layer} must be in 1..{end - 1} for a {len(layers)}-layer model in {mode} mode")
+    # Both halves must have weights to train (each side runs an optimiser over its own).
+    trains = [any(True for _ in layer.parameters()) for layer in layers]
+    if not (any(trains[:cut_layer]) and any(trains[cut_layer:end])):
+        usable = [k for k in range(1, end) if any(trains[:k]) and any(trains[k:end])]
+        choice = f"cuts where both do: {', '.join(map(str, usable))}" if usable else "this model cannot be split: choose another"
+        raise ValueError(f"cut layer {cut_layer} leaves the {'client' if not any(trains[:cut_layer]) else 'server'} no weights to train; {choice}")
     tail = nn.Sequential(*layers[end:]) if mode == "u-shaped" else None
     return Parts(nn.Sequential(*layers[:cut_layer]), nn.Sequential(*layers[cut_layer:end]), tail, cut_layer, end)
