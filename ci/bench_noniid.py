@@ -31,7 +31,8 @@ CANDIDATES: dict[str, list[dict]] = {
     "fedavg": [{}, {"optimizer": "sgd", "lr": 0.01}],
     "fedprox": [{"prox_mu": 0.1}],
     # Best first (the table's default): 10 rounds on the held-out split, classes:0-3,4-6,7-9.
-    "fedavgm": [{"optimizer": "sgd", "lr": 0.005, "server_momentum": 0.7}, {"optimizer": "sgd", "lr": 0.01, "server_momentum": 0.6},
+    "fedavgm": [{"optimizer": "sgd", "lr": 0.02, "server_momentum": 0.7}, {"optimizer": "sgd", "lr": 0.05, "server_momentum": 0.5},
+                {"optimizer": "sgd", "lr": 0.005, "server_momentum": 0.7}, {"optimizer": "sgd", "lr": 0.01, "server_momentum": 0.6},
                 {"server_momentum": 0.5}],
     "fedadam": [{"optimizer": "sgd", "lr": 0.005, "server_lr": 0.01}, {"server_lr": 0.003}],
     "fedyogi": [{"server_lr": 0.003}],
