@@ -124,28 +124,43 @@ def _write_results(result: dict, out: Path | None) -> None:
               + (f"  results in {out}" if out else ""), highlight=False)
 
 
+def _check_outputs(*paths: Path | None, plot: Path | None = None) -> None:
+    """Before a run (not after it): every output can be written, and a figure can be drawn."""
+    from splitfed.roles.service import output_problem
+
+    for path in (*paths, plot):
+        if path is not None and (problem := output_problem(path)):
+            raise _fail(problem, 2)
+    if plot:
+        from splitfed.observability import report
+
+        _guard(report.require)
+
+
+def _finish(result: dict, out: Path | None, plot: Path | None) -> None:
+    """What `run` and `launch` do with a run's result: the table, the results file, the figure."""
+    _write_results(result, out)
+    if plot:
+        from splitfed.observability import report
+
+        _guard(lambda: report.draw([result], plot))
+        err.print(f"figure in {plot}", highlight=False)
+
+
 def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
     def body(values: dict[str, Any]) -> None:
-        from splitfed.observability import report
-        from splitfed.roles.service import configure_logging, output_problem
+        from splitfed.roles.service import configure_logging
         from splitfed.scenarios import launch
         from splitfed.scenarios.progress import Reporter
 
         scenario = SCENARIOS[name]
         learning = _guard(lambda: config.build(scenario.learning, values))
         settings = _guard(lambda: config.build(scenario.run_settings, values))
-        for path in (settings.out, settings.plot, getattr(settings, "save_model", None)):
-            if path is not None and (problem := output_problem(path)):
-                raise _fail(problem, 2)
-        if settings.plot:
-            _guard(report.require)  # before training, not after it
+        _check_outputs(settings.out, getattr(settings, "save_model", None), plot=settings.plot)
         configure_logging(settings.log_level)
         with Reporter(scenario.label(learning, settings)) as reporter:
             result = _guard(lambda: launch.run(scenario, learning, settings, reporter))
-        _write_results(result, settings.out)
-        if settings.plot:
-            _guard(lambda: report.draw([result], settings.plot))
-            err.print(f"figure in {settings.plot}", highlight=False)
+        _finish(result, settings.out, settings.plot)
 
     return body
 

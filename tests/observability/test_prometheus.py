@@ -28,7 +28,7 @@ import pytest
 from splitfed.roles.endpoint import queue_name
 from splitfed.transport.rabbitmq import RabbitTransport
 from tests.observability import grafana_schema
-from tests.own_broker import OwnBroker
+from tests.own_broker import OwnBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "helm" / "splitfed" / "files" / "dashboards").glob("*.json"))
@@ -71,7 +71,7 @@ def http_json(url: str) -> dict:
 
 class Prometheus:
     def __init__(self, directory: Path, targets: dict[str, list[str]], broker_port: int):
-        self.port = port_block(1)
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         detailed = {"family": ["queue_coarse_metrics", "queue_consumer_count"]}
         config = {

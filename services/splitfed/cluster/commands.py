@@ -163,14 +163,6 @@ def _warn_if_too_big(chart_path: str, values: dict, extra_files: list[Path], set
         _say(f"warning: {warning}")
 
 
-def _output_problems(given: dict[str, Any]) -> None:
-    from splitfed.roles.service import output_problem
-
-    for name in ("out", "plot"):
-        if given.get(name) is not None and (problem := output_problem(given[name])):
-            raise ValueError(problem)
-
-
 def _already_ran(kube: Any, release: str, lead: str) -> None:
     from splitfed.cluster.watch import INSTANCE, role_of
 
@@ -224,14 +216,10 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
     release = _guard(lambda: chart.check_release_name(name or f"{scenario}-{uuid.uuid4().hex[:6]}"))
     extra_files = list(values_files or [])
     sets = list(set_values or [])
-    _guard(lambda: _output_problems(given))
+    cli._check_outputs(given.get("out"), plot=given.get("plot"))
     for path in extra_files:
         if not path.is_file():
             raise cli._fail(f"--values {path}: no such file", BAD_INPUT)
-    if given.get("plot"):
-        from splitfed.observability import report
-
-        cli._guard(report.require)
     learning = _guard(lambda: chart.learning_config(scenario, given))
     key_files = _guard(lambda: chart.key_files(scenario, given)) if given.get("key_list") else {}
     chart_path = _guard(lambda: helm_module.find_chart(chart_ref))
@@ -278,12 +266,7 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
     result = {"scenario": scenario, **record, "wall_seconds": time.perf_counter() - started,
               "config": {**learning, "session": session, "launch": "kubernetes", "release": release, "namespace": kube.namespace,
                          "authenticated": bool(key_files)}}
-    cli._write_results(result, given.get("out"))
-    if given.get("plot"):
-        from splitfed.observability import report
-
-        cli._guard(lambda: report.draw([result], given["plot"]))
-        _say(f"figure in {given['plot']}")
+    cli._finish(result, given.get("out"), given.get("plot"))
     _say(f"the release stays installed (its workers and servers wait for a next run): splitfed delete {release} -n {kube.namespace}")
 
 
