@@ -4,28 +4,49 @@
         Seconds per round: 3 workers as separate processes over RabbitMQ against the plain
         single-process loop doing the same training and averaging (learning.federated).
         Goal: ratio <= 1.05.
-    .venv/bin/python ci/bench_fedavg.py scale [--workers 25 50 100 200]
+    .venv/bin/python ci/bench_fedavg.py scale [--workers 25 50 100 200] [--broker URL | --own-broker] [--profile DIR]
         The tiny model on digits; workers share a few processes, each worker with its own
-        connection, key and signed updates; one server. Goal: >= 100 workers with rounds < 10 s.
+        connection (or, with --shared-connection, one per process), key and signed updates; one
+        server. Goal: >= 100 workers with rounds < 10 s; all-participating rounds at 1000 workers
+        <= 4 s. The machine's broker allows only ~832 sockets: for 500+ workers use
+        `--own-broker`: a RabbitMQ node of this run's own, started with the file-descriptor
+        limit raised (`--nofile`, default the hard limit) and stopped at the end.
+        `--profile DIR`: py-spy samples the GIL holder of the server process and of the first
+        helper process during rounds 2.. (DIR/server-N.txt, DIR/helper-N.txt: the top functions,
+        self and total). `--idle-probe S`: after round 1, S seconds with nothing to do, to see
+        what being connected costs (CPU seconds per second).
+    .venv/bin/python ci/bench_fedavg.py sampled [--registered 10000] [--clients-per-round 100] [--own-broker]
+        Client sampling: many registered workers (on fashion-mnist: digits has too few samples
+        for 10,000 shares), few trained per round. Goal: 10,000 registered, 100 per round,
+        <= 2 s/round. The workers of one process share one connection, its key list and one
+        partition of the data (10 processes of 1000: 11 connections in all, with the server's).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import os
+import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.learning import federated
+from splitfed.learning import data, federated
 from splitfed.learning.settings import FederatedSettings, PartitionSettings
 from splitfed.roles.declaration import Identity
 from splitfed.roles.fedavg import ServerDeployment, WorkerDeployment, worker_ids
+from splitfed.roles.fedavg.common import session_queues
 from splitfed.roles.fedavg.server import FedAvgServer
 from splitfed.roles.fedavg.worker import FedAvgWorker
 from splitfed.scenarios import fedavg, launch
@@ -56,56 +77,249 @@ def overhead(args) -> None:
     Console().print(table)
 
 
+@contextlib.contextmanager
+def scale_broker(args):
+    """The broker URL to use: `--broker`, or with `--own-broker` a node of this run's own with
+    RLIMIT_NOFILE raised (the node inherits it), always stopped afterwards."""
+    if not args.own_broker:
+        yield args.broker, None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from own_broker import OwnBroker
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(args.nofile or hard, hard) if hard != resource.RLIM_INFINITY else (args.nofile or 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    directory = Path(tempfile.mkdtemp(prefix="splitfed-scale-broker-"))
+    broker = OwnBroker(directory)
+    broker.start()
+    print(f"own RabbitMQ node {broker.node} at {broker.url} (RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})", flush=True)
+    try:
+        yield broker.url, int((directory / "rabbit.pid").read_text().split()[0])
+    finally:
+        broker.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def scale(args) -> None:
-    table = Table(title="FedAvg scale: tiny model on digits, one server, signed updates")
-    for column in ("workers", "processes", "mean s/round", "max s/round", "final accuracy"):
+    title = f"FedAvg scale: tiny model on {args.dataset}, one server, signed updates, all workers in every round"
+    if args.clients_per_round:
+        title = f"FedAvg scale: tiny model on {args.dataset}, one server, signed updates, {args.clients_per_round} workers sampled per round"
+    table = Table(title=title)
+    columns = ("workers", "trained per round", "processes", "mean s/round", "max s/round", "per round (s)", "ratio to the first row",
+               "CPU s/round: server / helpers / broker", "final accuracy")
+    for column in columns:
         table.add_column(column, justify="right")
-    for count in args.workers:
-        mean, worst, accuracy = scale_run(count, args.per_process, args.rounds)
-        table.add_row(str(count), str(-(-count // args.per_process)), f"{mean:.2f}", f"{worst:.2f}", f"{accuracy:.4f}")
-        Console().print(table)
-        if worst > 10:
-            break
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    base = None
+    with scale_broker(args) as (broker, broker_pid):
+        for count in args.workers:
+            mean, worst, seconds, cpu, accuracy = scale_run(count, args.per_process, args.rounds, broker, args.profile, args.clients_per_round, broker_pid,
+                                                            args.idle_probe, args.dataset, args.shared_connection)
+            base = base or mean
+            table.add_row(str(count), str(settings_sample(count, args.clients_per_round)), str(-(-count // args.per_process)), f"{mean:.2f}", f"{worst:.2f}",
+                          " ".join(f"{s:.2f}" for s in seconds),
+                          f"{mean / base:.2f}x", " / ".join("-" if c is None else f"{c:.2f}" for c in cpu), f"{accuracy:.4f}")
+            Console(width=180).print(table)
+            if worst > args.stop_above:
+                break
 
 
-def scale_run(count: int, per_process: int, rounds: int) -> tuple[float, float, float]:
+def sampled(args) -> None:
+    """Many registered workers, few trained per round (client sampling)."""
+    args.workers = [args.registered]
+    args.shared_connection = True
+    scale(args)
+
+
+def settings_sample(count: int, clients_per_round: int | None) -> int:
+    return min(clients_per_round, count) if clients_per_round else count
+
+
+def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, profile: Path | None = None,
+              clients_per_round: int | None = None, broker_pid: int | None = None, idle_probe: float = 0.0,
+              dataset: str = "digits", shared_connection: bool = False) -> tuple[float, float, list[float], list, float]:
+    """Mean, worst and each round's seconds of rounds 2.., the CPU seconds per round (server
+    process, all helpers, broker node) spent in them, and the final accuracy."""
     directory = Path(tempfile.mkdtemp(prefix="splitfed-scale-"))
     key_list = keys.generate(directory, ["fedavg-server", *worker_ids(count)])
     session = new_session()
-    settings = FederatedSettings(dataset="digits", model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05)
-    server_transport = RabbitTransport(BROKER, name="scale-server", prefetch=2 * count + 16)
+    sampling = {"clients_per_round": clients_per_round} if clients_per_round else {}
+    settings = FederatedSettings(dataset=dataset, model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05, **sampling)
+    server_transport = RabbitTransport(broker, name="scale-server", prefetch=2 * settings_sample(count, clients_per_round) + 16)
     identity = Identity.load("fedavg-server", key_list, directory / "fedavg-server.key")
-    server = FedAvgServer(settings, ServerDeployment(session=session, timeout=300), server_transport, identity)
+    samplers, cpu_start, cpu_end, idle, faults = [], [], [], [], []
+
+    def start_profiling(progress) -> None:  # noqa: ANN001 (roles.declaration.Progress)
+        """After round 1 (start-up, joins) closes: measure and sample only the rounds that count."""
+        if progress.event == "round" and progress.done == 1 and idle_probe:
+            # Nothing to do for anyone: what the parties spend just being connected.
+            before = [cpu_seconds(pids) for pids in parties()]
+            time.sleep(idle_probe)
+            idle.extend(None if b is None else (cpu_seconds(pids) - b) / idle_probe for b, pids in zip(before, parties()))
+        if progress.event == "round" and progress.done == 1:
+            cpu_start.extend(cpu_seconds(pids) for pids in parties())
+            faults.append(major_faults([helper.pid for helper in helpers]))
+        if progress.event == "round" and progress.done == rounds:  # before the done messages go out
+            cpu_end.extend(cpu_seconds(pids) for pids in parties())
+            faults.append(major_faults([helper.pid for helper in helpers]))
+            for sampler, _, _ in samplers:
+                sampler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        if profile and progress.event == "round" and progress.done == 1:
+            spy = Path(sys.executable).with_name("py-spy")
+            for name, pid in (("server", os.getpid()), ("helper", helpers[0].pid)):
+                raw = profile / f"{name}-{count}.raw"
+                command = [str(spy), "record", "--gil", "--nonblocking", "--rate", "50", "--format", "raw", "-o", str(raw), "--pid", str(pid)]
+                samplers.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw, profile / f"{name}-{count}.txt"))
+
+    server = FedAvgServer(settings, ServerDeployment(session=session, timeout=600), server_transport, identity, on_progress=start_profiling)
+    phases = timed_phases(server)
     helpers = [
         subprocess.Popen([sys.executable, __file__, "workers", "--session", session, "--first", str(first), "--count", str(min(per_process, count - first)),
-                          "--total", str(count), "--rounds", str(rounds), "--key-list", str(key_list)])
+                          "--total", str(count), "--rounds", str(rounds), "--key-list", str(key_list), "--broker", broker, "--dataset", dataset,
+                          *(["--shared-connection"] if shared_connection else [])])
         for first in range(0, count, per_process)
     ]
+    parties = lambda: ([os.getpid()], [helper.pid for helper in helpers], [broker_pid] if broker_pid else [])  # noqa: E731
     try:
         result = server.run()
     finally:
-        server_transport.close()
+        for sampler, _, _ in samplers:
+            if sampler.poll() is None:
+                sampler.send_signal(signal.SIGINT)
         for helper in helpers:
-            helper.wait(120)
+            helper.wait(300)
+        for queue in session_queues(session, count):  # once the workers are gone: 24 hours of expiry is long for thousands of queues
+            server_transport.delete(queue)
+        server_transport.close()
+        for sampler, raw, summary in samplers:
+            sampler.wait(60)
+            if raw.exists():
+                summary.write_text(summarise(raw, f"{name_of(summary)}, {count} workers, rounds 2..{rounds}"))
+        shutil.rmtree(directory, ignore_errors=True)
     seconds = [r["seconds"] for r in result["history"][1:]]  # round 1 waits for the helpers to start
-    return statistics.mean(seconds), max(seconds), result["accuracy"]
+    cpu = [(end - start) / len(seconds) if end is not None and start is not None else None for start, end in zip(cpu_start, cpu_end)]
+    send, collect, rest = (statistics.mean(phase[1:]) for phase in zip(*phases))
+    print(f"{count} workers, rounds 2..{rounds}, mean s/round: sending the models {send:.2f}, then collecting the updates {collect:.2f}, "
+          f"the rest (aggregate, test, checkpoint, acks) {rest:.2f}", flush=True)
+    if idle:
+        print(f"{count} workers, idle (after round 1, {idle_probe:.0f}s): CPU s/s server / helpers / broker "
+              + " / ".join("-" if c is None else f"{c:.2f}" for c in idle), flush=True)
+    print(f"{count} workers, rounds 2..{rounds}: helpers' major page faults per round {(faults[-1] - faults[0]) / len(seconds):.0f}, "
+          f"memory available at the end {available_mib()} MiB", flush=True)
+    return statistics.mean(seconds), max(seconds), seconds, cpu, result["accuracy"]
+
+
+def timed_phases(server: FedAvgServer) -> list[tuple[float, float, float]]:
+    """Each round's seconds spent sending the models, collecting after the last send, and the
+    rest of the round: the server's methods wrapped on this one instance."""
+    phases: list[tuple[float, float, float]] = []
+    marks: dict[str, float] = {}
+    collect, run_round = server.collect, server.run_round
+
+    def timed(send):  # noqa: ANN001, ANN202
+        def timed_send(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            marks.setdefault("send", time.perf_counter())
+            return send(*args, **kwargs)
+        return timed_send
+
+    def timed_collect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        marks["collect"] = time.perf_counter()
+        try:
+            return collect(*args, **kwargs)
+        finally:
+            marks["collected"] = time.perf_counter()
+
+    def timed_round() -> None:
+        marks.clear()
+        started = time.perf_counter()
+        run_round()
+        sent = marks.get("send", marks["collect"])
+        phases.append((marks["collect"] - sent, marks["collected"] - marks["collect"], time.perf_counter() - started - (marks["collected"] - sent)))
+
+    server.send_models = timed(server.send_models)
+    server.collect, server.run_round = timed_collect, timed_round
+    return phases
+
+
+def major_faults(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[9])
+    return total
+
+
+def available_mib() -> int:
+    return next(int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User and system CPU seconds the processes have used so far (Linux /proc)."""
+    if not pids:
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def name_of(summary: Path) -> str:
+    return summary.stem.split("-")[0] + (" process" if summary.stem.startswith("server") else " process 0 (workers 0..)")
+
+
+def summarise(raw: Path, title: str, top: int = 30) -> str:
+    """py-spy's raw (collapsed) stacks, as the functions with most samples: self and total.
+    Sampled with --gil: only the thread holding the GIL, so a sample is 20 ms of Python on the CPU
+    (native work done without the GIL, torch kernels and socket calls, is not seen)."""
+    own, total, samples = collections.Counter(), collections.Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].split("/")[-1] + ")" if " (" in frame else frame
+                  for frame in stack.split(";")[1:]]  # the first frame names the thread
+        samples += int(count)
+        if frames:
+            own[frames[-1]] += int(count)
+        for frame in set(frames):
+            total[frame] += int(count)
+    lines = [f"{title}: {samples} samples of the GIL holder at 50/s = {samples / 50:.1f} s", "", "self (seconds, % of samples):"]
+    lines += [f"{n / 50:8.2f} {100 * n / samples:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+    lines += ["", "total (seconds, % of samples):"]
+    lines += [f"{n / 50:8.2f} {100 * n / samples:5.1f}%  {frame}" for frame, n in total.most_common(top)]
+    return "\n".join(lines) + "\n"
 
 
 def workers(args) -> None:
-    """A helper process hosting `count` workers, each on its own thread and connection."""
+    """A helper process hosting `count` workers, each on its own thread, with a connection of its
+    own or (--shared-connection) one for the whole process, which also loads the key list and
+    partitions the data once for all its workers."""
     torch.set_num_threads(1)
-    settings = PartitionSettings(dataset="digits", model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05)
+    settings = PartitionSettings(dataset=args.dataset, model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05)
+    shared = RabbitTransport(args.broker, name=f"workers-{args.first}") if args.shared_connection else None
+    trusted = keys.KeyList.load(args.key_list) if shared else None
+    full = federated.training_data(settings) if shared else None
+    shares = data.partition(full.labels, settings.partition, settings.workers, settings.seed) if shared else None
     threads = []
     for index in range(args.first, args.first + args.count):
         name = f"worker-{index}"
-        transport = RabbitTransport(BROKER, name=name)
-        identity = Identity.load(name, args.key_list, args.key_list.parent / f"{name}.key")
-        role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=300, worker_id=name, index=index), transport, identity)
+        transport = shared or RabbitTransport(args.broker, name=name)
+        private_key = args.key_list.parent / f"{name}.key"
+        identity = Identity(keys.load_private(private_key, name), trusted) if shared else Identity.load(name, args.key_list, private_key)
+        role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=300, worker_id=name, index=index), transport, identity,
+                            share=full.subset(shares[index]) if shared else None)
         threads.append((transport, RoleThread(name, role.run)))
     for _, thread in threads:
         thread.start()
-    for transport, thread in threads:
-        thread.outcome(600)
+    for _, thread in threads:
+        thread.outcome(3600)
+    for transport in {id(transport): transport for transport, _ in threads}.values():
         transport.close()
 
 
@@ -121,8 +335,23 @@ def main() -> None:
     over.add_argument("--repeat", type=int, default=3)
     many = commands.add_parser("scale")
     many.add_argument("--workers", type=int, nargs="+", default=[25, 50, 100, 200])
+    many.add_argument("--clients-per-round", type=int, default=None, help="client sampling: workers drawn per round (default: all)")
+    many.add_argument("--dataset", default="digits")
     many.add_argument("--per-process", type=int, default=25)
-    many.add_argument("--rounds", type=int, default=4)
+    many.add_argument("--shared-connection", action="store_true", help="one connection per helper process for all its workers")
+    few = commands.add_parser("sampled", help="10,000 registered workers, 100 sampled per round")
+    few.add_argument("--registered", type=int, default=10000)
+    few.add_argument("--clients-per-round", type=int, default=100)
+    few.add_argument("--dataset", default="fashion-mnist", help="digits has fewer samples than 10,000 workers")
+    few.add_argument("--per-process", type=int, default=1000, help="workers per helper process, sharing its connection")
+    for parser_ in (many, few):
+        parser_.add_argument("--rounds", type=int, default=4)
+        parser_.add_argument("--broker", default=BROKER)
+        parser_.add_argument("--own-broker", action="store_true", help="start a RabbitMQ node of this run's own with RLIMIT_NOFILE raised")
+        parser_.add_argument("--nofile", type=int, default=None, help="the file-descriptor limit for --own-broker (default: the hard limit)")
+        parser_.add_argument("--profile", type=Path, default=None, help="py-spy the server and the first helper into this folder")
+        parser_.add_argument("--idle-probe", type=float, default=0.0, help="after round 1, measure this many seconds of idle CPU")
+        parser_.add_argument("--stop-above", type=float, default=10.0, help="skip the larger counts once a round took longer (s)")
     helper = commands.add_parser("workers")
     helper.add_argument("--session", required=True)
     helper.add_argument("--first", type=int, required=True)
@@ -130,8 +359,11 @@ def main() -> None:
     helper.add_argument("--total", type=int, required=True)
     helper.add_argument("--rounds", type=int, required=True)
     helper.add_argument("--key-list", type=Path, required=True)
+    helper.add_argument("--broker", default=BROKER)
+    helper.add_argument("--dataset", default="digits")
+    helper.add_argument("--shared-connection", action="store_true")
     args = parser.parse_args()
-    {"overhead": overhead, "scale": scale, "workers": workers}[args.command](args)
+    {"overhead": overhead, "scale": scale, "sampled": sampled, "workers": workers}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "va
 # MANAGED: options the chart sets itself, never in `settings`; ROLE_KEYS: the values key of
 # each role. Both live with the run options -> values mapping of `splitfed launch`.
 TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker"}
-SINGLETONS = {"relay", "split-client", "split-server", "fedavg-server"}  # one pod per session
+SINGLETONS = {"relay", "split-client", "split-server"}  # one pod per session (fedavg-server: active + standbys)
 JOBS = {"split-client", "fedavg-server"}
 PATTERN_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -80,6 +80,11 @@ VOLUME_SOURCE = {
         "persistentVolumeClaim", "hostPath", "nfs", "csi", "configMap", "emptyDir", "ephemeral", "image")},
 }
 # A GPU count without gpu.enabled is refused: it would otherwise be silently ignored.
+# How pods of one component spread over nodes (the chart's splitfed.affinity).
+ANTI_AFFINITY = {"enum": ["preferred", "required", "none"]}
+# A writer's volume: ReadOnlyMany would not do.
+ACCESS_MODES = {"type": "array", "uniqueItems": True, "items": {"enum": ["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]}}
+DNS_SUBDOMAIN = {"type": "string", "maxLength": 253, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
 GPU = {
     **closed({"enabled": BOOLEAN, "count": {"type": ["integer", "null"], "minimum": 1}}, ["enabled"]),
     "if": {"properties": {"count": {"type": "integer"}}, "required": ["count"]},
@@ -131,7 +136,9 @@ def role_schema(role: str) -> dict:
     if role in JOBS:
         properties["backoffLimit"] = COUNT
     if role == "fedavg-server":
-        properties["persistence"] = closed({"enabled": BOOLEAN, "size": QUANTITY, "storageClass": STRING}, ["enabled"])
+        properties["antiAffinity"] = ANTI_AFFINITY
+        properties["persistence"] = closed({"enabled": BOOLEAN, "size": QUANTITY, "storageClass": STRING,
+                                            "accessModes": ACCESS_MODES, "existingClaim": SECRET_NAME}, ["enabled"])
     return closed(properties, ["enabled", "image", "replicas", "resources"])
 
 
@@ -171,6 +178,8 @@ def schema() -> dict:
             "session": {"type": "string", "pattern": r"^$|^[A-Za-z0-9_.-]{1,64}$"},
             "commonLabels": string_map(),
             "imagePullSecrets": {"type": "array", "items": closed({"name": STRING}, ["name"])},
+            "clusterDomain": DNS_SUBDOMAIN,
+            "queueType": {"enum": ["", *settings_enum("queue_type")]},
             "serviceAccount": closed({"create": BOOLEAN, "name": STRING}),
             "data": closed({
                 "dataset": {"enum": list(settings_enum("dataset"))},
@@ -210,9 +219,11 @@ def schema() -> dict:
                     "then": {"properties": {"existingSecret": {"minLength": 1}}},
                 },
                 "rabbitmq": closed({
+                    "replicas": {"type": "integer", "minimum": 1},
+                    "antiAffinity": ANTI_AFFINITY,
                     "image": IMAGE,
                     "auth": closed({"existingSecret": SECRET_NAME, "username": {"type": "string", "minLength": 1},
-                                    "password": STRING}),
+                                    "password": STRING, "erlangCookie": STRING}),
                     "persistence": closed({"size": QUANTITY, "storageClass": STRING}),
                     "resources": RESOURCES,
                     "nodeSelector": string_map(),

@@ -78,7 +78,8 @@ FEDAVG_SERVER = f'role="fedavg-server", {S}'
 FEDAVG_WORKER = f'role="fedavg-worker", {S}'
 FEDAVG = (
     Panel("Round", (q(f"max by (session) (splitfed_round{{{FEDAVG_SERVER}}})", "{{session}}"),), width=8),
-    Panel("Active workers", (q(f"splitfed_active_workers{{{FEDAVG_SERVER}}}", "{{session}}"),), width=8),
+    Panel("Active workers", (q(f"splitfed_active_workers{{{FEDAVG_SERVER}}}", "joined, not missing {{session}}"),
+                             q(f"splitfed_sampled_workers{{{FEDAVG_SERVER}}}", "drawn this round {{session}}")), width=8),
     Panel("Update bytes accepted per round", (q(f"splitfed_round_bytes{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="bytes", width=8),
     Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="percentunit"),
     Panel("Loss", (q(f"splitfed_test_loss{{{FEDAVG_SERVER}}}", "test {{session}}"), q(f"splitfed_train_loss{{{FEDAVG_SERVER}}}", "train (workers' mean) {{session}}"))),
@@ -91,6 +92,8 @@ FEDAVG = (
     Panel("Update size", (q(f"splitfed_update_bytes{{{FEDAVG_WORKER}}}", "{{instance}}"),), unit="bytes"),
     Panel("Training vs waiting", (q(f"sum by (activity) (rate(splitfed_activity_seconds_total{{{FEDAVG_WORKER}}}[$__rate_interval]))", "{{activity}}"),),
           unit="s", stacked=True, description="Worker-seconds per second spent training a round or waiting for the next model"),
+    Panel("Servers: active or standby", (q(f"splitfed_server_active{{{FEDAVG_SERVER}}}", "{{instance}}"),),
+          description="1: the server holding the session and running rounds; 0: a standby waiting to take over"),
     Panel("Missed rounds by worker", (q(f"splitfed_worker_missed_rounds{{{FEDAVG_SERVER}}}", "{{worker}}"),),
           description="Rounds in a row closed without the worker's update; 0 once it is heard from"),
 )

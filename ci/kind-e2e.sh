@@ -77,9 +77,19 @@ kubectl --context "$context" patch node "$gpu_node" --subresource=status --type=
   -p '[{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "2"}]'
 kubectl --context "$context" create namespace "$namespace"
 cluster_args=(--kube-context "$context" --namespace "$namespace")
+# The chart's defaults do not fit this cluster, so every launch scales them down:
+# - fedavgServer.replicas=1: two server pods (active + standby) share a ReadWriteMany checkpoint
+#   claim, and kind's default storage class (local-path) offers ReadWriteOnce only, so the claim
+#   would stay Pending and the servers with it. One server with a ReadWriteOnce claim still
+#   resumes from its checkpoint after a restart; failover is left to tests/integration.
+# - broker.rabbitmq.replicas=1: three RabbitMQ nodes for each of the three releases below would
+#   all land on the one untainted worker (the control plane and the GPU-like worker are tainted):
+#   nine nodes, 4.5Gi of memory requested, more than a small kind host spares, and no spread over
+#   hosts to show for it. With one node the chart uses classic queues.
+small=(--set fedavgServer.replicas=1 --set broker.rabbitmq.replicas=1)
 
 # A small FedAvg run: two workers on the GPU-like node (selector, toleration, GPU limit).
-"$splitfed" launch fedavg "${cluster_args[@]}" --name fl --dataset digits --workers 2 --partition iid --rounds 2 \
+"$splitfed" launch fedavg "${cluster_args[@]}" "${small[@]}" --name fl --dataset digits --workers 2 --partition iid --rounds 2 \
   --set fedavgWorker.gpu.enabled=true --wait-timeout 900 --out "$results/fedavg.json"
 worker_nodes=$(kubectl --context "$context" -n "$namespace" get pods \
   -l app.kubernetes.io/instance=fl,app.kubernetes.io/component=fedavg-worker -o jsonpath='{.items[*].spec.nodeName}')
@@ -91,14 +101,14 @@ done
 "$splitfed" logs fl "${cluster_args[@]}" --tail 0 >"$results/fedavg-server.log"
 
 # A small split run through the relay.
-"$splitfed" launch split "${cluster_args[@]}" --name sp --dataset digits --epochs 1 --batch-size 32 \
+"$splitfed" launch split "${cluster_args[@]}" "${small[@]}" --name sp --dataset digits --epochs 1 --batch-size 32 \
   --wait-timeout 900 --out "$results/split.json"
 "$helm" test sp --kube-context "$context" --namespace "$namespace" >"$results/split-helm-test.txt"
 "$splitfed" status "${cluster_args[@]}" --name sp >"$results/split-status.txt"
 "$splitfed" logs sp "${cluster_args[@]}" --tail 0 >"$results/split-client.log"
 
 # More GPUs than any node has: launch must stop with the reason.
-if "$splitfed" launch fedavg "${cluster_args[@]}" --name nogpu --dataset digits --workers 1 --partition iid --rounds 1 \
+if "$splitfed" launch fedavg "${cluster_args[@]}" "${small[@]}" --name nogpu --dataset digits --workers 1 --partition iid --rounds 1 \
   --set fedavgServer.gpu.enabled=true --set fedavgServer.gpu.count=4 --pending-timeout 30 --wait-timeout 300 \
   2>"$results/no-gpu.err"; then
   echo "kind-e2e: a launch asking for 4 GPUs succeeded" >&2

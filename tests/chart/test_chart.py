@@ -84,7 +84,10 @@ def test_default_values_render_a_small_fedavg_run(rendered):
         ("NetworkPolicy", "ci-splitfed-roles"),
         ("PersistentVolumeClaim", "ci-splitfed-fedavg-server-checkpoint"),
         ("Pod", "ci-splitfed-broker-test"),
+        ("PodDisruptionBudget", "ci-splitfed-broker"),
+        ("PodDisruptionBudget", "ci-splitfed-fedavg-server"),
         ("Secret", "ci-splitfed-broker"),
+        ("Secret", "ci-splitfed-broker-erlang-cookie"),
         ("Service", "ci-splitfed-broker"),
         ("Service", "ci-splitfed-broker-headless"),
         ("Service", "ci-splitfed-fedavg-worker"),
@@ -116,11 +119,13 @@ def test_labels_and_selectors(rendered, name):
             pod_labels = obj["spec"]["template"]["metadata"]["labels"]
             assert set(selector) == {*NAME_LABELS, "app.kubernetes.io/component"}
             assert selector.items() <= pod_labels.items(), f"{obj['metadata']['name']}: selector not in pod labels"
-        if obj["kind"] == "Service":
-            assert set(obj["spec"]["selector"]) == {*NAME_LABELS, "app.kubernetes.io/component"}
+        if obj["kind"] in ("Service", "PodDisruptionBudget"):
+            selector = obj["spec"]["selector"]
+            selector = selector["matchLabels"] if obj["kind"] == "PodDisruptionBudget" else selector
+            assert set(selector) == {*NAME_LABELS, "app.kubernetes.io/component"}
             matched = [o for o in rendered[name] if o["kind"] in WORKLOAD_KINDS
-                       and obj["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
-            assert len(matched) == 1, f"Service {obj['metadata']['name']} selects {len(matched)} workloads"
+                       and selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(matched) == 1, f"{obj['kind']} {obj['metadata']['name']} selects {len(matched)} workloads"
 
 
 @pytest.mark.parametrize("name", VALUE_NAMES)
@@ -228,9 +233,9 @@ def test_settings_become_env_vars(rendered):
 
 
 def credentials_in_url(text: str) -> bool:
-    """amqp(s)://user:pass@ with literal credentials ($(VAR) references are not credentials)."""
-    match = re.search(r"amqps?://([^@/]*)@", text)
-    return bool(match) and re.fullmatch(r"\$\([A-Z_]+\):\$\([A-Z_]+\)", match.group(1)) is None
+    """amqp(s)://user:pass@ with literal credentials in any URL of a list ($(VAR) references are not credentials)."""
+    return any(re.fullmatch(r"\$\([A-Z_]+\):\$\([A-Z_]+\)", match.group(1)) is None
+               for match in re.finditer(r"amqps?://([^@/,]*)@", text))
 
 
 @pytest.mark.parametrize("name", VALUE_NAMES)
@@ -260,10 +265,13 @@ def test_a_given_password_is_only_in_the_secret(helm):
     objects = render(helm, "--set", f"broker.rabbitmq.auth.password={password}")
     holders = [o for o in objects if password in yaml.safe_dump(o)]
     assert holders == []  # not even in the Secret: Secret data is base64
-    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "ci-splitfed-broker"]
     import base64
     assert base64.b64decode(secret["data"]["password"]).decode() == password
-    assert base64.b64decode(secret["data"]["url"]).decode() == f"amqp://splitfed:{password}@ci-splitfed-broker:5672/%2F"
+    # every node of the cluster by its own name, then the Service
+    assert base64.b64decode(secret["data"]["url"]).decode().split(",") == [
+        *(f"amqp://splitfed:{password}@ci-splitfed-broker-{n}.ci-splitfed-broker-headless:5672/%2F" for n in range(3)),
+        f"amqp://splitfed:{password}@ci-splitfed-broker:5672/%2F"]
 
 
 def test_external_tls_broker(rendered):
@@ -426,6 +434,7 @@ def test_helm_test_checks_the_broker(rendered):
     ("fedavgWorker.gpu.count=2", "at '/fedavgWorker/gpu/enabled': value must be true"),
     ("fedavg.settings.bogus=1", "at '/fedavg/settings': additional properties 'bogus' not allowed"),
     ("fedavgServer.settings.rounds=0", "at '/fedavgServer/settings/rounds': minimum"),
+    ("fedavgServer.settings.queue-type=quorum", "at '/fedavgServer/settings': additional properties 'queue-type' not allowed"),
     ("splitClient.replicas=2", "at '/splitClient/replicas': maximum"),
     ("broker.external.enabled=true,broker.external.existingSecret=creds", "broker.external.enabled needs broker.external.host"),
     ("fedavgWorker.replicas=0", "fedavgServer.enabled needs fedavgWorker.replicas >= 1"),

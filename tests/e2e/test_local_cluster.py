@@ -195,7 +195,8 @@ def test_a_fedavg_release_runs_as_containers_and_equals_splitfed_run(helm, clust
     pods = cluster.install(helm, {
         "fedavg": {"settings": settings},
         "fedavgWorker": {"replicas": 2},
-        "fedavgServer": {"persistence": {"enabled": False}, "settings": {"rounds": 2}},
+        # One server (no standby: a standby needs the shared checkpoint volume, which becomes an emptyDir here).
+        "fedavgServer": {"replicas": 1, "persistence": {"enabled": False}, "settings": {"rounds": 2}},
     })
     assert pods == ["e2e-splitfed-fedavg-server-0", "e2e-splitfed-fedavg-worker-0", "e2e-splitfed-fedavg-worker-1"]
     result = cluster.wait("e2e-splitfed-fedavg-server-0", "fedavg-server")

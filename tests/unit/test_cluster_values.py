@@ -86,6 +86,16 @@ def test_split_options_and_the_relay():
     assert direct["relay"] == {"enabled": False} and direct["split"] == {"settings": {"timeout": 60.0}}
 
 
+def test_the_queue_type_is_one_chart_value_for_every_role():
+    """Every party of a session must use the same queue type, and the chart picks it from the
+    broker's size unless told: --queue-type becomes queueType, never a role's setting."""
+    for scenario in values.launchable():
+        chosen = values.chart_values(scenario, {"queue_type": "quorum"})
+        assert chosen["queueType"] == "quorum"
+        assert not [key for key, section in chosen.items() if isinstance(section, dict) and "settings" in section]
+    assert "queue_type" in values.MANAGED and values.CHART_LEVEL["queue_type"] == "queueType"
+
+
 def test_nothing_given_is_nothing_written():
     """Options not given are left out: the chart's and the roles' defaults apply, as with run."""
     assert values.chart_values("fedavg", {}) == {key: {"enabled": key in ("fedavgServer", "fedavgWorker")} for key in values.ROLE_KEYS.values()}

@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 
 from splitfed.learning import federated
 from splitfed.learning.settings import FederatedSettings
-from splitfed.roles.fedavg import CheckpointError
+from splitfed.roles.fedavg import CheckpointError, ServerDeployment
+from splitfed.roles.fedavg.server import FedAvgServer, Superseded
 from splitfed.scenarios import fedavg, launch
 from splitfed.scenarios.fedavg import FedAvgRun
 from splitfed.scenarios.launch import ScenarioError
+from splitfed.transport import MemoryBroker, MemoryTransport
 
 SETTINGS = FederatedSettings(dataset="digits", model="tiny", rounds=3, partition="iid", lr=0.05)
 
@@ -60,3 +62,17 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     reference, _ = federated.reference_run(SETTINGS)
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
+
+
+def test_a_server_replaced_by_another_stops_before_writing(tmp_path):
+    """Fencing: each takeover raises the epoch in the shared checkpoint; a server that finds a
+    newer epoch there than its own (it was cut off while another took over) writes nothing more."""
+    settings = FederatedSettings(dataset="digits", model="tiny", rounds=2, partition="iid")
+    server = FedAvgServer(settings, ServerDeployment(session="ckpt-fence", checkpoint_dir=tmp_path, timeout=5), MemoryTransport(MemoryBroker()))
+    server.take_over()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["epoch"] == 1
+    (tmp_path / "state.json").write_text(json.dumps({**state, "epoch": 2}))  # what a successor writes when it takes over
+    with pytest.raises(Superseded, match="another fedavg-server took over session ckpt-fence \\(epoch 2, this one 1\\)"):
+        server.checkpoint(with_model=True)
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2  # the successor's checkpoint is untouched

@@ -30,6 +30,7 @@ def final_diff(model, checkpoint_dir) -> float:
     ("fedyogi", 3, {"local_steps": 10}), ("fedadagrad", 3, {}), ("scaffold", 3, {"local_steps": 10, "optimizer": "sgd", "lr": 0.05}),
     ("fedrs", 3, {"partition": "classes:0-3,4-6,7-9", "rs_alpha": 0.3}),
     ("fedbabu", 3, {"partition": "classes:0-3,4-6,7-9"}),
+    ("fedlc", 3, {"partition": "classes:0-3,4-6,7-9", "optimizer": "sgd", "lr": 0.05, "server_momentum": 0.7, "lc_tau": 1.0}),
 ])
 def test_fedavg_in_memory_equals_the_plain_loop(tmp_path, strategy, workers, local):
     settings = FederatedSettings(dataset="digits", rounds=2, workers=workers, strategy=strategy, **{"partition": "iid", **local})

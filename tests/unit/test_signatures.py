@@ -120,3 +120,36 @@ def test_an_unsigned_body_is_refused_before_it_is_parsed(parties):
         with pytest.raises(ProtocolError, match="unsigned"):
             endpoint.validate(frame, ("update",), None, None)
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_batch_shares_one_body_and_signs_each_message_for_its_recipient(tmp_path, monkeypatch):
+    """send_messages serialises a tensors dict shared by the batch once, yet every frame is
+    numbered, bound to its recipient and signed on its own: each verifies at its recipient's
+    Endpoint, and none passes at another's."""
+    from splitfed.roles import endpoint as endpoint_module
+
+    names = ["fedavg-server", "worker-0", "worker-1", "worker-2"]
+    key_list = keys.KeyList.load(keys.generate(tmp_path, names))
+    broker = MemoryBroker()
+    server = Endpoint(MemoryTransport(broker), session=SESSION, role="fedavg-server", inbox=INBOX, signer=keys.load_private(tmp_path / "fedavg-server.key", "fedavg-server"),
+                      trusted=key_list, ordered=False)
+    server.bind("run-1")
+    encoded = []
+    monkeypatch.setattr(endpoint_module, "encode_body", lambda tensors: encoded.append(1) or encode_body(tensors))
+    tensors = {"w": np.arange(6, dtype=np.float32)}
+    workers = names[1:]
+    inboxes = {worker: f"splitfed.{SESSION}.fedavg-worker.{worker}" for worker in workers}
+    sent = server.send_messages([(inboxes[worker], Message("model", "", "", round=1, tensors=tensors), worker) for worker in workers], persistent=True)
+    assert len(encoded) == 1 and len({s.digest for s in sent}) == len(workers)  # one body; three different signed frames
+    for worker in workers:
+        receiver = Endpoint(MemoryTransport(broker), session=SESSION, role="fedavg-worker", inbox=inboxes[worker], trusted=key_list, ordered=False, name=worker, timeout=1)
+        receiver.bind("run-1")
+        message, _ = receiver.receive(("model",), ("fedavg-server",))
+        assert message.meta["to"] == worker and np.array_equal(message.tensors["w"], tensors["w"])
+    # One more batch, and worker-0's frame handed to worker-1 instead: refused, as bound to another.
+    server.send_messages([(inboxes["worker-1"], Message("model", "", "", round=2, tensors=tensors), "worker-0")])
+    before = rejected_count("fedavg-worker", SESSION, "replay")
+    other = Endpoint(MemoryTransport(broker), session=SESSION, role="fedavg-worker", inbox=inboxes["worker-1"], trusted=key_list, ordered=False, name="worker-1", timeout=1)
+    other.bind("run-1")
+    assert other.receive(("model",), ("fedavg-server",), wait=0.5) is None
+    assert rejected_count("fedavg-worker", SESSION, "replay") == before + 1

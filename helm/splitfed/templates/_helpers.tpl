@@ -114,6 +114,70 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 
+{{/* The governing (headless) Service of the chart's RabbitMQ: it gives each broker pod a stable
+DNS name, <pod>.<headless>, which the nodes cluster by and the roles fail over to. */}}
+{{- define "splitfed.brokerHeadless" -}}
+{{- printf "%s-headless" (include "splitfed.componentName" (dict "root" . "component" "broker")) -}}
+{{- end -}}
+
+{{/* The hosts a role tries in turn, comma-separated: each pod of the chart's RabbitMQ cluster,
+then its Service (which routes to any ready node) as the last resort; one broker: its host. */}}
+{{- define "splitfed.brokerHosts" -}}
+{{- $hosts := list -}}
+{{- $replicas := int .Values.broker.rabbitmq.replicas -}}
+{{- if and (not .Values.broker.external.enabled) (gt $replicas 1) -}}
+{{- $statefulSet := include "splitfed.componentName" (dict "root" . "component" "broker") -}}
+{{- range $ordinal := until $replicas -}}
+{{- $hosts = append $hosts (printf "%s-%d.%s" $statefulSet $ordinal (include "splitfed.brokerHeadless" $)) -}}
+{{- end -}}
+{{- end -}}
+{{- append $hosts (include "splitfed.brokerHost" .) | join "," -}}
+{{- end -}}
+
+{{/* The broker URLs, comma-separated (what --broker takes): dict "root" $ "credentials" "user:pass",
+the credentials already percent-encoded, or $(VAR) references the kubelet fills in. */}}
+{{- define "splitfed.brokerUrls" -}}
+{{- $root := .root -}}
+{{- $scheme := ternary "amqps" "amqp" (eq (include "splitfed.brokerTLS" $root) "true") -}}
+{{- $urls := list -}}
+{{- range $host := splitList "," (include "splitfed.brokerHosts" $root) -}}
+{{- $urls = append $urls (printf "%s://%s@%s:%s/%s" $scheme $.credentials $host (include "splitfed.brokerPort" $root) (urlquery $root.Values.broker.vhost)) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- end -}}
+
+{{/* Durable queue type, the same for every party of the session: the value, or quorum where the
+chart's own RabbitMQ has 3 nodes or more (a quorum queue keeps working while a majority of its
+replicas does), else classic (one node: nothing to replicate to; an external broker: the chart
+cannot tell its size, so set queueType). */}}
+{{- define "splitfed.queueType" -}}
+{{- if .Values.queueType -}}
+{{- .Values.queueType -}}
+{{- else if and (not .Values.broker.external.enabled) (ge (int .Values.broker.rabbitmq.replicas) 3) -}}
+quorum
+{{- else -}}
+classic
+{{- end -}}
+{{- end -}}
+
+{{/* A pod's affinity: dict "root" $ "component" C "affinity" VALUES "spread" MODE. The given
+affinity, plus a podAntiAffinity that spreads the component's pods over nodes (kubernetes.io/hostname),
+so that losing one node takes at most one of them: MODE "preferred" (the scheduler tries) or
+"required" (a pod stays Pending rather than share a node); "none", or a podAntiAffinity of the
+values' own, leaves the affinity as given. */}}
+{{- define "splitfed.affinity" -}}
+{{- $affinity := deepCopy (.affinity | default dict) -}}
+{{- if and (has .spread (list "preferred" "required")) (not (hasKey $affinity "podAntiAffinity")) -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "splitfed.selectorLabels" (dict "root" .root "component" .component) | fromYaml)) -}}
+{{- if eq .spread "required" -}}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) -}}
+{{- else -}}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) -}}
+{{- end -}}
+{{- end -}}
+{{- with $affinity }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
 {{- define "splitfed.brokerPort" -}}
 {{- if .Values.broker.external.enabled -}}{{ .Values.broker.external.port }}{{- else -}}5672{{- end -}}
 {{- end -}}
@@ -131,9 +195,9 @@ url
 {{- if and .Values.broker.external.enabled .Values.broker.external.tls.enabled -}}true{{- end -}}
 {{- end -}}
 
-{{/* Env vars for the broker URL. The credentials never appear in the manifest: either the whole
-URL comes from a Secret, or the user name and password do and Kubernetes puts them into the URL
-($(VAR) references to variables defined just before). */}}
+{{/* Env vars for the broker: its URLs and the queue type. The credentials never appear in the
+manifest: either the whole URL list comes from a Secret, or the user name and password do and
+Kubernetes puts them into each URL ($(VAR) references to variables defined just before). */}}
 {{- define "splitfed.brokerEnv" -}}
 {{- $secret := include "splitfed.brokerSecretName" . -}}
 {{- $urlKey := include "splitfed.brokerUrlKey" . -}}
@@ -156,8 +220,10 @@ URL comes from a Secret, or the user name and password do and Kubernetes puts th
       name: {{ $secret }}
       key: {{ ternary $ext.passwordKey "password" $ext.enabled }}
 - name: SPLITFED_BROKER
-  value: {{ printf "%s://$(BROKER_USERNAME):$(BROKER_PASSWORD)@%s:%s/%s" (ternary "amqps" "amqp" (eq (include "splitfed.brokerTLS" .) "true")) (include "splitfed.brokerHost" .) (include "splitfed.brokerPort" .) (urlquery .Values.broker.vhost) | quote }}
+  value: {{ include "splitfed.brokerUrls" (dict "root" . "credentials" "$(BROKER_USERNAME):$(BROKER_PASSWORD)") | quote }}
 {{- end }}
+- name: SPLITFED_QUEUE_TYPE
+  value: {{ include "splitfed.queueType" . | quote }}
 {{- if include "splitfed.brokerTLS" . }}
 {{- $tls := .Values.broker.external.tls }}
 - name: SPLITFED_TLS_CA
@@ -186,6 +252,18 @@ URL comes from a Secret, or the user name and password do and Kubernetes puts th
   mountPath: /etc/splitfed/tls
   readOnly: true
 {{- end }}
+{{- end -}}
+
+{{/* The fedavg-server's checkpoint claim: an existing one, or the chart's. */}}
+{{- define "splitfed.checkpointClaim" -}}
+{{- default (include "splitfed.componentName" (dict "root" . "component" "fedavg-server-checkpoint")) .Values.fedavgServer.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* Its access modes, as a YAML list: the given ones, else ReadWriteMany when several server pods
+(on different nodes) share the claim, ReadWriteOnce for one. */}}
+{{- define "splitfed.checkpointAccessModes" -}}
+{{- $persistence := .Values.fedavgServer.persistence -}}
+{{- toYaml ($persistence.accessModes | default (list (ternary "ReadWriteMany" "ReadWriteOnce" (gt (int .Values.fedavgServer.replicas) 1)))) -}}
 {{- end -}}
 
 {{/* An env value as text: whole numbers without an exponent (YAML numbers arrive as floats). */}}

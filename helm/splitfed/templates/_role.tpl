@@ -38,9 +38,9 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $values.affinity }}
+  {{- with include "splitfed.affinity" (dict "root" $root "component" $role "affinity" $values.affinity "spread" ($values.antiAffinity | default "none")) }}
   affinity:
-    {{- toYaml . | nindent 4 }}
+    {{- . | nindent 4 }}
   {{- end }}
   containers:
     - name: {{ $role }}
@@ -186,6 +186,6 @@ spec:
     {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
     - name: checkpoint
       persistentVolumeClaim:
-        claimName: {{ include "splitfed.componentName" (dict "root" $root "component" "fedavg-server-checkpoint") }}
+        claimName: {{ include "splitfed.checkpointClaim" $root }}
     {{- end }}
 {{- end -}}

@@ -23,10 +23,11 @@ from splitfed.roles.registry import ROLES
 from splitfed.scenarios.registry import SCENARIOS
 
 # Options the chart sets itself, from other values (session, broker, keys, metrics, data,
-# worker identity, worker count, checkpoint volume, relay or direct): never in `settings`.
+# worker identity, worker count, checkpoint volume, relay or direct, the queue type that follows
+# the broker's size): never in `settings`.
 MANAGED = {
     "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
-    "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via",
+    "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
 }
 
 # values key of each role
@@ -71,6 +72,9 @@ CHART_LEVEL = {
     "dataset": "data.dataset",
     "workers": "fedavgWorker.replicas",
     "via": "relay.enabled (relay: true, direct: false)",
+    # Every party of a session must use the same queue type, so it is one value for all roles
+    # (empty there: quorum on a chart broker of 3 or more nodes, else classic).
+    "queue_type": "queueType",
     "key_list": "keys.existingSecret: a Secret launch makes from the key list's folder",
 }
 LOCAL = {"out", "plot"}  # used by launch itself, on this machine, as by `splitfed run`
@@ -144,6 +148,8 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             values["data"] = {"dataset": value}
         elif name == "workers":
             values["fedavgWorker"]["replicas"] = value
+        elif name == "queue_type":
+            values["queueType"] = value
         elif name == "key_list":
             if not keys_secret:
                 raise ValueError("--key-list needs the Secret made from its folder")

@@ -206,8 +206,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _age_key(pod: Any) -> tuple:
+    return pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc), pod.metadata.name
+
+
 def _newest(pods: list[Any]) -> Any:
-    return max(pods, key=lambda pod: (pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc), pod.metadata.name))
+    return max(pods, key=_age_key)
 
 
 @dataclass
@@ -262,8 +266,6 @@ class Watch:
 
     def step(self) -> dict | None:
         """One look at the release: its result once the lead has printed it, else None."""
-        from kubernetes.client import ApiException
-
         pods = self.pods()
         now = self.clock()
         for pod in pods:
@@ -280,13 +282,10 @@ class Watch:
         if not leads:
             return None
         finished = [pod for pod in leads if pod.status.phase == "Succeeded"]
-        lead = finished[0] if finished else _newest(leads)
-        try:
-            log = self.log(lead, timestamps=True, **({} if finished else {"tail_lines": LOG_TAIL}))
-        except ApiException as exc:
-            if exc.status == 400:  # the container has not started yet
-                return None
-            raise
+        followed = self.following(finished[:1] or leads, whole=bool(finished))
+        if followed is None:
+            return None
+        lead, log = followed
         result = None
         for text in self.cursor.new(log):
             if (event := event_of(text)) is None:
@@ -299,6 +298,24 @@ class Watch:
             raise NoResult(f"{self.lead} pod {lead.metadata.name} finished, but its log holds no result line "
                            f"(is progress-events turned off in its settings?)")
         return result
+
+    def following(self, leads: list[Any], whole: bool) -> tuple[Any, str] | None:
+        """The lead to follow and its log (the whole log, or its tail): with a standby server
+        beside the active one, the newest whose log holds progress events, since a standby
+        prints none until it takes over; None while no lead's container has started."""
+        from kubernetes.client import ApiException
+
+        logs = []
+        for pod in sorted(leads, key=_age_key, reverse=True):  # the newest first
+            try:
+                logs.append((pod, self.log(pod, timestamps=True, **({} if whole else {"tail_lines": LOG_TAIL}))))
+            except ApiException as exc:
+                if exc.status != 400:  # 400: the container has not started yet
+                    raise
+            if len(leads) == 1:
+                break
+        active = [(pod, log) for pod, log in logs if any(event_of(parse_line(line)[1]) for line in log.splitlines())]
+        return (active or logs or [None])[0]
 
     def explain(self, pod: Any, problem: Problem) -> str:
         """The problem's line, the pod's warning events and its last log lines."""

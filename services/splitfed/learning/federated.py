@@ -3,6 +3,7 @@ FedAvg loop in one process (the baseline the distributed run must equal and is t
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from splitfed.learning import data, models, strategies, train
-from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids
 from splitfed.learning.train import EpochRecord
 
 
@@ -54,6 +55,15 @@ def local_batches(size: int, settings: PartitionSettings, generator: torch.Gener
     return batches[: settings.local_steps]
 
 
+def sample_workers(candidates: list[str], count: int, seed: int, round_number: int) -> list[str]:
+    """`count` of `candidates` (all of them when there are no more), drawn for one round: the
+    same seed, round and candidates, in any order, always give the same workers, sorted."""
+    ordered = sorted(candidates)
+    if count >= len(ordered):
+        return ordered
+    return sorted(random.Random(f"splitfed-sample/{seed}/{round_number}").sample(ordered, count))
+
+
 def round_lr(settings: PartitionSettings, round_number: int) -> float:
     return settings.lr * settings.lr_decay ** (round_number - 1)
 
@@ -84,6 +94,14 @@ def absent_class_scale(share: data.Split, classes: int, scale: float) -> torch.T
     return factors
 
 
+def calibration_offsets(share: data.Split, classes: int, tau: float) -> torch.Tensor:
+    """(classes,): FedLC's logit calibration tau * n_c^(-1/4) from the share's label counts n_c,
+    subtracted from the logits in the local loss. A class the share holds no sample of counts as
+    one sample (the guard against n_c = 0): its logits are pushed down the most, by tau."""
+    counts = torch.bincount(share.labels, minlength=classes).to(torch.float32)  # (classes,)
+    return tau * counts.clamp(min=1.0).pow(-0.25)
+
+
 @dataclass
 class LocalWork:
     loss: float  # mean training loss of the round
@@ -92,13 +110,14 @@ class LocalWork:
 
 def local_training(
     model: nn.Module, share: data.Split, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
-    absent_scale: float = 1.0, frozen_head: bool = False, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    absent_scale: float = 1.0, frozen_head: bool = False, calibration_tau: float = 0.0, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`.
 
     prox_mu > 0: the FedProx term mu/2 * ||w - w_global||^2 keeps the local model near the
     global one. absent_scale < 1: the logits of classes this share holds no sample of are scaled
-    by it (FedRS's restricted softmax). frozen_head: the last layer is not trained (FedBABU).
+    by it (FedRS's restricted softmax). calibration_tau > 0: the logits in the loss are
+    calibrated by the share's label counts, z_c - tau * n_c^(-1/4) (FedLC). frozen_head: the last layer is not trained (FedBABU).
     `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
     variates: every gradient is corrected by c - c_i, and the new c_i is the local gradient at
     the global model over this round's batches (the paper's option I, whatever the optimiser)."""
@@ -111,12 +130,17 @@ def local_training(
     opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     logit_scale = absent_class_scale(share, data.info(settings.dataset).classes, absent_scale) if absent_scale != 1.0 else None  # (classes,)
+    offsets = calibration_offsets(share, data.info(settings.dataset).classes, calibration_tau) if calibration_tau > 0 else None  # (classes,)
     losses = []
     model.train()
     for indices in batches:
         opt.zero_grad(set_to_none=True)
         logits = model(share.images[indices])  # (B, classes)
-        loss = train.loss_fn(logits * logit_scale if logit_scale is not None else logits, share.labels[indices])
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        if offsets is not None:
+            logits = logits - offsets
+        loss = train.loss_fn(logits, share.labels[indices])
         if anchor is not None:
             loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
         loss.backward()
@@ -131,8 +155,9 @@ def local_training(
 def reference_run(
     settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None
 ) -> tuple[nn.Module, list[EpochRecord]]:
-    """Federated settings run as a plain loop: each round every worker trains in turn from the
-    global model, then the same strategy object the server uses steps the global model."""
+    """Federated settings run as a plain loop: each round every worker (or those the server's
+    sampler draws) trains in turn from the global model, then the same strategy object the
+    server uses steps the global model."""
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
     names = list(model.state_dict())
@@ -142,18 +167,22 @@ def reference_run(
     local = models.build(settings.model, meta, settings.seed)
     strategy = strategies.from_settings(settings)
     worker_controls = [zeros_like_state(model) for _ in shares] if strategy.control_variates else []
+    workers = worker_ids(len(shares))
     history = []
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
         current = strategies.flatten(model.state_dict(), names)
         server_control = strategies.unflatten(strategy.control(current), model.state_dict(), names) if strategy.control_variates else None
         vectors, weights, losses, control_deltas = [], [], [], []
+        drawn = set(sample_workers(workers, settings.round_sample_size(len(shares)), settings.seed, round_number))
         for index, share in enumerate(shares):
+            if workers[index] not in drawn:
+                continue
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
             work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number,
                                   prox_mu=strategy.local_prox_mu, absent_scale=strategy.local_absent_scale,
-                                  frozen_head=strategy.local_frozen_head, controls=controls)
+                                  frozen_head=strategy.local_frozen_head, calibration_tau=strategy.local_calibration_tau, controls=controls)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))

@@ -5,6 +5,7 @@ Each field is one CLI flag and one SPLITFED_* variable (see `splitfed.config`)."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ DATASETS: dict[str, DatasetInfo] = {
 MODELS = ("cnn", "tiny")  # built by learning.models
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
-STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu")  # learning.strategies
+STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
 
 
@@ -124,22 +125,51 @@ class PartitionSettings(ModelSettings):
         parse_partition(self.partition, self.workers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
 
 
+def worker_ids(count: int) -> list[str]:
+    """The workers' names in a run of `count` (the plain loop and the sampler use them too)."""
+    return [f"worker-{index}" for index in range(count)]
+
+
 @dataclass(kw_only=True)
 class FederatedSettings(PartitionSettings):
     """The whole federation: rounds and the aggregation rule on top of the workers' settings."""
 
     rounds: int = setting(10, "Federated rounds.", min=1)
+    clients_per_round: int | None = setting(None, "Workers drawn (seeded) to train in each round; the others wait (default: every worker).", min=1)
+    fraction: float | None = setting(None, "Fraction of the workers drawn to train in each round, at least one (instead of --clients-per-round).", min=0.0, max=1.0)
     strategy: str = setting(
         "fedavg", "Aggregation: fedavg, fedprox; median, trimmed-mean, krum (resist poisoned updates); server optimisers fedavgm, "
-        "fedadam, fedyogi, fedadagrad; scaffold (drift correction); fedrs (restricted softmax) and fedbabu (fixed head), for label skew.", choices=STRATEGIES,
+        "fedadam, fedyogi, fedadagrad; scaffold (drift correction); fedrs (restricted softmax), fedbabu (fixed head) and fedlc (calibrated logits, server momentum), for label skew.", choices=STRATEGIES,
     )
     prox_mu: float = setting(0.01, "FedProx proximal weight (with --strategy fedprox).", min=0.0)
     trim: float = setting(0.2, "Fraction trimmed at each end by trimmed-mean.", min=0.0, max=0.49)
     byzantine: int = setting(1, "Poisoned workers krum tolerates.", min=0)
     rule: str = setting("mean", "How server optimisers combine the round's models before their step (a robust rule resists poisoning).", choices=RULES)
-    server_lr: float | None = setting(None, "Server learning rate of fedavgm, fedadam, fedyogi, fedadagrad, scaffold (default: 1 for fedavgm and scaffold, 0.01 for the adaptive ones).", min=0.0)
-    server_momentum: float = setting(0.9, "fedavgm's server momentum.", min=0.0, max=1.0)
+    server_lr: float | None = setting(None, "Server learning rate of fedavgm, fedlc, fedadam, fedyogi, fedadagrad, scaffold (default: 1 for fedavgm, fedlc and scaffold, 0.01 for the adaptive ones).", min=0.0)
+    server_momentum: float = setting(0.9, "Server momentum of fedavgm and fedlc.", min=0.0, max=1.0)
     beta1: float = setting(0.9, "First-moment decay of fedadam, fedyogi, fedadagrad.", min=0.0, max=1.0)
     beta2: float = setting(0.99, "Second-moment decay of fedadam and fedyogi.", min=0.0, max=1.0)
     tau: float = setting(1e-3, "Adaptivity (epsilon) of fedadam, fedyogi, fedadagrad.", min=1e-12)
+    lc_tau: float = setting(1.0, "fedlc: workers subtract lc_tau * n_c^(-1/4) from the logit of each class c they hold n_c samples of (n_c = 0 counts as 1) in their local loss.", min=0.0)
     rs_alpha: float = setting(0.5, "fedrs: how much the logits of classes a worker holds no sample of count in its local loss.", min=0.0, max=1.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give --clients-per-round or --fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round > self.workers:
+            raise ValueError(f"--clients-per-round {self.clients_per_round} is more than the {self.workers} workers")
+        if self.fraction == 0:
+            raise ValueError("--fraction must be above 0")
+
+    def samples_clients(self) -> bool:
+        """Whether rounds draw some of the workers rather than take every one."""
+        return self.clients_per_round is not None or self.fraction is not None
+
+    def round_sample_size(self, registered: int) -> int:
+        """How many of `registered` workers a round draws: all of them without sampling."""
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, registered)
+        if self.fraction is not None:
+            return max(1, math.ceil(self.fraction * registered))
+        return registered

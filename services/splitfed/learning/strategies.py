@@ -77,6 +77,7 @@ class Strategy:
     local_prox_mu: ClassVar[float] = 0.0
     local_absent_scale: ClassVar[float] = 1.0
     local_frozen_head: ClassVar[bool] = False  # workers leave the model's last layer as it is
+    local_calibration_tau: ClassVar[float] = 0.0  # > 0: workers calibrate their logits by their label counts (FedLC)
     control_variates: ClassVar[bool] = False
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -239,6 +240,22 @@ class FedAvgM(ServerOptimizer):
 
 
 @dataclass(frozen=True)
+class FedLC(FedAvgM):
+    """FedLC (Zhang et al., ICML 2022, "Federated Learning with Label Distribution Skew via Logits
+    Calibration"): each worker's local loss is the cross-entropy of its logits calibrated by its own
+    label counts, z_c - lc_tau * n_c^(-1/4), so the classes it holds few or none of (n_c = 0 counts
+    as 1) are not pushed down as hard as they are by the plain loss. The server steps as fedavgm
+    (server momentum 0 and server lr 1 is the paper's FedAvg)."""
+
+    name = "fedlc"
+    lc_tau: float = 1.0
+
+    @property
+    def local_calibration_tau(self) -> float:  # type: ignore[override]
+        return self.lc_tau
+
+
+@dataclass(frozen=True)
 class AdaptiveServerOptimizer(ServerOptimizer):
     """m = b1 m + (1 - b1) delta; v from delta^2 as each method says; x = x + lr m / (sqrt(v) + tau)."""
 
@@ -314,7 +331,7 @@ class Scaffold(StatefulStrategy):
 
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS, FedBABU)
+    cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS, FedBABU, FedLC)
 }
 assert tuple(REGISTRY) == STRATEGIES, "learning.settings.STRATEGIES must list every strategy"
 

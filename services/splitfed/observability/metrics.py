@@ -48,6 +48,8 @@ ACTIVE_WORKERS = Gauge("splitfed_active_workers", "Workers taking part in rounds
 WORKER_MISSED_ROUNDS = Gauge(
     "splitfed_worker_missed_rounds", "Rounds in a row closed without this worker's update (0 once heard from)", ["role", "session", "worker"]
 )
+SAMPLED_WORKERS = Gauge("splitfed_sampled_workers", "Workers drawn to train in the current round", ["role", "session"])
+SERVER_ACTIVE = Gauge("splitfed_server_active", "1 while this server holds its session and runs the rounds, 0 while it waits as standby", ["role", "session"])
 LOCAL_SAMPLES = Gauge("splitfed_local_samples", "Training samples this party holds", ["role", "session"])
 UPDATE_BYTES = Gauge("splitfed_update_bytes", "Tensor bytes in the last update this worker sent", ["role", "session"])
 ACTIVITY_SECONDS = Counter(

@@ -156,6 +156,26 @@ class Endpoint:
         """Number, bind, sign and send `message` (its kind, round, meta and tensors set by the caller).
         Handshakes go out unnumbered (seq 0): a receiver may refuse them (an answer to another
         hello), and a number it never accepts would leave a gap in the sequence."""
+        frame = self._frame(message, to)
+        self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
+        return Sent(message, frame_digest(frame))
+
+    def send_messages(self, batch: list[tuple[str, Message, str | None]], *, persistent: bool = False) -> list[Sent]:
+        """`send_message` for many (queue, message, recipient), e.g. one model to every sampled
+        worker: messages that share one tensors dict share one encoded body and its digest, so
+        the model is serialised and hashed once, not once per worker; each is still numbered,
+        bound and signed for its recipient."""
+        bodies: dict[int, tuple[bytes, bytes]] = {}  # id(tensors) -> (body, digest); the dicts stay alive in `batch`
+        sent = []
+        for queue, message, to in batch:
+            frame = self._frame(message, to, bodies)
+            self.send_frame(queue, message.kind, frame, persistent=persistent)
+            sent.append(Sent(message, frame_digest(frame)))
+        return sent
+
+    def _frame(self, message: Message, to: str | None, bodies: dict[int, tuple[bytes, bytes]] | None = None) -> bytes:
+        """Number, bind and sign `message`; its frame. `bodies`: encoded bodies to reuse, by the
+        identity of the tensors dict they were made from."""
         handshake = message.kind in self.handshake
         if not handshake:
             self._seq += 1
@@ -164,13 +184,16 @@ class Endpoint:
             if to is None:
                 raise ValueError(f"{self.sender}: a bound {message.kind} must name its recipient")
             message.meta.update(run=self.run, to=to)
-        body = encode_body(message.tensors)
-        digest = body_digest(body)
+        if bodies is not None and id(message.tensors) in bodies:
+            body, digest = bodies[id(message.tensors)]
+        else:
+            body = encode_body(message.tensors)
+            digest = body_digest(body)
+            if bodies is not None:
+                bodies[id(message.tensors)] = body, digest
         if self.signer:
             message.sig = self.signer.sign(signed_header(message, digest))
-        frame = encode(message, body, digest)
-        self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
-        return Sent(message, frame_digest(frame))
+        return encode(message, body, digest)
 
     def send_frame(self, queue: str, kind: str, frame: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
         """`must_exist`: TransportError rather than creating `queue` where the transport would."""

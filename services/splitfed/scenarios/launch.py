@@ -54,7 +54,7 @@ class LocalRun:
 class RunSettings(Connection, LocalRun):
     """How `splitfed run` deploys a scenario's roles."""
 
-    broker: str = setting("memory", "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost.", metavar="URL")
+    broker: str = setting("memory", "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost, or several such URLs, comma-separated, of one cluster.", metavar="URL")
     launch: str | None = setting(None, "threads or processes (default: threads with memory, processes with a broker URL).", choices=("threads", "processes"))
     session: str | None = setting(None, "Session id: names the queues (default: a new random one).", pattern=NAME)
     timeout: float = setting(300.0, "Seconds any role waits for a peer before giving up.", min=0.1)

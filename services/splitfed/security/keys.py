@@ -55,7 +55,7 @@ WORKER_NAME = re.compile(r"worker-[0-9]+")
 
 @dataclass(frozen=True)
 class Party:
-    key: Ed25519PublicKey
+    key: Ed25519PublicKey | bytes  # bytes: checked to be a valid key, parsed on first use (KeyList.public_key)
     roles: frozenset[str] | None  # None: any role (a version 1 key list)
     max_samples: int | None = None
 
@@ -78,12 +78,22 @@ class KeyList:
         entry = self.parties.get(party)
         return entry.max_samples if entry else None
 
-    def verify(self, party: str, signature_hex: str | None, data: bytes) -> bool:
+    def public_key(self, party: str) -> Ed25519PublicKey | None:
+        """The party's key, parsed the first time it is needed: a worker that loads a list of
+        1000 parties talks to one of them, and parsing every key (1000 workers each loading the
+        list: a million keys) was most of a large run's start-up."""
         entry = self.parties.get(party)
-        if entry is None or not signature_hex:
+        if entry is None:
+            return None
+        if isinstance(entry.key, bytes):
+            entry = self.parties[party] = Party(Ed25519PublicKey.from_public_bytes(entry.key), entry.roles, entry.max_samples)
+        return entry.key
+
+    def verify(self, party: str, signature_hex: str | None, data: bytes) -> bool:
+        if party not in self.parties or not signature_hex:
             return False
         try:
-            entry.key.verify(bytes.fromhex(signature_hex), data)
+            self.public_key(party).verify(bytes.fromhex(signature_hex), data)
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -102,16 +112,25 @@ class KeyList:
         return cls(parties)
 
 
+def _public_bytes(hex_key: str) -> bytes:
+    """A raw ed25519 public key from its hex, checked for length here; the curve point is
+    checked when the key is first used (KeyList.public_key)."""
+    raw = bytes.fromhex(hex_key)
+    if len(raw) != 32:
+        raise ValueError(f"an ed25519 public key is 32 bytes, not {len(raw)}")
+    return raw
+
+
 def _party(entry: str | dict) -> Party:
     if isinstance(entry, str):  # version 1: a public key, no roles
-        return Party(Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry)), None)
+        return Party(_public_bytes(entry), None)
     ceiling = entry.get("max_samples")
     if ceiling is not None and (not isinstance(ceiling, int) or isinstance(ceiling, bool) or ceiling < 1):
         raise ValueError(f"max_samples {ceiling!r} is not a positive whole number")
     roles = entry["roles"]
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
         raise ValueError(f"roles {roles!r} is not a list of role names")
-    return Party(Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["key"])), frozenset(roles), ceiling)
+    return Party(_public_bytes(entry["key"]), frozenset(roles), ceiling)
 
 
 def party_roles(spec: str) -> tuple[str, list[str]]:

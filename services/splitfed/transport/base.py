@@ -22,6 +22,11 @@ class Delivery:
 RejectHook = Callable[[str, str], None]  # (reason, detail) for frames refused below the protocol
 
 
+class LockLost(TransportError):
+    """A lock this connection held was taken by another while the connection was down: whatever
+    the holder was doing is now someone else's, so the transport stops."""
+
+
 class ChunkRefused(Exception):
     """An admission hook's verdict on a chunked message's first chunk; `reason` is the metric label."""
 
@@ -60,6 +65,18 @@ class Transport(ABC):
         refused before they are put together), who hears of frames refused below the protocol
         (bad or abandoned chunks), and `admit`, which judges a chunked message by its first chunk
         (None: any sender may start one). Transports that do not chunk need none of it."""
+
+    @abstractmethod
+    def hold(self, lock: str) -> bool:
+        """Try to become the only holder of `lock`: True when this connection holds it (now or
+        already), False while another one does. It is let go when the connection closes or its
+        process dies. A connection that is lost and, on reconnecting, finds the lock taken stops
+        with LockLost: a holder cut off from the broker never acts beside its successor."""
+
+    @abstractmethod
+    def holds(self, lock: str, timeout: float) -> bool:
+        """Whether this connection holds `lock` now, waiting up to `timeout` seconds for a lost
+        connection to come back with it. Raises LockLost when it came back without it."""
 
     def delete(self, queue: str) -> None:
         """Remove `queue` (end of a session)."""

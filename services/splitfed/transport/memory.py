@@ -15,6 +15,7 @@ class MemoryBroker:
     def __init__(self) -> None:
         self._queues: dict[str, queue.Queue[bytes]] = {}
         self._lock = threading.Lock()
+        self.holders: dict[str, MemoryTransport] = {}  # lock name -> the transport holding it
         self.taps: list[Callable[[str, bytes], None]] = []  # observers of every publish (tests, traffic)
 
     def queue(self, name: str) -> queue.Queue[bytes]:
@@ -28,6 +29,14 @@ class MemoryBroker:
     def exists(self, name: str) -> bool:
         with self._lock:
             return name in self._queues
+
+    def hold(self, lock: str, transport: MemoryTransport) -> bool:
+        with self._lock:
+            return self.holders.setdefault(lock, transport) is transport
+
+    def release(self, transport: MemoryTransport) -> None:
+        with self._lock:
+            self.holders = {lock: holder for lock, holder in self.holders.items() if holder is not transport}
 
 
 class MemoryTransport(Transport):
@@ -53,5 +62,14 @@ class MemoryTransport(Transport):
     def ack(self, delivery: Delivery) -> None:
         """Nothing to do: a message in memory dies with the process that would redeliver it."""
 
+    def hold(self, lock: str) -> bool:
+        return self.broker.hold(lock, self)
+
+    def holds(self, lock: str, timeout: float) -> bool:
+        return self.broker.holders.get(lock) is self  # a connection in memory is never lost
+
     def delete(self, queue: str) -> None:
         self.broker.delete(queue)
+
+    def close(self) -> None:
+        self.broker.release(self)

@@ -10,6 +10,11 @@ the chunks they announce, reserved when they start) and per sender; the reserved
 exceed the part of the prefetch window set aside for them, so partials that never complete
 cannot stall consumption, and memory in flight stays within the window. Connection loss is retried with capped exponential back-off;
 refused credentials, access or channel errors are final.
+
+The broker may be several addresses (a cluster's nodes): every connection tries them in turn,
+each reconnect starting one further along, so a client whose node died moves to the next. With
+`queue_type="quorum"`, durable queues are quorum queues, replicated on the cluster's nodes: they
+and their persistent messages survive losing a minority of nodes, their leader included.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from splitfed.transport.base import AdmitHook, ChunkRefused, Delivery, RejectHook, Transport, TransportError
+from splitfed.transport.base import AdmitHook, ChunkRefused, Delivery, LockLost, RejectHook, Transport, TransportError
+from splitfed.transport.connection import broker_urls
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ MAX_PENDING_REASSEMBLIES = 64  # per queue; a new partial beyond them is refused
 MAX_PENDING_PER_SENDER = 4  # a sender's messages arrive in order: more than a few in progress is a flood
 PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other chunks
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
+QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclass
@@ -75,7 +82,7 @@ class _Reassembly:
 class RabbitTransport(Transport):
     def __init__(
         self,
-        url: str,
+        url: str,  # one amqp(s):// URL, or several separated by commas
         *,
         chunk_size: int = 16 * 1024**2,
         max_message_bytes: int = 2 * 1024**3,
@@ -88,15 +95,13 @@ class RabbitTransport(Transport):
         operation_timeout: float = 300.0,
         on_reject: RejectHook | None = None,
         partial_ttl: float = PARTIAL_TTL,
+        queue_type: str = "classic",
         name: str = "splitfed",
     ):
-        self._params = pika.URLParameters(url)
-        self._params.client_properties = {"connection_name": name}
-        if heartbeat is not None:
-            self._params.heartbeat = heartbeat
-        if url.startswith("amqps://"):
-            tls = tls or TLSOptions()
-            self._params.ssl_options = pika.SSLOptions(tls.context(), tls.server_hostname or self._params.host)
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
+        self._params = [self._parameters(address, name, heartbeat, tls) for address in broker_urls(url)]
+        self._queue_type = queue_type
         self._chunk_size = chunk_size
         self._max_message_bytes = max_message_bytes
         # A message's chunks are acked together after the work, so all of them must fit in flight:
@@ -121,6 +126,8 @@ class RabbitTransport(Transport):
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
         self._inboxes: dict[str, queue.Queue[Delivery]] = {}  # consumed queues
         self._reassembly: dict[str, _Reassembly] = {}
+        self._locks: set[str] = set()  # exclusive queues this connection holds, taken back first on a reconnect
+        self._holding = threading.Event()  # connected, with every lock in _locks
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
         self.generation = 0  # connections made so far; a tag from an older one is stale
@@ -131,7 +138,20 @@ class RabbitTransport(Transport):
         self._thread.start()
         if not self._connected.wait(connect_timeout) or self._fatal:
             self._closing = True
-            raise TransportError(f"cannot connect to RabbitMQ at {self._params.host}:{self._params.port}: {self._fatal or 'timed out'}")
+            addresses = ", ".join(f"{params.host}:{params.port}" for params in self._params)
+            raise TransportError(f"cannot connect to RabbitMQ at {addresses}: {self._fatal or 'timed out'}")
+
+    @staticmethod
+    def _parameters(url: str, name: str, heartbeat: int | None, tls: TLSOptions | None) -> pika.URLParameters:
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": name}
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+        if url.startswith("amqps://"):
+            tls = tls or TLSOptions()
+            # Each node's certificate is checked against its own host name.
+            params.ssl_options = pika.SSLOptions(tls.context(), tls.server_hostname or params.host)
+        return params
 
     # -- caller side -----------------------------------------------------------------
 
@@ -170,6 +190,15 @@ class RabbitTransport(Transport):
 
     def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook, admit: AdmitHook | None = None) -> None:
         self._watched[queue] = _Watch(min(max_bytes, self._max_message_bytes), on_reject, admit)
+
+    def hold(self, lock: str) -> bool:
+        return lock in self._locks or self._call(lambda: self._hold(self._connection, lock))
+
+    def holds(self, lock: str, timeout: float) -> bool:
+        self._raise_if_fatal()
+        held = self._holding.wait(timeout)
+        self._raise_if_fatal()  # LockLost, found while reconnecting
+        return held and lock in self._locks
 
     def delete(self, queue_name: str) -> None:
         self._call(lambda: self._delete(queue_name))
@@ -213,7 +242,8 @@ class RabbitTransport(Transport):
 
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
-            raise TransportError(f"RabbitMQ transport stopped: {self._fatal}")
+            stopped = LockLost if isinstance(self._fatal, LockLost) else TransportError  # a replaced holder must know it
+            raise stopped(f"RabbitMQ transport stopped: {self._fatal}")
 
     # -- I/O thread ------------------------------------------------------------------
 
@@ -248,6 +278,7 @@ class RabbitTransport(Transport):
         self._fatal = exc
         self._closing = True
         self._connected.set()
+        self._holding.set()  # wakes whoever waits in `holds`, to hear why
         self._fail_pending(TransportError(str(exc)))
 
     def _fail_pending(self, error: TransportError) -> None:
@@ -259,11 +290,20 @@ class RabbitTransport(Transport):
     def _lost(self, exc: BaseException, backoff: float) -> float:
         log.warning("RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff)
         self._disconnect()
+        # The next attempt starts with the next address: the first one, where this connection
+        # most likely was, may be the node that died (pika tries the others after it anyway).
+        self._params.append(self._params.pop(0))
         time.sleep(backoff)
         return min(backoff * 2, 30.0)
 
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._params)
+        # Locks first, before this connection is anyone's to use: nothing queued while it was
+        # down (a publish, an ack) goes out from a holder that has been replaced.
+        for lock in sorted(self._locks):
+            if not self._hold(connection, lock):
+                connection.close()
+                raise LockLost(f"lock {lock!r} was taken by another connection while this one was down")
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_qos(prefetch_count=self._prefetch)
@@ -281,9 +321,26 @@ class RabbitTransport(Transport):
             self._start_consumer(name)
         if self.generation > 1:
             log.info("RabbitMQ reconnected (connection %d)", self.generation)
+        self._holding.set()
         self._connected.set()
 
+    def _hold(self, connection: pika.BlockingConnection, lock: str) -> bool:
+        """Declare `lock` as an exclusive queue on `connection`, on a channel of its own: the
+        broker's refusal (405 RESOURCE_LOCKED: another connection holds it) closes that channel,
+        not the one everything else uses. The queue lives as long as the connection does."""
+        channel = connection.channel()
+        try:
+            channel.queue_declare(lock, exclusive=True, auto_delete=True)
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code != 405:
+                raise
+            return False
+        channel.close()
+        self._locks.add(lock)
+        return True
+
     def _disconnect(self) -> None:
+        self._holding.clear()
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
@@ -318,8 +375,14 @@ class RabbitTransport(Transport):
 
     def _declare(self, name: str, durable: bool) -> None:
         expires = self._expires_ms[durable]
-        arguments = {"x-expires": expires} if expires else None
-        self._channel.queue_declare(name, durable=durable, arguments=arguments)
+        arguments: dict[str, Any] = {"x-expires": expires} if expires else {}
+        if durable and self._queue_type == "quorum":
+            # Quorum queues exist only durable, so transient ones stay classic. No x-delivery-limit:
+            # every frame a role refuses is acked, so nothing loops for being malformed, and an
+            # update the server holds unacked comes back once per server restart or failover; a
+            # limit would drop it after that many, losing an update the checkpoint still needs.
+            arguments["x-queue-type"] = "quorum"
+        self._channel.queue_declare(name, durable=durable, arguments=arguments or None)
         self._declared[name] = durable
 
     def _publish(self, name: str, body: bytes, persistent: bool, headers: dict | None) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.config import NAME, setting
-from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids  # noqa: F401 (the roles' names, used by scenarios)
 from splitfed.observability import metrics
 from splitfed.roles.declaration import RoleSpec
 from splitfed.roles.deployment import Party, RoundPolicy
@@ -34,10 +34,6 @@ class WorkerDeployment(Party):
     index: int = setting(help="Which share of the partition this worker holds (0-based).", min=0)
 
 
-def worker_ids(count: int) -> list[str]:
-    return [f"worker-{index}" for index in range(count)]
-
-
 def _server(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
     from splitfed.roles.fedavg.server import FedAvgServer
 
@@ -55,9 +51,9 @@ ROLES = (
         SERVER, "The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints.", FederatedSettings, ServerDeployment,
         _server,
         (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS, metrics.ROUND_SECONDS, metrics.ROUND_BYTES,
-         metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS),
+         metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS, metrics.SAMPLED_WORKERS, metrics.SERVER_ACTIVE),
         # Every update of a round stays unacked until the round is on disk: let them all in.
-        prefetch=lambda settings: 2 * settings.workers + 16,
+        prefetch=lambda settings: 2 * settings.round_sample_size(settings.workers) + 16,
     ),
     RoleSpec(
         WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,

@@ -1,7 +1,7 @@
 """What the FedAvg roles share: queue names, message kinds, model tensors on the wire.
 
 worker --join--> server --welcome{round}--> worker          (or --refused{reason, ref}--> worker)
-server --model{round, params [, control/*], prox_mu, absent_scale}--> each active worker
+server --model{round, params [, control/*], prox_mu, absent_scale, frozen_head, calibration_tau}--> each sampled worker
 worker --update{round, params [, control-delta/*], samples, train_loss}--> server   (signed, persistent, durable queue)
 server --done--> every worker after the last round
 Every queue is durable and every update persistent: a restarted server or broker loses nothing.

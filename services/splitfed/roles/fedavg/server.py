@@ -4,10 +4,18 @@ Crash safety: accepted updates stay unacked in the durable queue until the round
 checkpoint are on disk; a restarted server resumes from the checkpoint and the broker redelivers
 whatever it had not acked. An update is applied once: a second copy for the same worker and
 round is a duplicate, a copy for an earlier round is stale.
+
+High availability: any number of servers may start on one session; the one that holds the
+session's lock (an exclusive queue on the broker, `Transport.hold`) runs the rounds, the others
+wait as standbys and touch nothing. When the holder's connection ends (its process died), a
+standby takes the lock, resumes from the newest checkpoint (a folder they share) and the broker
+hands it the updates the other had not acked. Every takeover raises the checkpoint's epoch; a
+server that finds a newer epoch on disk than its own has been replaced, and stops before writing.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -29,7 +37,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.fedavg import WORKER, CheckpointError
-from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_digest
+from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_digest, queue_name
 from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
     worker_queue,
@@ -67,6 +75,11 @@ class ServerState:
     # it (and its recipient) under the signature, so frames recorded in an earlier run with the
     # same session are refused as `replay`.
     run_id: str = ""
+    epoch: int = 0  # takeovers so far: the server that wrote the highest one is the one in charge
+    # The workers drawn for `sampled_round` (with --clients-per-round or --fraction), kept so a
+    # server that resumes mid-round waits for the same ones even if others joined since.
+    sampled: list[str] = field(default_factory=list)
+    sampled_round: int = 0
 
 
 # Settings a resumed run may change: how far it goes and how the global model is scored.
@@ -75,6 +88,11 @@ RESUMABLE_CHANGES = ("rounds", "data_dir", "eval_batch_size", "test_limit")
 
 JOIN_NONCES_KEPT = 16
 NONCE = re.compile(r"[0-9a-f]{32}")
+STANDBY_POLL = 1.0  # seconds between a standby's tries for the lock (AMQP says nothing when a queue goes)
+
+
+class Superseded(CheckpointError):
+    """Another server took over this session: this one must not write or send anything more."""
 
 
 class FedAvgServer:
@@ -105,9 +123,38 @@ class FedAvgServer:
         self.on_progress = on_progress
         self.fingerprint = {"session": self.session, **{k: v for k, v in config.values_of(settings).items() if k not in RESUMABLE_CHANGES}}
         self.state = ServerState(run=self.fingerprint)
+        self.lock = queue_name(self.session, SERVER, "lock")
+        self.restore()  # a checkpoint of another run is refused at once, not after a standby's wait
+
+    # -- standby and takeover -------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Wait as standby until this server holds the session's lock, then resume from the
+        newest checkpoint (the last holder may have written many since this one started)."""
+        metrics.SERVER_ACTIVE.labels(SERVER, self.session).set(0)
+        told = -math.inf
+        while not self.transport.hold(self.lock):
+            if time.monotonic() - told >= 60:
+                log.info("standby: another fedavg-server holds session %s; taking over when it stops", self.session)
+                told = time.monotonic()
+            time.sleep(STANDBY_POLL)
         self.restore()
         self.state.run_id = self.state.run_id or uuid.uuid4().hex
+        self.state.epoch += 1
         self.endpoint.bind(self.state.run_id)
+        self.checkpoint(with_model=False)  # the new epoch on disk: a replaced server that wakes up finds it and stops
+        metrics.SERVER_ACTIVE.labels(SERVER, self.session).set(1)
+        log.info("fedavg-server active for session %s (epoch %d, round %d)", self.session, self.state.epoch, self.state.round)
+
+    def ensure_in_charge(self) -> None:
+        """Before writing: this server still holds the lock (waiting for a lost connection to come
+        back with it) and no newer server has written a checkpoint."""
+        if not self.transport.holds(self.lock, self.deployment.timeout):
+            raise RoleTimeout(f"the broker connection did not come back within {self.deployment.timeout:.0f}s")
+        if self.checkpoint_dir and (self.checkpoint_dir / "state.json").exists():
+            epoch = json.loads((self.checkpoint_dir / "state.json").read_text()).get("epoch", 0)
+            if epoch > self.state.epoch:
+                raise Superseded(f"another fedavg-server took over session {self.session} (epoch {epoch}, this one {self.state.epoch})")
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -138,6 +185,7 @@ class FedAvgServer:
         """Write the global model for the round about to run, then atomically replace state.json,
         which names it: a crash at any point leaves a state and the model it refers to. A write
         that fails (a full disk) stops the server and leaves the last complete checkpoint."""
+        self.ensure_in_charge()
         if not self.checkpoint_dir:
             return
         try:
@@ -168,13 +216,18 @@ class FedAvgServer:
     # -- the run --------------------------------------------------------------------------
 
     def run(self) -> dict:
+        self.take_over()
         started = time.perf_counter()
         if not self.state.history and self.state.round == 1:
             self.wait_for_workers()  # a resumed server knows its workers from the checkpoint
         while self.state.round <= self.settings.rounds:
             self.run_round()
+        self.ensure_in_charge()
         for worker in self.state.workers:
-            self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round), to=worker, persistent=True)
+            try:
+                self.endpoint.send_message(worker_queue(self.session, worker), Message(DONE, "", "", round=self.state.round), to=worker, persistent=True)
+            except TransportError as exc:  # a server that takes over a finished run finds the workers gone
+                log.info("done not delivered to %s: %s", worker, exc)
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         last = self.state.history[-1]
         return {
@@ -206,7 +259,7 @@ class FedAvgServer:
             raise ProtocolError("value", f"join from {worker} carries no valid nonce")
         if nonce in self.state.join_nonces.get(worker, ()):
             raise ProtocolError("replay", f"join from {worker} was seen before (nonce {nonce})")
-        if self.endpoint.trusted is None and worker not in self.state.workers and len(self.state.workers) >= self.settings.workers:
+        if self.endpoint.trusted is None and not self.is_member(worker) and len(self.state.workers) >= self.settings.workers:
             raise ProtocolError("full", f"{worker} cannot join: all {self.settings.workers} places are taken")
 
     def join(self, message: Message, digest: str, send_model: bool) -> None:
@@ -214,7 +267,8 @@ class FedAvgServer:
         the join it answers by its digest."""
         worker = message.sender
         self.state.join_nonces[worker] = [*self.state.join_nonces.get(worker, ()), message.meta["nonce"]][-JOIN_NONCES_KEPT:]
-        self.state.workers = sorted(set(self.state.workers) | {worker})
+        if not self.is_member(worker):
+            bisect.insort(self.state.workers, worker)  # kept sorted: a join costs log N, not N log N
         self.state.missed = [w for w in self.state.missed if w != worker]
         self.checkpoint(with_model=False)
         metrics.ACTIVE_WORKERS.labels(SERVER, self.session).set(len(self.state.workers))
@@ -222,10 +276,15 @@ class FedAvgServer:
         log.info("worker %s joined (round %d)", worker, self.state.round)
         queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
-        welcome = Message(WELCOME, "", "", round=self.state.round, meta={"ref": digest})  # bound: it names the run
+        # bound: it names the run. `sampled`: this worker may wait many rounds for a turn.
+        welcome = Message(WELCOME, "", "", round=self.state.round, meta={"ref": digest, "sampled": self.settings.samples_clients()})
         self.endpoint.send_message(queue, welcome, to=worker, persistent=True)
         if send_model:
-            self.send_model(worker)
+            self.send_models([worker])
+
+    def is_member(self, worker: str) -> bool:
+        at = bisect.bisect_left(self.state.workers, worker)
+        return at < len(self.state.workers) and self.state.workers[at] == worker
 
     def refuse(self, rejection: Rejection) -> None:
         """Tell a worker whose join was refused why, in the queue it listens on (it checks `ref`).
@@ -249,21 +308,38 @@ class FedAvgServer:
             tensors.update(to_wire(with_prefix(CONTROL, strategies.unflatten(self.strategy.control(current), self.model.state_dict(), self.names))))
         return tensors
 
-    def send_model(self, worker: str, tensors: dict | None = None) -> None:
-        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head}
-        message = Message(MODEL, "", "", round=self.state.round, meta=meta, tensors=tensors or self.model_tensors())
-        self.endpoint.send_message(worker_queue(self.session, worker), message, to=worker, persistent=True)
+    def send_models(self, workers: list[str]) -> None:
+        """This round's model to each of `workers`, serialised once for all of them."""
+        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head,
+                "calibration_tau": self.strategy.local_calibration_tau}
+        tensors = self.model_tensors()
+        batch = [(worker_queue(self.session, worker), Message(MODEL, "", "", round=self.state.round, meta=dict(meta), tensors=tensors), worker) for worker in workers]
+        self.endpoint.send_messages(batch, persistent=True)
+
+    def sample(self) -> list[str]:
+        """This round's workers: all that have not missed their last round, or with client
+        sampling a seeded draw from them, drawn once per round and kept in the checkpoint."""
+        if self.state.sampled_round != self.state.round:
+            missed = set(self.state.missed)
+            candidates = [worker for worker in self.state.workers if worker not in missed]
+            size = self.settings.round_sample_size(len(self.state.workers))
+            self.state.sampled = federated.sample_workers(candidates, size, self.settings.seed, self.state.round)
+            self.state.sampled_round = self.state.round
+            self.checkpoint(with_model=False)
+        return self.state.sampled
 
     def run_round(self) -> None:
         round_number = self.state.round
         started = time.perf_counter()
         metrics.ROUND.labels(SERVER, self.session).set(round_number)
-        tensors = self.model_tensors()  # once for the round; each worker's message differs only in its address
-        for worker in self.state.workers:
-            self.send_model(worker, tensors)
-        expected = set(self.state.workers) - set(self.state.missed)
+        sampled = self.sample()
+        metrics.SAMPLED_WORKERS.labels(SERVER, self.session).set(len(sampled))
+        # Without sampling, workers that missed a round are still sent every model, so a slow
+        # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
+        recipients = sampled if self.settings.samples_clients() else self.state.workers
+        self.send_models(recipients)
         # In a fixed order, not arrival order: the same updates always sum to the same bits.
-        updates = dict(sorted(self.collect(expected).items()))
+        updates = dict(sorted(self.collect(set(sampled)).items()))
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
         weights = torch.tensor([float(u.samples) for u in updates.values()])
         current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
@@ -277,18 +353,19 @@ class FedAvgServer:
         self.state.history.append({**vars(record), "workers": sorted(updates)})
         self.state.contributors[str(round_number)] = sorted(updates)
         self.state.round += 1
-        self.state.missed = sorted(set(self.state.workers) - set(updates))
-        if self.state.missed:  # still sent every model: a late update or a join takes them back in
-            log.warning("round %d closed without %s", round_number, ", ".join(self.state.missed))
+        # Not sampled again (nor waited for) until heard from: a late update or a join.
+        self.state.missed = sorted((set(self.state.missed) | set(sampled)) - set(updates))
+        if absent := sorted(set(sampled) - set(updates)):
+            log.warning("round %d closed without %s", round_number, ", ".join(absent))
         self.checkpoint(with_model=True)
         for update in updates.values():  # only now is the update's effect on disk
             self.endpoint.ack(update.delivery)
-        self._round_metrics(record, updates)
+        self._round_metrics(record, updates, sampled)
         if self.on_progress:
             self.on_progress(Progress("round", round_number, self.settings.rounds, record.train_loss, vars(record)))
         log.info("round %d: test accuracy %.4f, test loss %.4f, %d updates, %.1fs", round_number, record.accuracy, record.loss, len(updates), record.seconds)
 
-    def _round_metrics(self, record: EpochRecord, updates: dict[str, Update]) -> None:
+    def _round_metrics(self, record: EpochRecord, updates: dict[str, Update], sampled: list[str]) -> None:
         session = self.session
         metrics.TEST_ACCURACY.labels(SERVER, session).set(record.accuracy)
         metrics.TEST_LOSS.labels(SERVER, session).set(record.loss)
@@ -296,21 +373,24 @@ class FedAvgServer:
         metrics.ROUND_SECONDS.labels(SERVER, session).observe(record.seconds)
         metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
         metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
-        for worker in self.state.workers:
+        for worker in sampled:  # the others had no round to miss
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
-            missed.inc() if worker in self.state.missed else missed.set(0)
+            missed.set(0) if worker in updates else missed.inc()
 
     def collect(self, expected: set[str]) -> dict[str, Update]:
-        """Updates for this round, from any member, until every expected worker sent one, or the
-        round timeout has passed with at least `min_workers` of them. Joins are answered on the way."""
+        """Updates for this round from the sampled workers, until every expected one sent one, or
+        the round timeout has passed with at least `min_workers` of them. Joins are answered on
+        the way; one from a sampled worker (restarted mid-round) gets this round's model."""
         updates: dict[str, Update] = {}
+        sampled = set(self.state.sampled)
+        quorum = min(self.quorum, len(sampled))
 
         def check(message: Message) -> None:
             if message.kind == JOIN:
                 self.check_join(message)
             if message.kind != UPDATE:
                 return
-            if message.sender not in self.state.workers:
+            if not self.is_member(message.sender):
                 raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
             if message.round < self.state.round:
                 if message.sender in self.state.contributors.get(str(message.round), ()):
@@ -321,6 +401,8 @@ class FedAvgServer:
                 raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {self.state.round}")
             if message.round > self.state.round:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
+            if message.sender not in sampled and self.settings.samples_clients():  # without sampling every member is sent the model
+                raise ProtocolError("unsampled", f"update for round {message.round} from {message.sender}, which was not sampled for it")
             check_tensors(message, self.update_specs)
             samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
             listed = self.endpoint.trusted.max_samples(message.sender) if self.endpoint.trusted else None
@@ -334,17 +416,22 @@ class FedAvgServer:
         give_up = time.monotonic() + self.deployment.timeout
         while not expected <= set(updates):
             now = time.monotonic()
-            if now >= round_deadline and len(updates) >= self.quorum:
+            if now >= round_deadline and len(updates) >= quorum:
                 break
             if now >= give_up:
-                raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {self.quorum} needed")
+                raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {quorum} needed")
             received = self.endpoint.receive((JOIN, UPDATE), None, check, self.refuse, wait=min(1.0, max(0.05, (round_deadline if now < round_deadline else give_up) - now)))
             if received is None:
                 continue
             message, delivery = received
             if message.kind == JOIN:
-                self.join(message, frame_digest(delivery.body), send_model=True)
-                expected.add(message.sender)
+                # Without sampling a newcomer takes part at once; with it, it waits to be drawn.
+                takes_part = message.sender in sampled or not self.settings.samples_clients()
+                if takes_part and message.sender not in sampled:
+                    sampled.add(message.sender)
+                    expected.add(message.sender)
+                    self.state.sampled = sorted(sampled)
+                self.join(message, frame_digest(delivery.body), send_model=takes_part)
                 self.endpoint.ack(delivery)
                 continue
             if message.sender in updates:

@@ -16,7 +16,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
-from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.endpoint import Endpoint, RoleTimeout
 from splitfed.roles.fedavg.common import (
     CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix, without_prefix,
     worker_queue,
@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 class FedAvgWorker(Role):
     def __init__(
         self, settings: PartitionSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.fedavg.WorkerDeployment)
-        on_progress: ProgressSink | None = None,
+        on_progress: ProgressSink | None = None, share: data.Split | None = None,
     ):
+        """`share`: this worker's data, when a process that hosts many workers (a benchmark)
+        has partitioned it once for all of them; by default the worker loads its own."""
         if deployment.index >= settings.workers:
             raise ValueError(f"--index {deployment.index} is not below --workers {settings.workers}")
         self.settings = settings
@@ -41,7 +43,7 @@ class FedAvgWorker(Role):
         meta = data.info(settings.dataset)
         self.model = models.build(settings.model, meta, settings.seed)
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
-        self.data = federated.worker_share(settings, self.index)  # only this worker's share is kept
+        self.data = share if share is not None else federated.worker_share(settings, self.index)  # only this worker's share is kept
         self.endpoint = Endpoint(
             transport, session=self.session, role=WORKER, inbox=worker_queue(self.session, self.worker_id), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id, peer_roles=(SERVER,),
@@ -52,6 +54,7 @@ class FedAvgWorker(Role):
         self.last_round = 0  # the last round this worker sent an update for
         self.rounds = 0
         self.done = False
+        self.waits_for_turns = False  # the server draws some workers per round: a long wait is normal
         metrics.LOCAL_SAMPLES.labels(WORKER, self.session).set(len(self.data))
         self.training = metrics.ACTIVITY_SECONDS.labels(WORKER, self.session, "training")
         self.waiting = metrics.ACTIVITY_SECONDS.labels(WORKER, self.session, "waiting")
@@ -74,9 +77,21 @@ class FedAvgWorker(Role):
                 raise Refused(f"the server refused worker {self.worker_id}: {message.meta.get('reason')} ({message.meta.get('detail')})")
             if message.kind == WELCOME and message.meta.get("ref") == sent.digest and isinstance(message.meta.get("run"), str):
                 self.endpoint.bind(message.meta["run"])  # from now on only this run's messages, to this worker
+                self.waits_for_turns = message.meta.get("sampled") is True
                 log.info("worker %s joined run %s at round %d", self.worker_id, self.endpoint.run, message.round)
                 return
             # Anything else predates this join (a model queued while this worker was away): stale.
+
+    def consume(self) -> None:
+        """As every role, except that a worker the server samples is not failed by its timeout
+        while it waits for its turn: the timeout then only says how often it tells the log."""
+        while True:
+            try:
+                return super().consume()
+            except RoleTimeout:
+                if not self.waits_for_turns:
+                    raise
+                log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, self.endpoint.timeout)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (MODEL, DONE, WELCOME), (SERVER,)
@@ -85,7 +100,7 @@ class FedAvgWorker(Role):
         if message.kind == MODEL:
             controlled = any(name.startswith(CONTROL) for name in message.tensors)
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
-            for name, low, high in (("prox_mu", 0.0, float("inf")), ("absent_scale", 0.0, 1.0)):
+            for name, low, high in (("prox_mu", 0.0, float("inf")), ("absent_scale", 0.0, 1.0), ("calibration_tau", 0.0, float("inf"))):
                 value = message.meta.get(name, 0.0)
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high or value == float("inf"):
                     raise ProtocolError("value", f"{name} {value!r}")
@@ -110,7 +125,8 @@ class FedAvgWorker(Role):
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
         work = federated.local_training(
             self.model, self.data, self.settings, seed, message.round, prox_mu=float(message.meta.get("prox_mu", 0.0)),
-            absent_scale=float(message.meta.get("absent_scale", 1.0)), frozen_head=message.meta.get("frozen_head", False), controls=(server_control, self.control) if server_control else None,
+            absent_scale=float(message.meta.get("absent_scale", 1.0)), frozen_head=message.meta.get("frozen_head", False),
+            calibration_tau=float(message.meta.get("calibration_tau", 0.0)), controls=(server_control, self.control) if server_control else None,
         )
         loss, sent = work.loss, to_wire(self.model.state_dict())
         if work.control is not None:
