@@ -440,6 +440,19 @@ def test_helm_test_checks_the_broker(rendered):
     ("fedavgWorker.replicas=0", "fedavgServer.enabled needs fedavgWorker.replicas >= 1"),
     ("metrics.prometheusRule.enable=true", "at '/metrics/prometheusRule': additional properties 'enable' not allowed"),
     ("metrics.dashboards.namespace=Monitoring", "at '/metrics/dashboards/namespace'"),
+    # high availability
+    ("broker.rabbitmq.replicas=0", "at '/broker/rabbitmq/replicas': minimum: got 0, want 1"),
+    ("broker.rabbitmq.replicas=three", "at '/broker/rabbitmq/replicas': got string, want integer"),
+    ("queueType=bogus", "at '/queueType': value must be one of '', 'classic', 'quorum'"),
+    ("fedavgServer.persistence.accessModes={junk}", "at '/fedavgServer/persistence/accessModes/0': value must be one of 'ReadWriteOnce', 'ReadWriteMany', 'ReadWriteOncePod'"),
+    ("fedavgServer.persistence.accessModes={ReadOnlyMany}", "at '/fedavgServer/persistence/accessModes/0': value must be one of"),
+    ("fedavgServer.persistence.accessModes=ReadWriteMany", "at '/fedavgServer/persistence/accessModes': got string, want array"),
+    ("broker.rabbitmq.antiAffinity=sometimes", "at '/broker/rabbitmq/antiAffinity': value must be one of 'preferred', 'required', 'none'"),
+    ("fedavgServer.antiAffinity=always", "at '/fedavgServer/antiAffinity': value must be one of"),
+    ("fedavgServer.replicas=-1", "at '/fedavgServer/replicas': minimum: got -1, want 0"),
+    ("clusterDomain=Cluster_Local", "at '/clusterDomain'"),
+    ("fedavgServer.persistence.enabled=false", "fedavgServer.replicas > 1 needs fedavgServer.persistence.enabled"),
+    ("fedavgServer.persistence.accessModes={ReadWriteOnce}", "fedavgServer.replicas > 1 needs ReadWriteMany in fedavgServer.persistence.accessModes"),
 ])
 def test_bad_values_fail_with_a_clear_message(helm, values, message):
     result = helm_template(helm, "--set", values)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.chart.test_chart import env_of, pod_specs, role_containers
-from tests.conftest import REPO, RELEASE, helm_template, render
+from tests.conftest import REPO, RELEASE, render
 
 BROKER = f"{RELEASE}-splitfed-broker"
 HEADLESS = f"{BROKER}-headless"
@@ -284,26 +284,6 @@ def test_checkpoint_claim_values(helm, tmp_path):
 def test_no_server_renders_no_server_objects(helm):
     objects = render(helm, "--set", "fedavgServer.enabled=false")
     assert not [o for o in objects if "fedavg-server" in o["metadata"]["name"]]
-
-
-@pytest.mark.parametrize(("values", "message"), [
-    ("broker.rabbitmq.replicas=0", "at '/broker/rabbitmq/replicas': minimum: got 0, want 1"),
-    ("broker.rabbitmq.replicas=three", "at '/broker/rabbitmq/replicas': got string, want integer"),
-    ("queueType=bogus", "at '/queueType': value must be one of '', 'classic', 'quorum'"),
-    ("fedavgServer.persistence.accessModes={junk}", "at '/fedavgServer/persistence/accessModes/0': value must be one of 'ReadWriteOnce', 'ReadWriteMany', 'ReadWriteOncePod'"),
-    ("fedavgServer.persistence.accessModes={ReadOnlyMany}", "at '/fedavgServer/persistence/accessModes/0': value must be one of"),
-    ("fedavgServer.persistence.accessModes=ReadWriteMany", "at '/fedavgServer/persistence/accessModes': got string, want array"),
-    ("broker.rabbitmq.antiAffinity=sometimes", "at '/broker/rabbitmq/antiAffinity': value must be one of 'preferred', 'required', 'none'"),
-    ("fedavgServer.antiAffinity=always", "at '/fedavgServer/antiAffinity': value must be one of"),
-    ("fedavgServer.replicas=-1", "at '/fedavgServer/replicas': minimum: got -1, want 0"),
-    ("clusterDomain=Cluster_Local", "at '/clusterDomain'"),
-    ("fedavgServer.persistence.enabled=false", "fedavgServer.replicas > 1 needs fedavgServer.persistence.enabled"),
-    ("fedavgServer.persistence.accessModes={ReadWriteOnce}", "fedavgServer.replicas > 1 needs ReadWriteMany in fedavgServer.persistence.accessModes"),
-])
-def test_bad_high_availability_values_are_refused(helm, values, message):
-    result = helm_template(helm, "--set", values)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr
 
 
 def test_high_availability_renders_validate(helm, tmp_path):
