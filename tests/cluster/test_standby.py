@@ -14,10 +14,13 @@ kind-worker, its standby m4q8d (made a second later) on kind-worker2.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from splitfed.cluster import watch
 from tests.cluster.conftest import recorded_json
+from tests.cluster.recorded_api import Response
 from tests.cluster.test_launch_watch import PODS, SELECTOR, a_watch, log_path
 
 ACTIVE, STANDBY = "fl-splitfed-fedavg-server-7xk2p", "fl-splitfed-fedavg-server-m4q8d"
@@ -79,3 +82,36 @@ def test_the_watch_follows_the_standby_that_takes_over_to_the_result(api):
     last = api.made("GET", "/log")[-1]
     assert (last.path, last.query) == (log_path(STANDBY), {"timestamps": "true"})
 
+
+
+def drained(name: str, standby: bool = True) -> Response:
+    """The recorded pod list with the active server's pod as a drained node leaves it: Failed,
+    its container terminated by SIGTERM (exit code 143); `standby` False: without the standby."""
+    pods = recorded_json(name)
+    pods["items"] = [pod for pod in pods["items"] if standby or pod["metadata"]["name"] != STANDBY]
+    for pod in pods["items"]:
+        if pod["metadata"]["name"] == ACTIVE:
+            pod["status"]["phase"] = "Failed"
+            status = pod["status"]["containerStatuses"][0]
+            status["state"] = {"terminated": {"exitCode": 143, "reason": "Error", "startedAt": "2025-05-06T09:14:09Z", "finishedAt": "2025-05-06T09:14:41Z"}}
+            status["ready"] = False
+    return Response(200, json.dumps(pods).encode())
+
+
+@pytest.mark.usefixtures("no_wait")
+def test_a_drained_active_server_is_a_notice_while_its_standby_runs(api):
+    api.add("GET", PODS, "fl-ha-pods-running.json", drained("fl-ha-pods-running.json"), **SELECTOR)
+    api.add("GET", log_path(ACTIVE), "fl-ha-active-running.log", **TAIL)
+    api.add("GET", log_path(STANDBY), "fl-ha-standby.log", **TAIL)
+    follow, _, notices = a_watch()
+    assert follow.step() is None and follow.step() is None  # the second look finds the active pod Failed
+    assert notices == [f"fedavg-server pod {ACTIVE}: Error (exit code 143)"]
+
+
+def test_a_drained_server_without_a_standby_ends_the_watch(api):
+    api.add("GET", PODS, drained("fl-ha-pods-running.json", standby=False), **SELECTOR)
+    api.add("GET", log_path(ACTIVE), "fl-ha-active-running.log", **TAIL)
+    api.add("GET", "/api/v1/namespaces/ns1/events", "events-none.json")
+    follow, _, _ = a_watch()
+    with pytest.raises(watch.PodFailure, match="exit code 143"):
+        follow.step()

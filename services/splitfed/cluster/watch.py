@@ -272,7 +272,7 @@ class Watch:
             problem = diagnose(pod, now, self.pending_timeout)
             if problem is None:
                 continue
-            if problem.fatal:
+            if problem.fatal and not self.taken_over(pod, pods, problem):
                 raise PodFailure(self.explain(pod, problem))
             key = (problem.pod, problem.reason, problem.detail if problem.reason == "restarted" else "")
             if key not in self.noticed:
@@ -298,6 +298,14 @@ class Watch:
             raise NoResult(f"{self.lead} pod {lead.metadata.name} finished, but its log holds no result line "
                            f"(is progress-events turned off in its settings?)")
         return result
+
+    def taken_over(self, pod: Any, pods: list[Any], problem: Problem) -> bool:
+        """A lead pod that ended badly (a drained node's pod is Failed with exit code 143) while
+        another lead pod runs: that one is its standby and takes over, so the run goes on. Not
+        for what would stop the standby too (no memory, a wrong image or configuration)."""
+        if role_of(pod) != self.lead or problem.reason == "OOMKilled" or problem.reason in IMAGE_OR_CONFIG:
+            return False
+        return any(other is not pod and role_of(other) == self.lead and other.status.phase == "Running" for other in pods)
 
     def following(self, leads: list[Any], whole: bool) -> tuple[Any, str] | None:
         """The lead to follow and its log (the whole log, or its tail): with a standby server
