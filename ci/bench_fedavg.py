@@ -45,9 +45,10 @@ from rich.table import Table
 from splitfed.learning import data, federated
 from splitfed.learning.settings import FederatedSettings, PartitionSettings
 from splitfed.roles.declaration import Identity
-from splitfed.roles.fedavg import ServerDeployment, WorkerDeployment, worker_ids
+from splitfed.roles.fedavg import SERVER, ServerDeployment, WorkerDeployment, worker_ids
 from splitfed.roles.fedavg.common import session_queues
 from splitfed.roles.fedavg.server import FedAvgServer
+from splitfed.roles.registry import ROLES
 from splitfed.roles.fedavg.worker import FedAvgWorker
 from splitfed.scenarios import fedavg, launch
 from splitfed.scenarios.fedavg import FedAvgRun
@@ -118,7 +119,7 @@ def scale(args) -> None:
             mean, worst, seconds, cpu, accuracy = scale_run(count, args.per_process, args.rounds, broker, args.profile, args.clients_per_round, broker_pid,
                                                             args.idle_probe, args.dataset, args.shared_connection)
             base = base or mean
-            table.add_row(str(count), str(settings_sample(count, args.clients_per_round)), str(-(-count // args.per_process)), f"{mean:.2f}", f"{worst:.2f}",
+            table.add_row(str(count), str(min(args.clients_per_round or count, count)), str(-(-count // args.per_process)), f"{mean:.2f}", f"{worst:.2f}",
                           " ".join(f"{s:.2f}" for s in seconds),
                           f"{mean / base:.2f}x", " / ".join("-" if c is None else f"{c:.2f}" for c in cpu), f"{accuracy:.4f}")
             Console(width=180).print(table)
@@ -133,8 +134,6 @@ def sampled(args) -> None:
     scale(args)
 
 
-def settings_sample(count: int, clients_per_round: int | None) -> int:
-    return min(clients_per_round, count) if clients_per_round else count
 
 
 def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, profile: Path | None = None,
@@ -147,7 +146,7 @@ def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, p
     session = new_session()
     sampling = {"clients_per_round": clients_per_round} if clients_per_round else {}
     settings = FederatedSettings(dataset=dataset, model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05, **sampling)
-    server_transport = RabbitTransport(broker, name="scale-server", prefetch=2 * settings_sample(count, clients_per_round) + 16)
+    server_transport = RabbitTransport(broker, name="scale-server", prefetch=ROLES[SERVER].prefetch(settings))
     identity = Identity.load("fedavg-server", key_list, directory / "fedavg-server.key")
     samplers, cpu_start, cpu_end, idle, faults = [], [], [], [], []
 

@@ -124,7 +124,7 @@ class FedAvgServer:
         self.fingerprint = {"session": self.session, **{k: v for k, v in config.values_of(settings).items() if k not in RESUMABLE_CHANGES}}
         self.state = ServerState(run=self.fingerprint)
         self.lock = queue_name(self.session, SERVER, "lock")
-        self.restore()  # a checkpoint of another run is refused at once, not after a standby's wait
+        self.saved_state()  # a checkpoint of another run is refused at once, not after a standby's wait; take_over loads it
 
     # -- standby and takeover -------------------------------------------------------------
 
@@ -158,14 +158,20 @@ class FedAvgServer:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def restore(self) -> None:
+    def saved_state(self) -> ServerState | None:
+        """The checkpoint's state (None without one); CheckpointError if it belongs to another run."""
         if not self.checkpoint_dir or not (self.checkpoint_dir / "state.json").exists():
-            return
+            return None
         state = ServerState(**json.loads((self.checkpoint_dir / "state.json").read_text()))
         if state.run != self.fingerprint:
             differing = sorted(key for key in {*state.run, *self.fingerprint} if state.run.get(key) != self.fingerprint.get(key))
             shown = ", ".join(f"{key} {state.run.get(key)!r} there, {self.fingerprint.get(key)!r} here" for key in differing[:4])
             raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} belongs to another run ({shown}): use another --checkpoint-dir")
+        return state
+
+    def restore(self) -> None:
+        if (state := self.saved_state()) is None:
+            return
         self.state = state
         # Our own files, written before the state that names them: never bytes from the network.
         self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round))))
@@ -318,14 +324,15 @@ class FedAvgServer:
 
     def sample(self) -> list[str]:
         """This round's workers: all that have not missed their last round, or with client
-        sampling a seeded draw from them, drawn once per round and kept in the checkpoint."""
+        sampling a seeded draw from them, drawn once per round. It needs no write of its own:
+        until the next checkpoint (which holds it) it is a function of the last one, so a
+        server that restarts before then draws the same workers again."""
         if self.state.sampled_round != self.state.round:
             missed = set(self.state.missed)
             candidates = [worker for worker in self.state.workers if worker not in missed]
             size = self.settings.round_sample_size(len(self.state.workers))
             self.state.sampled = federated.sample_workers(candidates, size, self.settings.seed, self.state.round)
             self.state.sampled_round = self.state.round
-            self.checkpoint(with_model=False)
         return self.state.sampled
 
     def run_round(self) -> None:
