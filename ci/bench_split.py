@@ -1,16 +1,20 @@
 """Benchmark: seconds per epoch of centralized, split in memory, split over RabbitMQ direct and
 split over RabbitMQ via the relay, on the same data subset, in one run; ratios to centralized.
 
-    .venv/bin/python ci/bench_split.py [--limit 10000] [--dataset fashion-mnist] [--broker URL]
+    .venv/bin/python ci/bench_split.py [--limit 10000] [--dataset fashion-mnist] [--broker URL] [--repeat N]
 
 Goals: direct <= 1.3x, relay <= 1.5x centralized at the default cut layer.
-Timings are of the epoch (training plus evaluation), not of process start-up.
+Timings are of the epoch (training plus evaluation), not of process start-up; `rt p50` is the
+client's median round trip (send a batch's activations, hold the answer). On a shared machine,
+`--repeat N` runs the modes N times in turn and reports medians: each ratio is the median of the
+ratios within one repetition, so load that comes and goes skews it less.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +30,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10000)
     parser.add_argument("--test-limit", type=int, default=2000)
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--repeat", type=int, default=1, help="run every mode this many times, in turn; report medians")
     parser.add_argument("--out", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -36,21 +41,37 @@ def main() -> None:
         "split, RabbitMQ direct": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="direct")),
         "split, RabbitMQ relay": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="relay")),
     }
+    samples: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(max(1, args.repeat)):
+        for name, run in runs.items():
+            result = run()
+            timing = result.get("timing") or {}
+            samples[name].append({
+                "seconds": result["history"][0]["seconds"], "accuracy": result["accuracy"], "messages": result.get("traffic", {}).get("messages", 0),
+                "bytes": result.get("traffic", {}).get("bytes", 0), "round_trip_p50_ms": timing.get("round_trip_p50_ms"),
+            })
+        for name in runs:
+            samples[name][-1]["ratio"] = samples[name][-1]["seconds"] / samples["centralized"][-1]["seconds"]
     rows = {}
-    for name, run in runs.items():
-        result = run()
-        rows[name] = {"seconds": result["history"][0]["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"], "bytes": result["traffic"]["bytes"]}
-    base = rows["centralized"]["seconds"]
-    table = Table(title=f"split learning, {args.dataset}, {args.limit} samples, 1 epoch")
-    for column in ("mode", "s/epoch", "ratio", "accuracy", "messages", "MB"):
+    for name, runs_of_mode in samples.items():
+        rows[name] = {key: _median([sample[key] for sample in runs_of_mode]) for key in runs_of_mode[0]}
+        rows[name]["ratios"] = [sample["ratio"] for sample in runs_of_mode]
+    repeated = f", median of {args.repeat}" if args.repeat > 1 else ""
+    table = Table(title=f"split learning, {args.dataset}, {args.limit} samples, 1 epoch{repeated}")
+    for column in ("mode", "s/epoch", "ratio", "rt p50 ms", "accuracy", "messages", "MB"):
         table.add_column(column, justify="right")
     for name, row in rows.items():
-        row["ratio"] = row["seconds"] / base
-        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}", str(row["messages"]), f"{row['bytes'] / 1e6:.0f}")
+        p50 = "" if row["round_trip_p50_ms"] is None else f"{row['round_trip_p50_ms']:.2f}"
+        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", p50, f"{row['accuracy']:.4f}", str(row["messages"]), f"{row['bytes'] / 1e6:.0f}")
     Console().print(table)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def _median(values: list):
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
 
 
 if __name__ == "__main__":

@@ -12,17 +12,19 @@ import json
 import sys
 from pathlib import Path
 
-from splitfed.cluster.values import MANAGED, ROLE_KEYS
+from splitfed.cluster.values import FAMILIES, MANAGED, ROLE_KEYS
 from splitfed.config import Option
 from splitfed.roles.registry import ROLES
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "values.schema.json"
 
 # MANAGED: options the chart sets itself, never in `settings`; ROLE_KEYS: the values key of
-# each role. Both live with the run options -> values mapping of `splitfed launch`.
-TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker"}
-SINGLETONS = {"relay", "split-client", "split-server"}  # one pod per session (fedavg-server: active + standbys)
-JOBS = {"split-client", "fedavg-server"}
+# each role; FAMILIES: the roles each family's shared settings reach. They live with the run
+# options -> values mapping of `splitfed launch`.
+TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker"}  # the others: no gpu
+SINGLETONS = {"relay", "split-server", "split-fed"}  # one pod per session (fedavg-server: active + standbys)
+AT_LEAST_ONE = {"split-client"}  # its replicas are the run's --clients (declared min 1)
+JOBS = {"split-client", "split-server", "split-fed", "fedavg-server"}
 PATTERN_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -122,7 +124,7 @@ def role_schema(role: str) -> dict:
     properties = {
         "enabled": BOOLEAN,
         "image": IMAGE,
-        "replicas": {**COUNT, **({"maximum": 1} if role in SINGLETONS else {})},
+        "replicas": {**COUNT, **({"maximum": 1} if role in SINGLETONS else {}), **({"minimum": 1} if role in AT_LEAST_ONE else {})},
         "resources": RESOURCES,
         "nodeSelector": string_map(),
         "tolerations": TOLERATIONS,
@@ -232,8 +234,7 @@ def schema() -> dict:
                 }),
             }),
             "keys": closed({"existingSecret": SECRET_NAME, "keyListKey": SECRET_KEY}),
-            "split": closed({"settings": settings_schema("split-client", "split-server")}),
-            "fedavg": closed({"settings": settings_schema("fedavg-server", "fedavg-worker")}),
+            **{family: closed({"settings": settings_schema(*roles)}) for family, roles in FAMILIES.items()},
             **{key: role_schema(role) for role, key in ROLE_KEYS.items()},
         }),
     }

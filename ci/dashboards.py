@@ -99,14 +99,32 @@ FEDAVG = (
 )
 
 SPLIT_CLIENT = f'role="split-client", {S}'
-SPLIT_ROLES = f'role=~"split-client|split-server|relay", {S}'
+SPLIT_SERVER = f'role="split-server", {S}'
+SPLIT_FED = f'role="split-fed", {S}'
+SPLIT_ROLES = f'role=~"split-client|split-server|split-fed|relay", {S}'
+# One client (split) or several (splitnn): the clients' series carry `client` (split-client, or
+# split-client-N among several) where they are per client, and the server's view of each client
+# (splitfed_split_client_epoch) carries it too.
 SPLIT = (
-    Panel("Epoch", (q(f"max by (session) (splitfed_epoch{{{SPLIT_CLIENT}}})", "{{session}}"),), width=8),
-    Panel("Batches per second", (q(f"sum by (session) (rate(splitfed_round_trip_seconds_count{{{SPLIT_CLIENT}}}[$__rate_interval]))", "{{session}}"),),
-          unit="ops", width=8),
-    Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{SPLIT_CLIENT}}}", "{{session}}"),), unit="percentunit", width=8),
-    Panel("Loss", (q(f"splitfed_test_loss{{{SPLIT_CLIENT}}}", "test {{session}}"), q(f"splitfed_train_loss{{{SPLIT_CLIENT}}}", "train {{session}}"))),
-    Panel("Round-trip latency", quantiles("splitfed_round_trip_seconds", SPLIT_CLIENT), unit="s"),
+    Panel("Epoch", (q(f"max by (session) (splitfed_epoch{{{SPLIT_CLIENT}}})", "{{session}}"),), width=8,
+          description="The newest epoch a client of the session has finished its share of"),
+    Panel("Batches per second", (q(f"sum by (session, client) (rate(splitfed_round_trip_seconds_count{{{SPLIT_CLIENT}}}[$__rate_interval]))", "{{client}} {{session}}"),),
+          unit="ops", width=8, stacked=True, description="Training batches each client sends through the server"),
+    Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{SPLIT_CLIENT}}}", "{{session}} {{instance}}"),), unit="percentunit", width=8,
+          description="As the client that evaluated the closed epoch measured it"),
+    Panel("Active clients", (q(f"splitfed_split_active_clients{{{SPLIT_SERVER}}}", "said hello, not silent {{session}}"),
+                             q(f"splitfed_split_epoch_clients{{{SPLIT_SERVER}}}", "in the last closed epoch {{session}}")), width=8,
+          description="The server's view: clients that have said hello and not gone silent for --client-timeout, "
+                      "and the clients whose share the last closed epoch included"),
+    Panel("Epoch by client", (q(f"splitfed_split_client_epoch{{{SPLIT_SERVER}}}", "{{client}} {{session}}"),), width=8,
+          description="The last epoch each client reported its share of (the server's view): a client behind the others is slow or gone"),
+    Panel("Clients averaged (split-fed)", (q(f"splitfed_averaged_clients{{{SPLIT_FED}}}", "{{session}}"),), width=8,
+          description="Client halves in the split-fed's last average (splitfed-v1 and v2 with several clients)"),
+    Panel("Loss", (q(f"splitfed_test_loss{{{SPLIT_CLIENT}}}", "test {{session}} {{instance}}"), q(f"splitfed_train_loss{{{SPLIT_CLIENT}}}", "train {{session}} {{instance}}"))),
+    Panel("Round-trip latency", quantiles("splitfed_round_trip_seconds", SPLIT_CLIENT), unit="s",
+          description="From sending a batch's activations to holding its gradients, over all the clients"),
+    Panel("Round-trip latency by client", quantiles("splitfed_round_trip_seconds", SPLIT_CLIENT, by="client"), unit="s",
+          description="The same per client: one far above the others is far from the server, or on a slow node"),
     Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
           unit="Bps"),
     Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
@@ -195,7 +213,8 @@ def dashboard(uid: str, title: str, description: str, panels: tuple[Panel, ...],
 DASHBOARDS = {
     "overview.json": dashboard("splitfed-overview", "splitfed / Overview", "Every splitfed run: progress, accuracy, traffic, latency, rejections", OVERVIEW),
     "fedavg.json": dashboard("splitfed-fedavg", "splitfed / FedAvg", "Federated averaging: rounds, the server's model, every worker", FEDAVG, "fedavg-.*"),
-    "split.json": dashboard("splitfed-split", "splitfed / Split learning", "Split learning: epochs, round trips, traffic through the relay", SPLIT,
+    "split.json": dashboard("splitfed-split", "splitfed / Split learning",
+                            "Split learning, one client or several: epochs, clients, round trips, the split-fed's averages, traffic", SPLIT,
                             "split-.*|relay"),
     "rabbitmq.json": dashboard("splitfed-rabbitmq", "splitfed / RabbitMQ", "The broker: splitfed's queues, rates, connections (rabbitmq_prometheus)", RABBITMQ),
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End to end on a real Kubernetes, for machines that have kind: a kind cluster from k8s/kind.yaml
 # (a CPU worker and a worker labelled and tainted like a GPU node), the images ci/images.sh builds
-# loaded into it, then `splitfed launch` a small FedAvg run (workers on the GPU-like node) and a
-# small split run through the relay, `helm test` on each, `splitfed status` and logs collected,
+# loaded into it, then `splitfed launch` a small FedAvg run (workers on the GPU-like node), a
+# small split run through the relay and a small run of three split clients (splitfed-v2, with the
+# split-fed), `helm test` on each, `splitfed status` and logs collected,
 # the results checked, a launch that asks for more GPUs than there are (it must fail with
 # "Pending for lack of GPUs"), and everything torn down.
 #
@@ -22,7 +23,7 @@ namespace="splitfed-e2e"
 results=${1:-results/kind-e2e}
 splitfed=.venv/bin/splitfed
 helm=$(command -v helm || echo .tools/bin/helm)
-roles=(relay split-client split-server fedavg-server fedavg-worker)
+roles=(relay split-client split-server split-fed fedavg-server fedavg-worker)
 broker_image=docker.io/library/rabbitmq:4.1
 
 for tool in kind kubectl podman "$helm" "$splitfed"; do
@@ -107,6 +108,13 @@ done
 "$splitfed" status "${cluster_args[@]}" --name sp >"$results/split-status.txt"
 "$splitfed" logs sp "${cluster_args[@]}" --tail 0 >"$results/split-client.log"
 
+# Three split clients (an Indexed Job) on splitfed-v2 with the split-fed; the server leads.
+"$splitfed" launch splitnn "${cluster_args[@]}" "${small[@]}" --name nn --dataset digits --clients 3 --schedule splitfed-v2 \
+  --epochs 1 --batch-size 32 --wait-timeout 900 --out "$results/splitnn.json"
+"$helm" test nn --kube-context "$context" --namespace "$namespace" >"$results/splitnn-helm-test.txt"
+"$splitfed" status "${cluster_args[@]}" --name nn >"$results/splitnn-status.txt"
+"$splitfed" logs nn "${cluster_args[@]}" --tail 0 >"$results/splitnn-server.log"
+
 # More GPUs than any node has: launch must stop with the reason.
 if "$splitfed" launch fedavg "${cluster_args[@]}" "${small[@]}" --name nogpu --dataset digits --workers 1 --partition iid --rounds 1 \
   --set fedavgServer.gpu.enabled=true --set fedavgServer.gpu.count=4 --pending-timeout 30 --wait-timeout 300 \
@@ -122,7 +130,7 @@ import pathlib
 import sys
 
 results = pathlib.Path(sys.argv[1])
-for scenario, floor in (("fedavg", 0.3), ("split", 0.5)):  # two rounds, one epoch on digits: above chance (0.1)
+for scenario, floor in (("fedavg", 0.3), ("split", 0.5), ("splitnn", 0.3)):  # two rounds, one epoch on digits: above chance (0.1)
     result = json.loads((results / f"{scenario}.json").read_text())
     assert result["scenario"] == scenario and result["config"]["launch"] == "kubernetes", result["config"]
     assert result["accuracy"] > floor, f"{scenario}: accuracy {result['accuracy']}"
@@ -130,7 +138,7 @@ for scenario, floor in (("fedavg", 0.3), ("split", 0.5)):  # two rounds, one epo
 PY
 
 collect
-for release in fl sp nogpu; do
+for release in fl sp nn nogpu; do
   "$splitfed" delete "$release" "${cluster_args[@]}" --volumes
 done
 echo "kind-e2e: passed; results in $results"

@@ -1,4 +1,4 @@
-"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`, draw a `report`.
+"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`, draw a `report`, list `models` and their cut points.
 
 Every `run` and `serve` command is generated from the scenario and role declarations: one flag
 and one SPLITFED_* variable per settings field, so the CLI, the launcher and the Helm chart
@@ -110,16 +110,22 @@ def _command(options: list[config.Option], summary: str, body: Callable[[dict[st
     return command
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # n/a: an epoch whose evaluator went silent
+
+
 def _write_results(result: dict, out: Path | None) -> None:
     if out:
         out.write_text(json.dumps(result, indent=2) + "\n")
+    several = any("included" in record for record in result["history"])  # splitnn: which clients each epoch had
     table = Table(title=f"splitfed {result['scenario']}")
-    for column in ("step", "test accuracy", "test loss", "train loss", "seconds"):
+    for column in ("step", "test accuracy", "test loss", "train loss", "seconds", *(("clients", "missing") if several else ())):
         table.add_column(column, justify="right")
     for record in result["history"]:
-        table.add_row(str(record["step"]), f"{record['accuracy']:.4f}", f"{record['loss']:.4f}", f"{record['train_loss']:.4f}", f"{record['seconds']:.1f}")
+        clients = (str(len(record["included"])), ", ".join(record["missing"]) or "-") if several else ()
+        table.add_row(str(record["step"]), _number(record["accuracy"]), _number(record["loss"]), _number(record["train_loss"]), f"{record['seconds']:.1f}", *clients)
     err.print(table)
-    err.print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  wall {result['wall_seconds']:.1f}s  "
+    err.print(f"accuracy {_number(result['accuracy'])}  loss {_number(result['loss'])}  wall {result['wall_seconds']:.1f}s  "
               f"traffic {result['traffic']['messages']} messages / {result['traffic']['bytes'] / 1e6:.1f} MB"
               + (f"  results in {out}" if out else ""), highlight=False)
 
@@ -226,6 +232,83 @@ def report_command(
     loaded = [_guard(lambda path=path: report.read(path)) for path in results]
     _guard(lambda: report.draw(loaded, out, labels=label or None, title=title, names=[str(path) for path in results]))
     err.print(f"wrote {out} ({len(results)} runs)", highlight=False)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+@app.command("models")
+def models_command(
+    cuts: Annotated[Optional[str], typer.Option(envvar="SPLITFED_MODELS_CUTS", metavar="MODEL", help="Show where MODEL can be cut: each cut point's activation and parameters on either side.")] = None,
+    dataset: Annotated[str, typer.Option(envvar="SPLITFED_MODELS_DATASET", metavar="DATASET", help="The data set whose images the model takes (it fits the model's input to them).")] = "fashion-mnist",
+    mode: Annotated[str, typer.Option(envvar="SPLITFED_MODELS_MODE", metavar="vanilla|u-shaped", help="Split mode: u-shaped keeps the last layer on the client.")] = "vanilla",
+    out: Annotated[Optional[Path], typer.Option(envvar="SPLITFED_MODELS_OUT", help="Also write the cut points as JSON here.")] = None,
+) -> None:
+    """List the models --model takes; with --cuts MODEL, the cut points --cut-layer takes (an index, or the name of the layer to cut after)."""
+    if cuts is None:
+        _list_models()
+        return
+    from splitfed.learning import data, models, split
+    from splitfed.learning.settings import SPLIT_MODES
+    from splitfed.roles.service import output_problem
+
+    if mode not in SPLIT_MODES:
+        raise _fail(f"--mode {mode!r}: choose one of {', '.join(SPLIT_MODES)}", 2)
+    if out is not None and (problem := output_problem(out)):
+        raise _fail(problem, 2)
+    meta = _guard(lambda: data.info(dataset))
+    model = _guard(lambda: models.build(cuts, meta, seed=1))
+    points = split.cut_points(model, meta.shape, mode)
+    default = _default_cut(model, mode)
+    Console().print(_cuts_table(cuts, meta, mode, points, default))
+    if not points:
+        err.print(f"{cuts} cannot be split in {mode} mode: no cut leaves weights to train on both sides", highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        document = {"model": cuts, "dataset": dataset, "mode": mode, "input": list(meta.shape), "default": default, "cuts": [
+            {"index": p.index, "after": p.name, "shape": list(p.shape), "floats": p.floats, "kib": p.floats * 4 / 1024,
+             "client_params": p.client_params, "server_params": p.server_params} for p in points]}
+        out.write_text(json.dumps(document, indent=2) + "\n")
+        err.print(f"cut points in {out}", highlight=False, markup=False)
+
+
+def _list_models() -> None:
+    from splitfed.learning.settings import MODELS
+
+    table = Table(title="models (--model)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    table.add_column("from")
+    for name in MODELS:
+        table.add_row(name, "splitfed")
+    try:
+        from splitfed.learning import vision
+
+        for name in vision.names():
+            table.add_row(name, "torchvision")
+    except ValueError:
+        table.caption = "torchvision is not installed: only the splitfed models are available"
+    Console().print(table)
+
+
+def _default_cut(model: Any, mode: str) -> int | None:
+    """Where a run without --cut-layer cuts `model`, or None where that cut would be refused."""
+    from splitfed.learning import split
+
+    try:
+        return split.cut(model, None, mode).cut_layer
+    except ValueError:
+        return None
+
+
+def _cuts_table(name: str, meta: Any, mode: str, points: list, default: int | None) -> Table:
+    """One row per cut point (learning.split.CutPoint); * marks the default."""
+    table = Table(title=f"cut points of {name} on {meta.name} ({'x'.join(map(str, meta.shape))}), {mode}", title_justify="left")
+    for column in ("cut", "after", "activation", "floats", "KiB", "client params", "server params"):
+        table.add_column(column, justify="left" if column in ("after", "activation") else "right", no_wrap=True)
+    for p in points:
+        table.add_row(f"{p.index}{'*' if p.index == default else ''}", p.name, "x".join(map(str, p.shape)), f"{p.floats:,}",
+                      f"{p.floats * 4 / 1024:,.1f}", f"{p.client_params:,}", f"{p.server_params:,}")
+    table.caption = "activation: per sample at the cut (float32); * the default cut" if default else "activation: per sample at the cut (float32)"
+    return table
 
 
 # -- Kubernetes: launch SCENARIO, status, logs, delete (splitfed.cluster; its client is imported lazily) --

@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from splitfed import config
-from splitfed.learning.settings import DATASETS, MODELS, SPLIT_MODES, DatasetInfo, FederatedSettings, SplitSettings, parse_partition
+from splitfed.learning.settings import DATASETS, MODELS, SPLIT_MODES, DatasetInfo, FederatedSettings, SplitNNSettings, SplitSettings, parse_partition
 
 MIB = 1024 * 1024
 FLOAT32, INT64 = 4, 8
@@ -96,16 +96,16 @@ UNCERTAINTY = {
 }
 
 # Sample counts of each data set's files (learning.data reads all of a file even with --limit).
-TRAIN_SAMPLES = {"fashion-mnist": 60000, "mnist": 60000, "digits": 1437}  # digits: 80% of sklearn's 1797
-TEST_SAMPLES = {"fashion-mnist": 10000, "mnist": 10000, "digits": 360}
+TRAIN_SAMPLES = {"fashion-mnist": 60000, "mnist": 60000, "digits": 1437, "cifar10": 50000}  # digits: 80% of sklearn's 1797
+TEST_SAMPLES = {"fashion-mnist": 10000, "mnist": 10000, "digits": 360, "cifar10": 10000}
 assert set(TRAIN_SAMPLES) == set(TEST_SAMPLES) == set(DATASETS), "sizing must know every data set's sample counts"
 
 # learning.models.DEFAULT_CUT (that module imports torch); tests/unit/test_sizing.py checks they agree.
 DEFAULT_CUT = 9
 TAIL_LAYERS = 1  # learning.split.cut's default: the client's tail in u-shaped mode
 
-ROLE_NAMES = ("relay", "split-client", "split-server", "fedavg-server", "fedavg-worker")
-SPLIT_ROLES = ("relay", "split-client", "split-server")
+ROLE_NAMES = ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker")
+SPLIT_ROLES = ("relay", "split-client", "split-server", "split-fed")
 GPU_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker")  # the chart's roles with a gpu section
 
 
@@ -165,7 +165,7 @@ def model_layers(model: str, meta: DatasetInfo) -> list[Layer]:
     elif model == "tiny":  # learning.models.tiny
         plan = [("flatten",), ("linear", meta.classes)]
     else:
-        raise ValueError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
+        raise ValueError(f"--model {model!r}: choose one of {', '.join(MODELS)} (torchvision models are not sized yet)")
     return _walk(meta.shape, plan)
 
 
@@ -184,9 +184,18 @@ class CannotSplit(ValueError):
     """The model cannot be cut as asked: a split run would fail."""
 
 
-def split_parts(layers: list[Layer], cut_layer: int | None, mode: str) -> Parts:
+def cut_index(cut_layer: int | str | None) -> int:
+    """The index a --cut-layer gives for cnn and tiny, whose layers are named by their indices."""
+    if cut_layer is None:
+        return DEFAULT_CUT
+    if isinstance(cut_layer, int) or cut_layer.isdigit():
+        return int(cut_layer)
+    raise CannotSplit(f"unknown cut {cut_layer[:80]!r}: cnn and tiny are cut at a layer index")
+
+
+def split_parts(layers: list[Layer], cut_layer: int | str | None, mode: str) -> Parts:
     """The halves as learning.split.cut makes them; CannotSplit where a run would fail."""
-    cut_layer = DEFAULT_CUT if cut_layer is None else cut_layer
+    cut_layer = cut_index(cut_layer)
     if mode not in SPLIT_MODES:
         raise ValueError(f"--mode {mode!r}: choose one of {', '.join(SPLIT_MODES)}")
     end = len(layers) - (TAIL_LAYERS if mode == "u-shaped" else 0)
@@ -360,7 +369,7 @@ def values_key(role: str) -> str:
 
 def settings_class(role: str) -> type:
     """The learning settings a role is sized from (the relay: the split session it forwards)."""
-    classes = {"relay": SplitSettings, "split-client": SplitSettings, "split-server": SplitSettings}
+    classes = {"relay": SplitSettings, "split-client": SplitNNSettings, "split-server": SplitNNSettings, "split-fed": SplitNNSettings}
     if role in classes:
         return classes[role]
     if role in ("fedavg-server", "fedavg-worker"):
@@ -428,7 +437,7 @@ class _Context:
         found = {"model": s.model, "dataset": s.dataset, "batch_size": s.batch_size, "eval_batch_size": s.eval_batch_size,
                  "optimizer": s.optimizer, "limit": s.limit, "test_limit": s.test_limit}
         if isinstance(s, SplitSettings):
-            found.update(cut_layer=s.cut_layer if s.cut_layer is not None else DEFAULT_CUT, mode=s.mode)
+            found.update(cut_layer=cut_index(s.cut_layer), mode=s.mode)
         else:
             found.update(workers=s.workers, partition=s.partition)
         return found
@@ -534,6 +543,16 @@ def _relay(c: _Context) -> Estimate:
     return Estimate(c.role, c.described(), None, (running,))
 
 
+def _split_fed(c: _Context) -> Estimate:
+    """numpy only: one epoch's client layers from every client, each as its message and its
+    decoded arrays, the average in float64 and as sent, and the last averages kept for late clients."""
+    parts = c.split()
+    layer_bytes = sum(layer.params for layer in parts.head + parts.tail) * FLOAT32
+    held = (2 * c.settings.clients + 2 + 2) * layer_bytes + 2 * layer_bytes  # + the float64 accumulator
+    running = Phase("averaging", (*c.baseline(torch=False), c.runtime(), _part("client layers", "messages", _mib(held))))
+    return Estimate(c.role, c.described(), None, (running,))
+
+
 def _fedavg_server(c: _Context) -> Estimate:
     params = sum(layer.params for layer in c.layers)
     model_bytes = params * FLOAT32
@@ -582,7 +601,7 @@ def _gpu_note(c: _Context) -> tuple[str, ...]:
 
 
 _ESTIMATORS = {
-    "relay": _relay, "split-client": _split_client, "split-server": _split_server,
+    "relay": _relay, "split-client": _split_client, "split-server": _split_server, "split-fed": _split_fed,
     "fedavg-server": _fedavg_server, "fedavg-worker": _fedavg_worker,
 }
 

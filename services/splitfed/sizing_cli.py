@@ -26,7 +26,7 @@ ENV_PREFIX = "SPLITFED_SIZE_"
 
 def _learning_parameter(option: config.Option) -> inspect.Parameter:
     shown = "" if option.default is None else str(option.default)
-    info = typer.Option(option.flag, envvar=ENV_PREFIX + option.name.upper(), help=option.help, metavar=option.kind, show_default=shown or False)
+    info = typer.Option(option.flag, envvar=ENV_PREFIX + option.name.upper(), help=option.help, metavar=option.metavar or option.kind, show_default=shown or False)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
 
 

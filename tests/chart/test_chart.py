@@ -27,7 +27,9 @@ ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/comp
               "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
 # Memory per role (requests, limits), as ci/measure_memory.py measured them.
 MEMORY = {"split-client": ("608Mi", "736Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("448Mi", "576Mi"),
-          "fedavg-worker": ("448Mi", "544Mi"), "relay": ("96Mi", "96Mi")}
+          "fedavg-worker": ("448Mi", "544Mi"), "relay": ("96Mi", "96Mi"), "split-fed": ("96Mi", "128Mi")}
+# Several split clients with the fed (splitfed-v2, the declared default schedule).
+SEVERAL_CLIENTS = "splitClient.enabled=true,splitClient.replicas=3,splitServer.enabled=true,splitFed.enabled=true"
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,7 @@ def env_of(container: dict) -> dict[str, dict]:
 
 
 def test_every_scenario_file_is_there():
-    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split"}
+    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split", "splitnn"}
 
 
 def test_values_schema_matches_the_role_declarations():
@@ -139,6 +141,7 @@ def test_every_container_has_memory_requests_and_limits(rendered, name):
 
 def test_role_memory_defaults(helm):
     objects = render(helm, "--set", "relay.enabled=true,splitClient.enabled=true,splitServer.enabled=true")
+    objects += [o for o in render(helm, "--set", SEVERAL_CLIENTS) if o["metadata"]["name"].endswith("split-fed")]
     seen = set()
     for role, container, _, _ in role_containers(objects):
         resources = container["resources"]
@@ -299,8 +302,8 @@ def test_own_rabbitmq(rendered):
 
 def test_run_to_completion_roles_are_jobs(rendered):
     kinds = {role: obj["kind"] for name in rendered for role, _, _, obj in role_containers(rendered[name])}
-    assert kinds == {"fedavg-server": "Job", "split-client": "Job", "fedavg-worker": "StatefulSet",
-                     "relay": "Deployment", "split-server": "Deployment"}
+    assert kinds == {"fedavg-server": "Job", "split-client": "Job", "split-server": "Job", "split-fed": "Job",
+                     "fedavg-worker": "StatefulSet", "relay": "Deployment"}
     for name in rendered:
         for obj, _, spec in pod_specs(rendered[name]):
             if obj["kind"] == "Job":
@@ -435,7 +438,7 @@ def test_helm_test_checks_the_broker(rendered):
     ("fedavg.settings.bogus=1", "at '/fedavg/settings': additional properties 'bogus' not allowed"),
     ("fedavgServer.settings.rounds=0", "at '/fedavgServer/settings/rounds': minimum"),
     ("fedavgServer.settings.queue-type=quorum", "at '/fedavgServer/settings': additional properties 'queue-type' not allowed"),
-    ("splitClient.replicas=2", "at '/splitClient/replicas': maximum"),
+    ("splitServer.replicas=2", "at '/splitServer/replicas': maximum"),
     ("broker.external.enabled=true,broker.external.existingSecret=creds", "broker.external.enabled needs broker.external.host"),
     ("fedavgWorker.replicas=0", "fedavgServer.enabled needs fedavgWorker.replicas >= 1"),
     ("metrics.prometheusRule.enable=true", "at '/metrics/prometheusRule': additional properties 'enable' not allowed"),
@@ -460,18 +463,44 @@ def test_bad_values_fail_with_a_clear_message(helm, values, message):
     assert message in result.stderr, result.stderr
 
 
+# Over ci/chart-values/splitnn.yaml: 3 clients on splitfed-v1 with the fed, min-clients 2.
+@pytest.mark.parametrize(("values", "message"), [
+    ("relay.enabled=true", "relay.enabled needs splitClient.replicas 1, not 3: the relay forwards the frames of one client"),
+    ("splitClient.replicas=0", "at '/splitClient/replicas': minimum: got 0, want 1"),
+    ("split.settings.schedule=bogus", "at '/split/settings/schedule': value must be one of 'round-robin', 'splitfed-v1', 'splitfed-v2'"),
+    ("split.settings.clients=3", "at '/split/settings': additional properties 'clients' not allowed"),  # it is splitClient.replicas
+    ("splitClient.settings.client-index=1", "at '/splitClient/settings': additional properties 'client-index' not allowed"),
+    ("splitFed.enabled=false", "3 split clients on schedule splitfed-v1 need splitFed.enabled"),
+    ("split.settings.schedule=round-robin", ("splitFed.enabled needs several split clients (splitClient.replicas > 1, now 3) on schedule "
+                                             "splitfed-v1 or splitfed-v2 (now round-robin)")),
+    ("splitClient.replicas=1,split.settings.partition=iid,split.settings.min-clients=null",
+     "splitFed.enabled needs several split clients (splitClient.replicas > 1, now 1)"),
+    ("splitServer.settings.schedule=splitfed-v2", ("the split roles' schedules differ (splitClient, splitServer, splitFed: splitfed-v1, "
+                                                   "splitfed-v2, splitfed-v1): set it once, in split.settings.schedule")),
+    ("split.settings.min-clients=4", "min-clients 4 (splitClient) is more than the 3 split clients (splitClient.replicas)"),
+    ("splitFed.replicas=2", "at '/splitFed/replicas': maximum: got 2, want 1"),
+    ("splitFed.gpu.enabled=true", "at '/splitFed': additional properties 'gpu' not allowed"),  # no torch, no GPU
+])
+def test_bad_split_values_fail_with_a_clear_message(helm, values, message):
+    result = helm_template(helm, "-f", str(REPO / "ci" / "chart-values" / "splitnn.yaml"), "--set", values)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
 def test_lead_roles_print_progress_events_for_launch_unless_told_not_to(helm, rendered):
-    """splitfed launch and status read the lead Jobs' progress events and result from their logs."""
+    """splitfed launch and status read the lead Jobs' progress events and result from their logs:
+    the fedavg-server's; the one split client's, or the split-server's among several clients."""
     seen = set()
     for name in rendered:
+        several = name == "splitnn"
         for role, container, _, _ in role_containers(rendered[name]):
             env = env_of(container)
-            if role in ("fedavg-server", "split-client"):
+            if role == "fedavg-server" or role == ("split-server" if several else "split-client"):
                 assert env["SPLITFED_PROGRESS_EVENTS"]["value"] == "true", (name, role)
                 seen.add(role)
             else:
                 assert "SPLITFED_PROGRESS_EVENTS" not in env, (name, role)
-    assert seen == {"fedavg-server", "split-client"}
+    assert seen == {"fedavg-server", "split-client", "split-server"}
     (server,) = [c for role, c, _, _ in role_containers(render(helm, "--set", "fedavgServer.settings.progress-events=false"))
                  if role == "fedavg-server"]
     assert env_of(server)["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
@@ -484,3 +513,84 @@ def test_a_roles_own_false_or_zero_beats_the_shared_setting(helm):
     assert env["fedavg-worker"]["SPLITFED_SEED"]["value"] == "0" and env["fedavg-server"]["SPLITFED_SEED"]["value"] == "5"
     assert env["split-client"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
     assert env["split-server"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "true"
+
+
+# -- several split clients (ci/chart-values/splitnn.yaml) ------------------------------------------
+
+
+def test_splitnn_values_run_the_clients_as_an_indexed_job_with_the_fed_and_no_relay(rendered):
+    objects = rendered["splitnn"]
+    workloads = {role: obj for role, _, _, obj in role_containers(objects)}
+    assert set(workloads) == {"split-client", "split-server", "split-fed"}
+    clients = workloads["split-client"]["spec"]
+    assert (clients["completionMode"], clients["parallelism"], clients["completions"]) == ("Indexed", 3, 3)
+    for role in ("split-server", "split-fed"):
+        spec = workloads[role]["spec"]
+        assert (spec["parallelism"], spec["completions"], spec["template"]["spec"]["restartPolicy"]) == (1, 1, "OnFailure"), role
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ci-splitfed-roles"]
+    assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["split-client", "split-fed", "split-server"]
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["split-client", "split-fed", "split-server"]
+    # min-clients 2 of 3: drains keep two clients
+    (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "ci-splitfed-split-client"]
+    assert budget["spec"]["minAvailable"] == 2
+
+
+def test_each_split_client_gets_its_index_its_key_and_the_number_of_clients(rendered):
+    containers = {role: (container, spec) for role, container, spec, _ in role_containers(rendered["splitnn"])}
+    client, spec = containers["split-client"]
+    env = env_of(client)
+    assert env["SPLITFED_CLIENT_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/split-client-$(SPLITFED_CLIENT_INDEX).key"  # as keys generate names them
+    names = [entry["name"] for entry in client["env"]]
+    assert names.index("SPLITFED_CLIENT_INDEX") < names.index("SPLITFED_PRIVATE_KEY")  # $(VAR) sees only what comes before
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", "split-client-0.key", "split-client-1.key", "split-client-2.key"]
+    for role, (container, _) in containers.items():
+        env = env_of(container)
+        assert env["SPLITFED_CLIENTS"]["value"] == "3", role
+        assert env["SPLITFED_SCHEDULE"]["value"] == "splitfed-v1" and env["SPLITFED_PARTITION"]["value"] == "classes:0-3,4-6,7-9", role
+        assert env["SPLITFED_MIN_CLIENTS"]["value"] == "2" and env["SPLITFED_CLIENT_TIMEOUT"]["value"] == "90", role
+        if role != "split-fed":
+            assert env["SPLITFED_VIA"]["value"] == "direct", role
+
+
+def test_the_fed_is_torch_free_signs_and_reads_no_data(helm, rendered):
+    ((fed, spec),) = [(c, s) for role, c, s, _ in role_containers(rendered["splitnn"]) if role == "split-fed"]
+    assert fed["image"] == "localhost/splitfed-split-fed:0.1.0"  # the core image, as ci/images.sh tags it
+    env = env_of(fed)
+    assert env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/split-fed.key"
+    assert "SPLITFED_VIA" not in env and "SPLITFED_CLIENT_INDEX" not in env and "SPLITFED_PROGRESS_EVENTS" not in env
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", "split-fed.key"]
+    objects = render(helm, "--set", SEVERAL_CLIENTS + ",data.volume.persistentVolumeClaim.claimName=mnist")
+    containers = {role: (c, s) for role, c, s, _ in role_containers(objects)}
+    assert "SPLITFED_DATA_DIR" in env_of(containers["split-client"][0]) and "SPLITFED_DATA_DIR" not in env_of(containers["split-fed"][0])
+    assert not [v for v in containers["split-fed"][1]["volumes"] if v["name"] == "data"]
+
+
+def test_one_split_client_keeps_its_plain_name(rendered):
+    ((client, spec),) = [(c, s) for role, c, s, _ in role_containers(rendered["all-roles"]) if role == "split-client"]
+    env = env_of(client)
+    assert env["SPLITFED_CLIENTS"]["value"] == "1" and env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/split-client.key"
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", "split-client.key"]
+    assert not [o for o in rendered["all-roles"] if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-split-client")]
+
+
+def test_round_robin_clients_run_without_the_fed(helm):
+    objects = render(helm, "--set", "splitClient.enabled=true,splitClient.replicas=2,splitServer.enabled=true,split.settings.schedule=round-robin")
+    assert {role for role, *_ in role_containers(objects) if role.startswith("split-")} == {"split-client", "split-server"}
+    assert not [o for o in objects if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"].endswith("-split-client")]  # no min-clients: no budget
+
+
+def test_the_charts_default_schedule_is_the_declared_one(helm):
+    """The chart decides whether the fed is needed from the schedule; unset, it assumes the one
+    the roles default to."""
+    from splitfed.learning.settings import SplitNNSettings
+
+    declared = SplitNNSettings.__dataclass_fields__["schedule"].default
+    result = helm_template(helm, "--set", "splitClient.enabled=true,splitClient.replicas=2,splitServer.enabled=true")
+    assert result.returncode != 0
+    assert f"2 split clients on schedule {declared} need splitFed.enabled" in result.stderr, result.stderr
+    assert declared != "round-robin"  # else the message above could not be

@@ -110,3 +110,42 @@ def test_helm_refusing_the_values_is_one_line(helm_dry_run):
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: helm upgrade --install failed: values don't meet the specifications of the schema(s)")
     assert line.endswith("- at '/fedavgWorker/replicas': got string, want integer")
+
+
+def test_a_splitnn_launch_renders_a_client_per_pod_the_fed_and_the_server_as_lead(helm_dry_run, tmp_path):
+    keys = tmp_path / "keys"
+    assert invoke("keys", "generate", "--no-server", "--party", "split-server", "--party", "split-fed",
+                  *(arg for index in range(3) for arg in ("--party", f"split-client-{index}")), "--out", keys).exit_code == 0
+    result = invoke("launch", "splitnn", "--dry-run", "--name", "nn", "-n", "ns1", "--clients", "3", "--schedule", "splitfed-v1",
+                    "--partition", "classes:0-3,4-6,7-9", "--min-clients", "2", "--client-timeout", "45", "--epochs", "2",
+                    "--key-list", keys / "key-list.json")
+    assert result.exit_code == 0, result.stderr
+    assert "the keys Secret was not made" in result.stderr
+    objects = manifests(result.stdout)
+    jobs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Job"}
+    assert set(jobs) == {"nn-splitfed-split-client", "nn-splitfed-split-server", "nn-splitfed-split-fed"}
+    clients = jobs["nn-splitfed-split-client"]["spec"]
+    assert (clients["completionMode"], clients["parallelism"], clients["completions"]) == ("Indexed", 3, 3)
+    assert not [o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and "relay" in o["metadata"]["name"]]
+    env = role_env(objects)
+    assert set(env) == {"split-client", "split-server", "split-fed", "rabbitmq"}
+    for role in ("split-client", "split-server", "split-fed"):
+        assert env[role]["SPLITFED_CLIENTS"] == "3" and env[role]["SPLITFED_SCHEDULE"] == "splitfed-v1"
+        assert env[role]["SPLITFED_PARTITION"] == "classes:0-3,4-6,7-9" and env[role]["SPLITFED_MIN_CLIENTS"] == "2"
+        assert env[role]["SPLITFED_CLIENT_TIMEOUT"] == "45" and env[role]["SPLITFED_EPOCHS"] == "2"
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names()
+    assert env["split-server"]["SPLITFED_PROGRESS_EVENTS"] == "true" and env["split-client"]["SPLITFED_PROGRESS_EVENTS"] == "false"
+    assert env["split-client"]["SPLITFED_PRIVATE_KEY"] == "/etc/splitfed/keys/split-client-$(SPLITFED_CLIENT_INDEX).key"
+    assert env["split-fed"]["SPLITFED_PRIVATE_KEY"] == "/etc/splitfed/keys/split-fed.key"
+    assert env["split-client"]["SPLITFED_VIA"] == "direct" and "SPLITFED_VIA" not in env["split-fed"]
+    (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget" and "split-client" in o["metadata"]["name"]]
+    assert budget["spec"]["minAvailable"] == 2  # --min-clients: drains keep that many clients
+    assert not helm_dry_run.made("POST") and not helm_dry_run.made("PUT")
+
+
+def test_a_splitnn_launch_in_round_robin_has_no_fed(helm_dry_run):
+    result = invoke("launch", "splitnn", "--dry-run", "--name", "nn", "-n", "ns1", "--clients", "2", "--schedule", "round-robin")
+    assert result.exit_code == 0, result.stderr
+    env = role_env(manifests(result.stdout))
+    assert set(env) == {"split-client", "split-server", "rabbitmq"}
+    assert env["split-server"]["SPLITFED_SCHEDULE"] == "round-robin"

@@ -65,6 +65,6 @@ def test_the_gpu_like_worker_matches_the_charts_gpu_scheduling():
 
 def test_the_script_launches_what_the_readme_says():
     text = SCRIPT.read_text()
-    for step in ("kind create cluster", "kind load image-archive", "launch fedavg", "launch split", "test fl", "test sp",
+    for step in ("kind create cluster", "kind load image-archive", "launch fedavg", "launch split", "launch splitnn", "test fl", "test sp", "test nn",
                  "Pending for lack of GPUs", "delete", "kind delete cluster"):
         assert step in text, step

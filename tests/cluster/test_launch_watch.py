@@ -285,3 +285,56 @@ def test_launch_warns_when_the_model_will_not_fit_the_memory_limit(api, recordin
 
     result = invoke(*FEDAVG, "--detach")
     assert "warning:" not in result.stderr  # the chart's limits fit its default model
+
+
+# -- splitnn: several split clients, the server leads -----------------------------------------------
+
+NN_SERVER = "nn-splitfed-split-server-m4c7q"
+
+
+@pytest.mark.usefixtures("no_wait")
+def test_a_splitnn_launch_follows_the_server_to_its_result(api, recording_helm, tmp_path):
+    """Among several clients the split-server is the lead: launch follows its log (its epoch
+    events, then its result), not the clients'."""
+    api.add("GET", PODS, "pods-none.json", "nn-pods-running.json", "nn-pods-finished.json", labelSelector="app.kubernetes.io/instance=nn")
+    api.add("GET", log_path(NN_SERVER), "nn-server-finished.log")
+    api.add("GET", log_path(NN_SERVER), "nn-server-running.log", tailLines=str(watch.LOG_TAIL))
+    out = tmp_path / "nn.json"
+
+    result = invoke("launch", "splitnn", "--name", "nn", "--namespace", "ns1", "--clients", "3", "--schedule", "splitfed-v2",
+                    "--epochs", "2", "--out", out)
+
+    assert result.exit_code == 0, result.stderr
+    (call,) = recording_helm()
+    chosen = call["values"]
+    assert chosen["splitClient"] == {"enabled": True, "replicas": 3, "settings": {"progress-events": False}}
+    assert chosen["splitServer"] == {"enabled": True, "settings": {"progress-events": True}}
+    assert chosen["splitFed"] == {"enabled": True} and chosen["relay"] == {"enabled": False}
+    assert chosen["split"] == {"settings": {"schedule": "splitfed-v2", "epochs": 2}}
+    assert result.stderr.count("epoch 1/2: test accuracy 0.8237") == 1
+    assert result.stderr.count("epoch 2/2: test accuracy 0.8519") == 1
+    written = json.loads(out.read_text())
+    expected = recorded_json("nn-result.json")
+    assert {key: written[key] for key in expected} == expected
+    assert written["scenario"] == "splitnn"
+    assert written["config"]["clients"] == 3 and written["config"]["schedule"] == "splitfed-v2"
+    # only the server's log was read: the clients print no progress events
+    assert {request.path for request in api.made("GET", "/log")} == {log_path(NN_SERVER)}
+
+
+def test_a_splitnn_release_that_already_ran_is_not_launched_again(api, recording_helm):
+    api.add("GET", PODS, "nn-pods-finished.json", labelSelector="app.kubernetes.io/instance=nn")
+    result = invoke("launch", "splitnn", "--name", "nn", "--clients", "3")
+    assert result.exit_code == 2
+    assert "release nn in namespace ns1 has already run to its end" in result.stderr
+    assert recording_helm() == []
+
+
+def test_a_splitnn_launch_needs_every_partys_key(api, recording_helm, tmp_path):
+    keys = tmp_path / "keys"
+    assert invoke("keys", "generate", "--no-server", "--party", "split-server", "--party", "split-fed", "--party", "split-client-0",
+                  "--party", "split-client-1", "--out", keys).exit_code == 0
+    result = invoke("launch", "splitnn", "--name", "nn", "--clients", "3", "--key-list", keys / "key-list.json")
+    assert result.exit_code == 2
+    assert "split-client-2.key missing beside it" in result.stderr
+    assert recording_helm() == [] and not api.made("POST")

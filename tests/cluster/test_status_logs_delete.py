@@ -72,6 +72,54 @@ def test_status_reads_the_pods_and_the_lead_logs_only(api):
         ("GET", "/version/"), ("GET", PODS), ("GET", f"{PODS}/{SERVER}/log"), ("GET", f"{PODS}/{CLIENT}/log")}
 
 
+NN = {"labelSelector": "app.kubernetes.io/part-of=splitfed,app.kubernetes.io/instance=nn"}
+NN_SERVER = "nn-splitfed-split-server-m4c7q"
+
+
+def test_status_of_a_splitnn_run_reads_the_server_which_leads_it(api):
+    """split and splitnn run the same roles: the lead tells them apart, here the server, which
+    prints the progress events (the three clients do not)."""
+    api.add("GET", PODS, "nn-pods-running.json", **NN)
+    api.add("GET", f"{PODS}/{NN_SERVER}/log", "nn-server-running.log", tailLines="2000")
+    result = invoke("status", "--name", "nn")
+    assert result.exit_code == 0, result.stderr
+    assert rows(result.stdout)["nn"] == ["nn", "ns1", "splitnn", "epoch 1/2", "0.8237", "6 running", "-"]
+    assert {r.path for r in api.made("GET", "/log")} == {f"{PODS}/{NN_SERVER}/log"}
+    pods = [line for line in result.stdout.splitlines() if "nn-splitfed-split-client-" in line]
+    assert len(pods) == 3
+
+
+def test_logs_of_a_splitnn_run_default_to_the_server(api):
+    api.add("GET", PODS, "nn-pods-finished.json", **NN)
+    api.add("GET", f"{PODS}/{NN_SERVER}/log", "nn-server-finished.log")
+    result = invoke("logs", "nn")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (RECORDED / "nn-server-finished.log").read_text()
+
+
+def test_the_lead_of_pods_that_do_not_say_follows_the_charts_choice():
+    """Pods whose env does not say who prints progress events: one split client leads its run,
+    the server leads several (the chart's splitfed.splitLead)."""
+    from kubernetes.client import V1Container, V1EnvVar, V1ObjectMeta, V1Pod, V1PodSpec
+
+    from splitfed.cluster.commands import _lead_pods
+
+    def pod(role: str, name: str, progress: str | None = None) -> V1Pod:
+        env = [V1EnvVar(name="SPLITFED_PROGRESS_EVENTS", value=progress)] if progress is not None else []
+        return V1Pod(metadata=V1ObjectMeta(name=name, labels={"app.kubernetes.io/component": role}),
+                     spec=V1PodSpec(containers=[V1Container(name=role, env=env)]))
+
+    def leads(*pods: V1Pod) -> list[str]:
+        return [p.metadata.name for p in _lead_pods(list(pods))]
+
+    server, fed = pod("split-server", "server"), pod("split-fed", "fed")
+    assert leads(pod("split-client", "c"), server, pod("relay", "relay")) == ["c"]
+    assert leads(pod("split-client", "c0"), pod("split-client", "c1"), server, fed) == ["server"]
+    assert leads(pod("split-client", "c", "true"), pod("split-server", "s", "false")) == ["c"]  # the env decides
+    assert leads(pod("split-client", "c", "false"), server) == ["server"]  # a launch of splitnn with one client
+    assert leads(pod("fedavg-server", "f"), pod("fedavg-worker", "w")) == ["f"]
+
+
 # -- logs ---------------------------------------------------------------------------------------
 
 

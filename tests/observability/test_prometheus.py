@@ -1,11 +1,12 @@
-"""A real Prometheus scrapes a real FedAvg run and a real split run over a RabbitMQ node of the
-test's own (with its rabbitmq_prometheus plugin); then every query of every dashboard panel,
+"""A real Prometheus scrapes a real FedAvg run, a real split run and a real splitnn run (two
+clients, splitfed-v2, with the split-fed) over a RabbitMQ node of the test's own (with its
+rabbitmq_prometheus plugin); then every query of every dashboard panel,
 and every template variable, is evaluated through Prometheus' HTTP API and must return data,
 and the chart's alert rules, loaded by the same Prometheus, must have evaluated without error.
 
 Every role runs as its own `splitfed serve` process (`splitfed run --metrics-port`), so each
 role's /metrics endpoint is a scrape target of its own: relay, split-client, split-server,
-fedavg-server and three fedavg-workers. A garbage frame is put in the FedAvg server's and the
+fedavg-server and three fedavg-workers; split-server, split-fed and two split clients. A garbage frame is put in the FedAvg server's and the
 relay's queues before the runs, so the rejection panels have something to show."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ RATE_INTERVAL = "10s"  # Grafana's $__rate_interval is at least 4 scrape interva
 # in about a second on these machines).
 TRAINING = ("--dataset", "fashion-mnist", "--limit", "6000")
 FEDAVG_ROLES, SPLIT_ROLES = 4, 3  # fedavg-server + 3 workers; split-client, split-server, relay
+SPLITNN_ROLES = 4  # split-server, split-fed, 2 split clients (splitfed-v2: the fed averages)
 
 
 def port_block(count: int) -> int:
@@ -143,12 +145,14 @@ def scraped_runs(tmp_path_factory):
     """Both runs, scraped: (prometheus, sessions, start, end)."""
     directory = tmp_path_factory.mktemp("observability")
     broker = OwnBroker(directory / "broker", prometheus=True).start()
-    fedavg_port, split_port = port_block(FEDAVG_ROLES), port_block(SPLIT_ROLES)
-    targets = {"splitfed": [f"127.0.0.1:{port}" for port in [*range(fedavg_port, fedavg_port + FEDAVG_ROLES), *range(split_port, split_port + SPLIT_ROLES)]]}
+    fedavg_port, split_port, splitnn_port = port_block(FEDAVG_ROLES), port_block(SPLIT_ROLES), port_block(SPLITNN_ROLES)
+    blocks = ((fedavg_port, FEDAVG_ROLES), (split_port, SPLIT_ROLES), (splitnn_port, SPLITNN_ROLES))
+    targets = {"splitfed": [f"127.0.0.1:{port}" for first, count in blocks for port in range(first, first + count)]}
     prometheus = Prometheus(directory, targets, broker.prometheus_port)
     try:
         prometheus.wait_ready()
-        sessions = {"fedavg": f"prom-fedavg-{secrets.token_hex(3)}", "split": f"prom-split-{secrets.token_hex(3)}"}
+        sessions = {"fedavg": f"prom-fedavg-{secrets.token_hex(3)}", "split": f"prom-split-{secrets.token_hex(3)}",
+                    "splitnn": f"prom-splitnn-{secrets.token_hex(3)}"}
         put_garbage(broker.url, queue_name(sessions["fedavg"], "fedavg-server"), durable=True)
         put_garbage(broker.url, queue_name(sessions["split"], "relay"), durable=False)
         start = time.time()
@@ -158,6 +162,9 @@ def scraped_runs(tmp_path_factory):
         split = run_cli("run", "split", *TRAINING, "--epochs", "2", "--broker", broker.url, "--via", "relay",
                         "--session", sessions["split"], "--metrics-port", str(split_port), "--out", str(directory / "split.json"))
         assert split.returncode == 0, split.stderr[-3000:]
+        splitnn = run_cli("run", "splitnn", *TRAINING, "--epochs", "2", "--clients", "2", "--schedule", "splitfed-v2", "--broker", broker.url,
+                          "--session", sessions["splitnn"], "--metrics-port", str(splitnn_port), "--out", str(directory / "splitnn.json"))
+        assert splitnn.returncode == 0, splitnn.stderr[-3000:]
         yield prometheus, sessions, start, time.time()
     finally:
         prometheus.stop()
@@ -192,9 +199,9 @@ def test_every_role_was_scraped_while_running(scraped_runs):
     prometheus, sessions, start, end = scraped_runs
     span = f"{int(end - start) + 5}s"
     up = prometheus.api("query", query=f'max by (instance) (max_over_time(up{{job="splitfed"}}[{span}]))', time=f"{end:.3f}")["result"]
-    assert len(up) == FEDAVG_ROLES + SPLIT_ROLES and all(series["value"][1] == "1" for series in up), up
+    assert len(up) == FEDAVG_ROLES + SPLIT_ROLES + SPLITNN_ROLES and all(series["value"][1] == "1" for series in up), up
     roles = prometheus.api("query", query=f"count by (role) (max_over_time(splitfed_unsafe_mode[{span}]))", time=f"{end:.3f}")["result"]
-    assert {series["metric"]["role"] for series in roles} == {"relay", "split-client", "split-server", "fedavg-server", "fedavg-worker"}
+    assert {series["metric"]["role"] for series in roles} == {"relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker"}
     workers = prometheus.api("query", query=f'count(max_over_time(splitfed_activity_seconds_total{{activity="training"}}[{span}]) > 0)', time=f"{end:.3f}")
     assert workers["result"] and workers["result"][0]["value"][1] == "3", "every worker reports time spent training"
 

@@ -23,10 +23,10 @@ def run_options(scenario: str) -> list[config.Option]:
 
 
 def test_launch_offers_the_scenarios_with_roles():
-    assert values.launchable() == ["split", "fedavg"]  # centralized has no roles: nothing to deploy
+    assert values.launchable() == ["split", "splitnn", "fedavg"]  # centralized has no roles: nothing to deploy
 
 
-@pytest.mark.parametrize("scenario", ["split", "fedavg"])
+@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg"])
 def test_launch_options_are_the_run_options_less_the_documented_exclusions(scenario):
     offered = [option.name for option in values.launch_options(scenario)]
     assert offered == [option.name for option in run_options(scenario) if option.name not in values.NOT_OFFERED]
@@ -39,7 +39,7 @@ def test_every_exclusion_is_a_run_option():
     assert set(values.CHART_LEVEL) <= declared
 
 
-@pytest.mark.parametrize("scenario", ["split", "fedavg"])
+@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg"])
 def test_every_launch_option_has_a_home_in_the_chart(scenario):
     """A new option in a declaration lands somewhere (a role's settings), or this fails and it
     must be classified: NOT_OFFERED, CHART_LEVEL or LOCAL."""
@@ -69,7 +69,7 @@ def test_fedavg_options_become_shared_role_and_chart_level_values():
     chosen = {"workers": 2, "partition": "iid", "rounds": 2, "lr": 0.01, "dataset": "digits", "session": "s1", "min_workers": 1,
               "timeout": 90.0, "log_level": "debug", "out": Path("r.json")}
     assert values.chart_values("fedavg", chosen) == {
-        "relay": {"enabled": False}, "splitClient": {"enabled": False}, "splitServer": {"enabled": False},
+        "relay": {"enabled": False}, "splitClient": {"enabled": False}, "splitServer": {"enabled": False}, "splitFed": {"enabled": False},
         "fedavgServer": {"enabled": True, "settings": {"rounds": 2, "min-workers": 1}},
         "fedavgWorker": {"enabled": True, "replicas": 2},
         "fedavg": {"settings": {"partition": "iid", "lr": 0.01, "timeout": 90.0, "log-level": "debug"}},
@@ -86,13 +86,46 @@ def test_split_options_and_the_relay():
     assert direct["relay"] == {"enabled": False} and direct["split"] == {"settings": {"timeout": 60.0}}
 
 
+def test_splitnn_options_clients_schedule_and_the_fed():
+    """--clients is the split-client Job's pods; the fed runs exactly when several clients train
+    in parallel; the server leads whatever the number of clients."""
+    chosen = values.chart_values("splitnn", {"clients": 3, "schedule": "splitfed-v1", "partition": "iid", "min_clients": 2,
+                                             "client_timeout": 30.0, "epochs": 2, "timeout": 60.0})
+    assert chosen["splitClient"] == {"enabled": True, "replicas": 3, "settings": {"progress-events": False}}
+    assert chosen["splitServer"] == {"enabled": True, "settings": {"progress-events": True}}
+    assert chosen["splitFed"] == {"enabled": True}
+    assert chosen["relay"] == {"enabled": False} and chosen["fedavgServer"] == {"enabled": False}
+    assert chosen["split"] == {"settings": {"schedule": "splitfed-v1", "partition": "iid", "min-clients": 2, "client-timeout": 30.0,
+                                            "epochs": 2, "timeout": 60.0}}
+    for given in ({"clients": 3, "schedule": "round-robin"}, {"clients": 1}, {"schedule": "splitfed-v2"}):
+        assert values.chart_values("splitnn", given)["splitFed"] == {"enabled": False}, given
+    assert values.chart_values("splitnn", {"clients": 2})["splitFed"] == {"enabled": True}  # splitfed-v2 is the default
+    assert values.chart_values("split", {})["splitFed"] == {"enabled": False}
+    assert values.CHART_SCENARIOS["splitnn"].lead == "split-server" and values.LEADS["split-server"] == "splitnn"
+    assert values.split_lead(1) == "split-client" and values.split_lead(3) == "split-server"
+
+
+def test_splitnn_keys_are_every_clients_the_servers_and_the_feds(tmp_path):
+    (tmp_path / "key-list.json").write_text("{}")
+    for party in ("split-server", "split-fed", "split-client-0", "split-client-1"):
+        (tmp_path / f"{party}.key").write_text(party)
+    given = {"key_list": tmp_path / "key-list.json", "clients": 2}
+    assert sorted(values.key_files("splitnn", given)) == ["key-list.json", "split-client-0.key", "split-client-1.key", "split-fed.key",
+                                                          "split-server.key"]
+    assert values.parties("splitnn", {**given, "schedule": "round-robin"}) == ["split-server", "split-client-0", "split-client-1"]
+    assert values.parties("splitnn", {"clients": 1}) == ["split-server", "split-client"]  # one client: named as in split
+    with pytest.raises(ValueError, match="split-client-2.key missing"):
+        values.key_files("splitnn", {**given, "clients": 3})
+
+
 def test_the_queue_type_is_one_chart_value_for_every_role():
     """Every party of a session must use the same queue type, and the chart picks it from the
     broker's size unless told: --queue-type becomes queueType, never a role's setting."""
     for scenario in values.launchable():
         chosen = values.chart_values(scenario, {"queue_type": "quorum"})
         assert chosen["queueType"] == "quorum"
-        assert not [key for key, section in chosen.items() if isinstance(section, dict) and "settings" in section]
+        # (splitnn names its lead: the server prints the progress events, the clients do not)
+        assert not [key for key, section in chosen.items() if isinstance(section, dict) and set(section.get("settings", {})) - {"progress-events"}]
     assert "queue_type" in values.MANAGED and values.CHART_LEVEL["queue_type"] == "queueType"
 
 

@@ -1,3 +1,9 @@
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
 from splitfed.learning import data
@@ -61,3 +67,65 @@ def test_mnist_loads_from_idx_files_in_data_dir(tmp_path):
     shutil.copy(data.FASHION_MNIST_SYSTEM_DIR / "train-labels-idx1-ubyte.gz", tmp_path)
     test = data.load("mnist", train=False, data_dir=tmp_path, limit=50)
     assert test.images.shape == (50, 1, 28, 28) and test.labels.max() <= 9
+
+
+# -- CIFAR-10: the python batches of cifar-10-python.tar.gz -------------------------------------
+
+
+def _py2_str(value: bytes) -> bytes:
+    """A Python 2 str as cPickle writes it (SHORT_BINSTRING or BINSTRING)."""
+    return (b"U" + bytes([len(value)]) if len(value) < 256 else b"T" + struct.pack("<I", len(value))) + value
+
+
+def _py2_int(value: int) -> bytes:
+    return b"K" + bytes([value]) if value < 256 else b"M" + struct.pack("<H", value)
+
+
+def cifar_batch(pixels: np.ndarray, labels: list[int]) -> bytes:
+    """A batch file as the official archive holds it: Python 2's cPickle, protocol 2, of
+    {'data': uint8 ndarray (N, 3072), 'labels': [int], 'batch_label': str, 'filenames': [str]}."""
+    n = len(pixels)
+    dtype = b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R" + b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + _py2_int(0) + b"tb"
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b") + b"\x87R"
+             + b"(" + _py2_int(1) + _py2_int(n) + _py2_int(3072) + b"\x86" + dtype + b"\x89" + _py2_str(pixels.tobytes()) + b"tb")
+    return (b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(b"labels") + b"](" + b"".join(_py2_int(v) for v in labels) + b"e"
+            + _py2_str(b"batch_label") + _py2_str(b"training batch") + _py2_str(b"filenames") + b"](" + b"".join(_py2_str(b"img_%d.png" % i) for i in range(n)) + b"e" + b"u.")
+
+
+def fake_cifar10(folder: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in (*data.CIFAR10_TRAIN, *data.CIFAR10_TEST):
+        written[name] = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(cifar_batch(written[name], [int(v) for v in rng.integers(0, 10, per_batch)]))
+    return written
+
+
+def test_cifar10_loads_from_the_python_batches(tmp_path):
+    written = fake_cifar10(tmp_path / "cifar-10-batches-py")
+    train = data.load("cifar10", train=True, data_dir=tmp_path)
+    test = data.load("cifar10", train=False, data_dir=tmp_path / "cifar-10-batches-py", limit=2)
+    assert train.images.shape == (15, 3, 32, 32) and len(test) == 2 and train.labels.dtype == torch.int64
+    # Rows are the R, G then B planes: (3072,) -> (3, 32, 32).
+    assert torch.equal(train.images.raw[3], torch.from_numpy(written["data_batch_2"][0]).reshape(3, 32, 32))
+    meta = data.info("cifar10")
+    expected = (torch.from_numpy(written["test_batch"][1]).float().reshape(3, 32, 32) - meta.mean * 255) / (meta.std * 255)
+    assert torch.allclose(test.images[1], expected)
+
+
+def test_a_cifar10_batch_is_never_unpickled_freely(tmp_path):
+    written = tmp_path / "written-by-the-pickle"
+    fake_cifar10(tmp_path / "cifar")
+    # builtins.open(PATH, 'w'): a pickle may call any importable function as it loads.
+    (tmp_path / "cifar" / "test_batch").write_bytes(b"\x80\x02cbuiltins\nopen\n" + _py2_str(str(written).encode()) + _py2_str(b"w") + b"\x86R.")
+    with pytest.raises(data.DataError, match="global builtins.open is not allowed in a CIFAR-10 batch"):
+        data.load("cifar10", train=False, data_dir=tmp_path / "cifar")
+    assert not written.exists()
+
+
+def test_missing_cifar10_names_the_files_and_where_it_looked(tmp_path):
+    with pytest.raises(data.DataError, match=r"data_batch_1, .*test_batch, from cifar-10-python.tar.gz\) not found; looked in " + re.escape(str(tmp_path))):
+        data.load("cifar10", train=True, data_dir=tmp_path)
+    with pytest.raises(data.DataError, match="no --data-dir given"):
+        data.load("cifar10", train=True)

@@ -50,16 +50,17 @@ def test_every_run_setting_is_one_flag_and_one_variable(name):
 def plans(tmp_path):
     """Every scenario's launches, in the variants that change what is passed to the roles."""
     keys = tmp_path / "keys" / "key-list.json"
-    variants = {
-        "split": [dict(via="relay"), dict(via="direct", key_list=keys, save_model=tmp_path / "m.safetensors")],
-        "fedavg": [dict(), dict(key_list=keys, checkpoint_dir=tmp_path / "ckpt", min_workers=2, round_timeout=5.0)],
+    variants = {  # scenario -> [(run settings, learning settings)]
+        "split": [(dict(via="relay"), {}), (dict(via="direct", key_list=keys, save_model=tmp_path / "m.safetensors"), {})],
+        "splitnn": [(dict(), dict(clients=3, schedule="splitfed-v1", min_clients=2)), (dict(key_list=keys), dict(clients=2, schedule="round-robin"))],
+        "fedavg": [(dict(), {}), (dict(key_list=keys, checkpoint_dir=tmp_path / "ckpt", min_workers=2, round_timeout=5.0), {})],
     }
     for name, changes in variants.items():
         scenario = SCENARIOS[name]
-        for change in changes:
+        for run_change, learning_change in changes:
             (tmp_path / "ca.pem").write_text("a CA file")
-            run = scenario.run_settings(broker="amqps://u:p@broker:5671/", tls_ca=tmp_path / "ca.pem", **change).resolved()
-            yield name, scenario.plan(scenario.learning(dataset="digits", seed=7, lr=0.01), run, tmp_path)
+            run = scenario.run_settings(broker="amqps://u:p@broker:5671/", tls_ca=tmp_path / "ca.pem", **run_change).resolved()
+            yield name, scenario.plan(scenario.learning(dataset="digits", seed=7, lr=0.01, **learning_change), run, tmp_path)
 
 
 def test_every_variable_a_scenario_passes_is_accepted_by_its_role_and_means_the_same(tmp_path):

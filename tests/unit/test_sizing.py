@@ -114,11 +114,11 @@ def test_optimizer_state_scales_with_the_optimizer():
 @pytest.mark.parametrize("role", sizing.ROLE_NAMES)
 def test_a_bigger_batch_needs_more(role):
     small, big = (sizing.estimate_from(role, {"batch_size": size, "limit": 5000}) for size in (32, 1024))
-    if role == "fedavg-server":  # it only evaluates: its batch is the evaluation batch
+    if role in ("fedavg-server", "split-fed"):  # the server only evaluates (its batch is the evaluation batch); the fed only averages layers
         assert big.mib == small.mib
     else:
         assert big.mib > small.mib
-    if role != "fedavg-worker":  # the worker does not evaluate
+    if role not in ("fedavg-worker", "split-fed"):  # neither evaluates
         assert sizing.estimate_from(role, {"eval_batch_size": 2000}).mib > sizing.estimate_from(role, {"eval_batch_size": 100}).mib
 
 
@@ -265,7 +265,7 @@ def test_size_leaves_out_the_split_roles_of_a_model_that_cannot_be_split():
     assert completed.returncode == 0, completed.stderr
     document = json.loads(completed.stdout)
     assert [e["role"] for e in document["estimates"]] == ["fedavg-server", "fedavg-worker"]
-    assert set(document["skipped"]) == {"relay", "split-client", "split-server"}
+    assert set(document["skipped"]) == {"relay", "split-client", "split-server", "split-fed"}
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -61,6 +61,7 @@ helm.sh/chart: {{ include "splitfed.chart" .root }}
 relay: relay
 split-client: splitClient
 split-server: splitServer
+split-fed: splitFed
 fedavg-server: fedavgServer
 fedavg-worker: fedavgWorker
 {{- end -}}
@@ -73,6 +74,38 @@ fedavg-worker: fedavgWorker
 - {{ $role }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* A setting of a split role as the role gets it: dict "root" $ "key" VALUES-KEY "name" FLAG
+"default" D: the role's own settings, else the shared split.settings, else D (the role's declared
+default, which tests/chart checks against the declaration). */}}
+{{- define "splitfed.splitSetting" -}}
+{{- $own := (index .root.Values .key).settings | default dict -}}
+{{- $shared := .root.Values.split.settings | default dict -}}
+{{- if and (hasKey $own .name) (not (kindIs "invalid" (index $own .name))) -}}
+{{- include "splitfed.envText" (index $own .name) -}}
+{{- else if and (hasKey $shared .name) (not (kindIs "invalid" (index $shared .name))) -}}
+{{- include "splitfed.envText" (index $shared .name) -}}
+{{- else -}}
+{{- .default -}}
+{{- end -}}
+{{- end -}}
+
+{{/* How the split clients share the server (--schedule), as the split-server runs it. */}}
+{{- define "splitfed.splitSchedule" -}}
+{{- include "splitfed.splitSetting" (dict "root" . "key" "splitServer" "name" "schedule" "default" "splitfed-v2") -}}
+{{- end -}}
+
+{{/* "true" when the split run has a split-fed: several clients in parallel (splitfed-v1, v2);
+round-robin passes the layers from client to client, and one client has nothing to average. */}}
+{{- define "splitfed.splitHasFed" -}}
+{{- if and (gt (int .Values.splitClient.replicas) 1) (ne (include "splitfed.splitSchedule" .) "round-robin") -}}true{{- end -}}
+{{- end -}}
+
+{{/* The lead of a split run, which prints progress events and, last, its result: the one client,
+or, among several, the server (it closes the epochs and holds the run's history). */}}
+{{- define "splitfed.splitLead" -}}
+{{- ternary "split-server" "split-client" (gt (int .Values.splitClient.replicas) 1) -}}
 {{- end -}}
 
 {{/* Pod security: the same for every splitfed pod (the images' user is 10001). */}}

@@ -9,7 +9,12 @@ Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed
 {{- $ctx := dict "root" $root "component" $role -}}
 {{- $gpu := false -}}
 {{- if $values.gpu }}{{ $gpu = $values.gpu.enabled }}{{ end -}}
-{{- $training := ne $role "relay" -}}
+{{- /* $signs: a party with a key of its own and the data set's name (all but the relay);
+$readsData: one that loads the data (not the split-fed, which only averages layers). */ -}}
+{{- $signs := ne $role "relay" -}}
+{{- $readsData := not (has $role (list "relay" "split-fed")) -}}
+{{- $clients := int $root.Values.splitClient.replicas -}}
+{{- $severalClients := gt $clients 1 -}}
 {{- $keys := $root.Values.keys.existingSecret -}}
 {{- $data := $root.Values.data -}}
 metadata:
@@ -59,18 +64,26 @@ spec:
         - name: SPLITFED_WORKER_ID
           value: worker-$(SPLITFED_INDEX)
         {{- end }}
+        {{- if eq $role "split-client" }}
+        # Which client this is: the pod's completion index in the Indexed Job, its share of the
+        # data, and (among several) its name split-client-INDEX, as in the key list.
+        - name: SPLITFED_CLIENT_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+        {{- end }}
         - name: SPLITFED_SESSION
           value: {{ include "splitfed.session" $root | quote }}
         {{- include "splitfed.brokerEnv" $root | trim | nindent 8 }}
         - name: SPLITFED_METRICS_PORT
           value: {{ $root.Values.metrics.port | quote }}
-        {{- if $training }}
+        {{- if $signs }}
         - name: SPLITFED_DATASET
           value: {{ $data.dataset | quote }}
-        {{- if $data.volume }}
+        {{- end }}
+        {{- if and $readsData $data.volume }}
         - name: SPLITFED_DATA_DIR
           value: {{ $data.mountPath | quote }}
-        {{- end }}
         {{- end }}
         {{- if $keys }}
         - name: SPLITFED_KEY_LIST
@@ -78,14 +91,21 @@ spec:
         {{- if eq $role "fedavg-worker" }}
         - name: SPLITFED_PRIVATE_KEY
           value: /etc/splitfed/keys/$(SPLITFED_WORKER_ID).key
-        {{- else if $training }}
+        {{- else if and (eq $role "split-client") $severalClients }}
+        - name: SPLITFED_PRIVATE_KEY
+          value: /etc/splitfed/keys/split-client-$(SPLITFED_CLIENT_INDEX).key
+        {{- else if $signs }}
         - name: SPLITFED_PRIVATE_KEY
           value: /etc/splitfed/keys/{{ $role }}.key
         {{- end }}
         {{- end }}
-        {{- if hasPrefix "split-" $role }}
+        {{- if has $role (list "split-client" "split-server") }}
         - name: SPLITFED_VIA
           value: {{ ternary "relay" "direct" $root.Values.relay.enabled | quote }}
+        {{- end }}
+        {{- if has $role (list "split-client" "split-server" "split-fed") }}
+        - name: SPLITFED_CLIENTS
+          value: {{ $clients | quote }}
         {{- end }}
         {{- if hasPrefix "fedavg-" $role }}
         - name: SPLITFED_WORKERS
@@ -104,7 +124,8 @@ spec:
         {{- /* set, not merge: merge would let a shared value beat a role's own false or 0. */}}
         {{- $settings := deepCopy $shared }}
         {{- range $name, $value := $values.settings | default dict }}{{ $_ := set $settings $name $value }}{{ end }}
-        {{- if and (has $role (list "fedavg-server" "split-client")) (not (hasKey $settings "progress-events")) }}
+        {{- $leads := list "fedavg-server" (include "splitfed.splitLead" $root) }}
+        {{- if and (has $role $leads) (not (hasKey $settings "progress-events")) }}
         {{- $_ := set $settings "progress-events" true }}
         {{- end }}
         {{- range $name, $value := $settings }}
@@ -148,7 +169,7 @@ spec:
           readOnly: true
         {{- end }}
         {{- with include "splitfed.brokerTLSMount" $root | trim }}{{ . | nindent 8 }}{{ end }}
-        {{- if and $training $data.volume }}
+        {{- if and $readsData $data.volume }}
         - name: data
           mountPath: {{ $data.mountPath }}
           readOnly: true
@@ -169,17 +190,24 @@ spec:
         {{- if ne $role "fedavg-worker" }}
         # Only the key list and this party's own key. Workers get the whole Secret, since a
         # StatefulSet cannot give each pod a Secret of its own: each worker can read every key in it.
+        # Several split clients, the pods of one Job, likewise share one volume: it holds every
+        # client's key (split-client-0.key ...), and no other party's.
         items:
           - key: {{ $root.Values.keys.keyListKey }}
             path: {{ $root.Values.keys.keyListKey }}
-          {{- if $training }}
+          {{- if and (eq $role "split-client") $severalClients }}
+          {{- range $index := until $clients }}
+          - key: split-client-{{ $index }}.key
+            path: split-client-{{ $index }}.key
+          {{- end }}
+          {{- else if $signs }}
           - key: {{ $role }}.key
             path: {{ $role }}.key
           {{- end }}
         {{- end }}
     {{- end }}
     {{- with include "splitfed.brokerTLSVolume" $root | trim }}{{ . | nindent 4 }}{{ end }}
-    {{- if and $training $data.volume }}
+    {{- if and $readsData $data.volume }}
     - name: data
       {{- toYaml $data.volume | nindent 6 }}
     {{- end }}

@@ -288,12 +288,32 @@ def _release_pods(kube: Any, release: str | None, all_namespaces: bool) -> dict[
     return groups
 
 
+def _lead_pods(pods: list[Any]) -> list[Any]:
+    """The pods that lead a release's run. split and splitnn run the same roles and differ in
+    their lead (the client, the server), so a lead role's pod counts if it prints the progress
+    events (the chart turns them on for the lead only); pods that do not say follow the chart's
+    own choice for their number of clients."""
+    from splitfed.cluster.watch import prints_progress, role_of
+
+    candidates = [pod for pod in pods if role_of(pod) in chart.LEADS]
+    printing = [pod for pod in candidates if prints_progress(pod)]
+    if printing:
+        return printing
+    silent = {role_of(pod) for pod in candidates if prints_progress(pod) is False}
+    candidates = [pod for pod in candidates if role_of(pod) not in silent]
+    split_roles = {"split-client", "split-server"}
+    if split_roles <= {role_of(pod) for pod in candidates}:
+        lead = chart.split_lead(sum(1 for pod in pods if role_of(pod) == "split-client"))
+        candidates = [pod for pod in candidates if role_of(pod) not in split_roles or role_of(pod) == lead]
+    return candidates
+
+
 def _run_state(kube: Any, namespace: str, pods: list[Any]) -> tuple[str, str, str, str]:
     """(scenario, progress, accuracy, log note) of one release, from its lead's log."""
     from splitfed.cluster.kube import describe
     from splitfed.cluster.watch import _newest, events_in, progress_of, role_of
 
-    leads = [pod for pod in pods if role_of(pod) in chart.LEADS]
+    leads = _lead_pods(pods)
     if not leads:
         return "-", "-", "-", ""
     lead = _newest(leads)
@@ -354,7 +374,7 @@ def status(
 
 def logs(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
-    role: Annotated[Optional[str], typer.Option("--role", help="This role's pods (default: the lead: fedavg-server or split-client).", show_default=False)] = None,
+    role: Annotated[Optional[str], typer.Option("--role", help="This role's pods (default: the lead's: fedavg-server, split-client, or split-server among several clients).", show_default=False)] = None,
     pod: Annotated[Optional[str], typer.Option("--pod", help="This pod only.", show_default=False)] = None,
     tail: Annotated[int, typer.Option("--tail", min=0, help="Last lines per pod (0: all).")] = 100,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new lines (one pod) until it ends or Ctrl-C.")] = False,
@@ -373,7 +393,7 @@ def logs(
     elif role:
         chosen = [p for p in pods if role_of(p) == role]
     else:
-        chosen = [p for p in pods if role_of(p) in chart.LEADS] or pods
+        chosen = _lead_pods(pods) or pods
     if not chosen:
         which = f"pod {pod}" if pod else f"role {role}" if role else "pods"
         roles = ", ".join(sorted({role_of(p) for p in pods})) or "none"

@@ -23,15 +23,20 @@ from splitfed.roles.registry import ROLES
 from splitfed.scenarios.registry import SCENARIOS
 
 # Options the chart sets itself, from other values (session, broker, keys, metrics, data,
-# worker identity, worker count, checkpoint volume, relay or direct, the queue type that follows
-# the broker's size): never in `settings`.
+# worker and split-client identity, worker and split-client counts, checkpoint volume, relay or
+# direct, the queue type that follows the broker's size): never in `settings`.
 MANAGED = {
     "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
     "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
+    "clients", "client_index",
 }
 
+# The roles a family's shared `settings` (split.settings, fedavg.settings) reach: the chart
+# accepts there only what every one of them takes (ci/chart_schema.py), since each gets it.
+FAMILIES = {"split": ("split-client", "split-server", "split-fed"), "fedavg": ("fedavg-server", "fedavg-worker")}
+
 # values key of each role
-ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer",
+ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer", "split-fed": "splitFed",
              "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker"}
 
 
@@ -46,11 +51,18 @@ class ChartScenario:
 
 
 # centralized is not here: it has no roles, it trains in one process (nothing to deploy).
+# split and splitnn share the split roles; what tells them apart in a cluster is the lead: the
+# one client of split, the server of splitnn (which closes the epochs of several clients).
 CHART_SCENARIOS = {
     "fedavg": ChartScenario(("fedavg-server", "fedavg-worker"), "fedavg-server", "fedavg"),
     "split": ChartScenario(("split-client", "split-server", "relay"), "split-client", "split"),
+    "splitnn": ChartScenario(("split-client", "split-server", "split-fed"), "split-server", "split"),
 }
 LEADS = {scenario.lead: name for name, scenario in CHART_SCENARIOS.items()}  # lead role -> scenario
+assert len(LEADS) == len(CHART_SCENARIOS), "each scenario needs a lead role of its own: status tells runs apart by it"
+# The setting that makes a role print progress events and its result (the chart turns it on for
+# the lead roles; status and logs find the lead by it: cluster.commands._lead_pods).
+PROGRESS_EVENTS = "progress-events"
 
 # Options of `splitfed run` that `splitfed launch` does not take: each names something on this
 # machine that a pod cannot use. The reason is the help text's replacement in the README.
@@ -71,6 +83,7 @@ CHART_LEVEL = {
     "session": "session",
     "dataset": "data.dataset",
     "workers": "fedavgWorker.replicas",
+    "clients": "splitClient.replicas (the split-client Job's pods, one per client)",
     "via": "relay.enabled (relay: true, direct: false)",
     # Every party of a session must use the same queue type, so it is one value for all roles
     # (empty there: quorum on a chart broker of 3 or more nodes, else classic).
@@ -109,7 +122,23 @@ def enabled_roles(scenario: str, given: dict[str, Any]) -> tuple[str, ...]:
     roles = CHART_SCENARIOS[scenario].roles
     if scenario == "split" and given.get("via", declared_default("split", "via")) != "relay":
         roles = tuple(role for role in roles if role != "relay")
+    if scenario == "splitnn" and not has_fed(given.get("clients", declared_default("splitnn", "clients")),
+                                             given.get("schedule", declared_default("splitnn", "schedule"))):
+        roles = tuple(role for role in roles if role != "split-fed")
     return roles
+
+
+def split_lead(clients: int) -> str:
+    """The lead the chart gives a split run of `clients` clients unless its settings say otherwise
+    (templates/_helpers.tpl, splitfed.splitLead): the one client, or the server among several."""
+    return "split-server" if clients > 1 else "split-client"
+
+
+def has_fed(clients: int, schedule: str) -> bool:
+    """Whether a splitnn run has a split-fed: several clients in parallel (splitfed-v1, v2) do;
+    round-robin hands the layers from client to client, and one client has nothing to average.
+    The chart refuses splitFed.enabled otherwise, and its absence here (templates/validate.yaml)."""
+    return clients > 1 and schedule != "round-robin"
 
 
 def settings_home(scenario: str, name: str, roles: tuple[str, ...]) -> list[str]:
@@ -121,7 +150,9 @@ def settings_home(scenario: str, name: str, roles: tuple[str, ...]) -> list[str]
         raise LookupError(f"{scenario}: no role of the chart takes --{name.replace('_', '-')}; add it to NOT_OFFERED or CHART_LEVEL")
     family = [role for role in roles if role != "relay"]
     homes = []
-    if set(family) <= set(takers):
+    # Shared when every role of the run takes it, and the family's settings may hold it (every
+    # role they reach takes it, the run's or not: the split-fed gets split.settings too).
+    if set(family) <= set(takers) and all(name in settings_options(role) for role in FAMILIES[chart.family]):
         homes.append(chart.family)
         takers = [role for role in takers if role not in family]
     return homes + [ROLE_KEYS[role] for role in takers]
@@ -148,6 +179,8 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             values["data"] = {"dataset": value}
         elif name == "workers":
             values["fedavgWorker"]["replicas"] = value
+        elif name == "clients":
+            values["splitClient"]["replicas"] = value
         elif name == "queue_type":
             values["queueType"] = value
         elif name == "key_list":
@@ -158,6 +191,12 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             flag = name.replace("_", "-")
             for home in settings_home(scenario, name, roles):
                 settings.setdefault(home, {})[flag] = _plain(value)
+    if scenario == "splitnn":
+        # The server leads splitnn, whatever the number of clients; the chart's own choice
+        # (the one client with one, the server with several) would make the client lead a
+        # splitnn run of one client.
+        settings.setdefault(ROLE_KEYS["split-server"], {})[PROGRESS_EVENTS] = True
+        settings.setdefault(ROLE_KEYS["split-client"], {})[PROGRESS_EVENTS] = False
     for home, chosen in settings.items():
         values.setdefault(home, {})["settings"] = chosen
     return values
@@ -168,6 +207,12 @@ def parties(scenario: str, given: dict[str, Any]) -> list[str]:
     if scenario == "fedavg":
         workers = given.get("workers", declared_default("fedavg", "workers"))
         return ["fedavg-server", *(f"worker-{index}" for index in range(workers))]
+    if scenario == "splitnn":
+        from splitfed.roles.split.common import client_name
+
+        clients = given.get("clients", declared_default("splitnn", "clients"))
+        fed = ["split-fed"] if "split-fed" in enabled_roles(scenario, given) else []
+        return ["split-server", *fed, *(client_name(index, clients) for index in range(clients))]
     return ["split-client", "split-server"]
 
 

@@ -7,8 +7,9 @@ log text), so that recorded API responses can drive it.
   (or other unschedulable pods) once it has waited --pending-timeout seconds. A restart and a
   short wait are notices, not failures.
 - Progress travels in the lead role's log: `splitfed serve` prints progress events as JSON lines
-  on stdout (the chart turns them on for the lead roles), and, last, a "result" event with the
-  role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
+  on stdout (the chart turns them on for the lead roles: the fedavg-server; the split-client of a
+  one-client split run, the split-server of several clients), and, last, a "result" event with
+  the role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
 - `Watch.run` polls: the release's pods, then the lead's new log lines, until the result line.
 """
 
@@ -32,6 +33,7 @@ COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 PART_OF = "app.kubernetes.io/part-of"
 NOT_WATCHED = {"broker-test"}  # the helm test pod
+PROGRESS_EVENTS_VARIABLE = "SPLITFED_PROGRESS_EVENTS"
 IMAGE_OR_CONFIG = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
 _sleep = time.sleep
 
@@ -63,6 +65,19 @@ class Problem:
 
 def role_of(pod: Any) -> str:
     return (pod.metadata.labels or {}).get(COMPONENT, "?")
+
+
+def prints_progress(pod: Any) -> bool | None:
+    """Whether the pod's role container prints progress events (SPLITFED_PROGRESS_EVENTS, which
+    the chart sets on a run's lead); None when the pod does not say (a value from elsewhere)."""
+    containers = list(pod.spec.containers or []) if pod.spec else []
+    for container in containers:
+        if container.name != role_of(pod):
+            continue
+        for variable in container.env or []:
+            if variable.name == PROGRESS_EVENTS_VARIABLE and variable.value is not None:
+                return variable.value.strip().lower() in ("true", "1", "yes", "on")
+    return None
 
 
 def _limits(pod: Any) -> dict[str, dict[str, str]]:

@@ -8,6 +8,7 @@ order comes from one seeded generator (`batch_order`), never from a DataLoader's
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from splitfed.errors import DataError
 from splitfed.learning.settings import DATASETS, DatasetInfo, parse_partition
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+CIFAR10_TRAIN = tuple(f"data_batch_{n}" for n in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+CIFAR10_FOLDER = "cifar-10-batches-py"  # what the official archive, cifar-10-python.tar.gz, unpacks to
 
 
 class Images:
@@ -71,6 +75,8 @@ def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | N
     meta = info(name)
     if name == "digits":
         images, labels = _digits(train)
+    elif name == "cifar10":
+        images, labels = _cifar10(_cifar10_dir(data_dir), train)
     else:
         images, labels = _idx_pair(_idx_dir(name, data_dir), train)
     if limit is not None:
@@ -94,6 +100,57 @@ def _digits(train: bool) -> tuple[np.ndarray, np.ndarray]:
     cut = int(len(bunch.target) * 0.8)
     part = slice(0, cut) if train else slice(cut, None)
     return bunch.data[part], bunch.target[part]
+
+
+def _cifar10_dir(data_dir: Path | None) -> Path:
+    candidates = [data_dir, data_dir / CIFAR10_FOLDER, data_dir / "cifar10"] if data_dir else []
+    for path in candidates:
+        if all((path / batch).is_file() for batch in CIFAR10_TRAIN + CIFAR10_TEST):
+            return path
+    looked = ", ".join(str(p) for p in candidates) or "nowhere (no --data-dir given)"
+    raise DataError(f"cifar10 python batches ({', '.join(CIFAR10_TRAIN + CIFAR10_TEST)}, from cifar-10-python.tar.gz) not found; looked in {looked}")
+
+
+def _cifar10(directory: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3072) uint8 pixels (R, G then B planes of 32x32: (N, 3, 32, 32) once reshaped), (N,) labels."""
+    batches = [_cifar10_batch(directory / batch) for batch in (CIFAR10_TRAIN if train else CIFAR10_TEST)]
+    return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
+
+
+def _cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            batch = BatchUnpickler(handle, encoding="bytes").load()  # Python 2 pickles: their str keys come back as bytes
+        images, labels = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(labels) != len(images):
+        raise DataError(f"{path}: {images.shape} pixels and {len(labels)} labels; a CIFAR-10 batch holds (N, 3072) and N")
+    return images, labels
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batches and nothing else: a pickle can call any importable function,
+    so only what the batches hold is let in. Dicts, lists, bytes and ints need no global; the pixel
+    array needs numpy's reconstruction (numpy.core before numpy 2, numpy._core since)."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+        return _numpy_reconstruct() if name == "_reconstruct" else getattr(np, name)
+
+
+def _numpy_reconstruct() -> object:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def _idx_dir(name: str, data_dir: Path | None) -> Path:

@@ -1,10 +1,14 @@
-"""Models as `nn.Sequential`, so that any layer index is a cut point."""
+"""Models as `nn.Sequential`, so that any layer index (or, for torchvision models, child name) is a cut point."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from splitfed.learning import vision
 from splitfed.learning.settings import MODELS, DatasetInfo
 
 
@@ -49,16 +53,33 @@ assert tuple(BUILDERS) == MODELS, "learning.settings.MODELS must list every mode
 
 
 def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
-    """The full model, initialised from `seed`: every party builds it and keeps its own layers."""
+    """The full model, initialised from `seed`: every party builds it and keeps its own layers.
+    `name`: cnn, tiny, or a torchvision classification model (learning.vision), whose Sequential
+    names its children (conv1, layer1, ..., fc) so that a cut can name them too."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        return vision.build(name, meta, seed)  # it imports torchvision then: images without it still run cnn and tiny
     torch.manual_seed(seed)
     return BUILDERS[name](meta)
 
 
+@contextmanager
+def evaluating(layers: nn.Module) -> Iterator[None]:
+    """`layers` in eval mode and without autograd, then back in the modes they had: a probe must
+    not move BatchNorm's running statistics (they are part of the model every party keeps), nor
+    fail on BatchNorm's one-sample batches."""
+    modes = [(module, module.training) for module in layers.modules()]
+    layers.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def output_shape(layers: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one sample after `layers` (without the batch dimension)."""
-    with torch.no_grad():
+    with evaluating(layers):
         return tuple(layers(torch.zeros(1, *input_shape)).shape[1:])
 
 
@@ -66,6 +87,6 @@ def forward_flops(layers: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Floating-point operations of one sample's forward pass through `layers`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with evaluating(layers), FlopCounterMode(display=False) as counter:
         layers(torch.zeros(1, *input_shape))
     return counter.get_total_flops()

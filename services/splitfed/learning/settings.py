@@ -27,10 +27,14 @@ DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
     "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
+    # One mean and std over all three channels (Images normalises with scalars): the per-channel
+    # means 0.4914, 0.4822, 0.4465 and stds 0.2470, 0.2435, 0.2616, pooled.
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, 0.4734, 0.2516),
 }
-MODELS = ("cnn", "tiny")  # built by learning.models
+MODELS = ("cnn", "tiny")  # built by learning.models; --model also takes a torchvision classification model (learning.vision)
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
+SCHEDULES = ("round-robin", "splitfed-v1", "splitfed-v2")  # roles.split: how several split clients share one server
 STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
 
@@ -85,7 +89,10 @@ class ModelSettings:
 
     dataset: str = setting("fashion-mnist", "Data set.", choices=tuple(DATASETS))
     data_dir: Path | None = setting(None, "Folder with IDX files (MNIST, or Fashion-MNIST outside Debian's package).")
-    model: str = setting("cnn", "cnn: two conv blocks and three dense layers; tiny: logistic regression, for scale tests.", choices=MODELS)
+    model: str = setting(
+        "cnn", "cnn, tiny, or a torchvision classification model such as resnet18 (splitfed models lists them). cnn: two conv blocks and "
+        "three dense layers; tiny: logistic regression, for scale tests.", metavar="MODEL",
+    )
     batch_size: int = setting(64, "Training batch size.", min=1)
     eval_batch_size: int = setting(500, "Batch size for evaluation on the test set.", min=1)
     lr: float = setting(1e-3, "Learning rate.", min=0.0)
@@ -104,10 +111,36 @@ class TrainSettings(ModelSettings):
 
 @dataclass(kw_only=True)
 class SplitSettings(TrainSettings):
-    cut_layer: int | None = setting(
-        None, "Layer index where the model is cut (default: after the first dense layer, where the activation is smallest).", min=1,
+    cut_layer: str | None = setting(
+        None, "Where the model is cut: a layer index K (the client keeps the first K layers) or, for a torchvision model, the name of the "
+        "layer to cut after, such as layer1 (splitfed models --cuts MODEL lists them). Default: cnn after its first dense layer, where the "
+        "activation is smallest; a torchvision model before its classifier.", metavar="K|NAME",
     )
     mode: str = setting("vanilla", "vanilla: the server computes the loss; u-shaped: the client keeps the last layer and the labels.", choices=SPLIT_MODES)
+
+
+@dataclass(kw_only=True)
+class SplitNNSettings(SplitSettings):
+    """Split learning with several data owners (split clients) against one split server."""
+
+    clients: int = setting(1, "Split clients, each holding one share of the training data.", min=1)
+    schedule: str = setting(
+        "splitfed-v2", "round-robin: clients train in turn, each from the previous one's layers; splitfed-v1: in parallel, one server half per "
+        "client, both halves averaged each epoch; splitfed-v2: in parallel against one server half, client halves averaged each epoch.",
+        choices=SCHEDULES,
+    )
+    partition: str = setting("iid", "How the training data is shared out among the clients: iid | classes:0-3,4-6,7-9 | dirichlet:ALPHA | shards:K.")
+    min_clients: int | None = setting(None, "Close an epoch with this many clients once a silent one has used up --client-timeout (default: all).", min=1)
+    client_timeout: float = setting(60.0, "Seconds a client may stay silent before the server gives up on its share of the epoch (or its turn, in round-robin).", min=0.1)
+
+    def __post_init__(self) -> None:
+        parse_partition(self.partition, self.clients, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+        if self.min_clients is not None and self.min_clients > self.clients:
+            raise ValueError(f"--min-clients {self.min_clients} is more than the {self.clients} clients")
+
+    def quorum(self) -> int:
+        """Clients an epoch needs to close once the others have gone silent."""
+        return self.min_clients or self.clients
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ BOUNDED_LABELS = {
     "outcome": "received, accepted",
     "activity": "training, waiting",
     "worker": "the run's workers",
+    "client": "the run's split clients",
 }
 
 MESSAGES = Counter("splitfed_messages_total", "Messages sent or received", ["role", "session", "kind", "direction"])
@@ -30,7 +31,7 @@ REJECTED = Counter("splitfed_messages_rejected_total", "Messages refused, by rea
 ROUND_TRIP = Histogram(
     "splitfed_round_trip_seconds",
     "From sending a batch's activations to holding its gradients",
-    ["role", "session"],
+    ["role", "session", "client"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
 EPOCH = Gauge("splitfed_epoch", "Current training epoch", ["role", "session"])
@@ -55,6 +56,10 @@ UPDATE_BYTES = Gauge("splitfed_update_bytes", "Tensor bytes in the last update t
 ACTIVITY_SECONDS = Counter(
     "splitfed_activity_seconds", "Time spent training a round, or waiting for the next model", ["role", "session", "activity"]
 )
+SPLIT_ACTIVE_CLIENTS = Gauge("splitfed_split_active_clients", "Split clients that have said hello and not gone silent", ["role", "session"])
+SPLIT_EPOCH_CLIENTS = Gauge("splitfed_split_epoch_clients", "Split clients whose share the last closed epoch included", ["role", "session"])
+SPLIT_CLIENT_EPOCH = Gauge("splitfed_split_client_epoch", "The last epoch this split client reported its share of", ["role", "session", "client"])
+AVERAGED_CLIENTS = Gauge("splitfed_averaged_clients", "Client halves in the fed's last average", ["role", "session"])
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
 
 # What every role that talks over the transport exports.

@@ -60,11 +60,11 @@ class RoleSpec:
     deployment: type  # a roles.deployment dataclass
     build: Builder
     metrics: tuple[MetricWrapperBase, ...]
-    party: Callable[[Any], str] = lambda deployment: ""  # the party name it signs as (default: the role name)
+    party: Callable[[Any, Any], str] = lambda learning, deployment: ""  # (learning, deployment) -> the party name it signs as (default: the role name)
     prefetch: Callable[[Any], int] | None = None  # deliveries it may hold unacked, from its learning settings
 
-    def party_name(self, deployment: Any) -> str:
-        return self.party(deployment) or self.name
+    def party_name(self, learning: Any, deployment: Any) -> str:
+        return self.party(learning, deployment) or self.name
 
     def settings_classes(self) -> tuple[type, ...]:
         return tuple(cls for cls in (self.learning, self.deployment, Connection) if cls is not None)

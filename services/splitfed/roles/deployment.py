@@ -27,10 +27,15 @@ class Service:
 
 
 @dataclass(kw_only=True)
-class Party(Service):
-    """A role that trains, signs what it sends and reports progress."""
+class SigningService(Service):
+    """A role that signs what it sends but trains nothing (no torch: the split-fed)."""
 
     private_key: Path | None = setting(None, "This party's private key (PEM) to sign what it sends.")
+
+
+@dataclass(kw_only=True)
+class Party(SigningService):
+    """A role that trains, signs what it sends and reports progress."""
     torch_threads: int | None = setting(None, "Torch threads in this process (default: torch's choice).", min=1)
     progress_events: bool = setting(False, "Print progress (batches, epochs, rounds) and, last, the result as JSON lines on stdout.")
 

@@ -40,10 +40,25 @@ def frame_digest(frame: bytes) -> str:
     return hashlib.sha256(frame).hexdigest()
 
 
-@dataclass(frozen=True)
 class Sent:
-    message: Message
-    digest: str  # frame_digest of what went on the wire
+    """A message as it went out; `digest` is the frame_digest of what went on the wire, hashed
+    when first asked for (most senders never ask), from the frame kept until then or given."""
+
+    __slots__ = ("message", "_frame", "_digest")
+
+    def __init__(self, message: Message, frame: bytes | None = None, *, digest: str | None = None):
+        if (frame is None) == (digest is None):
+            raise ValueError("a Sent needs its frame or its digest")
+        self.message, self._frame, self._digest = message, frame, digest
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest, self._frame = frame_digest(self._frame), None
+        return self._digest
+
+    def __repr__(self) -> str:
+        return f"Sent({self.message.kind!r} seq {self.message.seq}, digest {self.digest[:12]}...)"
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class Endpoint:
     ):
         """`name` is this party's sender id (default: the role); `signer` signs what it sends;
         `trusted` lists whose signed messages it accepts (None: unsafe mode, anyone).
-        `ordered`: each sender numbers its messages 1, 2, 3... and anything else is a duplicate
+        `ordered`: each sender numbers its messages to each recipient 1, 2, 3... and anything else is a duplicate
         or out of order; roles that deduplicate by round instead turn it off. `on_arrival` is
         called for every frame that arrives, valid or not. `peer_roles`: with a key list, a
         sender's key must be allowed to act as one of these roles. `handshake`: kinds that open a
@@ -125,8 +140,9 @@ class Endpoint:
         self.peer_roles = tuple(peer_roles)
         self.handshake = tuple(handshake)
         self.run: str | None = None  # see `bind`
-        self._seq = 0
+        self._seq: dict[str | None, int] = {}  # recipient -> the last number sent to it: each receiver sees 1, 2, 3...
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
+        self._counters: dict[tuple[str, str], tuple] = {}  # (kind, direction) -> MESSAGES and BYTES children
         metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
         if trusted is None:
             log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", self.sender)
@@ -158,28 +174,29 @@ class Endpoint:
         hello), and a number it never accepts would leave a gap in the sequence."""
         frame = self._frame(message, to)
         self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
-        return Sent(message, frame_digest(frame))
+        return Sent(message, frame)
 
     def send_messages(self, batch: list[tuple[str, Message, str | None]], *, persistent: bool = False) -> list[Sent]:
         """`send_message` for many (queue, message, recipient), e.g. one model to every sampled
         worker: messages that share one tensors dict share one encoded body and its digest, so
         the model is serialised and hashed once, not once per worker; each is still numbered,
         bound and signed for its recipient."""
-        bodies: dict[int, tuple[bytes, bytes]] = {}  # id(tensors) -> (body, digest); the dicts stay alive in `batch`
+        bodies: dict[int, tuple[bytes, bytes | None]] = {}  # id(tensors) -> (body, digest); the dicts stay alive in `batch`
         sent = []
         for queue, message, to in batch:
             frame = self._frame(message, to, bodies)
             self.send_frame(queue, message.kind, frame, persistent=persistent)
-            sent.append(Sent(message, frame_digest(frame)))
+            sent.append(Sent(message, digest=frame_digest(frame)))  # hashed now: holding every frame till the end would hold a model per worker
         return sent
 
-    def _frame(self, message: Message, to: str | None, bodies: dict[int, tuple[bytes, bytes]] | None = None) -> bytes:
+    def _frame(self, message: Message, to: str | None, bodies: dict[int, tuple[bytes, bytes | None]] | None = None) -> bytes:
         """Number, bind and sign `message`; its frame. `bodies`: encoded bodies to reuse, by the
-        identity of the tensors dict they were made from."""
+        identity of the tensors dict they were made from. The body is hashed only to be signed:
+        an unsigned frame states no digest, and nothing else reads it."""
         handshake = message.kind in self.handshake
         if not handshake:
-            self._seq += 1
-        message.session, message.sender, message.seq = self.session, self.sender, 0 if handshake else self._seq
+            self._seq[to] = self._seq.get(to, 0) + 1
+        message.session, message.sender, message.seq = self.session, self.sender, 0 if handshake else self._seq[to]
         if self.run is not None and not handshake:
             if to is None:
                 raise ValueError(f"{self.sender}: a bound {message.kind} must name its recipient")
@@ -188,7 +205,7 @@ class Endpoint:
             body, digest = bodies[id(message.tensors)]
         else:
             body = encode_body(message.tensors)
-            digest = body_digest(body)
+            digest = body_digest(body) if self.signer else None
             if bodies is not None:
                 bodies[id(message.tensors)] = body, digest
         if self.signer:
@@ -201,8 +218,12 @@ class Endpoint:
         self._count(kind, "sent", len(frame))
 
     def _count(self, kind: str, direction: str, size: int) -> None:
-        metrics.MESSAGES.labels(self.role, self.session, kind, direction).inc()
-        metrics.BYTES.labels(self.role, self.session, kind, direction).inc(size)
+        counters = self._counters.get((kind, direction))
+        if counters is None:  # the labelled children, looked up once per kind and direction
+            labels = (self.role, self.session, kind, direction)
+            counters = self._counters[(kind, direction)] = (metrics.MESSAGES.labels(*labels), metrics.BYTES.labels(*labels))
+        counters[0].inc()
+        counters[1].inc(size)
         self.traffic.add(size)
 
     def receive(
@@ -246,9 +267,10 @@ class Endpoint:
         """The message in `frame` if it passes every check `receive` applies; ProtocolError if not.
         Who sent it (session, sender, key list, signature over the header and the body's digest)
         is checked before the body is parsed: an unsigned frame costs a hash, not a parse.
+        Without a key list nothing is signed, so the body is not hashed.
         Sequence numbers are checked but not advanced."""
         message, body = decode_header(frame, self.max_message_bytes)
-        self._check_origin(message, body_digest(body), senders)
+        self._check_origin(message, body_digest(body) if self.trusted is not None else b"", senders)
         message.tensors = decode_tensors(body)
         self._check_content(message, kinds, check)
         return message
@@ -257,7 +279,8 @@ class Endpoint:
         """The sender of a chunked message, judged on its first chunk before the transport keeps
         any of it: the whole header must be there, signed by a listed party for this run (over
         the body digest the header states; the whole body is checked against it on arrival), and
-        not a message already received. Runs on the transport's I/O thread."""
+        not a message already received. Runs on whichever thread drives the transport's connection
+        (its I/O thread, or a caller waiting on it)."""
         try:
             message, _ = decode_header(first_chunk, self.max_message_bytes)
             try:

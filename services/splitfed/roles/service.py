@@ -62,7 +62,7 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
         import torch
 
         torch.set_num_threads(threads)
-    party = spec.party_name(deployment)
+    party = spec.party_name(learning, deployment)
     identity = Identity.load(party, deployment.key_list, getattr(deployment, "private_key", None))
     warn_if_unencrypted(connection.broker, identity.trusted is not None)
     metrics.serve(deployment.metrics_port, deployment.metrics_address)

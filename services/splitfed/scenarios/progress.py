@@ -61,9 +61,12 @@ class Reporter:
 
     @staticmethod
     def _summary(record: dict | None) -> str:
-        record = record or {}
-        return (f"test accuracy {record.get('accuracy', float('nan')):.4f}, test loss {record.get('loss', float('nan')):.4f}, "
-                f"train loss {record.get('train_loss', float('nan')):.4f}, {record.get('seconds', 0.0):.1f}s")
+        def number(key: str) -> str:  # an epoch whose evaluator went silent has no accuracy
+            value = (record or {}).get(key)
+            return "n/a" if value is None else f"{value:.4f}"
+
+        seconds = (record or {}).get("seconds") or 0.0
+        return f"test accuracy {number('accuracy')}, test loss {number('loss')}, train loss {number('train_loss')}, {seconds:.1f}s"
 
     def _line(self, message: str) -> None:
         if self._bar:

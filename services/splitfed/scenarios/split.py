@@ -3,14 +3,15 @@ relay, over the in-memory transport or RabbitMQ."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.config import setting
-from splitfed.learning.settings import SplitSettings
+from splitfed.learning.settings import SplitNNSettings, SplitSettings
 from splitfed.roles.deployment import Service, SplitRouting
 from splitfed.roles.registry import ROLES
-from splitfed.roles.split import SplitParty
+from splitfed.roles.split import SplitClientParty, SplitParty
 from splitfed.roles.split.common import CLIENT, RELAY, SERVER, session_queues
 from splitfed.scenarios.launch import Launch, RunSettings, Scenario, threads_per_process
 
@@ -42,10 +43,12 @@ def part_file(workdir: Path, role: str) -> Path:
 def plan(settings: SplitSettings, run: SplitRun, workdir: Path) -> list[Launch]:
     client_threads, server_threads = compute_threads(settings)
     service = {"session": run.session, "timeout": run.timeout, "key_list": run.key_list, "log_level": run.log_level}
+    one_client = SplitNNSettings(**dataclasses.asdict(settings))  # what the roles take: a run of one client
 
     def half(role: str, threads: int) -> Launch:
-        deployment = SplitParty(**service, via=run.via, private_key=run.private_key(role), save=part_file(workdir, role) if run.save_model else None)
-        return Launch(ROLES[role], role, settings, deployment, threads)
+        party = SplitClientParty if role == CLIENT else SplitParty
+        deployment = party(**service, via=run.via, private_key=run.private_key(role), save=part_file(workdir, role) if run.save_model else None)
+        return Launch(ROLES[role], role, one_client, deployment, threads)
 
     launches = [half(CLIENT, client_threads), half(SERVER, server_threads)]
     if run.via == "relay":

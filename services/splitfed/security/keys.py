@@ -49,8 +49,9 @@ class Signer:
 
 
 # Roles a party's name implies when `generate` is not told: fixed role names, and worker-N.
-NAMED_ROLES = ("fedavg-server", "split-client", "split-server", "relay")
+NAMED_ROLES = ("fedavg-server", "split-client", "split-server", "split-fed", "relay")
 WORKER_NAME = re.compile(r"worker-[0-9]+")
+SPLIT_CLIENT_NAME = re.compile(r"split-client-[0-9]+")  # one of several split clients
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def party_roles(spec: str) -> tuple[str, list[str]]:
         return name, [name]
     if WORKER_NAME.fullmatch(name):
         return name, ["fedavg-worker"]
+    if SPLIT_CLIENT_NAME.fullmatch(name):
+        return name, ["split-client"]
     raise KeyFileError(f"say which role {name!r} may act as: {name}:ROLE (for example {name}:fedavg-worker)")
 
 

@@ -1,9 +1,13 @@
-"""RabbitMQ transport (pika), following pika's basic_consumer_threaded pattern.
+"""RabbitMQ transport (pika): one connection, driven by one thread at a time.
 
-One I/O thread owns the connection and does nothing but pika work, so heartbeats are answered
-while the caller's thread trains. Callers hand operations over through a deque and
-`add_callback_threadsafe`; results come back through futures. Publisher confirms are on;
-acks are manual and sent only when the caller says the work is done. Frames larger than
+A caller waiting on the transport (a publish's confirm, a delivery) drives the connection on its
+own thread when nobody else does, so a publish or a delivery costs no hand-over between threads.
+When the caller leaves the transport alone (it trains), an I/O thread drives the connection, so
+heartbeats are answered and deliveries taken in meanwhile; it hands the connection back as soon
+as a caller waits (interrupted through `add_callback_threadsafe`). Operations queue in a deque
+and whoever drives runs them in order; results come back through futures. Only the I/O thread
+connects, reconnects and stops. Publisher confirms are on, and `publish` returns only once the
+broker confirmed the message; acks are manual and sent only when the caller says the work is done. Frames larger than
 `chunk_size` travel as numbered chunks and are reassembled before delivery, so no message hits
 the broker's `max_message_size`. Partly arrived messages are bounded per queue (count, age, and
 the chunks they announce, reserved when they start) and per sender; the reserved chunks never
@@ -21,14 +25,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ MAX_PENDING_PER_SENDER = 4  # a sender's messages arrive in order: more than a f
 PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other chunks
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 QUEUE_TYPES = ("classic", "quorum")
+HANDOVER_IDLE = 0.25  # seconds a caller leaves the transport alone before the I/O thread drives the connection
 
 
 @dataclass
@@ -101,6 +104,12 @@ class RabbitTransport(Transport):
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
         self._params = [self._parameters(address, name, heartbeat, tls) for address in broker_urls(url)]
+        for params in self._params:
+            # A caller driving the connection waits inside pika, as the I/O thread would: a broker
+            # that blocks publishers (a resource alarm) for longer than an operation may take drops
+            # the connection (reconnected, the operation retried) rather than holding it for ever.
+            if params.blocked_connection_timeout is None:
+                params.blocked_connection_timeout = operation_timeout
         self._queue_type = queue_type
         self._chunk_size = chunk_size
         self._max_message_bytes = max_message_bytes
@@ -124,7 +133,7 @@ class RabbitTransport(Transport):
 
         self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
-        self._inboxes: dict[str, queue.Queue[Delivery]] = {}  # consumed queues
+        self._inboxes: dict[str, collections.deque[Delivery]] = {}  # consumed queues, guarded by _cv
         self._reassembly: dict[str, _Reassembly] = {}
         self._locks: set[str] = set()  # exclusive queues this connection holds, taken back first on a reconnect
         self._holding = threading.Event()  # connected, with every lock in _locks
@@ -132,6 +141,16 @@ class RabbitTransport(Transport):
         self._channel: Any = None
         self.generation = 0  # connections made so far; a tag from an older one is stale
         self._connected = threading.Event()
+        # Who drives the connection (see _await): one thread at a time, under _cv.
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)  # callers wait here: for the connection, a delivery, an operation
+        self._io_cv = threading.Condition(lock)  # the I/O thread waits here for its turn
+        self._owner: int | None = None  # ident of the thread driving the connection
+        self._io_ident: int | None = None
+        self._waiters = 0  # callers waiting on the transport (they drive it, or wait for who does)
+        self._idle_since = time.monotonic()  # when a caller last let go of the connection
+        self._broken: BaseException | None = None  # a failure met on a caller's thread, for the I/O thread
+        self._handoff = False  # operations were left queued for the I/O thread to run now
         self._closing = False
         self._fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
@@ -175,18 +194,22 @@ class RabbitTransport(Transport):
     def receive(self, queue_name: str, timeout: float) -> Delivery | None:
         if queue_name not in self._inboxes:
             self._call(lambda: self._consume(queue_name))
+        inbox = self._inboxes[queue_name]
         deadline = time.monotonic() + timeout
-        while True:
-            self._raise_if_fatal()
-            try:
-                return self._inboxes[queue_name].get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    return None
+        while self._await(lambda: bool(inbox), deadline):
+            with self._cv:
+                if inbox:  # else another receiver took it, or a reconnect dropped it as stale
+                    return inbox.popleft()
+        return None
 
     def ack(self, delivery: Delivery) -> None:
+        """Queued, not waited for: it goes out ahead of this caller's next publish or wait on the
+        transport, or, if the caller goes quiet, from the I/O thread within HANDOVER_IDLE; at once
+        if another thread drives the connection now."""
         generation, tags = delivery.tag
         self._submit(lambda: self._ack(generation, tags))
+        if self._owner is not None:
+            self._wake()
 
     def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook, admit: AdmitHook | None = None) -> None:
         self._watched[queue] = _Watch(min(max_bytes, self._max_message_bytes), on_reject, admit)
@@ -211,28 +234,31 @@ class RabbitTransport(Transport):
             self._call(lambda: None, timeout=10)
         except TransportError:
             pass
-        self._closing = True
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+            self._io_cv.notify()
         self._wake()
         self._thread.join(timeout=10)
 
     def _call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         future = self._submit(fn)
-        try:
-            return future.result(timeout or self._operation_timeout)
-        except FutureTimeout:
+        if not self._await(future.done, time.monotonic() + (timeout or self._operation_timeout)):
             future.cancel()  # not run later behind the caller's back
-            raise TransportError(f"broker operation timed out after {timeout or self._operation_timeout}s") from None
+            raise TransportError(f"broker operation timed out after {timeout or self._operation_timeout}s")
+        return future.result()
 
     def _submit(self, fn: Callable[[], Any]) -> Future:
         self._raise_if_fatal()
         future: Future = Future()
         self._ops.append((fn, future))
-        self._wake()
         if not self._thread.is_alive():  # stopped between the check above and the append
             self._fail_pending(TransportError(f"RabbitMQ transport stopped: {self._fatal or 'closed'}"))
         return future
 
     def _wake(self) -> None:
+        """Interrupt whichever thread is waiting on the connection's socket, so it runs queued
+        operations (and, if it is the I/O thread, hands the connection over to a waiting caller)."""
         connection = self._connection
         if connection is not None:
             try:
@@ -245,18 +271,102 @@ class RabbitTransport(Transport):
             stopped = LockLost if isinstance(self._fatal, LockLost) else TransportError  # a replaced holder must know it
             raise stopped(f"RabbitMQ transport stopped: {self._fatal}")
 
+    # -- who drives the connection -------------------------------------------------------
+    # A caller waiting on the transport (for a confirm, a reply, the broker's answer) drives the
+    # connection itself when nobody else does: no hand-over to another thread and back for each
+    # publish and each delivery. A caller that has left the transport alone for `HANDOVER_IDLE`
+    # seconds (training) leaves the connection to the I/O thread, which answers heartbeats and
+    # takes in deliveries meanwhile, and gives it back as soon as a caller waits. Either way one
+    # thread at a time touches pika (`_owner`), and only the I/O thread connects, reconnects and
+    # stops: a failure met on a caller's thread is handed to it (`_broken`) as if met there.
+
+    def _usable(self) -> bool:
+        return self._channel is not None and self._broken is None and not self._closing
+
+    def _await(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Wait until `ready()` (True) or `deadline` (False), driving the connection on this thread
+        whenever it is free, and asking the I/O thread for it when that one has it."""
+        me = threading.get_ident()
+        woken = None
+        with self._cv:
+            self._waiters += 1
+            try:
+                while not ready():
+                    self._raise_if_fatal()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    if self._owner is None and self._usable():
+                        self._owner = me
+                        self._cv.release()
+                        try:
+                            self._owned(lambda: self._drive(ready, deadline))
+                        finally:
+                            self._cv.acquire()
+                        continue
+                    if self._owner is not None and self._owner != woken:
+                        woken = self._owner  # once per holder: it runs our operations, and the I/O thread hands over
+                        self._cv.release()
+                        try:
+                            self._wake()
+                        finally:
+                            self._cv.acquire()
+                        continue
+                    self._cv.wait(min(remaining, 1.0))
+                return True
+            finally:
+                self._waiters -= 1
+
+    def _owned(self, work: Callable[[], None]) -> None:
+        """Run `work` on this caller's thread, which holds the connection, then let go of it. A
+        failure is the I/O thread's to handle (reconnect or stop), as if it had met it."""
+        try:
+            work()
+        except Exception as exc:
+            self._broken = exc
+        except BaseException:  # interrupted half-way through pika's work: the connection's state is unknown
+            self._broken = pex.StreamLostError("interrupted while driving the connection")
+            raise
+        finally:
+            self._release()
+
+    def _drive(self, ready: Callable[[], bool], deadline: float) -> None:
+        connection = self._connection
+        while True:
+            self._drain()
+            if ready() or self._closing or (remaining := deadline - time.monotonic()) <= 0:
+                return
+            connection.process_data_events(time_limit=min(remaining, 1.0))
+            self._expire_partials()
+
+    def _release(self) -> None:
+        with self._cv:
+            self._owner = None
+            self._idle_since = time.monotonic()
+            if self._waiters:
+                self._cv.notify_all()
+            if self._ops or self._broken is not None or self._closing:
+                self._handoff = bool(self._ops)  # queued while this thread drove: the I/O thread runs them now
+                self._io_cv.notify()
+
+    def _done(self) -> None:
+        """Operations finished on the thread driving the connection: wake callers waiting for them."""
+        if self._waiters:
+            with self._cv:
+                self._cv.notify_all()
+
     # -- I/O thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._io_ident = threading.get_ident()
         backoff = 0.5
         while not self._closing:
             try:
                 self._connect()
+                self._release()
                 backoff = 0.5
                 while not self._closing:
-                    self._drain()
-                    self._connection.process_data_events(time_limit=1)
-                    self._expire_partials()
+                    self._serve()
             except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError, pex.AuthenticationError) as exc:
                 self._stop(exc)
             except pex.ConnectionClosedByBroker as exc:
@@ -270,8 +380,48 @@ class RabbitTransport(Transport):
                 backoff = self._lost(exc, backoff)
             except Exception as exc:  # a bug or an unforeseen pika state: fail loudly, never hang callers
                 self._stop(exc)
+        self._take(wait=10.0)
         self._disconnect()
         self._fail_pending(TransportError("RabbitMQ transport closed"))
+        with self._cv:
+            self._owner = None
+            self._cv.notify_all()
+
+    def _take(self, wait: float) -> None:
+        """Hold the connection on the I/O thread, waiting up to `wait` seconds for a caller to let go."""
+        deadline = time.monotonic() + wait
+        with self._cv:
+            while self._owner not in (None, self._io_ident) and (remaining := deadline - time.monotonic()) > 0:
+                self._io_cv.wait(remaining)
+            self._owner = self._io_ident
+
+    def _serve(self) -> None:
+        """Wait until the connection is the I/O thread's to drive (free, nobody waiting, and idle
+        for HANDOVER_IDLE or with operations queued), then drive it until a caller waits. Raises
+        a failure a caller met, holding the connection for the handler."""
+        with self._cv:
+            while True:
+                if self._closing:
+                    return
+                if self._owner is None:
+                    if self._broken is not None:
+                        self._owner = self._io_ident
+                        broken, self._broken = self._broken, None
+                        raise broken
+                    idle = time.monotonic() - self._idle_since
+                    if not self._waiters and ((self._handoff and self._ops) or idle >= HANDOVER_IDLE):
+                        self._owner, self._handoff = self._io_ident, False
+                        break
+                    timeout = HANDOVER_IDLE - idle if not self._waiters else HANDOVER_IDLE
+                else:
+                    timeout = HANDOVER_IDLE
+                self._io_cv.wait(max(timeout, 0.001))
+        # Driving: an exception leaves the connection held for _run's handlers.
+        while not self._closing and not self._waiters:
+            self._drain()
+            self._connection.process_data_events(time_limit=1)
+            self._expire_partials()
+        self._release()
 
     def _stop(self, exc: BaseException) -> None:
         log.error("RabbitMQ transport stopping: %r", exc)
@@ -280,12 +430,15 @@ class RabbitTransport(Transport):
         self._connected.set()
         self._holding.set()  # wakes whoever waits in `holds`, to hear why
         self._fail_pending(TransportError(str(exc)))
+        with self._cv:
+            self._cv.notify_all()
 
     def _fail_pending(self, error: TransportError) -> None:
         while self._ops:
             _, future = self._ops.popleft()
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+        self._done()
 
     def _lost(self, exc: BaseException, backoff: float) -> float:
         log.warning("RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff)
@@ -297,6 +450,7 @@ class RabbitTransport(Transport):
         return min(backoff * 2, 30.0)
 
     def _connect(self) -> None:
+        self._take(wait=self._operation_timeout)
         connection = pika.BlockingConnection(self._params)
         # Locks first, before this connection is anyone's to use: nothing queued while it was
         # down (a publish, an ack) goes out from a holder that has been replaced.
@@ -314,10 +468,10 @@ class RabbitTransport(Transport):
             self._declare(name, durable)
         for name, inbox in self._inboxes.items():
             # Unacked deliveries of the old connection are redelivered; drop our stale copies.
-            with inbox.mutex:
-                fresh = [d for d in inbox.queue if d.tag[0] == self.generation]
-                inbox.queue.clear()
-                inbox.queue.extend(fresh)
+            with self._cv:
+                fresh = [d for d in inbox if d.tag[0] == self.generation]
+                inbox.clear()
+                inbox.extend(fresh)
             self._start_consumer(name)
         if self.generation > 1:
             log.info("RabbitMQ reconnected (connection %d)", self.generation)
@@ -367,6 +521,8 @@ class RabbitTransport(Transport):
                 future.set_exception(exc)
                 if isinstance(exc, pex.ChannelClosedByBroker):
                     raise
+            finally:
+                self._done()
 
     def _delete(self, name: str) -> None:
         self._declared.pop(name, None)
@@ -396,7 +552,7 @@ class RabbitTransport(Transport):
 
     def _consume(self, name: str) -> None:
         if name not in self._inboxes:
-            self._inboxes[name] = queue.Queue()
+            self._inboxes[name] = collections.deque()
             self._start_consumer(name)
 
     def _start_consumer(self, name: str) -> None:
@@ -415,7 +571,7 @@ class RabbitTransport(Transport):
 
     def _on_message(self, name: str, generation: int, tag: int, headers: dict, body: bytes) -> None:
         if CHUNK_ID not in headers:
-            self._inboxes[name].put(Delivery(name, body, (generation, [tag])))
+            self._deliver(Delivery(name, body, (generation, [tag])))
             return
         chunk_id, index, count = headers.get(CHUNK_ID), headers.get(CHUNK_INDEX), headers.get(CHUNK_COUNT)
         if not (isinstance(chunk_id, (str, bytes)) and isinstance(index, int) and isinstance(count, int)) or not 0 <= index < count:
@@ -440,7 +596,13 @@ class RabbitTransport(Transport):
             self._reject(entry.tags, "oversized", f"chunked message {key} exceeds {limit} bytes", name)
         elif all(part is not None for part in entry.parts):
             del self._reassembly[key]
-            self._inboxes[name].put(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
+            self._deliver(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
+
+    def _deliver(self, delivery: Delivery) -> None:
+        with self._cv:
+            self._inboxes[delivery.queue].append(delivery)
+            if self._waiters:
+                self._cv.notify_all()
 
     def _open_partial(self, name: str, key: str, tag: int, index: int, count: int, body: bytes) -> _Reassembly | None:
         """A place for a new chunked message, or None when it is refused. With an admission hook

@@ -57,6 +57,6 @@ ROLES = (
     ),
     RoleSpec(
         WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,
-        _worker, (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.LOCAL_SAMPLES, metrics.UPDATE_BYTES, metrics.ACTIVITY_SECONDS), party=lambda deployment: deployment.worker_id,
+        _worker, (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.LOCAL_SAMPLES, metrics.UPDATE_BYTES, metrics.ACTIVITY_SECONDS), party=lambda learning, deployment: deployment.worker_id,
     ),
 )

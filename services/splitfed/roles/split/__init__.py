@@ -1,5 +1,6 @@
-"""The split-learning role family: `relay`, `split-client` (the data owner: data, labels, first
-layers) and `split-server` (the remaining layers, no data). Declarations only: the role classes
+"""The split-learning role family: `relay`, `split-client` (a data owner: data, labels, first
+layers; one or several), `split-server` (the remaining layers, no data) and `split-fed` (averages
+the clients' layers in splitfed-v1 and v2, without torch). Declarations only: the role classes
 are imported when a role is built, so declaring never imports torch."""
 
 from __future__ import annotations
@@ -8,15 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.config import setting
-from splitfed.learning.settings import SplitSettings
+from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
 from splitfed.roles.declaration import RoleSpec
-from splitfed.roles.deployment import Party, Service, SplitRouting
+from splitfed.roles.deployment import Party, Service, SigningService, SplitRouting
+from splitfed.roles.split.common import client_name
 
 
 @dataclass(kw_only=True)
 class SplitParty(Party, SplitRouting):
     save: Path | None = setting(None, "Write this party's layers here at the end (safetensors).")
+
+
+@dataclass(kw_only=True)
+class SplitClientParty(SplitParty):
+    client_index: int = setting(0, "Which of the run's --clients this is (0-based): its share of the data and its name, split-client-INDEX.", min=0)
 
 
 def _client(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
@@ -31,6 +38,12 @@ def _server(settings, deployment, transport, identity, on_progress):  # noqa: AN
     return SplitServer(settings, deployment, transport, identity, on_progress)
 
 
+def _fed(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
+    from splitfed.roles.split.fed import SplitFed
+
+    return SplitFed(settings, deployment, transport, identity)
+
+
 def _relay(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
     from splitfed.roles.split.relay import Relay
 
@@ -38,10 +51,18 @@ def _relay(settings, deployment, transport, identity, on_progress):  # noqa: ANN
 
 
 ROLES = (
-    RoleSpec("relay", "Forward frames between the two halves of one split session (no torch).", None, Service, _relay, metrics.WIRE),
+    RoleSpec("relay", "Forward frames between the two halves of a one-client split session (no torch).", None, Service, _relay, metrics.WIRE),
     RoleSpec(
-        "split-client", "The data owner of a split session: data, labels, first layers; drives training.", SplitSettings, SplitParty, _client,
+        "split-client", "A data owner of a split session: data, labels, first layers; drives training.", SplitNNSettings, SplitClientParty, _client,
         (*metrics.WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
+        party=lambda learning, deployment: client_name(deployment.client_index, learning.clients),
     ),
-    RoleSpec("split-server", "The server half of a split session: the remaining layers, no data.", SplitSettings, SplitParty, _server, metrics.WIRE),
+    RoleSpec(
+        "split-server", "The server half of a split session: the remaining layers, no data; closes epochs, passes turns.", SplitNNSettings, SplitParty, _server,
+        (*metrics.WIRE, metrics.SPLIT_ACTIVE_CLIENTS, metrics.SPLIT_EPOCH_CLIENTS, metrics.SPLIT_CLIENT_EPOCH),
+    ),
+    RoleSpec(
+        "split-fed", "The fed server of splitfed-v1/v2: averages the clients' layers each epoch (no torch).", SplitNNSettings, SigningService, _fed,
+        (*metrics.WIRE, metrics.AVERAGED_CLIENTS),
+    ),
 )

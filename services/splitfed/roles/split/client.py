@@ -1,5 +1,12 @@
-"""split-client: the data owner. Holds the data, the labels and the first layers (and in
-u-shaped mode the last layer too), drives training batch by batch and evaluates."""
+"""split-client: a data owner. Holds its data, the labels and the first layers (and in u-shaped
+mode the last layer too), drives training batch by batch against the split server and, when the
+server asks it to, evaluates.
+
+Alone, a client trains epoch after epoch and evaluates after each (the same computation as
+centralized training). Among several, the schedule decides what happens between epochs:
+splitfed-v1 and v2 send their layers to the fed and continue from the average it sends back;
+round-robin clients wait for their turn and start it from the layers of the client before them.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +19,32 @@ import numpy as np
 import torch
 
 from splitfed.errors import RunAborted
-from splitfed.learning import data, models, split, train
-from splitfed.learning.settings import SplitSettings
+from splitfed.learning import clients, data, models, split, train
+from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
 from splitfed.roles.split.common import (
-    ABORT, ACTIVATIONS, CLIENT, DONE, GRADIENTS, HANDSHAKE, HELLO, OUTPUTS, SERVER, peer_queue, save_parts, shared,
+    ABORT, ACTIVATIONS, AVERAGE, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDOFF, HANDSHAKE, HEAD, HELLO, OUTPUTS, SERVER,
+    TRAINED, TURN, client_inbox, client_index, client_name, peer_queue, save_parts, shared,
 )
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
 
 
-
 class SplitClient:
     def __init__(
-        self, settings: SplitSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.split.SplitParty)
+        self, settings: SplitNNSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.split.SplitParty)
         on_progress: ProgressSink | None = None,
     ):
         self.settings = settings
+        self.index = deployment.client_index
+        if not 0 <= self.index < settings.clients:
+            raise ValueError(f"--client-index {self.index} is not one of the {settings.clients} clients (0..{settings.clients - 1})")
+        self.name = client_name(self.index, settings.clients)
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
         meta = data.info(settings.dataset)
@@ -42,17 +53,29 @@ class SplitClient:
         self.opt = train.optimizer(params, settings.optimizer, settings.lr)
         self.cut_shape = models.output_shape(self.parts.head, meta.shape)
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
-        self.train_data = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+        self.train_data = clients.client_share(settings, self.index)
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.generator = clients.client_generator(settings, self.index)
         self.session = deployment.session
+        several = settings.clients > 1
+        self.peers = [client_name(i, settings.clients) for i in range(settings.clients) if i != self.index]
+        self.fed = queue_name(self.session, FED) if several and settings.schedule != "round-robin" else None
+        self.round_robin = several and settings.schedule == "round-robin"
+        peer_roles = (SERVER, FED, CLIENT) if several else (SERVER,)
         self.endpoint = Endpoint(
-            transport, session=self.session, role=CLIENT, inbox=queue_name(self.session, CLIENT), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, peer_roles=(SERVER,), handshake=HANDSHAKE,
+            transport, session=self.session, role=CLIENT, name=self.name, inbox=client_inbox(self.session, self.index, settings.clients),
+            timeout=deployment.timeout, signer=identity.signer, trusted=identity.trusted, peer_roles=peer_roles, handshake=HANDSHAKE,
         )
-        self.server = peer_queue(self.session, deployment.via, SERVER)
+        self.server = peer_queue(self.session, deployment.via, SERVER) if not several else queue_name(self.session, SERVER)
         transport.declare(self.server)
-        self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, self.session)
+        if self.fed:
+            transport.declare(self.fed)
+        self.round_trip = metrics.ROUND_TRIP.labels(CLIENT, self.session, self.name)
         self.round_trips: list[float] = []
+        self.history: list[EpochRecord] = []
+        self.epoch_started = time.perf_counter()
+        self.train_losses: dict[int, float] = {}
+        self.averages = 0  # epochs whose average (of the fed) or handed-on layers it took
 
     # -- one exchange with the server -----------------------------------------------------
 
@@ -65,8 +88,8 @@ class SplitClient:
         return reply
 
     def reply(self, kind: str, spec: dict[str, TensorSpec] | None) -> Message:
-        """The server's next message, of `kind` (with tensors as in `spec`); RunAborted when
-        the server says it does not know this run."""
+        """The server's next message, of `kind` (with tensors as in `spec`); RunAborted when the
+        server says it does not know this run, or has ended it without this client."""
 
         def check(message: Message) -> None:
             if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
@@ -74,10 +97,12 @@ class SplitClient:
             if message.kind == kind and spec is not None:
                 check_tensors(message, spec)
 
-        reply, delivery = self.endpoint.receive((kind, ABORT), (SERVER,), check)
+        reply, delivery = self.endpoint.receive((kind, ABORT, DONE) if kind != DONE else (DONE, ABORT), (SERVER,), check)
         self.endpoint.ack(delivery)
         if reply.kind == ABORT:
             raise RunAborted(f"the split-server ended run {self.endpoint.run}: {reply.meta.get('reason')}")
+        if reply.kind == DONE and kind != DONE:
+            raise RunAborted(f"the split-server ended run {self.endpoint.run} without {self.name}'s share (it was too slow, or silent)")
         return reply
 
     def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
@@ -106,6 +131,22 @@ class SplitClient:
         self.opt.step()
         return loss
 
+    def train_share(self, epoch: int) -> None:
+        """One pass over this client's samples (its share of `epoch`), then `trained` to the server."""
+        self.epoch_started = time.perf_counter()
+        batches = data.batch_order(len(self.train_data), self.settings.batch_size, self.generator)
+        losses = []
+        for done, indices in enumerate(batches, 1):
+            losses.append(self.train_batch(self.train_data.images[indices], self.train_data.labels[indices]))  # (B, C, H, W), (B,)
+            if self.on_progress:
+                self.on_progress(Progress("batch", done, len(batches), losses[-1]))
+        self.train_losses[epoch] = float(np.mean(losses))
+        metrics.EPOCH.labels(CLIENT, self.session).set(epoch)
+        metrics.TRAIN_LOSS.labels(CLIENT, self.session).set(self.train_losses[epoch])
+        if self.fed:  # before `trained`: by the time the server closes the epoch, the fed holds these layers
+            self.endpoint.send(self.fed, HEAD, self.layers(), to=FED, epoch=epoch, samples=len(self.train_data))
+        self.endpoint.send(self.server, TRAINED, to=SERVER, epoch=epoch, train_loss=self.train_losses[epoch])
+
     def handshake(self) -> None:
         """Wait for the server, check that both halves were configured as one model, and join
         the run the server names in its answer to this hello (and to no other)."""
@@ -124,47 +165,187 @@ class SplitClient:
             raise ValueError(f"the split-server was configured differently: {reply.meta.get('problem')}")
         self.endpoint.resync(reply.sender)
         self.endpoint.bind(reply.meta["run"])
-        log.info("split-client joined run %s", self.endpoint.run)
+        log.info("%s joined run %s", self.name, self.endpoint.run)
+
+    # -- layers between clients -----------------------------------------------------------
+
+    def layers(self) -> dict[str, np.ndarray]:
+        """This client's layers as named tensors: the head, and the tail in u-shaped mode.
+        Scalars (BatchNorm's batch counters) travel as one-element arrays, as safetensors keeps them."""
+        return {f"{prefix}{k}": to_numpy(v).reshape(v.shape or (1,)) for prefix, part in self.named_parts() for k, v in part.state_dict().items()}
+
+    def named_parts(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("head.", self.parts.head)] + ([("tail.", self.parts.tail)] if self.parts.tail is not None else [])
+
+    def layer_specs(self) -> dict[str, TensorSpec]:
+        return {name: TensorSpec(array.dtype.name, array.shape) for name, array in self.layers().items()}
+
+    def load_layers(self, tensors: dict[str, np.ndarray]) -> None:
+        for prefix, part in self.named_parts():
+            own = part.state_dict()
+            part.load_state_dict({k: torch.from_numpy(tensors[prefix + k].copy()).reshape(v.shape) for k, v in own.items()})
+        self.averages += 1
+
+    def check_layers(self, message: Message) -> None:
+        """Layers from the fed or another client: exactly this client's names, shapes and dtypes."""
+        specs = self.layer_specs()
+        if set(message.tensors) != set(specs):
+            raise ProtocolError("shape", f"{message.kind} from {message.sender} does not hold this client's layers")
+        for name, spec in specs.items():
+            spec.check(name, message.tensors[name])
+
+    # -- alone, or splitfed-v1 and v2 -----------------------------------------------------
+
+    def train_epochs(self) -> None:
+        """Epoch after epoch: this client's share, then (among several) the fed's average, then
+        the evaluation when the server names this client to do it."""
+        for epoch in range(1, self.settings.epochs + 1):
+            self.train_share(epoch)
+            closed = self.epoch_closed(epoch)
+            if closed.meta.get("evaluator") == self.name:
+                self.evaluate(epoch)
+
+    def epoch_closed(self, epoch: int) -> Message:
+        """The server's `closed` for `epoch` and, among several, the fed's average (loaded), in
+        whichever order they come (a late client's average can overtake the server's answer)."""
+        closed: Message | None = None
+        averaged = self.fed is None
+
+        def check(message: Message) -> None:
+            expected_sender = FED if message.kind == AVERAGE else SERVER
+            if message.sender != expected_sender:
+                raise ProtocolError("sender", f"{message.kind} from {message.sender}")
+            if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
+                raise ProtocolError("replay", "abort for another run")
+            if message.kind in (CLOSED, AVERAGE) and message.meta.get("epoch") != epoch:
+                raise ProtocolError("kind", f"{message.kind} for epoch {message.meta.get('epoch')} while {self.name} is in epoch {epoch}")
+            if message.kind == AVERAGE:
+                self.check_layers(message)
+
+        while closed is None or not averaged:
+            message, delivery = self.endpoint.receive((CLOSED, AVERAGE, DONE, ABORT), (SERVER, FED) if self.fed else (SERVER,), check)
+            self.endpoint.ack(delivery)
+            if message.kind == ABORT:
+                raise RunAborted(f"the split-server ended run {self.endpoint.run}: {message.meta.get('reason')}")
+            if message.kind == DONE:
+                raise RunAborted(f"the split-server ended run {self.endpoint.run} without {self.name}'s share (it was too slow, or silent)")
+            if message.kind == CLOSED:
+                closed = message
+            else:
+                self.load_layers(message.tensors)
+                averaged = True
+        return closed
+
+    # -- round-robin ----------------------------------------------------------------------
+
+    def take_turns(self) -> None:
+        """Wait for turns until the server says the run is over. A turn starts from the layers
+        the client before hands on (or from its own, when there is none); once the turn has
+        passed on, this client hands its layers to the next holder whenever the server asks
+        (again, if that holder went silent), and evaluates when its turn closed an epoch."""
+        turn: dict = {}
+        handoff: Message | None = None  # the last hand-off that came, kept in case it came before its turn
+        evaluated: set[int] = set()
+        while True:
+            message, delivery = self.endpoint.receive((TURN, HANDOFF, DONE, ABORT), (SERVER, *self.peers), self.check_turn_message)
+            self.endpoint.ack(delivery)
+            if message.kind == DONE:
+                return
+            if message.kind == ABORT:
+                raise RunAborted(f"the split-server ended run {self.endpoint.run}: {message.meta.get('reason')}")
+            if message.kind == HANDOFF:
+                handoff = message
+                if turn.get("holder") == self.name and turn.get("previous") == message.sender and turn.get("epoch") == message.meta.get("epoch"):
+                    self.start_turn(turn["epoch"], handoff)
+                    handoff = None
+                continue  # a hand-off for a turn that has moved on (or not yet come)
+            turn = message.meta
+            holder, previous = turn["holder"], turn["previous"]
+            if previous == self.name and holder not in ("", self.name):
+                self.endpoint.send(client_inbox(self.session, client_index(holder), self.settings.clients), HANDOFF, self.layers(), to=holder, epoch=turn["epoch"])
+                self.endpoint.send(self.server, HANDED, to=SERVER, holder=holder)
+            if previous == self.name and turn["evaluate"] and turn["evaluate"] not in evaluated:
+                evaluated.add(turn["evaluate"])
+                self.evaluate(turn["evaluate"])
+            if holder == self.name and previous in ("", self.name):
+                self.start_turn(turn["epoch"], None)
+            elif holder == self.name and handoff is not None and handoff.sender == previous and handoff.meta.get("epoch") == turn["epoch"]:
+                self.start_turn(turn["epoch"], handoff)
+                handoff = None
+
+    def start_turn(self, epoch: int, handoff: Message | None) -> None:
+        """Train this client's turn of `epoch`, from the layers handed on (None: its own)."""
+        log.info("%s: turn of epoch %d, from %s layers", self.name, epoch, f"{handoff.sender}'s" if handoff else "its own")
+        if handoff is not None:
+            self.load_layers(handoff.tensors)
+        self.train_share(epoch)
+
+    def check_turn_message(self, message: Message) -> None:
+        if message.kind == TURN:
+            meta = message.meta
+            names = ("", *self.peers, self.name)
+            if meta.get("holder") not in names or meta.get("previous") not in names or not isinstance(meta.get("epoch"), int) or not isinstance(meta.get("evaluate"), int):
+                raise ProtocolError("malformed", "turn needs an epoch, an evaluate epoch and a holder and previous among this run's clients")
+        elif message.kind == HANDOFF:
+            self.check_layers(message)
+        elif message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
+            raise ProtocolError("replay", "abort for another run")
+        if message.kind in (TURN, DONE, ABORT) and message.sender != SERVER or message.kind == HANDOFF and message.sender == SERVER:
+            raise ProtocolError("sender", f"{message.kind} from {message.sender}")
+
+    # -- evaluation -----------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the whole split model, for evaluation."""
         self.parts.head.eval()
         outputs = self.remote_forward(self.parts.head(images), train_step=False)
-        return self.parts.tail(outputs) if self.parts.tail is not None else outputs
+        if self.parts.tail is None:
+            return outputs
+        self.parts.tail.eval()
+        return self.parts.tail(outputs)
 
-    def batch_done(self, done: int, total: int, loss: float) -> None:
-        if self.on_progress:
-            self.on_progress(Progress("batch", done, total, loss))
-
-    def epoch_done(self, record: EpochRecord) -> None:
-        metrics.EPOCH.labels(CLIENT, self.session).set(record.step)
-        metrics.TRAIN_LOSS.labels(CLIENT, self.session).set(record.train_loss)
+    def evaluate(self, epoch: int) -> None:
+        """Score the model as it was when `epoch` closed (the server answers with its layers of
+        then), and tell the server."""
+        evaluation = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size)
+        record = EpochRecord(epoch, evaluation.accuracy, evaluation.loss, self.train_losses.get(epoch, float("nan")), time.perf_counter() - self.epoch_started)
+        self.history.append(record)
+        self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, accuracy=float(record.accuracy), loss=float(record.loss))
         metrics.TEST_ACCURACY.labels(CLIENT, self.session).set(record.accuracy)
         metrics.TEST_LOSS.labels(CLIENT, self.session).set(record.loss)
         if self.on_progress:
             self.on_progress(Progress("epoch", record.step, self.settings.epochs, record.train_loss, vars(record)))
 
+    # -- the run --------------------------------------------------------------------------
+
     def run(self) -> dict:
         started = time.perf_counter()
         self.handshake()
-        history = train.fit(self.train_data, self.test_data, self.settings, self.train_batch, self.forward, self.batch_done, self.epoch_done)
-        self.endpoint.send(self.server, DONE, to=SERVER)
-        done = self.reply(DONE, None)
+        if self.round_robin:
+            self.take_turns()  # until the server's done
+            done = None
+        else:
+            self.train_epochs()
+            done = self.reply(DONE, None)
         if self.save:
             parts = [(self.parts.head.state_dict(), 0)]
             if self.parts.tail is not None:
                 parts.append((self.parts.tail.state_dict(), self.parts.tail_start))
             save_parts(self.save, parts)
+        last = self.history[-1] if self.history else None
         return {
-            "accuracy": history[-1].accuracy,
-            "loss": history[-1].loss,
+            "client": self.name,
+            "samples": len(self.train_data),
+            "accuracy": last.accuracy if last else None,
+            "loss": last.loss if last else None,
             "wall_seconds": time.perf_counter() - started,
-            "history": [vars(r) for r in history],
+            "history": [vars(r) for r in self.history],
+            "train_losses": self.train_losses,
             "traffic": vars(self.endpoint.traffic),
             "timing": {
                 "round_trips": len(self.round_trips),
                 "round_trip_seconds": sum(self.round_trips),
-                "round_trip_p50_ms": 1000 * float(np.median(self.round_trips)),
-                "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)),
+                "round_trip_p50_ms": 1000 * float(np.median(self.round_trips)) if self.round_trips else None,
+                "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)) if done else None,
             },
         }

@@ -4,9 +4,22 @@ Start:                          client --hello{settings, nonce}--> server --hell
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
+End of a client's epoch share:  client --trained{epoch, train_loss}--> server
+Epoch closed (in parallel):     server --closed{epoch, included, samples, evaluator}--> each included client (and the fed)
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
-End:                            client --done--> server --done--> client (the relay exits after both)
+                                (the server answers with its layers as they were when the epoch closed)
+Evaluated:                      evaluator --evaluated{epoch, accuracy, loss}--> server
+End:                            server --done--> every client, the fed and the relay, which then exit
 A run the server does not know:  client --activations{run=old}--> server --abort{run=old, reason}--> client
+
+Several clients (`splitnn`) talk to the server directly, each on its own inbox. In splitfed-v1
+and v2 each client also sends its layers to the fed (`split-fed`) before `trained`:
+    client --head{epoch, layers}--> fed;  server --closed--> fed;  fed --average{epoch, layers}--> clients
+The fed averages exactly the heads of the clients the server's `closed` includes, weighted by
+the samples the server saw from each; the server never sees a client's layers. In round-robin
+the server passes the turn and the layers go from client to client:
+    server --turn{epoch, holder, previous, evaluate}--> every client
+    previous --handoff{epoch, layers}--> holder;  previous --handed{to}--> server
 
 The server draws the run id when it starts; its hello answers the client's nonce with it, and
 every later message names the run and its recipient (Endpoint.bind), so frames recorded in an
@@ -25,15 +38,40 @@ from splitfed.learning.settings import SplitSettings
 from splitfed.roles.endpoint import queue_name
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
+FED = "split-fed"
 HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT = "hello", "activations", "gradients", "outputs", "done", "abort"
-KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT)
+TRAINED, CLOSED, EVALUATED = "trained", "closed", "evaluated"
+HEAD, AVERAGE = "head", "average"  # splitfed-v1/v2: a client's layers to the fed, and their average back
+TURN, HANDOFF, HANDED = "turn", "handoff", "handed"  # round-robin
+KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT, TRAINED, CLOSED, EVALUATED)  # what a relay forwards: one client's
 HANDSHAKE = (HELLO, ABORT)  # they speak of a run rather than within one: unbound, out of sequence
 # Settings both halves must agree on, or they would not be halves of one model.
-SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr")
+SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr", "epochs", "clients", "schedule")
 
 
 def shared(settings: SplitSettings) -> dict:
     return {name: getattr(settings, name) for name in SHARED_SETTINGS}
+
+
+def client_name(index: int, clients: int) -> str:
+    """A client's party name: `split-client` alone (as in a two-party run), `split-client-I` among several."""
+    return CLIENT if clients == 1 else f"{CLIENT}-{index}"
+
+
+def client_index(name: str) -> int:
+    """The index in a client's party name (split-client: 0)."""
+    return int(name.rpartition("-")[2]) if name != CLIENT else 0
+
+
+def client_inbox(session: str, index: int, clients: int) -> str:
+    return queue_name(session, CLIENT) if clients == 1 else queue_name(session, CLIENT, str(index))
+
+
+def client_queue(session: str, via: str, index: int, clients: int) -> str:
+    """Where client `index` is reached: its own inbox among several; one client may sit behind the relay."""
+    if clients == 1:
+        return peer_queue(session, via, CLIENT)
+    return queue_name(session, CLIENT, str(index))
 
 
 def peer_queue(session: str, via: str, target: str) -> str:
@@ -41,19 +79,25 @@ def peer_queue(session: str, via: str, target: str) -> str:
     return queue_name(session, RELAY if via == "relay" else target)
 
 
-def session_queues(session: str) -> list[str]:
-    return [queue_name(session, role) for role in (CLIENT, SERVER, RELAY)]
+def session_queues(session: str, clients: int = 1) -> list[str]:
+    inboxes = [queue_name(session, CLIENT, str(index)) for index in range(clients)] if clients > 1 else []
+    return [queue_name(session, role) for role in (CLIENT, SERVER, RELAY, FED)] + inboxes
 
 
-def save_parts(path: Path, parts: list[tuple[dict, int]]) -> None:
-    """Write parts' parameters (state dict, index of its first layer in the full model) under the
-    full model's layer indices, as safetensors, so the parties' files merge into one model."""
-    from safetensors.torch import save_file
-
+def merged_state(parts: list[tuple[dict, int]]) -> dict:
+    """Parts' parameters (state dict, index of its first layer in the full model) under the full
+    model's layer indices, so the parties' layers merge into one model."""
     renamed = {}
     for state, offset in parts:
         for key, value in state.items():
             index, _, rest = key.partition(".")
             renamed[f"{int(index) + offset}.{rest}"] = value.contiguous()
+    return renamed
+
+
+def save_parts(path: Path, parts: list[tuple[dict, int]]) -> None:
+    """Write `merged_state(parts)` as safetensors."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(renamed, str(path))
+    save_file(merged_state(parts), str(path))

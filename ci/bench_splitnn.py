@@ -1,0 +1,61 @@
+"""Benchmark: seconds per epoch of split learning with several clients, for each schedule, over
+the in-memory transport and over RabbitMQ, beside centralized training on the same data, with
+each one's ratio to centralized, measured in one run.
+
+    .venv/bin/python ci/bench_splitnn.py [--clients 5] [--limit 10000] [--broker URL] [--out FILE]
+
+Each run trains 2 epochs and the table shows the second: from the first epoch's close to the
+second's evaluation on the test set (as centralized's epoch is timed), so process start-up and
+the clients' first hellos are not counted. Goal: splitfed-v2 over RabbitMQ with 5 parallel clients
+no slower than round-robin over RabbitMQ, both <= 1.3x centralized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings
+from splitfed.scenarios import centralized, launch, splitnn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=10000)
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    parser.add_argument("--out", help="also write the table as JSON")
+    args = parser.parse_args()
+
+    common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=2)
+    runs = {"centralized": lambda: launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun())}
+    for schedule in args.schedules.split(","):
+        settings = SplitNNSettings(**common, clients=args.clients, schedule=schedule)
+        runs[f"{schedule}, memory"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun())
+        runs[f"{schedule}, RabbitMQ"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=args.broker))
+    rows = {}
+    for name, run in runs.items():
+        result = run()
+        epoch = result["history"][-1]
+        rows[name] = {"seconds": epoch["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]}
+    base = rows["centralized"]["seconds"]
+    table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch")
+    for column in ("run", "s/epoch", "ratio", "accuracy", "server messages"):
+        table.add_column(column, justify="right")
+    for name, row in rows.items():
+        row["ratio"] = row["seconds"] / base
+        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}", str(row["messages"]))
+    Console().print(table)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Weighted averages of parameter sets, in numpy only, so that the torch-free fed role and the
+split server (for its per-client halves) share one definition."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """The weighted mean of `states` (same names and shapes), accumulated in float64 and returned
+    in each tensor's own dtype. Integer tensors (BatchNorm's batch counters) are not averages of
+    anything: they take the largest value."""
+    if not states or len(states) != len(weights) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError("a weighted average needs as many non-negative weights as states, not all zero")
+    total = float(sum(weights))
+    averaged = {}
+    for name, first in states[0].items():
+        if np.issubdtype(first.dtype, np.integer):
+            averaged[name] = np.asarray(np.max(np.stack([state[name] for state in states]), axis=0), dtype=first.dtype)
+            continue
+        accumulated = np.zeros(first.shape, dtype=np.float64)
+        for state, weight in zip(states, weights):
+            accumulated += (weight / total) * state[name]
+        averaged[name] = accumulated.astype(first.dtype)
+    return averaged

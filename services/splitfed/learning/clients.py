@@ -1,0 +1,98 @@
+"""What each of several split clients trains on, and in which order: pure, so that the roles and
+a one-process reference agree."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from splitfed.learning import data, models, split, train
+from splitfed.learning.averaging import weighted_average
+from splitfed.learning.data import Split
+from splitfed.learning.settings import SplitNNSettings
+from splitfed.learning.split import Parts
+
+
+def client_share(settings: SplitNNSettings, index: int) -> Split:
+    """Client `index`'s training samples: all of them for a lone client (in order, so that a
+    one-client run is the same computation as centralized training), else its partition."""
+    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+    if settings.clients == 1:
+        return full
+    return full.subset(data.partition(full.labels, settings.partition, settings.clients, settings.seed)[index])
+
+
+def client_generator(settings: SplitNNSettings, index: int) -> torch.Generator:
+    """Client `index`'s batch order: client 0 shuffles as centralized training does."""
+    return torch.Generator().manual_seed(settings.seed + 7919 * index)
+
+
+@dataclass
+class ClientHalves:
+    """One client's layers and optimiser in the reference loop."""
+
+    parts: Parts
+    opt: torch.optim.Optimizer
+    share: Split
+    generator: torch.Generator
+
+    def layers(self) -> list[nn.Module]:
+        return [self.parts.head] + ([self.parts.tail] if self.parts.tail is not None else [])
+
+
+def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Module]]:
+    """round-robin or splitfed-v1 in one process, without messages: each client's parts and the
+    server's layers (one set, or one per client in splitfed-v1) after the last epoch.
+    (splitfed-v2 has no single reference: the server trains on batches in the order they arrive.)"""
+    if settings.schedule == "splitfed-v2":
+        raise ValueError("splitfed-v2's outcome depends on the order its clients' batches arrive in")
+    meta = data.info(settings.dataset)
+    whole = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+    clients = []
+    for index in range(settings.clients):
+        parts = copy.deepcopy(whole)
+        params = [p for module in (parts.head, parts.tail) if module is not None for p in module.parameters()]
+        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), client_share(settings, index), client_generator(settings, index)))
+    per_client = settings.schedule == "splitfed-v1"
+    bodies = [client.parts.body for client in clients] if per_client else [whole.body] * settings.clients
+    server_opts = [train.optimizer(body.parameters(), settings.optimizer, settings.lr) for body in (bodies if per_client else bodies[:1])]
+    server_opts = server_opts if per_client else server_opts * settings.clients
+    for epoch in range(settings.epochs):
+        for index, client in enumerate(clients):
+            if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
+                for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
+                    mine.load_state_dict(theirs.state_dict())
+            _train_pass(client, bodies[index], server_opts[index], settings)
+        if per_client:
+            weights = [len(client.share) for client in clients]
+            _average_into([client.layers() for client in clients], weights)
+            _average_into([[body] for body in bodies], weights)
+    return [client.parts for client in clients], bodies if per_client else bodies[:1]
+
+
+def _train_pass(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, settings: SplitNNSettings) -> None:
+    """One pass over the client's share through its layers and `body`, as the split roles compute it."""
+    for indices in data.batch_order(len(client.share), settings.batch_size, client.generator):
+        images, labels = client.share.images[indices], client.share.labels[indices]  # (B, C, H, W), (B,)
+        for module in (client.parts.head, body, client.parts.tail):
+            if module is not None:
+                module.train()
+        client.opt.zero_grad(set_to_none=True)
+        server_opt.zero_grad(set_to_none=True)
+        outputs = body(client.parts.head(images))
+        logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
+        train.loss_fn(logits, labels).backward()
+        server_opt.step()
+        client.opt.step()
+
+
+def _average_into(groups: list[list[nn.Module]], weights: list[int]) -> None:
+    """Every member's modules restart from the weighted average of all members' (module by module)."""
+    for position in range(len(groups[0])):
+        states = [{k: v.detach().numpy() for k, v in group[position].state_dict().items()} for group in groups]
+        average = weighted_average(states, weights)
+        for group in groups:
+            group[position].load_state_dict({k: torch.from_numpy(v.copy()) for k, v in average.items()})

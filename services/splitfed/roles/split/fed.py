@@ -1,0 +1,139 @@
+"""split-fed: the fed server of splitfed-v1 and v2 (Thapa et al.'s "fed server"). Each client sends
+it its layers at the end of its share of an epoch; when the split server closes the epoch it says
+whose shares the epoch includes and how many samples each trained on, and the fed sends every
+included client the weighted average of exactly those layers. So the split server never sees a
+client's layers, and every client continues from the same ones. numpy only: no torch.
+
+It follows the run of the newest split server (by the start time the server signs in its
+hello), and drops layers of any other run. A client that reports an epoch after it closed (too
+slow, given up) gets that epoch's average when its layers arrive, and goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from splitfed.learning.averaging import weighted_average
+from splitfed.learning.settings import SplitNNSettings
+from splitfed.observability import metrics
+from splitfed.protocol import Message, ProtocolError, TensorSpec
+from splitfed.roles.declaration import Identity
+from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD, HELLO, SERVER, client_inbox, client_index, client_name
+from splitfed.transport import Transport
+
+log = logging.getLogger(__name__)
+KEPT_AVERAGES = 2  # closed epochs whose average a late client can still be sent
+
+
+class SplitFed:
+    def __init__(self, settings: SplitNNSettings, deployment, transport: Transport, identity: Identity = Identity()):  # noqa: ANN001 (roles.deployment.SigningService)
+        self.settings = settings
+        self.session = deployment.session
+        self.clients = [client_name(index, settings.clients) for index in range(settings.clients)]
+        self.endpoint = Endpoint(
+            transport, session=self.session, role=FED, inbox=queue_name(self.session, FED), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT, SERVER), handshake=(HELLO,),
+        )
+        for index in range(settings.clients):
+            transport.declare(client_inbox(self.session, index, settings.clients))
+        self.server_started = float("-inf")  # the start time of the server whose run this fed follows
+        self.layout: dict[str, TensorSpec] | None = None  # every client's layers: names, dtypes, shapes (from the first)
+        self.heads: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # client -> (samples it claims, its layers) for the open epoch
+        self.closed: dict[int, tuple[list[str], dict[str, np.ndarray]]] = {}  # epoch -> (included, average)
+        self.open_epoch = 1
+        self.averaged = metrics.AVERAGED_CLIENTS.labels(FED, self.session)
+
+    def run(self) -> dict:
+        log.info("split-fed ready for %d clients", self.settings.clients)
+        while True:
+            message, delivery = self.endpoint.receive((HELLO, HEAD, CLOSED, DONE), (SERVER, *self.clients), self.check)
+            finished = self.apply(message)
+            self.endpoint.ack(delivery)
+            if finished:
+                break
+        return {"averaged_epochs": sorted(self.closed), "traffic": vars(self.endpoint.traffic)}
+
+    def check(self, message: Message) -> None:
+        if message.kind != HELLO and self.endpoint.run is None:
+            raise ProtocolError("replay", f"{message.kind} from {message.sender} before the server named its run")
+        if message.kind in (HELLO, CLOSED, DONE) and message.sender != SERVER or message.kind == HEAD and message.sender == SERVER:
+            raise ProtocolError("sender", f"{message.kind} from {message.sender}")
+        if message.kind == HELLO and not (isinstance(message.meta.get("run"), str) and isinstance(message.meta.get("started"), float)):
+            raise ProtocolError("malformed", "a server hello names its run and start time")
+        if message.kind == HEAD:
+            self.check_head(message)
+        if message.kind == CLOSED:
+            self.check_closed(message)
+
+    def check_head(self, message: Message) -> None:
+        epoch, samples = message.meta.get("epoch"), message.meta.get("samples")
+        if not isinstance(epoch, int) or not isinstance(samples, int) or samples < 1:
+            raise ProtocolError("malformed", "head needs an integer epoch and sample count")
+        if epoch > self.open_epoch:
+            raise ProtocolError("kind", f"layers for epoch {epoch} from {message.sender} while epoch {self.open_epoch} is open")
+        if self.layout is not None:
+            if set(message.tensors) != set(self.layout):
+                raise ProtocolError("shape", f"{message.sender}'s layers are not named like the other clients'")
+            for name, spec in self.layout.items():
+                spec.check(name, message.tensors[name])
+
+    def check_closed(self, message: Message) -> None:
+        epoch, included, samples = message.meta.get("epoch"), message.meta.get("included"), message.meta.get("samples")
+        if epoch != self.open_epoch or not isinstance(included, list) or not isinstance(samples, dict):
+            raise ProtocolError("kind", f"closed for epoch {epoch} while epoch {self.open_epoch} is open")
+        if not included or any(name not in self.clients or not isinstance(samples.get(name), int) or samples[name] < 0 for name in included):
+            raise ProtocolError("malformed", "closed names clients of this run, each with its samples")
+
+    def apply(self, message: Message) -> bool:
+        if message.kind == HELLO:
+            self.follow(message)
+        elif message.kind == HEAD:
+            self.keep(message)
+        elif message.kind == CLOSED:
+            self.average(message.meta["epoch"], message.meta["included"], message.meta["samples"])
+        return message.kind == DONE
+
+    def follow(self, message: Message) -> None:
+        """A server's hello: follow its run if it is the newest server (a replayed hello of an
+        older one changes nothing)."""
+        if message.meta["started"] <= self.server_started:
+            return
+        self.server_started = message.meta["started"]
+        self.endpoint.bind(message.meta["run"])
+        for sender in (SERVER, *self.clients):  # a new run's parties number their messages afresh
+            self.endpoint.resync(sender)
+        self.heads, self.closed, self.open_epoch, self.layout = {}, {}, 1, None
+        log.info("split-fed follows run %s", self.endpoint.run)
+
+    def keep(self, message: Message) -> None:
+        epoch = message.meta["epoch"]
+        if epoch < self.open_epoch:
+            included, average = self.closed.get(epoch, (None, None))
+            if included is not None and message.sender not in included:
+                self.send_average(epoch, average, [message.sender])  # late: it goes on from the others' average
+            return
+        if self.layout is None:
+            self.layout = {name: TensorSpec(array.dtype.name, array.shape) for name, array in message.tensors.items()}
+        self.heads[message.sender] = (message.meta["samples"], message.tensors)
+
+    def average(self, epoch: int, included: list[str], samples: dict[str, int]) -> None:
+        """The included clients' layers, weighted by the samples the server saw from each."""
+        present = [name for name in included if name in self.heads]
+        if missing := sorted(set(included) - set(present)):
+            log.warning("split-fed: epoch %d: no layers from %s; averaging the others", epoch, ", ".join(missing))
+        if present:
+            weights = [samples[name] for name in present]
+            average = weighted_average([self.heads[name][1] for name in present], weights)
+            self.send_average(epoch, average, included)
+            self.closed[epoch] = (present, average)
+            self.averaged.set(len(present))
+        self.closed = {e: kept for e, kept in self.closed.items() if e > epoch - KEPT_AVERAGES}
+        self.heads = {}
+        self.open_epoch = epoch + 1
+
+    def send_average(self, epoch: int, average: dict[str, np.ndarray], recipients: list[str]) -> None:
+        for name in recipients:
+            self.endpoint.send(client_inbox(self.session, client_index(name), self.settings.clients), AVERAGE, average, to=name, epoch=epoch)

@@ -1,0 +1,128 @@
+"""Several split clients as separate processes over the real RabbitMQ: signed runs equal their
+one-process reference, and a client killed mid-epoch (splitfed-v2) or mid-turn (round-robin)
+does not stall the run: the epoch closes, or the turn passes, without it, and the results say so."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from splitfed.learning import clients as reference
+from splitfed.learning.settings import SplitNNSettings
+from splitfed.roles.split.common import SERVER, merged_state, session_queues
+from splitfed.scenarios import launch, splitnn
+from splitfed.scenarios.launch import ProcessGroup
+from splitfed.security import keys
+from splitfed.transport.rabbitmq import RabbitTransport
+
+SMALL = dict(dataset="digits", batch_size=32, limit=900, test_limit=300)
+
+
+class Parties:
+    """The processes of one splitnn run, each started on its own, with one client's batches
+    followed so that a test can kill it mid-epoch."""
+
+    def __init__(self, settings: SplitNNSettings, broker_url: str, session: str, workdir: Path, key_list: Path | None = None):
+        self.settings = settings
+        self.run = splitnn.SplitNNRun(broker=broker_url, session=session, timeout=60, key_list=key_list).resolved()
+        self.workdir = workdir
+        self.launches = {item.name: item for item in splitnn.plan(settings, self.run, workdir)}
+        for name, item in self.launches.items():
+            if hasattr(item.deployment, "save"):
+                self.launches[name] = item.with_deployment(save=workdir / f"{name}.safetensors", progress_events=True, out=workdir / f"{name}.json")
+        self.group = ProcessGroup(launch.connection_of(self.run), workdir)
+        self.members = {}
+        self.batches: dict[str, int] = {}
+
+    def start_all(self) -> None:
+        for name, item in self.launches.items():
+            self.members[name] = self.group.start(item)
+            self.group.follow(self.members[name], lambda progress, name=name: self.count(name, progress))
+
+    def count(self, name: str, progress) -> None:
+        if progress.event == "batch":
+            self.batches[name] = self.batches.get(name, 0) + 1
+
+    def kill_after(self, name: str, batches: int) -> None:
+        deadline = time.monotonic() + 120
+        while self.batches.get(name, 0) < batches:
+            assert time.monotonic() < deadline, f"{name} trained only {self.batches.get(name, 0)} batches"
+            assert self.members[name].process.poll() is None, self.members[name].tail()
+            time.sleep(0.01)
+        self.members[name].process.send_signal(signal.SIGKILL)
+
+    def wait(self, *names: str) -> None:
+        for name in names or list(self.members):
+            self.group.wait(self.members[name], 180)
+
+    def result(self, name: str) -> dict:
+        return json.loads((self.workdir / f"{name}.json").read_text())
+
+    def layers(self, name: str) -> dict:
+        return load_file(str(self.workdir / f"{name}.safetensors"))
+
+    def close(self) -> None:
+        self.group.stop()
+        with RabbitTransport(self.run.broker, name="cleanup") as transport:
+            for queue in session_queues(self.run.session, self.settings.clients):
+                transport.delete(queue)
+
+
+@pytest.fixture
+def parties(broker_url, session, tmp_path):
+    made = []
+
+    def make(settings: SplitNNSettings, key_list: Path | None = None) -> Parties:
+        made.append(Parties(settings, broker_url, session, tmp_path, key_list))
+        return made[-1]
+
+    yield make
+    for run in made:
+        run.close()
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("schedule", ["splitfed-v1", "round-robin"])
+def test_signed_processes_equal_the_reference(parties, tmp_path, schedule):
+    settings = SplitNNSettings(**SMALL, epochs=2, clients=3, schedule=schedule, partition="classes:0-3,4-6,7-9")
+    names = ["split-server", "split-client-0", "split-client-1", "split-client-2"] + (["split-fed"] if schedule == "splitfed-v1" else [])
+    run = parties(settings, keys.generate(tmp_path / "keys", names))
+    run.start_all()
+    run.wait()
+    parts, bodies = reference.reference_run(settings)
+    for index, part in enumerate(parts):
+        assert max_diff(run.layers(f"split-client-{index}"), merged_state([(part.head.state_dict(), 0)])) <= 1e-5
+    assert max_diff(run.layers(SERVER), merged_state([(bodies[0].state_dict(), parts[0].cut_layer)])) <= 1e-5
+    result = run.result(SERVER)
+    assert [epoch["missing"] for epoch in result["history"]] == [[], []]
+    assert all(isinstance(epoch["accuracy"], float) for epoch in result["history"])  # each epoch was evaluated
+
+
+@pytest.mark.parametrize("schedule", ["splitfed-v2", "splitfed-v1", "round-robin"])
+def test_a_client_killed_mid_epoch_does_not_stall_the_run(parties, schedule):
+    """SIGKILL client 1 in the middle of its first epoch's share (its turn, in round-robin): after
+    --client-timeout the epoch closes (the turn passes) with the other two, every later epoch
+    goes on without waiting for it, and the server's results name it as missing."""
+    settings = SplitNNSettings(**SMALL, epochs=2, clients=3, schedule=schedule, min_clients=2, client_timeout=4.0)
+    run = parties(settings)
+    run.start_all()
+    run.kill_after("split-client-1", 3)
+    started = time.monotonic()
+    run.wait(SERVER, "split-client-0", "split-client-2")
+    assert time.monotonic() - started < 120
+    result = run.result(SERVER)
+    assert [epoch["missing"] for epoch in result["history"]] == [["split-client-1"]] * 2
+    assert [epoch["included"] for epoch in result["history"]] == [["split-client-0", "split-client-2"]] * 2
+    assert result["clients"]["split-client-1"]["gone"] is True
+    assert result["history"][-1]["accuracy"] > 0.3  # chance is 0.1
+    if schedule != "round-robin":  # the survivors continue from the same average
+        assert max_diff(run.layers("split-client-0"), run.layers("split-client-2")) == 0
