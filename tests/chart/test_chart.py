@@ -507,12 +507,12 @@ def test_lead_roles_print_progress_events_for_launch_unless_told_not_to(helm, re
 
 
 def test_a_roles_own_false_or_zero_beats_the_shared_setting(helm):
-    objects = render(helm, "--set", "fedavg.settings.seed=5,fedavgWorker.settings.seed=0,split.settings.progress-events=true",
-                     "--set", "splitClient.enabled=true,splitServer.enabled=true,splitClient.settings.progress-events=false")
+    objects = render(helm, "--set", "fedavg.settings.progress-events=true,fedavgWorker.settings.progress-events=false,split.settings.seed=5",
+                     "--set", "splitClient.enabled=true,splitServer.enabled=true,splitClient.settings.seed=0")
     env = {role: env_of(c) for role, c, _, _ in role_containers(objects)}
-    assert env["fedavg-worker"]["SPLITFED_SEED"]["value"] == "0" and env["fedavg-server"]["SPLITFED_SEED"]["value"] == "5"
-    assert env["split-client"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
-    assert env["split-server"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "true"
+    assert env["fedavg-worker"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
+    assert env["fedavg-server"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "true"
+    assert env["split-client"]["SPLITFED_SEED"]["value"] == "0" and env["split-server"]["SPLITFED_SEED"]["value"] == "5"
 
 
 # -- several split clients (ci/chart-values/splitnn.yaml) ------------------------------------------
