@@ -173,6 +173,7 @@ class Cluster:
         manifest = self.workdir / "pods.yaml"
         manifest.write_text(yaml.safe_dump_all(pods))
         self.pods = [pod["metadata"]["name"] for pod in pods]
+        self.remove()  # pods of these names left by a test run that was killed before it could remove them
         podman("kube", "play", "--network", "host", str(manifest))
         return sorted(self.pods)
 

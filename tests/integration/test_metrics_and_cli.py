@@ -65,7 +65,7 @@ def test_run_split_scrapes_client_metrics_after_training(tmp_path):
 
     launch.run(split.SCENARIO, SplitSettings(dataset="digits", limit=256, batch_size=32), split.SplitRun(session="metrics-memory", via="direct"))
     sent = REGISTRY.get_sample_value("splitfed_messages_total", {"role": "split-client", "session": "metrics-memory", "kind": "activations", "direction": "sent"})
-    trips = REGISTRY.get_sample_value("splitfed_round_trip_seconds_count", {"role": "split-client", "session": "metrics-memory"})
+    trips = REGISTRY.get_sample_value("splitfed_round_trip_seconds_count", {"role": "split-client", "session": "metrics-memory", "client": "split-client"})
     accuracy = REGISTRY.get_sample_value("splitfed_test_accuracy", {"role": "split-client", "session": "metrics-memory"})
     assert sent == 8 + 1 and trips == sent  # 8 training batches + 1 evaluation batch, one round trip each
     assert 0.0 < accuracy <= 1.0

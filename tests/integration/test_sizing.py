@@ -26,15 +26,15 @@ import pytest
 import torch
 
 from splitfed import sizing
-from splitfed.learning.settings import FederatedSettings, SplitSettings
+from splitfed.learning.settings import FederatedSettings, SplitNNSettings
 from splitfed.scenarios import fedavg, split
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_BUILD = "cuda" if torch.version.cuda else "cpu"
 
 CASES = {
-    "split cnn cut 9": (split.SCENARIO, SplitSettings(model="cnn", epochs=1, limit=2000)),
-    "split cnn cut 3": (split.SCENARIO, SplitSettings(model="cnn", epochs=1, limit=2000, cut_layer=3)),
+    "split cnn cut 9": (split.SCENARIO, SplitNNSettings(model="cnn", epochs=1, limit=2000)),
+    "split cnn cut 3": (split.SCENARIO, SplitNNSettings(model="cnn", epochs=1, limit=2000, cut_layer=3)),
     "fedavg tiny": (fedavg.SCENARIO, FederatedSettings(model="tiny", rounds=1, workers=2, partition="iid", limit=2000)),
     "fedavg cnn": (fedavg.SCENARIO, FederatedSettings(model="cnn", rounds=1, workers=2, partition="iid", limit=2000)),
 }
@@ -61,7 +61,7 @@ def test_real_peaks_lie_within_the_estimate(case, measure_memory, broker_url):
     measured = measure_memory.measure(scenario, learning, run, "host", {}, timeout=240)
     failed = [m for m in measured if m.peak_mib is None]
     assert not failed, "\n\n".join(f"{m.name} failed:\n" + "\n".join(m.log.splitlines()[-15:]) for m in failed)
-    assert sorted({m.role for m in measured}) == sorted(sizing.SPLIT_ROLES if scenario is split.SCENARIO else ("fedavg-server", "fedavg-worker"))
+    assert sorted({m.role for m in measured}) == sorted(("relay", "split-client", "split-server") if scenario is split.SCENARIO else ("fedavg-server", "fedavg-worker"))
 
     lines, outside = [f"{case}, torch {TORCH_BUILD} build: role, process, measured peak, low, estimate, high (MiB)"], []
     for m in measured:

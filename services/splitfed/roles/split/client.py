@@ -75,7 +75,6 @@ class SplitClient:
         self.history: list[EpochRecord] = []
         self.epoch_started = time.perf_counter()
         self.train_losses: dict[int, float] = {}
-        self.averages = 0  # epochs whose average (of the fed) or handed-on layers it took
 
     # -- one exchange with the server -----------------------------------------------------
 
@@ -184,7 +183,6 @@ class SplitClient:
         for prefix, part in self.named_parts():
             own = part.state_dict()
             part.load_state_dict({k: torch.from_numpy(tensors[prefix + k].copy()).reshape(v.shape) for k, v in own.items()})
-        self.averages += 1
 
     def check_layers(self, message: Message) -> None:
         """Layers from the fed or another client: exactly this client's names, shapes and dtypes."""
