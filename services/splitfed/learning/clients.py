@@ -58,8 +58,10 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
         clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), client_share(settings, index), client_generator(settings, index)))
     per_client = settings.schedule == "splitfed-v1"
     bodies = [client.parts.body for client in clients] if per_client else [whole.body] * settings.clients
-    server_opts = [train.optimizer(body.parameters(), settings.optimizer, settings.lr) for body in (bodies if per_client else bodies[:1])]
-    server_opts = server_opts if per_client else server_opts * settings.clients
+    if per_client:
+        server_opts = [train.optimizer(body.parameters(), settings.optimizer, settings.lr) for body in bodies]
+    else:  # one optimiser over the one set of layers, whoever's turn it is
+        server_opts = [train.optimizer(whole.body.parameters(), settings.optimizer, settings.lr)] * settings.clients
     for epoch in range(settings.epochs):
         for index, client in enumerate(clients):
             if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers

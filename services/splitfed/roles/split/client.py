@@ -91,8 +91,7 @@ class SplitClient:
         server says it does not know this run, or has ended it without this client."""
 
         def check(message: Message) -> None:
-            if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
-                raise ProtocolError("replay", "abort for another run")
+            self.check_origin(message)
             if message.kind == kind and spec is not None:
                 check_tensors(message, spec)
 
@@ -166,6 +165,15 @@ class SplitClient:
         self.endpoint.bind(reply.meta["run"])
         log.info("%s joined run %s", self.name, self.endpoint.run)
 
+    def check_origin(self, message: Message) -> None:
+        """Each kind comes from one party: averages from the fed, hand-offs from another client,
+        everything else from the server; an abort must name this client's run."""
+        expected = (FED,) if message.kind == AVERAGE else tuple(self.peers) if message.kind == HANDOFF else (SERVER,)
+        if message.sender not in expected:
+            raise ProtocolError("sender", f"{message.kind} from {message.sender}")
+        if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
+            raise ProtocolError("replay", "abort for another run")
+
     # -- layers between clients -----------------------------------------------------------
 
     def layers(self) -> dict[str, np.ndarray]:
@@ -210,11 +218,7 @@ class SplitClient:
         averaged = self.fed is None
 
         def check(message: Message) -> None:
-            expected_sender = FED if message.kind == AVERAGE else SERVER
-            if message.sender != expected_sender:
-                raise ProtocolError("sender", f"{message.kind} from {message.sender}")
-            if message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
-                raise ProtocolError("replay", "abort for another run")
+            self.check_origin(message)
             if message.kind in (CLOSED, AVERAGE) and message.meta.get("epoch") != epoch:
                 raise ProtocolError("kind", f"{message.kind} for epoch {message.meta.get('epoch')} while {self.name} is in epoch {epoch}")
             if message.kind == AVERAGE:
@@ -279,6 +283,7 @@ class SplitClient:
         self.train_share(epoch)
 
     def check_turn_message(self, message: Message) -> None:
+        self.check_origin(message)
         if message.kind == TURN:
             meta = message.meta
             names = ("", *self.peers, self.name)
@@ -286,10 +291,6 @@ class SplitClient:
                 raise ProtocolError("malformed", "turn needs an epoch, an evaluate epoch and a holder and previous among this run's clients")
         elif message.kind == HANDOFF:
             self.check_layers(message)
-        elif message.kind == ABORT and message.meta.get("run") != self.endpoint.run:
-            raise ProtocolError("replay", "abort for another run")
-        if message.kind in (TURN, DONE, ABORT) and message.sender != SERVER or message.kind == HANDOFF and message.sender == SERVER:
-            raise ProtocolError("sender", f"{message.kind} from {message.sender}")
 
     # -- evaluation -----------------------------------------------------------------------
 

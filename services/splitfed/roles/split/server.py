@@ -159,9 +159,9 @@ class SplitServer:
         if state.gone and message.kind != HELLO:
             state.gone = False
             log.info("split-server: %s is heard from again", state.name)
+            self.count_active()
         self.apply(state, message)
         self.compute_seconds += time.perf_counter() - started
-        self.active.set(sum(1 for s in self.clients.values() if s.greeted and not s.gone))
 
     def apply(self, state: ClientState, message: Message) -> None:
         if message.kind == HELLO:
@@ -260,6 +260,7 @@ class SplitServer:
             self.epoch_started = time.perf_counter()  # the first epoch begins with the first client
         state.greeted, state.gone = True, False
         self.endpoint.resync(state.name)
+        self.count_active()
         if self.turns is not None and not self.turns.started and all(s.greeted for s in self.clients.values()):
             self.pass_turn()
 
@@ -376,6 +377,10 @@ class SplitServer:
         self.epoch += 1
         self.epoch_started = time.perf_counter()
 
+    def count_active(self) -> None:
+        """splitfed_split_active_clients, set when a client joins, goes silent or comes back (not per batch)."""
+        self.active.set(sum(1 for s in self.clients.values() if self.present(s.name)))
+
     # -- round-robin turns ------------------------------------------------------------------
 
     def present(self, name: str) -> bool:
@@ -469,6 +474,7 @@ class SplitServer:
             state.gone, state.pending = True, None
         if not silent:
             return
+        self.count_active()
         record = self.awaiting_evaluation
         if record is not None and self.clients[record.evaluator].gone:
             log.warning("split-server: epoch %d goes without its evaluation (%s is gone)", record.epoch, record.evaluator)
