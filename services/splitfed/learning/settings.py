@@ -144,6 +144,64 @@ class SplitNNSettings(SplitSettings):
 
 
 @dataclass(kw_only=True)
+class PeerSettings(ModelSettings):
+    """Decentralized training: --peers data owners, no server; what every peer shares."""
+
+    peers: int = setting(4, "Peers the training data is shared out among (each holds one share; a peer's --peer-index says which).", min=1)
+    partition: str = setting("iid", "How the training data is shared out among the peers: iid | classes:0-3,4-6,7-9 | dirichlet:ALPHA | shards:K.")
+
+    def __post_init__(self) -> None:
+        parse_partition(self.partition, self.peers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+
+
+@dataclass(kw_only=True)
+class P2PSettings(PeerSettings):
+    """P2P averaging: after each local epoch a peer sends its model to every live peer and averages what has arrived."""
+
+    epochs: int = setting(3, "Local epochs each peer trains; it averages after every one.", min=1)
+    max_staleness: int = setting(2, "Models more than this many epochs behind the receiving peer are dropped, not averaged.", min=0)
+    staleness_discount: float = setting(0.5, "A model s epochs behind the receiving peer counts with weight samples * discount^s.", min=0.0, max=1.0)
+
+
+LOCAL_PARALLEL = ("hogwild", "sgd")
+
+
+@dataclass(kw_only=True)
+class HyperedgeSettings:
+    """How the tracker forms SMPL's hyperedges (torch-free: the tracker trains nothing)."""
+
+    seed: int = setting(1, "Seed for initialisation, batch order, partitions and the hyperedges' draws.")
+    hyperedge_size: int = setting(2, "Peers in each hyperedge (u, uniform).", min=2)
+    max_hyperedges: int = setting(1, "Hyperedges a peer may be in at the same time (regular).", min=1)
+    variety: int = setting(1, "Members of a new hyperedge a peer must not already share an open hyperedge with.", min=1)
+    epsilon: float = setting(1.0, "Chance that a hyperedge starts from its best member's model (lowest validation loss) rather than a random member's.", min=0.0, max=1.0)
+    async_global: bool = setting(True, "Hyperedges form as soon as enough peers are free; off: in global rounds, each round's hyperedges formed together once every live peer asks.")
+
+    def __post_init__(self) -> None:
+        if self.variety > self.hyperedge_size - 1:
+            raise ValueError(f"--variety {self.variety} needs hyperedges of at least {self.variety + 1} peers")
+
+
+@dataclass(kw_only=True)
+class SMPLSettings(PeerSettings, HyperedgeSettings):
+    """SMPL (simultaneous multi-party learning): peers train in random hyperedges of --hyperedge-size and synchronise inside each."""
+
+    hyperepochs: int = setting(3, "Hyperedges each peer trains in (one local epoch over its share in each).", min=1)
+    sparsity: float = setting(0.0, "Fraction of each parameter change not sent (top-k by magnitude; the rest stays with the peer).", min=0.0, max=0.999)
+    local_parallel: str = setting("sgd", "hogwild: --local-workers threads update the peer's model without locks; sgd: one loop.", choices=LOCAL_PARALLEL)
+    local_workers: int = setting(2, "Threads training the peer's model with --local-parallel hogwild.", min=1)
+    async_mid: bool = setting(False, "Members apply each member's change as it arrives; off: they apply the hyperedge's mean once every member's is in.")
+    async_local: bool = setting(True, "A peer keeps training while it waits for its hyperedges' changes; off: it waits idle.")
+    hyperedge_timeout: float = setting(60.0, "Seconds a hyperedge waits for a member before closing without it.", min=0.1)
+
+    def __post_init__(self) -> None:
+        PeerSettings.__post_init__(self)
+        HyperedgeSettings.__post_init__(self)
+        if self.hyperedge_size > self.peers:
+            raise ValueError(f"--hyperedge-size {self.hyperedge_size} is more than the {self.peers} peers")
+
+
+@dataclass(kw_only=True)
 class PartitionSettings(ModelSettings):
     """What a federated worker needs: which share of the data is its own, and its local work."""
 

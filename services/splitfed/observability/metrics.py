@@ -23,6 +23,8 @@ BOUNDED_LABELS = {
     "activity": "training, waiting",
     "worker": "the run's workers",
     "client": "the run's split clients",
+    "event": "sent, received, averaged, dropped",
+    "stage": "before, after (averaging)",
 }
 
 MESSAGES = Counter("splitfed_messages_total", "Messages sent or received", ["role", "session", "kind", "direction"])
@@ -60,6 +62,14 @@ SPLIT_ACTIVE_CLIENTS = Gauge("splitfed_split_active_clients", "Split clients tha
 SPLIT_EPOCH_CLIENTS = Gauge("splitfed_split_epoch_clients", "Split clients whose share the last closed epoch included", ["role", "session"])
 SPLIT_CLIENT_EPOCH = Gauge("splitfed_split_client_epoch", "The last epoch this split client reported its share of", ["role", "session", "client"])
 AVERAGED_CLIENTS = Gauge("splitfed_averaged_clients", "Client halves in the fed's last average", ["role", "session"])
+LIVE_PEERS = Gauge("splitfed_live_peers", "Peers the tracker lists as live (registered, heartbeating, not left)", ["role", "session"])
+PEERS_EVICTED = Counter("splitfed_peers_evicted_total", "Peers the tracker evicted for missing their heartbeats", ["role", "session"])
+PEER_MODELS = Counter("splitfed_peer_models_total", "Models (or hyperedge changes) this peer sent, received, averaged in, or dropped as too stale", ["role", "session", "event"])
+PEER_STALENESS = Histogram(
+    "splitfed_peer_staleness_epochs", "How many epochs behind this peer a model it averaged was", ["role", "session"], buckets=(0, 1, 2, 3, 5, 10),
+)
+PEER_ACCURACY = Gauge("splitfed_peer_accuracy", "This peer's test accuracy after its last epoch, before and after averaging", ["role", "session", "stage"])
+HYPEREDGES_ACTIVE = Gauge("splitfed_hyperedges_active", "SMPL hyperedges open now (the tracker's count: all of them; a peer's: its own)", ["role", "session"])
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])
 
 # What every role that talks over the transport exports.

@@ -49,9 +49,10 @@ class Signer:
 
 
 # Roles a party's name implies when `generate` is not told: fixed role names, and worker-N.
-NAMED_ROLES = ("fedavg-server", "split-client", "split-server", "split-fed", "relay")
+NAMED_ROLES = ("fedavg-server", "split-client", "split-server", "split-fed", "relay", "p2p-tracker")
 WORKER_NAME = re.compile(r"worker-[0-9]+")
 SPLIT_CLIENT_NAME = re.compile(r"split-client-[0-9]+")  # one of several split clients
+PEER_NAME = re.compile(r"(p2p-peer|smpl-peer)-[0-9]+")  # a decentralized peer: its role is its name's stem
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def party_roles(spec: str) -> tuple[str, list[str]]:
         return name, ["fedavg-worker"]
     if SPLIT_CLIENT_NAME.fullmatch(name):
         return name, ["split-client"]
+    if PEER_NAME.fullmatch(name):
+        return name, [name.rsplit("-", 1)[0]]
     raise KeyFileError(f"say which role {name!r} may act as: {name}:ROLE (for example {name}:fedavg-worker)")
 
 

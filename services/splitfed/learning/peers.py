@@ -1,0 +1,119 @@
+"""What each peer of a decentralized run trains on, how it weighs the models it receives, and the
+same training in one process (the baseline a distributed p2p run is timed and scored against).
+Pure: no messages, no threads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitfed.learning import data, models, train
+from splitfed.learning.averaging import weighted_average
+from splitfed.learning.data import Split
+from splitfed.learning.settings import P2PSettings, PeerSettings
+
+
+def peer_share(settings: PeerSettings, index: int) -> Split:
+    """Peer `index`'s training samples: its share of `--partition` over `--peers`."""
+    if not 0 <= index < settings.peers:
+        raise ValueError(f"--peer-index {index} is not below --peers {settings.peers}")
+    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
+    return full.subset(data.partition(full.labels, settings.partition, settings.peers, settings.seed)[index])
+
+
+def peer_generator(settings: PeerSettings, index: int) -> torch.Generator:
+    """Peer `index`'s batch order, fixed by the run's seed."""
+    return torch.Generator().manual_seed(settings.seed + 7919 * index)
+
+
+def test_split(settings: PeerSettings) -> Split:
+    return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A model another peer sent: its samples and the epoch it had finished."""
+
+    sender: str
+    epoch: int
+    samples: int
+    state: dict[str, np.ndarray]
+
+
+def mixing_weights(own_epoch: int, own_samples: int, received: list[Received], settings: P2PSettings) -> tuple[list[float], list[Received], list[Received]]:
+    """Weights of (this peer's model, then each kept model), the kept models and the dropped ones.
+    A model s = own_epoch - its epoch behind counts samples * discount^s; one more than
+    --max-staleness behind is dropped (it would pull the peer back towards where it was). A model
+    ahead of this peer counts in full: it holds more training, not less."""
+    kept = [model for model in received if own_epoch - model.epoch <= settings.max_staleness]
+    dropped = [model for model in received if own_epoch - model.epoch > settings.max_staleness]
+    weights = [float(own_samples)] + [model.samples * settings.staleness_discount ** max(0, own_epoch - model.epoch) for model in kept]
+    return weights, kept, dropped
+
+
+def mix(own: dict[str, np.ndarray], own_epoch: int, own_samples: int, received: list[Received], settings: P2PSettings) -> tuple[dict[str, np.ndarray], list[Received], list[Received]]:
+    """This peer's model averaged with what arrived: (the average, the models in it, the dropped)."""
+    weights, kept, dropped = mixing_weights(own_epoch, own_samples, received, settings)
+    if sum(weights[1:]) == 0:  # nothing kept, or every kept model's weight discounted to nothing
+        return own, [], dropped
+    return weighted_average([own, *(model.state for model in kept)], weights), kept, dropped
+
+
+def state_of(model: nn.Module) -> dict[str, np.ndarray]:
+    return {name: value.detach().cpu().numpy().copy() for name, value in model.state_dict().items()}
+
+
+def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({name: torch.from_numpy(np.array(value, copy=True)) for name, value in state.items()})
+
+
+@dataclass
+class LocalPeer:
+    """One peer of the one-process run: its model, optimiser, data and batch order."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    share: Split
+    generator: torch.Generator
+
+
+def train_epoch(peer: LocalPeer, settings: PeerSettings) -> float:
+    """One pass over the peer's share; its mean training loss."""
+    losses = [
+        train.train_step(peer.model, peer.opt, peer.share.images[indices], peer.share.labels[indices])  # (B, C, H, W), (B,)
+        for indices in data.batch_order(len(peer.share), settings.batch_size, peer.generator)
+    ]
+    return float(np.mean(losses))
+
+
+def scored(model: nn.Module, test: Split, settings: PeerSettings) -> train.Evaluation:
+    with models.evaluating(model):
+        return train.evaluate(model, test, settings.eval_batch_size)
+
+
+def in_memory_run(settings: P2PSettings) -> dict:
+    """Every peer in this process, in lock step: each epoch every peer trains, then every peer
+    averages its model with every other's (all fresh, so weighted by samples alone). What a
+    distributed run does when every model arrives in time."""
+    started = time.perf_counter()
+    meta = data.info(settings.dataset)
+    test = test_split(settings)
+    peers = []
+    for index in range(settings.peers):
+        model = models.build(settings.model, meta, settings.seed)
+        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), peer_share(settings, index), peer_generator(settings, index)))
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        losses = [train_epoch(peer, settings) for peer in peers]
+        before = [scored(peer.model, test, settings).accuracy for peer in peers]
+        average = weighted_average([state_of(peer.model) for peer in peers], [len(peer.share) for peer in peers])
+        for peer in peers:
+            load_state(peer.model, average)
+        after = scored(peers[0].model, test, settings)
+        history.append({"step": epoch, "accuracy": after.accuracy, "loss": after.loss, "train_loss": float(np.mean(losses)),
+                        "accuracy_before": before, "seconds": time.perf_counter() - started})
+    return {"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"], "history": history, "traffic": {"messages": 0, "bytes": 0}}

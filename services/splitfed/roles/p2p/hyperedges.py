@@ -1,0 +1,111 @@
+"""How the tracker draws SMPL's hyperedges: peers that are free for another hyperedge say so
+(`want`, with their validation loss); once --hyperedge-size of them are waiting (asynchronously),
+or once every live peer is (--no-async-global: global rounds), the tracker draws a hyperedge of
+them with a seeded generator, picks whose model it starts from (--epsilon: the best member's,
+else a random member's), and tells each member (`hyperedge{edge, members, source}`). A member
+reports when its part is done (`report{edge}`); the hyperedge closes when every member that is
+still live has reported. No torch: the tracker trains nothing."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from splitfed.learning.hyperedge import choose_start
+from splitfed.learning.settings import HyperedgeSettings
+from splitfed.protocol import Message, ProtocolError
+from splitfed.roles.p2p.common import HYPEREDGE, finite
+
+DRAWS = 32  # tries at a draw that meets --variety before waiting for more peers
+
+
+@dataclass
+class Edge:
+    members: set[str]
+    reported: set[str] = field(default_factory=set)
+
+
+class Matchmaker:
+    def __init__(self, settings: HyperedgeSettings, send: Callable[..., None]):
+        """`send(name, kind, **meta)` delivers to one peer."""
+        self.settings = settings
+        self.send = send
+        self.rng = random.Random(f"splitfed-smpl/{settings.seed}")
+        self.waiting: dict[str, float] = {}  # peer -> its validation loss, in the order they asked
+        self.edges: dict[str, Edge] = {}  # open hyperedges by id
+        self.formed = 0
+
+    def active(self) -> int:
+        return len(self.edges)
+
+    def open_edges(self, name: str) -> list[Edge]:
+        return [edge for edge in self.edges.values() if name in edge.members]
+
+    def check(self, message: Message) -> None:
+        opened = message.meta.get("open")
+        if finite(message.meta, "loss") is None:
+            raise ProtocolError("malformed", "want needs the peer's validation loss")
+        if not isinstance(opened, list) or len(opened) >= self.settings.max_hyperedges or not all(isinstance(edge, str) for edge in opened):
+            raise ProtocolError("malformed", f"want lists the fewer than {self.settings.max_hyperedges} hyperedges the peer is still in")
+
+    def want(self, name: str, meta: dict) -> None:
+        """`name` has room for another hyperedge. The hyperedges it no longer lists are done for it
+        (closed, or given up on a timeout): it is not waited for in them any more."""
+        for edge_id in [edge_id for edge_id, edge in self.edges.items() if name in edge.members and edge_id not in meta["open"]]:
+            self.report(name, edge_id)
+        self.waiting[name] = meta["loss"]
+
+    def report(self, name: str, edge_id: object) -> None:
+        """`name` is done with `edge_id` (a report names it); closes the edge once all are."""
+        edge = self.edges.get(edge_id) if isinstance(edge_id, str) else None
+        if edge is not None and name in edge.members:
+            edge.reported.add(name)
+            if edge.reported >= edge.members:
+                del self.edges[edge_id]
+
+    def drop(self, gone: list[str], live: set[str]) -> None:
+        """Peers that left or were evicted: no longer waiting, no longer waited for."""
+        for name in gone:
+            self.waiting.pop(name, None)
+        for edge_id, edge in list(self.edges.items()):
+            edge.members &= live
+            if edge.reported >= edge.members:
+                del self.edges[edge_id]
+        self.form(live)
+
+    def form(self, live: set[str]) -> None:
+        """Draw hyperedges while enough peers wait: at once (asynchronous), or only when every
+        live peer waits (global rounds), and then as many as fit."""
+        size = self.settings.hyperedge_size
+        if not self.settings.async_global and not (live and live <= set(self.waiting)):
+            return
+        while len(self.waiting) >= size:
+            members = self.draw(size)
+            if members is None:
+                return
+            self.open(members)
+
+    def draw(self, size: int) -> list[str] | None:
+        """`size` waiting peers, the longest-waiting first, such that each has at least
+        --variety members it shares no open hyperedge with; None if no draw found one."""
+        first, *others = list(self.waiting)
+        for _ in range(DRAWS):
+            members = [first, *self.rng.sample(sorted(others), size - 1)]
+            if all(self.newcomers(name, members) >= self.settings.variety for name in members):
+                return members
+        return None
+
+    def newcomers(self, name: str, members: list[str]) -> int:
+        partners = {partner for edge in self.open_edges(name) for partner in edge.members}
+        return sum(1 for other in members if other != name and other not in partners)
+
+    def open(self, members: list[str]) -> None:
+        self.formed += 1
+        edge_id = uuid.uuid4().hex[:16]  # unique across tracker restarts, unlike a count
+        losses = {name: self.waiting.pop(name) for name in members}
+        source = choose_start(losses, self.settings.epsilon, self.rng)
+        self.edges[edge_id] = Edge(set(members))
+        for name in members:
+            self.send(name, HYPEREDGE, edge=edge_id, members=sorted(members), source=source)

@@ -1,0 +1,91 @@
+"""A peer's side of the tracker: register, follow the membership lists, beat, report, leave.
+Shared by p2p-peer and smpl-peer; torch-free."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from splitfed.protocol import Message, ProtocolError
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p.common import (
+    HEARTBEAT, LEAVE, REGISTER, REPORT, TRACKER, count, finite, heartbeat_period, incarnation_of, members_of, tracker_queue,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, endpoint: Endpoint, role: str, name: str, samples: int, planned: int, peer_timeout: float):
+        self.endpoint = endpoint
+        self.role = role
+        self.name = name
+        self.samples = samples
+        self.planned = planned  # the epochs or hyperepochs this peer means to report
+        self.tracker = tracker_queue(endpoint.session)
+        self.incarnation = uuid.uuid4().hex  # this process: a restarted peer is another incarnation of its name
+        self.period = heartbeat_period(peer_timeout)
+        self.peers: dict[str, dict] = {}  # the other live peers: name -> {incarnation, epoch, samples}
+        self.listed = (float("-inf"), -1)  # (tracker start, version) of the newest list followed
+        self.nonce: str | None = None  # of the register waiting for its answer
+        self.next_beat = 0.0
+        self.epoch = 0
+
+    # -- to the tracker ------------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Announce this incarnation (again, if the tracker lost it); its answer is a members
+        list carrying the register's nonce (`registered`)."""
+        self.nonce = uuid.uuid4().hex
+        self.endpoint.send(self.tracker, REGISTER, incarnation=self.incarnation, started=time.time(), samples=self.samples,
+                           planned=self.planned, nonce=self.nonce)
+        self.next_beat = time.monotonic() + self.period
+
+    def registered(self) -> bool:
+        return self.nonce is None
+
+    def beat(self) -> None:
+        """A heartbeat, if one is due."""
+        if time.monotonic() >= self.next_beat:
+            self.endpoint.send(self.tracker, HEARTBEAT, incarnation=self.incarnation, epoch=self.epoch)
+            self.next_beat = time.monotonic() + self.period
+
+    def report(self, **record: object) -> None:
+        self.endpoint.send(self.tracker, REPORT, incarnation=self.incarnation, epoch=self.epoch, **record)
+
+    def leave(self) -> None:
+        self.endpoint.send(self.tracker, LEAVE, incarnation=self.incarnation)
+
+    # -- from the tracker ----------------------------------------------------------------------
+
+    def check(self, message: Message) -> None:
+        """A members list: from the tracker, well formed, newer than the one followed."""
+        if message.sender != TRACKER:
+            raise ProtocolError("sender", f"members from {message.sender}")
+        started, version = finite(message.meta, "started"), count(message.meta, "version")
+        members_of(message.meta, self.role)
+        if (started, version) <= self.listed and message.meta.get("ref") != self.nonce:
+            raise ProtocolError("duplicate", f"members version {version} is not newer than the list followed")
+
+    def follow(self, message: Message) -> None:
+        """Take the newer list. Not on it (evicted while alive, or a tracker that restarted and
+        never heard of this peer): register again."""
+        self.listed = (message.meta["started"], message.meta["version"])
+        listed = members_of(message.meta, self.role)
+        mine = listed.get(self.name)
+        if message.meta.get("ref") == self.nonce and mine is not None:
+            self.nonce = None
+        self.peers = {name: entry for name, entry in listed.items() if name != self.name}
+        if self.registered() and (mine is None or mine["incarnation"] != self.incarnation):
+            log.warning("%s is not on the tracker's list: registering again", self.name)
+            self.register()
+
+    def incarnation_of(self, message: Message) -> str:
+        """The sender's incarnation, which must be the live one the tracker lists; ProtocolError if not."""
+        incarnation = incarnation_of(message.meta)
+        entry = self.peers.get(message.sender)
+        if entry is None or entry["incarnation"] != incarnation:
+            raise ProtocolError("evicted", f"{message.kind} from {message.sender} ({incarnation[:8]}), which the tracker does not list as live")
+        return incarnation
+

@@ -1,0 +1,193 @@
+"""p2p-peer: trains on its own share; after every local epoch it sends its model to every live
+peer the tracker lists and averages whatever models have arrived (learning.peers.mix: weighted by
+samples, discounted by staleness), never waiting for anyone. A peer that joins a run under way
+first asks the most advanced live peer for its model (`fetch`) and starts from that."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from splitfed.learning import data, models, train
+from splitfed.learning.peers import Received, load_state, mix, peer_generator, peer_share, scored, state_of, test_split
+from splitfed.learning.settings import P2PSettings
+from splitfed.observability import metrics
+from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, TRACKER, count, peer_name, peer_queue
+from splitfed.roles.p2p.membership import Membership
+from splitfed.transport import Transport, TransportError
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (fetches to answer, models to keep)
+KINDS = (MEMBERS, MODEL, FETCH)
+
+
+class P2PPeer:
+    def __init__(self, settings: P2PSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
+        self.settings = settings
+        self.session = deployment.session
+        self.name = peer_name(P2P_PEER, deployment.peer_index)
+        self.on_progress = on_progress
+        self.share = peer_share(settings, deployment.peer_index)
+        self.test = test_split(settings)
+        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
+        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
+        self.generator = peer_generator(settings, deployment.peer_index)
+        self.layout = {name: TensorSpec(value.dtype.name, value.shape) for name, value in state_of(self.model).items()}
+        self.endpoint = Endpoint(
+            transport, session=self.session, role=P2P_PEER, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, P2P_PEER),
+        )
+        self.membership = Membership(self.endpoint, P2P_PEER, self.name, len(self.share), settings.epochs, deployment.peer_timeout)
+        self.peer_timeout = deployment.peer_timeout
+        self.received: dict[str, Received] = {}  # the newest model from each peer since the last average
+        self.last_epoch: dict[tuple[str, str], int] = {}  # (peer, incarnation) -> the newest epoch taken from it
+        self.published: Received | None = None  # this peer's model after its last average: what a fetch gets
+        self.fetch_nonce: str | None = None
+        self.fetched: Received | None = None
+        self.history: list[dict] = []
+        self.next_poll = 0.0
+        self.counted = {event: metrics.PEER_MODELS.labels(P2P_PEER, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
+        self.staleness = metrics.PEER_STALENESS.labels(P2P_PEER, self.session)
+        metrics.LOCAL_SAMPLES.labels(P2P_PEER, self.session).set(len(self.share))
+
+    # -- the run, top to bottom ----------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.join()
+        first = self.membership.epoch + 1
+        for epoch in range(first, first + self.settings.epochs):
+            started = time.perf_counter()
+            train_loss = self.train_epoch()
+            self.membership.epoch = epoch
+            before = scored(self.model, self.test, self.settings)
+            own = state_of(self.model)
+            self.send_model(own, epoch)
+            self.poll(until=time.monotonic())  # whatever has arrived by now; nobody is waited for
+            average, kept, dropped = mix(own, epoch, len(self.share), list(self.received.values()), self.settings)
+            load_state(self.model, average)
+            self.received = {}
+            self.published = Received(self.name, epoch, len(self.share), average)
+            after = scored(self.model, self.test, self.settings)
+            self.record(epoch, before, after, train_loss, kept, dropped, time.perf_counter() - started)
+        self.membership.leave()
+        log.info("%s done: %d epochs, accuracy %.4f", self.name, self.settings.epochs, self.history[-1]["accuracy"])
+        return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
+                "loss": self.history[-1]["loss"], "history": self.history, "traffic": vars(self.endpoint.traffic)}
+
+    def join(self) -> None:
+        """Register; if the run is under way, start from the model of the most advanced live peer
+        that answers (a fresh model averaged into trained ones drags them down)."""
+        self.membership.register()
+        deadline = time.monotonic() + self.endpoint.timeout
+        while not self.membership.registered():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
+            self.poll(until=time.monotonic() + POLL_SECONDS)
+        ahead = sorted(((entry["epoch"], name) for name, entry in self.membership.peers.items() if entry["epoch"] > 0), reverse=True)
+        for _, name in ahead:
+            if self.fetch_from(name):
+                load_state(self.model, self.fetched.state)
+                self.membership.epoch = self.fetched.epoch
+                log.info("%s starts from %s's model of epoch %d", self.name, name, self.fetched.epoch)
+                return
+
+    def fetch_from(self, name: str) -> bool:
+        self.fetch_nonce = uuid.uuid4().hex
+        if not self.send_to(name, FETCH, nonce=self.fetch_nonce):
+            return False
+        deadline = time.monotonic() + self.peer_timeout
+        while self.fetched is None and time.monotonic() < deadline and name in self.membership.peers:
+            self.poll(until=min(deadline, time.monotonic() + POLL_SECONDS))
+        return self.fetched is not None
+
+    def train_epoch(self) -> float:
+        losses = []
+        batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
+        for done, indices in enumerate(batches, 1):
+            losses.append(train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices]))  # (B, C, H, W), (B,)
+            if time.monotonic() >= self.next_poll:  # beats and fetches are answered while training
+                self.poll(until=time.monotonic())
+            if self.on_progress:
+                self.on_progress(Progress("batch", done, len(batches), losses[-1]))
+        return sum(losses) / len(losses)
+
+    def record(self, epoch: int, before: train.Evaluation, after: train.Evaluation, train_loss: float, kept: list[Received], dropped: list[Received], seconds: float) -> None:
+        staleness = [max(0, epoch - model.epoch) for model in kept]
+        for value in staleness:
+            self.staleness.observe(value)
+        self.counted["averaged"].inc(len(kept))
+        self.counted["dropped"].inc(len(dropped))
+        record = {"epoch": epoch, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss, "train_loss": train_loss,
+                  "averaged": len(kept), "staleness": max(staleness, default=0), "seconds": seconds}
+        self.history.append(record)
+        self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
+        metrics.EPOCH.labels(P2P_PEER, self.session).set(epoch)
+        metrics.TRAIN_LOSS.labels(P2P_PEER, self.session).set(train_loss)
+        metrics.TEST_ACCURACY.labels(P2P_PEER, self.session).set(after.accuracy)
+        metrics.PEER_ACCURACY.labels(P2P_PEER, self.session, "before").set(before.accuracy)
+        metrics.PEER_ACCURACY.labels(P2P_PEER, self.session, "after").set(after.accuracy)
+        log.info("%s epoch %d: accuracy %.4f before averaging, %.4f after (%d models, %d dropped as stale)", self.name, epoch, before.accuracy,
+                 after.accuracy, len(kept), len(dropped))
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def send_model(self, state: dict, epoch: int) -> None:
+        """The same model to every live peer: serialised once, numbered and signed for each."""
+        for name in sorted(self.membership.peers):
+            if self.send_to(name, MODEL, state, epoch=epoch):
+                self.counted["sent"].inc()
+
+    def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
+        """False if `name`'s queue is gone (it died and its queue expired): nobody is waited for."""
+        try:
+            self.endpoint.send(peer_queue(self.session, name), kind, tensors, incarnation=self.membership.incarnation, **meta)
+        except TransportError as exc:
+            log.warning("%s: cannot reach %s: %s", self.name, name, exc)
+            return False
+        return True
+
+    def poll(self, until: float) -> None:
+        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
+        while True:
+            self.membership.beat()
+            received = self.endpoint.receive(KINDS, None, self.check, wait=max(1e-3, until - time.monotonic()))
+            if received is None:
+                break
+            message, delivery = received
+            self.handle(message)
+            self.endpoint.ack(delivery)
+        self.next_poll = time.monotonic() + POLL_SECONDS
+
+    def check(self, message: Message) -> None:
+        if message.kind == MEMBERS:
+            self.membership.check(message)
+            return
+        incarnation = self.membership.incarnation_of(message)
+        if message.kind == FETCH:
+            if not isinstance(message.meta.get("nonce"), str):
+                raise ProtocolError("malformed", "fetch needs a nonce")
+            return
+        epoch = count(message.meta, "epoch", 1)
+        if epoch <= self.last_epoch.get((message.sender, incarnation), 0):
+            raise ProtocolError("duplicate", f"model of epoch {epoch} from {message.sender} is not newer than one already taken")
+        check_tensors(message, self.layout)
+
+    def handle(self, message: Message) -> None:
+        if message.kind == MEMBERS:
+            self.membership.follow(message)
+        elif message.kind == FETCH:
+            if self.published is not None:
+                self.send_to(message.sender, MODEL, self.published.state, epoch=self.published.epoch, ref=message.meta["nonce"])
+        else:
+            # Weighted by the samples the tracker lists for it, not by what the model claims.
+            model = Received(message.sender, message.meta["epoch"], self.membership.peers[message.sender]["samples"], message.tensors)
+            self.last_epoch[(message.sender, message.meta["incarnation"])] = model.epoch
+            self.counted["received"].inc()
+            if message.meta.get("ref") is not None and message.meta.get("ref") == self.fetch_nonce:
+                self.fetched = model
+            else:
+                self.received[message.sender] = model

@@ -1,0 +1,350 @@
+"""smpl-peer: trains in the hyperedges the tracker draws (learning.hyperedge has the maths).
+
+A peer asks the tracker for a hyperedge whenever it is in fewer than --max-hyperedges (`want`, with
+its validation loss). For each hyperedge it is told the members and whose model they start from;
+that member sends its model (`start`) and every member moves to it, unless it is still training in
+another hyperedge, which would lose that one's work (it then starts from its own model). Each
+member trains one pass over its share, sends its own change (`delta`: top-k entries by magnitude
+with --sparsity, as indices and values), and when every live member's change is in, or
+--hyperedge-timeout has passed, adds the weighted mean of the changes less its own to its model.
+Changes are added, never assigned, so concurrent hyperedges lose nothing. A member that dies
+holds nobody up past the timeout; the tracker's list says at once when it is evicted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from splitfed.learning import data, models, train
+from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
+from splitfed.learning.peers import load_state, peer_generator, peer_share, scored, state_of, test_split
+from splitfed.learning.settings import SMPLSettings
+from splitfed.observability import metrics
+from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT, peer_name, peer_queue
+from splitfed.roles.p2p.membership import Membership
+from splitfed.transport import Transport, TransportError
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.2
+VALIDATION_SAMPLES = 512  # the first samples of a peer's own share score it for --epsilon's "best member"
+KINDS = (MEMBERS, HYPEREDGE, START, DELTA)
+
+
+@dataclass
+class Edge:
+    """One hyperedge as a member sees it."""
+
+    id: str
+    members: list[str]  # the others
+    source: str
+    deadline: float  # monotonic: when it stops waiting for the start model or the others' changes
+    phase: str = "starting"  # starting | training | exchanging
+    trained: int = 0  # batches trained since it opened
+    started: float = field(default_factory=time.perf_counter)
+    own_sent: dict[str, np.ndarray] | None = None
+    deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # member -> its dense change
+    applied: dict[str, float] = field(default_factory=dict)  # --async-mid: member -> the weight its change was applied with
+    train_loss: list[float] = field(default_factory=list)
+
+
+class SMPLPeer:
+    def __init__(self, settings: SMPLSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
+        self.settings = settings
+        self.session = deployment.session
+        self.name = peer_name(SMPL_PEER, deployment.peer_index)
+        self.on_progress = on_progress
+        self.share = peer_share(settings, deployment.peer_index)
+        self.validation = self.share.subset(slice(0, VALIDATION_SAMPLES))
+        self.test = test_split(settings)
+        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
+        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
+        self.generator = peer_generator(settings, deployment.peer_index)
+        self.snapshot = state_of(self.model)  # the model when own training was last counted
+        self.layout = layout_of(self.snapshot)
+        self.specs = {name: TensorSpec(dtype, shape) for name, (dtype, shape) in self.layout.items()}
+        self.epoch_batches = -(-len(self.share) // settings.batch_size)
+        self.batches: list[torch.Tensor] = []
+        self.endpoint = Endpoint(
+            transport, session=self.session, role=SMPL_PEER, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, SMPL_PEER),
+        )
+        self.membership = Membership(self.endpoint, SMPL_PEER, self.name, len(self.share), settings.hyperepochs, deployment.peer_timeout)
+        self.ledger = DeltaLedger()
+        self.edges: dict[str, Edge] = {}
+        self.early: dict[str, dict[str, Message]] = {}  # changes or start models that came before their hyperedge did
+        self.asked = False
+        self.history: list[dict] = []
+        self.next_poll = 0.0
+        self.counted = {event: metrics.PEER_MODELS.labels(SMPL_PEER, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
+        self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
+        metrics.LOCAL_SAMPLES.labels(SMPL_PEER, self.session).set(len(self.share))
+
+    # -- the run, top to bottom ----------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.membership.register()
+        deadline = time.monotonic() + self.endpoint.timeout
+        while len(self.history) < self.settings.hyperepochs:
+            self.ask()
+            if self.settings.async_local or any(edge.phase == "training" for edge in self.edges.values()):
+                self.train_batch()
+            else:
+                self.poll(until=time.monotonic() + POLL_SECONDS)
+            if time.monotonic() >= self.next_poll:
+                self.poll(until=time.monotonic())
+            self.advance()
+            if not self.membership.registered() and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
+        self.membership.leave()
+        return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
+                "loss": self.history[-1]["loss"], "history": self.history, "traffic": vars(self.endpoint.traffic)}
+
+    def ask(self) -> None:
+        """Ask for a hyperedge while this peer has room for one and hyperepochs left to fill."""
+        busy = len(self.edges) + len(self.history)
+        if self.asked or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
+            return
+        loss = scored(self.model, self.validation, self.settings).loss
+        self.endpoint.send(self.membership.tracker, WANT, incarnation=self.membership.incarnation, loss=loss, open=sorted(self.edges))
+        self.asked = True
+
+    def train_batch(self) -> None:
+        """One local step (or one per thread, Hogwild!), counted for every hyperedge in training."""
+        if not self.batches:
+            self.batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
+        if self.settings.local_parallel == "hogwild":
+            taken, self.batches = self.batches[: self.settings.local_workers], self.batches[self.settings.local_workers :]
+            losses = hogwild_steps(self.model, self.share, taken, self.settings.lr)
+        else:
+            indices = self.batches.pop()
+            losses = [train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices])]  # (B, C, H, W), (B,)
+        for edge in self.edges.values():
+            if edge.phase == "training":
+                edge.trained += len(losses)
+                edge.train_loss.extend(losses)
+
+    def advance(self) -> None:
+        """Move each hyperedge on: send its change once its pass is trained, close it once every
+        live member's change is in, give up on what the deadline has passed."""
+        now = time.monotonic()
+        for edge in list(self.edges.values()):
+            live = [name for name in edge.members if name in self.membership.peers]
+            if edge.phase == "starting" and (now > edge.deadline or edge.source not in self.membership.peers):
+                log.warning("%s: hyperedge %s: no start model from %s; leaving it", self.name, edge.id, edge.source)
+                self.drop(edge)
+            elif edge.phase == "training" and edge.trained >= self.epoch_batches:
+                self.send_delta(edge)
+            elif edge.phase == "exchanging" and (all(name in edge.deltas for name in live) or now > edge.deadline):
+                self.close(edge)
+
+    # -- a hyperedge's steps -------------------------------------------------------------------
+
+    def begin(self, edge: Edge, start: dict[str, np.ndarray] | None) -> None:
+        """Move to the agreed start (unless training in another hyperedge) and count own training from here."""
+        self.count_own_training()
+        if start is not None and not any(other.phase != "starting" for other in self.edges.values() if other is not edge):
+            load_state(self.model, start)
+            self.snapshot = state_of(self.model)
+        self.ledger.open(edge.id, self.layout)
+        edge.phase, edge.deadline = "training", float("inf")
+        for message in self.early.pop(edge.id, {}).values():
+            self.take_delta(edge, message)
+
+    def send_delta(self, edge: Edge) -> None:
+        self.count_own_training()
+        sparse = sparsify(self.ledger.own(edge.id), self.settings.sparsity)
+        edge.own_sent = densify(sparse, self.layout)
+        for name in edge.members:
+            if self.send_to(name, DELTA, to_wire(sparse), edge=edge.id):
+                self.counted["sent"].inc()
+        edge.phase, edge.deadline = "exchanging", time.monotonic() + self.settings.hyperedge_timeout
+        if self.settings.async_mid:
+            for name in list(edge.deltas):
+                self.apply_early(edge, name)
+
+    def close(self, edge: Edge) -> None:
+        """Add the hyperedge's mean change less this peer's own (less what --async-mid applied already)."""
+        self.count_own_training()
+        before = scored(self.model, self.test, self.settings)
+        present = [name for name in edge.members if name in edge.deltas]
+        weights = [float(len(self.share))] + [float(self.weight(name)) for name in present]
+        correction = self.ledger.close(edge.id, edge.own_sent, [edge.own_sent, *(edge.deltas[name] for name in present)], weights)
+        for name, weight in edge.applied.items():
+            for key, change in edge.deltas[name].items():
+                correction[key] = correction[key] - (weight * change).astype(change.dtype)
+        self.add(correction)
+        del self.edges[edge.id]
+        self.active.set(len(self.edges))
+        self.counted["averaged"].inc(len(present))
+        after = scored(self.model, self.test, self.settings)
+        self.record(edge, before, after, len(present))
+
+    def apply_early(self, edge: Edge, name: str) -> None:
+        """--async-mid: a member's change goes into the model as it arrives, weighted by its share of
+        every member's samples; `close` makes the weights right for whoever did come."""
+        total = len(self.share) + sum(self.weight(member) for member in edge.members)
+        weight = self.weight(name) / total
+        self.count_own_training()
+        self.add({key: (weight * change).astype(change.dtype) for key, change in edge.deltas[name].items()})
+        edge.applied[name] = weight
+
+    def drop(self, edge: Edge) -> None:
+        self.ledger.discard(edge.id)
+        del self.edges[edge.id]
+        self.active.set(len(self.edges))
+
+    def record(self, edge: Edge, before: train.Evaluation, after: train.Evaluation, averaged: int) -> None:
+        seconds = time.perf_counter() - edge.started
+        train_loss = float(np.mean(edge.train_loss)) if edge.train_loss else None
+        record = {"epoch": len(self.history) + 1, "edge": edge.id, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss,
+                  "train_loss": train_loss, "averaged": averaged, "staleness": 0.0, "seconds": seconds}
+        self.history.append(record)
+        self.membership.epoch = record["epoch"]
+        self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
+        metrics.EPOCH.labels(SMPL_PEER, self.session).set(record["epoch"])
+        metrics.TEST_ACCURACY.labels(SMPL_PEER, self.session).set(after.accuracy)
+        metrics.PEER_ACCURACY.labels(SMPL_PEER, self.session, "before").set(before.accuracy)
+        metrics.PEER_ACCURACY.labels(SMPL_PEER, self.session, "after").set(after.accuracy)
+        if self.on_progress:
+            self.on_progress(Progress("epoch", record["epoch"], self.settings.hyperepochs, train_loss or 0.0, record))
+        log.info("%s hyperedge %s (%d of %d): accuracy %.4f before synchronising, %.4f after (%d changes)", self.name, edge.id,
+                 record["epoch"], self.settings.hyperepochs, before.accuracy, after.accuracy, averaged)
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def count_own_training(self) -> None:
+        """Credit the training since the last count to every open hyperedge, before anything that
+        is not own training (a start, a correction) changes the model."""
+        state = state_of(self.model)
+        if self.ledger.edges:
+            self.ledger.record({name: state[name] - self.snapshot[name] for name in state})
+        self.snapshot = state
+
+    def add(self, change: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                tensor.add_(torch.from_numpy(np.ascontiguousarray(change[name])))
+        self.snapshot = state_of(self.model)
+
+    def weight(self, name: str) -> int:
+        """A member's samples as the tracker lists them (not as it claims); 0 once it is gone."""
+        return self.membership.peers.get(name, {}).get("samples", 0)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
+        try:
+            self.endpoint.send(peer_queue(self.session, name), kind, tensors, incarnation=self.membership.incarnation, **meta)
+        except TransportError as exc:
+            log.warning("%s: cannot reach %s: %s", self.name, name, exc)
+            return False
+        return True
+
+    def poll(self, until: float) -> None:
+        while True:
+            self.membership.beat()
+            received = self.endpoint.receive(KINDS, None, self.check, wait=max(1e-3, until - time.monotonic()))
+            if received is None:
+                break
+            message, delivery = received
+            self.handle(message)
+            self.endpoint.ack(delivery)
+        self.next_poll = time.monotonic() + POLL_SECONDS
+
+    def check(self, message: Message) -> None:
+        if message.kind == MEMBERS:
+            self.membership.check(message)
+        elif message.kind == HYPEREDGE:
+            self.check_hyperedge(message)
+        else:
+            self.membership.incarnation_of(message)
+            edge_id = message.meta.get("edge")
+            if not isinstance(edge_id, str) or len(edge_id) > 64:
+                raise ProtocolError("malformed", f"{message.kind} names no hyperedge")
+            edge = self.edges.get(edge_id)
+            if message.kind == START:
+                check_tensors(message, self.specs)
+                if edge is not None and (edge.phase != "starting" or edge.source != message.sender):
+                    raise ProtocolError("sender", f"start of hyperedge {edge_id} from {message.sender}, not its source, or too late")
+            else:
+                if edge is not None and (message.sender not in edge.members or message.sender in edge.deltas):
+                    raise ProtocolError("duplicate", f"change from {message.sender} for hyperedge {edge_id}: not a member, or already had")
+                try:
+                    message.tensors = densify(from_wire(message.tensors), self.layout)
+                except ValueError as exc:
+                    raise ProtocolError("shape", f"change from {message.sender}: {exc}") from None
+            if edge is None and len(self.early) >= 4 * self.settings.max_hyperedges:
+                raise ProtocolError("kind", f"{message.kind} for hyperedge {edge_id}, which this peer was not told of")
+
+    def check_hyperedge(self, message: Message) -> None:
+        members, source, edge_id = message.meta.get("members"), message.meta.get("source"), message.meta.get("edge")
+        if message.sender != TRACKER:
+            raise ProtocolError("sender", f"hyperedge from {message.sender}")
+        if not isinstance(members, list) or len(members) != self.settings.hyperedge_size or self.name not in members or source not in members:
+            raise ProtocolError("malformed", f"a hyperedge of {self.settings.hyperedge_size} peers with this one and its source among them")
+        if not isinstance(edge_id, str) or edge_id in self.edges or len(edge_id) > 64:
+            raise ProtocolError("duplicate", f"hyperedge {str(edge_id)[:64]!r} already open here")
+
+    def handle(self, message: Message) -> None:
+        if message.kind == MEMBERS:
+            self.membership.follow(message)
+        elif message.kind == HYPEREDGE:
+            self.asked = False
+            others = [name for name in message.meta["members"] if name != self.name]
+            edge = Edge(message.meta["edge"], others, message.meta["source"], time.monotonic() + self.settings.hyperedge_timeout)
+            self.edges[edge.id] = edge
+            self.active.set(len(self.edges))
+            if edge.source == self.name:
+                for name in others:
+                    self.send_to(name, START, state_of(self.model), edge=edge.id)
+                self.begin(edge, None)
+            elif (start := self.early.get(edge.id, {}).pop(edge.source, None)) is not None:
+                self.begin(edge, start.tensors)
+        else:
+            self.counted["received"].inc()
+            edge = self.edges.get(message.meta["edge"])
+            if edge is None:  # it can overtake the tracker's word of the hyperedge: kept, bounded
+                self.early.setdefault(message.meta["edge"], {})[message.sender] = message
+            elif message.kind == START:
+                self.begin(edge, message.tensors)
+            else:
+                self.take_delta(edge, message)
+
+    def take_delta(self, edge: Edge, message: Message) -> None:
+        if message.kind != DELTA or message.sender not in edge.members:
+            return
+        edge.deltas[message.sender] = message.tensors
+        if self.settings.async_mid and edge.phase == "exchanging":
+            self.apply_early(edge, message.sender)
+
+
+def hogwild_steps(model: torch.nn.Module, share: data.Split, batches: list[torch.Tensor], lr: float) -> list[float]:
+    """Hogwild! (Recht et al. 2011): one thread per batch, each computing its gradient and stepping
+    the shared parameters by plain SGD at `lr`, without locks. Gradients go through
+    autograd.grad, not the shared .grad fields, so threads never mix each other's gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = [0.0] * len(batches)
+
+    def step(slot: int, indices: torch.Tensor) -> None:
+        loss = train.loss_fn(model(share.images[indices]), share.labels[indices])  # (B, C, H, W) -> (B, classes)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                param.add_(grad, alpha=-lr)
+        losses[slot] = loss.item()
+
+    model.train()
+    threads = [threading.Thread(target=step, args=(slot, indices)) for slot, indices in enumerate(batches)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return losses
