@@ -54,6 +54,8 @@ def plans(tmp_path):
         "split": [(dict(via="relay"), {}), (dict(via="direct", key_list=keys, save_model=tmp_path / "m.safetensors"), {})],
         "splitnn": [(dict(), dict(clients=3, schedule="splitfed-v1", min_clients=2)), (dict(key_list=keys), dict(clients=2, schedule="round-robin"))],
         "fedavg": [(dict(), {}), (dict(key_list=keys, checkpoint_dir=tmp_path / "ckpt", min_workers=2, round_timeout=5.0), {})],
+        "p2p": [(dict(key_list=keys, peer_timeout=4.0), dict(peers=3, max_staleness=1))],
+        "smpl": [(dict(), dict(peers=4, hyperedge_size=3, variety=2, epsilon=0.5, sparsity=0.9, local_parallel="hogwild", async_global=False))],
     }
     for name, changes in variants.items():
         scenario = SCENARIOS[name]

@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import pytest
-
 from splitfed.learning.hyperedge import (
     DeltaLedger,
     choose_start,

@@ -65,9 +65,7 @@ AVERAGED_CLIENTS = Gauge("splitfed_averaged_clients", "Client halves in the fed'
 LIVE_PEERS = Gauge("splitfed_live_peers", "Peers the tracker lists as live (registered, heartbeating, not left)", ["role", "session"])
 PEERS_EVICTED = Counter("splitfed_peers_evicted_total", "Peers the tracker evicted for missing their heartbeats", ["role", "session"])
 PEER_MODELS = Counter("splitfed_peer_models_total", "Models (or hyperedge changes) this peer sent, received, averaged in, or dropped as too stale", ["role", "session", "event"])
-PEER_STALENESS = Histogram(
-    "splitfed_peer_staleness_epochs", "How many epochs behind this peer a model it averaged was", ["role", "session"], buckets=(0, 1, 2, 3, 5, 10),
-)
+PEER_STALENESS = Gauge("splitfed_peer_staleness", "Epochs the stalest model in this peer's last average was behind it", ["role", "session"])
 PEER_ACCURACY = Gauge("splitfed_peer_accuracy", "This peer's test accuracy after its last epoch, before and after averaging", ["role", "session", "stage"])
 HYPEREDGES_ACTIVE = Gauge("splitfed_hyperedges_active", "SMPL hyperedges open now (the tracker's count: all of them; a peer's: its own)", ["role", "session"])
 UNSAFE_MODE = Gauge("splitfed_unsafe_mode", "1 when the role accepts unsigned messages (no key list)", ["role", "session"])

@@ -117,8 +117,7 @@ class P2PPeer:
 
     def record(self, epoch: int, before: train.Evaluation, after: train.Evaluation, train_loss: float, kept: list[Received], dropped: list[Received], seconds: float) -> None:
         staleness = [max(0, epoch - model.epoch) for model in kept]
-        for value in staleness:
-            self.staleness.observe(value)
+        self.staleness.set(max(staleness, default=0))
         self.counted["averaged"].inc(len(kept))
         self.counted["dropped"].inc(len(dropped))
         record = {"epoch": epoch, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss, "train_loss": train_loss,
