@@ -34,10 +34,16 @@ class SigningService(Service):
 
 
 @dataclass(kw_only=True)
-class Party(SigningService):
+class Reporting:
+    """A role that can lead a run: `splitfed run` and `launch` read its progress from its stdout."""
+
+    progress_events: bool = setting(False, "Print progress (batches, epochs, rounds) and, last, the result as JSON lines on stdout.")
+
+
+@dataclass(kw_only=True)
+class Party(SigningService, Reporting):
     """A role that trains, signs what it sends and reports progress."""
     torch_threads: int | None = setting(None, "Torch threads in this process (default: torch's choice).", min=1)
-    progress_events: bool = setting(False, "Print progress (batches, epochs, rounds) and, last, the result as JSON lines on stdout.")
 
 
 @dataclass(kw_only=True)

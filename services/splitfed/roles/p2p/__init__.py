@@ -11,7 +11,7 @@ from splitfed.config import setting
 from splitfed.learning.settings import HyperedgeSettings, P2PSettings, SMPLSettings
 from splitfed.observability import metrics
 from splitfed.roles.declaration import RoleSpec
-from splitfed.roles.deployment import Party, SigningService
+from splitfed.roles.deployment import Party, Reporting, SigningService
 from splitfed.roles.p2p.common import P2P_PEER, SMPL_PEER, TRACKER, peer_name
 
 
@@ -21,7 +21,7 @@ class Liveness:
 
 
 @dataclass(kw_only=True)
-class TrackerDeployment(SigningService, Liveness):
+class TrackerDeployment(SigningService, Reporting, Liveness):
     expect_peers: int = setting(0, "Finish once this many peers have registered and none is live any more (0: serve until stopped).", min=0)
 
 

@@ -65,7 +65,7 @@ class Matchmaker:
             if edge.reported >= edge.members:
                 del self.edges[edge_id]
 
-    def drop(self, gone: list[str], live: set[str]) -> None:
+    def drop(self, gone: list[str], live: set[str], registered: int) -> None:
         """Peers that left or were evicted: no longer waiting, no longer waited for."""
         for name in gone:
             self.waiting.pop(name, None)
@@ -73,12 +73,14 @@ class Matchmaker:
             edge.members &= live
             if edge.reported >= edge.members:
                 del self.edges[edge_id]
-        self.form(live)
+        self.form(live, registered)
 
-    def form(self, live: set[str]) -> None:
+    def form(self, live: set[str], registered: int) -> None:
         """Draw hyperedges while enough peers wait: at once (asynchronous), or only when every
-        live peer waits (global rounds), and then as many as fit."""
-        size = self.settings.hyperedge_size
+        live peer waits (global rounds), and then as many as fit. Once the session has had
+        --hyperedge-size peers and fewer are live (the others finished or died), hyperedges shrink
+        to the live peers, down to one peer training alone, so nobody waits for peers that are gone."""
+        size = self.settings.hyperedge_size if registered < self.settings.hyperedge_size else max(1, min(self.settings.hyperedge_size, len(live)))
         if not self.settings.async_global and not (live and live <= set(self.waiting)):
             return
         while len(self.waiting) >= size:
@@ -93,7 +95,7 @@ class Matchmaker:
         first, *others = list(self.waiting)
         for _ in range(DRAWS):
             members = [first, *self.rng.sample(sorted(others), size - 1)]
-            if all(self.newcomers(name, members) >= self.settings.variety for name in members):
+            if all(self.newcomers(name, members) >= min(self.settings.variety, size - 1) for name in members):
                 return members
         return None
 

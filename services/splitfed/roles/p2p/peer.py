@@ -124,6 +124,8 @@ class P2PPeer:
                   "averaged": len(kept), "staleness": max(staleness, default=0), "seconds": seconds}
         self.history.append(record)
         self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
+        if self.on_progress:
+            self.on_progress(Progress("epoch", epoch, self.settings.epochs, train_loss, record))
         metrics.EPOCH.labels(P2P_PEER, self.session).set(epoch)
         metrics.TRAIN_LOSS.labels(P2P_PEER, self.session).set(train_loss)
         metrics.TEST_ACCURACY.labels(P2P_PEER, self.session).set(after.accuracy)

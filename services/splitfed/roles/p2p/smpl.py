@@ -44,6 +44,7 @@ class Edge:
 
     id: str
     members: list[str]  # the others
+    weights: dict[str, int]  # each other member's samples as the tracker listed them when the hyperedge formed
     source: str
     deadline: float  # monotonic: when it stops waiting for the start model or the others' changes
     phase: str = "starting"  # starting | training | exchanging
@@ -175,7 +176,7 @@ class SMPLPeer:
         self.count_own_training()
         before = scored(self.model, self.test, self.settings)
         present = [name for name in edge.members if name in edge.deltas]
-        weights = [float(len(self.share))] + [float(self.weight(name)) for name in present]
+        weights = [float(len(self.share))] + [float(edge.weights[name]) for name in present]
         correction = self.ledger.close(edge.id, edge.own_sent, [edge.own_sent, *(edge.deltas[name] for name in present)], weights)
         for name, weight in edge.applied.items():
             for key, change in edge.deltas[name].items():
@@ -190,8 +191,7 @@ class SMPLPeer:
     def apply_early(self, edge: Edge, name: str) -> None:
         """--async-mid: a member's change goes into the model as it arrives, weighted by its share of
         every member's samples; `close` makes the weights right for whoever did come."""
-        total = len(self.share) + sum(self.weight(member) for member in edge.members)
-        weight = self.weight(name) / total
+        weight = edge.weights[name] / (len(self.share) + sum(edge.weights.values()))
         self.count_own_training()
         self.add({key: (weight * change).astype(change.dtype) for key, change in edge.deltas[name].items()})
         edge.applied[name] = weight
@@ -233,10 +233,6 @@ class SMPLPeer:
             for name, tensor in self.model.state_dict().items():
                 tensor.add_(torch.from_numpy(np.ascontiguousarray(change[name])))
         self.snapshot = state_of(self.model)
-
-    def weight(self, name: str) -> int:
-        """A member's samples as the tracker lists them (not as it claims); 0 once it is gone."""
-        return self.membership.peers.get(name, {}).get("samples", 0)
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -288,18 +284,23 @@ class SMPLPeer:
         members, source, edge_id = message.meta.get("members"), message.meta.get("source"), message.meta.get("edge")
         if message.sender != TRACKER:
             raise ProtocolError("sender", f"hyperedge from {message.sender}")
-        if not isinstance(members, list) or len(members) != self.settings.hyperedge_size or self.name not in members or source not in members:
-            raise ProtocolError("malformed", f"a hyperedge of {self.settings.hyperedge_size} peers with this one and its source among them")
+        if not isinstance(members, list) or not 1 <= len(members) <= self.settings.hyperedge_size or self.name not in members or source not in members:
+            raise ProtocolError("malformed", f"a hyperedge of at most {self.settings.hyperedge_size} peers with this one and its source among them")
         if not isinstance(edge_id, str) or edge_id in self.edges or len(edge_id) > 64:
             raise ProtocolError("duplicate", f"hyperedge {str(edge_id)[:64]!r} already open here")
+
 
     def handle(self, message: Message) -> None:
         if message.kind == MEMBERS:
             self.membership.follow(message)
         elif message.kind == HYPEREDGE:
             self.asked = False
-            others = [name for name in message.meta["members"] if name != self.name]
-            edge = Edge(message.meta["edge"], others, message.meta["source"], time.monotonic() + self.settings.hyperedge_timeout)
+            # The tracker lists every peer before drawing it, so a member not listed now has gone since.
+            others = [name for name in message.meta["members"] if name != self.name and name in self.membership.peers]
+            # Weighted by the samples the tracker lists (not what a member claims), as listed now: a
+            # member that finishes and leaves before this peer closes the hyperedge still counts.
+            weights = {name: self.membership.peers[name]["samples"] for name in others}
+            edge = Edge(message.meta["edge"], others, weights, message.meta["source"], time.monotonic() + self.settings.hyperedge_timeout)
             self.edges[edge.id] = edge
             self.active.set(len(self.edges))
             if edge.source == self.name:

@@ -125,6 +125,8 @@ class Tracker(Role):
             for name in ("loss", "train_loss", "seconds", "staleness"):
                 finite(message.meta, name)
             count(message.meta, "averaged")
+            if not (message.meta.get("edge") is None or isinstance(message.meta["edge"], str) and len(message.meta["edge"]) <= 64):
+                raise ProtocolError("malformed", "a report's hyperedge is an id of at most 64 characters")
         if message.kind == WANT:
             self.matchmaker.check(message)
 
@@ -155,7 +157,7 @@ class Tracker(Role):
             self.changed(dropped=[message.sender])
         elif message.kind == WANT:
             self.matchmaker.want(message.sender, message.meta)
-            self.matchmaker.form(set(self.live()))
+            self.matchmaker.form(set(self.live()), len(self.members))
         return False
 
     def register(self, message: Message, now: float) -> None:
@@ -169,7 +171,7 @@ class Tracker(Role):
         self.changed(dropped=[message.sender] if previous and previous.state == "live" else [], answer=(message.sender, meta["nonce"]))
 
     def report(self, name: str, member: Member, meta: dict) -> None:
-        record = {key: meta.get(key) for key in ("epoch", "accuracy_before", "accuracy", "loss", "train_loss", "averaged", "staleness", "seconds")}
+        record = {key: meta.get(key) for key in ("epoch", "accuracy_before", "accuracy", "loss", "train_loss", "averaged", "staleness", "seconds", "edge")}
         member.history.append(record)
         self.matchmaker.report(name, meta.get("edge"))
         member.epoch = max(member.epoch, meta["epoch"])
@@ -198,7 +200,7 @@ class Tracker(Role):
         self.version += 1
         live = self.live()
         self.live_gauge.set(len(live))
-        self.matchmaker.drop(dropped, set(live))
+        self.matchmaker.drop(dropped, set(live), len(self.members))
         newcomer, nonce = answer or (None, None)
         self.send_members([name for name in live if name != newcomer])
         if newcomer is not None:

@@ -1,0 +1,244 @@
+"""The decentralized roles in one process (memory transport): the tracker's membership rules and
+what it refuses, peers' staleness weighting, runs of p2p and smpl end to end, hostile frames
+in a peer's queue, and the tracker running with torch unavailable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from splitfed.learning.peers import Received, mixing_weights
+from splitfed.learning.settings import HyperedgeSettings, P2PSettings, SMPLSettings
+from splitfed.observability import metrics
+from splitfed.protocol import Message
+from splitfed.roles.declaration import Identity
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p import TrackerDeployment
+from splitfed.roles.p2p.common import HEARTBEAT, LEAVE, MEMBERS, MODEL, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, peer_queue, tracker_queue
+from splitfed.roles.p2p.tracker import Tracker
+from splitfed.scenarios import launch
+from splitfed.scenarios.p2p import P2P, SMPL, PeerRun
+from splitfed.security import keys
+from splitfed.transport import MemoryBroker, MemoryTransport
+
+DIGITS = dict(dataset="digits", batch_size=32, lr=3e-3)
+
+
+# -- staleness ------------------------------------------------------------------------------
+
+
+def model(sender: str, epoch: int, samples: int = 100) -> Received:
+    return Received(sender, epoch, samples, {"w": np.full(2, float(epoch), np.float32)})
+
+
+def test_stale_models_are_discounted_then_dropped_and_models_ahead_count_in_full():
+    settings = P2PSettings(peers=4, max_staleness=2, staleness_discount=0.5)
+    received = [model("a", 5), model("b", 4), model("c", 3), model("d", 2), model("e", 7)]
+    weights, kept, dropped = mixing_weights(5, 200, received, settings)
+    assert [m.sender for m in kept] == ["a", "b", "c", "e"] and [m.sender for m in dropped] == ["d"]
+    assert weights == [200.0, 100.0, 50.0, 25.0, 100.0]
+
+
+# -- the tracker ----------------------------------------------------------------------------
+
+
+class FakePeer:
+    """A peer's side of the wire, driven by hand: its endpoint signs as `name`."""
+
+    def __init__(self, broker: MemoryBroker, session: str, name: str, key_dir=None):
+        signer = keys.load_private(key_dir / f"{name}.key", name) if key_dir else None
+        self.endpoint = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, name), name=name,
+                                 signer=signer, ordered=False, timeout=5)
+        self.incarnation = uuid.uuid4().hex
+        self.tracker = tracker_queue(session)
+
+    def send(self, kind: str, **meta) -> None:
+        self.endpoint.send(self.tracker, kind, incarnation=self.incarnation, **meta)
+
+    def register(self, started: float | None = None) -> str:
+        nonce = uuid.uuid4().hex
+        self.send(REGISTER, started=started or time.time(), samples=100, planned=2, nonce=nonce)
+        return nonce
+
+    def members(self, wait: float = 5.0) -> Message | None:
+        received = self.endpoint.receive((MEMBERS,), None, wait=wait)
+        return received[0] if received else None
+
+
+@pytest.fixture
+def tracked(tmp_path):
+    """A signed tracker on its own thread, expecting two peers, and a way to make fake peers."""
+    session = "t-" + uuid.uuid4().hex[:8]
+    key_list = keys.generate(tmp_path / "keys", [TRACKER, "p2p-peer-0", "p2p-peer-1", "p2p-peer-2"])
+    broker = MemoryBroker()
+    deployment = TrackerDeployment(session=session, key_list=key_list, private_key=tmp_path / "keys" / f"{TRACKER}.key", peer_timeout=0.6, expect_peers=2, timeout=20)
+    tracker = Tracker(HyperedgeSettings(), deployment, MemoryTransport(broker), Identity.load(TRACKER, key_list, deployment.private_key))
+    thread = launch.RoleThread("tracker", tracker.run)
+    thread.start()
+    yield tracker, session, (lambda name, signed=True: FakePeer(broker, session, name, tmp_path / "keys" if signed else None))
+    thread.join(30)
+
+
+def rejected(session: str, reason: str) -> float:
+    return metrics.rejected_count(TRACKER, session, reason)
+
+
+def test_tracker_lists_registers_and_evicts_a_silent_peer(tracked):
+    tracker, session, peer = tracked
+    a, b = peer("p2p-peer-0"), peer("p2p-peer-1")
+    nonce = a.register()
+    answer = a.members()
+    assert answer.meta["ref"] == nonce and set(answer.meta["peers"]) == {"p2p-peer-0"}
+    b.register()
+    assert set(a.members().meta["peers"]) == {"p2p-peer-0", "p2p-peer-1"}  # a hears of b at once
+    assert set(b.members().meta["peers"]) == {"p2p-peer-0", "p2p-peer-1"}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "p2p-peer-1" in tracker.live():  # b never beats: evicted after 0.6 s
+        a.send(HEARTBEAT, epoch=1)
+        time.sleep(0.1)
+    assert set(tracker.live()) == {"p2p-peer-0"}
+    lists = []
+    while (listed := a.members(wait=0.5)) is not None:
+        lists.append(listed)
+    assert set(lists[-1].meta["peers"]) == {"p2p-peer-0"}
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.1, averaged=0, staleness=0, seconds=1.0)
+    a.send(LEAVE)
+    assert tracker_result(tracked)["evicted"] == ["p2p-peer-1"]
+
+
+def tracker_result(tracked) -> dict:
+    tracker, _, _ = tracked
+    deadline = time.monotonic() + 10
+    while not tracker.finished():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return tracker.result()
+
+
+def test_tracker_refuses_forged_replayed_and_malformed_messages(tracked):
+    tracker, session, peer = tracked
+    a = peer("p2p-peer-0")
+    started = time.time()
+    a.register(started)
+    a.members()
+    before = {reason: rejected(session, reason) for reason in ("unsigned", "replay", "evicted", "malformed", "duplicate", "unknown-key")}
+    peer("p2p-peer-1", signed=False).register()  # no signature
+    a.register(started)  # a replay of the register: started no later than the live incarnation's
+    stranger = FakePeer(a.endpoint.transport.broker, session, "p2p-peer-0", None)
+    stranger.endpoint.signer = a.endpoint.signer
+    stranger.send(HEARTBEAT, epoch=1)  # signed by peer 0's key, but another incarnation: not live here
+    assert stranger.members().meta["peers"]["p2p-peer-0"]["incarnation"] == a.incarnation  # told the list, nothing changed
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=2.0, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)  # accuracy 2
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)  # again
+    a.endpoint.transport.publish(tracker_queue(session), b"\x00garbage")
+    a.send(LEAVE)
+    peer("p2p-peer-1").register()
+    peer("p2p-peer-1").send(LEAVE)  # another incarnation of peer 1 than the one registered: refused
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and rejected(session, "evicted") < before["evicted"] + 2:
+        time.sleep(0.05)
+    assert rejected(session, "unsigned") == before["unsigned"] + 1
+    assert rejected(session, "replay") == before["replay"] + 1
+    assert rejected(session, "evicted") == before["evicted"] + 2
+    assert rejected(session, "malformed") >= before["malformed"] + 1
+    assert rejected(session, "duplicate") == before["duplicate"] + 1
+    assert [record["accuracy"] for record in tracker.members["p2p-peer-0"].history] == [0.6]
+    tracker.members["p2p-peer-1"].last_seen = 0  # let it be evicted now, so the tracker ends
+    tracker_result(tracked)
+
+
+def test_the_tracker_runs_without_torch():
+    """Its image has no torch: register, report and leave with torch made unimportable."""
+    code = """
+import sys, time, uuid; sys.modules['torch'] = None
+from splitfed.learning.settings import HyperedgeSettings
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p import TrackerDeployment
+from splitfed.roles.p2p.common import tracker_queue, peer_queue
+from splitfed.roles.p2p.tracker import Tracker
+from splitfed.transport import MemoryBroker, MemoryTransport
+broker = MemoryBroker()
+tracker = Tracker(HyperedgeSettings(), TrackerDeployment(session='s', expect_peers=1, timeout=10), MemoryTransport(broker))
+peer = Endpoint(MemoryTransport(broker), session='s', role='p2p-peer', inbox=peer_queue('s', 'p2p-peer-0'), name='p2p-peer-0', ordered=False)
+me = uuid.uuid4().hex
+peer.send(tracker_queue('s'), 'register', incarnation=me, started=time.time(), samples=10, planned=1, nonce='n')
+peer.send(tracker_queue('s'), 'leave', incarnation=me)
+print(tracker.run()['peers']['p2p-peer-0']['state'])
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "left"
+
+
+# -- whole runs -----------------------------------------------------------------------------
+
+
+def test_p2p_peers_record_accuracy_before_and_after_averaging():
+    result = launch.run(P2P, P2PSettings(**DIGITS, peers=3, epochs=3), PeerRun())
+    assert set(result["peers"]) == {f"{P2P_PEER}-{index}" for index in range(3)}
+    for peer in result["peers"].values():
+        assert peer["state"] == "left" and [record["epoch"] for record in peer["history"]] == [1, 2, 3]
+        assert all(0 <= record["averaged"] <= 2 and record["accuracy_before"] is not None for record in peer["history"])
+    assert sum(record["averaged"] for peer in result["peers"].values() for record in peer["history"]) > 0
+    assert result["accuracy"] > 0.5 and result["spread"] is not None
+
+
+def test_smpl_members_of_a_hyperedge_end_at_the_same_model():
+    """Two peers, hyperedges of two, sparsity 0, no training while a hyperedge exchanges: after
+    each synchronisation both hold exactly the mean of their trained models, so each hyperedge's
+    two records score the same (float32 sums in another order: the loss to 1e-5)."""
+    settings = SMPLSettings(**DIGITS, peers=2, hyperedge_size=2, hyperepochs=3, async_local=False)
+    result = launch.run(SMPL, settings, PeerRun())
+    records = [record for peer in result["peers"].values() for record in peer["history"]]
+    by_edge: dict[str, list[dict]] = {}
+    for record in records:
+        by_edge.setdefault(record["edge"], []).append(record)
+    assert len(by_edge) == 3 and all(len(pair) == 2 for pair in by_edge.values())
+    for pair in by_edge.values():
+        assert pair[0]["loss"] == pytest.approx(pair[1]["loss"], abs=1e-5)
+        assert pair[0]["averaged"] == pair[1]["averaged"] == 1
+    assert any(pair[0]["accuracy_before"] != pair[1]["accuracy_before"] for pair in by_edge.values())  # they did differ before
+
+
+def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_path):
+    """Garbage, wrong shapes, NaN weights, a model from a party the tracker does not list and a
+    forged membership list land in peer 0's queue while a signed run trains; each is refused
+    and counted, and every peer still finishes every epoch."""
+    names = [TRACKER, *(f"{P2P_PEER}-{index}" for index in range(3))]
+    key_list = keys.generate(tmp_path / "keys", [*names, "p2p-peer-7"])
+    session = "h-" + uuid.uuid4().hex[:8]
+    broker = MemoryBroker()
+    inbox = peer_queue(session, "p2p-peer-0")
+    outsider = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, "p2p-peer-7"), name="p2p-peer-7",
+                        signer=keys.load_private(tmp_path / "keys" / "p2p-peer-7.key", "p2p-peer-7"), ordered=False)
+    impostor = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, "x"), name=TRACKER,
+                        signer=None, ordered=False)
+    tensors = {"0.weight": np.zeros((10, 64), np.float32), "0.bias": np.zeros(10, np.float32)}  # the tiny model's shapes are these; cnn's are not
+
+    def attack() -> None:
+        time.sleep(0.5)
+        broker.queue(inbox).put(b"SF1\x01garbage")
+        outsider.send(inbox, MODEL, {"w": np.zeros(3, np.float32)}, incarnation=uuid.uuid4().hex, epoch=1)
+        outsider.send(inbox, MODEL, tensors, incarnation=uuid.uuid4().hex, epoch=1)
+        nan = {name: np.full_like(value, np.nan) for name, value in tensors.items()}
+        outsider.send(inbox, MODEL, nan, incarnation=uuid.uuid4().hex, epoch=2)
+        impostor.send(inbox, MEMBERS, version=10**6, started=time.time(), peers={})
+
+    before = sum(metrics.rejected_count(P2P_PEER, session, reason) for reason in ("magic", "malformed", "unknown-key", "evicted", "shape", "unsigned", "value", "nonfinite"))
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    run = PeerRun(session=session, key_list=key_list)
+    result = launch.run(P2P, P2PSettings(**DIGITS, model="tiny", peers=3, epochs=4), run, connect_as=lambda party: MemoryTransport(broker))
+    attacker.join()
+    for peer in result["peers"].values():
+        assert peer["state"] == "left" and len(peer["history"]) == 4
+    total = sum(metrics.rejected_count(P2P_PEER, session, reason) for reason in ("magic", "malformed", "unknown-key", "evicted", "shape", "unsigned", "value", "nonfinite"))
+    assert total - before >= 5, {reason: metrics.rejected_count(P2P_PEER, session, reason) for reason in ("magic", "malformed", "unknown-key", "evicted", "shape", "unsigned", "value", "nonfinite")}
+    assert metrics.rejected_count(P2P_PEER, session, "unsigned") >= 1  # the forged list
