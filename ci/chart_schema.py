@@ -21,10 +21,10 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "va
 # MANAGED: options the chart sets itself, never in `settings`; ROLE_KEYS: the values key of
 # each role; FAMILIES: the roles each family's shared settings reach. They live with the run
 # options -> values mapping of `splitfed launch`.
-TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker"}  # the others: no gpu
-SINGLETONS = {"relay", "split-server", "split-fed"}  # one pod per session (fedavg-server: active + standbys)
-AT_LEAST_ONE = {"split-client"}  # its replicas are the run's --clients (declared min 1)
-JOBS = {"split-client", "split-server", "split-fed", "fedavg-server"}
+TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer"}  # the others: no gpu
+SINGLETONS = {"relay", "split-server", "split-fed", "p2p-tracker"}  # one pod per session (fedavg-server: active + standbys)
+AT_LEAST_ONE = {"split-client", "p2p-peer", "smpl-peer"}  # their replicas are the run's --clients, --peers (declared min 1)
+JOBS = {"split-client", "split-server", "split-fed", "fedavg-server", "p2p-tracker"}  # the p2p-tracker with expect-peers > 0
 PATTERN_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 

@@ -28,7 +28,10 @@ from decimal import Decimal
 from typing import Any
 
 from splitfed import config
-from splitfed.learning.settings import DATASETS, MODELS, SPLIT_MODES, DatasetInfo, FederatedSettings, SplitNNSettings, SplitSettings, parse_partition
+from splitfed.learning.settings import (
+    DATASETS, MODELS, SPLIT_MODES, DatasetInfo, FederatedSettings, P2PSettings, PeerSettings, SMPLSettings, SplitNNSettings, SplitSettings,
+    parse_partition,
+)
 
 MIB = 1024 * 1024
 FLOAT32, INT64 = 4, 8
@@ -72,6 +75,11 @@ RUNTIME_MIB = 17.0
 # the larger plus a quarter of the smaller (171-191 MiB measured for the split-client's layers).
 TRAIN_ACTIVATION_FACTOR = 3.0
 OTHER_PHASE_RESIDUE = 0.25
+# The p2p-tracker's state: per peer its membership entry, sent in every list, and each report it
+# keeps for the result (a few hundred bytes of Python objects each); 4 peers over 2 epochs: 69.4 MiB
+# (with the CPU torch wheel, torch never imported), the interpreter and runtime the rest.
+TRACKER_PEER_BYTES = 4096
+TRACKER_REPORT_BYTES = 2048
 # A message between the split halves is held about four times over: received, as the frames pika
 # gathers and their join, then the decoded arrays; sent, as the encoded body and pika's frames. (At
 # cut 3, 12 MiB messages: the relay peaked 52 MiB above its idle 65 MiB.)
@@ -104,9 +112,10 @@ assert set(TRAIN_SAMPLES) == set(TEST_SAMPLES) == set(DATASETS), "sizing must kn
 DEFAULT_CUT = 9
 TAIL_LAYERS = 1  # learning.split.cut's default: the client's tail in u-shaped mode
 
-ROLE_NAMES = ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker")
+ROLE_NAMES = ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker", "p2p-tracker", "p2p-peer", "smpl-peer")
 SPLIT_ROLES = ("relay", "split-client", "split-server", "split-fed")
-GPU_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker")  # the chart's roles with a gpu section
+PEER_ROLES = ("p2p-peer", "smpl-peer")
+GPU_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker", *PEER_ROLES)  # the chart's roles with a gpu section
 
 
 # -- the models, as shapes -------------------------------------------------------------------------
@@ -369,7 +378,9 @@ def values_key(role: str) -> str:
 
 def settings_class(role: str) -> type:
     """The learning settings a role is sized from (the relay: the split session it forwards)."""
-    classes = {"relay": SplitSettings, "split-client": SplitNNSettings, "split-server": SplitNNSettings, "split-fed": SplitNNSettings}
+    classes = {"relay": SplitSettings, "split-client": SplitNNSettings, "split-server": SplitNNSettings, "split-fed": SplitNNSettings,
+               # the tracker: the session it keeps (its own HyperedgeSettings, and how many peers), as the relay is sized from its split session
+               "p2p-tracker": SMPLSettings, "p2p-peer": P2PSettings, "smpl-peer": SMPLSettings}
     if role in classes:
         return classes[role]
     if role in ("fedavg-server", "fedavg-worker"):
@@ -438,6 +449,10 @@ class _Context:
                  "optimizer": s.optimizer, "limit": s.limit, "test_limit": s.test_limit}
         if isinstance(s, SplitSettings):
             found.update(cut_layer=cut_index(s.cut_layer), mode=s.mode)
+        elif isinstance(s, PeerSettings):
+            found.update(peers=s.peers, partition=s.partition)
+            if isinstance(s, SMPLSettings):
+                found.update(hyperedge_size=s.hyperedge_size, max_hyperedges=s.max_hyperedges, local_parallel=s.local_parallel)
         else:
             found.update(workers=s.workers, partition=s.partition)
         return found
@@ -593,6 +608,61 @@ def _fedavg_worker(c: _Context) -> Estimate:
     return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, _gpu_note(c))
 
 
+def _p2p_tracker(c: _Context) -> Estimate:
+    """No torch, no data, no model: the membership (every peer's entry, sent to every live peer
+    in each list) and the reports it keeps for the run's result."""
+    s = c.settings
+    planned = s.hyperepochs if isinstance(s, SMPLSettings) else getattr(s, "epochs", 1)
+    held = s.peers * TRACKER_PEER_BYTES + s.peers * planned * TRACKER_REPORT_BYTES
+    running = Phase("tracking", (*c.baseline(torch=False), c.runtime(), _part("membership and reports", "messages", _mib(held))))
+    return Estimate(c.role, c.described(), None, (running,))
+
+
+def _peer_parts(c: _Context, copies: float, training: float) -> tuple[tuple[Phase, ...], tuple[float, float, float] | None]:
+    """A decentralized peer, like a fedavg-worker that also evaluates: it reads the training set
+    and keeps its share (uint8), holds the test set, the whole model and one optimiser, trains at the
+    batch size and scores the test set at the evaluation batch size (before and after averaging), and
+    holds `copies` of the model in messages (bytes on the wire, decoded arrays, averages)."""
+    s = c.settings
+    params = sum(layer.params for layer in c.layers)
+    fraction, high_fraction = share_fraction(s.partition, s.peers, c.meta.classes)
+    share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
+    train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
+    loading = Phase("loading data", (
+        *c.baseline(), _part("data being read", "data", _mib(max(2 * train_raw, train_raw + share)), _mib(max(2 * train_raw, train_raw + high_share))),
+    ))
+    evaluation = evaluation_activations(c.layers, c.pixels, c.eval_batch)
+    running = Phase("training", (
+        *c.baseline(), c.optimizer_import(), c.runtime(), *c.model_state(params, trains=True),
+        _part("data (uint8 share and test set)", "data", _mib(share + test_raw + c.labels(c.n_train + c.n_test)),
+              _mib(high_share + test_raw + c.labels(c.n_train + c.n_test))),
+        _part("activations", "activations", _mib(both_phases(training, evaluation))),
+        _part("messages", "messages", _mib(copies * params * FLOAT32)),
+    ))
+    gpu = c.gpu_memory(params, True, gpu_activations(c.layers, c.pixels, c.batch, c.eval_batch))
+    return (loading, running), gpu
+
+
+def _p2p_peer(c: _Context) -> Estimate:
+    """Its own model and the encoded copy it sends to every live peer; each arriving model as its
+    body and its decoded arrays; the average and its float64 accumulator."""
+    copies = 2 * (c.settings.peers - 1) + 4
+    phases, gpu = _peer_parts(c, copies, training_activations(c.layers, c.pixels, c.batch))
+    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, _gpu_note(c))
+
+
+def _smpl_peer(c: _Context) -> Estimate:
+    """The snapshot and a start model (and its message); per open hyperedge its own change in
+    float64, sent as indices and values (3 x the model) and kept dense, each member's change as its
+    body and dense, and the correction. With --local-parallel hogwild, each of --local-workers
+    threads holds a batch's activations of its own."""
+    s = c.settings
+    copies = 3 + s.max_hyperedges * (8 + 4 * (s.hyperedge_size - 1))
+    threads = s.local_workers if s.local_parallel == "hogwild" else 1
+    phases, gpu = _peer_parts(c, copies, threads * training_activations(c.layers, c.pixels, c.batch))
+    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, _gpu_note(c))
+
+
 def _gpu_note(c: _Context) -> tuple[str, ...]:
     if not c.gpu:
         return ()
@@ -603,6 +673,7 @@ def _gpu_note(c: _Context) -> tuple[str, ...]:
 _ESTIMATORS = {
     "relay": _relay, "split-client": _split_client, "split-server": _split_server, "split-fed": _split_fed,
     "fedavg-server": _fedavg_server, "fedavg-worker": _fedavg_worker,
+    "p2p-tracker": _p2p_tracker, "p2p-peer": _p2p_peer, "smpl-peer": _smpl_peer,
 }
 
 
@@ -649,10 +720,24 @@ def check_fits(estimate: Estimate, limit: str | int | None) -> str | None:
             f"to {estimate.limit} (splitfed size --role {estimate.role})")
 
 
+def family_of(values: Mapping[str, Any], role: str) -> str:
+    """The family whose shared settings the chart gives `role` (templates/_role.tpl): the
+    p2p-tracker takes its peers' (smpl with smplPeer.enabled, else p2p)."""
+    if role in SPLIT_ROLES:
+        return "split"
+    if role == "p2p-tracker":
+        return "smpl" if (values.get("smplPeer") or {}).get("enabled") and not (values.get("p2pPeer") or {}).get("enabled") else "p2p"
+    if role in PEER_ROLES:
+        return role.split("-")[0]
+    return "fedavg"
+
+
 def role_settings(values: Mapping[str, Any], role: str) -> dict[str, Any]:
     """The learning settings (by field name, checked) the chart gives `role`: data.dataset, the
-    family's shared settings, then the role's own, which win; the workers are fedavgWorker.replicas."""
-    family = "split" if role in SPLIT_ROLES else "fedavg"
+    family's shared settings, then the role's own, which win; the workers are fedavgWorker.replicas,
+    the peers p2pPeer.replicas or smplPeer.replicas (the tracker's too, when its peers are SMPL's,
+    whose hyperedges it draws)."""
+    family = family_of(values, role)
     merged = dict((values.get(family) or {}).get("settings") or {})
     merged.update(((values.get(values_key(role)) or {}).get("settings")) or {})
     dataset = (values.get("data") or {}).get("dataset")
@@ -660,6 +745,9 @@ def role_settings(values: Mapping[str, Any], role: str) -> dict[str, Any]:
         merged["dataset"] = dataset
     if family == "fedavg" and (values.get("fedavgWorker") or {}).get("replicas"):
         merged["workers"] = values["fedavgWorker"]["replicas"]
+    peers = (values.get(f"{family}Peer") or {}).get("replicas") if family in ("p2p", "smpl") else None
+    if peers and (role in PEER_ROLES or family == "smpl"):
+        merged["peers"] = peers
     found = {}
     for option in config.options(settings_class(role)):
         value = merged.get(option.flag[2:])

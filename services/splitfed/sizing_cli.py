@@ -15,11 +15,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from splitfed import config, sizing
-from splitfed.learning.settings import FederatedSettings, SplitSettings
+from splitfed.learning.settings import FederatedSettings, PeerSettings, SplitSettings
 
 # The run settings `size` reads, in the order --help shows them.
-LEARNING_OPTIONS = ("model", "dataset", "batch_size", "eval_batch_size", "optimizer", "limit", "test_limit", "cut_layer", "mode", "workers", "partition")
-_DECLARED = {option.name: option for option in config.options(SplitSettings, FederatedSettings)}
+LEARNING_OPTIONS = ("model", "dataset", "batch_size", "eval_batch_size", "optimizer", "limit", "test_limit", "cut_layer", "mode", "workers", "peers",
+                    "partition")
+_DECLARED = {option.name: option for option in config.options(PeerSettings, SplitSettings, FederatedSettings)}
 OPTIONS = [_DECLARED[name] for name in LEARNING_OPTIONS]
 ENV_PREFIX = "SPLITFED_SIZE_"
 

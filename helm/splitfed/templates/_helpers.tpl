@@ -64,6 +64,9 @@ split-server: splitServer
 split-fed: splitFed
 fedavg-server: fedavgServer
 fedavg-worker: fedavgWorker
+p2p-tracker: p2pTracker
+p2p-peer: p2pPeer
+smpl-peer: smplPeer
 {{- end -}}
 
 {{/* Names of the enabled roles, as a YAML list (for NetworkPolicy and PodMonitor selectors). */}}
@@ -76,12 +79,12 @@ fedavg-worker: fedavgWorker
 {{- end }}
 {{- end -}}
 
-{{/* A setting of a split role as the role gets it: dict "root" $ "key" VALUES-KEY "name" FLAG
-"default" D: the role's own settings, else the shared split.settings, else D (the role's declared
-default, which tests/chart checks against the declaration). */}}
-{{- define "splitfed.splitSetting" -}}
+{{/* A setting of a role as the role gets it: dict "root" $ "key" VALUES-KEY "family" FAMILY
+"name" FLAG "default" D: the role's own settings, else its family's shared FAMILY.settings, else D
+(the role's declared default, which tests/chart checks against the declaration). */}}
+{{- define "splitfed.roleSetting" -}}
 {{- $own := (index .root.Values .key).settings | default dict -}}
-{{- $shared := .root.Values.split.settings | default dict -}}
+{{- $shared := (index .root.Values .family).settings | default dict -}}
 {{- if and (hasKey $own .name) (not (kindIs "invalid" (index $own .name))) -}}
 {{- include "splitfed.envText" (index $own .name) -}}
 {{- else if and (hasKey $shared .name) (not (kindIs "invalid" (index $shared .name))) -}}
@@ -89,6 +92,11 @@ default, which tests/chart checks against the declaration). */}}
 {{- else -}}
 {{- .default -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A setting of a split role (dict "root" $ "key" VALUES-KEY "name" FLAG "default" D), over split.settings. */}}
+{{- define "splitfed.splitSetting" -}}
+{{- include "splitfed.roleSetting" (dict "root" .root "key" .key "family" "split" "name" .name "default" .default) -}}
 {{- end -}}
 
 {{/* How the split clients share the server (--schedule), as the split-server runs it. */}}
@@ -106,6 +114,29 @@ round-robin passes the layers from client to client, and one client has nothing 
 or, among several, the server (it closes the epochs and holds the run's history). */}}
 {{- define "splitfed.splitLead" -}}
 {{- ternary "split-server" "split-client" (gt (int .Values.splitClient.replicas) 1) -}}
+{{- end -}}
+
+{{/* Decentralized training: the peers' role, smpl-peer with smplPeer.enabled, else p2p-peer
+(validate.yaml refuses both in one release), and its family, whose shared settings (p2p.settings,
+smpl.settings) reach the tracker as well as the peers. */}}
+{{- define "splitfed.peerRole" -}}
+{{- ternary "smpl-peer" "p2p-peer" (and .Values.smplPeer.enabled (not .Values.p2pPeer.enabled)) -}}
+{{- end -}}
+
+{{- define "splitfed.peerFamily" -}}
+{{- ternary "smpl" "p2p" (eq (include "splitfed.peerRole" .) "smpl-peer") -}}
+{{- end -}}
+
+{{/* The tracker's --expect-peers (its own settings only: the peers have no such option). */}}
+{{- define "splitfed.trackerExpects" -}}
+{{- include "splitfed.roleSetting" (dict "root" . "key" "p2pTracker" "family" (include "splitfed.peerFamily" .) "name" "expect-peers" "default" "0") -}}
+{{- end -}}
+
+{{/* "true" when the tracker ends: with expect-peers N it finishes once N peers have registered
+and none is live any more, printing the run's result (a Job); with 0 it serves the session until
+it is uninstalled (a Deployment). */}}
+{{- define "splitfed.trackerEnds" -}}
+{{- if gt (int (include "splitfed.trackerExpects" .)) 0 -}}true{{- end -}}
 {{- end -}}
 
 {{/* Pod security: the same for every splitfed pod (the images' user is 10001). */}}

@@ -9,10 +9,14 @@ Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed
 {{- $ctx := dict "root" $root "component" $role -}}
 {{- $gpu := false -}}
 {{- if $values.gpu }}{{ $gpu = $values.gpu.enabled }}{{ end -}}
-{{- /* $signs: a party with a key of its own and the data set's name (all but the relay);
-$readsData: one that loads the data (not the split-fed, which only averages layers). */ -}}
+{{- /* $signs: a party with a key of its own (all but the relay); $namesData: one that takes the
+data set's name (all but the relay and the p2p-tracker, which trains nothing); $readsData: one
+that loads the data (not the split-fed either, which only averages layers); $peer: a
+decentralized peer (p2p-peer, smpl-peer), a StatefulSet pod whose ordinal is its --peer-index. */ -}}
 {{- $signs := ne $role "relay" -}}
-{{- $readsData := not (has $role (list "relay" "split-fed")) -}}
+{{- $namesData := not (has $role (list "relay" "p2p-tracker")) -}}
+{{- $readsData := not (has $role (list "relay" "split-fed" "p2p-tracker")) -}}
+{{- $peer := has $role (list "p2p-peer" "smpl-peer") -}}
 {{- $clients := int $root.Values.splitClient.replicas -}}
 {{- $severalClients := gt $clients 1 -}}
 {{- $keys := $root.Values.keys.existingSecret -}}
@@ -72,12 +76,22 @@ spec:
             fieldRef:
               fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
         {{- end }}
+        {{- if $peer }}
+        # Which peer this is: the pod's ordinal is its share of the data and names it
+        # {{ $role }}-INDEX, as in the key list; SPLITFED_PEERS is the StatefulSet's replicas.
+        - name: SPLITFED_PEER_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        - name: SPLITFED_PEERS
+          value: {{ $values.replicas | quote }}
+        {{- end }}
         - name: SPLITFED_SESSION
           value: {{ include "splitfed.session" $root | quote }}
         {{- include "splitfed.brokerEnv" $root | trim | nindent 8 }}
         - name: SPLITFED_METRICS_PORT
           value: {{ $root.Values.metrics.port | quote }}
-        {{- if $signs }}
+        {{- if $namesData }}
         - name: SPLITFED_DATASET
           value: {{ $data.dataset | quote }}
         {{- end }}
@@ -94,6 +108,9 @@ spec:
         {{- else if and (eq $role "split-client") $severalClients }}
         - name: SPLITFED_PRIVATE_KEY
           value: /etc/splitfed/keys/split-client-$(SPLITFED_CLIENT_INDEX).key
+        {{- else if $peer }}
+        - name: SPLITFED_PRIVATE_KEY
+          value: /etc/splitfed/keys/{{ $role }}-$(SPLITFED_PEER_INDEX).key
         {{- else if $signs }}
         - name: SPLITFED_PRIVATE_KEY
           value: /etc/splitfed/keys/{{ $role }}.key
@@ -118,13 +135,18 @@ spec:
         {{- /* Learning settings: the family's shared ones, then the role's own (which win). The lead
         roles (the Jobs) print progress events and, last, their result as JSON lines on stdout,
         which `splitfed launch` and `splitfed status` read from their logs; a setting turns it off. */}}
+        {{- /* The p2p-tracker takes the shared settings of its peers' family: p2p.settings, or
+        smpl.settings with smplPeer.enabled. */}}
         {{- $shared := dict }}
         {{- if hasPrefix "split-" $role }}{{ $shared = $root.Values.split.settings | default dict }}{{ end }}
         {{- if hasPrefix "fedavg-" $role }}{{ $shared = $root.Values.fedavg.settings | default dict }}{{ end }}
+        {{- if eq $role "p2p-peer" }}{{ $shared = $root.Values.p2p.settings | default dict }}{{ end }}
+        {{- if eq $role "smpl-peer" }}{{ $shared = $root.Values.smpl.settings | default dict }}{{ end }}
+        {{- if eq $role "p2p-tracker" }}{{ $shared = (index $root.Values (include "splitfed.peerFamily" $root)).settings | default dict }}{{ end }}
         {{- /* set, not merge: merge would let a shared value beat a role's own false or 0. */}}
         {{- $settings := deepCopy $shared }}
         {{- range $name, $value := $values.settings | default dict }}{{ $_ := set $settings $name $value }}{{ end }}
-        {{- $leads := list "fedavg-server" (include "splitfed.splitLead" $root) }}
+        {{- $leads := list "fedavg-server" (include "splitfed.splitLead" $root) "p2p-tracker" }}
         {{- if and (has $role $leads) (not (hasKey $settings "progress-events")) }}
         {{- $_ := set $settings "progress-events" true }}
         {{- end }}
@@ -191,7 +213,8 @@ spec:
         # Only the key list and this party's own key. Workers get the whole Secret, since a
         # StatefulSet cannot give each pod a Secret of its own: each worker can read every key in it.
         # Several split clients, the pods of one Job, likewise share one volume: it holds every
-        # client's key (split-client-0.key ...), and no other party's.
+        # client's key (split-client-0.key ...), and no other party's; so do the peers of one
+        # StatefulSet (p2p-peer-0.key ...).
         items:
           - key: {{ $root.Values.keys.keyListKey }}
             path: {{ $root.Values.keys.keyListKey }}
@@ -199,6 +222,11 @@ spec:
           {{- range $index := until $clients }}
           - key: split-client-{{ $index }}.key
             path: split-client-{{ $index }}.key
+          {{- end }}
+          {{- else if $peer }}
+          {{- range $index := until (int $values.replicas) }}
+          - key: {{ $role }}-{{ $index }}.key
+            path: {{ $role }}-{{ $index }}.key
           {{- end }}
           {{- else if $signs }}
           - key: {{ $role }}.key

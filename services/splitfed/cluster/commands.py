@@ -317,7 +317,7 @@ def _run_state(kube: Any, namespace: str, pods: list[Any]) -> tuple[str, str, st
     if not leads:
         return "-", "-", "-", ""
     lead = _newest(leads)
-    scenario = chart.LEADS[role_of(lead)]
+    scenario = chart.scenario_of(role_of(lead), {role_of(pod) for pod in pods})
     try:
         log = kube.core.read_namespaced_pod_log(lead.metadata.name, namespace, tail_lines=STATUS_LOG_TAIL, _request_timeout=(5, 30))
     except Exception as exc:  # not started yet: no log
@@ -374,7 +374,7 @@ def status(
 
 def logs(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
-    role: Annotated[Optional[str], typer.Option("--role", help="This role's pods (default: the lead's: fedavg-server, split-client, or split-server among several clients).", show_default=False)] = None,
+    role: Annotated[Optional[str], typer.Option("--role", help="This role's pods (default: the lead's: fedavg-server, split-client, or split-server among several clients, p2p-tracker).", show_default=False)] = None,
     pod: Annotated[Optional[str], typer.Option("--pod", help="This pod only.", show_default=False)] = None,
     tail: Annotated[int, typer.Option("--tail", min=0, help="Last lines per pod (0: all).")] = 100,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new lines (one pod) until it ends or Ctrl-C.")] = False,

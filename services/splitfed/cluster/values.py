@@ -4,7 +4,8 @@
 declarations, minus the few that name something on this machine (NOT_OFFERED, each with the
 reason and what to use instead). Every other option lands in the chart: a handful at chart level
 (CHART_LEVEL), the rest in the `settings` of the roles that declare it: the family's shared
-`fedavg.settings` / `split.settings` when every role of the family takes it, else each role's own.
+`fedavg.settings` / `split.settings` / `p2p.settings` / `smpl.settings` when every role of the
+family takes it, else each role's own.
 Only options given on the command line are written, so the chart's and the roles' defaults
 apply to the others, as they do for `splitfed run`.
 
@@ -23,21 +24,26 @@ from splitfed.roles.registry import ROLES
 from splitfed.scenarios.registry import SCENARIOS
 
 # Options the chart sets itself, from other values (session, broker, keys, metrics, data,
-# worker and split-client identity, worker and split-client counts, checkpoint volume, relay or
-# direct, the queue type that follows the broker's size): never in `settings`.
+# worker, split-client and peer identity, worker, split-client and peer counts, checkpoint
+# volume, relay or direct, the queue type that follows the broker's size): never in `settings`.
 MANAGED = {
     "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
     "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
-    "clients", "client_index",
+    "clients", "client_index", "peers", "peer_index",
 }
 
-# The roles a family's shared `settings` (split.settings, fedavg.settings) reach: the chart
-# accepts there only what every one of them takes (ci/chart_schema.py), since each gets it.
-FAMILIES = {"split": ("split-client", "split-server", "split-fed"), "fedavg": ("fedavg-server", "fedavg-worker")}
+# The roles a family's shared `settings` (split.settings, fedavg.settings, ...) reach: the chart
+# accepts there only what every one of them takes (ci/chart_schema.py), since each gets it. The
+# p2p-tracker belongs to both decentralized families: it takes p2p.settings, or smpl.settings
+# when the release runs smpl peers (templates/_helpers.tpl, splitfed.peerFamily).
+FAMILIES = {"split": ("split-client", "split-server", "split-fed"), "fedavg": ("fedavg-server", "fedavg-worker"),
+            "p2p": ("p2p-tracker", "p2p-peer"), "smpl": ("p2p-tracker", "smpl-peer")}
 
 # values key of each role
 ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer", "split-fed": "splitFed",
-             "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker"}
+             "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker",
+             "p2p-tracker": "p2pTracker", "p2p-peer": "p2pPeer", "smpl-peer": "smplPeer"}
+PEER_ROLES = ("p2p-peer", "smpl-peer")  # StatefulSets whose replicas are the run's --peers
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,35 @@ class ChartScenario:
 # centralized is not here: it has no roles, it trains in one process (nothing to deploy).
 # split and splitnn share the split roles; what tells them apart in a cluster is the lead: the
 # one client of split, the server of splitnn (which closes the epochs of several clients).
+# p2p and smpl share their lead, the tracker (it hears every peer's reports and prints the run's
+# result); what tells them apart is their peers' role.
 CHART_SCENARIOS = {
     "fedavg": ChartScenario(("fedavg-server", "fedavg-worker"), "fedavg-server", "fedavg"),
     "split": ChartScenario(("split-client", "split-server", "relay"), "split-client", "split"),
     "splitnn": ChartScenario(("split-client", "split-server", "split-fed"), "split-server", "split"),
+    "p2p": ChartScenario(("p2p-tracker", "p2p-peer"), "p2p-tracker", "p2p"),
+    "smpl": ChartScenario(("p2p-tracker", "smpl-peer"), "p2p-tracker", "smpl"),
 }
-LEADS = {scenario.lead: name for name, scenario in CHART_SCENARIOS.items()}  # lead role -> scenario
-assert len(LEADS) == len(CHART_SCENARIOS), "each scenario needs a lead role of its own: status tells runs apart by it"
+# lead role -> the scenarios it leads (most lead one scenario of their own)
+LEADS = {lead: tuple(name for name, s in CHART_SCENARIOS.items() if s.lead == lead) for lead in dict.fromkeys(s.lead for s in CHART_SCENARIOS.values())}
+
+
+def _own_roles(name: str) -> set[str]:
+    """The roles of scenario `name` that no other scenario of its lead runs."""
+    others = [CHART_SCENARIOS[other].roles for other in LEADS[CHART_SCENARIOS[name].lead] if other != name]
+    return set(CHART_SCENARIOS[name].roles).difference(*others)
+
+
+def scenario_of(lead: str, roles: set[str]) -> str:
+    """The scenario a release runs, from its lead's role and the roles of its pods: status tells
+    runs apart by them (a lead of its own, or, where scenarios share a lead, the roles only one of
+    them runs: smpl-peer pods make an smpl run)."""
+    names = LEADS[lead]
+    return next((name for name in names if _own_roles(name) & roles), names[0])
+
+
+assert all(len(names) == 1 or all(_own_roles(name) for name in names) for names in LEADS.values()), \
+    "scenarios that share a lead need a role of their own each: status tells runs apart by it"
 # The setting that makes a role print progress events and its result (the chart turns it on for
 # the lead roles; status and logs find the lead by it: cluster.commands._lead_pods).
 PROGRESS_EVENTS = "progress-events"
@@ -84,6 +112,7 @@ CHART_LEVEL = {
     "dataset": "data.dataset",
     "workers": "fedavgWorker.replicas",
     "clients": "splitClient.replicas (the split-client Job's pods, one per client)",
+    "peers": "p2pPeer.replicas or smplPeer.replicas (the peers' StatefulSet, one pod per peer); the tracker's expect-peers too",
     "via": "relay.enabled (relay: true, direct: false)",
     # Every party of a session must use the same queue type, so it is one value for all roles
     # (empty there: quorum on a chart broker of 3 or more nodes, else classic).
@@ -181,6 +210,8 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             values["fedavgWorker"]["replicas"] = value
         elif name == "clients":
             values["splitClient"]["replicas"] = value
+        elif name == "peers":
+            values[ROLE_KEYS[peer_role(scenario)]]["replicas"] = value
         elif name == "queue_type":
             values["queueType"] = value
         elif name == "key_list":
@@ -197,9 +228,20 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
         # splitnn run of one client.
         settings.setdefault(ROLE_KEYS["split-server"], {})[PROGRESS_EVENTS] = True
         settings.setdefault(ROLE_KEYS["split-client"], {})[PROGRESS_EVENTS] = False
+    if scenario in ("p2p", "smpl"):
+        # A run with an end, as `splitfed run` makes it: the tracker finishes once every peer has
+        # registered and left, and prints the result (the chart makes it a Job then, not the
+        # Deployment of a session that serves until uninstalled).
+        settings.setdefault(ROLE_KEYS["p2p-tracker"], {})["expect-peers"] = given.get("peers", declared_default(scenario, "peers"))
     for home, chosen in settings.items():
         values.setdefault(home, {})["settings"] = chosen
     return values
+
+
+def peer_role(scenario: str) -> str:
+    """The peers' role of a decentralized scenario (p2p: p2p-peer, smpl: smpl-peer)."""
+    (role,) = [role for role in CHART_SCENARIOS[scenario].roles if role in PEER_ROLES]
+    return role
 
 
 def parties(scenario: str, given: dict[str, Any]) -> list[str]:
@@ -213,6 +255,11 @@ def parties(scenario: str, given: dict[str, Any]) -> list[str]:
         clients = given.get("clients", declared_default("splitnn", "clients"))
         fed = ["split-fed"] if "split-fed" in enabled_roles(scenario, given) else []
         return ["split-server", *fed, *(client_name(index, clients) for index in range(clients))]
+    if scenario in ("p2p", "smpl"):
+        from splitfed.roles.p2p.common import TRACKER, peer_name
+
+        peers = given.get("peers", declared_default(scenario, "peers"))
+        return [TRACKER, *(peer_name(peer_role(scenario), index) for index in range(peers))]
     return ["split-client", "split-server"]
 
 

@@ -8,8 +8,8 @@ log text), so that recorded API responses can drive it.
   short wait are notices, not failures.
 - Progress travels in the lead role's log: `splitfed serve` prints progress events as JSON lines
   on stdout (the chart turns them on for the lead roles: the fedavg-server; the split-client of a
-  one-client split run, the split-server of several clients), and, last, a "result" event with
-  the role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
+  one-client split run, the split-server of several clients; the p2p-tracker), and, last, a
+  "result" event with the role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
 - `Watch.run` polls: the release's pods, then the lead's new log lines, until the result line.
 """
 

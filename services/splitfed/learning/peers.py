@@ -107,6 +107,7 @@ def in_memory_run(settings: P2PSettings) -> dict:
         model = models.build(settings.model, meta, settings.seed)
         peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), peer_share(settings, index), peer_generator(settings, index)))
     history = []
+    started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):
         losses = [train_epoch(peer, settings) for peer in peers]
         before = [scored(peer.model, test, settings).accuracy for peer in peers]
