@@ -20,7 +20,7 @@ from splitfed.protocol import Message
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p import TrackerDeployment
-from splitfed.roles.p2p.common import HEARTBEAT, LEAVE, MEMBERS, MODEL, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, peer_queue, tracker_queue
+from splitfed.roles.p2p.common import HEARTBEAT, LEAVE, MEMBERS, MODEL, P2P_PEER, REGISTER, REPORT, TRACKER, peer_queue, tracker_queue
 from splitfed.roles.p2p.tracker import Tracker
 from splitfed.scenarios import launch
 from splitfed.scenarios.p2p import P2P, SMPL, PeerRun
