@@ -133,6 +133,39 @@ SPLIT = (
           stacked=True),
 )
 
+TRACKER = f'role="p2p-tracker", {S}'
+PEERS = f'role=~"p2p-peer|smpl-peer", {S}'
+SMPL_PEER = f'role="smpl-peer", {S}'
+DECENTRALIZED = f'role=~"p2p-tracker|p2p-peer|smpl-peer", {S}'
+# p2p and smpl: the tracker's view of the membership (and of SMPL's hyperedges), and each peer's
+# own: its epoch, its accuracy before and after averaging (or synchronising), the models (or
+# hyperedge changes) it sent, received, averaged in or dropped as stale.
+P2P = (
+    Panel("Live peers", (q(f"splitfed_live_peers{{{TRACKER}}}", "{{session}}"),), width=8,
+          description="Peers the tracker lists as live: registered, heartbeating, not left"),
+    Panel("Peers evicted", (q(f"splitfed_peers_evicted_total{{{TRACKER}}}", "{{session}}"),), width=8,
+          description="Peers the tracker evicted for missing their heartbeats (--peer-timeout), since it started"),
+    Panel("Hyperedges open (smpl)", (q(f"splitfed_hyperedges_active{{{TRACKER}}}", "all {{session}}"),
+                                     q(f"splitfed_hyperedges_active{{{SMPL_PEER}}}", "{{instance}}")), width=8,
+          description="The tracker's count of open SMPL hyperedges, and each smpl-peer's own"),
+    Panel("Epoch by peer", (q(f"splitfed_epoch{{{PEERS}}}", "{{role}} {{instance}}"),),
+          description="The epochs (p2p) or hyperedges (smpl) each peer has finished: a peer far behind is slow, or has rejoined"),
+    Panel("Accuracy before and after averaging", (q(f"avg by (session, stage) (splitfed_peer_accuracy{{{PEERS}}})", "{{stage}} (mean) {{session}}"),
+                                                 q(f"splitfed_peer_accuracy{{{PEERS}}}", "{{stage}} {{instance}}")), unit="percentunit",
+          description="Each peer's test accuracy after its last epoch or hyperedge, before and after averaging in what arrived"),
+    Panel("Models per second by event", (q(f"sum by (session, event) (rate(splitfed_peer_models_total{{{PEERS}}}[$__rate_interval]))", "{{event}} {{session}}"),),
+          unit="ops", description="Models (smpl: hyperedge changes) the peers sent, received, averaged in, or dropped as too stale"),
+    Panel("Staleness", (q(f"splitfed_peer_staleness{{{PEERS}}}", "{{instance}}"),),
+          description="Epochs the stalest model in each peer's last average was behind it (--max-staleness drops older ones)"),
+    Panel("Samples per peer", (q(f"splitfed_local_samples{{{PEERS}}}", "{{instance}}"),)),
+    Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
+          unit="Bps"),
+    Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
+          unit="ops"),
+    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
+          stacked=True),
+)
+
 # RabbitMQ's own rabbitmq_prometheus plugin: aggregated /metrics, and per-queue series from
 # /metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count (the chart scrapes
 # both). splitfed's queues are named splitfed.SESSION.ROLE[.ID].
@@ -216,6 +249,9 @@ DASHBOARDS = {
     "split.json": dashboard("splitfed-split", "splitfed / Split learning",
                             "Split learning, one client or several: epochs, clients, round trips, the split-fed's averages, traffic", SPLIT,
                             "split-.*|relay"),
+    "p2p.json": dashboard("splitfed-p2p", "splitfed / Decentralized (p2p, smpl)",
+                          "p2p and smpl: the tracker's membership and hyperedges, every peer's epochs, accuracy before and after averaging, models exchanged",
+                          P2P, "p2p-.*|smpl-peer"),
     "rabbitmq.json": dashboard("splitfed-rabbitmq", "splitfed / RabbitMQ", "The broker: splitfed's queues, rates, connections (rabbitmq_prometheus)", RABBITMQ),
 }
 

@@ -21,7 +21,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TORCH_WHEELS=${TORCH_WHEELS:-/opt/wheels}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 VERSION=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-CPU_TARGETS=(core relay split-fed torch split-client split-server fedavg-server fedavg-worker)
+CPU_TARGETS=(core relay split-fed p2p-tracker torch split-client split-server fedavg-server fedavg-worker p2p-peer smpl-peer)
 
 missing=()
 for tool in podman runc debootstrap; do

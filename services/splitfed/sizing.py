@@ -115,7 +115,6 @@ TAIL_LAYERS = 1  # learning.split.cut's default: the client's tail in u-shaped m
 ROLE_NAMES = ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker", "p2p-tracker", "p2p-peer", "smpl-peer")
 SPLIT_ROLES = ("relay", "split-client", "split-server", "split-fed")
 PEER_ROLES = ("p2p-peer", "smpl-peer")
-DECENTRALIZED_ROLES = ("p2p-tracker", *PEER_ROLES)
 GPU_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker", *PEER_ROLES)  # the chart's roles with a gpu section
 
 

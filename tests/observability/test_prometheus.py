@@ -1,6 +1,6 @@
-"""A real Prometheus scrapes a real FedAvg run, a real split run and a real splitnn run (two
-clients, splitfed-v2, with the split-fed) over a RabbitMQ node of the test's own (with its
-rabbitmq_prometheus plugin); then every query of every dashboard panel,
+"""A real Prometheus scrapes a real FedAvg run, a real split run, a real splitnn run (two
+clients, splitfed-v2, with the split-fed), a real p2p run and a real smpl run (a tracker and three
+peers each) over a RabbitMQ node of the test's own (with its rabbitmq_prometheus plugin); then every query of every dashboard panel,
 and every template variable, is evaluated through Prometheus' HTTP API and must return data,
 and the chart's alert rules, loaded by the same Prometheus, must have evaluated without error.
 
@@ -41,6 +41,7 @@ RATE_INTERVAL = "10s"  # Grafana's $__rate_interval is at least 4 scrape interva
 TRAINING = ("--dataset", "fashion-mnist", "--limit", "6000")
 FEDAVG_ROLES, SPLIT_ROLES = 4, 3  # fedavg-server + 3 workers; split-client, split-server, relay
 SPLITNN_ROLES = 4  # split-server, split-fed, 2 split clients (splitfed-v2: the fed averages)
+P2P_ROLES = SMPL_ROLES = 4  # p2p-tracker, 3 peers
 
 
 def port_block(count: int) -> int:
@@ -146,13 +147,15 @@ def scraped_runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("observability")
     broker = OwnBroker(directory / "broker", prometheus=True).start()
     fedavg_port, split_port, splitnn_port = port_block(FEDAVG_ROLES), port_block(SPLIT_ROLES), port_block(SPLITNN_ROLES)
-    blocks = ((fedavg_port, FEDAVG_ROLES), (split_port, SPLIT_ROLES), (splitnn_port, SPLITNN_ROLES))
+    p2p_port, smpl_port = port_block(P2P_ROLES), port_block(SMPL_ROLES)
+    blocks = ((fedavg_port, FEDAVG_ROLES), (split_port, SPLIT_ROLES), (splitnn_port, SPLITNN_ROLES), (p2p_port, P2P_ROLES), (smpl_port, SMPL_ROLES))
     targets = {"splitfed": [f"127.0.0.1:{port}" for first, count in blocks for port in range(first, first + count)]}
     prometheus = Prometheus(directory, targets, broker.prometheus_port)
     try:
         prometheus.wait_ready()
         sessions = {"fedavg": f"prom-fedavg-{secrets.token_hex(3)}", "split": f"prom-split-{secrets.token_hex(3)}",
-                    "splitnn": f"prom-splitnn-{secrets.token_hex(3)}"}
+                    "splitnn": f"prom-splitnn-{secrets.token_hex(3)}", "p2p": f"prom-p2p-{secrets.token_hex(3)}",
+                    "smpl": f"prom-smpl-{secrets.token_hex(3)}"}
         put_garbage(broker.url, queue_name(sessions["fedavg"], "fedavg-server"), durable=True)
         put_garbage(broker.url, queue_name(sessions["split"], "relay"), durable=False)
         start = time.time()
@@ -165,6 +168,12 @@ def scraped_runs(tmp_path_factory):
         splitnn = run_cli("run", "splitnn", *TRAINING, "--epochs", "2", "--clients", "2", "--schedule", "splitfed-v2", "--broker", broker.url,
                           "--session", sessions["splitnn"], "--metrics-port", str(splitnn_port), "--out", str(directory / "splitnn.json"))
         assert splitnn.returncode == 0, splitnn.stderr[-3000:]
+        p2p = run_cli("run", "p2p", *TRAINING, "--epochs", "3", "--peers", "3", "--broker", broker.url,
+                      "--session", sessions["p2p"], "--metrics-port", str(p2p_port), "--out", str(directory / "p2p.json"))
+        assert p2p.returncode == 0, p2p.stderr[-3000:]
+        smpl = run_cli("run", "smpl", *TRAINING, "--hyperepochs", "3", "--peers", "3", "--broker", broker.url,
+                       "--session", sessions["smpl"], "--metrics-port", str(smpl_port), "--out", str(directory / "smpl.json"))
+        assert smpl.returncode == 0, smpl.stderr[-3000:]
         yield prometheus, sessions, start, time.time()
     finally:
         prometheus.stop()
@@ -199,9 +208,10 @@ def test_every_role_was_scraped_while_running(scraped_runs):
     prometheus, sessions, start, end = scraped_runs
     span = f"{int(end - start) + 5}s"
     up = prometheus.api("query", query=f'max by (instance) (max_over_time(up{{job="splitfed"}}[{span}]))', time=f"{end:.3f}")["result"]
-    assert len(up) == FEDAVG_ROLES + SPLIT_ROLES + SPLITNN_ROLES and all(series["value"][1] == "1" for series in up), up
+    assert len(up) == FEDAVG_ROLES + SPLIT_ROLES + SPLITNN_ROLES + P2P_ROLES + SMPL_ROLES and all(series["value"][1] == "1" for series in up), up
     roles = prometheus.api("query", query=f"count by (role) (max_over_time(splitfed_unsafe_mode[{span}]))", time=f"{end:.3f}")["result"]
-    assert {series["metric"]["role"] for series in roles} == {"relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker"}
+    assert {series["metric"]["role"] for series in roles} == {"relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker",
+                                                              "p2p-tracker", "p2p-peer", "smpl-peer"}
     workers = prometheus.api("query", query=f'count(max_over_time(splitfed_activity_seconds_total{{activity="training"}}[{span}]) > 0)', time=f"{end:.3f}")
     assert workers["result"] and workers["result"][0]["value"][1] == "3", "every worker reports time spent training"
 
