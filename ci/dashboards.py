@@ -161,9 +161,7 @@ P2P = (
     Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
           unit="Bps"),
     Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
-          unit="ops"),
-    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
-          stacked=True),
+          unit="ops", width=24, description="Rejected frames, by reason, are on the overview dashboard"),
 )
 
 # RabbitMQ's own rabbitmq_prometheus plugin: aggregated /metrics, and per-queue series from

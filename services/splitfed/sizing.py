@@ -76,8 +76,8 @@ RUNTIME_MIB = 17.0
 TRAIN_ACTIVATION_FACTOR = 3.0
 OTHER_PHASE_RESIDUE = 0.25
 # The p2p-tracker's state: per peer its membership entry, sent in every list, and each report it
-# keeps for the result (a few hundred bytes of Python objects each); 4 peers over 2 epochs: 69.4 MiB
-# (with the CPU torch wheel, torch never imported), the interpreter and runtime the rest.
+# keeps for the result (a few hundred bytes of Python objects each). With 4 peers over 2 epochs it
+# peaked at 69-70 MiB (VmHWM, torch never imported): all but a few kB the interpreter and runtime.
 TRACKER_PEER_BYTES = 4096
 TRACKER_REPORT_BYTES = 2048
 # A message between the split halves is held about four times over: received, as the frames pika
@@ -735,7 +735,7 @@ def family_of(values: Mapping[str, Any], role: str) -> str:
 def role_settings(values: Mapping[str, Any], role: str) -> dict[str, Any]:
     """The learning settings (by field name, checked) the chart gives `role`: data.dataset, the
     family's shared settings, then the role's own, which win; the workers are fedavgWorker.replicas,
-    the peers p2pPeer.replicas or smplPeer.replicas (the tracker's too, when its peers are SMPL's,
+    the clients splitClient.replicas, the peers p2pPeer.replicas or smplPeer.replicas (the tracker's too, when its peers are SMPL's,
     whose hyperedges it draws)."""
     family = family_of(values, role)
     merged = dict((values.get(family) or {}).get("settings") or {})
@@ -745,6 +745,8 @@ def role_settings(values: Mapping[str, Any], role: str) -> dict[str, Any]:
         merged["dataset"] = dataset
     if family == "fedavg" and (values.get("fedavgWorker") or {}).get("replicas"):
         merged["workers"] = values["fedavgWorker"]["replicas"]
+    if family == "split" and (values.get("splitClient") or {}).get("replicas"):
+        merged["clients"] = values["splitClient"]["replicas"]
     peers = (values.get(f"{family}Peer") or {}).get("replicas") if family in ("p2p", "smpl") else None
     if peers and (role in PEER_ROLES or family == "smpl"):
         merged["peers"] = peers

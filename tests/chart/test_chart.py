@@ -27,7 +27,8 @@ ALL_LABELS = (*NAME_LABELS, "app.kubernetes.io/version", "app.kubernetes.io/comp
               "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "helm.sh/chart")
 # Memory per role (requests, limits), as ci/measure_memory.py measured them.
 MEMORY = {"split-client": ("608Mi", "736Mi"), "split-server": ("352Mi", "448Mi"), "fedavg-server": ("448Mi", "576Mi"),
-          "fedavg-worker": ("448Mi", "544Mi"), "relay": ("96Mi", "96Mi"), "split-fed": ("96Mi", "128Mi")}
+          "fedavg-worker": ("448Mi", "544Mi"), "relay": ("96Mi", "96Mi"), "split-fed": ("96Mi", "128Mi"),
+          "p2p-tracker": ("96Mi", "96Mi"), "p2p-peer": ("608Mi", "768Mi"), "smpl-peer": ("640Mi", "800Mi")}
 # Several split clients with the fed (splitfed-v2, the declared default schedule).
 SEVERAL_CLIENTS = "splitClient.enabled=true,splitClient.replicas=3,splitServer.enabled=true,splitFed.enabled=true"
 
@@ -61,7 +62,7 @@ def env_of(container: dict) -> dict[str, dict]:
 
 
 def test_every_scenario_file_is_there():
-    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split", "splitnn"}
+    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split", "splitnn", "p2p", "smpl"}
 
 
 def test_values_schema_matches_the_role_declarations():
@@ -142,6 +143,8 @@ def test_every_container_has_memory_requests_and_limits(rendered, name):
 def test_role_memory_defaults(helm):
     objects = render(helm, "--set", "relay.enabled=true,splitClient.enabled=true,splitServer.enabled=true")
     objects += [o for o in render(helm, "--set", SEVERAL_CLIENTS) if o["metadata"]["name"].endswith("split-fed")]
+    objects += render(helm, "--set", "fedavgServer.enabled=false,fedavgWorker.enabled=false,p2pTracker.enabled=true,p2pPeer.enabled=true")
+    objects += [o for o in render(helm, "--set", "p2pTracker.enabled=true,smplPeer.enabled=true") if o["metadata"]["name"].endswith("smpl-peer")]
     seen = set()
     for role, container, _, _ in role_containers(objects):
         resources = container["resources"]
@@ -208,6 +211,8 @@ def test_role_env_is_accepted_by_the_role(rendered, name):
         if role == "fedavg-worker":
             assert env["SPLITFED_WORKER_ID"]["value"] == "worker-$(SPLITFED_INDEX)"  # as `keys generate --workers N` names them
             assert env["SPLITFED_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        if role in ("p2p-peer", "smpl-peer"):
+            assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
         roles += 1
     assert roles > 0
 
@@ -301,9 +306,15 @@ def test_own_rabbitmq(rendered):
 
 
 def test_run_to_completion_roles_are_jobs(rendered):
-    kinds = {role: obj["kind"] for name in rendered for role, _, _, obj in role_containers(rendered[name])}
-    assert kinds == {"fedavg-server": "Job", "split-client": "Job", "split-server": "Job", "split-fed": "Job",
-                     "fedavg-worker": "StatefulSet", "relay": "Deployment"}
+    kinds: dict[str, set[str]] = {}
+    for name in rendered:
+        for role, _, _, obj in role_containers(rendered[name]):
+            kinds.setdefault(role, set()).add(obj["kind"])
+    # The tracker is a Job where it ends (expect-peers: p2p.yaml), a Deployment where it serves
+    # until uninstalled (smpl.yaml, all-roles.yaml).
+    assert kinds == {"fedavg-server": {"Job"}, "split-client": {"Job"}, "split-server": {"Job"}, "split-fed": {"Job"},
+                     "fedavg-worker": {"StatefulSet"}, "relay": {"Deployment"}, "p2p-tracker": {"Job", "Deployment"},
+                     "p2p-peer": {"StatefulSet"}, "smpl-peer": {"StatefulSet"}}
     for name in rendered:
         for obj, _, spec in pod_specs(rendered[name]):
             if obj["kind"] == "Job":
@@ -489,18 +500,19 @@ def test_bad_split_values_fail_with_a_clear_message(helm, values, message):
 
 def test_lead_roles_print_progress_events_for_launch_unless_told_not_to(helm, rendered):
     """splitfed launch and status read the lead Jobs' progress events and result from their logs:
-    the fedavg-server's; the one split client's, or the split-server's among several clients."""
+    the fedavg-server's; the one split client's, or the split-server's among several clients; the
+    p2p-tracker's (which hears every peer's reports)."""
     seen = set()
     for name in rendered:
         several = name == "splitnn"
         for role, container, _, _ in role_containers(rendered[name]):
             env = env_of(container)
-            if role == "fedavg-server" or role == ("split-server" if several else "split-client"):
+            if role in ("fedavg-server", "p2p-tracker") or role == ("split-server" if several else "split-client"):
                 assert env["SPLITFED_PROGRESS_EVENTS"]["value"] == "true", (name, role)
                 seen.add(role)
             else:
                 assert "SPLITFED_PROGRESS_EVENTS" not in env, (name, role)
-    assert seen == {"fedavg-server", "split-client", "split-server"}
+    assert seen == {"fedavg-server", "split-client", "split-server", "p2p-tracker"}
     (server,) = [c for role, c, _, _ in role_containers(render(helm, "--set", "fedavgServer.settings.progress-events=false"))
                  if role == "fedavg-server"]
     assert env_of(server)["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
@@ -594,3 +606,137 @@ def test_the_charts_default_schedule_is_the_declared_one(helm):
     assert result.returncode != 0
     assert f"2 split clients on schedule {declared} need splitFed.enabled" in result.stderr, result.stderr
     assert declared != "round-robin"  # else the message above could not be
+
+
+# -- decentralized training (ci/chart-values/p2p.yaml, smpl.yaml) -------------------------------
+
+P2P_ROLES = "fedavgServer.enabled=false,fedavgWorker.enabled=false,p2pTracker.enabled=true"
+
+
+def test_p2p_values_run_a_tracker_that_ends_and_peers_as_a_statefulset(rendered):
+    objects = rendered["p2p"]
+    workloads = {role: obj for role, _, _, obj in role_containers(objects)}
+    assert set(workloads) == {"p2p-tracker", "p2p-peer"}
+    tracker = workloads["p2p-tracker"]
+    # expect-peers 4: the tracker ends with the run, so a Job, as every role that ends
+    assert tracker["kind"] == "Job"
+    assert (tracker["spec"]["parallelism"], tracker["spec"]["completions"], tracker["spec"]["template"]["spec"]["restartPolicy"]) == (1, 1, "OnFailure")
+    peers = workloads["p2p-peer"]
+    assert (peers["kind"], peers["spec"]["replicas"], peers["spec"]["podManagementPolicy"]) == ("StatefulSet", 4, "Parallel")
+    (governing,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == peers["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    # peers reach the tracker through its queue: no Service of its own
+    assert not [o for o in objects if o["kind"] == "Service" and "tracker" in o["metadata"]["name"]]
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ci-splitfed-roles"]
+    assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["p2p-peer", "p2p-tracker"]
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["values"] == ["p2p-peer", "p2p-tracker"]
+
+
+def test_each_peer_gets_its_index_its_key_and_the_number_of_peers(rendered):
+    containers = {role: (container, spec) for role, container, spec, _ in role_containers(rendered["p2p"])}
+    peer, spec = containers["p2p-peer"]
+    env = env_of(peer)
+    assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert env["SPLITFED_PEERS"]["value"] == "4"
+    assert env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/p2p-peer-$(SPLITFED_PEER_INDEX).key"  # as keys generate names them
+    names = [entry["name"] for entry in peer["env"]]
+    assert names.index("SPLITFED_PEER_INDEX") < names.index("SPLITFED_PRIVATE_KEY")  # $(VAR) sees only what comes before
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", *(f"p2p-peer-{index}.key" for index in range(4))]
+    # the family's shared settings reach the tracker and the peers; the peers' own only them
+    tracker = env_of(containers["p2p-tracker"][0])
+    for role_env in (env, tracker):
+        assert role_env["SPLITFED_SEED"]["value"] == "3" and role_env["SPLITFED_PEER_TIMEOUT"]["value"] == "30"
+    assert env["SPLITFED_PARTITION"]["value"] == "classes:0-2,3-4,5-7,8-9" and env["SPLITFED_EPOCHS"]["value"] == "5"
+    assert "SPLITFED_PARTITION" not in tracker and "SPLITFED_PEERS" not in tracker and "SPLITFED_PEER_INDEX" not in tracker
+    assert tracker["SPLITFED_EXPECT_PEERS"]["value"] == "4" and "SPLITFED_EXPECT_PEERS" not in env
+
+
+def test_the_tracker_is_torch_free_signs_and_reads_no_data(helm, rendered):
+    ((tracker, spec),) = [(c, s) for role, c, s, _ in role_containers(rendered["p2p"]) if role == "p2p-tracker"]
+    assert tracker["image"] == "localhost/splitfed-p2p-tracker:0.1.0"  # the core image, as ci/images.sh tags it
+    env = env_of(tracker)
+    assert env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/p2p-tracker.key"
+    assert "SPLITFED_DATASET" not in env and "SPLITFED_DATA_DIR" not in env  # it trains nothing
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", "p2p-tracker.key"]
+    assert "gpu" not in tracker["resources"].get("limits", {})
+    objects = render(helm, "-f", str(REPO / "ci" / "chart-values" / "p2p.yaml"), "--set", "data.volume.persistentVolumeClaim.claimName=mnist")
+    containers = {role: (c, s) for role, c, s, _ in role_containers(objects)}
+    assert env_of(containers["p2p-peer"][0])["SPLITFED_DATA_DIR"]["value"] == "/data"
+    assert not [v for v in containers["p2p-tracker"][1]["volumes"] if v["name"] == "data"]
+
+
+def test_smpl_values_run_a_tracker_that_serves_until_uninstalled(rendered):
+    objects = rendered["smpl"]
+    workloads = {role: obj for role, _, _, obj in role_containers(objects)}
+    assert set(workloads) == {"p2p-tracker", "smpl-peer"}
+    tracker = workloads["p2p-tracker"]
+    # expect-peers 0 (the default): a Deployment of one pod, never two on the session's queue
+    assert (tracker["kind"], tracker["spec"]["replicas"], tracker["spec"]["strategy"]) == ("Deployment", 1, {"type": "Recreate"})
+    peers = workloads["smpl-peer"]
+    assert (peers["kind"], peers["spec"]["replicas"]) == ("StatefulSet", 6)
+    env = {role: env_of(obj["spec"]["template"]["spec"]["containers"][0]) for role, obj in workloads.items()}
+    for role in ("p2p-tracker", "smpl-peer"):  # smpl.settings reach the tracker too: it draws the hyperedges
+        assert env[role]["SPLITFED_HYPEREDGE_SIZE"]["value"] == "3" and env[role]["SPLITFED_MAX_HYPEREDGES"]["value"] == "2", role
+        assert env[role]["SPLITFED_VARIETY"]["value"] == "2" and env[role]["SPLITFED_SEED"]["value"] == "5", role
+    assert env["smpl-peer"]["SPLITFED_PEERS"]["value"] == "6" and env["smpl-peer"]["SPLITFED_SPARSITY"]["value"] == "0.9"
+    assert "SPLITFED_PRIVATE_KEY" not in env["smpl-peer"] and "SPLITFED_KEY_LIST" not in env["smpl-peer"]  # no keys.existingSecret: unsafe mode
+    assert "SPLITFED_EXPECT_PEERS" not in env["p2p-tracker"] and "SPLITFED_SPARSITY" not in env["p2p-tracker"]
+
+
+def test_the_tracker_takes_the_shared_settings_of_its_peers_family(helm):
+    shared = "p2p.settings.seed=3,smpl.settings.seed=5"
+    for peers, seed in (("p2pPeer", "3"), ("smplPeer", "5")):
+        objects = render(helm, "--set", f"{P2P_ROLES},{peers}.enabled=true,{shared}")
+        env = {role: env_of(c) for role, c, _, _ in role_containers(objects)}
+        assert env["p2p-tracker"]["SPLITFED_SEED"]["value"] == seed, peers
+    alone = {role: env_of(c) for role, c, _, _ in role_containers(render(helm, "--set", f"{P2P_ROLES},{shared}"))}
+    assert set(alone) == {"p2p-tracker"} and alone["p2p-tracker"]["SPLITFED_SEED"]["value"] == "3"
+
+
+def test_the_charts_hyperedge_defaults_are_the_declared_ones(helm):
+    """validate.yaml compares the tracker's and the peers' hyperedge settings, and checks the peers
+    against hyperedge-size; unset, it assumes the defaults the roles declare."""
+    from splitfed.learning.settings import HyperedgeSettings
+
+    declared = {name: HyperedgeSettings.__dataclass_fields__[name].default for name in ("hyperedge_size", "max_hyperedges")}
+    assert declared == {"hyperedge_size": 2, "max_hyperedges": 1}  # as templates/validate.yaml assumes them
+    result = helm_template(helm, "--set", f"{P2P_ROLES},smplPeer.enabled=true,smplPeer.replicas=1")
+    assert result.returncode != 0
+    assert f"smplPeer.replicas 1 is fewer than hyperedge-size {declared['hyperedge_size']}" in result.stderr, result.stderr
+    assert render(helm, "--set", f"{P2P_ROLES},smplPeer.enabled=true,smplPeer.replicas=2,p2pTracker.settings.max-hyperedges=1")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("p2pPeer.enabled=true", "p2pPeer.enabled and smplPeer.enabled: one kind of peer per release"),
+    ("p2pTracker.enabled=false", "smplPeer.enabled needs p2pTracker.enabled"),
+    ("smplPeer.replicas=2", "smplPeer.replicas 2 is fewer than hyperedge-size 3"),
+    ("smplPeer.settings.hyperedge-size=4", "the SMPL roles' hyperedge-size differ (p2pTracker, smplPeer: 3, 4): set it once, in smpl.settings.hyperedge-size"),
+    ("p2pTracker.settings.max-hyperedges=1", "the SMPL roles' max-hyperedges differ (p2pTracker, smplPeer: 1, 2)"),
+    ("p2pTracker.settings.expect-peers=4", "p2pTracker.settings.expect-peers 4 must be 0 (serve the session until uninstalled) or the number of peers, 6 (smplPeer.replicas)"),
+    ("p2pTracker.replicas=2", "at '/p2pTracker/replicas': maximum: got 2, want 1"),
+    ("smplPeer.replicas=0", "at '/smplPeer/replicas': minimum: got 0, want 1"),
+    ("smpl.settings.sparsity=0.5", "at '/smpl/settings': additional properties 'sparsity' not allowed"),  # the tracker takes no sparsity
+    ("smpl.settings.peers=6", "at '/smpl/settings': additional properties 'peers' not allowed"),  # it is smplPeer.replicas
+    ("smplPeer.settings.peer-index=1", "at '/smplPeer/settings': additional properties 'peer-index' not allowed"),
+    ("p2pTracker.gpu.enabled=true", "at '/p2pTracker': additional properties 'gpu' not allowed"),  # no torch, no GPU
+    ("smpl.settings.hyperedge-size=1", "at '/smpl/settings/hyperedge-size': minimum: got 1, want 2"),
+])
+def test_bad_decentralized_values_fail_with_a_clear_message(helm, values, message):
+    result = helm_template(helm, "-f", str(REPO / "ci" / "chart-values" / "smpl.yaml"), "--set", values)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_bad_p2p_values_fail_with_a_clear_message(helm):
+    base = ["-f", str(REPO / "ci" / "chart-values" / "p2p.yaml")]
+    for values, message in (
+        ("p2pPeer.replicas=3", "p2pTracker.settings.expect-peers 4 must be 0 (serve the session until uninstalled) or the number of peers, 3 (p2pPeer.replicas)"),
+        ("p2p.settings.epochs=2", "at '/p2p/settings': additional properties 'epochs' not allowed"),  # the tracker takes no epochs
+        ("p2pTracker.enabled=false", "p2pPeer.enabled needs p2pTracker.enabled"),
+    ):
+        result = helm_template(helm, *base, "--set", values)
+        assert result.returncode != 0 and message in result.stderr, (values, result.stderr)
+

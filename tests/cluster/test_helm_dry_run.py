@@ -149,3 +149,52 @@ def test_a_splitnn_launch_in_round_robin_has_no_fed(helm_dry_run):
     env = role_env(manifests(result.stdout))
     assert set(env) == {"split-client", "split-server", "rabbitmq"}
     assert env["split-server"]["SPLITFED_SCHEDULE"] == "round-robin"
+
+
+def test_a_p2p_launch_renders_a_tracker_that_ends_and_a_peer_per_pod(helm_dry_run, tmp_path):
+    """--peers is the peers' StatefulSet and what the tracker expects: it ends with the run (a Job)
+    and leads it; each peer's ordinal is its index and names its key."""
+    keys = tmp_path / "keys"
+    assert invoke("keys", "generate", "--no-server", "--party", "p2p-tracker",
+                  *(arg for index in range(3) for arg in ("--party", f"p2p-peer-{index}")), "--out", keys).exit_code == 0
+    result = invoke("launch", "p2p", "--dry-run", "--name", "pp", "-n", "ns1", "--peers", "3", "--epochs", "2", "--partition", "iid",
+                    "--seed", "4", "--peer-timeout", "30", "--dataset", "digits", "--key-list", keys / "key-list.json")
+    assert result.exit_code == 0, result.stderr
+    objects = manifests(result.stdout)
+    (tracker,) = [o for o in objects if o["metadata"]["name"] == "pp-splitfed-p2p-tracker"]
+    assert tracker["kind"] == "Job" and tracker["spec"]["completions"] == 1
+    (peers,) = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "pp-splitfed-p2p-peer"]
+    assert peers["spec"]["replicas"] == 3
+    assert not [o for o in objects if o["kind"] in ("Job", "StatefulSet", "Deployment") and "fedavg" in o["metadata"]["name"]]
+    env = role_env(objects)
+    assert set(env) == {"p2p-tracker", "p2p-peer", "rabbitmq"}
+    assert env["p2p-tracker"]["SPLITFED_EXPECT_PEERS"] == "3" and env["p2p-tracker"]["SPLITFED_PROGRESS_EVENTS"] == "true"
+    assert env["p2p-peer"]["SPLITFED_PEERS"] == "3" and env["p2p-peer"]["SPLITFED_EPOCHS"] == "2" and env["p2p-peer"]["SPLITFED_PARTITION"] == "iid"
+    assert env["p2p-peer"]["SPLITFED_PRIVATE_KEY"] == "/etc/splitfed/keys/p2p-peer-$(SPLITFED_PEER_INDEX).key"
+    assert env["p2p-tracker"]["SPLITFED_PRIVATE_KEY"] == "/etc/splitfed/keys/p2p-tracker.key"
+    for role in ("p2p-tracker", "p2p-peer"):
+        assert env[role]["SPLITFED_SEED"] == "4" and env[role]["SPLITFED_PEER_TIMEOUT"] == "30", role
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names(), role
+    assert "SPLITFED_DATASET" not in env["p2p-tracker"] and env["p2p-peer"]["SPLITFED_DATASET"] == "digits"
+    assert not helm_dry_run.made("POST") and not helm_dry_run.made("PUT")
+
+
+def test_an_smpl_launch_shares_the_hyperedges_with_the_tracker(helm_dry_run):
+    result = invoke("launch", "smpl", "--dry-run", "--name", "sm", "-n", "ns1", "--peers", "4", "--hyperedge-size", "3",
+                    "--sparsity", "0.5", "--hyperepochs", "2")
+    assert result.exit_code == 0, result.stderr
+    objects = manifests(result.stdout)
+    env = role_env(objects)
+    assert set(env) == {"p2p-tracker", "smpl-peer", "rabbitmq"}
+    assert env["p2p-tracker"]["SPLITFED_HYPEREDGE_SIZE"] == env["smpl-peer"]["SPLITFED_HYPEREDGE_SIZE"] == "3"
+    assert env["smpl-peer"]["SPLITFED_SPARSITY"] == "0.5" and "SPLITFED_SPARSITY" not in env["p2p-tracker"]
+    assert env["p2p-tracker"]["SPLITFED_EXPECT_PEERS"] == "4" and env["smpl-peer"]["SPLITFED_PEERS"] == "4"
+    for role in ("p2p-tracker", "smpl-peer"):
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names(), role
+
+
+def test_an_smpl_launch_with_fewer_peers_than_a_hyperedge_is_refused(helm_dry_run):
+    result = invoke("launch", "smpl", "--dry-run", "--name", "sm", "-n", "ns1", "--peers", "2", "--hyperedge-size", "3")
+    assert result.exit_code == 2  # the run's own check, before helm is asked
+    assert "--hyperedge-size 3 is more than the 2 peers" in result.stderr
+

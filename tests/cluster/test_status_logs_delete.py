@@ -120,6 +120,28 @@ def test_the_lead_of_pods_that_do_not_say_follows_the_charts_choice():
     assert leads(pod("fedavg-server", "f"), pod("fedavg-worker", "w")) == ["f"]
 
 
+def test_status_tells_a_p2p_run_from_an_smpl_run_by_their_peers():
+    """Both lead with the p2p-tracker, whose log holds a progress event per peer report."""
+    from types import SimpleNamespace
+
+    from kubernetes.client import V1Container, V1EnvVar, V1ObjectMeta, V1Pod, V1PodSpec
+
+    from splitfed.cluster.commands import _lead_pods, _run_state
+
+    def pod(role: str, name: str, progress: str | None = None) -> V1Pod:
+        env = [V1EnvVar(name="SPLITFED_PROGRESS_EVENTS", value=progress)] if progress is not None else []
+        return V1Pod(metadata=V1ObjectMeta(name=name, labels={"app.kubernetes.io/component": role}),
+                     spec=V1PodSpec(containers=[V1Container(name=role, env=env)]))
+
+    report = '{"event": "round", "done": 5, "total": 12, "loss": 0.6, "record": {"step": 5, "accuracy": 0.81, "peer": "p2p-peer-1"}}'
+    logs = {"tracker": f"2026-11-24T10:00:00Z p2p-tracker ready\n2026-11-24T10:01:00Z {report}\n"}
+    kube = SimpleNamespace(core=SimpleNamespace(read_namespaced_pod_log=lambda name, namespace, **_: logs[name]))
+    for peer, scenario in (("p2p-peer", "p2p"), ("smpl-peer", "smpl")):
+        pods = [pod("p2p-tracker", "tracker", "true"), pod(peer, f"{peer}-0"), pod(peer, f"{peer}-1")]
+        assert [p.metadata.name for p in _lead_pods(pods)] == ["tracker"]
+        assert _run_state(kube, "ns1", pods) == (scenario, "round 5/12", "0.8100", "")
+
+
 # -- logs ---------------------------------------------------------------------------------------
 
 

@@ -23,10 +23,10 @@ def run_options(scenario: str) -> list[config.Option]:
 
 
 def test_launch_offers_the_scenarios_with_roles():
-    assert values.launchable() == ["split", "splitnn", "fedavg"]  # centralized has no roles: nothing to deploy
+    assert values.launchable() == ["split", "splitnn", "fedavg", "p2p", "smpl"]  # centralized has no roles: nothing to deploy
 
 
-@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg"])
+@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg", "p2p", "smpl"])
 def test_launch_options_are_the_run_options_less_the_documented_exclusions(scenario):
     offered = [option.name for option in values.launch_options(scenario)]
     assert offered == [option.name for option in run_options(scenario) if option.name not in values.NOT_OFFERED]
@@ -39,7 +39,7 @@ def test_every_exclusion_is_a_run_option():
     assert set(values.CHART_LEVEL) <= declared
 
 
-@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg"])
+@pytest.mark.parametrize("scenario", ["split", "splitnn", "fedavg", "p2p", "smpl"])
 def test_every_launch_option_has_a_home_in_the_chart(scenario):
     """A new option in a declaration lands somewhere (a role's settings), or this fails and it
     must be classified: NOT_OFFERED, CHART_LEVEL or LOCAL."""
@@ -72,6 +72,7 @@ def test_fedavg_options_become_shared_role_and_chart_level_values():
         "relay": {"enabled": False}, "splitClient": {"enabled": False}, "splitServer": {"enabled": False}, "splitFed": {"enabled": False},
         "fedavgServer": {"enabled": True, "settings": {"rounds": 2, "min-workers": 1}},
         "fedavgWorker": {"enabled": True, "replicas": 2},
+        "p2pTracker": {"enabled": False}, "p2pPeer": {"enabled": False}, "smplPeer": {"enabled": False},
         "fedavg": {"settings": {"partition": "iid", "lr": 0.01, "timeout": 90.0, "log-level": "debug"}},
         "data": {"dataset": "digits"}, "session": "s1",
     }
@@ -101,8 +102,52 @@ def test_splitnn_options_clients_schedule_and_the_fed():
         assert values.chart_values("splitnn", given)["splitFed"] == {"enabled": False}, given
     assert values.chart_values("splitnn", {"clients": 2})["splitFed"] == {"enabled": True}  # splitfed-v2 is the default
     assert values.chart_values("split", {})["splitFed"] == {"enabled": False}
-    assert values.CHART_SCENARIOS["splitnn"].lead == "split-server" and values.LEADS["split-server"] == "splitnn"
+    assert values.CHART_SCENARIOS["splitnn"].lead == "split-server" and values.LEADS["split-server"] == ("splitnn",)
     assert values.split_lead(1) == "split-client" and values.split_lead(3) == "split-server"
+
+
+def test_p2p_options_peers_the_family_and_the_tracker_that_ends():
+    """--peers is the peers' StatefulSet replicas and what the tracker expects (so it ends with the
+    run, as a Job, and prints the result); what tracker and peers both take is the family's."""
+    chosen = values.chart_values("p2p", {"peers": 3, "epochs": 2, "partition": "iid", "max_staleness": 1, "seed": 4, "peer_timeout": 30.0,
+                                         "timeout": 60.0, "log_level": "debug", "dataset": "digits"})
+    assert chosen["p2pTracker"] == {"enabled": True, "settings": {"expect-peers": 3}}
+    assert chosen["p2pPeer"] == {"enabled": True, "replicas": 3, "settings": {"epochs": 2, "partition": "iid", "max-staleness": 1}}
+    assert chosen["p2p"] == {"settings": {"seed": 4, "peer-timeout": 30.0, "timeout": 60.0, "log-level": "debug"}}
+    assert chosen["smplPeer"] == {"enabled": False} and chosen["fedavgServer"] == {"enabled": False} and "smpl" not in chosen
+    assert chosen["data"] == {"dataset": "digits"}
+    # nothing given: the declared number of peers, which the tracker expects all the same
+    declared = values.declared_default("p2p", "peers")
+    assert values.chart_values("p2p", {})["p2pTracker"] == {"enabled": True, "settings": {"expect-peers": declared}}
+    assert "replicas" not in values.chart_values("p2p", {})["p2pPeer"]  # the chart's default, the declared one (tests/chart)
+
+
+def test_smpl_options_share_the_hyperedges_with_the_tracker():
+    chosen = values.chart_values("smpl", {"peers": 6, "hyperedge_size": 3, "max_hyperedges": 2, "epsilon": 0.5, "sparsity": 0.9,
+                                          "hyperepochs": 4, "local_parallel": "hogwild"})
+    assert chosen["smpl"] == {"settings": {"hyperedge-size": 3, "max-hyperedges": 2, "epsilon": 0.5}}
+    assert chosen["smplPeer"] == {"enabled": True, "replicas": 6, "settings": {"sparsity": 0.9, "hyperepochs": 4, "local-parallel": "hogwild"}}
+    assert chosen["p2pTracker"] == {"enabled": True, "settings": {"expect-peers": 6}} and chosen["p2pPeer"] == {"enabled": False}
+
+
+def test_p2p_and_smpl_share_their_lead_and_are_told_apart_by_their_peers():
+    assert values.CHART_SCENARIOS["p2p"].lead == values.CHART_SCENARIOS["smpl"].lead == "p2p-tracker"
+    assert values.LEADS["p2p-tracker"] == ("p2p", "smpl")
+    assert values.scenario_of("p2p-tracker", {"p2p-tracker", "smpl-peer"}) == "smpl"
+    assert values.scenario_of("p2p-tracker", {"p2p-tracker", "p2p-peer"}) == "p2p"
+    assert values.scenario_of("p2p-tracker", {"p2p-tracker"}) == "p2p"  # no peers (yet): the first
+    assert values.scenario_of("fedavg-server", {"fedavg-worker"}) == "fedavg"
+
+
+def test_p2p_keys_are_the_trackers_and_every_peers(tmp_path):
+    (tmp_path / "key-list.json").write_text("{}")
+    for party in ("p2p-tracker", "smpl-peer-0", "smpl-peer-1"):
+        (tmp_path / f"{party}.key").write_text(party)
+    given = {"key_list": tmp_path / "key-list.json", "peers": 2}
+    assert sorted(values.key_files("smpl", given)) == ["key-list.json", "p2p-tracker.key", "smpl-peer-0.key", "smpl-peer-1.key"]
+    assert values.parties("p2p", {"peers": 2}) == ["p2p-tracker", "p2p-peer-0", "p2p-peer-1"]
+    with pytest.raises(ValueError, match="p2p-peer-0.key, p2p-peer-1.key missing"):
+        values.key_files("p2p", given)
 
 
 def test_splitnn_keys_are_every_clients_the_servers_and_the_feds(tmp_path):
@@ -124,8 +169,10 @@ def test_the_queue_type_is_one_chart_value_for_every_role():
     for scenario in values.launchable():
         chosen = values.chart_values(scenario, {"queue_type": "quorum"})
         assert chosen["queueType"] == "quorum"
-        # (splitnn names its lead: the server prints the progress events, the clients do not)
-        assert not [key for key, section in chosen.items() if isinstance(section, dict) and set(section.get("settings", {})) - {"progress-events"}]
+        # (splitnn names its lead: the server prints the progress events, the clients do not; p2p
+        # and smpl tell the tracker how many peers to expect)
+        assert not [key for key, section in chosen.items()
+                    if isinstance(section, dict) and set(section.get("settings", {})) - {"progress-events", "expect-peers"}]
     assert "queue_type" in values.MANAGED and values.CHART_LEVEL["queue_type"] == "queueType"
 
 

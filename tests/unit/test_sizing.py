@@ -114,16 +114,17 @@ def test_optimizer_state_scales_with_the_optimizer():
 @pytest.mark.parametrize("role", sizing.ROLE_NAMES)
 def test_a_bigger_batch_needs_more(role):
     small, big = (sizing.estimate_from(role, {"batch_size": size, "limit": 5000}) for size in (32, 1024))
-    if role in ("fedavg-server", "split-fed"):  # the server only evaluates (its batch is the evaluation batch); the fed only averages layers
+    # the server only evaluates (its batch is the evaluation batch); the fed only averages layers; the tracker trains nothing
+    if role in ("fedavg-server", "split-fed", "p2p-tracker"):
         assert big.mib == small.mib
     else:
         assert big.mib > small.mib
-    if role not in ("fedavg-worker", "split-fed"):  # neither evaluates
+    if role not in ("fedavg-worker", "split-fed", "p2p-tracker"):  # none of them evaluates
         assert sizing.estimate_from(role, {"eval_batch_size": 2000}).mib > sizing.estimate_from(role, {"eval_batch_size": 100}).mib
 
 
 def test_a_bigger_model_needs_more():
-    for role in ("fedavg-server", "fedavg-worker"):
+    for role in ("fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer"):
         assert sizing.estimate_from(role, {"model": "cnn"}).mib > sizing.estimate_from(role, {"model": "tiny"}).mib
 
 
@@ -136,6 +137,36 @@ def test_the_relay_imports_no_torch():
     cpu, cuda = (sizing.estimate("split-server", torch_build=build) for build in sizing.TORCH_BUILDS)
     assert cuda.mib - cpu.mib == pytest.approx(sizing.TORCH_IMPORT_MIB["cuda"] - sizing.TORCH_IMPORT_MIB["cpu"]
                                                + sizing.OPTIMIZER_IMPORT_MIB["cuda"] - sizing.OPTIMIZER_IMPORT_MIB["cpu"])
+
+
+def test_the_tracker_imports_no_torch_and_holds_little():
+    for build in sizing.TORCH_BUILDS:
+        tracker = sizing.estimate("p2p-tracker", torch_build=build)
+        assert tracker.torch_build is None and tracker.gpu is None
+        assert not any("torch" in p.name for phase in tracker.phases for p in phase.parts)
+        assert tracker.mib < 100
+    # a thousand peers' entries and reports: still a few MiB
+    crowd = sizing.estimate_from("p2p-tracker", {"peers": 1000, "hyperepochs": 10})
+    assert 0 < crowd.mib - sizing.estimate("p2p-tracker").mib < 32
+    with pytest.raises(ValueError, match="no GPU"):
+        sizing.estimate("p2p-tracker", gpu=True)
+
+
+def test_a_peer_holds_its_share_a_whole_model_and_the_models_that_arrive():
+    """A peer is sized like a fedavg-worker that also evaluates: its share of the data (fewer
+    peers, bigger shares), the whole model with one optimiser, and a copy of the model per peer
+    that sends it one (p2p) or per member of its open hyperedges (smpl)."""
+    few, many = (sizing.estimate_from("p2p-peer", {"peers": peers}) for peers in (2, 10))
+    assert part(few, "data (uint8 share") > part(many, "data (uint8 share")
+    assert part(many, "messages") > part(few, "messages")
+    worker = sizing.estimate_from("fedavg-worker", {"partition": "iid"})
+    assert part(few, "parameters") == part(worker, "parameters") and part(few, "optimizer state") == part(worker, "optimizer state")
+    edges = [sizing.estimate_from("smpl-peer", {"peers": 8, "hyperedge_size": size, "max_hyperedges": count}) for size, count in ((2, 1), (4, 1), (4, 3))]
+    assert part(edges[0], "messages") < part(edges[1], "messages") < part(edges[2], "messages")
+    one, hogwild = (sizing.estimate_from("smpl-peer", {"local_parallel": parallel, "local_workers": 4}) for parallel in ("sgd", "hogwild"))
+    assert part(hogwild, "activations") > part(one, "activations")
+    with pytest.raises(ValueError, match="--hyperedge-size 5 is more than the 4 peers"):
+        sizing.estimate_from("smpl-peer", {"hyperedge_size": 5})
 
 
 def test_sizing_imports_no_torch():
@@ -156,7 +187,7 @@ def test_requests_and_limits_follow_the_charts_convention():
 def test_the_defaults_bracket_the_peaks_measured_in_the_images():
     """values.yaml cites ci/measure_memory.py's table: each role in its CPU image at the defaults."""
     comment = re.search(r"Measured peak RSS \(MiB\):(.*?)\. Request", (ROOT / "helm" / "splitfed" / "values.yaml").read_text(), re.S)
-    measured = {role: int(mib) for role, mib in re.findall(r"([a-z-]+)\s+(\d+)", comment[1].replace("#", " "))}
+    measured = {role: int(mib) for role, mib in re.findall(r"([a-z][a-z0-9-]*)\s+(\d+)\b", comment[1].replace("#", " "))}
     assert set(measured) == set(sizing.ROLE_NAMES)
     for role, peak in measured.items():
         found = sizing.estimate(role, torch_build="cpu", settings=sizing.settings_class(role)(**({"workers": 3} if role.startswith("fedavg") else {})))
@@ -208,10 +239,25 @@ def test_check_fits_warns_only_below_the_estimate():
         sizing.check_fits(found, "lots")
 
 
-def test_the_charts_own_values_fit():
-    split_values = yaml.safe_load((ROOT / "ci" / "chart-values" / "split.yaml").read_text())
-    assert sizing.check_values(VALUES) == []
-    assert sizing.check_values(merge(VALUES, split_values)) == []
+@pytest.mark.parametrize("name", ["default", "split", "splitnn", "p2p", "smpl"])
+def test_the_charts_own_values_fit(name):
+    values = yaml.safe_load((ROOT / "ci" / "chart-values" / f"{name}.yaml").read_text()) or {}
+    assert sizing.check_values(merge(VALUES, values)) == []
+
+
+def test_check_values_sizes_the_peers_from_their_replicas_and_family():
+    values = merge(VALUES, {"p2pTracker": {"enabled": True}, "smplPeer": {"enabled": True, "replicas": 6},
+                            "smpl": {"settings": {"hyperedge-size": 3, "seed": 2}}})
+    peer = sizing.role_settings(values, "smpl-peer")
+    tracker = sizing.role_settings(values, "p2p-tracker")
+    assert peer["peers"] == tracker["peers"] == 6 and peer["hyperedge_size"] == tracker["hyperedge_size"] == 3 and tracker["seed"] == 2
+    assert sizing.family_of(values, "p2p-tracker") == "smpl" and sizing.family_of(merge(values, {"p2pPeer": {"enabled": True}}), "p2p-tracker") == "p2p"
+    # p2p: the tracker is sized without the peers' count (it draws no hyperedges; one peer is a run)
+    p2p = merge(VALUES, {"p2pTracker": {"enabled": True}, "p2pPeer": {"enabled": True, "replicas": 1}, "p2p": {"settings": {"seed": 4}}})
+    assert "peers" not in sizing.role_settings(p2p, "p2p-tracker") and sizing.role_settings(p2p, "p2p-peer")["peers"] == 1
+    assert sizing.check_values(p2p) == []
+    small = sizing.check_values(merge(p2p, {"p2pPeer": {"resources": {"limits": {"memory": "256Mi"}}}}))
+    assert len(small) == 1 and small[0].startswith("p2p-peer: memory limit 256Mi") and "p2pPeer.resources.limits.memory" in small[0]
 
 
 def test_check_values_reads_the_settings_the_chart_passes():
@@ -264,7 +310,7 @@ def test_size_leaves_out_the_split_roles_of_a_model_that_cannot_be_split():
     completed = run_cli("size", "--model", "tiny", "--out", "-")
     assert completed.returncode == 0, completed.stderr
     document = json.loads(completed.stdout)
-    assert [e["role"] for e in document["estimates"]] == ["fedavg-server", "fedavg-worker"]
+    assert [e["role"] for e in document["estimates"]] == ["fedavg-server", "fedavg-worker", "p2p-tracker", "p2p-peer", "smpl-peer"]
     assert set(document["skipped"]) == {"relay", "split-client", "split-server", "split-fed"}
 
 

@@ -80,6 +80,9 @@ class Tracker(Role):
                 self.handle(message, delivery)
                 self.endpoint.ack(delivery)
                 self.idle_since = time.monotonic()
+                continue
+            # Only with the inbox drained: a tracker that fell behind (starved of CPU) would
+            # otherwise evict peers whose heartbeats are waiting in its queue.
             self.evict_silent()
             if not self.live() and time.monotonic() - self.idle_since > self.endpoint.timeout and self.expect_peers:
                 raise TimeoutError(f"p2p-tracker: no peer for {self.endpoint.timeout:.0f}s ({len(self.members)} of {self.expect_peers} registered)")
@@ -113,7 +116,9 @@ class Tracker(Role):
                 raise ProtocolError("replay", f"register of {message.sender} started no later than its known incarnation")
             return
         member = self.members.get(message.sender)
-        if member is None or member.incarnation != incarnation or member.state != "live":
+        # Reports and leaves are taken from an evicted incarnation too (it was slow, not dead, and
+        # says what it did); its heartbeats wait until it has registered again.
+        if member is None or member.incarnation != incarnation or member.state != "live" and not (message.kind in (REPORT, LEAVE) and member.state == "evicted"):
             raise ProtocolError("evicted", f"{message.kind} from {message.sender} ({incarnation[:8]}), which is not a live peer here")
         if message.kind in (HEARTBEAT, REPORT):
             epoch = count(message.meta, "epoch")
@@ -152,9 +157,10 @@ class Tracker(Role):
         elif message.kind == REPORT:
             self.report(message.sender, member, message.meta)
         elif message.kind == LEAVE:
-            member.state = "left"
+            was_live, member.state = member.state == "live", "left"  # an evicted peer that leaves was slow, not dead
             log.info("%s left after %d reports", message.sender, len(member.history))
-            self.changed(dropped=[message.sender])
+            if was_live:
+                self.changed(dropped=[message.sender])
         elif message.kind == WANT:
             self.matchmaker.want(message.sender, message.meta)
             self.matchmaker.form(set(self.live()), len(self.members))
