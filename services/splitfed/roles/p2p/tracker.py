@@ -74,19 +74,24 @@ class Tracker(Role):
     def run(self) -> dict:
         log.info("p2p-tracker ready (peer timeout %.1fs%s)", self.peer_timeout, f", expecting {self.expect_peers} peers" if self.expect_peers else "")
         while not self.finished():
-            received = self.endpoint.receive((REGISTER, HEARTBEAT, REPORT, LEAVE, WANT), None, self.check, self.on_reject, wait=CHECK_SECONDS)
+            received = self.receive(wait=1e-3)
+            if received is None:
+                # The inbox is drained: every heartbeat sent before now has been handled, so silence
+                # is real (a tracker that fell behind would otherwise evict peers whose heartbeats
+                # are waiting in its queue).
+                self.evict_silent()
+                received = self.receive(wait=CHECK_SECONDS)
             if received is not None:
                 message, delivery = received
                 self.handle(message, delivery)
                 self.endpoint.ack(delivery)
                 self.idle_since = time.monotonic()
-                continue
-            # Only with the inbox drained: a tracker that fell behind (starved of CPU) would
-            # otherwise evict peers whose heartbeats are waiting in its queue.
-            self.evict_silent()
-            if not self.live() and time.monotonic() - self.idle_since > self.endpoint.timeout and self.expect_peers:
+            elif not self.live() and time.monotonic() - self.idle_since > self.endpoint.timeout and self.expect_peers:
                 raise TimeoutError(f"p2p-tracker: no peer for {self.endpoint.timeout:.0f}s ({len(self.members)} of {self.expect_peers} registered)")
         return self.result()
+
+    def receive(self, wait: float) -> tuple[Message, Delivery] | None:
+        return self.endpoint.receive((REGISTER, HEARTBEAT, REPORT, LEAVE, WANT), None, self.check, self.on_reject, wait=wait)
 
     def finished(self) -> bool:
         """With --expect-peers N: once N peers have registered and none is live any more."""
