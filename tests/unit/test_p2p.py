@@ -243,9 +243,9 @@ def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_pa
     attacker = threading.Thread(target=attack)
     attacker.start()
     run = PeerRun(session=session, key_list=key_list)
-    result = launch.run(P2P, P2PSettings(**DIGITS, model="tiny", peers=3, epochs=4), run, connect_as=lambda party: MemoryTransport(broker))
+    result = launch.run(P2P, P2PSettings(**DIGITS, model="tiny", peers=3, epochs=30), run, connect_as=lambda party: MemoryTransport(broker))
     attacker.join()
     for name in names[1:]:
-        assert result["peers"][name]["state"] == "left" and len(result["peers"][name]["history"]) == 4
+        assert result["peers"][name]["state"] == "left" and len(result["peers"][name]["history"]) == 30
     counted = {reason: metrics.rejected_count(P2P_PEER, session, reason) - before[reason] for reason in reasons}
     assert counted == {"malformed": 1, "evicted": 1, "unsigned": 1, "shape": 1, "nonfinite": 1, "duplicate": 1}

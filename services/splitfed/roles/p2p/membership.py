@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Collection
 
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p.common import (
-    HEARTBEAT, LEAVE, REGISTER, REPORT, TRACKER, count, finite, heartbeat_period, incarnation_of, members_of, tracker_queue,
+    HEARTBEAT, LEAVE, REGISTER, REPORT, TRACKER, count, finite, heartbeat_period, incarnation_of, members_of, peer_queue, tracker_queue,
 )
+from splitfed.transport import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +91,24 @@ class Membership:
             raise ProtocolError("evicted", f"{message.kind} from {message.sender} ({incarnation[:8]}), which the tracker does not list as live")
         return incarnation
 
+    # -- to and from other peers ---------------------------------------------------------------
+
+    def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
+        """False if `name`'s queue is gone (it died and its queue expired): nobody is waited for."""
+        try:
+            self.endpoint.send(peer_queue(self.endpoint.session, name), kind, tensors, incarnation=self.incarnation, **meta)
+        except TransportError as exc:
+            log.warning("%s: cannot reach %s: %s", self.name, name, exc)
+            return False
+        return True
+
+    def poll(self, until: float, kinds: Collection[str], check: Callable[[Message], None], handle: Callable[[Message], None]) -> None:
+        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
+        while True:
+            self.beat()
+            received = self.endpoint.receive(kinds, None, check, wait=max(1e-3, until - time.monotonic()))
+            if received is None:
+                return
+            message, delivery = received
+            handle(message)
+            self.endpoint.ack(delivery)

@@ -18,7 +18,7 @@ from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, TRACKER, count, peer_name, peer_queue
 from splitfed.roles.p2p.membership import Membership
-from splitfed.transport import Transport, TransportError
+from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (fetches to answer, models to keep)
@@ -73,6 +73,7 @@ class P2PPeer:
             self.published = Received(self.name, epoch, len(self.share), average)
             after = scored(self.model, self.test, self.settings)
             self.record(epoch, before, after, train_loss, kept, dropped, time.perf_counter() - started)
+        self.poll(until=time.monotonic())  # fetches and frames that came during the last epoch are answered and counted
         self.membership.leave()
         log.info("%s done: %d epochs, accuracy %.4f", self.name, self.settings.epochs, self.history[-1]["accuracy"])
         return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
@@ -97,7 +98,7 @@ class P2PPeer:
 
     def fetch_from(self, name: str) -> bool:
         self.fetch_nonce = uuid.uuid4().hex
-        if not self.send_to(name, FETCH, nonce=self.fetch_nonce):
+        if not self.membership.send_to(name, FETCH, nonce=self.fetch_nonce):
             return False
         deadline = time.monotonic() + self.peer_timeout
         while self.fetched is None and time.monotonic() < deadline and name in self.membership.peers:
@@ -139,28 +140,11 @@ class P2PPeer:
     def send_model(self, state: dict, epoch: int) -> None:
         """The same model to every live peer: serialised once, numbered and signed for each."""
         for name in sorted(self.membership.peers):
-            if self.send_to(name, MODEL, state, epoch=epoch):
+            if self.membership.send_to(name, MODEL, state, epoch=epoch):
                 self.counted["sent"].inc()
 
-    def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
-        """False if `name`'s queue is gone (it died and its queue expired): nobody is waited for."""
-        try:
-            self.endpoint.send(peer_queue(self.session, name), kind, tensors, incarnation=self.membership.incarnation, **meta)
-        except TransportError as exc:
-            log.warning("%s: cannot reach %s: %s", self.name, name, exc)
-            return False
-        return True
-
     def poll(self, until: float) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
-        while True:
-            self.membership.beat()
-            received = self.endpoint.receive(KINDS, None, self.check, wait=max(1e-3, until - time.monotonic()))
-            if received is None:
-                break
-            message, delivery = received
-            self.handle(message)
-            self.endpoint.ack(delivery)
+        self.membership.poll(until, KINDS, self.check, self.handle)
         self.next_poll = time.monotonic() + POLL_SECONDS
 
     def check(self, message: Message) -> None:
@@ -182,7 +166,7 @@ class P2PPeer:
             self.membership.follow(message)
         elif message.kind == FETCH:
             if self.published is not None:
-                self.send_to(message.sender, MODEL, self.published.state, epoch=self.published.epoch, ref=message.meta["nonce"])
+                self.membership.send_to(message.sender, MODEL, self.published.state, epoch=self.published.epoch, ref=message.meta["nonce"])
         else:
             # Weighted by the samples the tracker lists for it, not by what the model claims.
             model = Received(message.sender, message.meta["epoch"], self.membership.peers[message.sender]["samples"], message.tensors)

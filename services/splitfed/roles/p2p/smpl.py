@@ -30,7 +30,7 @@ from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT, peer_name, peer_queue
 from splitfed.roles.p2p.membership import Membership
-from splitfed.transport import Transport, TransportError
+from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2
@@ -164,7 +164,7 @@ class SMPLPeer:
         sparse = sparsify(self.ledger.own(edge.id), self.settings.sparsity)
         edge.own_sent = densify(sparse, self.layout)
         for name in edge.members:
-            if self.send_to(name, DELTA, to_wire(sparse), edge=edge.id):
+            if self.membership.send_to(name, DELTA, to_wire(sparse), edge=edge.id):
                 self.counted["sent"].inc()
         edge.phase, edge.deadline = "exchanging", time.monotonic() + self.settings.hyperedge_timeout
         if self.settings.async_mid:
@@ -236,23 +236,8 @@ class SMPLPeer:
 
     # -- messages ------------------------------------------------------------------------------
 
-    def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
-        try:
-            self.endpoint.send(peer_queue(self.session, name), kind, tensors, incarnation=self.membership.incarnation, **meta)
-        except TransportError as exc:
-            log.warning("%s: cannot reach %s: %s", self.name, name, exc)
-            return False
-        return True
-
     def poll(self, until: float) -> None:
-        while True:
-            self.membership.beat()
-            received = self.endpoint.receive(KINDS, None, self.check, wait=max(1e-3, until - time.monotonic()))
-            if received is None:
-                break
-            message, delivery = received
-            self.handle(message)
-            self.endpoint.ack(delivery)
+        self.membership.poll(until, KINDS, self.check, self.handle)
         self.next_poll = time.monotonic() + POLL_SECONDS
 
     def check(self, message: Message) -> None:
@@ -305,7 +290,7 @@ class SMPLPeer:
             self.active.set(len(self.edges))
             if edge.source == self.name:
                 for name in others:
-                    self.send_to(name, START, state_of(self.model), edge=edge.id)
+                    self.membership.send_to(name, START, state_of(self.model), edge=edge.id)
                 self.begin(edge, None)
             elif (start := self.early.get(edge.id, {}).pop(edge.source, None)) is not None:
                 self.begin(edge, start.tensors)
