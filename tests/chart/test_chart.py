@@ -311,10 +311,10 @@ def test_run_to_completion_roles_are_jobs(rendered):
         for role, _, _, obj in role_containers(rendered[name]):
             kinds.setdefault(role, set()).add(obj["kind"])
     # The tracker is a Job where it ends (expect-peers: p2p.yaml), a Deployment where it serves
-    # until uninstalled (smpl.yaml, all-roles.yaml).
+    # until uninstalled (smpl.yaml, all-roles.yaml); its peers follow: an Indexed Job, a StatefulSet.
     assert kinds == {"fedavg-server": {"Job"}, "split-client": {"Job"}, "split-server": {"Job"}, "split-fed": {"Job"},
                      "fedavg-worker": {"StatefulSet"}, "relay": {"Deployment"}, "p2p-tracker": {"Job", "Deployment"},
-                     "p2p-peer": {"StatefulSet"}, "smpl-peer": {"StatefulSet"}}
+                     "p2p-peer": {"Job", "StatefulSet"}, "smpl-peer": {"StatefulSet"}}
     for name in rendered:
         for obj, _, spec in pod_specs(rendered[name]):
             if obj["kind"] == "Job":
@@ -613,7 +613,7 @@ def test_the_charts_default_schedule_is_the_declared_one(helm):
 P2P_ROLES = "fedavgServer.enabled=false,fedavgWorker.enabled=false,p2pTracker.enabled=true"
 
 
-def test_p2p_values_run_a_tracker_that_ends_and_peers_as_a_statefulset(rendered):
+def test_p2p_values_run_a_tracker_that_ends_and_peers_as_an_indexed_job(rendered):
     objects = rendered["p2p"]
     workloads = {role: obj for role, _, _, obj in role_containers(objects)}
     assert set(workloads) == {"p2p-tracker", "p2p-peer"}
@@ -621,12 +621,14 @@ def test_p2p_values_run_a_tracker_that_ends_and_peers_as_a_statefulset(rendered)
     # expect-peers 4: the tracker ends with the run, so a Job, as every role that ends
     assert tracker["kind"] == "Job"
     assert (tracker["spec"]["parallelism"], tracker["spec"]["completions"], tracker["spec"]["template"]["spec"]["restartPolicy"]) == (1, 1, "OnFailure")
-    peers = workloads["p2p-peer"]
-    assert (peers["kind"], peers["spec"]["replicas"], peers["spec"]["podManagementPolicy"]) == ("StatefulSet", 4, "Parallel")
-    (governing,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == peers["spec"]["serviceName"]]
-    assert governing["spec"]["clusterIP"] == "None"
-    # peers reach the tracker through its queue: no Service of its own
-    assert not [o for o in objects if o["kind"] == "Service" and "tracker" in o["metadata"]["name"]]
+    # and so do the peers: an Indexed Job, whose finished pods stay finished, so the tracker sees
+    # none live once all have left (a StatefulSet would start them again)
+    peers = workloads["p2p-peer"]["spec"]
+    assert (workloads["p2p-peer"]["kind"], peers["completionMode"], peers["parallelism"], peers["completions"]) == ("Job", "Indexed", 4, 4)
+    assert (peers["backoffLimit"], peers["template"]["spec"]["restartPolicy"]) == (3, "OnFailure")
+    # no Service for either: peers reach the tracker through its queue, and each other through the
+    # broker (the headless Service is a StatefulSet's)
+    assert not [o for o in objects if o["kind"] == "Service" and ("tracker" in o["metadata"]["name"] or "peer" in o["metadata"]["name"])]
     (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ci-splitfed-roles"]
     assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["p2p-peer", "p2p-tracker"]
     (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
@@ -637,7 +639,7 @@ def test_each_peer_gets_its_index_its_key_and_the_number_of_peers(rendered):
     containers = {role: (container, spec) for role, container, spec, _ in role_containers(rendered["p2p"])}
     peer, spec = containers["p2p-peer"]
     env = env_of(peer)
-    assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     assert env["SPLITFED_PEERS"]["value"] == "4"
     assert env["SPLITFED_PRIVATE_KEY"]["value"] == "/etc/splitfed/keys/p2p-peer-$(SPLITFED_PEER_INDEX).key"  # as keys generate names them
     names = [entry["name"] for entry in peer["env"]]
@@ -675,8 +677,11 @@ def test_smpl_values_run_a_tracker_that_serves_until_uninstalled(rendered):
     tracker = workloads["p2p-tracker"]
     # expect-peers 0 (the default): a Deployment of one pod, never two on the session's queue
     assert (tracker["kind"], tracker["spec"]["replicas"], tracker["spec"]["strategy"]) == ("Deployment", 1, {"type": "Recreate"})
+    # and the peers a StatefulSet: a peer that has finished is started again and rejoins
     peers = workloads["smpl-peer"]
-    assert (peers["kind"], peers["spec"]["replicas"]) == ("StatefulSet", 6)
+    assert (peers["kind"], peers["spec"]["replicas"], peers["spec"]["podManagementPolicy"]) == ("StatefulSet", 6, "Parallel")
+    (governing,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == peers["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
     env = {role: env_of(obj["spec"]["template"]["spec"]["containers"][0]) for role, obj in workloads.items()}
     for role in ("p2p-tracker", "smpl-peer"):  # smpl.settings reach the tracker too: it draws the hyperedges
         assert env[role]["SPLITFED_HYPEREDGE_SIZE"]["value"] == "3" and env[role]["SPLITFED_MAX_HYPEREDGES"]["value"] == "2", role
@@ -684,6 +689,46 @@ def test_smpl_values_run_a_tracker_that_serves_until_uninstalled(rendered):
     assert env["smpl-peer"]["SPLITFED_PEERS"]["value"] == "6" and env["smpl-peer"]["SPLITFED_SPARSITY"]["value"] == "0.9"
     assert "SPLITFED_PRIVATE_KEY" not in env["smpl-peer"] and "SPLITFED_KEY_LIST" not in env["smpl-peer"]  # no keys.existingSecret: unsafe mode
     assert "SPLITFED_EXPECT_PEERS" not in env["p2p-tracker"] and "SPLITFED_SPARSITY" not in env["p2p-tracker"]
+
+
+@pytest.mark.parametrize("peers", ["p2pPeer", "smplPeer"])
+@pytest.mark.parametrize("expect", [0, 3])
+def test_the_peers_kind_follows_the_trackers_end(helm, peers, expect):
+    """expect-peers N (a run with an end, as launch sets it): an Indexed Job of N, whose completion
+    index is the peer index; 0 (the tracker serves until uninstalled): a StatefulSet of N, whose pod
+    ordinal is, with its headless Service. Either way the index names the key (ROLE-INDEX.key)."""
+    role = {"p2pPeer": "p2p-peer", "smplPeer": "smpl-peer"}[peers]
+    objects = render(helm, "--set", f"{P2P_ROLES},{peers}.enabled=true,{peers}.replicas=3,p2pTracker.settings.expect-peers={expect},"
+                                    "keys.existingSecret=peer-keys")
+    ((container, spec, workload),) = [(c, s, o) for r, c, s, o in role_containers(objects) if r == role]
+    (tracker,) = [o for r, _, _, o in role_containers(objects) if r == "p2p-tracker"]
+    index = env_of(container)["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    services = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == f"ci-splitfed-{role}"]
+    if expect:
+        assert tracker["kind"] == "Job"
+        assert workload["kind"] == "Job"
+        job = workload["spec"]
+        assert (job["completionMode"], job["completions"], job["parallelism"], job["backoffLimit"]) == ("Indexed", 3, 3, 3)
+        assert "selector" not in job and "replicas" not in job  # the Job controller makes its own selector
+        assert spec["restartPolicy"] == "OnFailure"
+        assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        assert not services
+    else:
+        assert tracker["kind"] == "Deployment"
+        assert workload["kind"] == "StatefulSet"
+        assert (workload["spec"]["replicas"], workload["spec"]["serviceName"]) == (3, f"ci-splitfed-{role}")
+        assert "restartPolicy" not in spec  # Always, the only one a StatefulSet takes
+        assert index == "metadata.labels['apps.kubernetes.io/pod-index']"
+        (service,) = services
+        assert service["spec"]["clusterIP"] == "None"
+    env = env_of(container)
+    assert env["SPLITFED_PEERS"]["value"] == "3"
+    assert env["SPLITFED_PRIVATE_KEY"]["value"] == f"/etc/splitfed/keys/{role}-$(SPLITFED_PEER_INDEX).key"
+    names = [entry["name"] for entry in container["env"]]
+    assert names.index("SPLITFED_PEER_INDEX") < names.index("SPLITFED_PRIVATE_KEY")
+    (keys,) = [volume for volume in spec["volumes"] if volume["name"] == "keys"]
+    assert [item["key"] for item in keys["secret"]["items"]] == ["key-list.json", *(f"{role}-{i}.key" for i in range(3))]
+    assert workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == role  # NetworkPolicy, PodMonitor
 
 
 def test_the_tracker_takes_the_shared_settings_of_its_peers_family(helm):

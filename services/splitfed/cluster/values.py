@@ -43,7 +43,7 @@ FAMILIES = {"split": ("split-client", "split-server", "split-fed"), "fedavg": ("
 ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer", "split-fed": "splitFed",
              "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker",
              "p2p-tracker": "p2pTracker", "p2p-peer": "p2pPeer", "smpl-peer": "smplPeer"}
-PEER_ROLES = ("p2p-peer", "smpl-peer")  # StatefulSets whose replicas are the run's --peers
+PEER_ROLES = ("p2p-peer", "smpl-peer")  # one pod per peer (replicas: the run's --peers), an Indexed Job under launch
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ CHART_LEVEL = {
     "dataset": "data.dataset",
     "workers": "fedavgWorker.replicas",
     "clients": "splitClient.replicas (the split-client Job's pods, one per client)",
-    "peers": "p2pPeer.replicas or smplPeer.replicas (the peers' StatefulSet, one pod per peer); the tracker's expect-peers too",
+    "peers": "p2pPeer.replicas or smplPeer.replicas (the peers' Indexed Job, one pod per peer); the tracker's expect-peers too",
     "via": "relay.enabled (relay: true, direct: false)",
     # Every party of a session must use the same queue type, so it is one value for all roles
     # (empty there: quorum on a chart broker of 3 or more nodes, else classic).
@@ -230,8 +230,9 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
         settings.setdefault(ROLE_KEYS["split-client"], {})[PROGRESS_EVENTS] = False
     if scenario in ("p2p", "smpl"):
         # A run with an end, as `splitfed run` makes it: the tracker finishes once every peer has
-        # registered and left, and prints the result (the chart makes it a Job then, not the
-        # Deployment of a session that serves until uninstalled).
+        # registered and left, and prints the result (the chart makes it a Job then, and the peers
+        # an Indexed Job whose finished pods stay finished, not the Deployment and StatefulSet of a
+        # session that serves until uninstalled).
         settings.setdefault(ROLE_KEYS["p2p-tracker"], {})["expect-peers"] = given.get("peers", declared_default(scenario, "peers"))
     for home, chosen in settings.items():
         values.setdefault(home, {})["settings"] = chosen

@@ -5,12 +5,13 @@ declaring never imports torch."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from splitfed.config import setting
 from splitfed.learning.settings import HyperedgeSettings, P2PSettings, SMPLSettings
 from splitfed.observability import metrics
-from splitfed.roles.declaration import RoleSpec
+from splitfed.roles.declaration import Builder, RoleSpec
 from splitfed.roles.deployment import Party, Reporting, SigningService
 from splitfed.roles.p2p.common import P2P_PEER, SMPL_PEER, TRACKER, peer_name
 
@@ -30,22 +31,13 @@ class PeerDeployment(Party, Liveness):
     peer_index: int = setting(0, "Which of the run's --peers this is (0-based): its share of the data and its name, ROLE-INDEX.", min=0)
 
 
-def _tracker(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
-    from splitfed.roles.p2p.tracker import Tracker
+def _built_by(module: str, name: str) -> Builder:
+    """A builder that imports the role's class only when the role is built (peers import torch)."""
 
-    return Tracker(settings, deployment, transport, identity, on_progress)
+    def build(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
+        return getattr(importlib.import_module(module), name)(settings, deployment, transport, identity, on_progress)
 
-
-def _p2p_peer(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
-    from splitfed.roles.p2p.peer import P2PPeer
-
-    return P2PPeer(settings, deployment, transport, identity, on_progress)
-
-
-def _smpl_peer(settings, deployment, transport, identity, on_progress):  # noqa: ANN001, ANN202
-    from splitfed.roles.p2p.smpl import SMPLPeer
-
-    return SMPLPeer(settings, deployment, transport, identity, on_progress)
+    return build
 
 
 PEER_METRICS = (*metrics.WIRE, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.LOCAL_SAMPLES, metrics.PEER_MODELS, metrics.PEER_STALENESS, metrics.PEER_ACCURACY)
@@ -53,14 +45,14 @@ PEER_METRICS = (*metrics.WIRE, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_A
 ROLES = (
     RoleSpec(
         TRACKER, "Who is in a decentralized session: registers, evicts silent peers, tells every peer; draws SMPL's hyperedges (no torch).",
-        HyperedgeSettings, TrackerDeployment, _tracker, (*metrics.WIRE, metrics.LIVE_PEERS, metrics.PEERS_EVICTED, metrics.HYPEREDGES_ACTIVE),
+        HyperedgeSettings, TrackerDeployment, _built_by("splitfed.roles.p2p.tracker", "Tracker"), (*metrics.WIRE, metrics.LIVE_PEERS, metrics.PEERS_EVICTED, metrics.HYPEREDGES_ACTIVE),
     ),
     RoleSpec(
         P2P_PEER, "A peer of a p2p session: trains its share, sends its model to every live peer after each epoch, averages what arrived.",
-        P2PSettings, PeerDeployment, _p2p_peer, PEER_METRICS, party=lambda learning, deployment: peer_name(P2P_PEER, deployment.peer_index),
+        P2PSettings, PeerDeployment, _built_by("splitfed.roles.p2p.peer", "P2PPeer"), PEER_METRICS, party=lambda learning, deployment: peer_name(P2P_PEER, deployment.peer_index),
     ),
     RoleSpec(
         SMPL_PEER, "A peer of an SMPL session: trains in random hyperedges the tracker draws and synchronises inside each.",
-        SMPLSettings, PeerDeployment, _smpl_peer, (*PEER_METRICS, metrics.HYPEREDGES_ACTIVE), party=lambda learning, deployment: peer_name(SMPL_PEER, deployment.peer_index),
+        SMPLSettings, PeerDeployment, _built_by("splitfed.roles.p2p.smpl", "SMPLPeer"), (*PEER_METRICS, metrics.HYPEREDGES_ACTIVE), party=lambda learning, deployment: peer_name(SMPL_PEER, deployment.peer_index),
     ),
 )

@@ -9,50 +9,32 @@ import logging
 import time
 import uuid
 
-from splitfed.learning import data, models, train
-from splitfed.learning.peers import Received, load_state, mix, peer_generator, peer_share, scored, state_of, test_split
+from splitfed.learning import data, train
+from splitfed.learning.peers import Received, load_state, mix, scored, state_of
 from splitfed.learning.settings import P2PSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint
-from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, TRACKER, count, peer_name, peer_queue
-from splitfed.roles.p2p.membership import Membership
+from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, count
+from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (fetches to answer, models to keep)
-KINDS = (MEMBERS, MODEL, FETCH)
 
 
-class P2PPeer:
+class P2PPeer(Peer):
+    KINDS = (MEMBERS, MODEL, FETCH)
+
     def __init__(self, settings: P2PSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
-        self.settings = settings
-        self.session = deployment.session
-        self.name = peer_name(P2P_PEER, deployment.peer_index)
-        self.on_progress = on_progress
-        self.share = peer_share(settings, deployment.peer_index)
-        self.test = test_split(settings)
-        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
-        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
-        self.generator = peer_generator(settings, deployment.peer_index)
+        super().__init__(P2P_PEER, settings, deployment, transport, identity, on_progress, settings.epochs)
         self.layout = {name: TensorSpec(value.dtype.name, value.shape) for name, value in state_of(self.model).items()}
-        self.endpoint = Endpoint(
-            transport, session=self.session, role=P2P_PEER, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, P2P_PEER),
-        )
-        self.membership = Membership(self.endpoint, P2P_PEER, self.name, len(self.share), settings.epochs, deployment.peer_timeout)
         self.peer_timeout = deployment.peer_timeout
         self.received: dict[str, Received] = {}  # the newest model from each peer since the last average
         self.last_epoch: dict[tuple[str, str], int] = {}  # (peer, incarnation) -> the newest epoch taken from it
         self.published: Received | None = None  # this peer's model after its last average: what a fetch gets
         self.fetch_nonce: str | None = None
         self.fetched: Received | None = None
-        self.history: list[dict] = []
-        self.next_poll = 0.0
-        self.counted = {event: metrics.PEER_MODELS.labels(P2P_PEER, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
         self.staleness = metrics.PEER_STALENESS.labels(P2P_PEER, self.session)
-        metrics.LOCAL_SAMPLES.labels(P2P_PEER, self.session).set(len(self.share))
 
     # -- the run, top to bottom ----------------------------------------------------------------
 
@@ -62,7 +44,6 @@ class P2PPeer:
         for epoch in range(first, first + self.settings.epochs):
             started = time.perf_counter()
             train_loss = self.train_epoch()
-            self.membership.epoch = epoch
             before = scored(self.model, self.test, self.settings)
             own = state_of(self.model)
             self.send_model(own, epoch)
@@ -72,12 +53,11 @@ class P2PPeer:
             self.received = {}
             self.published = Received(self.name, epoch, len(self.share), average)
             after = scored(self.model, self.test, self.settings)
-            self.record(epoch, before, after, train_loss, kept, dropped, time.perf_counter() - started)
+            self.record_epoch(epoch, before, after, train_loss, kept, dropped, time.perf_counter() - started)
         self.poll(until=time.monotonic())  # fetches and frames that came during the last epoch are answered and counted
         self.membership.leave()
         log.info("%s done: %d epochs, accuracy %.4f", self.name, self.settings.epochs, self.history[-1]["accuracy"])
-        return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
-                "loss": self.history[-1]["loss"], "history": self.history, "traffic": vars(self.endpoint.traffic)}
+        return self.result()
 
     def join(self) -> None:
         """Register; if the run is under way, start from the model of the most advanced live peer
@@ -110,28 +90,17 @@ class P2PPeer:
         batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
         for done, indices in enumerate(batches, 1):
             losses.append(train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices]))  # (B, C, H, W), (B,)
-            if time.monotonic() >= self.next_poll:  # beats and fetches are answered while training
-                self.poll(until=time.monotonic())
+            self.poll_if_due()  # beats and fetches are answered while training
             if self.on_progress:
                 self.on_progress(Progress("batch", done, len(batches), losses[-1]))
         return sum(losses) / len(losses)
 
-    def record(self, epoch: int, before: train.Evaluation, after: train.Evaluation, train_loss: float, kept: list[Received], dropped: list[Received], seconds: float) -> None:
-        staleness = [max(0, epoch - model.epoch) for model in kept]
-        self.staleness.set(max(staleness, default=0))
+    def record_epoch(self, epoch: int, before: train.Evaluation, after: train.Evaluation, train_loss: float, kept: list[Received], dropped: list[Received], seconds: float) -> None:
+        staleness = max((max(0, epoch - model.epoch) for model in kept), default=0)
+        self.staleness.set(staleness)
         self.counted["averaged"].inc(len(kept))
         self.counted["dropped"].inc(len(dropped))
-        record = {"epoch": epoch, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss, "train_loss": train_loss,
-                  "averaged": len(kept), "staleness": max(staleness, default=0), "seconds": seconds}
-        self.history.append(record)
-        self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
-        if self.on_progress:
-            self.on_progress(Progress("epoch", epoch, self.settings.epochs, train_loss, record))
-        metrics.EPOCH.labels(P2P_PEER, self.session).set(epoch)
-        metrics.TRAIN_LOSS.labels(P2P_PEER, self.session).set(train_loss)
-        metrics.TEST_ACCURACY.labels(P2P_PEER, self.session).set(after.accuracy)
-        metrics.PEER_ACCURACY.labels(P2P_PEER, self.session, "before").set(before.accuracy)
-        metrics.PEER_ACCURACY.labels(P2P_PEER, self.session, "after").set(after.accuracy)
+        self.record({"epoch": epoch, "train_loss": train_loss, "averaged": len(kept), "staleness": staleness, "seconds": seconds}, before, after)
         log.info("%s epoch %d: accuracy %.4f before averaging, %.4f after (%d models, %d dropped as stale)", self.name, epoch, before.accuracy,
                  after.accuracy, len(kept), len(dropped))
 
@@ -142,10 +111,6 @@ class P2PPeer:
         for name in sorted(self.membership.peers):
             if self.membership.send_to(name, MODEL, state, epoch=epoch):
                 self.counted["sent"].inc()
-
-    def poll(self, until: float) -> None:
-        self.membership.poll(until, KINDS, self.check, self.handle)
-        self.next_poll = time.monotonic() + POLL_SECONDS
 
     def check(self, message: Message) -> None:
         if message.kind == MEMBERS:

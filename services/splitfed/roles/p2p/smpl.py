@@ -20,22 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from splitfed.learning import data, models, train
+from splitfed.learning import data, train
 from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
-from splitfed.learning.peers import load_state, peer_generator, peer_share, scored, state_of, test_split
+from splitfed.learning.peers import load_state, scored, state_of
 from splitfed.learning.settings import SMPLSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
-from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint
-from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT, peer_name, peer_queue
-from splitfed.roles.p2p.membership import Membership
+from splitfed.roles.declaration import Identity, ProgressSink
+from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT
+from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.2
 VALIDATION_SAMPLES = 512  # the first samples of a peer's own share score it for --epsilon's "best member"
-KINDS = (MEMBERS, HYPEREDGE, START, DELTA)
 
 
 @dataclass
@@ -56,37 +53,22 @@ class Edge:
     train_loss: list[float] = field(default_factory=list)
 
 
-class SMPLPeer:
+class SMPLPeer(Peer):
+    KINDS = (MEMBERS, HYPEREDGE, START, DELTA)
+
     def __init__(self, settings: SMPLSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
-        self.settings = settings
-        self.session = deployment.session
-        self.name = peer_name(SMPL_PEER, deployment.peer_index)
-        self.on_progress = on_progress
-        self.share = peer_share(settings, deployment.peer_index)
+        super().__init__(SMPL_PEER, settings, deployment, transport, identity, on_progress, settings.hyperepochs)
         self.validation = self.share.subset(slice(0, VALIDATION_SAMPLES))
-        self.test = test_split(settings)
-        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
-        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
-        self.generator = peer_generator(settings, deployment.peer_index)
         self.snapshot = state_of(self.model)  # the model when own training was last counted
         self.layout = layout_of(self.snapshot)
         self.specs = {name: TensorSpec(dtype, shape) for name, (dtype, shape) in self.layout.items()}
         self.epoch_batches = -(-len(self.share) // settings.batch_size)
         self.batches: list[torch.Tensor] = []
-        self.endpoint = Endpoint(
-            transport, session=self.session, role=SMPL_PEER, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
-            signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, SMPL_PEER),
-        )
-        self.membership = Membership(self.endpoint, SMPL_PEER, self.name, len(self.share), settings.hyperepochs, deployment.peer_timeout)
         self.ledger = DeltaLedger()
         self.edges: dict[str, Edge] = {}
         self.early: dict[str, dict[str, Message]] = {}  # changes or start models that came before their hyperedge did
         self.asked = False
-        self.history: list[dict] = []
-        self.next_poll = 0.0
-        self.counted = {event: metrics.PEER_MODELS.labels(SMPL_PEER, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
-        metrics.LOCAL_SAMPLES.labels(SMPL_PEER, self.session).set(len(self.share))
 
     # -- the run, top to bottom ----------------------------------------------------------------
 
@@ -99,14 +81,12 @@ class SMPLPeer:
                 self.train_batch()
             else:
                 self.poll(until=time.monotonic() + POLL_SECONDS)
-            if time.monotonic() >= self.next_poll:
-                self.poll(until=time.monotonic())
+            self.poll_if_due()
             self.advance()
             if not self.membership.registered() and time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
         self.membership.leave()
-        return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
-                "loss": self.history[-1]["loss"], "history": self.history, "traffic": vars(self.endpoint.traffic)}
+        return self.result()
 
     def ask(self) -> None:
         """Ask for a hyperedge while this peer has room for one and hyperepochs left to fill."""
@@ -186,7 +166,7 @@ class SMPLPeer:
         self.active.set(len(self.edges))
         self.counted["averaged"].inc(len(present))
         after = scored(self.model, self.test, self.settings)
-        self.record(edge, before, after, len(present))
+        self.record_hyperedge(edge, before, after, len(present))
 
     def apply_early(self, edge: Edge, name: str) -> None:
         """--async-mid: a member's change goes into the model as it arrives, weighted by its share of
@@ -201,22 +181,11 @@ class SMPLPeer:
         del self.edges[edge.id]
         self.active.set(len(self.edges))
 
-    def record(self, edge: Edge, before: train.Evaluation, after: train.Evaluation, averaged: int) -> None:
-        seconds = time.perf_counter() - edge.started
+    def record_hyperedge(self, edge: Edge, before: train.Evaluation, after: train.Evaluation, averaged: int) -> None:
         train_loss = float(np.mean(edge.train_loss)) if edge.train_loss else None
-        record = {"epoch": len(self.history) + 1, "edge": edge.id, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss,
-                  "train_loss": train_loss, "averaged": averaged, "staleness": 0.0, "seconds": seconds}
-        self.history.append(record)
-        self.membership.epoch = record["epoch"]
-        self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
-        metrics.EPOCH.labels(SMPL_PEER, self.session).set(record["epoch"])
-        metrics.TEST_ACCURACY.labels(SMPL_PEER, self.session).set(after.accuracy)
-        metrics.PEER_ACCURACY.labels(SMPL_PEER, self.session, "before").set(before.accuracy)
-        metrics.PEER_ACCURACY.labels(SMPL_PEER, self.session, "after").set(after.accuracy)
-        if self.on_progress:
-            self.on_progress(Progress("epoch", record["epoch"], self.settings.hyperepochs, train_loss or 0.0, record))
+        self.record({"edge": edge.id, "train_loss": train_loss, "averaged": averaged, "staleness": 0.0, "seconds": time.perf_counter() - edge.started}, before, after)
         log.info("%s hyperedge %s (%d of %d): accuracy %.4f before synchronising, %.4f after (%d changes)", self.name, edge.id,
-                 record["epoch"], self.settings.hyperepochs, before.accuracy, after.accuracy, averaged)
+                 len(self.history), self.settings.hyperepochs, before.accuracy, after.accuracy, averaged)
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -235,10 +204,6 @@ class SMPLPeer:
         self.snapshot = state_of(self.model)
 
     # -- messages ------------------------------------------------------------------------------
-
-    def poll(self, until: float) -> None:
-        self.membership.poll(until, KINDS, self.check, self.handle)
-        self.next_poll = time.monotonic() + POLL_SECONDS
 
     def check(self, message: Message) -> None:
         if message.kind == MEMBERS:

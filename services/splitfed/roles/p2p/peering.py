@@ -1,0 +1,83 @@
+"""What p2p-peer and smpl-peer share: a share of the data and a whole model, an endpoint on the
+peer's own queue, its membership at the tracker, the inbox polled while it trains, and how an
+epoch (or hyperedge) is recorded, reported and exported."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+
+from splitfed.learning import data, models, train
+from splitfed.learning.peers import peer_generator, peer_share, test_split
+from splitfed.learning.settings import PeerSettings
+from splitfed.observability import metrics
+from splitfed.protocol import Message
+from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.endpoint import Endpoint
+from splitfed.roles.p2p.common import TRACKER, peer_name, peer_queue
+from splitfed.roles.p2p.membership import Membership
+from splitfed.transport import Transport
+
+POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (beats to send, messages to keep or answer)
+
+
+class Peer:
+    KINDS: Collection[str] = ()  # what the peer's inbox takes
+
+    def __init__(self, role: str, settings: PeerSettings, deployment, transport: Transport, identity: Identity, on_progress: ProgressSink | None, planned: int):  # noqa: ANN001 (roles.p2p.PeerDeployment)
+        """`planned`: the epochs (or hyperepochs) this peer means to report."""
+        self.role = role
+        self.settings = settings
+        self.session = deployment.session
+        self.name = peer_name(role, deployment.peer_index)
+        self.on_progress = on_progress
+        self.planned = planned
+        self.share = peer_share(settings, deployment.peer_index)
+        self.test = test_split(settings)
+        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
+        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
+        self.generator = peer_generator(settings, deployment.peer_index)
+        self.endpoint = Endpoint(
+            transport, session=self.session, role=role, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
+            signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, role),
+        )
+        self.membership = Membership(self.endpoint, role, self.name, len(self.share), planned, deployment.peer_timeout)
+        self.history: list[dict] = []
+        self.next_poll = 0.0
+        self.counted = {event: metrics.PEER_MODELS.labels(role, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
+        metrics.LOCAL_SAMPLES.labels(role, self.session).set(len(self.share))
+
+    def check(self, message: Message) -> None:
+        raise NotImplementedError
+
+    def handle(self, message: Message) -> None:
+        raise NotImplementedError
+
+    def poll(self, until: float) -> None:
+        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
+        self.membership.poll(until, self.KINDS, self.check, self.handle)
+        self.next_poll = time.monotonic() + POLL_SECONDS
+
+    def poll_if_due(self) -> None:
+        if time.monotonic() >= self.next_poll:
+            self.poll(until=time.monotonic())
+
+    def record(self, record: dict, before: train.Evaluation, after: train.Evaluation) -> None:
+        """One epoch (or hyperedge) done: kept, reported to the tracker, exported, shown."""
+        record = {"epoch": len(self.history) + 1 if "epoch" not in record else record["epoch"], "accuracy_before": before.accuracy,
+                  "accuracy": after.accuracy, "loss": after.loss, **record}
+        self.history.append(record)
+        self.membership.epoch = record["epoch"]
+        self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})
+        metrics.EPOCH.labels(self.role, self.session).set(record["epoch"])
+        if record.get("train_loss") is not None:
+            metrics.TRAIN_LOSS.labels(self.role, self.session).set(record["train_loss"])
+        metrics.TEST_ACCURACY.labels(self.role, self.session).set(after.accuracy)
+        metrics.PEER_ACCURACY.labels(self.role, self.session, "before").set(before.accuracy)
+        metrics.PEER_ACCURACY.labels(self.role, self.session, "after").set(after.accuracy)
+        if self.on_progress:
+            self.on_progress(Progress("epoch", record["epoch"], self.planned, record.get("train_loss") or 0.0, record))
+
+    def result(self) -> dict:
+        return {"peer": self.name, "incarnation": self.membership.incarnation, "accuracy": self.history[-1]["accuracy"],
+                "loss": self.history[-1]["loss"], "history": self.history, "traffic": vars(self.endpoint.traffic)}
