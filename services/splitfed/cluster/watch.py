@@ -105,7 +105,7 @@ def diagnose(pod: Any, now: datetime, pending_timeout: float, gpu_resource: str 
             return Problem(name, role, waiting.reason, waiting.message or container.image or "", True)
         if waiting and waiting.reason == "CrashLoopBackOff":
             if last_terminated and last_terminated.exit_code == 0:
-                continue  # it finished and its StatefulSet restarted it (a worker after the run)
+                continue  # it finished and its StatefulSet restarted it (a worker after the run, a serving session's peer)
             code = last_terminated.exit_code if last_terminated else "?"
             return Problem(name, role, "CrashLoopBackOff", f"exit code {code}, {container.restart_count} restarts", True, previous=True)
         if terminated and terminated.exit_code and status.phase == "Failed":

@@ -1,9 +1,15 @@
 """A peer's side of the tracker: register, follow the membership lists, beat, report, leave.
-Shared by p2p-peer and smpl-peer; torch-free."""
+Shared by p2p-peer and smpl-peer; torch-free.
+
+Heartbeats go out from a thread of their own, so that a long evaluation or a machine short of CPU
+between two polls does not get a live peer evicted. Everything this peer sends goes through one
+lock (`send`): the endpoint numbers and counts what it sends, and the transport hands one caller
+the connection at a time."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -31,33 +37,50 @@ class Membership:
         self.peers: dict[str, dict] = {}  # the other live peers: name -> {incarnation, epoch, samples}
         self.listed = (float("-inf"), -1)  # (tracker start, version) of the newest list followed
         self.nonce: str | None = None  # of the register waiting for its answer
-        self.next_beat = 0.0
         self.epoch = 0
+        self.sending = threading.Lock()
+        self.stopped = threading.Event()
+        self.beating: threading.Thread | None = None
 
     # -- to the tracker ------------------------------------------------------------------------
 
     def register(self) -> None:
         """Announce this incarnation (again, if the tracker lost it); its answer is a members
-        list carrying the register's nonce (`registered`)."""
+        list carrying the register's nonce (`registered`). Starts the heartbeats."""
         self.nonce = uuid.uuid4().hex
-        self.endpoint.send(self.tracker, REGISTER, incarnation=self.incarnation, started=time.time(), samples=self.samples,
-                           planned=self.planned, nonce=self.nonce)
-        self.next_beat = time.monotonic() + self.period
+        self.send(self.tracker, REGISTER, started=time.time(), samples=self.samples, planned=self.planned, nonce=self.nonce)
+        if self.beating is None:
+            self.beating = threading.Thread(target=self.beat, name=f"{self.name}-heartbeat", daemon=True)
+            self.beating.start()
 
     def registered(self) -> bool:
         return self.nonce is None
 
     def beat(self) -> None:
-        """A heartbeat, if one is due."""
-        if time.monotonic() >= self.next_beat:
-            self.endpoint.send(self.tracker, HEARTBEAT, incarnation=self.incarnation, epoch=self.epoch)
-            self.next_beat = time.monotonic() + self.period
+        """Every --peer-timeout / 3 seconds until the peer stops; a transport that has stopped ends it."""
+        while not self.stopped.wait(self.period):
+            try:
+                self.send(self.tracker, HEARTBEAT, epoch=self.epoch)
+            except TransportError as exc:
+                log.warning("%s: heartbeats stop: %s", self.name, exc)
+                return
 
     def report(self, **record: object) -> None:
-        self.endpoint.send(self.tracker, REPORT, incarnation=self.incarnation, epoch=self.epoch, **record)
+        self.send(self.tracker, REPORT, epoch=self.epoch, **record)
 
     def leave(self) -> None:
-        self.endpoint.send(self.tracker, LEAVE, incarnation=self.incarnation)
+        self.stop()
+        self.send(self.tracker, LEAVE)
+
+    def stop(self) -> None:
+        """No more heartbeats (the peer left, or failed: the tracker then evicts it)."""
+        self.stopped.set()
+        if self.beating is not None:
+            self.beating.join()
+
+    def send(self, queue: str, kind: str, tensors: dict | None = None, **meta: object) -> None:
+        with self.sending:
+            self.endpoint.send(queue, kind, tensors, incarnation=self.incarnation, **meta)
 
     # -- from the tracker ----------------------------------------------------------------------
 
@@ -96,16 +119,15 @@ class Membership:
     def send_to(self, name: str, kind: str, tensors: dict | None = None, **meta: object) -> bool:
         """False if `name`'s queue is gone (it died and its queue expired): nobody is waited for."""
         try:
-            self.endpoint.send(peer_queue(self.endpoint.session, name), kind, tensors, incarnation=self.incarnation, **meta)
+            self.send(peer_queue(self.endpoint.session, name), kind, tensors, **meta)
         except TransportError as exc:
             log.warning("%s: cannot reach %s: %s", self.name, name, exc)
             return False
         return True
 
     def poll(self, until: float, kinds: Collection[str], check: Callable[[Message], None], handle: Callable[[Message], None]) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
+        """Handle what is in the inbox, waiting for more until `until` (monotonic)."""
         while True:
-            self.beat()
             received = self.endpoint.receive(kinds, None, check, wait=max(1e-3, until - time.monotonic()))
             if received is None:
                 return

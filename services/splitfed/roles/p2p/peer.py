@@ -38,7 +38,7 @@ class P2PPeer(Peer):
 
     # -- the run, top to bottom ----------------------------------------------------------------
 
-    def run(self) -> dict:
+    def train(self) -> dict:
         self.join()
         first = self.membership.epoch + 1
         for epoch in range(first, first + self.settings.epochs):
@@ -90,7 +90,7 @@ class P2PPeer(Peer):
         batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
         for done, indices in enumerate(batches, 1):
             losses.append(train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices]))  # (B, C, H, W), (B,)
-            self.poll_if_due()  # beats and fetches are answered while training
+            self.poll_if_due()  # fetches are answered and models kept while training
             if self.on_progress:
                 self.on_progress(Progress("batch", done, len(batches), losses[-1]))
         return sum(losses) / len(losses)

@@ -18,7 +18,7 @@ from splitfed.roles.p2p.common import TRACKER, peer_name, peer_queue
 from splitfed.roles.p2p.membership import Membership
 from splitfed.transport import Transport
 
-POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (beats to send, messages to keep or answer)
+POLL_SECONDS = 0.5  # how often a training peer looks at its inbox (messages to keep or answer)
 
 
 class Peer:
@@ -47,6 +47,16 @@ class Peer:
         self.counted = {event: metrics.PEER_MODELS.labels(role, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
         metrics.LOCAL_SAMPLES.labels(role, self.session).set(len(self.share))
 
+    def run(self) -> dict:
+        """The peer's work (`train`), and its heartbeats stopped however that ends."""
+        try:
+            return self.train()
+        finally:
+            self.membership.stop()
+
+    def train(self) -> dict:
+        raise NotImplementedError
+
     def check(self, message: Message) -> None:
         raise NotImplementedError
 
@@ -54,7 +64,7 @@ class Peer:
         raise NotImplementedError
 
     def poll(self, until: float) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic), and beat."""
+        """Handle what is in the inbox, waiting for more until `until` (monotonic)."""
         self.membership.poll(until, self.KINDS, self.check, self.handle)
         self.next_poll = time.monotonic() + POLL_SECONDS
 

@@ -72,7 +72,7 @@ class SMPLPeer(Peer):
 
     # -- the run, top to bottom ----------------------------------------------------------------
 
-    def run(self) -> dict:
+    def train(self) -> dict:
         self.membership.register()
         deadline = time.monotonic() + self.endpoint.timeout
         while len(self.history) < self.settings.hyperepochs:
@@ -94,7 +94,7 @@ class SMPLPeer(Peer):
         if self.asked or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
             return
         loss = scored(self.model, self.validation, self.settings).loss
-        self.endpoint.send(self.membership.tracker, WANT, incarnation=self.membership.incarnation, loss=loss, open=sorted(self.edges))
+        self.membership.send(self.membership.tracker, WANT, loss=loss, open=sorted(self.edges))
         self.asked = True
 
     def train_batch(self) -> None:
