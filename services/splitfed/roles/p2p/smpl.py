@@ -67,6 +67,7 @@ class SMPLPeer(Peer):
         self.ledger = DeltaLedger()
         self.edges: dict[str, Edge] = {}
         self.early: dict[str, dict[str, Message]] = {}  # changes or start models that came before their hyperedge did
+        self.early_since: dict[str, float] = {}  # when each of those hyperedges was first heard of (monotonic)
         self.asked = False
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
 
@@ -116,6 +117,11 @@ class SMPLPeer(Peer):
         """Move each hyperedge on: send its change once its pass is trained, close it once every
         live member's change is in, give up on what the deadline has passed."""
         now = time.monotonic()
+        for edge_id, since in list(self.early_since.items()):  # never told of it (or it was left): forgotten after the timeout
+            if edge_id in self.edges or now - since > self.settings.hyperedge_timeout:
+                del self.early_since[edge_id]
+                if edge_id not in self.edges:
+                    self.early.pop(edge_id, None)
         for edge in list(self.edges.values()):
             live = [name for name in edge.members if name in self.membership.peers]
             if edge.phase == "starting" and (now > edge.deadline or edge.source not in self.membership.peers):
@@ -264,6 +270,7 @@ class SMPLPeer(Peer):
             edge = self.edges.get(message.meta["edge"])
             if edge is None:  # it can overtake the tracker's word of the hyperedge: kept, bounded
                 self.early.setdefault(message.meta["edge"], {})[message.sender] = message
+                self.early_since.setdefault(message.meta["edge"], time.monotonic())
             elif message.kind == START:
                 self.begin(edge, message.tensors)
             else:
