@@ -24,7 +24,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "va
 TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer"}  # the others: no gpu
 SINGLETONS = {"relay", "split-server", "split-fed", "p2p-tracker"}  # one pod per session (fedavg-server: active + standbys)
 AT_LEAST_ONE = {"split-client", "p2p-peer", "smpl-peer"}  # their replicas are the run's --clients, --peers (declared min 1)
-JOBS = {"split-client", "split-server", "split-fed", "fedavg-server", "p2p-tracker"}  # the p2p-tracker with expect-peers > 0
+JOBS = {"split-client", "split-server", "split-fed", "fedavg-server", "p2p-tracker", "p2p-peer", "smpl-peer"}  # the p2p roles with the tracker's expect-peers > 0
 PATTERN_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 

@@ -80,9 +80,10 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 def _parameter(option: config.Option) -> inspect.Parameter:
     """Flags are taken as text and parsed by the declaration, so that every bad value, from a flag
-    or a variable, gets the same one-line error; booleans are plain on/off flags."""
+    or a variable, gets the same one-line error; booleans are plain on/off flags, and one that is
+    on by default also has its --no- form to turn it off."""
     if option.type is bool:
-        info = typer.Option(option.flag, envvar=option.env, help=option.help)
+        info = typer.Option(f"{option.flag}/--no-{option.flag[2:]}" if option.default else option.flag, envvar=option.env, help=option.help)
         return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=Annotated[bool, info])
     shown = "required" if option.required else ("" if option.default is None else str(option.default))
     info = typer.Option(option.flag, envvar=option.env, help=option.help, metavar=option.metavar or option.kind, show_default=shown or False)

@@ -200,7 +200,7 @@ def test_gpu_count_and_own_scheduling_settings_combine(rendered):
 @pytest.mark.parametrize("name", VALUE_NAMES)
 def test_role_env_is_accepted_by_the_role(rendered, name):
     roles = 0
-    for role, container, _, _ in role_containers(rendered[name]):
+    for role, container, _, workload in role_containers(rendered[name]):
         env = env_of(container)
         splitfed_vars = {n for n in env if n.startswith("SPLITFED_")}
         unknown = splitfed_vars - ROLES[role].env_names()
@@ -211,8 +211,10 @@ def test_role_env_is_accepted_by_the_role(rendered, name):
         if role == "fedavg-worker":
             assert env["SPLITFED_WORKER_ID"]["value"] == "worker-$(SPLITFED_INDEX)"  # as `keys generate --workers N` names them
             assert env["SPLITFED_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
-        if role in ("p2p-peer", "smpl-peer"):
-            assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        if role in ("p2p-peer", "smpl-peer"):  # the completion index of an Indexed Job, the ordinal of a StatefulSet
+            index = {"Job": "metadata.annotations['batch.kubernetes.io/job-completion-index']",
+                     "StatefulSet": "metadata.labels['apps.kubernetes.io/pod-index']"}[workload["kind"]]
+            assert env["SPLITFED_PEER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == index
         roles += 1
     assert roles > 0
 

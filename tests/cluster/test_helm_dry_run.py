@@ -152,8 +152,9 @@ def test_a_splitnn_launch_in_round_robin_has_no_fed(helm_dry_run):
 
 
 def test_a_p2p_launch_renders_a_tracker_that_ends_and_a_peer_per_pod(helm_dry_run, tmp_path):
-    """--peers is the peers' StatefulSet and what the tracker expects: it ends with the run (a Job)
-    and leads it; each peer's ordinal is its index and names its key."""
+    """--peers is the peers' Indexed Job and what the tracker expects: it ends with the run (a Job)
+    and leads it, and peers that have finished stay finished; each peer's completion index is its
+    index and names its key."""
     keys = tmp_path / "keys"
     assert invoke("keys", "generate", "--no-server", "--party", "p2p-tracker",
                   *(arg for index in range(3) for arg in ("--party", f"p2p-peer-{index}")), "--out", keys).exit_code == 0
@@ -163,8 +164,12 @@ def test_a_p2p_launch_renders_a_tracker_that_ends_and_a_peer_per_pod(helm_dry_ru
     objects = manifests(result.stdout)
     (tracker,) = [o for o in objects if o["metadata"]["name"] == "pp-splitfed-p2p-tracker"]
     assert tracker["kind"] == "Job" and tracker["spec"]["completions"] == 1
-    (peers,) = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "pp-splitfed-p2p-peer"]
-    assert peers["spec"]["replicas"] == 3
+    (peers,) = [o for o in objects if o["metadata"]["name"] == "pp-splitfed-p2p-peer"]  # no headless Service: a Job
+    assert peers["kind"] == "Job"
+    assert (peers["spec"]["completionMode"], peers["spec"]["completions"], peers["spec"]["parallelism"]) == ("Indexed", 3, 3)
+    (peer,) = peers["spec"]["template"]["spec"]["containers"]
+    (index,) = [e for e in peer["env"] if e["name"] == "SPLITFED_PEER_INDEX"]
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     assert not [o for o in objects if o["kind"] in ("Job", "StatefulSet", "Deployment") and "fedavg" in o["metadata"]["name"]]
     env = role_env(objects)
     assert set(env) == {"p2p-tracker", "p2p-peer", "rabbitmq"}
@@ -184,6 +189,7 @@ def test_an_smpl_launch_shares_the_hyperedges_with_the_tracker(helm_dry_run):
                     "--sparsity", "0.5", "--hyperepochs", "2")
     assert result.exit_code == 0, result.stderr
     objects = manifests(result.stdout)
+    assert {o["kind"] for o in objects if o["metadata"]["name"] == "sm-splitfed-smpl-peer"} == {"Job"}  # launch: a run with an end
     env = role_env(objects)
     assert set(env) == {"p2p-tracker", "smpl-peer", "rabbitmq"}
     assert env["p2p-tracker"]["SPLITFED_HYPEREDGE_SIZE"] == env["smpl-peer"]["SPLITFED_HYPEREDGE_SIZE"] == "3"

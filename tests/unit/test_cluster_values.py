@@ -107,8 +107,9 @@ def test_splitnn_options_clients_schedule_and_the_fed():
 
 
 def test_p2p_options_peers_the_family_and_the_tracker_that_ends():
-    """--peers is the peers' StatefulSet replicas and what the tracker expects (so it ends with the
-    run, as a Job, and prints the result); what tracker and peers both take is the family's."""
+    """--peers is the peers' replicas and what the tracker expects (so it ends with the run, as a
+    Job, the peers as an Indexed Job, and prints the result); what tracker and peers both take is
+    the family's."""
     chosen = values.chart_values("p2p", {"peers": 3, "epochs": 2, "partition": "iid", "max_staleness": 1, "seed": 4, "peer_timeout": 30.0,
                                          "timeout": 60.0, "log_level": "debug", "dataset": "digits"})
     assert chosen["p2pTracker"] == {"enabled": True, "settings": {"expect-peers": 3}}

@@ -23,8 +23,11 @@ def command(group: str, name: str):
 
 
 def flags_and_envs(cli_command) -> tuple[list[str], list[str]]:
+    """Each option's flag (a boolean that is on by default also has its --no- form) and variable."""
     options = [p for p in cli_command.params if p.name != "help"]
-    return [flag for p in options for flag in p.opts + p.secondary_opts], [p.envvar for p in options]
+    for p in options:
+        assert p.secondary_opts == ([f"--no-{p.opts[0][2:]}"] if p.is_flag and p.default is True else []), p.name
+    return [flag for p in options for flag in p.opts], [p.envvar for p in options]
 
 
 @pytest.mark.parametrize("name", sorted(ROLES))

@@ -139,6 +139,14 @@ it is uninstalled (a Deployment). */}}
 {{- if gt (int (include "splitfed.trackerExpects" .)) 0 -}}true{{- end -}}
 {{- end -}}
 
+{{/* The peers' workload, which follows the tracker's: "Job" (Indexed: completion index = peer
+index) when the tracker ends with the run, so that a peer that has finished stays finished and the
+tracker sees none live; "StatefulSet" (pod ordinal = peer index) when it serves until uninstalled,
+where a peer that has finished is restarted and rejoins. */}}
+{{- define "splitfed.peerKind" -}}
+{{- ternary "Job" "StatefulSet" (eq (include "splitfed.trackerEnds" .) "true") -}}
+{{- end -}}
+
 {{/* Pod security: the same for every splitfed pod (the images' user is 10001). */}}
 {{- define "splitfed.podSecurityContext" -}}
 runAsNonRoot: true

@@ -12,11 +12,13 @@ Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed
 {{- /* $signs: a party with a key of its own (all but the relay); $namesData: one that takes the
 data set's name (all but the relay and the p2p-tracker, which trains nothing); $readsData: one
 that loads the data (not the split-fed either, which only averages layers); $peer: a
-decentralized peer (p2p-peer, smpl-peer), a StatefulSet pod whose ordinal is its --peer-index. */ -}}
+decentralized peer (p2p-peer, smpl-peer), whose --peer-index is its completion index in an Indexed
+Job or its ordinal in a StatefulSet ($peerJob: the former, splitfed.peerKind). */ -}}
 {{- $signs := ne $role "relay" -}}
 {{- $namesData := not (has $role (list "relay" "p2p-tracker")) -}}
 {{- $readsData := not (has $role (list "relay" "split-fed" "p2p-tracker")) -}}
 {{- $peer := has $role (list "p2p-peer" "smpl-peer") -}}
+{{- $peerJob := and $peer (eq (include "splitfed.peerKind" $root) "Job") -}}
 {{- $clients := int $root.Values.splitClient.replicas -}}
 {{- $severalClients := gt $clients 1 -}}
 {{- $keys := $root.Values.keys.existingSecret -}}
@@ -77,12 +79,16 @@ spec:
               fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
         {{- end }}
         {{- if $peer }}
-        # Which peer this is: the pod's ordinal is its share of the data and names it
-        # {{ $role }}-INDEX, as in the key list; SPLITFED_PEERS is the StatefulSet's replicas.
+        # Which peer this is: the pod's {{ ternary "completion index (an Indexed Job)" "ordinal (a StatefulSet)" $peerJob }} is its share
+        # of the data and names it {{ $role }}-INDEX, as in the key list; SPLITFED_PEERS: the replicas.
         - name: SPLITFED_PEER_INDEX
           valueFrom:
             fieldRef:
+              {{- if $peerJob }}
+              fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+              {{- else }}
               fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+              {{- end }}
         - name: SPLITFED_PEERS
           value: {{ $values.replicas | quote }}
         {{- end }}
@@ -214,7 +220,7 @@ spec:
         # StatefulSet cannot give each pod a Secret of its own: each worker can read every key in it.
         # Several split clients, the pods of one Job, likewise share one volume: it holds every
         # client's key (split-client-0.key ...), and no other party's; so do the peers of one
-        # StatefulSet (p2p-peer-0.key ...).
+        # Job or StatefulSet (p2p-peer-0.key ...).
         items:
           - key: {{ $root.Values.keys.keyListKey }}
             path: {{ $root.Values.keys.keyListKey }}
