@@ -1,6 +1,6 @@
 """How the tracker draws SMPL's hyperedges: peers that are free for another hyperedge say so
 (`want`, with their validation loss); once --hyperedge-size of them are waiting (asynchronously),
-or once every live peer is (--async-global false: global rounds), the tracker draws a hyperedge of
+or once every live peer is (--no-async-global: global rounds), the tracker draws a hyperedge of
 them with a seeded generator, picks whose model it starts from (--epsilon: the best member's,
 else a random member's), and tells each member (`hyperedge{edge, members, source}`). A member
 reports when its part is done (`report{edge}`); the hyperedge closes when every member that is
