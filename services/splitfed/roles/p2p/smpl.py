@@ -68,7 +68,7 @@ class SMPLPeer(Peer):
         self.edges: dict[str, Edge] = {}
         self.early: dict[str, dict[str, Message]] = {}  # changes or start models that came before their hyperedge did
         self.early_since: dict[str, float] = {}  # when each of those hyperedges was first heard of (monotonic)
-        self.asked = False
+        self.asked: float | None = None  # when this peer asked for the hyperedge it waits for (monotonic)
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
 
     # -- the run, top to bottom ----------------------------------------------------------------
@@ -92,11 +92,13 @@ class SMPLPeer(Peer):
     def ask(self) -> None:
         """Ask for a hyperedge while this peer has room for one and hyperepochs left to fill."""
         busy = len(self.edges) + len(self.history)
-        if self.asked or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
+        if self.asked is not None and time.monotonic() - self.asked > self.endpoint.timeout and not self.edges:
+            raise TimeoutError(f"{self.name}: no hyperedge from the tracker within {self.endpoint.timeout:.0f}s of asking")
+        if self.asked is not None or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
             return
         loss = scored(self.model, self.validation, self.settings).loss
         self.membership.send(self.membership.tracker, WANT, loss=loss, open=sorted(self.edges))
-        self.asked = True
+        self.asked = time.monotonic()
 
     def train_batch(self) -> None:
         """One local step (or one per thread, Hogwild!), counted for every hyperedge in training."""
@@ -249,8 +251,10 @@ class SMPLPeer(Peer):
     def handle(self, message: Message) -> None:
         if message.kind == MEMBERS:
             self.membership.follow(message)
+            if not self.membership.registered():  # registering again (a new tracker): its want is asked again too
+                self.asked = None
         elif message.kind == HYPEREDGE:
-            self.asked = False
+            self.asked = None
             # The tracker lists every peer before drawing it, so a member not listed now has gone since.
             others = [name for name in message.meta["members"] if name != self.name and name in self.membership.peers]
             # Weighted by the samples the tracker lists (not what a member claims), as listed now: a
