@@ -122,7 +122,10 @@ class P2PPeer(Peer):
                 raise ProtocolError("malformed", "fetch needs a nonce")
             return
         epoch = count(message.meta, "epoch", 1)
-        if epoch <= self.last_epoch.get((message.sender, incarnation), 0):
+        if "ref" in message.meta:  # the answer to a fetch: it may repeat the epoch its sender has just sent everyone
+            if message.meta["ref"] != self.fetch_nonce or self.fetch_nonce is None:
+                raise ProtocolError("stale", f"model from {message.sender} answers a fetch this peer is not waiting for (any more)")
+        elif epoch <= self.last_epoch.get((message.sender, incarnation), 0):
             raise ProtocolError("duplicate", f"model of epoch {epoch} from {message.sender} is not newer than one already taken")
         check_tensors(message, self.layout)
 
@@ -135,9 +138,9 @@ class P2PPeer(Peer):
         else:
             # Weighted by the samples the tracker lists for it, not by what the model claims.
             model = Received(message.sender, message.meta["epoch"], self.membership.peers[message.sender]["samples"], message.tensors)
-            self.last_epoch[(message.sender, message.meta["incarnation"])] = model.epoch
             self.counted["received"].inc()
-            if message.meta.get("ref") is not None and message.meta.get("ref") == self.fetch_nonce:
-                self.fetched = model
+            if "ref" in message.meta:
+                self.fetched, self.fetch_nonce = model, None
             else:
+                self.last_epoch[(message.sender, message.meta["incarnation"])] = model.epoch
                 self.received[message.sender] = model
