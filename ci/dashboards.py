@@ -53,6 +53,22 @@ def quantiles(metric: str, selector: str, by: str = "session") -> tuple[Query, .
     )
 
 
+def bytes_per_second(selector: str, title: str = "Bytes per second by role", **style: object) -> Panel:
+    return Panel(title, (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{selector}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
+                 unit="Bps", **style)
+
+
+def messages_per_second(selector: str, title: str = "Messages per second by kind", **style: object) -> Panel:
+    return Panel(title, (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{selector}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
+                 unit="ops", **style)
+
+
+def rejections(selector: str, **style: object) -> Panel:
+    return Panel("Rejections by reason",
+                 (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{selector}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
+                 stacked=True, **style)
+
+
 OVERVIEW = (
     Panel("Runs", (q(f"count(count by (session) (splitfed_unsafe_mode{{{S}}}))", "runs"),), kind="stat", width=4,
           description="Sessions with at least one live party"),
@@ -66,12 +82,11 @@ OVERVIEW = (
     Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{SR}}}", "{{session}} {{role}}"),), unit="percentunit"),
     Panel("Loss", (q(f"splitfed_test_loss{{{SR}}}", "test {{session}} {{role}}"), q(f"splitfed_train_loss{{{SR}}}", "train {{session}} {{role}} {{instance}}"))),
     Panel("Active parties by role", (q(f"count by (role) (splitfed_unsafe_mode{{{SR}}})", "{{role}}"),), stacked=True),
-    Panel("Bytes per second", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{SR}}}[$__rate_interval]))", "{{role}} {{direction}}"),), unit="Bps"),
-    Panel("Messages per second", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{SR}}}[$__rate_interval]))", "{{role}} {{kind}}"),), unit="ops"),
+    bytes_per_second(SR, "Bytes per second"),
+    messages_per_second(SR, "Messages per second"),
     Panel("Round-trip latency (split)", quantiles("splitfed_round_trip_seconds", SR), unit="s",
           description="From sending a batch's activations to holding its gradients"),
-    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{SR}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
-          description="Frames refused: garbage, bad signatures, replays, wrong shapes, NaN/Inf, ...", stacked=True),
+    rejections(SR, description="Frames refused: garbage, bad signatures, replays, wrong shapes, NaN/Inf, ..."),
 )
 
 FEDAVG_SERVER = f'role="fedavg-server", {S}'
@@ -125,12 +140,9 @@ SPLIT = (
           description="From sending a batch's activations to holding its gradients, over all the clients"),
     Panel("Round-trip latency by client", quantiles("splitfed_round_trip_seconds", SPLIT_CLIENT, by="client"), unit="s",
           description="The same per client: one far above the others is far from the server, or on a slow node"),
-    Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
-          unit="Bps"),
-    Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
-          unit="ops"),
-    Panel("Rejections by reason", (q(f"sum by (role, reason) (increase(splitfed_messages_rejected_total{{{SPLIT_ROLES}}}[$__rate_interval]))", "{{role}} {{reason}}"),),
-          stacked=True),
+    bytes_per_second(SPLIT_ROLES),
+    messages_per_second(SPLIT_ROLES),
+    rejections(SPLIT_ROLES),
 )
 
 TRACKER = f'role="p2p-tracker", {S}'
@@ -158,10 +170,8 @@ P2P = (
     Panel("Staleness", (q(f"splitfed_peer_staleness{{{PEERS}}}", "{{instance}}"),),
           description="Epochs the stalest model in each peer's last average was behind it (--max-staleness drops older ones)"),
     Panel("Samples per peer", (q(f"splitfed_local_samples{{{PEERS}}}", "{{instance}}"),)),
-    Panel("Bytes per second by role", (q(f"sum by (role, direction) (rate(splitfed_bytes_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{direction}}"),),
-          unit="Bps"),
-    Panel("Messages per second by kind", (q(f"sum by (role, kind) (rate(splitfed_messages_total{{{DECENTRALIZED}}}[$__rate_interval]))", "{{role}} {{kind}}"),),
-          unit="ops", width=24, description="Rejected frames, by reason, are on the overview dashboard"),
+    bytes_per_second(DECENTRALIZED),
+    messages_per_second(DECENTRALIZED, width=24, description="Rejected frames, by reason, are on the overview dashboard"),
 )
 
 # RabbitMQ's own rabbitmq_prometheus plugin: aggregated /metrics, and per-queue series from

@@ -140,11 +140,16 @@ def test_p2p_and_smpl_share_their_lead_and_are_told_apart_by_their_peers():
     assert values.scenario_of("fedavg-server", {"fedavg-worker"}) == "fedavg"
 
 
+def key_folder(folder, *parties: str):
+    """A key list and each party's key file in `folder` (their contents do not matter here); the key list's path."""
+    (folder / "key-list.json").write_text("{}")
+    for party in parties:
+        (folder / f"{party}.key").write_text(party)
+    return folder / "key-list.json"
+
+
 def test_p2p_keys_are_the_trackers_and_every_peers(tmp_path):
-    (tmp_path / "key-list.json").write_text("{}")
-    for party in ("p2p-tracker", "smpl-peer-0", "smpl-peer-1"):
-        (tmp_path / f"{party}.key").write_text(party)
-    given = {"key_list": tmp_path / "key-list.json", "peers": 2}
+    given = {"key_list": key_folder(tmp_path, "p2p-tracker", "smpl-peer-0", "smpl-peer-1"), "peers": 2}
     assert sorted(values.key_files("smpl", given)) == ["key-list.json", "p2p-tracker.key", "smpl-peer-0.key", "smpl-peer-1.key"]
     assert values.parties("p2p", {"peers": 2}) == ["p2p-tracker", "p2p-peer-0", "p2p-peer-1"]
     with pytest.raises(ValueError, match="p2p-peer-0.key, p2p-peer-1.key missing"):
@@ -152,10 +157,7 @@ def test_p2p_keys_are_the_trackers_and_every_peers(tmp_path):
 
 
 def test_splitnn_keys_are_every_clients_the_servers_and_the_feds(tmp_path):
-    (tmp_path / "key-list.json").write_text("{}")
-    for party in ("split-server", "split-fed", "split-client-0", "split-client-1"):
-        (tmp_path / f"{party}.key").write_text(party)
-    given = {"key_list": tmp_path / "key-list.json", "clients": 2}
+    given = {"key_list": key_folder(tmp_path, "split-server", "split-fed", "split-client-0", "split-client-1"), "clients": 2}
     assert sorted(values.key_files("splitnn", given)) == ["key-list.json", "split-client-0.key", "split-client-1.key", "split-fed.key",
                                                           "split-server.key"]
     assert values.parties("splitnn", {**given, "schedule": "round-robin"}) == ["split-server", "split-client-0", "split-client-1"]
@@ -183,10 +185,7 @@ def test_nothing_given_is_nothing_written():
 
 
 def test_the_key_list_becomes_a_secret_of_its_folder(tmp_path):
-    (tmp_path / "key-list.json").write_text("{}")
-    for party in ("fedavg-server", "worker-0", "worker-1"):
-        (tmp_path / f"{party}.key").write_text(party)
-    given = {"key_list": tmp_path / "key-list.json", "workers": 2}
+    given = {"key_list": key_folder(tmp_path, "fedavg-server", "worker-0", "worker-1"), "workers": 2}
     assert sorted(values.key_files("fedavg", given)) == ["fedavg-server.key", "key-list.json", "worker-0.key", "worker-1.key"]
     assert values.chart_values("fedavg", given, keys_secret="fl-keys")["keys"] == {"existingSecret": "fl-keys", "keyListKey": "key-list.json"}
     with pytest.raises(ValueError, match="worker-2.key missing"):

@@ -22,12 +22,7 @@ def client_share(settings: SplitNNSettings, index: int) -> Split:
     full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
     if settings.clients == 1:
         return full
-    return full.subset(data.partition(full.labels, settings.partition, settings.clients, settings.seed)[index])
-
-
-def client_generator(settings: SplitNNSettings, index: int) -> torch.Generator:
-    """Client `index`'s batch order: client 0 shuffles as centralized training does."""
-    return torch.Generator().manual_seed(settings.seed + 7919 * index)
+    return data.share_of(full, settings.partition, settings.clients, settings.seed, index)
 
 
 @dataclass
@@ -55,7 +50,7 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     for index in range(settings.clients):
         parts = copy.deepcopy(whole)
         params = [p for module in (parts.head, parts.tail) if module is not None for p in module.parameters()]
-        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), client_share(settings, index), client_generator(settings, index)))
+        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), client_share(settings, index), data.party_generator(settings.seed, index)))
     per_client = settings.schedule == "splitfed-v1"
     bodies = [client.parts.body for client in clients] if per_client else [whole.body] * settings.clients
     if per_client:

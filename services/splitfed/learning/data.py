@@ -202,6 +202,17 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[tor
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
+def party_generator(seed: int, index: int) -> torch.Generator:
+    """The batch order of party `index` among several that each hold a share (split clients,
+    peers): fixed by the run's seed, and party 0 shuffles as centralized training does."""
+    return torch.Generator().manual_seed(seed + 7919 * index)
+
+
+def share_of(full: Split, spec: str, parts: int, seed: int, index: int) -> Split:
+    """Party `index`'s samples of `full` shared out by `spec` among `parts` parties."""
+    return full.subset(partition(full.labels, spec, parts, seed)[index])
+
+
 def partition(labels: torch.Tensor, spec: str, parts: int, seed: int) -> list[torch.Tensor]:
     """Indices of each party's share: `iid`, `classes:0-3,4-6,7-9`, `dirichlet:ALPHA`, `shards:K`.
     A share left empty (more parties than samples, classes the data does not hold) is an error."""

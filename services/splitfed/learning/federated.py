@@ -39,9 +39,7 @@ def evaluation_data(settings: PartitionSettings) -> data.Split:
 
 
 def worker_share(settings: PartitionSettings, index: int) -> data.Split:
-    full = training_data(settings)
-    mine = data.partition(full.labels, settings.partition, settings.workers, settings.seed)[index]
-    return full.subset(mine)
+    return data.share_of(training_data(settings), settings.partition, settings.workers, settings.seed, index)
 
 
 def local_batches(size: int, settings: PartitionSettings, generator: torch.Generator) -> list[torch.Tensor]:

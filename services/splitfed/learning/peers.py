@@ -22,12 +22,7 @@ def peer_share(settings: PeerSettings, index: int) -> Split:
     if not 0 <= index < settings.peers:
         raise ValueError(f"--peer-index {index} is not below --peers {settings.peers}")
     full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-    return full.subset(data.partition(full.labels, settings.partition, settings.peers, settings.seed)[index])
-
-
-def peer_generator(settings: PeerSettings, index: int) -> torch.Generator:
-    """Peer `index`'s batch order, fixed by the run's seed."""
-    return torch.Generator().manual_seed(settings.seed + 7919 * index)
+    return data.share_of(full, settings.partition, settings.peers, settings.seed, index)
 
 
 def test_split(settings: PeerSettings) -> Split:
@@ -105,7 +100,7 @@ def in_memory_run(settings: P2PSettings) -> dict:
     peers = []
     for index in range(settings.peers):
         model = models.build(settings.model, meta, settings.seed)
-        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), peer_share(settings, index), peer_generator(settings, index)))
+        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), peer_share(settings, index), data.party_generator(settings.seed, index)))
     history = []
     started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):

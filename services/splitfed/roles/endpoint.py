@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from splitfed.protocol import (
     MAX_MESSAGE_BYTES, Message, ProtocolError, body_digest, decode_header, decode_tensors, encode, encode_body, signed_header,
 )
 from splitfed.security.keys import KeyList, Signer
-from splitfed.transport import ChunkRefused, Delivery, Transport
+from splitfed.transport import ChunkRefused, Delivery, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class Endpoint:
         self._seq: dict[str | None, int] = {}  # recipient -> the last number sent to it: each receiver sees 1, 2, 3...
         self._next_seq: dict[str, int] = {}  # sender -> the sequence number expected next
         self._counters: dict[tuple[str, str], tuple] = {}  # (kind, direction) -> MESSAGES and BYTES children
+        # Numbering and counting are atomic, so a role may send from a second thread (a peer's
+        # heartbeats); the transport hands its connection to one caller at a time itself.
+        self._numbering = threading.Lock()
         metrics.UNSAFE_MODE.labels(role, session).set(trusted is None)
         if trusted is None:
             log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", self.sender)
@@ -176,16 +180,25 @@ class Endpoint:
         self.send_frame(queue, message.kind, frame, persistent=persistent, must_exist=must_exist)
         return Sent(message, frame)
 
-    def send_messages(self, batch: list[tuple[str, Message, str | None]], *, persistent: bool = False) -> list[Sent]:
+    def send_messages(
+        self, batch: list[tuple[str, Message, str | None]], *, persistent: bool = False, unreachable: Callable[[str, TransportError], None] | None = None,
+    ) -> list[Sent]:
         """`send_message` for many (queue, message, recipient), e.g. one model to every sampled
         worker: messages that share one tensors dict share one encoded body and its digest, so
         the model is serialised and hashed once, not once per worker; each is still numbered,
-        bound and signed for its recipient."""
+        bound and signed for its recipient. `unreachable(queue, error)`: told of a queue the
+        transport cannot deliver to, and the rest are still sent (without it, the error stops them)."""
         bodies: dict[int, tuple[bytes, bytes | None]] = {}  # id(tensors) -> (body, digest); the dicts stay alive in `batch`
         sent = []
         for queue, message, to in batch:
             frame = self._frame(message, to, bodies)
-            self.send_frame(queue, message.kind, frame, persistent=persistent)
+            try:
+                self.send_frame(queue, message.kind, frame, persistent=persistent)
+            except TransportError as exc:
+                if unreachable is None:
+                    raise
+                unreachable(queue, exc)
+                continue
             sent.append(Sent(message, digest=frame_digest(frame)))  # hashed now: holding every frame till the end would hold a model per worker
         return sent
 
@@ -194,9 +207,11 @@ class Endpoint:
         identity of the tensors dict they were made from. The body is hashed only to be signed:
         an unsigned frame states no digest, and nothing else reads it."""
         handshake = message.kind in self.handshake
-        if not handshake:
-            self._seq[to] = self._seq.get(to, 0) + 1
-        message.session, message.sender, message.seq = self.session, self.sender, 0 if handshake else self._seq[to]
+        with self._numbering:
+            if not handshake:
+                self._seq[to] = self._seq.get(to, 0) + 1
+            message.seq = 0 if handshake else self._seq[to]
+        message.session, message.sender = self.session, self.sender
         if self.run is not None and not handshake:
             if to is None:
                 raise ValueError(f"{self.sender}: a bound {message.kind} must name its recipient")
@@ -224,7 +239,8 @@ class Endpoint:
             counters = self._counters[(kind, direction)] = (metrics.MESSAGES.labels(*labels), metrics.BYTES.labels(*labels))
         counters[0].inc()
         counters[1].inc(size)
-        self.traffic.add(size)
+        with self._numbering:
+            self.traffic.add(size)
 
     def receive(
         self,

@@ -82,13 +82,19 @@ def finite(meta: dict, name: str) -> float | None:
     return float(value)
 
 
+def peer_role(name: str) -> str | None:
+    """The role in a peer's name (p2p-peer-3: p2p-peer), None if the name is not ROLE-INDEX."""
+    role, _, index = name.rpartition("-")
+    return role if role and index.isdigit() else None
+
+
 def members_of(meta: dict, role: str) -> dict[str, dict]:
     """A membership list's peers, checked: names of `role`, each with its incarnation, epoch and samples."""
     peers = meta.get("peers")
     if not isinstance(peers, dict) or len(peers) > MAX_PEERS:
         raise ProtocolError("malformed", "members lists at most 4096 peers by name")
     for name, entry in peers.items():
-        if not name.startswith(f"{role}-") or not name[len(role) + 1 :].isdigit() or not isinstance(entry, dict):
+        if peer_role(name) != role or not isinstance(entry, dict):
             raise ProtocolError("malformed", f"members names {name[:80]!r}, not a {role}")
         incarnation_of(entry)
         count(entry, "epoch")

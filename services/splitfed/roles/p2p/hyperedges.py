@@ -35,7 +35,6 @@ class Matchmaker:
         self.rng = random.Random(f"splitfed-smpl/{settings.seed}")
         self.waiting: dict[str, float] = {}  # peer -> its validation loss, in the order they asked
         self.edges: dict[str, Edge] = {}  # open hyperedges by id
-        self.formed = 0
 
     def active(self) -> int:
         return len(self.edges)
@@ -104,7 +103,6 @@ class Matchmaker:
         return sum(1 for other in members if other != name and other not in partners)
 
     def open(self, members: list[str]) -> None:
-        self.formed += 1
         edge_id = uuid.uuid4().hex[:16]  # unique across tracker restarts, unlike a count
         losses = {name: self.waiting.pop(name) for name in members}
         source = choose_start(losses, self.settings.epsilon, self.rng)

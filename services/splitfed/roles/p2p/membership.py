@@ -2,9 +2,8 @@
 Shared by p2p-peer and smpl-peer; torch-free.
 
 Heartbeats go out from a thread of their own, so that a long evaluation or a machine short of CPU
-between two polls does not get a live peer evicted. Everything this peer sends goes through one
-lock (`send`): the endpoint numbers and counts what it sends, and the transport hands one caller
-the connection at a time."""
+between two polls does not get a live peer evicted (the endpoint numbers and counts atomically,
+and the transport hands its connection to one caller at a time)."""
 
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ class Membership:
         self.listed = (float("-inf"), -1)  # (tracker start, version) of the newest list followed
         self.nonce: str | None = None  # of the register waiting for its answer
         self.epoch = 0
-        self.sending = threading.Lock()
         self.stopped = threading.Event()
         self.beating: threading.Thread | None = None
 
@@ -79,8 +77,7 @@ class Membership:
             self.beating.join()
 
     def send(self, queue: str, kind: str, tensors: dict | None = None, **meta: object) -> None:
-        with self.sending:
-            self.endpoint.send(queue, kind, tensors, incarnation=self.incarnation, **meta)
+        self.endpoint.send(queue, kind, tensors, incarnation=self.incarnation, **meta)
 
     # -- from the tracker ----------------------------------------------------------------------
 
@@ -97,7 +94,7 @@ class Membership:
         """Take the newer list. Not on it (evicted while alive, or a tracker that restarted and
         never heard of this peer): register again."""
         self.listed = (message.meta["started"], message.meta["version"])
-        listed = members_of(message.meta, self.role)
+        listed = message.meta["peers"]  # checked by `check`
         mine = listed.get(self.name)
         if message.meta.get("ref") == self.nonce and mine is not None:
             self.nonce = None

@@ -15,7 +15,7 @@ from splitfed.learning.settings import P2PSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, count
+from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, count, peer_queue
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
@@ -107,10 +107,12 @@ class P2PPeer(Peer):
     # -- messages ------------------------------------------------------------------------------
 
     def send_model(self, state: dict, epoch: int) -> None:
-        """The same model to every live peer: serialised once, numbered and signed for each."""
-        for name in sorted(self.membership.peers):
-            if self.membership.send_to(name, MODEL, state, epoch=epoch):
-                self.counted["sent"].inc()
+        """The same model to every live peer: serialised once, numbered and signed for each; a peer
+        whose queue is gone (it died and the queue expired) is skipped."""
+        batch = [(peer_queue(self.session, name), Message(MODEL, "", "", meta={"incarnation": self.membership.incarnation, "epoch": epoch}, tensors=state), None)
+                 for name in sorted(self.membership.peers)]
+        sent = self.endpoint.send_messages(batch, unreachable=lambda queue, exc: log.warning("%s: cannot reach %s: %s", self.name, queue, exc))
+        self.counted["sent"].inc(len(sent))
 
     def check(self, message: Message) -> None:
         if message.kind == MEMBERS:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Collection
 
 from splitfed.learning import data, models, train
-from splitfed.learning.peers import peer_generator, peer_share, test_split
+from splitfed.learning.peers import peer_share, test_split
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message
@@ -36,7 +36,7 @@ class Peer:
         self.test = test_split(settings)
         self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
         self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
-        self.generator = peer_generator(settings, deployment.peer_index)
+        self.generator = data.party_generator(settings.seed, deployment.peer_index)
         self.endpoint = Endpoint(
             transport, session=self.session, role=role, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, role),
@@ -74,8 +74,7 @@ class Peer:
 
     def record(self, record: dict, before: train.Evaluation, after: train.Evaluation) -> None:
         """One epoch (or hyperedge) done: kept, reported to the tracker, exported, shown."""
-        record = {"epoch": len(self.history) + 1 if "epoch" not in record else record["epoch"], "accuracy_before": before.accuracy,
-                  "accuracy": after.accuracy, "loss": after.loss, **record}
+        record = {"epoch": len(self.history) + 1, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss, **record}
         self.history.append(record)
         self.membership.epoch = record["epoch"]
         self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})

@@ -21,7 +21,7 @@ from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection
 from splitfed.roles.p2p.common import (
-    HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fraction, incarnation_of, peer_queue,
+    HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fraction, incarnation_of, peer_queue, peer_role,
     tracker_queue,
 )
 from splitfed.roles.p2p.hyperedges import Matchmaker
@@ -58,7 +58,6 @@ class Tracker(Role):
             transport, session=self.session, role=TRACKER, inbox=tracker_queue(self.session), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, peer_roles=(P2P_PEER, SMPL_PEER), handshake=(REGISTER,),
         )
-        self.transport = transport
         self.started = time.time()  # orders trackers: a peer follows the newest one's lists
         self.version = 0
         self.members: dict[str, Member] = {}  # every peer ever registered, by name: its newest incarnation
@@ -103,8 +102,7 @@ class Tracker(Role):
     # -- checks --------------------------------------------------------------------------------
 
     def check(self, message: Message) -> None:
-        role, _, index = message.sender.rpartition("-")
-        if role not in (P2P_PEER, SMPL_PEER) or not index.isdigit():
+        if peer_role(message.sender) not in (P2P_PEER, SMPL_PEER):
             raise ProtocolError("sender", f"{message.sender[:80]!r} is not a peer's name")
         incarnation = incarnation_of(message.meta)
         if message.kind == REGISTER:
@@ -146,7 +144,7 @@ class Tracker(Role):
         it and registers again. A replayed heartbeat costs one message and changes nothing."""
         message = rejection.message
         if rejection.reason == "evicted" and message is not None and message.kind == HEARTBEAT:
-            self.send_members([message.sender])
+            self.send_members([message.sender], self.listing())
 
     # -- what peers say ------------------------------------------------------------------------
 
@@ -213,15 +211,19 @@ class Tracker(Role):
         self.live_gauge.set(len(live))
         self.matchmaker.drop(dropped, set(live), len(self.members))
         newcomer, nonce = answer or (None, None)
-        self.send_members([name for name in live if name != newcomer])
+        listing = self.listing()
+        self.send_members([name for name in live if name != newcomer], listing)
         if newcomer is not None:
-            self.send_members([newcomer], ref=nonce)
+            self.send_members([newcomer], listing, ref=nonce)
         self.hyperedges_gauge.set(self.matchmaker.active())
 
-    def send_members(self, names: list[str], **extra: object) -> None:
-        peers = {name: member.entry() for name, member in self.live().items()}
+    def listing(self) -> dict[str, dict]:
+        """What a members list says of each live peer."""
+        return {name: member.entry() for name, member in self.live().items()}
+
+    def send_members(self, names: list[str], listing: dict[str, dict], **extra: object) -> None:
         for name in names:
-            self.send(name, MEMBERS, version=self.version, started=self.started, peers=peers, **extra)
+            self.send(name, MEMBERS, version=self.version, started=self.started, peers=listing, **extra)
 
     def send_hyperedge(self, name: str, kind: str, **meta: object) -> None:
         self.send(name, kind, **meta)

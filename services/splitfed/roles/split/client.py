@@ -55,7 +55,7 @@ class SplitClient:
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = clients.client_share(settings, self.index)
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
-        self.generator = clients.client_generator(settings, self.index)
+        self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
         several = settings.clients > 1
         self.peers = [client_name(i, settings.clients) for i in range(settings.clients) if i != self.index]
