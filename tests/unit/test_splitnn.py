@@ -1,12 +1,14 @@
 """Several split clients against one server, over the in-memory transport: every schedule with
-one client is centralized training; round-robin and splitfed-v1 equal their one-process
-reference; splitfed-v2 leaves every client with the same layers; bad settings are refused."""
+one client is centralized training; round-robin and splitfed-v1 (also averaging several times an
+epoch) equal their one-process reference; splitfed-v2 leaves every client with the same layers;
+bad settings are refused."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from splitfed.learning import clients as reference
@@ -44,10 +46,10 @@ def test_one_client_is_centralized_training(schedule):
         assert abs(ours["loss"] - theirs["loss"]) <= 1e-5
 
 
-@pytest.mark.parametrize("schedule", ["round-robin", "splitfed-v1"])
+@pytest.mark.parametrize("schedule, syncs, fed_lr", [("round-robin", 1, 1.0), ("splitfed-v1", 1, 1.0), ("splitfed-v1", 3, 2.5)])
 @pytest.mark.parametrize("mode", ["vanilla", "u-shaped"])
-def test_several_clients_equal_the_reference(schedule, mode, tmp_path):
-    settings = SplitNNSettings(**SMALL, clients=3, schedule=schedule, mode=mode, partition="dirichlet:0.5")
+def test_several_clients_equal_the_reference(schedule, syncs, fed_lr, mode, tmp_path):
+    settings = SplitNNSettings(**SMALL, clients=3, schedule=schedule, mode=mode, partition="dirichlet:0.5", syncs_per_epoch=syncs, fed_lr=fed_lr)
     result, client_layers, server_layers = run_saving_layers(settings, tmp_path)
     parts, bodies = reference.reference_run(settings)
     for index, part in enumerate(parts):
@@ -60,14 +62,37 @@ def test_several_clients_equal_the_reference(schedule, mode, tmp_path):
     assert all(e["accuracy"] is not None for e in result["history"])
 
 
-def test_splitfed_v2_clients_share_their_layers_after_each_epoch(tmp_path):
-    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2")
+@pytest.mark.parametrize("syncs, fed_lr", [(1, 1.0), (4, 2.0)])
+def test_splitfed_v2_clients_share_their_layers_after_each_epoch(syncs, fed_lr, tmp_path):
+    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2", syncs_per_epoch=syncs, fed_lr=fed_lr)
     result, client_layers, _ = run_saving_layers(settings, tmp_path)
+    assert [sum(e["samples"].values()) for e in result["history"]] == [600, 600]  # every period's samples count towards its epoch
     first = client_layers["split-client-0"]
     assert all(max_diff(first, other) == 0 for other in client_layers.values())
-    initial = reference.reference_run(dataclasses.replace(settings, epochs=1, schedule="splitfed-v1", limit=32))[0][0]
+    initial = reference.reference_run(dataclasses.replace(settings, epochs=1, schedule="splitfed-v1", limit=32, syncs_per_epoch=1, fed_lr=1.0))[0][0]
     assert max_diff(first, merged_state([(initial.head.state_dict(), 0)])) > 1e-3  # and they trained
     assert result["history"][-1]["accuracy"] > 0.3  # chance is 0.1
+
+
+def test_an_epoch_is_cut_into_even_periods_in_order():
+    batches = [torch.tensor([i]) for i in range(10)]
+    runs = reference.periods(batches, 3)
+    assert [len(run) for run in runs] == [3, 3, 4] and [int(b) for run in runs for b in run] == list(range(10))
+    assert reference.periods(batches, 1) == [batches]
+    with pytest.raises(ValueError, match="--syncs-per-epoch 11 is more than the 10 batches"):
+        reference.periods(batches, 11)
+
+
+def test_a_fed_step_moves_weights_from_the_start_and_leaves_statistics_averaged():
+    from splitfed.learning.averaging import step_towards
+    import numpy as np
+
+    start = {"w": np.full(2, 1.0, np.float32), "running_var": np.full(2, 1.0, np.float32)}
+    average = {"w": np.full(2, 2.0, np.float32), "running_var": np.full(2, 0.5, np.float32)}
+    stepped = step_towards(start, average, 2.5, {"w"})
+    assert np.allclose(stepped["w"], 3.5) and stepped["w"].dtype == np.float32
+    assert np.allclose(stepped["running_var"], 0.5)  # 1 + 2.5 * (0.5 - 1) would be negative
+    assert step_towards(start, average, 1.0, {"w"}) is average
 
 
 def test_the_fed_weights_by_samples():
@@ -85,6 +110,8 @@ def test_the_fed_weights_by_samples():
     ({"clients": 3, "min_clients": 4}, "--min-clients 4 is more than the 3 clients"),
     ({"clients": 2, "partition": "classes:0-4,5-9,0"}, "3 groups of classes for 2 workers"),
     ({"clients": 2, "partition": "nonsense"}, "use iid"),
+    ({"clients": 2, "schedule": "round-robin", "syncs_per_epoch": 2}, "--syncs-per-epoch and --fed-lr are for splitfed-v1 and v2"),
+    ({"clients": 2, "schedule": "round-robin", "fed_lr": 2.0}, "--syncs-per-epoch and --fed-lr are for splitfed-v1 and v2"),
 ])
 def test_bad_settings_are_refused(changes, problem):
     with pytest.raises(ValueError, match=problem):
@@ -98,3 +125,13 @@ def test_a_client_index_outside_the_run_is_refused():
 
     with pytest.raises(ValueError, match="--client-index 3 is not one of the 3 clients"):
         SplitClient(SplitNNSettings(**SMALL, clients=3), SplitClientParty(session="s", client_index=3), MemoryTransport(MemoryBroker()))
+
+
+def test_more_periods_than_a_share_has_batches_is_refused():
+    from splitfed.roles.split import SplitClientParty
+    from splitfed.roles.split.client import SplitClient
+    from splitfed.transport import MemoryBroker, MemoryTransport
+
+    settings = SplitNNSettings(**{**SMALL, "limit": 120}, clients=2, syncs_per_epoch=3)  # 60 samples each: 2 batches of 32
+    with pytest.raises(ValueError, match="--syncs-per-epoch 3 is more than the 2 batches of split-client-1's share"):
+        SplitClient(settings, SplitClientParty(session="s", client_index=1), MemoryTransport(MemoryBroker()))

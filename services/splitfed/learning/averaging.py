@@ -1,5 +1,6 @@
-"""Weighted averages of parameter sets, in numpy only, so that the torch-free fed role and the
-split server (for its per-client halves) share one definition."""
+"""Weighted averages of parameter sets, and the step from where a period began towards one, in
+numpy only, so that the torch-free fed role, the split clients and the split server (for its
+per-client halves) share one definition."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
             accumulated += (weight / total) * state[name]
         averaged[name] = accumulated.astype(first.dtype)
     return averaged
+
+
+def step_towards(start: dict[str, np.ndarray], average: dict[str, np.ndarray], lr: float, parameters: set[str]) -> dict[str, np.ndarray]:
+    """start + lr * (average - start) for the trained weights named in `parameters` (lr 1: the
+    average itself; Reddi et al.'s server learning rate). Everything else (BatchNorm's running
+    statistics and counters) takes the average as it is: stepping past a variance could make it
+    negative."""
+    if lr == 1.0:
+        return average
+    return {
+        name: (start[name] + lr * (value.astype(np.float64) - start[name])).astype(value.dtype) if name in parameters else value
+        for name, value in average.items()
+    }

@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from splitfed.learning import data, models, split, train
-from splitfed.learning.averaging import weighted_average
+from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.data import Split
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.split import Parts
@@ -23,6 +24,15 @@ def client_share(settings: SplitNNSettings, index: int) -> Split:
     if settings.clients == 1:
         return full
     return data.share_of(full, settings.partition, settings.clients, settings.seed, index)
+
+
+def periods(batches: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
+    """An epoch's batches cut into `count` runs as even as they come, in order: what a client
+    trains between two averagings (--syncs-per-epoch)."""
+    if count > len(batches):
+        raise ValueError(f"--syncs-per-epoch {count} is more than the {len(batches)} batches of a client's share")
+    bounds = [len(batches) * period // count for period in range(count + 1)]
+    return [batches[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -58,21 +68,24 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     else:  # one optimiser over the one set of layers, whoever's turn it is
         server_opts = [train.optimizer(whole.body.parameters(), settings.optimizer, settings.lr)] * settings.clients
     for epoch in range(settings.epochs):
-        for index, client in enumerate(clients):
-            if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
-                for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
-                    mine.load_state_dict(theirs.state_dict())
-            _train_pass(client, bodies[index], server_opts[index], settings)
-        if per_client:
-            weights = [len(client.share) for client in clients]
-            _average_into([client.layers() for client in clients], weights)
-            _average_into([[body] for body in bodies], weights)
+        epoch_periods = [periods(data.batch_order(len(client.share), settings.batch_size, client.generator), settings.syncs_per_epoch) for client in clients]
+        for period in range(settings.syncs_per_epoch):
+            # splitfed-v1: every client (and its server half) starts the period from the same layers
+            starts = [_numpy_state(module) for module in clients[0].layers() + bodies[:1]] if per_client else []
+            for index, client in enumerate(clients):
+                if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
+                    for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
+                        mine.load_state_dict(theirs.state_dict())
+                _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period])
+            if per_client:
+                weights = [sum(len(indices) for indices in runs[period]) for runs in epoch_periods]
+                _average_into([client.layers() + [body] for client, body in zip(clients, bodies)], weights, starts, settings.fed_lr)
     return [client.parts for client in clients], bodies if per_client else bodies[:1]
 
 
-def _train_pass(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, settings: SplitNNSettings) -> None:
-    """One pass over the client's share through its layers and `body`, as the split roles compute it."""
-    for indices in data.batch_order(len(client.share), settings.batch_size, client.generator):
+def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
+    """The client's `batches` through its layers and `body`, as the split roles compute them."""
+    for indices in batches:
         images, labels = client.share.images[indices], client.share.labels[indices]  # (B, C, H, W), (B,)
         for module in (client.parts.head, body, client.parts.tail):
             if module is not None:
@@ -86,10 +99,16 @@ def _train_pass(client: ClientHalves, body: nn.Module, server_opt: torch.optim.O
         client.opt.step()
 
 
-def _average_into(groups: list[list[nn.Module]], weights: list[int]) -> None:
-    """Every member's modules restart from the weighted average of all members' (module by module)."""
-    for position in range(len(groups[0])):
-        states = [{k: v.detach().numpy() for k, v in group[position].state_dict().items()} for group in groups]
-        average = weighted_average(states, weights)
+def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def _average_into(groups: list[list[nn.Module]], weights: list[int], starts: list[dict[str, np.ndarray]], lr: float) -> None:
+    """Every member's modules move from `starts` (module by module) by `lr` times the change to the
+    weighted average of all members', as the fed (client halves) and the split server
+    (splitfed-v1's server halves) step."""
+    for position, start in enumerate(starts):
+        average = weighted_average([_numpy_state(group[position]) for group in groups], weights)
+        stepped = step_towards(start, average, lr, {name for name, _ in groups[0][position].named_parameters()})
         for group in groups:
-            group[position].load_state_dict({k: torch.from_numpy(v.copy()) for k, v in average.items()})
+            group[position].load_state_dict({k: torch.from_numpy(v.copy()) for k, v in stepped.items()})

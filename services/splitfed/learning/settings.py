@@ -130,11 +130,23 @@ class SplitNNSettings(SplitSettings):
         choices=SCHEDULES,
     )
     partition: str = setting("iid", "How the training data is shared out among the clients: iid | classes:0-3,4-6,7-9 | dirichlet:ALPHA | shards:K.")
+    syncs_per_epoch: int = setting(
+        1, "splitfed-v1 and v2: how many times per epoch the client halves (and splitfed-v1's server halves) are averaged; each client's "
+        "epoch is cut into this many runs of batches, each closed like an epoch. More often keeps the clients' layers closer together.",
+        min=1,
+    )
+    fed_lr: float = setting(
+        1.0, "splitfed-v1 and v2: how far each averaging moves the client halves (and splitfed-v1's server halves): from where the period "
+        "began by this times the change to the weighted average. 1: the average itself; above 1 makes up for the clients' steps being "
+        "averaged rather than added up (Reddi et al.'s server learning rate).", min=0.0,
+    )
     min_clients: int | None = setting(None, "Close an epoch with this many clients once a silent one has used up --client-timeout (default: all).", min=1)
     client_timeout: float = setting(60.0, "Seconds a client may stay silent before the server gives up on its share of the epoch (or its turn, in round-robin).", min=0.1)
 
     def __post_init__(self) -> None:
         parse_partition(self.partition, self.clients, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+        if (self.syncs_per_epoch != 1 or self.fed_lr != 1.0) and self.schedule == "round-robin":
+            raise ValueError("--syncs-per-epoch and --fed-lr are for splitfed-v1 and v2: round-robin clients hand their layers on, they are not averaged")
         if self.min_clients is not None and self.min_clients > self.clients:
             raise ValueError(f"--min-clients {self.min_clients} is more than the {self.clients} clients")
 

@@ -11,6 +11,7 @@ round-robin clients wait for their turn and start it from the layers of the clie
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from splitfed.errors import RunAborted
 from splitfed.learning import clients, data, models, split, train
+from splitfed.learning.averaging import step_towards
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
@@ -54,6 +56,8 @@ class SplitClient:
         self.cut_shape = models.output_shape(self.parts.head, meta.shape)
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = clients.client_share(settings, self.index)
+        if settings.syncs_per_epoch > (batches := math.ceil(len(self.train_data) / settings.batch_size)):
+            raise ValueError(f"--syncs-per-epoch {settings.syncs_per_epoch} is more than the {batches} batches of {self.name}'s share")
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
         self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
@@ -74,7 +78,8 @@ class SplitClient:
         self.round_trips: list[float] = []
         self.history: list[EpochRecord] = []
         self.epoch_started = time.perf_counter()
-        self.train_losses: dict[int, float] = {}
+        self.train_losses: dict[int, float] = {}  # epoch -> mean training loss
+        self.epoch_losses: list[float] = []  # the current epoch's batch losses so far
 
     # -- one exchange with the server -----------------------------------------------------
 
@@ -129,21 +134,29 @@ class SplitClient:
         self.opt.step()
         return loss
 
-    def train_share(self, epoch: int) -> None:
-        """One pass over this client's samples (its share of `epoch`), then `trained` to the server."""
+    def epoch_periods(self) -> list[list[torch.Tensor]]:
+        """This epoch's batches (a fresh order), cut into the runs between averagings."""
         self.epoch_started = time.perf_counter()
         batches = data.batch_order(len(self.train_data), self.settings.batch_size, self.generator)
+        return clients.periods(batches, self.settings.syncs_per_epoch)
+
+    def train_share(self, epoch: int, period: int, batches: list[torch.Tensor], done_before: int, total: int) -> None:
+        """Train `batches`, this client's share of one period of `epoch` (of the whole epoch,
+        without --syncs-per-epoch), then `trained` to the server. Progress counts batches over
+        the epoch: `done_before` of `total` are done."""
         losses = []
-        for done, indices in enumerate(batches, 1):
+        for done, indices in enumerate(batches, done_before + 1):
             losses.append(self.train_batch(self.train_data.images[indices], self.train_data.labels[indices]))  # (B, C, H, W), (B,)
             if self.on_progress:
-                self.on_progress(Progress("batch", done, len(batches), losses[-1]))
-        self.train_losses[epoch] = float(np.mean(losses))
+                self.on_progress(Progress("batch", done, total, losses[-1]))
+        self.epoch_losses.extend(losses)
+        self.train_losses[epoch] = float(np.mean(self.epoch_losses))
         metrics.EPOCH.labels(CLIENT, self.session).set(epoch)
         metrics.TRAIN_LOSS.labels(CLIENT, self.session).set(self.train_losses[epoch])
-        if self.fed:  # before `trained`: by the time the server closes the epoch, the fed holds these layers
-            self.endpoint.send(self.fed, HEAD, self.layers(), to=FED, epoch=epoch, samples=len(self.train_data))
-        self.endpoint.send(self.server, TRAINED, to=SERVER, epoch=epoch, train_loss=self.train_losses[epoch])
+        samples = sum(len(indices) for indices in batches)
+        if self.fed:  # before `trained`: by the time the server closes the period, the fed holds these layers
+            self.endpoint.send(self.fed, HEAD, self.layers(), to=FED, epoch=epoch, period=period, samples=samples)
+        self.endpoint.send(self.server, TRAINED, to=SERVER, epoch=epoch, period=period, train_loss=float(np.mean(losses)))
 
     def handshake(self) -> None:
         """Wait for the server, check that both halves were configured as one model, and join
@@ -184,6 +197,10 @@ class SplitClient:
     def named_parts(self) -> list[tuple[str, torch.nn.Module]]:
         return [("head.", self.parts.head)] + ([("tail.", self.parts.tail)] if self.parts.tail is not None else [])
 
+    def parameter_names(self) -> set[str]:
+        """The names in `layers` that are trained weights (not BatchNorm's running statistics)."""
+        return {f"{prefix}{name}" for prefix, part in self.named_parts() for name, _ in part.named_parameters()}
+
     def layer_specs(self) -> dict[str, TensorSpec]:
         return {name: TensorSpec(array.dtype.name, array.shape) for name, array in self.layers().items()}
 
@@ -203,24 +220,33 @@ class SplitClient:
     # -- alone, or splitfed-v1 and v2 -----------------------------------------------------
 
     def train_epochs(self) -> None:
-        """Epoch after epoch: this client's share, then (among several) the fed's average, then
-        the evaluation when the server names this client to do it."""
+        """Epoch after epoch, period after period (--syncs-per-epoch): this client's share, then
+        (among several) the fed's average; after an epoch's last period, the evaluation when the
+        server names this client to do it."""
         for epoch in range(1, self.settings.epochs + 1):
-            self.train_share(epoch)
-            closed = self.epoch_closed(epoch)
+            runs, self.epoch_losses = self.epoch_periods(), []
+            total = sum(len(batches) for batches in runs)
+            for period, batches in enumerate(runs, 1):
+                start = {name: array.copy() for name, array in self.layers().items()} if self.fed else {}  # what the fed's step starts from
+                self.train_share(epoch, period, batches, len(self.epoch_losses), total)
+                closed = self.period_closed(epoch, period, start)
             if closed.meta.get("evaluator") == self.name:
                 self.evaluate(epoch)
 
-    def epoch_closed(self, epoch: int) -> Message:
-        """The server's `closed` for `epoch` and, among several, the fed's average (loaded), in
-        whichever order they come (a late client's average can overtake the server's answer)."""
+    def period_closed(self, epoch: int, period: int, start: dict[str, np.ndarray]) -> Message:
+        """The server's `closed` for this period of `epoch` and, among several, the fed's average,
+        in whichever order they come (a late client's average can overtake the server's answer).
+        The layers go from `start`, where the period began, --fed-lr of the way to the average."""
         closed: Message | None = None
         averaged = self.fed is None
 
         def check(message: Message) -> None:
             self.check_origin(message)
-            if message.kind in (CLOSED, AVERAGE) and message.meta.get("epoch") != epoch:
-                raise ProtocolError("kind", f"{message.kind} for epoch {message.meta.get('epoch')} while {self.name} is in epoch {epoch}")
+            if message.kind in (CLOSED, AVERAGE) and (message.meta.get("epoch"), message.meta.get("period")) != (epoch, period):
+                raise ProtocolError(
+                    "kind", f"{message.kind} for epoch {message.meta.get('epoch')} period {message.meta.get('period')} while {self.name} is in "
+                    f"epoch {epoch} period {period}",
+                )
             if message.kind == AVERAGE:
                 self.check_layers(message)
 
@@ -234,7 +260,7 @@ class SplitClient:
             if message.kind == CLOSED:
                 closed = message
             else:
-                self.load_layers(message.tensors)
+                self.load_layers(step_towards(start, message.tensors, self.settings.fed_lr, self.parameter_names()))
                 averaged = True
         return closed
 
@@ -280,7 +306,8 @@ class SplitClient:
         log.info("%s: turn of epoch %d, from %s layers", self.name, epoch, f"{handoff.sender}'s" if handoff else "its own")
         if handoff is not None:
             self.load_layers(handoff.tensors)
-        self.train_share(epoch)
+        [batches], self.epoch_losses = self.epoch_periods(), []  # round-robin: one period per epoch
+        self.train_share(epoch, 1, batches, 0, len(batches))
 
     def check_turn_message(self, message: Message) -> None:
         self.check_origin(message)

@@ -4,8 +4,8 @@ Start:                          client --hello{settings, nonce}--> server --hell
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
-End of a client's epoch share:  client --trained{epoch, train_loss}--> server
-Epoch closed (in parallel):     server --closed{epoch, included, samples, evaluator}--> each included client (and the fed)
+End of a client's epoch share:  client --trained{epoch, period, train_loss}--> server
+Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluator}--> each included client (and the fed)
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
                                 (the server answers with its layers as they were when the epoch closed)
 Evaluated:                      evaluator --evaluated{epoch, accuracy, loss}--> server
@@ -14,9 +14,11 @@ A run the server does not know:  client --activations{run=old}--> server --abort
 
 Several clients (`splitnn`) talk to the server directly, each on its own inbox. In splitfed-v1
 and v2 each client also sends its layers to the fed (`split-fed`) before `trained`:
-    client --head{epoch, layers}--> fed;  server --closed--> fed;  fed --average{epoch, layers}--> clients
+    client --head{epoch, period, layers}--> fed;  server --closed--> fed;  fed --average{epoch, period, layers}--> clients
 The fed averages exactly the heads of the clients the server's `closed` includes, weighted by
-the samples the server saw from each; the server never sees a client's layers. In round-robin
+the samples the server saw from each; the server never sees a client's layers. An epoch is one
+period, or --syncs-per-epoch periods: each client's batches of the epoch cut into that many runs,
+each closed and averaged as above; only the last one's `closed` names an evaluator. In round-robin
 the server passes the turn and the layers go from client to client:
     server --turn{epoch, holder, previous, evaluate}--> every client
     previous --handoff{epoch, layers}--> holder;  previous --handed{to}--> server
@@ -46,7 +48,7 @@ TURN, HANDOFF, HANDED = "turn", "handoff", "handed"  # round-robin
 KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT, TRAINED, CLOSED, EVALUATED)  # what a relay forwards: one client's
 HANDSHAKE = (HELLO, ABORT)  # they speak of a run rather than within one: unbound, out of sequence
 # Settings both halves must agree on, or they would not be halves of one model.
-SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr", "epochs", "clients", "schedule")
+SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr", "epochs", "clients", "schedule", "syncs_per_epoch")
 
 
 def shared(settings: SplitSettings) -> dict:

@@ -1,12 +1,13 @@
 """split-fed: the fed server of splitfed-v1 and v2 (Thapa et al.'s "fed server"). Each client sends
-it its layers at the end of its share of an epoch; when the split server closes the epoch it says
-whose shares the epoch includes and how many samples each trained on, and the fed sends every
-included client the weighted average of exactly those layers. So the split server never sees a
-client's layers, and every client continues from the same ones. numpy only: no torch.
+it its layers at the end of its share of a period (an epoch, or a part of one with
+--syncs-per-epoch); when the split server closes the period it says whose shares it includes and
+how many samples each trained on, and the fed sends every included client the weighted average of
+exactly those layers. So the split server never sees a client's layers, and every client continues
+from the same ones. numpy only: no torch.
 
 It follows the run of the newest split server (by the start time the server signs in its
-hello), and drops layers of any other run. A client that reports an epoch after it closed (too
-slow, given up) gets that epoch's average when its layers arrive, and goes on with the others.
+hello), and drops layers of any other run. A client that reports a period after it closed (too
+slow, given up) gets that period's average when its layers arrive, and goes on with the others.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
-KEPT_AVERAGES = 2  # closed epochs whose average a late client can still be sent
+KEPT_AVERAGES = 2  # closed periods whose average a late client can still be sent
 
 
 class SplitFed:
@@ -41,9 +42,9 @@ class SplitFed:
             transport.declare(client_inbox(self.session, index, settings.clients))
         self.server_started = float("-inf")  # the start time of the server whose run this fed follows
         self.layout: dict[str, TensorSpec] | None = None  # every client's layers: names, dtypes, shapes (from the first)
-        self.heads: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # client -> (samples it claims, its layers) for the open epoch
-        self.closed: dict[int, tuple[list[str], dict[str, np.ndarray]]] = {}  # epoch -> (included, average)
-        self.open_epoch = 1
+        self.heads: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # client -> (samples it claims, its layers) for the open period
+        self.closed: dict[tuple[int, int], tuple[list[str], dict[str, np.ndarray]]] = {}  # (epoch, period) -> (included, average)
+        self.open = (1, 1)  # the (epoch, period) whose layers are being gathered
         self.averaged = metrics.AVERAGED_CLIENTS.labels(FED, self.session)
 
     def run(self) -> dict:
@@ -54,7 +55,7 @@ class SplitFed:
             self.endpoint.ack(delivery)
             if finished:
                 break
-        return {"averaged_epochs": sorted(self.closed), "traffic": vars(self.endpoint.traffic)}
+        return {"averaged_periods": [list(key) for key in sorted(self.closed)], "traffic": vars(self.endpoint.traffic)}
 
     def check(self, message: Message) -> None:
         if message.kind != HELLO and self.endpoint.run is None:
@@ -69,11 +70,11 @@ class SplitFed:
             self.check_closed(message)
 
     def check_head(self, message: Message) -> None:
-        epoch, samples = message.meta.get("epoch"), message.meta.get("samples")
-        if not isinstance(epoch, int) or not isinstance(samples, int) or samples < 1:
-            raise ProtocolError("malformed", "head needs an integer epoch and sample count")
-        if epoch > self.open_epoch:
-            raise ProtocolError("kind", f"layers for epoch {epoch} from {message.sender} while epoch {self.open_epoch} is open")
+        period, samples = period_of(message), message.meta.get("samples")
+        if not isinstance(samples, int) or samples < 1:
+            raise ProtocolError("malformed", "head needs an integer sample count")
+        if period > self.open:
+            raise ProtocolError("kind", f"layers for (epoch, period) {period} from {message.sender} while {self.open} is open")
         if self.layout is not None:
             if set(message.tensors) != set(self.layout):
                 raise ProtocolError("shape", f"{message.sender}'s layers are not named like the other clients'")
@@ -81,9 +82,9 @@ class SplitFed:
                 spec.check(name, message.tensors[name])
 
     def check_closed(self, message: Message) -> None:
-        epoch, included, samples = message.meta.get("epoch"), message.meta.get("included"), message.meta.get("samples")
-        if epoch != self.open_epoch or not isinstance(included, list) or not isinstance(samples, dict):
-            raise ProtocolError("kind", f"closed for epoch {epoch} while epoch {self.open_epoch} is open")
+        included, samples = message.meta.get("included"), message.meta.get("samples")
+        if period_of(message) != self.open or not isinstance(included, list) or not isinstance(samples, dict):
+            raise ProtocolError("kind", f"closed for (epoch, period) {period_of(message)} while {self.open} is open")
         if not included or any(name not in self.clients or not isinstance(samples.get(name), int) or samples[name] < 0 for name in included):
             raise ProtocolError("malformed", "closed names clients of this run, each with its samples")
 
@@ -93,7 +94,7 @@ class SplitFed:
         elif message.kind == HEAD:
             self.keep(message)
         elif message.kind == CLOSED:
-            self.average(message.meta["epoch"], message.meta["included"], message.meta["samples"])
+            self.average(period_of(message), message.meta["included"], message.meta["samples"])
         return message.kind == DONE
 
     def follow(self, message: Message) -> None:
@@ -105,35 +106,46 @@ class SplitFed:
         self.endpoint.bind(message.meta["run"])
         for sender in (SERVER, *self.clients):  # a new run's parties number their messages afresh
             self.endpoint.resync(sender)
-        self.heads, self.closed, self.open_epoch, self.layout = {}, {}, 1, None
+        self.heads, self.closed, self.open, self.layout = {}, {}, (1, 1), None
         log.info("split-fed follows run %s", self.endpoint.run)
 
     def keep(self, message: Message) -> None:
-        epoch = message.meta["epoch"]
-        if epoch < self.open_epoch:
-            included, average = self.closed.get(epoch, (None, None))
+        period = period_of(message)
+        if period < self.open:
+            included, average = self.closed.get(period, (None, None))
             if included is not None and message.sender not in included:
-                self.send_average(epoch, average, [message.sender])  # late: it goes on from the others' average
+                self.send_average(period, average, [message.sender])  # late: it goes on from the others' average
             return
         if self.layout is None:
             self.layout = {name: TensorSpec(array.dtype.name, array.shape) for name, array in message.tensors.items()}
         self.heads[message.sender] = (message.meta["samples"], message.tensors)
 
-    def average(self, epoch: int, included: list[str], samples: dict[str, int]) -> None:
+    def average(self, period: tuple[int, int], included: list[str], samples: dict[str, int]) -> None:
         """The included clients' layers, weighted by the samples the server saw from each."""
         present = [name for name in included if name in self.heads]
         if missing := sorted(set(included) - set(present)):
-            log.warning("split-fed: epoch %d: no layers from %s; averaging the others", epoch, ", ".join(missing))
+            log.warning("split-fed: epoch %d period %d: no layers from %s; averaging the others", *period, ", ".join(missing))
         if present:
             weights = [samples[name] for name in present]
             average = weighted_average([self.heads[name][1] for name in present], weights)
-            self.send_average(epoch, average, included)
-            self.closed[epoch] = (present, average)
+            self.send_average(period, average, included)
+            self.closed[period] = (present, average)
             self.averaged.set(len(present))
-        self.closed = {e: kept for e, kept in self.closed.items() if e > epoch - KEPT_AVERAGES}
+        self.closed = {key: kept for key, kept in sorted(self.closed.items())[-KEPT_AVERAGES:]}
         self.heads = {}
-        self.open_epoch = epoch + 1
+        epoch, number = period
+        self.open = (epoch, number + 1) if number < self.settings.syncs_per_epoch else (epoch + 1, 1)
 
-    def send_average(self, epoch: int, average: dict[str, np.ndarray], recipients: list[str]) -> None:
+    def send_average(self, period: tuple[int, int], average: dict[str, np.ndarray], recipients: list[str]) -> None:
+        epoch, number = period
         for name in recipients:
-            self.endpoint.send(client_inbox(self.session, client_index(name), self.settings.clients), AVERAGE, average, to=name, epoch=epoch)
+            inbox = client_inbox(self.session, client_index(name), self.settings.clients)
+            self.endpoint.send(inbox, AVERAGE, average, to=name, epoch=epoch, period=number)
+
+
+def period_of(message: Message) -> tuple[int, int]:
+    """The (epoch, period) a head or closed speaks of, checked to be two positive integers."""
+    epoch, period = message.meta.get("epoch"), message.meta.get("period")
+    if not (isinstance(epoch, int) and isinstance(period, int) and epoch >= 1 and period >= 1):
+        raise ProtocolError("malformed", f"{message.kind} needs a positive integer epoch and period")
+    return epoch, period

@@ -7,6 +7,8 @@ With several clients the schedule decides what the server holds and when an epoc
 - splitfed-v1: one copy of the layers and optimiser per client; when the epoch closes the copies
   are averaged, weighted by the samples each client trained on, and every copy restarts from the
   average.
+  With --syncs-per-epoch S, an epoch of either closes S times (periods: each client's batches of
+  the epoch cut into S runs); only the last period's close names the client that evaluates.
 - round-robin: one set of layers; clients train one at a time. The server passes the turn
   (`turn`) and the previous client hands its layers to the next one directly.
 A client that stays silent for --client-timeout is given up for the epoch (or its turn passes),
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from splitfed.learning import data, models, split, train
-from splitfed.learning.averaging import weighted_average
+from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -59,8 +61,10 @@ class ClientState:
     begun: bool = False  # it has sent a batch: a new hello from it can no longer start over
     gone: bool = False  # given up after --client-timeout of silence; back once heard from
     pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
-    samples: int = 0  # training samples in the current epoch
-    reported: dict | None = None  # its `trained` for the current epoch
+    samples: int = 0  # training samples in the current period (the whole epoch, in round-robin)
+    reported: dict | None = None  # its `trained` for the current period
+    epoch_samples: int = 0  # over the current epoch's reported periods
+    epoch_loss: float = 0.0  # their training loss, summed over those samples
     batches: int = 0
 
 
@@ -69,7 +73,7 @@ class EpochLog:
     epoch: int
     included: list[str]
     missing: list[str]
-    samples: dict[str, int]
+    samples: dict[str, int]  # over the whole epoch
     train_loss: float
     accuracy: float | None = None
     loss: float | None = None
@@ -112,9 +116,10 @@ class SplitServer:
             transport.declare(self.fed)
             self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at)
         self.evaluation_body = copy.deepcopy(self.body)  # the layers evaluation batches see: as the last epoch closed
-        self.epoch = 1
+        self.epoch, self.period = 1, 1
         self.epoch_started = time.perf_counter()
         self.epochs: list[EpochLog] = []
+        self.closed_periods: dict[tuple[int, int], dict] = {}  # (epoch, period) -> what its `closed` said
         self.awaiting_evaluation: EpochLog | None = None  # closed, its evaluator not yet heard
         self.turns = _TurnOrder(names, settings.epochs) if settings.schedule == "round-robin" and settings.clients > 1 else None
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
@@ -207,9 +212,9 @@ class SplitServer:
                 raise ProtocolError("kind", "gradients with no batch outstanding")
             check_tensors(message, {"g": TensorSpec("float32", (len(state.pending[1]), *self.out_shape))})
         elif message.kind == TRAINED:
-            epoch, loss = message.meta.get("epoch"), message.meta.get("train_loss")
-            if not isinstance(epoch, int) or not isinstance(loss, float):
-                raise ProtocolError("malformed", "trained needs an integer epoch and a float train_loss")
+            epoch, period, loss = message.meta.get("epoch"), message.meta.get("period"), message.meta.get("train_loss")
+            if not isinstance(epoch, int) or not isinstance(period, int) or not 1 <= period <= self.settings.syncs_per_epoch or not isinstance(loss, float):
+                raise ProtocolError("malformed", f"trained needs an integer epoch, a period in 1..{self.settings.syncs_per_epoch} and a float train_loss")
             if self.turns is not None and self.turns.holder != state.name:
                 raise ProtocolError("kind", f"trained from {state.name}, whose turn it is not")
         elif message.kind == HANDED:
@@ -308,45 +313,54 @@ class SplitServer:
     # -- closing epochs ---------------------------------------------------------------------
 
     def trained(self, state: ClientState, message: Message) -> None:
-        epoch = message.meta["epoch"]
-        if epoch != self.epoch:
-            # A late share of an epoch that closed without it: it was left out of the average,
+        epoch, period = message.meta["epoch"], message.meta["period"]
+        if (epoch, period) != (self.epoch, self.period):
+            # A late share of a period that closed without it: it was left out of the average,
             # and says so in the answer, so the client takes the average and goes on.
-            log.warning("split-server: %s reported epoch %d, which closed without it", state.name, epoch)
-            closed = next((e for e in self.epochs if e.epoch == epoch), None)
+            log.warning("split-server: %s reported epoch %d period %d, which closed without it", state.name, epoch, period)
+            closed = self.closed_periods.get((epoch, period))
             if closed is not None and self.turns is None:
-                self.answer(state, CLOSED, epoch=epoch, included=closed.included, samples=closed.samples, evaluator="")
+                self.answer(state, CLOSED, **closed, evaluator="")
             state.samples, state.pending = 0, None
             return
         state.reported = {"train_loss": message.meta["train_loss"]}
+        state.epoch_samples += state.samples
+        state.epoch_loss += message.meta["train_loss"] * state.samples
         metrics.SPLIT_CLIENT_EPOCH.labels(SERVER, self.session, state.name).set(epoch)
         if self.turns is not None:
             self.turns.previous = state.name  # it holds the newest layers now
             self.pass_turn()
         elif all(s.reported is not None or s.gone for s in self.clients.values()):
-            self.close_epoch()
+            self.close_period()
 
-    def close_epoch(self) -> None:
+    def close_period(self) -> None:
         """Every client that is still there has reported: average (splitfed-v1), tell the
-        included clients and the fed, name who evaluates."""
+        included clients and the fed; at an epoch's end, name who evaluates."""
         included = [s for s in self.clients.values() if s.reported is not None]
         if len(included) < self.settings.quorum():
-            raise RuntimeError(f"epoch {self.epoch}: only {len(included)} of {self.settings.clients} clients finished it (--min-clients {self.settings.quorum()})")
-        record = self.record_epoch(included, evaluator=included[0].name)
+            raise RuntimeError(
+                f"epoch {self.epoch} period {self.period}: only {len(included)} of {self.settings.clients} clients finished it "
+                f"(--min-clients {self.settings.quorum()})"
+            )
+        samples = {s.name: s.samples for s in included}
         if self.per_client:
-            self.average_bodies(included, [record.samples[s.name] for s in included])
-        self.evaluation_body = copy.deepcopy(self.body)
-        meta = {"epoch": record.epoch, "included": record.included, "samples": record.samples, "evaluator": record.evaluator}
+            self.average_bodies(included, list(samples.values()))
+        closed = {"epoch": self.epoch, "period": self.period, "included": list(samples), "samples": samples}
+        self.closed_periods[(self.epoch, self.period)] = closed
+        evaluator = ""
+        if self.period == self.settings.syncs_per_epoch:
+            evaluator = self.record_epoch(included, evaluator=included[0].name).evaluator
+            self.evaluation_body = copy.deepcopy(self.body)
         for state in included:
-            self.answer(state, CLOSED, **meta)
+            self.answer(state, CLOSED, **closed, evaluator=evaluator)
         if self.fed:
-            self.endpoint.send(self.fed, CLOSED, to=FED, **meta)
-        self.next_epoch()
+            self.endpoint.send(self.fed, CLOSED, to=FED, **closed, evaluator=evaluator)
+        self.next_period()
 
     def record_epoch(self, included: list[ClientState], evaluator: str | None) -> EpochLog:
-        samples = {s.name: s.samples for s in included}
+        samples = {s.name: s.epoch_samples for s in included}
         total = sum(samples.values())
-        loss = sum(s.reported["train_loss"] * s.samples for s in included) / total if total else float("nan")
+        loss = sum(s.epoch_loss for s in included) / total if total else float("nan")
         missing = [name for name in self.clients if name not in samples]
         if missing:
             log.warning("split-server: epoch %d closes without %s (silent for %.0f s)", self.epoch, ", ".join(missing), self.settings.client_timeout)
@@ -364,17 +378,29 @@ class SplitServer:
         return record
 
     def average_bodies(self, included: list[ClientState], weights: list[int]) -> None:
-        """splitfed-v1: every client's copy of the layers restarts from their weighted average."""
+        """splitfed-v1: every client's copy of the layers restarts from their weighted average
+        (--fed-lr of the way there from the last one, where every copy began the period)."""
         states = [{k: to_numpy(v) for k, v in s.body.state_dict().items()} for s in included]
-        average = {k: torch.from_numpy(v) for k, v in weighted_average(states, weights).items()}
+        start = {k: to_numpy(v) for k, v in self.body.state_dict().items()}
+        parameters = {name for name, _ in self.body.named_parameters()}
+        stepped = step_towards(start, weighted_average(states, weights), self.settings.fed_lr, parameters)
+        average = {k: torch.from_numpy(v) for k, v in stepped.items()}
         self.body.load_state_dict(average)
         for state in self.clients.values():
             state.body.load_state_dict(average)
 
+    def next_period(self) -> None:
+        if self.period < self.settings.syncs_per_epoch:
+            for state in self.clients.values():
+                state.samples, state.reported, state.pending = 0, None, None
+            self.period += 1
+        else:
+            self.next_epoch()
+
     def next_epoch(self) -> None:
         for state in self.clients.values():
-            state.samples, state.reported, state.pending = 0, None, None
-        self.epoch += 1
+            state.samples, state.reported, state.pending, state.epoch_samples, state.epoch_loss = 0, None, None, 0, 0.0
+        self.epoch, self.period = self.epoch + 1, 1
         self.epoch_started = time.perf_counter()
 
     def count_active(self) -> None:
@@ -486,7 +512,7 @@ class SplitServer:
         if self.turns is not None:
             self.move_turn_on()
         elif all(s.reported is not None or s.gone for s in self.clients.values()) and self.epoch <= self.settings.epochs:
-            self.close_epoch()
+            self.close_period()
 
     def move_turn_on(self) -> None:
         """Round-robin after a silence: before the first turn, start with the clients there; a
