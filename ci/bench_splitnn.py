@@ -3,6 +3,9 @@ the in-memory transport and over RabbitMQ, beside centralized training on the sa
 each one's ratio to centralized, measured in one run.
 
     .venv/bin/python ci/bench_splitnn.py [--clients 5] [--limit 10000] [--broker URL] [--out FILE]
+                                         [--syncs-per-epoch S --fed-lr LR]
+
+--syncs-per-epoch and --fed-lr apply to splitfed-v1 and v2 (round-robin hands its layers on).
 
 Each run trains 2 epochs and the table shows the second: from the first epoch's close to the
 second's evaluation on the test set (as centralized's epoch is timed), so process start-up and
@@ -30,13 +33,16 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=2000)
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    parser.add_argument("--syncs-per-epoch", type=int, default=1, help="splitfed-v1 and v2: averagings per epoch")
+    parser.add_argument("--fed-lr", type=float, default=1.0, help="splitfed-v1 and v2: the step of each averaging")
     parser.add_argument("--out", help="also write the table as JSON")
     args = parser.parse_args()
 
     common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=2)
     runs = {"centralized": lambda: launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun())}
     for schedule in args.schedules.split(","):
-        settings = SplitNNSettings(**common, clients=args.clients, schedule=schedule)
+        periods = {} if schedule == "round-robin" else {"syncs_per_epoch": args.syncs_per_epoch, "fed_lr": args.fed_lr}
+        settings = SplitNNSettings(**common, clients=args.clients, schedule=schedule, **periods)
         runs[f"{schedule}, memory"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun())
         runs[f"{schedule}, RabbitMQ"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=args.broker))
     rows = {}
@@ -45,7 +51,8 @@ def main() -> None:
         epoch = result["history"][-1]
         rows[name] = {"seconds": epoch["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]}
     base = rows["centralized"]["seconds"]
-    table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch")
+    periods = f", v1/v2 averaging {args.syncs_per_epoch}x an epoch with fed lr {args.fed_lr}" if args.syncs_per_epoch > 1 or args.fed_lr != 1 else ""
+    table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch{periods}")
     for column in ("run", "s/epoch", "ratio", "accuracy", "server messages"):
         table.add_column(column, justify="right")
     for name, row in rows.items():

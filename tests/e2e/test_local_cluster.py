@@ -256,7 +256,7 @@ def test_a_splitnn_release_with_the_fed_runs_as_containers_and_equals_splitfed_r
     result = cluster.wait("e2e-splitfed-split-server-0", "split-server")
     for index in range(2):
         cluster.wait(f"e2e-splitfed-split-client-{index}", "split-client")
-    assert cluster.wait("e2e-splitfed-split-fed-0", "split-fed")["averaged_epochs"] == [1]
+    assert cluster.wait("e2e-splitfed-split-fed-0", "split-fed")["averaged_periods"] == 1
     assert [epoch["included"] for epoch in result["history"]] == [["split-client-0", "split-client-1"]]
     reference = reference_run("localhost/splitfed-split-server:latest", cluster.results, "splitnn",
                               {**settings, "dataset": "digits", "clients": 2})

@@ -1,6 +1,7 @@
 """Several split clients as separate processes over the real RabbitMQ: signed runs equal their
-one-process reference, and a client killed mid-epoch (splitfed-v2) or mid-turn (round-robin)
-does not stall the run: the epoch closes, or the turn passes, without it, and the results say so."""
+one-process reference, a client killed mid-epoch (splitfed-v2) or mid-turn (round-robin) does
+not stall the run: the epoch closes, or the turn passes, without it, and the results say so; and
+a client that comes back after it was given up goes on where the run has got to."""
 
 from __future__ import annotations
 
@@ -107,12 +108,12 @@ def test_signed_processes_equal_the_reference(parties, tmp_path, schedule):
     assert all(isinstance(epoch["accuracy"], float) for epoch in result["history"])  # each epoch was evaluated
 
 
-@pytest.mark.parametrize("schedule", ["splitfed-v2", "splitfed-v1", "round-robin"])
-def test_a_client_killed_mid_epoch_does_not_stall_the_run(parties, schedule):
+@pytest.mark.parametrize("schedule, periods", [("splitfed-v2", {}), ("splitfed-v2", {"syncs_per_epoch": 3}), ("splitfed-v1", {}), ("round-robin", {})])
+def test_a_client_killed_mid_epoch_does_not_stall_the_run(parties, schedule, periods):
     """SIGKILL client 1 in the middle of its first epoch's share (its turn, in round-robin): after
-    --client-timeout the epoch closes (the turn passes) with the other two, every later epoch
-    goes on without waiting for it, and the server's results name it as missing."""
-    settings = SplitNNSettings(**SMALL, epochs=2, clients=3, schedule=schedule, min_clients=2, client_timeout=4.0)
+    --client-timeout the epoch (or period) closes, or the turn passes, with the other two, every
+    later one goes on without waiting for it, and the server's results name it as missing."""
+    settings = SplitNNSettings(**SMALL, epochs=2, clients=3, schedule=schedule, min_clients=2, client_timeout=4.0, **periods)
     run = parties(settings)
     run.start_all()
     run.kill_after("split-client-1", 3)
@@ -126,3 +127,33 @@ def test_a_client_killed_mid_epoch_does_not_stall_the_run(parties, schedule):
     assert result["history"][-1]["accuracy"] > 0.3  # chance is 0.1
     if schedule != "round-robin":  # the survivors continue from the same average
         assert max_diff(run.layers("split-client-0"), run.layers("split-client-2")) == 0
+
+
+def test_a_client_given_up_and_heard_from_again_goes_on_where_the_run_is(parties):
+    """SIGSTOP client 1 early in its first period; once client 0 trains past that period (it
+    closed without client 1), SIGCONT it. Its late share is answered with where the run is; it
+    goes on from the fed's newest layers, is waited for again, and ends the run with exactly the
+    layers of the others and an exit code of 0."""
+    settings = SplitNNSettings(**SMALL, epochs=4, clients=3, schedule="splitfed-v2", syncs_per_epoch=3, fed_lr=2.0, min_clients=2, client_timeout=3.0)
+    run = parties(settings)
+    run.start_all()
+    late = run.members["split-client-1"].process
+    first_period = len(reference.periods(list(range(10)), 3)[0])  # 300 samples in batches of 32: 10 batches
+    deadline = time.monotonic() + 120
+    while run.batches.get("split-client-1", 0) < 1:
+        assert time.monotonic() < deadline and late.poll() is None
+        time.sleep(0.01)
+    late.send_signal(signal.SIGSTOP)
+    try:
+        while run.batches.get("split-client-0", 0) <= first_period:  # client 0 is in period 2: period 1 closed without client 1
+            assert time.monotonic() < deadline, "period 1 never closed without the stopped client"
+            time.sleep(0.01)
+    finally:
+        late.send_signal(signal.SIGCONT)
+    run.wait()
+    assert late.returncode == 0, run.members["split-client-1"].tail()
+    result = run.result(SERVER)
+    assert result["history"][-1]["included"] == ["split-client-0", "split-client-1", "split-client-2"]
+    assert result["clients"]["split-client-1"]["gone"] is False
+    assert max_diff(run.layers("split-client-0"), run.layers("split-client-1")) == 0
+    assert max_diff(run.layers("split-client-0"), run.layers("split-client-2")) == 0

@@ -89,10 +89,10 @@ def test_a_fed_step_moves_weights_from_the_start_and_leaves_statistics_averaged(
 
     start = {"w": np.full(2, 1.0, np.float32), "running_var": np.full(2, 1.0, np.float32)}
     average = {"w": np.full(2, 2.0, np.float32), "running_var": np.full(2, 0.5, np.float32)}
-    stepped = step_towards(start, average, 2.5, {"w"})
+    stepped = step_towards(start, average, 2.5)
     assert np.allclose(stepped["w"], 3.5) and stepped["w"].dtype == np.float32
     assert np.allclose(stepped["running_var"], 0.5)  # 1 + 2.5 * (0.5 - 1) would be negative
-    assert step_towards(start, average, 1.0, {"w"}) is average
+    assert step_towards(start, average, 1.0) is average
 
 
 def test_the_fed_weights_by_samples():

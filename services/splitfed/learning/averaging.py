@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+BATCHNORM_STATISTICS = ("running_mean", "running_var")  # buffers, not weights: averaged, never stepped
+
 
 def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """The weighted mean of `states` (same names and shapes), accumulated in float64 and returned
@@ -26,14 +28,15 @@ def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) 
     return averaged
 
 
-def step_towards(start: dict[str, np.ndarray], average: dict[str, np.ndarray], lr: float, parameters: set[str]) -> dict[str, np.ndarray]:
-    """start + lr * (average - start) for the trained weights named in `parameters` (lr 1: the
-    average itself; Reddi et al.'s server learning rate). Everything else (BatchNorm's running
-    statistics and counters) takes the average as it is: stepping past a variance could make it
-    negative."""
+def step_towards(start: dict[str, np.ndarray], average: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
+    """start + lr * (average - start) for the trained weights (lr 1: the average itself; Reddi et
+    al.'s server learning rate). BatchNorm's running statistics and counters take the average as
+    it is: stepping past a variance could make it negative. They are told apart by torch's names
+    for them, so no party has to say which of its tensors are weights."""
     if lr == 1.0:
         return average
     return {
-        name: (start[name] + lr * (value.astype(np.float64) - start[name])).astype(value.dtype) if name in parameters else value
+        name: value if name.endswith(BATCHNORM_STATISTICS) or not np.issubdtype(value.dtype, np.floating)
+        else (start[name] + lr * (value.astype(np.float64) - start[name])).astype(value.dtype)
         for name, value in average.items()
     }

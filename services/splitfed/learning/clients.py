@@ -67,11 +67,10 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
         server_opts = [train.optimizer(body.parameters(), settings.optimizer, settings.lr) for body in bodies]
     else:  # one optimiser over the one set of layers, whoever's turn it is
         server_opts = [train.optimizer(whole.body.parameters(), settings.optimizer, settings.lr)] * settings.clients
+    last = None  # splitfed-v1: the last average, where every client's layers began the period
     for epoch in range(settings.epochs):
         epoch_periods = [periods(data.batch_order(len(client.share), settings.batch_size, client.generator), settings.syncs_per_epoch) for client in clients]
         for period in range(settings.syncs_per_epoch):
-            # splitfed-v1: every client (and its server half) starts the period from the same layers
-            starts = [_numpy_state(module) for module in clients[0].layers() + bodies[:1]] if per_client else []
             for index, client in enumerate(clients):
                 if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
                     for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
@@ -79,7 +78,7 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
                 _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period])
             if per_client:
                 weights = [sum(len(indices) for indices in runs[period]) for runs in epoch_periods]
-                _average_into([client.layers() + [body] for client, body in zip(clients, bodies)], weights, starts, settings.fed_lr)
+                last = _average_into([client.layers() + [body] for client, body in zip(clients, bodies)], weights, last, settings.fed_lr)
     return [client.parts for client in clients], bodies if per_client else bodies[:1]
 
 
@@ -103,12 +102,16 @@ def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def _average_into(groups: list[list[nn.Module]], weights: list[int], starts: list[dict[str, np.ndarray]], lr: float) -> None:
-    """Every member's modules move from `starts` (module by module) by `lr` times the change to the
-    weighted average of all members', as the fed (client halves) and the split server
-    (splitfed-v1's server halves) step."""
-    for position, start in enumerate(starts):
+def _average_into(groups: list[list[nn.Module]], weights: list[int], last: list[dict[str, np.ndarray]] | None, lr: float) -> list[dict[str, np.ndarray]]:
+    """Every member's modules (module by module) restart from the weighted average of all
+    members', stepped by `lr` from the `last` average (None: this is the first), as the fed (client
+    halves) and the split server (splitfed-v1's server halves) do. Returns the new ones."""
+    new = []
+    for position in range(len(groups[0])):
         average = weighted_average([_numpy_state(group[position]) for group in groups], weights)
-        stepped = step_towards(start, average, lr, {name for name, _ in groups[0][position].named_parameters()})
+        if last is not None:
+            average = step_towards(last[position], average, lr)
         for group in groups:
-            group[position].load_state_dict({k: torch.from_numpy(v.copy()) for k, v in stepped.items()})
+            group[position].load_state_dict({k: torch.from_numpy(v.copy()) for k, v in average.items()})
+        new.append(average)
+    return new

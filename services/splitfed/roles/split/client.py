@@ -21,7 +21,6 @@ import torch
 
 from splitfed.errors import RunAborted
 from splitfed.learning import clients, data, models, split, train
-from splitfed.learning.averaging import step_towards
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
@@ -197,10 +196,6 @@ class SplitClient:
     def named_parts(self) -> list[tuple[str, torch.nn.Module]]:
         return [("head.", self.parts.head)] + ([("tail.", self.parts.tail)] if self.parts.tail is not None else [])
 
-    def parameter_names(self) -> set[str]:
-        """The names in `layers` that are trained weights (not BatchNorm's running statistics)."""
-        return {f"{prefix}{name}" for prefix, part in self.named_parts() for name, _ in part.named_parameters()}
-
     def layer_specs(self) -> dict[str, TensorSpec]:
         return {name: TensorSpec(array.dtype.name, array.shape) for name, array in self.layers().items()}
 
@@ -221,32 +216,41 @@ class SplitClient:
 
     def train_epochs(self) -> None:
         """Epoch after epoch, period after period (--syncs-per-epoch): this client's share, then
-        (among several) the fed's average; after an epoch's last period, the evaluation when the
-        server names this client to do it."""
-        for epoch in range(1, self.settings.epochs + 1):
+        (among several) the fed's layers; after an epoch's last period, the evaluation when the
+        server names this client to do it. A client whose share came too late is told where the
+        run has got to, and goes on from there."""
+        epoch, first_period = 1, 1
+        while epoch <= self.settings.epochs:
             runs, self.epoch_losses = self.epoch_periods(), []
             total = sum(len(batches) for batches in runs)
-            for period, batches in enumerate(runs, 1):
-                start = {name: array.copy() for name, array in self.layers().items()} if self.fed else {}  # what the fed's step starts from
-                self.train_share(epoch, period, batches, len(self.epoch_losses), total)
-                closed = self.period_closed(epoch, period, start)
-            if closed.meta.get("evaluator") == self.name:
-                self.evaluate(epoch)
+            for period in range(first_period, len(runs) + 1):
+                self.train_share(epoch, period, runs[period - 1], sum(len(batches) for batches in runs[: period - 1]), total)
+                closed = self.period_closed(epoch, period)
+                if "resume" in closed.meta:  # late: the periods in between closed without this client
+                    log.warning("%s: epoch %d period %d closed without it; it goes on at %s", self.name, epoch, period, closed.meta["resume"])
+                    epoch, first_period = closed.meta["resume"]
+                    break
+            else:
+                if closed.meta.get("evaluator") == self.name:
+                    self.evaluate(epoch)
+                epoch, first_period = epoch + 1, 1
 
-    def period_closed(self, epoch: int, period: int, start: dict[str, np.ndarray]) -> Message:
-        """The server's `closed` for this period of `epoch` and, among several, the fed's average,
-        in whichever order they come (a late client's average can overtake the server's answer).
-        The layers go from `start`, where the period began, --fed-lr of the way to the average."""
+    def period_closed(self, epoch: int, period: int) -> Message:
+        """The server's `closed` for this period of `epoch` and, among several, the fed's layers
+        (loaded), in whichever order they come (a late client's layers can overtake the server's
+        answer, and be of a later period)."""
         closed: Message | None = None
         averaged = self.fed is None
 
         def check(message: Message) -> None:
             self.check_origin(message)
-            if message.kind in (CLOSED, AVERAGE) and (message.meta.get("epoch"), message.meta.get("period")) != (epoch, period):
-                raise ProtocolError(
-                    "kind", f"{message.kind} for epoch {message.meta.get('epoch')} period {message.meta.get('period')} while {self.name} is in "
-                    f"epoch {epoch} period {period}",
-                )
+            said = (message.meta.get("epoch"), message.meta.get("period"))
+            if not all(isinstance(number, int) for number in said):
+                raise ProtocolError("malformed", f"{message.kind} needs an integer epoch and period")
+            if message.kind == CLOSED and said != (epoch, period) or message.kind == AVERAGE and said < (epoch, period):
+                raise ProtocolError("kind", f"{message.kind} for epoch {said[0]} period {said[1]} while {self.name} is in epoch {epoch} period {period}")
+            if message.kind == CLOSED and "resume" in message.meta:
+                self.check_resume(message.meta["resume"], (epoch, period))
             if message.kind == AVERAGE:
                 self.check_layers(message)
 
@@ -260,9 +264,15 @@ class SplitClient:
             if message.kind == CLOSED:
                 closed = message
             else:
-                self.load_layers(step_towards(start, message.tensors, self.settings.fed_lr, self.parameter_names()))
+                self.load_layers(message.tensors)
                 averaged = True
         return closed
+
+    def check_resume(self, resume: object, late: tuple[int, int]) -> None:
+        """Where a late client goes on: an (epoch, period) of this run after the one it was late for."""
+        if not (isinstance(resume, list) and len(resume) == 2 and all(isinstance(n, int) for n in resume)
+                and tuple(resume) > late and 1 <= resume[1] <= self.settings.syncs_per_epoch and resume[0] <= self.settings.epochs + 1):
+            raise ProtocolError("malformed", f"closed names no (epoch, period) of this run after {late} to go on at")
 
     # -- round-robin ----------------------------------------------------------------------
 

@@ -3,11 +3,14 @@ it its layers at the end of its share of a period (an epoch, or a part of one wi
 --syncs-per-epoch); when the split server closes the period it says whose shares it includes and
 how many samples each trained on, and the fed sends every included client the weighted average of
 exactly those layers. So the split server never sees a client's layers, and every client continues
-from the same ones. numpy only: no torch.
+from the same ones. With --fed-lr the layers it sends step from the last average it sent (where
+every client began the period) by fed-lr times the change to the new average; the run's first
+averaging has no last one and is the average itself. numpy only: no torch.
 
 It follows the run of the newest split server (by the start time the server signs in its
 hello), and drops layers of any other run. A client that reports a period after it closed (too
-slow, given up) gets that period's average when its layers arrive, and goes on with the others.
+slow, given up) gets the newest layers the fed has sent when its own arrive, and goes on from
+them with the others (the server tells it which period is open).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 
 import numpy as np
 
-from splitfed.learning.averaging import weighted_average
+from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec
@@ -26,7 +29,6 @@ from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
-KEPT_AVERAGES = 2  # closed periods whose average a late client can still be sent
 
 
 class SplitFed:
@@ -43,8 +45,9 @@ class SplitFed:
         self.server_started = float("-inf")  # the start time of the server whose run this fed follows
         self.layout: dict[str, TensorSpec] | None = None  # every client's layers: names, dtypes, shapes (from the first)
         self.heads: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # client -> (samples it claims, its layers) for the open period
-        self.closed: dict[tuple[int, int], tuple[list[str], dict[str, np.ndarray]]] = {}  # (epoch, period) -> (included, average)
+        self.newest: tuple[tuple[int, int], list[str], dict[str, np.ndarray]] | None = None  # the last layers sent: (period, included, layers)
         self.open = (1, 1)  # the (epoch, period) whose layers are being gathered
+        self.averaged_periods = 0
         self.averaged = metrics.AVERAGED_CLIENTS.labels(FED, self.session)
 
     def run(self) -> dict:
@@ -55,7 +58,7 @@ class SplitFed:
             self.endpoint.ack(delivery)
             if finished:
                 break
-        return {"averaged_periods": [list(key) for key in sorted(self.closed)], "traffic": vars(self.endpoint.traffic)}
+        return {"averaged_periods": self.averaged_periods, "traffic": vars(self.endpoint.traffic)}
 
     def check(self, message: Message) -> None:
         if message.kind != HELLO and self.endpoint.run is None:
@@ -106,32 +109,33 @@ class SplitFed:
         self.endpoint.bind(message.meta["run"])
         for sender in (SERVER, *self.clients):  # a new run's parties number their messages afresh
             self.endpoint.resync(sender)
-        self.heads, self.closed, self.open, self.layout = {}, {}, (1, 1), None
+        self.heads, self.newest, self.open, self.layout, self.averaged_periods = {}, None, (1, 1), None, 0
         log.info("split-fed follows run %s", self.endpoint.run)
 
     def keep(self, message: Message) -> None:
-        period = period_of(message)
-        if period < self.open:
-            included, average = self.closed.get(period, (None, None))
-            if included is not None and message.sender not in included:
-                self.send_average(period, average, [message.sender])  # late: it goes on from the others' average
+        if period_of(message) < self.open:
+            if self.newest is not None and message.sender not in self.newest[1]:
+                self.send_average(self.newest[0], self.newest[2], [message.sender])  # late: it goes on from the newest layers
             return
         if self.layout is None:
             self.layout = {name: TensorSpec(array.dtype.name, array.shape) for name, array in message.tensors.items()}
         self.heads[message.sender] = (message.meta["samples"], message.tensors)
 
     def average(self, period: tuple[int, int], included: list[str], samples: dict[str, int]) -> None:
-        """The included clients' layers, weighted by the samples the server saw from each."""
+        """The included clients' layers, weighted by the samples the server saw from each (then
+        the --fed-lr step from the last layers sent). Clients whose layers came but who were left
+        out (late by a hair) get them too, and go on from them."""
         present = [name for name in included if name in self.heads]
         if missing := sorted(set(included) - set(present)):
             log.warning("split-fed: epoch %d period %d: no layers from %s; averaging the others", *period, ", ".join(missing))
         if present:
-            weights = [samples[name] for name in present]
-            average = weighted_average([self.heads[name][1] for name in present], weights)
-            self.send_average(period, average, included)
-            self.closed[period] = (present, average)
+            average = weighted_average([self.heads[name][1] for name in present], [samples[name] for name in present])
+            if self.newest is not None:
+                average = step_towards(self.newest[2], average, self.settings.fed_lr)
+            self.send_average(period, average, included + sorted(set(self.heads) - set(included)))
+            self.newest = (period, present, average)
+            self.averaged_periods += 1
             self.averaged.set(len(present))
-        self.closed = {key: kept for key, kept in sorted(self.closed.items())[-KEPT_AVERAGES:]}
         self.heads = {}
         epoch, number = period
         self.open = (epoch, number + 1) if number < self.settings.syncs_per_epoch else (epoch + 1, 1)

@@ -98,6 +98,7 @@ class SplitServer:
         self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
         self.out_shape = models.output_shape(parts.body, self.in_shape)
         self.per_client = settings.schedule == "splitfed-v1" and settings.clients > 1
+        self.averaged_bodies = False  # splitfed-v1: self.body is an average (not the initial layers) once this is set
         self.body = parts.body  # the shared layers (splitfed-v1: the average, after each epoch)
         self.opt = train.optimizer(self.body.parameters(), settings.optimizer, settings.lr)
         names = [client_name(index, settings.clients) for index in range(settings.clients)]
@@ -119,7 +120,6 @@ class SplitServer:
         self.epoch, self.period = 1, 1
         self.epoch_started = time.perf_counter()
         self.epochs: list[EpochLog] = []
-        self.closed_periods: dict[tuple[int, int], dict] = {}  # (epoch, period) -> what its `closed` said
         self.awaiting_evaluation: EpochLog | None = None  # closed, its evaluator not yet heard
         self.turns = _TurnOrder(names, settings.epochs) if settings.schedule == "round-robin" and settings.clients > 1 else None
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
@@ -217,6 +217,8 @@ class SplitServer:
                 raise ProtocolError("malformed", f"trained needs an integer epoch, a period in 1..{self.settings.syncs_per_epoch} and a float train_loss")
             if self.turns is not None and self.turns.holder != state.name:
                 raise ProtocolError("kind", f"trained from {state.name}, whose turn it is not")
+            if (epoch, period) > (self.epoch, self.period):
+                raise ProtocolError("kind", f"trained for epoch {epoch} period {period} from {state.name} while epoch {self.epoch} period {self.period} is open")
         elif message.kind == HANDED:
             if self.turns is None or self.turns.previous != state.name or message.meta.get("holder") != self.turns.holder:
                 raise ProtocolError("kind", f"handed from {state.name}, which was not asked to hand on its layers")
@@ -315,12 +317,11 @@ class SplitServer:
     def trained(self, state: ClientState, message: Message) -> None:
         epoch, period = message.meta["epoch"], message.meta["period"]
         if (epoch, period) != (self.epoch, self.period):
-            # A late share of a period that closed without it: it was left out of the average,
-            # and says so in the answer, so the client takes the average and goes on.
+            # A late share of a period that closed without it: it was left out of the average. The
+            # answer says where the run is, and the client goes on there from the fed's newest layers.
             log.warning("split-server: %s reported epoch %d period %d, which closed without it", state.name, epoch, period)
-            closed = self.closed_periods.get((epoch, period))
-            if closed is not None and self.turns is None:
-                self.answer(state, CLOSED, **closed, evaluator="")
+            if self.turns is None:
+                self.answer(state, CLOSED, epoch=epoch, period=period, evaluator="", resume=[self.epoch, self.period])
             state.samples, state.pending = 0, None
             return
         state.reported = {"train_loss": message.meta["train_loss"]}
@@ -346,7 +347,6 @@ class SplitServer:
         if self.per_client:
             self.average_bodies(included, list(samples.values()))
         closed = {"epoch": self.epoch, "period": self.period, "included": list(samples), "samples": samples}
-        self.closed_periods[(self.epoch, self.period)] = closed
         evaluator = ""
         if self.period == self.settings.syncs_per_epoch:
             evaluator = self.record_epoch(included, evaluator=included[0].name).evaluator
@@ -378,30 +378,39 @@ class SplitServer:
         return record
 
     def average_bodies(self, included: list[ClientState], weights: list[int]) -> None:
-        """splitfed-v1: every client's copy of the layers restarts from their weighted average
-        (--fed-lr of the way there from the last one, where every copy began the period)."""
+        """splitfed-v1: every client's copy of the layers restarts from their weighted average,
+        stepped by --fed-lr from the last average (as the fed steps the client halves: the run's
+        first averaging is the average itself)."""
         states = [{k: to_numpy(v) for k, v in s.body.state_dict().items()} for s in included]
-        start = {k: to_numpy(v) for k, v in self.body.state_dict().items()}
-        parameters = {name for name, _ in self.body.named_parameters()}
-        stepped = step_towards(start, weighted_average(states, weights), self.settings.fed_lr, parameters)
-        average = {k: torch.from_numpy(v) for k, v in stepped.items()}
+        average = weighted_average(states, weights)
+        if self.averaged_bodies:
+            average = step_towards({k: to_numpy(v) for k, v in self.body.state_dict().items()}, average, self.settings.fed_lr)
+        self.averaged_bodies = True
+        average = {k: torch.from_numpy(v) for k, v in average.items()}
         self.body.load_state_dict(average)
         for state in self.clients.values():
             state.body.load_state_dict(average)
 
     def next_period(self) -> None:
         if self.period < self.settings.syncs_per_epoch:
-            for state in self.clients.values():
-                state.samples, state.reported, state.pending = 0, None, None
+            self.open_period()
             self.period += 1
         else:
             self.next_epoch()
 
     def next_epoch(self) -> None:
+        self.open_period()
         for state in self.clients.values():
-            state.samples, state.reported, state.pending, state.epoch_samples, state.epoch_loss = 0, None, None, 0, 0.0
+            state.epoch_samples, state.epoch_loss = 0, 0.0
         self.epoch, self.period = self.epoch + 1, 1
         self.epoch_started = time.perf_counter()
+
+    def open_period(self) -> None:
+        """Nothing reported yet; a client's silence counts from now (it may have reported long
+        ago, and waited for a slow one since)."""
+        now = time.monotonic()
+        for state in self.clients.values():
+            state.samples, state.reported, state.pending, state.heard = 0, None, None, now
 
     def count_active(self) -> None:
         """splitfed_split_active_clients, set when a client joins, goes silent or comes back (not per batch)."""
