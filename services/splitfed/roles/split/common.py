@@ -6,6 +6,7 @@ Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--
                                 client --gradients{g}--> server --gradients{g}--> client
 End of a client's epoch share:  client --trained{epoch, period, train_loss}--> server
 Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluator}--> each included client (and the fed)
+A share after its period closed: server --closed{epoch, period, resume=[epoch, period] open now}--> that client
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
                                 (the server answers with its layers as they were when the epoch closed)
 Evaluated:                      evaluator --evaluated{epoch, accuracy, loss}--> server
