@@ -135,3 +135,32 @@ def test_more_periods_than_a_share_has_batches_is_refused():
     settings = SplitNNSettings(**{**SMALL, "limit": 120}, clients=2, syncs_per_epoch=3)  # 60 samples each: 2 batches of 32
     with pytest.raises(ValueError, match="--syncs-per-epoch 3 is more than the 2 batches of split-client-1's share"):
         SplitClient(settings, SplitClientParty(session="s", client_index=1), MemoryTransport(MemoryBroker()))
+
+
+def test_period_numbers_from_the_wire_are_checked():
+    """What a late client is told, what the fed is sent and what the server is told of periods:
+    anything but a period of this run is refused as malformed or out of turn."""
+    from splitfed.protocol import Message, ProtocolError
+    from splitfed.roles.split import SplitClientParty, SplitParty
+    from splitfed.roles.split.client import SplitClient
+    from splitfed.roles.split.fed import period_of
+    from splitfed.roles.split.server import SplitServer
+    from splitfed.transport import MemoryBroker, MemoryTransport
+
+    settings = SplitNNSettings(**SMALL, clients=2, syncs_per_epoch=3)
+    client = SplitClient(settings, SplitClientParty(session="s", client_index=0), MemoryTransport(MemoryBroker()))
+    client.check_resume([2, 1], (1, 3))
+    for resume in ([1, 3], [1, 2], [2, 4], [2, 0], [4, 1], [2], "2,1", [2.0, 1], None):
+        with pytest.raises(ProtocolError, match="no \\(epoch, period\\) of this run"):
+            client.check_resume(resume, (1, 3))
+
+    assert period_of(Message("head", "s", "split-client-0", meta={"epoch": 2, "period": 3})) == (2, 3)
+    for meta in ({"epoch": 1}, {"epoch": 1, "period": 0}, {"epoch": "1", "period": 1}, {"epoch": 0, "period": 1}):
+        with pytest.raises(ProtocolError, match="positive integer epoch and period"):
+            period_of(Message("head", "s", "split-client-0", meta=meta))
+
+    server = SplitServer(settings, SplitParty(session="s"), MemoryTransport(MemoryBroker()))
+    server.clients["split-client-0"].greeted = True
+    for meta, problem in (({"epoch": 1, "period": 2}, "while epoch 1 period 1 is open"), ({"epoch": 1, "period": 4}, "a period in 1..3")):
+        with pytest.raises(ProtocolError, match=problem):
+            server.check(Message("trained", "s", "split-client-0", meta={**meta, "train_loss": 0.5}))

@@ -244,6 +244,8 @@ class SplitClient:
 
         def check(message: Message) -> None:
             self.check_origin(message)
+            if message.kind not in (CLOSED, AVERAGE):
+                return
             said = (message.meta.get("epoch"), message.meta.get("period"))
             if not all(isinstance(number, int) for number in said):
                 raise ProtocolError("malformed", f"{message.kind} needs an integer epoch and period")
