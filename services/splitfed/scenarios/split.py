@@ -21,11 +21,12 @@ class SplitRun(RunSettings, SplitRouting):
     save_model: Path | None = setting(None, "Write the trained model, both halves merged (safetensors).")
 
 
-def compute_threads(settings: SplitSettings) -> tuple[int, int]:
-    """Torch threads for the client and server processes. The halves compute in turn, so the
-    client may use every core; the server gets cores in proportion to its share of the work,
-    since idle OpenMP threads spin and a small server half with many threads only slows the
-    client (measured: a 2-thread server doubles its per-batch time on 2 cores)."""
+def compute_threads(settings: SplitSettings, co_running_clients: int = 1) -> tuple[int, int]:
+    """Torch threads for each client process and for the server. A client and the server
+    compute in turn, so the clients that compute at the same time share every core; the server
+    gets cores in proportion to its share of the work, since idle OpenMP threads spin and a small
+    server half with many threads only slows the clients (measured: a 2-thread server doubles its
+    per-batch time on 2 cores)."""
     from splitfed.learning import data, models, split as cutting
 
     meta = data.info(settings.dataset)
@@ -33,7 +34,7 @@ def compute_threads(settings: SplitSettings) -> tuple[int, int]:
     head = models.forward_flops(parts.head, meta.shape)
     body = models.forward_flops(parts.body, models.output_shape(parts.head, meta.shape))
     cores = threads_per_process(1)
-    return cores, max(1, round(cores * body / max(1, head + body)))
+    return threads_per_process(co_running_clients), max(1, round(cores * body / max(1, head + body)))
 
 
 def part_file(workdir: Path, role: str) -> Path:

@@ -12,7 +12,8 @@ from splitfed.roles.deployment import SigningService
 from splitfed.roles.registry import ROLES
 from splitfed.roles.split import SplitClientParty, SplitParty
 from splitfed.roles.split.common import CLIENT, FED, SERVER, client_name, session_queues
-from splitfed.scenarios.launch import Launch, RunSettings, Scenario, threads_per_process
+from splitfed.scenarios.launch import Launch, RunSettings, Scenario
+from splitfed.scenarios.split import compute_threads
 
 
 @dataclass(kw_only=True)
@@ -25,14 +26,14 @@ def plan(settings: SplitNNSettings, run: SplitNNRun, workdir: Path) -> list[Laun
     (splitfed-v1/v2 with several clients), then the clients."""
     service = {"session": run.session, "timeout": run.timeout, "key_list": run.key_list, "log_level": run.log_level}
     in_parallel = settings.schedule != "round-robin" and settings.clients > 1
-    threads = threads_per_process(settings.clients if in_parallel else 1)
-    launches = [Launch(ROLES[SERVER], SERVER, settings, SplitParty(**service, via="direct", private_key=run.private_key(SERVER)), threads)]
+    client_threads, server_threads = compute_threads(settings, settings.clients if in_parallel else 1)
+    launches = [Launch(ROLES[SERVER], SERVER, settings, SplitParty(**service, via="direct", private_key=run.private_key(SERVER)), server_threads)]
     if in_parallel:
         launches.append(Launch(ROLES[FED], FED, settings, SigningService(**service, private_key=run.private_key(FED)), 1))
     for index in range(settings.clients):
         name = client_name(index, settings.clients)
         deployment = SplitClientParty(**service, via="direct", client_index=index, private_key=run.private_key(name))
-        launches.append(Launch(ROLES[CLIENT], name, settings, deployment, threads))
+        launches.append(Launch(ROLES[CLIENT], name, settings, deployment, client_threads))
     return launches
 
 

@@ -141,10 +141,14 @@ class SplitFed:
         self.open = (epoch, number + 1) if number < self.settings.syncs_per_epoch else (epoch + 1, 1)
 
     def send_average(self, period: tuple[int, int], average: dict[str, np.ndarray], recipients: list[str]) -> None:
+        """The same layers to every recipient: encoded once (Endpoint.send_messages), each message
+        numbered and signed for its recipient."""
         epoch, number = period
-        for name in recipients:
-            inbox = client_inbox(self.session, client_index(name), self.settings.clients)
-            self.endpoint.send(inbox, AVERAGE, average, to=name, epoch=epoch, period=number)
+        self.endpoint.send_messages([
+            (client_inbox(self.session, client_index(name), self.settings.clients),
+             Message(AVERAGE, self.session, FED, meta={"epoch": epoch, "period": number}, tensors=average), name)
+            for name in recipients
+        ])
 
 
 def period_of(message: Message) -> tuple[int, int]:
