@@ -136,9 +136,10 @@ class SplitNNSettings(SplitSettings):
         min=1,
     )
     fed_lr: float = setting(
-        1.0, "splitfed-v1 and v2: how far each averaging moves the client halves (and splitfed-v1's server halves): from where the period "
-        "began by this times the change to the weighted average. 1: the average itself; above 1 makes up for the clients' steps being "
-        "averaged rather than added up (Reddi et al.'s server learning rate).", min=0.0,
+        1.0, "splitfed-v1 and v2: how far each averaging moves the client halves (and splitfed-v1's server halves): from the last average "
+        "(where every client began the period) by this times the change to the new one; the run's first averaging is the plain average. "
+        "1: plain averaging; above 1 makes up for the clients' steps being averaged rather than added up (Reddi et al.'s server learning "
+        "rate).", min=0.0,
     )
     min_clients: int | None = setting(None, "Close an epoch with this many clients once a silent one has used up --client-timeout (default: all).", min=1)
     client_timeout: float = setting(60.0, "Seconds a client may stay silent before the server gives up on its share of the epoch (or its turn, in round-robin).", min=0.1)
