@@ -95,17 +95,24 @@ def test_cli_errors_go_to_stderr_with_non_zero_exit(tmp_path):
     assert unreachable.returncode == 4 and "cannot connect" in unreachable.stderr
 
 
-def test_cli_version_and_broker_warnings(broker_url, tmp_path):
+def test_cli_version_and_broker_warnings(broker_url, session, tmp_path):
     from splitfed import __version__
+    from splitfed.roles.split.common import session_queues
     from splitfed.security import keys
+    from splitfed.transport.rabbitmq import RabbitTransport
 
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"splitfed {__version__}"
     key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
-    signed_plain = run_cli("serve", "relay", "--session", "warn", "--broker", broker_url, "--key-list", str(key_list), "--timeout", "0.5")
+    try:
+        signed_plain = run_cli("serve", "relay", "--session", session, "--broker", broker_url, "--key-list", str(key_list), "--timeout", "0.5")
+    finally:
+        with RabbitTransport(broker_url, name="cleanup") as transport:  # the relay declared its session's queues
+            for queue in session_queues(session):
+                transport.delete(queue)
     assert signed_plain.returncode == 3 and "no valid" in signed_plain.stderr  # nobody came: a timeout, exit 3
     assert "signed but not encrypted" in signed_plain.stderr and "guest:guest" not in signed_plain.stderr
-    tls_on_plain = run_cli("serve", "relay", "--session", "warn", "--broker", broker_url, "--tls-ca", str(key_list))
+    tls_on_plain = run_cli("serve", "relay", "--session", session, "--broker", broker_url, "--tls-ca", str(key_list))
     assert tls_on_plain.returncode == 2 and "need an amqps:// broker URL" in tls_on_plain.stderr
     missing_folder = run_cli("run", "centralized", "--dataset", "digits", "--out", str(tmp_path / "missing" / "r.json"))
     assert missing_folder.returncode == 2 and "does not exist" in missing_folder.stderr and "epoch" not in missing_folder.stderr
