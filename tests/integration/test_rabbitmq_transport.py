@@ -3,6 +3,7 @@
 import json
 import struct
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -51,6 +52,45 @@ def test_unacked_message_comes_back_to_the_next_consumer(broker_url, session):
 def test_publish_to_a_missing_queue_is_an_error_not_a_silent_loss(broker_url, session):
     with RabbitTransport(broker_url) as transport, pytest.raises(TransportError, match="does not exist"):
         transport.publish(f"splitfed.{session}.nobody", b"x")
+
+
+@pytest.fixture
+def full_queue(broker_url, session):
+    """A queue that holds one message and nacks every publish beyond it (reject-publish), as a
+    quorum queue without a leader nacks: made with plain pika, since splitfed declares no such queue."""
+    queue = f"splitfed.{session}.full"
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    channel.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    channel.basic_publish("", queue, b"fills it")
+    try:
+        yield queue, channel
+    finally:
+        channel.queue_delete(queue)
+        connection.close()
+
+
+def test_a_nacked_publish_is_sent_again_once_the_broker_takes_it(broker_url, full_queue):
+    queue, channel = full_queue
+    def make_room() -> None:  # from a connection of its own, after the first nack
+        with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+            connection.channel().queue_purge(queue)
+
+    room = threading.Timer(0.15, make_room)
+    with RabbitTransport(broker_url, name="nacked") as transport:
+        room.start()
+        started = time.monotonic()
+        transport.publish(queue, b"taken on a later try")
+        assert time.monotonic() - started >= 0.1  # it was nacked at least once
+    room.join()
+    assert channel.basic_get(queue, auto_ack=True)[2] == b"taken on a later try"
+
+
+def test_a_publish_the_broker_keeps_nacking_is_an_error_not_a_silent_loss(broker_url, full_queue):
+    queue, channel = full_queue
+    with RabbitTransport(broker_url, name="nacked") as transport, pytest.raises(TransportError, match="broker refused a message"):
+        transport.publish(queue, b"never taken")
+    assert channel.basic_get(queue, auto_ack=True)[2] == b"fills it"
 
 
 def test_heartbeats_survive_a_long_busy_step(broker_url, session):

@@ -49,6 +49,13 @@ PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other c
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 QUEUE_TYPES = ("classic", "quorum")
 HANDOVER_IDLE = 0.25  # seconds a caller leaves the transport alone before the I/O thread drives the connection
+# A quorum queue nacks while it has no leader (just declared, or mid-election); the frame was not
+# taken, so sending it again is safe (receivers drop duplicates by sequence number anyway).
+NACK_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # seconds before each new try; then the refusal stands
+
+
+class _Nacked(Exception):
+    """The broker nacked a publish: not taken, may be sent again."""
 
 
 @dataclass
@@ -179,7 +186,7 @@ class RabbitTransport(Transport):
 
     def publish(self, queue_name: str, body: bytes, *, persistent: bool = False, must_exist: bool = False) -> None:
         if len(body) <= self._chunk_size:
-            self._call(lambda: self._publish(queue_name, body, persistent, None))
+            self._publish_confirmed(queue_name, body, persistent, None)
             return
         if len(body) > self._max_message_bytes:
             raise TransportError(f"message of {len(body)} bytes exceeds max_message_bytes {self._max_message_bytes}")
@@ -189,7 +196,19 @@ class RabbitTransport(Transport):
         for index in range(count):
             piece = bytes(view[index * self._chunk_size : (index + 1) * self._chunk_size])
             headers = {CHUNK_ID: chunk_id, CHUNK_INDEX: index, CHUNK_COUNT: count}
-            self._call(lambda piece=piece, headers=headers: self._publish(queue_name, piece, persistent, headers))
+            self._publish_confirmed(queue_name, piece, persistent, headers)
+
+    def _publish_confirmed(self, name: str, body: bytes, persistent: bool, headers: dict | None) -> None:
+        """Publish until the broker confirms it, trying again after a nack (NACK_RETRIES)."""
+        for pause in (*NACK_RETRIES, None):
+            try:
+                self._call(lambda: self._publish(name, body, persistent, headers))
+                return
+            except _Nacked:
+                if pause is None:
+                    raise TransportError(f"broker refused a message for {name!r}") from None
+                log.warning("broker nacked a message for %r; trying again in %.1fs", name, pause)
+                time.sleep(pause)
 
     def receive(self, queue_name: str, timeout: float) -> Delivery | None:
         if queue_name not in self._inboxes:
@@ -548,7 +567,7 @@ class RabbitTransport(Transport):
         except pex.UnroutableError:
             raise TransportError(f"queue {name!r} does not exist") from None
         except pex.NackError:
-            raise TransportError(f"broker refused a message for {name!r}") from None
+            raise _Nacked(name) from None
 
     def _consume(self, name: str) -> None:
         if name not in self._inboxes:
