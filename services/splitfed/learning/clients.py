@@ -29,10 +29,14 @@ def client_share(settings: SplitNNSettings, index: int) -> Split:
 def periods(batches: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
     """An epoch's batches cut into `count` runs as even as they come, in order: what a client
     trains between two averagings (--syncs-per-epoch)."""
-    if count > len(batches):
-        raise ValueError(f"--syncs-per-epoch {count} is more than the {len(batches)} batches of a client's share")
+    check_periods(len(batches), count, "a client's share")
     bounds = [len(batches) * period // count for period in range(count + 1)]
     return [batches[start:end] for start, end in zip(bounds, bounds[1:])]
+
+
+def check_periods(batches: int, count: int, whose: str) -> None:
+    if count > batches:
+        raise ValueError(f"--syncs-per-epoch {count} is more than the {batches} batches of {whose}")
 
 
 @dataclass

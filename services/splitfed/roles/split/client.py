@@ -55,8 +55,7 @@ class SplitClient:
         self.cut_shape = models.output_shape(self.parts.head, meta.shape)
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = clients.client_share(settings, self.index)
-        if settings.syncs_per_epoch > (batches := math.ceil(len(self.train_data) / settings.batch_size)):
-            raise ValueError(f"--syncs-per-epoch {settings.syncs_per_epoch} is more than the {batches} batches of {self.name}'s share")
+        clients.check_periods(math.ceil(len(self.train_data) / settings.batch_size), settings.syncs_per_epoch, f"{self.name}'s share")  # before the handshake
         self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
         self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
