@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pika
@@ -14,7 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-BROKER = os.environ.get("SPLITFED_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
+from tests.shared_broker import BROKER, delete_queues_of
+
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +29,13 @@ def broker_url() -> str:
 
 
 @pytest.fixture
-def session() -> str:
-    return "test-" + uuid.uuid4().hex[:10]
+def session(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh session name. With the shared broker, the queues of the session are deleted after
+    the test, whether it passed or not."""
+    name = "test-" + uuid.uuid4().hex[:10]
+    yield name
+    if "broker_url" in request.fixturenames:
+        delete_queues_of(BROKER, name)
 
 
 # -- the Helm chart ---------------------------------------------------------------------------

@@ -125,6 +125,8 @@ def _write_results(result: dict, out: Path | None) -> None:
     for record in result["history"]:
         clients = (str(len(record["included"])), ", ".join(record["missing"]) or "-") if several else ()
         table.add_row(str(record["step"]), _number(record["accuracy"]), _number(record["loss"]), _number(record["train_loss"]), f"{record['seconds']:.1f}", *clients)
+    if calibrated := result.get("calibration"):  # fedavg --calibration: the model the run leaves
+        table.add_row("calibrated", _number(calibrated["accuracy"]), _number(calibrated["loss"]), _number(calibrated["train_loss"]), f"{calibrated['seconds']:.1f}")
     err.print(table)
     err.print(f"accuracy {_number(result['accuracy'])}  loss {_number(result['loss'])}  wall {result['wall_seconds']:.1f}s  "
               f"traffic {result['traffic']['messages']} messages / {result['traffic']['bytes'] / 1e6:.1f} MB"

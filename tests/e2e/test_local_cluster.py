@@ -41,6 +41,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, render
+from tests.shared_broker import BROKER, delete_queues_of
 
 CONTAINERS_CONF = REPO / "ci" / "containers.conf"
 WORKLOADS = {"Job", "Deployment", "StatefulSet"}
@@ -163,12 +164,14 @@ class Cluster:
         self.results.mkdir()
         self.results.chmod(0o777)  # the containers write as uid 10001
         self.pods: list[str] = []
+        self.session: str | None = None
 
     def install(self, helm: Path, scenario: dict) -> list[str]:
         """Render the chart for `scenario` (values over `chart_values`), play its pods, and
         return their names."""
         values_file = self.workdir / "values.yaml"
-        values_file.write_text(yaml.safe_dump(chart_values("e2e-" + uuid.uuid4().hex[:8], scenario)))
+        self.session = "e2e-" + uuid.uuid4().hex[:8]
+        values_file.write_text(yaml.safe_dump(chart_values(self.session, scenario)))
         pods = pods_of(render(helm, "-f", str(values_file), release="e2e"), broker_secret(), self.results)
         manifest = self.workdir / "pods.yaml"
         manifest.write_text(yaml.safe_dump_all(pods))
@@ -187,6 +190,8 @@ class Cluster:
     def remove(self) -> None:
         for pod in self.pods:
             podman("pod", "rm", "--force", pod, check=False)
+        if self.session:  # the release's durable queues on the shared broker
+            delete_queues_of(BROKER, self.session)
 
 
 def reference_run(image: str, results: Path, scenario: str, settings: dict) -> dict:

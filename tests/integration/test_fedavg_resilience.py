@@ -125,9 +125,11 @@ def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path)
     assert_equals_reference(settings, tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("strategy", [{"strategy": "fedadam", "local_steps": 8}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.05}])
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam", "local_steps": 8},
+                                      {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.05, "calibration": "ccvr"}])
 def test_server_optimisers_and_scaffold_as_processes_equal_the_plain_loop(broker_url, session, tmp_path, strategy):
-    """The strategies with server state, and SCAFFOLD's control variates travelling signed."""
+    """The strategies with server state, and SCAFFOLD's control variates travelling signed; then
+    CCVR's statistics, signed too (the model the run leaves is the calibrated one)."""
     from splitfed.security import keys
 
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *worker_ids(3)])
@@ -135,12 +137,14 @@ def test_server_optimisers_and_scaffold_as_processes_equal_the_plain_loop(broker
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, key_list=key_list, checkpoint_dir=tmp_path / "ckpt")
     result = launch.run(fedavg.SCENARIO, settings, run)
     assert result["contributors"] == {"1": all_workers(settings), "2": all_workers(settings)}
+    if settings.calibration == "ccvr":
+        assert result["calibration"]["workers"] == all_workers(settings) and result["accuracy"] == result["calibration"]["accuracy"]
     assert_equals_reference(settings, tmp_path / "ckpt")
 
 
 # Server optimisers and SCAFFOLD keep state beside the model (moments, control variates): the
 # resumed run equals the uninterrupted one only if that state is checkpointed with the model.
-@pytest.mark.parametrize("strategy", [{"strategy": "fedadam"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02, "local_steps": 12}])
+@pytest.mark.parametrize("strategy", [{"strategy": "fedadam", "calibration": "ccvr"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02, "local_steps": 12}])
 def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path, strategy):
     settings = slow_enough(**strategy)
     checkpoint = tmp_path / "ckpt"

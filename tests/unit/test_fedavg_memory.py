@@ -128,3 +128,38 @@ def test_uneven_shares_are_averaged_by_their_sample_counts(tmp_path):
     assert max(np.abs(weighted[name] - unweighted[name]).max() for name in saved) > 1e-3  # the check above has teeth
     reference, _ = federated.reference_run(settings)  # the baseline every other comparison trusts weighs the same way
     assert max(np.abs(reference.state_dict()[name].numpy() - weighted[name]).max() for name in saved) <= 1e-5
+
+
+class TamperedStatistics(MemoryTransport):
+    """worker-0's connection in an unsigned run, and someone who can publish as worker-0: before
+    its real statistics the server gets copies with impossible class counts or shapes."""
+
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
+        message = decode(body)
+        if message.kind == "statistics":
+            counts = message.tensors["class_counts"]
+            for tampered in ({"class_counts": counts + 0.5}, {"class_counts": counts - 2 * counts.max()},
+                             {"class_counts": counts * 2}, {"class_means": message.tensors["class_means"][:, :3]}):
+                copy = Message(message.kind, message.session, message.sender, message.seq, message.round, message.meta, {**message.tensors, **tampered})
+                super().publish(queue, encode(copy))
+        super().publish(queue, body, persistent=persistent, must_exist=must_exist)
+
+
+def test_ccvr_in_memory_equals_the_plain_loop_and_refuses_bad_statistics(tmp_path):
+    """The calibrated model the server leaves is the plain loop's, the results say so, and
+    statistics whose counts are not whole, are negative, do not add up to the worker's samples,
+    or whose shapes are wrong are each refused and counted, leaving the genuine ones to count."""
+    settings = FederatedSettings(dataset="digits", rounds=2, partition="classes:0-3,4-6,7-9", strategy="fedlc", optimizer="sgd", lr=0.05,
+                                 server_momentum=0.7, calibration="ccvr")
+    calibrated = []
+    reference, history = federated.reference_run(settings, on_calibrated=calibrated.append)
+    shared = MemoryBroker()
+    result = launch.run(fedavg.SCENARIO, settings, FedAvgRun(session="mem-ccvr", checkpoint_dir=tmp_path),
+                        connect_as=lambda role: (TamperedStatistics if role == "worker-0" else MemoryTransport)(shared))
+    assert final_diff(reference, tmp_path) <= 1e-5
+    assert result["calibration"]["workers"] == worker_ids(3) and result["calibration"]["round"] == settings.rounds + 1
+    assert result["accuracy"] == result["calibration"]["accuracy"] == pytest.approx(calibrated[0].accuracy, abs=1e-3)
+    assert result["accuracy"] > result["history"][-1]["accuracy"]  # the calibrated model is the one the run leaves
+    assert rejected_count("fedavg-server", "mem-ccvr", "value") == 3
+    assert rejected_count("fedavg-server", "mem-ccvr", "shape") == 1
+    assert REGISTRY.get_sample_value("splitfed_updates_total", {"role": "fedavg-server", "session": "mem-ccvr", "outcome": "accepted"}) == 2 * 3 + 3

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from splitfed.learning import data, models, strategies, train
+from splitfed.learning import calibration, data, models, strategies, train
 from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids
 from splitfed.learning.train import EpochRecord
 
@@ -150,14 +150,31 @@ def local_training(
     return LocalWork(sum(losses) / max(1, len(losses)), new_control)
 
 
+def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings, test_data: data.Split) -> EpochRecord:
+    """CCVR after the last round: the last layer retrained on the pooled statistics, then the
+    model scored (`train_loss` is the retraining's last epoch)."""
+    started = time.perf_counter()
+    pooled = calibration.pool(statistics)
+    loss = calibration.retrain_head(model, pooled, settings.calibration_samples, settings.calibration_epochs, settings.calibration_lr,
+                                    settings.batch_size, settings.seed)
+    model.eval()
+    evaluation = train.evaluate(model, test_data, settings.eval_batch_size)
+    return EpochRecord(settings.rounds, evaluation.accuracy, evaluation.loss, loss, time.perf_counter() - started)
+
+
 def reference_run(
-    settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None
+    settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None,
+    on_calibrated: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[nn.Module, list[EpochRecord]]:
     """Federated settings run as a plain loop: each round every worker (or those the server's
     sampler draws) trains in turn from the global model, then the same strategy object the
-    server uses steps the global model."""
+    server uses steps the global model. With --calibration ccvr every worker then summarises its
+    features under the final model and the last layer is retrained (`on_calibrated` gets the
+    score); the model returned is the calibrated one."""
     meta = data.info(settings.dataset)
     model = models.build(settings.model, meta, settings.seed)
+    if settings.calibration == "ccvr":
+        calibration.split_head(model)  # a model that cannot be calibrated fails now, not after the rounds
     names = list(model.state_dict())
     full = training_data(settings)
     shares = [full.subset(i) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
@@ -196,6 +213,14 @@ def reference_run(
         history.append(EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(losses) / len(losses), time.perf_counter() - started))
         if on_round:
             on_round(history[-1])
+    if settings.calibration == "ccvr":
+        classes = data.info(settings.dataset).classes
+        # Rounded to float32 as they would travel, so the plain loop pools what the server gets.
+        statistics = [calibration.ClassStatistics.from_tensors(calibration.feature_statistics(model, share, classes, settings.eval_batch_size).tensors())
+                      for share in shares]
+        record = calibrate(model, statistics, settings, test_data)
+        if on_calibrated:
+            on_calibrated(record)
     return model, history
 
 

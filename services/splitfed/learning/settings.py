@@ -37,6 +37,7 @@ SPLIT_MODES = ("vanilla", "u-shaped")
 SCHEDULES = ("round-robin", "splitfed-v1", "splitfed-v2")  # roles.split: how several split clients share one server
 STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
+CALIBRATIONS = ("none", "ccvr")  # learning.calibration
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,13 @@ class FederatedSettings(PartitionSettings):
     tau: float = setting(1e-3, "Adaptivity (epsilon) of fedadam, fedyogi, fedadagrad.", min=1e-12)
     lc_tau: float = setting(1.0, "fedlc: workers subtract lc_tau * n_c^(-1/4) from the logit of each class c they hold n_c samples of (n_c = 0 counts as 1) in their local loss.", min=0.0)
     rs_alpha: float = setting(0.5, "fedrs: how much the logits of classes a worker holds no sample of count in its local loss.", min=0.0, max=1.0)
+    calibration: str = setting(
+        "none", "After the last round: ccvr retrains the last layer on features drawn from per-class Gaussians that the workers' feature "
+        "statistics give (CCVR; the workers send each class's count, mean and covariance of penultimate features, no samples).", choices=CALIBRATIONS,
+    )
+    calibration_samples: int = setting(2000, "ccvr: virtual features drawn per class.", min=1)
+    calibration_epochs: int = setting(10, "ccvr: epochs over the virtual features.", min=1)
+    calibration_lr: float = setting(0.01, "ccvr: learning rate of the last layer's retraining (SGD, momentum 0.9).", min=0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,7 +22,7 @@ class Progress:
     step, accuracy, loss, train_loss, seconds), or, last, the role's result (`record`: the
     result). Travels as a JSON line from `serve` to `run`, or in a pod's log to `launch`."""
 
-    event: str  # "batch" | "epoch" | "round" | "result"
+    event: str  # "batch" | "epoch" | "round" | "calibration" | "result"
     done: int = 0
     total: int = 0
     loss: float = 0.0

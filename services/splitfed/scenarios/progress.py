@@ -49,6 +49,8 @@ class Reporter:
         elif progress.event == "round":
             self._advance(f"{self.label} rounds", progress.done, progress.total, progress.loss)
             self._line(f"{self.label} round {progress.done}/{progress.total}: {self._summary(progress.record)}")
+        elif progress.event == "calibration":
+            self._line(f"{self.label} calibrated: {self._summary(progress.record)}")
 
     def _advance(self, description: str, done: int, total: int, loss: float) -> None:
         if self._bar:

@@ -3,7 +3,9 @@
 worker --join--> server --welcome{round}--> worker          (or --refused{reason, ref}--> worker)
 server --model{round, params [, control/*], prox_mu, absent_scale, frozen_head, calibration_tau}--> each sampled worker
 worker --update{round, params [, control-delta/*], samples, train_loss}--> server   (signed, persistent, durable queue)
-server --done--> every worker after the last round
+server --calibrate{round: rounds + 1, params}--> each worker heard from, with --calibration ccvr
+worker --statistics{round, class_counts, class_means, class_covariances, samples}--> server   (signed, persistent, durable queue)
+server --done--> every worker after the last round (and the calibration)
 Every queue is durable and every update persistent: a restarted server or broker loses nothing.
 """
 
@@ -18,6 +20,7 @@ from splitfed.roles.endpoint import queue_name, to_numpy
 from splitfed.roles.fedavg import SERVER, WORKER, worker_ids
 
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
+CALIBRATE, STATISTICS = "calibrate", "statistics"
 WORKER_ID = re.compile(NAME)  # fullmatch: a worker id becomes part of a queue name
 
 

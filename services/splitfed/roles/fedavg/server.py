@@ -26,11 +26,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
 from splitfed import config
-from splitfed.learning import data, federated, models, strategies, train
+from splitfed.learning import calibration, data, federated, models, strategies, train
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
@@ -39,8 +40,8 @@ from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.fedavg import WORKER, CheckpointError
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_digest, queue_name
 from splitfed.roles.fedavg.common import (
-    CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire, with_prefix, without_prefix,
-    worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER_ID, server_queue, to_wire,
+    with_prefix, without_prefix, worker_queue,
 )
 from splitfed.transport import Delivery, Transport, TransportError
 
@@ -48,12 +49,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Update:
-    vector: torch.Tensor  # (P,) all parameters, flattened
+    """A worker's accepted answer: its model after a round (an update), or its feature
+    statistics for the calibration."""
+
+    vector: torch.Tensor | None  # (P,) all parameters, flattened
     control_delta: torch.Tensor | None  # (P,) SCAFFOLD: the change of the worker's control variate
     samples: int
     train_loss: float
     delivery: Delivery
     size: int
+    statistics: calibration.ClassStatistics | None = None
 
 
 @dataclass
@@ -80,6 +85,9 @@ class ServerState:
     # server that resumes mid-round waits for the same ones even if others joined since.
     sampled: list[str] = field(default_factory=list)
     sampled_round: int = 0
+    # With --calibration ccvr, once done: the record of the calibrated model, with the `round`
+    # it calibrated (the round after the last) and the `workers` whose statistics it pooled.
+    calibration: dict = field(default_factory=dict)
 
 
 # Settings a resumed run may change: how far it goes and how the global model is scored.
@@ -111,11 +119,16 @@ class FedAvgServer:
         self.names = list(self.model.state_dict())
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
         self.update_specs = {**self.specs, **(with_prefix(CONTROL_DELTA, self.specs) if self.strategy.control_variates else {})}
+        self.statistics_specs = (  # a model that cannot be calibrated is refused here, before any round
+            {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, self.meta.classes).items()}
+            if settings.calibration == "ccvr" else {}
+        )
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
+        statistics_bytes = sum(4 * math.prod(spec.shape) for spec in self.statistics_specs.values())  # a covariance per class: can outweigh the model
         self.test_data = federated.evaluation_data(settings)
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
-            max_message_bytes=2 * model_bytes + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
+            max_message_bytes=max(2 * model_bytes, statistics_bytes) + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
             on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc, peer_roles=(WORKER,),
             handshake=(JOIN, REFUSED),  # they come before (or instead of) a place in the run
         )
@@ -174,14 +187,18 @@ class FedAvgServer:
             return
         self.state = state
         # Our own files, written before the state that names them: never bytes from the network.
-        self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round))))
+        self.model.load_state_dict(load_file(str(self.checkpoint_dir / self.model_file(self.state.round, self.calibrated()))))
         strategy_file = self.checkpoint_dir / self.strategy_file(self.state.round)
         self.strategy.load_state(load_file(str(strategy_file)) if strategy_file.exists() else {})
         log.info("resumed from checkpoint: round %d, workers %s", self.state.round, ", ".join(self.state.workers))
 
     @staticmethod
-    def model_file(round_number: int) -> str:
-        return f"model-round-{round_number}.safetensors"
+    def model_file(round_number: int, calibrated: bool = False) -> str:
+        return f"model-round-{round_number}{'-calibrated' if calibrated else ''}.safetensors"
+
+    def calibrated(self) -> bool:
+        """Whether the model in hand is the calibrated one (the rounds are over and CCVR ran)."""
+        return self.state.calibration.get("round") == self.state.round
 
     @staticmethod
     def strategy_file(round_number: int) -> str:
@@ -203,7 +220,7 @@ class FedAvgServer:
 
     def _write_checkpoint(self, with_model: bool) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        current = self.checkpoint_dir / self.model_file(self.state.round)
+        current = self.checkpoint_dir / self.model_file(self.state.round, self.calibrated())
         strategy = self.checkpoint_dir / self.strategy_file(self.state.round)
         model = save({k: v.contiguous() for k, v in self.model.state_dict().items()}) if with_model or not current.exists() else None
         if model is not None:
@@ -213,7 +230,7 @@ class FedAvgServer:
                 _atomic(strategy, save({k: v.contiguous() for k, v in state.items()}))
         _atomic(self.checkpoint_dir / "state.json", json.dumps(vars(self.state)).encode())
         # Only the previous round's files, which this server wrote: nothing else in the folder.
-        for old in (self.model_file(self.state.round - 1), self.strategy_file(self.state.round - 1)):
+        for old in (self.model_file(self.state.round - 1), self.model_file(self.state.round - 1, True), self.strategy_file(self.state.round - 1)):
             (self.checkpoint_dir / old).unlink(missing_ok=True)
         latest = self.checkpoint_dir / "model.safetensors"  # the newest global model, for people and tools
         if with_model and model is not None:
@@ -228,6 +245,8 @@ class FedAvgServer:
             self.wait_for_workers()  # a resumed server knows its workers from the checkpoint
         while self.state.round <= self.settings.rounds:
             self.run_round()
+        if self.settings.calibration == "ccvr" and not self.calibrated():
+            self.calibrate()
         self.ensure_in_charge()
         for worker in self.state.workers:
             try:
@@ -235,11 +254,11 @@ class FedAvgServer:
             except TransportError as exc:  # a server that takes over a finished run finds the workers gone
                 log.info("done not delivered to %s: %s", worker, exc)
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
-        last = self.state.history[-1]
+        final = self.state.calibration or self.state.history[-1]  # the model the run leaves
         return {
-            "accuracy": last["accuracy"], "loss": last["loss"], "wall_seconds": time.perf_counter() - started,
+            "accuracy": final["accuracy"], "loss": final["loss"], "wall_seconds": time.perf_counter() - started,
             "history": self.state.history, "traffic": vars(self.endpoint.traffic),
-            "contributors": self.state.contributors,
+            "contributors": self.state.contributors, **({"calibration": self.state.calibration} if self.state.calibration else {}),
         }
 
     def wait_for_workers(self) -> None:
@@ -315,11 +334,15 @@ class FedAvgServer:
         return tensors
 
     def send_models(self, workers: list[str]) -> None:
-        """This round's model to each of `workers`, serialised once for all of them."""
-        meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale, "frozen_head": self.strategy.local_frozen_head,
-                "calibration_tau": self.strategy.local_calibration_tau}
-        tensors = self.model_tensors()
-        batch = [(worker_queue(self.session, worker), Message(MODEL, "", "", round=self.state.round, meta=dict(meta), tensors=tensors), worker) for worker in workers]
+        """This round's model to each of `workers`, serialised once for all of them; after the
+        last round, the final model to calibrate on."""
+        if self.state.round > self.settings.rounds:
+            kind, meta, tensors = CALIBRATE, {}, to_wire(self.model.state_dict())
+        else:
+            kind, tensors = MODEL, self.model_tensors()
+            meta = {"prox_mu": self.strategy.local_prox_mu, "absent_scale": self.strategy.local_absent_scale,
+                    "frozen_head": self.strategy.local_frozen_head, "calibration_tau": self.strategy.local_calibration_tau}
+        batch = [(worker_queue(self.session, worker), Message(kind, "", "", round=self.state.round, meta=dict(meta), tensors=tensors), worker) for worker in workers]
         self.endpoint.send_messages(batch, persistent=True)
 
     def sample(self) -> list[str]:
@@ -372,6 +395,27 @@ class FedAvgServer:
             self.on_progress(Progress("round", round_number, self.settings.rounds, record.train_loss, vars(record)))
         log.info("round %d: test accuracy %.4f, test loss %.4f, %d updates, %.1fs", round_number, record.accuracy, record.loss, len(updates), record.seconds)
 
+    def calibrate(self) -> None:
+        """CCVR after the last round: every worker not given up on sends the feature statistics of
+        its share under the final model, and the last layer is retrained on them. As updates, the
+        statistics stay unacked until the calibrated model is on disk: a server restarted
+        meanwhile gets them again and calibrates the same way."""
+        missed = set(self.state.missed)
+        self.state.sampled = [worker for worker in self.state.workers if worker not in missed]
+        self.state.sampled_round = self.state.round
+        self.send_models(self.state.sampled)
+        answers = dict(sorted(self.collect(set(self.state.sampled), STATISTICS).items()))  # pooled in a fixed order
+        record = federated.calibrate(self.model, [answer.statistics for answer in answers.values()], self.settings, self.test_data)
+        self.state.calibration = {**vars(record), "round": self.state.round, "workers": sorted(answers)}
+        self.checkpoint(with_model=True)
+        for answer in answers.values():
+            self.endpoint.ack(answer.delivery)
+        metrics.TEST_ACCURACY.labels(SERVER, self.session).set(record.accuracy)
+        metrics.TEST_LOSS.labels(SERVER, self.session).set(record.loss)
+        if self.on_progress:
+            self.on_progress(Progress("calibration", 1, 1, record.train_loss, vars(record)))
+        log.info("calibrated (ccvr) on the statistics of %d workers: test accuracy %.4f, test loss %.4f", len(answers), record.accuracy, record.loss)
+
     def _round_metrics(self, record: EpochRecord, updates: dict[str, Update], sampled: list[str]) -> None:
         session = self.session
         metrics.TEST_ACCURACY.labels(SERVER, session).set(record.accuracy)
@@ -384,10 +428,11 @@ class FedAvgServer:
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
             missed.set(0) if worker in updates else missed.inc()
 
-    def collect(self, expected: set[str]) -> dict[str, Update]:
-        """Updates for this round from the sampled workers, until every expected one sent one, or
-        the round timeout has passed with at least `min_workers` of them. Joins are answered on
-        the way; one from a sampled worker (restarted mid-round) gets this round's model."""
+    def collect(self, expected: set[str], kind: str = UPDATE) -> dict[str, Update]:
+        """Updates (or, `kind` STATISTICS, the calibration's feature statistics) for this round
+        from the sampled workers, until every expected one sent one, or the round timeout has
+        passed with at least `min_workers` of them. Joins are answered on the way; one from a
+        sampled worker (restarted mid-round) gets this round's model."""
         updates: dict[str, Update] = {}
         sampled = set(self.state.sampled)
         quorum = min(self.quorum, len(sampled))
@@ -395,7 +440,7 @@ class FedAvgServer:
         def check(message: Message) -> None:
             if message.kind == JOIN:
                 self.check_join(message)
-            if message.kind != UPDATE:
+            if message.kind != kind:
                 return
             if not self.is_member(message.sender):
                 raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
@@ -410,14 +455,16 @@ class FedAvgServer:
                 raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
             if message.sender not in sampled and self.settings.samples_clients():  # without sampling every member is sent the model
                 raise ProtocolError("unsampled", f"update for round {message.round} from {message.sender}, which was not sampled for it")
-            check_tensors(message, self.update_specs)
+            check_tensors(message, self.update_specs if kind == UPDATE else self.statistics_specs)
             samples, loss = message.meta.get("samples"), message.meta.get("train_loss")
             listed = self.endpoint.trusted.max_samples(message.sender) if self.endpoint.trusted else None
             ceiling = min(self.deployment.max_samples, listed or self.deployment.max_samples)
             if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= ceiling:
                 raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r} (at most {ceiling})")
-            if not _finite_number(loss):
+            if kind == UPDATE and not _finite_number(loss):
                 raise ProtocolError("value", f"update from {message.sender} reports train_loss={loss!r:.40}")
+            if kind == STATISTICS:
+                _check_class_counts(message.tensors["class_counts"], samples, message.sender)
 
         round_deadline = time.monotonic() + self.deployment.round_timeout
         give_up = time.monotonic() + self.deployment.timeout
@@ -427,7 +474,7 @@ class FedAvgServer:
                 break
             if now >= give_up:
                 raise RoleTimeout(f"round {self.state.round}: {len(updates)} updates, fewer than the {quorum} needed")
-            received = self.endpoint.receive((JOIN, UPDATE), None, check, self.refuse, wait=min(1.0, max(0.05, (round_deadline if now < round_deadline else give_up) - now)))
+            received = self.endpoint.receive((JOIN, kind), None, check, self.refuse, wait=min(1.0, max(0.05, (round_deadline if now < round_deadline else give_up) - now)))
             if received is None:
                 continue
             message, delivery = received
@@ -450,12 +497,22 @@ class FedAvgServer:
                 updates[message.sender].delivery = delivery
                 continue
             tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
-            control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.strategy.control_variates else None
-            updates[message.sender] = Update(
-                strategies.flatten(tensors, self.names), control_delta, message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
-            )
+            if kind == STATISTICS:
+                updates[message.sender] = Update(None, None, message.meta["samples"], 0.0, delivery, len(delivery.body), calibration.ClassStatistics.from_tensors(tensors))
+            else:
+                control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.strategy.control_variates else None
+                updates[message.sender] = Update(
+                    strategies.flatten(tensors, self.names), control_delta, message.meta["samples"], float(message.meta["train_loss"]), delivery, len(delivery.body),
+                )
             metrics.UPDATES.labels(SERVER, self.session, "accepted").inc()
         return updates
+
+
+def _check_class_counts(counts: np.ndarray, samples: int, sender: str) -> None:
+    """A worker's class counts are whole, non-negative and add up to the samples it reports (a
+    count is the weight of its statistics in the pooled Gaussians)."""
+    if (counts < 0).any() or (counts != counts.round()).any() or int(counts.sum()) != samples:
+        raise ProtocolError("value", f"statistics from {sender}: class counts are not whole, non-negative numbers adding up to samples={samples}")
 
 
 def _finite_number(value: object) -> bool:

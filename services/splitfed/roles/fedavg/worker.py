@@ -10,7 +10,7 @@ import uuid
 import torch
 
 from splitfed.errors import Refused
-from splitfed.learning import data, federated, models
+from splitfed.learning import calibration, data, federated, models
 from splitfed.learning.settings import PartitionSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -18,8 +18,8 @@ from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint, RoleTimeout
 from splitfed.roles.fedavg.common import (
-    CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix, without_prefix,
-    worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix,
+    without_prefix, worker_queue,
 )
 from splitfed.transport import Delivery, Transport
 
@@ -94,9 +94,11 @@ class FedAvgWorker(Role):
                 log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, self.endpoint.timeout)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (MODEL, DONE, WELCOME), (SERVER,)
+        return (MODEL, CALIBRATE, DONE, WELCOME), (SERVER,)
 
     def check(self, message: Message) -> None:
+        if message.kind == CALIBRATE:
+            check_tensors(message, self.specs)
         if message.kind == MODEL:
             controlled = any(name.startswith(CONTROL) for name in message.tensors)
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
@@ -109,10 +111,10 @@ class FedAvgWorker(Role):
 
     def handle(self, message: Message, delivery: Delivery) -> bool:
         # A model for a round already answered is a redelivery: nothing to do.
-        if message.kind == MODEL and message.round > self.last_round:
+        if message.kind in (MODEL, CALIBRATE) and message.round > self.last_round:
             arrived = time.monotonic()
             self.waiting.inc(arrived - self.idle_since)
-            self.train_and_send(message)
+            (self.train_and_send if message.kind == MODEL else self.send_statistics)(message)
             self.idle_since = time.monotonic()
             self.training.inc(self.idle_since - arrived)
         return message.kind == DONE
@@ -141,3 +143,13 @@ class FedAvgWorker(Role):
         metrics.UPDATE_BYTES.labels(WORKER, self.session).set(sum(array.nbytes for array in sent.values()))
         log.info("worker %s: round %d trained on %d samples, loss %.4f, %.1fs", self.worker_id, message.round, len(self.data), loss,
                  time.perf_counter() - started)
+
+    def send_statistics(self, message: Message) -> None:
+        """CCVR: the per-class count, mean and covariance of this share's penultimate features
+        under the final global model."""
+        self.model.load_state_dict({name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()})
+        statistics = calibration.feature_statistics(self.model, self.data, data.info(self.settings.dataset).classes, self.settings.eval_batch_size)
+        reply = Message(STATISTICS, "", "", round=message.round, meta={"samples": len(self.data)}, tensors=to_wire(statistics.tensors()))
+        self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
+        self.last_round = message.round
+        log.info("worker %s: feature statistics of %d samples sent for the calibration", self.worker_id, len(self.data))
