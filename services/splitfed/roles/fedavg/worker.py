@@ -71,7 +71,7 @@ class FedAvgWorker(Role):
         join = Message(JOIN, "", "", meta={"samples": len(self.data), "nonce": uuid.uuid4().hex})  # a fresh nonce: a replay is told apart
         sent = self.endpoint.send_message(self.server, join, persistent=True)
         while True:
-            message, delivery = self.endpoint.receive((WELCOME, REFUSED, MODEL, DONE), (SERVER,))
+            message, delivery = self.endpoint.receive((WELCOME, REFUSED, MODEL, CALIBRATE, DONE), (SERVER,))
             self.endpoint.ack(delivery)
             if message.kind == REFUSED and message.meta.get("ref") == sent.digest:
                 raise Refused(f"the server refused worker {self.worker_id}: {message.meta.get('reason')} ({message.meta.get('detail')})")
