@@ -300,12 +300,15 @@ class SplitClient:
                 continue  # a hand-off for a turn that has moved on (or not yet come)
             turn = message.meta
             holder, previous = turn["holder"], turn["previous"]
-            if previous == self.name and holder not in ("", self.name):
-                self.endpoint.send(client_inbox(self.session, client_index(holder), self.settings.clients), HANDOFF, self.layers(), to=holder, epoch=turn["epoch"])
-                self.endpoint.send(self.server, HANDED, to=SERVER, holder=holder)
+            # The closed epoch's evaluation first, then the hand-off: as in centralized training,
+            # the next epoch waits for it, rather than its first turn sharing the cores and the
+            # server with the evaluation (measured on 2 cores: the turn took 2.3 s instead of 1.0).
             if previous == self.name and turn["evaluate"] and turn["evaluate"] not in evaluated:
                 evaluated.add(turn["evaluate"])
                 self.evaluate(turn["evaluate"])
+            if previous == self.name and holder not in ("", self.name):
+                self.endpoint.send(client_inbox(self.session, client_index(holder), self.settings.clients), HANDOFF, self.layers(), to=holder, epoch=turn["epoch"])
+                self.endpoint.send(self.server, HANDED, to=SERVER, holder=holder)
             if holder == self.name and previous in ("", self.name):
                 self.start_turn(turn["epoch"], None)
             elif holder == self.name and handoff is not None and handoff.sender == previous and handoff.meta.get("epoch") == turn["epoch"]:

@@ -455,6 +455,10 @@ class SplitServer:
         record = self.awaiting_evaluation
         record.accuracy, record.loss = message.meta["accuracy"], message.meta["loss"]
         self.awaiting_evaluation = None
+        if self.turns is not None and record.epoch == self.epoch - 1:
+            # Round-robin: the evaluator hands its layers on only after this evaluation, so the
+            # open epoch's training starts now; its time is its own turns and its evaluation.
+            self.epoch_started = time.perf_counter()
         self.report(record)
         if record.epoch == self.settings.epochs:
             self.finish()
