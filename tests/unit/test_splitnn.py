@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splitfed.learning import clients as reference
+from splitfed.learning import clients as reference, data, train
 from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings
 from splitfed.roles.split.common import SERVER, merged_state
 from splitfed.scenarios import centralized, launch, splitnn
@@ -59,7 +59,22 @@ def test_several_clients_equal_the_reference(schedule, syncs, fed_lr, mode, tmp_
     if schedule == "splitfed-v1":  # averaged: every client ends with the same layers
         assert max_diff(client_layers["split-client-0"], client_layers["split-client-2"]) == 0
     assert [e["included"] for e in result["history"]] == [["split-client-0", "split-client-1", "split-client-2"]] * 2
-    assert all(e["accuracy"] is not None for e in result["history"])
+    assert all(e["accuracy"] is not None and e["evaluated_samples"] == SMALL["test_limit"] for e in result["history"])
+    # Round-robin: the last holder scores the whole test set. splitfed-v1: the clients, who hold
+    # the same layers, score a third each, and the parts add up to the whole model's score.
+    expected_evaluators = [["split-client-2"]] if schedule == "round-robin" else [["split-client-0", "split-client-1", "split-client-2"]]
+    assert [e["evaluators"] for e in result["history"]] == expected_evaluators * 2
+    whole = train.evaluate(lambda images: reference_logits(parts[-1], bodies[-1], images), data.load("digits", train=False, limit=SMALL["test_limit"]))
+    assert result["accuracy"] == whole.accuracy and abs(result["loss"] - whole.loss) <= 1e-5
+
+
+def reference_logits(part, body, images):
+    """The reference run's whole model: the client's head, the server's layers and (u-shaped) the client's tail."""
+    for layers in (part.head, body, part.tail):
+        if layers is not None:
+            layers.eval()
+            images = layers(images)
+    return images
 
 
 @pytest.mark.parametrize("syncs, fed_lr", [(1, 1.0), (4, 2.0)])

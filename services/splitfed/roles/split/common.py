@@ -5,11 +5,11 @@ Per training batch (vanilla):   client --activations{x,y}--> server --gradients{
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
 End of a client's epoch share:  client --trained{epoch, period, train_loss}--> server
-Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluator}--> each included client (and the fed)
+Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluate=[i, N]}--> each included client (and the fed)
 A share after its period closed: server --closed{epoch, period, resume=[epoch, period] open now}--> that client
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
                                 (the server answers with its layers as they were when the epoch closed)
-Evaluated:                      evaluator --evaluated{epoch, accuracy, loss}--> server
+Evaluated:                      evaluator --evaluated{epoch, correct, loss_sum, samples}--> server  (its part i of N of the test set)
 End:                            server --done--> every client, the fed and the relay, which then exit
 A run the server does not know:  client --activations{run=old}--> server --abort{run=old, reason}--> client
 
@@ -19,7 +19,7 @@ and v2 each client also sends its layers to the fed (`split-fed`) before `traine
 The fed averages exactly the heads of the clients the server's `closed` includes, weighted by
 the samples the server saw from each; the server never sees a client's layers. An epoch is one
 period, or --syncs-per-epoch periods: each client's batches of the epoch cut into that many runs,
-each closed and averaged as above; only the last one's `closed` names an evaluator. In round-robin
+each closed and averaged as above; only the last one's `closed` asks for an evaluation. In round-robin
 the server passes the turn and the layers go from client to client:
     server --turn{epoch, holder, previous, evaluate}--> every client
     previous --handoff{epoch, layers}--> holder;  previous --handed{to}--> server

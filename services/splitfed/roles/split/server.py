@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,23 @@ class EpochLog:
     loss: float | None = None
     opened: float = 0.0  # time.perf_counter() when the epoch began
     seconds: float = 0.0  # from then until its evaluation was reported (or given up)
-    evaluator: str | None = None
+    evaluators: list[str] = field(default_factory=list)  # who scores which part of the test set, in part order
+    scores: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # evaluator -> (correct, loss sum, samples)
+
+    def waiting_for(self) -> list[str]:
+        return [name for name in self.evaluators if name not in self.scores]
+
+    def add_up(self) -> None:
+        """The epoch's accuracy and loss over the parts scored (all of the test set, unless an
+        evaluator went silent)."""
+        samples = sum(n for _, _, n in self.scores.values())
+        if samples:
+            self.accuracy = sum(c for c, _, _ in self.scores.values()) / samples
+            self.loss = sum(loss for _, loss, _ in self.scores.values()) / samples
+
+    @property
+    def evaluated_samples(self) -> int:
+        return sum(n for _, _, n in self.scores.values())
 
 
 class SplitServer:
@@ -224,10 +240,11 @@ class SplitServer:
                 raise ProtocolError("kind", f"handed from {state.name}, which was not asked to hand on its layers")
         elif message.kind == EVALUATED:
             pending = self.awaiting_evaluation
-            if pending is None or pending.evaluator != state.name or message.meta.get("epoch") != pending.epoch:
+            if pending is None or state.name not in pending.waiting_for() or message.meta.get("epoch") != pending.epoch:
                 raise ProtocolError("kind", f"an evaluation from {state.name} that was not asked for")
-            if not all(isinstance(message.meta.get(k), float) for k in ("accuracy", "loss")):
-                raise ProtocolError("malformed", "evaluated needs float accuracy and loss")
+            correct, loss_sum, samples = (message.meta.get(k) for k in ("correct", "loss_sum", "samples"))
+            if not (isinstance(samples, int) and isinstance(correct, int) and 0 <= correct <= samples and isinstance(loss_sum, float) and loss_sum >= 0):
+                raise ProtocolError("malformed", f"evaluated needs whole counts 0 <= correct <= samples and a float loss_sum >= 0, not {correct!r:.20}, {samples!r:.20}, {loss_sum!r:.30}")
 
     def on_reject(self, rejection: Rejection) -> None:
         """A client message of another run: this server restarted (or never saw the run's
@@ -347,33 +364,36 @@ class SplitServer:
         if self.per_client:
             self.average_bodies(included, list(samples.values()))
         closed = {"epoch": self.epoch, "period": self.period, "included": list(samples), "samples": samples}
-        evaluator = ""
+        evaluators: list[str] = []
         if self.period == self.settings.syncs_per_epoch:
-            evaluator = self.record_epoch(included, evaluator=included[0].name).evaluator
+            # Every included client holds the same layers now (the fed's average): each scores a
+            # part of the test set, so the evaluation costs the epoch 1/N of its time.
+            evaluators = self.record_epoch(included, evaluators=list(samples)).evaluators
             self.evaluation_body = copy.deepcopy(self.body)
         for state in included:
-            self.answer(state, CLOSED, **closed, evaluator=evaluator)
+            part = [evaluators.index(state.name), len(evaluators)] if state.name in evaluators else [0, 0]
+            self.answer(state, CLOSED, **closed, evaluate=part)
         if self.fed:
-            self.endpoint.send(self.fed, CLOSED, to=FED, **closed, evaluator=evaluator)
+            self.endpoint.send(self.fed, CLOSED, to=FED, **closed)
         self.next_period()
 
-    def record_epoch(self, included: list[ClientState], evaluator: str | None) -> EpochLog:
+    def record_epoch(self, included: list[ClientState], evaluators: list[str]) -> EpochLog:
         samples = {s.name: s.epoch_samples for s in included}
         total = sum(samples.values())
         loss = sum(s.epoch_loss for s in included) / total if total else float("nan")
         missing = [name for name in self.clients if name not in samples]
         if missing:
             log.warning("split-server: epoch %d closes without %s (silent for %.0f s)", self.epoch, ", ".join(missing), self.settings.client_timeout)
-        record = EpochLog(self.epoch, list(samples), missing, samples, loss, opened=self.epoch_started, evaluator=evaluator)
+        record = EpochLog(self.epoch, list(samples), missing, samples, loss, opened=self.epoch_started, evaluators=evaluators)
         self.epochs.append(record)
-        if self.awaiting_evaluation is not None:  # its evaluator is gone, or far behind: no accuracy for that epoch
-            self.report(self.awaiting_evaluation)
-            self.awaiting_evaluation = None
-        if evaluator is None:
+        if self.awaiting_evaluation is not None:  # an evaluator is gone, or far behind: that epoch's score is what came
+            self.close_evaluation()
+        if not evaluators:
             self.report(record)
         else:
             self.awaiting_evaluation = record
-            self.clients[evaluator].heard = time.monotonic()
+            for name in evaluators:
+                self.clients[name].heard = time.monotonic()
         metrics.SPLIT_EPOCH_CLIENTS.labels(SERVER, self.session).set(len(included))
         return record
 
@@ -429,7 +449,7 @@ class SplitServer:
         if self.turns.epoch != finished_epoch or holder is None:
             included = [s for s in self.clients.values() if s.reported is not None]
             if included:
-                self.record_epoch(included, evaluator=self.turns.previous)
+                self.record_epoch(included, evaluators=[self.turns.previous] if self.turns.previous else [])
                 self.evaluation_body = copy.deepcopy(self.body)
             self.next_epoch()
         self.announce_turn()
@@ -443,7 +463,7 @@ class SplitServer:
         if previous is not None:
             self.clients[previous].heard = time.monotonic()
         record = self.awaiting_evaluation
-        evaluate = record.epoch if record is not None and record.evaluator == previous else 0
+        evaluate = record.epoch if record is not None and previous in record.evaluators else 0
         # The holder first: its turn is in its queue before the previous holder can hand it anything.
         for state in sorted(self.clients.values(), key=lambda s: s.name != holder):
             if self.present(state.name):
@@ -453,12 +473,22 @@ class SplitServer:
 
     def evaluated(self, state: ClientState, message: Message) -> None:
         record = self.awaiting_evaluation
-        record.accuracy, record.loss = message.meta["accuracy"], message.meta["loss"]
-        self.awaiting_evaluation = None
-        if self.turns is not None and record.epoch == self.epoch - 1:
-            # Round-robin: the evaluator hands its layers on only after this evaluation, so the
-            # open epoch's training starts now; its time is its own turns and its evaluation.
+        if not record.scores and record.epoch == self.epoch - 1:
+            # A client scores the closed epoch before it trains the next one (in round-robin,
+            # before it hands its layers on), so no training of the open epoch came before this
+            # first score: the open epoch's time starts now, and is its training and evaluation.
             self.epoch_started = time.perf_counter()
+        record.scores[state.name] = (message.meta["correct"], message.meta["loss_sum"], message.meta["samples"])
+        if not record.waiting_for():
+            self.close_evaluation()
+
+    def close_evaluation(self) -> None:
+        """Report the epoch awaiting its evaluation with the parts scored so far; after the last
+        epoch, end the run."""
+        record, self.awaiting_evaluation = self.awaiting_evaluation, None
+        if missing := record.waiting_for():
+            log.warning("split-server: epoch %d is scored without %s (silent): on %d test samples", record.epoch, ", ".join(missing), record.evaluated_samples)
+        record.add_up()
         self.report(record)
         if record.epoch == self.settings.epochs:
             self.finish()
@@ -494,7 +524,7 @@ class SplitServer:
         """The clients whose silence would hold the run up now."""
         waiting = []
         if self.awaiting_evaluation is not None:
-            waiting.append(self.clients[self.awaiting_evaluation.evaluator])
+            waiting += [self.clients[name] for name in self.awaiting_evaluation.waiting_for()]
         if self.turns is not None:
             if not self.turns.started:  # everyone's hello, before the first turn
                 waiting += [s for s in self.clients.values() if not s.greeted and not s.gone]
@@ -515,12 +545,9 @@ class SplitServer:
             return
         self.count_active()
         record = self.awaiting_evaluation
-        if record is not None and self.clients[record.evaluator].gone:
-            log.warning("split-server: epoch %d goes without its evaluation (%s is gone)", record.epoch, record.evaluator)
-            self.awaiting_evaluation = None
-            self.report(record)
-            if record.epoch == self.settings.epochs:
-                self.finish()
+        if record is not None and all(self.clients[name].gone for name in record.waiting_for()):
+            self.close_evaluation()
+            if self.finished:
                 return
         if self.turns is not None:
             self.move_turn_on()
@@ -547,7 +574,8 @@ class SplitServer:
     def epoch_record(self, record: EpochLog) -> dict:
         return {
             "step": record.epoch, "accuracy": record.accuracy, "loss": record.loss, "train_loss": record.train_loss, "seconds": record.seconds,
-            "included": record.included, "missing": record.missing, "samples": record.samples, "evaluator": record.evaluator,
+            "included": record.included, "missing": record.missing, "samples": record.samples, "evaluators": record.evaluators,
+            "evaluated_samples": record.evaluated_samples,
         }
 
     def result(self) -> dict:
