@@ -15,7 +15,9 @@ from splitfed.learning import clients as reference, data, train
 from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings
 from splitfed.roles.split.common import SERVER, merged_state
 from splitfed.scenarios import centralized, launch, splitnn
-from splitfed.scenarios.launch import run_threads, transport_factory
+from splitfed.protocol import decode
+from splitfed.scenarios.launch import ScenarioError, run_threads, transport_factory
+from splitfed.transport import MemoryBroker, MemoryTransport
 
 SMALL = dict(dataset="digits", batch_size=32, limit=600, test_limit=300, epochs=2)
 
@@ -179,3 +181,31 @@ def test_period_numbers_from_the_wire_are_checked():
     for meta, problem in (({"epoch": 1, "period": 2}, "while epoch 1 period 1 is open"), ({"epoch": 1, "period": 4}, "a period in 1..3")):
         with pytest.raises(ProtocolError, match=problem):
             server.check(Message("trained", "s", "split-client-0", meta={**meta, "train_loss": 0.5}))
+
+
+class LostEvaluations(MemoryTransport):
+    """A client's connection on which its `evaluated` reports never reach the server."""
+
+    def publish(self, queue, body, *, persistent=False, must_exist=False):
+        if decode(body).kind != "evaluated":
+            super().publish(queue, body, persistent=persistent, must_exist=must_exist)
+
+
+def test_an_epoch_is_scored_on_the_parts_that_came():
+    """splitfed-v2 shares each evaluation out among the 3 clients; split-client-1's part of the
+    first one never comes, and the server, which takes a client's messages in order, hears
+    nothing from it after the gap. Given up after --client-timeout, it leaves the first epoch
+    scored on the other two parts, the second closes without it (--min-clients 2) and is scored
+    whole by the two left; the run ends (split-client-1 is told it was left out)."""
+    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2", client_timeout=2.0, min_clients=2)
+    broker = MemoryBroker()
+    history = []
+    with pytest.raises(ScenarioError, match="split-client-1 failed: .* without split-client-1's share"):
+        launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(),
+                   on_progress=lambda event: history.append(event.record) if event.event == "epoch" and "evaluators" in event.record else None,
+                   connect_as=lambda party: (LostEvaluations if party == "split-client-1" else MemoryTransport)(broker))
+    first, second = history
+    assert first["evaluators"] == ["split-client-0", "split-client-1", "split-client-2"] and first["evaluated_samples"] == 200  # two thirds of 300
+    assert second["evaluators"] == ["split-client-0", "split-client-2"] and second["evaluated_samples"] == 300
+    assert second["missing"] == ["split-client-1"]
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in history)
