@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_broker import delete_queues_of
+
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name in ("Containerfile", "Dockerfile"))
@@ -124,6 +126,7 @@ def test_core_role_images_serve(podman, broker_url, name, settings):
         assert answered, f"no answer on :{port}/metrics within 30 s"
     finally:
         subprocess.run([*podman, "rm", "--force", "--time", "0", container], capture_output=True)
+        delete_queues_of(broker_url, container)  # the queues the role declared under its session
 
 
 @pytest.mark.parametrize("name", IMAGES)
