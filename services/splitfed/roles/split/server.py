@@ -88,8 +88,7 @@ class EpochLog:
     def add_up(self) -> None:
         """The epoch's accuracy and loss over the parts scored (all of the test set, unless an
         evaluator went silent)."""
-        samples = sum(n for _, _, n in self.scores.values())
-        if samples:
+        if samples := self.evaluated_samples:
             self.accuracy = sum(c for c, _, _ in self.scores.values()) / samples
             self.loss = sum(loss for _, loss, _ in self.scores.values()) / samples
 
