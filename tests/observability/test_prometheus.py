@@ -45,13 +45,13 @@ P2P_ROLES = SMPL_ROLES = 4  # p2p-tracker, 3 peers
 
 
 def port_block(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1."""
+    """The first of `count` consecutive free ports on 127.0.0.1, below the kernel's range for
+    outgoing connections: a port from that range (what binding to port 0 gives) can be taken by
+    a role's own broker connection before its metrics server binds it (seen in CI: "cannot serve
+    metrics on port 57616: Address already in use")."""
+    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = probe.getsockname()[1]
-        if first + count > 65535:
-            continue
+        first = 10000 + secrets.randbelow(lowest_ephemeral - 10000 - count)
         sockets = []
         try:
             for port in range(first, first + count):
