@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 
 
+def received_tensors(message: Message) -> dict[str, torch.Tensor]:
+    """A message's tensors as torch tensors that own their memory (copied out of the decoded frame)."""
+    return {name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()}
+
+
 class FedAvgWorker(Role):
     def __init__(
         self, settings: PartitionSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.fedavg.WorkerDeployment)
@@ -121,7 +126,7 @@ class FedAvgWorker(Role):
 
     def train_and_send(self, message: Message) -> None:
         started = time.perf_counter()
-        tensors = {name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()}
+        tensors = received_tensors(message)
         self.model.load_state_dict({name: tensors[name] for name in self.specs})
         server_control = without_prefix(CONTROL, tensors)
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
@@ -147,7 +152,7 @@ class FedAvgWorker(Role):
     def send_statistics(self, message: Message) -> None:
         """CCVR: the per-class count, mean and covariance of this share's penultimate features
         under the final global model."""
-        self.model.load_state_dict({name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()})
+        self.model.load_state_dict(received_tensors(message))
         statistics = calibration.feature_statistics(self.model, self.data, data.info(self.settings.dataset).classes, self.settings.eval_batch_size)
         reply = Message(STATISTICS, "", "", round=message.round, meta={"samples": len(self.data)}, tensors=to_wire(statistics.tensors()))
         self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
