@@ -88,8 +88,10 @@ def test_a_nacked_publish_is_sent_again_once_the_broker_takes_it(broker_url, ful
 
 def test_a_publish_the_broker_keeps_nacking_is_an_error_not_a_silent_loss(broker_url, full_queue):
     queue, channel = full_queue
-    with RabbitTransport(broker_url, name="nacked") as transport, pytest.raises(TransportError, match="broker refused a message"):
+    with RabbitTransport(broker_url, name="nacked", nack_patience=1.0) as transport, pytest.raises(TransportError, match="broker refused a message .* for 1 s"):
+        started = time.monotonic()
         transport.publish(queue, b"never taken")
+    assert time.monotonic() - started >= 1.0  # tried again for its whole patience
     assert channel.basic_get(queue, auto_ack=True)[2] == b"fills it"
 
 

@@ -51,7 +51,9 @@ QUEUE_TYPES = ("classic", "quorum")
 HANDOVER_IDLE = 0.25  # seconds a caller leaves the transport alone before the I/O thread drives the connection
 # A quorum queue nacks while it has no leader (just declared, or mid-election); the frame was not
 # taken, so sending it again is safe (receivers drop duplicates by sequence number anyway).
-NACK_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # seconds before each new try; then the refusal stands
+# An election after its leader's node dies can take several seconds (seen in CI: more than 6 s).
+NACK_PATIENCE = 30.0  # seconds of nacks before the refusal stands
+NACK_PAUSES = (0.1, 5.0)  # the first pause between tries, doubling up to the last
 
 
 class _Nacked(Exception):
@@ -106,6 +108,7 @@ class RabbitTransport(Transport):
         on_reject: RejectHook | None = None,
         partial_ttl: float = PARTIAL_TTL,
         queue_type: str = "classic",
+        nack_patience: float = NACK_PATIENCE,
         name: str = "splitfed",
     ):
         if queue_type not in QUEUE_TYPES:
@@ -134,6 +137,7 @@ class RabbitTransport(Transport):
         # restarted party needs, so they wait longer.
         self._expires_ms = {False: queue_expires_ms, True: durable_queue_expires_ms}
         self._operation_timeout = operation_timeout
+        self._nack_patience = nack_patience
         self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
         self._partial_ttl = partial_ttl
         self._watched: dict[str, _Watch] = {}
@@ -199,16 +203,21 @@ class RabbitTransport(Transport):
             self._publish_confirmed(queue_name, piece, persistent, headers)
 
     def _publish_confirmed(self, name: str, body: bytes, persistent: bool, headers: dict | None) -> None:
-        """Publish until the broker confirms it, trying again after a nack (NACK_RETRIES)."""
-        for pause in (*NACK_RETRIES, None):
+        """Publish until the broker confirms it, trying again after a nack for up to the
+        transport's nack patience, with pauses doubling from NACK_PAUSES[0] to NACK_PAUSES[1]."""
+        deadline, pause = time.monotonic() + self._nack_patience, NACK_PAUSES[0]
+        while True:
             try:
                 self._call(lambda: self._publish(name, body, persistent, headers))
                 return
             except _Nacked:
-                if pause is None:
-                    raise TransportError(f"broker refused a message for {name!r}") from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(f"broker refused a message for {name!r} for {self._nack_patience:g} s") from None
+                pause = min(pause, remaining)
                 log.warning("broker nacked a message for %r; trying again in %.1fs", name, pause)
                 time.sleep(pause)
+                pause = min(2 * pause, NACK_PAUSES[1])
 
     def receive(self, queue_name: str, timeout: float) -> Delivery | None:
         if queue_name not in self._inboxes:
