@@ -3,13 +3,16 @@ the in-memory transport and over RabbitMQ, beside centralized training on the sa
 each one's ratio to centralized, measured in one run.
 
     .venv/bin/python ci/bench_splitnn.py [--clients 5] [--limit 10000] [--broker URL] [--out FILE]
-                                         [--syncs-per-epoch S --fed-lr LR]
+                                         [--syncs-per-epoch S --fed-lr LR] [--repeat N]
+                                         [--schedules S,...] [--transports memory,RabbitMQ]
 
 --syncs-per-epoch and --fed-lr apply to splitfed-v1 and v2 (round-robin hands its layers on).
 
 Each run trains 2 epochs and the table shows the second: from the first epoch's close to the
 second's evaluation on the test set (as centralized's epoch is timed), so process start-up and
-the clients' first hellos are not counted. Goal: splitfed-v2 over RabbitMQ with 5 parallel clients
+the clients' first hellos are not counted. On a shared machine, `--repeat N` runs every mode N
+times in turn and reports medians: each ratio is the median of the ratios within one repetition,
+and the `ratios` column lists them. Goal: splitfed-v2 over RabbitMQ with 5 parallel clients
 no slower than round-robin over RabbitMQ, both <= 1.3x centralized.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from rich.console import Console
 from rich.table import Table
@@ -33,8 +37,10 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=2000)
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    parser.add_argument("--transports", default="memory,RabbitMQ", help="comma-separated: memory, RabbitMQ or both")
     parser.add_argument("--syncs-per-epoch", type=int, default=1, help="splitfed-v1 and v2: averagings per epoch")
     parser.add_argument("--fed-lr", type=float, default=1.0, help="splitfed-v1 and v2: the step of each averaging")
+    parser.add_argument("--repeat", type=int, default=1, help="run every mode this many times, in turn; report medians")
     parser.add_argument("--out", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -43,21 +49,25 @@ def main() -> None:
     for schedule in args.schedules.split(","):
         periods = {} if schedule == "round-robin" else {"syncs_per_epoch": args.syncs_per_epoch, "fed_lr": args.fed_lr}
         settings = SplitNNSettings(**common, clients=args.clients, schedule=schedule, **periods)
-        runs[f"{schedule}, memory"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun())
-        runs[f"{schedule}, RabbitMQ"] = lambda settings=settings: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=args.broker))
-    rows = {}
-    for name, run in runs.items():
-        result = run()
-        epoch = result["history"][-1]
-        rows[name] = {"seconds": epoch["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]}
-    base = rows["centralized"]["seconds"]
+        brokers = {"memory": "memory", "RabbitMQ": args.broker}
+        for transport in args.transports.split(","):
+            runs[f"{schedule}, {transport}"] = lambda settings=settings, broker=brokers[transport]: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=broker))
+    samples: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(max(1, args.repeat)):
+        for name, run in runs.items():
+            result = run()
+            samples[name].append({"seconds": result["history"][-1]["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]})
+        for name in runs:
+            samples[name][-1]["ratio"] = samples[name][-1]["seconds"] / samples["centralized"][-1]["seconds"]
+    rows = {name: {key: statistics.median(sample[key] for sample in runs_of_mode) for key in runs_of_mode[0]} | {"ratios": [sample["ratio"] for sample in runs_of_mode]}
+            for name, runs_of_mode in samples.items()}
     periods = f", v1/v2 averaging {args.syncs_per_epoch}x an epoch with fed lr {args.fed_lr}" if args.syncs_per_epoch > 1 or args.fed_lr != 1 else ""
-    table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch{periods}")
-    for column in ("run", "s/epoch", "ratio", "accuracy", "server messages"):
+    repeated = f", median of {args.repeat}" if args.repeat > 1 else ""
+    table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch{periods}{repeated}")
+    for column in ("run", "s/epoch", "ratio", "ratios", "accuracy", "server messages"):
         table.add_column(column, justify="right")
     for name, row in rows.items():
-        row["ratio"] = row["seconds"] / base
-        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", f"{row['accuracy']:.4f}", str(row["messages"]))
+        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", " ".join(f"{ratio:.2f}" for ratio in row["ratios"]), f"{row['accuracy']:.4f}", f"{row['messages']:.0f}")
     Console().print(table)
     if args.out:
         with open(args.out, "w") as handle:
