@@ -143,6 +143,7 @@ class RabbitTransport(Transport):
         self._watched: dict[str, _Watch] = {}
 
         self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._acks: collections.deque[tuple[int, list[int]]] = collections.deque()  # (generation, tags), sent after the queued operations
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
         self._inboxes: dict[str, collections.deque[Delivery]] = {}  # consumed queues, guarded by _cv
         self._reassembly: dict[str, _Reassembly] = {}
@@ -231,11 +232,12 @@ class RabbitTransport(Transport):
         return None
 
     def ack(self, delivery: Delivery) -> None:
-        """Queued, not waited for: it goes out ahead of this caller's next publish or wait on the
-        transport, or, if the caller goes quiet, from the I/O thread within HANDOVER_IDLE; at once
-        if another thread drives the connection now."""
-        generation, tags = delivery.tag
-        self._submit(lambda: self._ack(generation, tags))
+        """Queued, not waited for: it goes out right after this caller's next publish (a publish
+        on the critical path of a reply does not wait behind it) or as its next wait on the
+        transport begins, or, if the caller goes quiet, from the I/O thread within HANDOVER_IDLE;
+        at once if another thread drives the connection now."""
+        self._raise_if_fatal()
+        self._acks.append(delivery.tag)
         if self._owner is not None:
             self._wake()
 
@@ -373,8 +375,8 @@ class RabbitTransport(Transport):
             self._idle_since = time.monotonic()
             if self._waiters:
                 self._cv.notify_all()
-            if self._ops or self._broken is not None or self._closing:
-                self._handoff = bool(self._ops)  # queued while this thread drove: the I/O thread runs them now
+            if self._ops or self._acks or self._broken is not None or self._closing:
+                self._handoff = bool(self._ops or self._acks)  # queued while this thread drove: the I/O thread runs them now
                 self._io_cv.notify()
 
     def _done(self) -> None:
@@ -437,7 +439,7 @@ class RabbitTransport(Transport):
                         broken, self._broken = self._broken, None
                         raise broken
                     idle = time.monotonic() - self._idle_since
-                    if not self._waiters and ((self._handoff and self._ops) or idle >= HANDOVER_IDLE):
+                    if not self._waiters and ((self._handoff and (self._ops or self._acks)) or idle >= HANDOVER_IDLE):
                         self._owner, self._handoff = self._io_ident, False
                         break
                     timeout = HANDOVER_IDLE - idle if not self._waiters else HANDOVER_IDLE
@@ -531,6 +533,7 @@ class RabbitTransport(Transport):
                 pass
 
     def _drain(self) -> None:
+        """Run the queued operations, then send the queued acks."""
         while self._ops and self._channel is not None:
             fn, future = self._ops.popleft()
             if not future.set_running_or_notify_cancel():
@@ -551,6 +554,8 @@ class RabbitTransport(Transport):
                     raise
             finally:
                 self._done()
+        while self._acks and self._channel is not None:
+            self._ack(*self._acks.popleft())
 
     def _delete(self, name: str) -> None:
         self._declared.pop(name, None)

@@ -309,18 +309,20 @@ class SplitServer:
             return
         loss = train.loss_fn(outputs, torch.from_numpy(message.tensors["y"]))
         loss.backward()
-        self.step(state)
         self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad)}, loss=loss.item())
+        self.step(state)
 
     def backward(self, state: ClientState, message: Message) -> None:
         """u-shaped, second half of a training batch."""
         inputs, outputs = state.pending
         state.pending = None
         outputs.backward(torch.from_numpy(message.tensors["g"]))
-        self.step(state)
         self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad)})
+        self.step(state)
 
     def step(self, state: ClientState) -> None:
+        """After the answer: the client needs only the gradient at the cut, so its backward pass
+        and this step overlap (the next message of any client finds the step done)."""
         state.opt.step()
         state.batches += 1
 
