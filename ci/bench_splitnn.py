@@ -68,7 +68,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for name, row in rows.items():
         table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", " ".join(f"{ratio:.2f}" for ratio in row["ratios"]), f"{row['accuracy']:.4f}", f"{row['messages']:.0f}")
-    Console().print(table)
+    Console(width=160).print(table)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(rows, handle, indent=2)
