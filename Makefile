@@ -25,5 +25,6 @@ test: setup-test
 bench: setup-test
 	ci/broker.sh
 	$(PY) ci/bench_split.py
+	$(PY) ci/bench_splitnn.py --repeat 3
 	$(PY) ci/bench_fedavg.py overhead
 	$(PY) ci/bench_fedavg.py scale
