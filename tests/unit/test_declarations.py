@@ -86,15 +86,19 @@ def test_every_variable_a_scenario_passes_is_accepted_by_its_role_and_means_the_
     assert seen == set(ROLES), "a role no scenario starts"
 
 
-def test_role_processes_get_their_threads_and_a_short_openmp_spin_unless_one_is_set(tmp_path, monkeypatch):
+def test_role_processes_get_their_threads_and_a_short_openmp_spin_unless_the_user_chose_one(tmp_path, monkeypatch):
     from splitfed.transport import Connection
 
     _, launches = next(plans(tmp_path))
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env = launch.role_environment(launches[0], Connection())
     assert env["OMP_NUM_THREADS"] == str(launches[0].threads) and env["GOMP_SPINCOUNT"] == str(launch.IDLE_SPINS)
     monkeypatch.setenv("GOMP_SPINCOUNT", "500")
     assert launch.role_environment(launches[0], Connection())["GOMP_SPINCOUNT"] == "500"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # an explicit spin count would override it
+    assert "GOMP_SPINCOUNT" not in launch.role_environment(launches[0], Connection())
 
 
 def test_unknown_variables_are_reported_by_name():

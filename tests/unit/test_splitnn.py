@@ -91,6 +91,19 @@ def test_splitfed_v2_clients_share_their_layers_after_each_epoch(syncs, fed_lr, 
     assert result["history"][-1]["accuracy"] > 0.3  # chance is 0.1
 
 
+def test_splitfed_v2_u_shaped_clients_take_the_shared_layers_a_batch_at_a_time(tmp_path):
+    """u-shaped, a batch reaches the shared server half as two messages (outputs, then gradients);
+    the server holds the other clients' batches in between. Before, the second client's gradients
+    met layers that had stepped since its forward pass, and the server failed."""
+    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2", mode="u-shaped")
+    result, client_layers, _ = run_saving_layers(settings, tmp_path)
+    batches = 2 * -(-200 // 32)  # each client's 200 samples in batches of 32, for 2 epochs
+    assert [state["batches"] for state in result["clients"].values()] == [batches] * 3 and result["batches"] == 3 * batches
+    first = client_layers["split-client-0"]
+    assert all(max_diff(first, other) == 0 for other in client_layers.values())
+    assert result["history"][-1]["accuracy"] > 0.3  # chance is 0.1
+
+
 def test_an_epoch_is_cut_into_even_periods_in_order():
     batches = [torch.tensor([i]) for i in range(10)]
     runs = reference.periods(batches, 3)

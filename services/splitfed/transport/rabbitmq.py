@@ -232,10 +232,10 @@ class RabbitTransport(Transport):
         return None
 
     def ack(self, delivery: Delivery) -> None:
-        """Queued, not waited for: it goes out right after this caller's next publish (a publish
-        on the critical path of a reply does not wait behind it) or as its next wait on the
-        transport begins, or, if the caller goes quiet, from the I/O thread within HANDOVER_IDLE;
-        at once if another thread drives the connection now."""
+        """Queued, not waited for: it goes out right after this caller's next publish (a reply
+        the caller drives out does not wait behind it) or on its next wait that drives the
+        connection; otherwise from the I/O thread within HANDOVER_IDLE, or at once if another
+        thread drives the connection now."""
         self._raise_if_fatal()
         self._acks.append(delivery.tag)
         if self._owner is not None:

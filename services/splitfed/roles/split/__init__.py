@@ -60,6 +60,8 @@ ROLES = (
     RoleSpec(
         "split-server", "The server half of a split session: the remaining layers, no data; closes epochs, passes turns.", SplitNNSettings, SplitParty, _server,
         (*metrics.WIRE, metrics.SPLIT_ACTIVE_CLIENTS, metrics.SPLIT_EPOCH_CLIENTS, metrics.SPLIT_CLIENT_EPOCH),
+        # u-shaped splitfed-v2 holds a batch of each waiting client unacked: let them all in.
+        prefetch=lambda settings: 2 * settings.clients + 16,
     ),
     RoleSpec(
         "split-fed", "The fed server of splitfed-v1/v2: averages the clients' layers each epoch (no torch).", SplitNNSettings, SigningService, _fed,

@@ -19,6 +19,7 @@ gone on training do not change the model being scored.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import time
@@ -41,7 +42,7 @@ from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDSHAKE, HELLO, OUTPUTS, SERVER, TRAINED, TURN,
     client_name, client_queue, save_parts, shared,
 )
-from splitfed.transport import Transport
+from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 FROM_CLIENTS = (HELLO, ACTIVATIONS, GRADIENTS, TRAINED, HANDED, EVALUATED)
@@ -138,6 +139,7 @@ class SplitServer:
         self.awaiting_evaluation: EpochLog | None = None  # closed, its evaluator not yet heard
         self.turns = _TurnOrder(names, settings.epochs) if settings.schedule == "round-robin" and settings.clients > 1 else None
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
+        self.held: collections.deque[tuple[Message, Delivery]] = collections.deque()  # training batches waiting for the shared layers (must_wait)
         self.finished = False
         self.active = metrics.SPLIT_ACTIVE_CLIENTS.labels(SERVER, self.session)
 
@@ -161,16 +163,39 @@ class SplitServer:
             wait = max(0.01, min(self.next_deadline(), quiet_since + self.endpoint.timeout) - time.monotonic())
             received = self.endpoint.receive(FROM_CLIENTS, list(self.clients), self.check, self.on_reject, wait=wait)
             if received is not None:
-                message, delivery = received
                 quiet_since = time.monotonic()
-                self.handle(message)
-                self.endpoint.ack(delivery)
+                self.take(*received)
             elif time.monotonic() >= quiet_since + self.endpoint.timeout:
                 raise RoleTimeout(f"split-server: no client message within {self.endpoint.timeout:.0f}s")
             self.enforce_deadlines()
+            self.release_held()
         if self.save:
             save_parts(self.save, [(self.body.state_dict(), self.cut_layer)])
         return self.result()
+
+    def take(self, message: Message, delivery: Delivery) -> None:
+        """Handle `message` and ack it, or hold it unacked until the shared layers are free."""
+        if self.must_wait(message):
+            self.clients[message.sender].heard = time.monotonic()  # waiting on another client, not silent
+            self.held.append((message, delivery))
+            return
+        self.handle(message)
+        self.endpoint.ack(delivery)
+        self.release_held()
+
+    def must_wait(self, message: Message) -> bool:
+        """u-shaped with one shared server half (splitfed-v2): a batch's forward and backward
+        are two messages apart, and the layers must not step in between, so another client's
+        training batch waits until no batch is half done (as if the clients took turns per batch)."""
+        return (message.kind == ACTIVATIONS and message.meta.get("train") is True and self.settings.mode == "u-shaped" and not self.per_client
+                and any(state.pending is not None for state in self.clients.values()))
+
+    def release_held(self) -> None:
+        """Take the held batches, in the order they came, while the shared layers are free."""
+        while self.held and not self.must_wait(self.held[0][0]):
+            message, delivery = self.held.popleft()
+            self.handle(message)
+            self.endpoint.ack(delivery)
 
     def handle(self, message: Message) -> None:
         started = time.perf_counter()
