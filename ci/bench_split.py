@@ -9,15 +9,13 @@ ci/bench_splitnn.py does: the roles start as fresh processes, whose first epoch 
 torch's first calls (oneDNN primitives, the allocator's first blocks), while centralized runs in
 this process, warm from the runs before it. `rt p50` is the
 client's median round trip (send a batch's activations, hold the answer). On a shared machine,
-`--repeat N` runs the modes N times in turn and reports medians: each ratio is the median of the
-ratios within one repetition, so load that comes and goes skews it less.
+`--repeat N` runs the modes N times in turn and reports medians (ci/bench_repeat.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +23,8 @@ from rich.table import Table
 from splitfed.learning.settings import SplitSettings, TrainSettings
 from splitfed.scenarios import centralized, launch, split
 from splitfed.scenarios.split import SplitRun
+
+from bench_repeat import medians  # ci/, beside this script
 
 
 def main() -> None:
@@ -39,42 +39,32 @@ def main() -> None:
 
     common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=2)
     runs = {
-        "centralized": lambda: launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun()),
-        "split, memory": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(via="direct")),
-        "split, RabbitMQ direct": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="direct")),
-        "split, RabbitMQ relay": lambda: launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="relay")),
+        "centralized": lambda: figures(launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun())),
+        "split, memory": lambda: figures(launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(via="direct"))),
+        "split, RabbitMQ direct": lambda: figures(launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="direct"))),
+        "split, RabbitMQ relay": lambda: figures(launch.run(split.SCENARIO, SplitSettings(**common), SplitRun(broker=args.broker, via="relay"))),
     }
-    samples: dict[str, list[dict]] = {name: [] for name in runs}
-    for _ in range(max(1, args.repeat)):
-        for name, run in runs.items():
-            result = run()
-            timing = result.get("timing") or {}
-            samples[name].append({
-                "seconds": result["history"][-1]["seconds"], "accuracy": result["accuracy"], "messages": result.get("traffic", {}).get("messages", 0),
-                "bytes": result.get("traffic", {}).get("bytes", 0), "round_trip_p50_ms": timing.get("round_trip_p50_ms"),
-            })
-        for name in runs:
-            samples[name][-1]["ratio"] = samples[name][-1]["seconds"] / samples["centralized"][-1]["seconds"]
-    rows = {}
-    for name, runs_of_mode in samples.items():
-        rows[name] = {key: _median([sample[key] for sample in runs_of_mode]) for key in runs_of_mode[0]}
-        rows[name]["ratios"] = [sample["ratio"] for sample in runs_of_mode]
+    rows = medians(runs, args.repeat, "centralized")
     repeated = f", median of {args.repeat}" if args.repeat > 1 else ""
     table = Table(title=f"split learning, {args.dataset}, {args.limit} samples, the second epoch{repeated}")
     for column in ("mode", "s/epoch", "ratio", "rt p50 ms", "accuracy", "messages", "MB"):
         table.add_column(column, justify="right")
     for name, row in rows.items():
         p50 = "" if row["round_trip_p50_ms"] is None else f"{row['round_trip_p50_ms']:.2f}"
-        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", p50, f"{row['accuracy']:.4f}", str(row["messages"]), f"{row['bytes'] / 1e6:.0f}")
+        table.add_row(name, f"{row['seconds']:.2f}", f"{row['ratio']:.2f}x", p50, f"{row['accuracy']:.4f}", f"{row['messages']:.0f}", f"{row['bytes'] / 1e6:.0f}")
     Console(width=160).print(table)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(rows, handle, indent=2)
 
 
-def _median(values: list):
-    present = [value for value in values if value is not None]
-    return statistics.median(present) if present else None
+def figures(result: dict) -> dict:
+    timing = result.get("timing") or {}
+    traffic = result.get("traffic", {})
+    return {
+        "seconds": result["history"][-1]["seconds"], "accuracy": result["accuracy"], "messages": traffic.get("messages", 0),
+        "bytes": traffic.get("bytes", 0), "round_trip_p50_ms": timing.get("round_trip_p50_ms"),
+    }
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ each one's ratio to centralized, measured in one run.
 Each run trains 2 epochs and the table shows the second: from the first epoch's close to the
 second's evaluation on the test set (as centralized's epoch is timed), so process start-up and
 the clients' first hellos are not counted. On a shared machine, `--repeat N` runs every mode N
-times in turn and reports medians: each ratio is the median of the ratios within one repetition,
-and the `ratios` column lists them. Goal: splitfed-v2 over RabbitMQ with 5 parallel clients
+times in turn and reports medians (ci/bench_repeat.py); the `ratios` column lists each
+repetition's. Goal: splitfed-v2 over RabbitMQ with 5 parallel clients
 no slower than round-robin over RabbitMQ, both <= 1.3x centralized.
 """
 
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 from rich.console import Console
 from rich.table import Table
 
 from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings
 from splitfed.scenarios import centralized, launch, splitnn
+
+from bench_repeat import medians  # ci/, beside this script
 
 
 def main() -> None:
@@ -45,22 +46,14 @@ def main() -> None:
     args = parser.parse_args()
 
     common = dict(dataset=args.dataset, limit=args.limit, test_limit=args.test_limit, epochs=2)
-    runs = {"centralized": lambda: launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun())}
+    runs = {"centralized": lambda: figures(launch.run(centralized.SCENARIO, TrainSettings(**common), centralized.CentralizedRun()))}
     for schedule in args.schedules.split(","):
         periods = {} if schedule == "round-robin" else {"syncs_per_epoch": args.syncs_per_epoch, "fed_lr": args.fed_lr}
         settings = SplitNNSettings(**common, clients=args.clients, schedule=schedule, **periods)
         brokers = {"memory": "memory", "RabbitMQ": args.broker}
         for transport in args.transports.split(","):
-            runs[f"{schedule}, {transport}"] = lambda settings=settings, broker=brokers[transport]: launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=broker))
-    samples: dict[str, list[dict]] = {name: [] for name in runs}
-    for _ in range(max(1, args.repeat)):
-        for name, run in runs.items():
-            result = run()
-            samples[name].append({"seconds": result["history"][-1]["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]})
-        for name in runs:
-            samples[name][-1]["ratio"] = samples[name][-1]["seconds"] / samples["centralized"][-1]["seconds"]
-    rows = {name: {key: statistics.median(sample[key] for sample in runs_of_mode) for key in runs_of_mode[0]} | {"ratios": [sample["ratio"] for sample in runs_of_mode]}
-            for name, runs_of_mode in samples.items()}
+            runs[f"{schedule}, {transport}"] = lambda settings=settings, broker=brokers[transport]: figures(launch.run(splitnn.SCENARIO, settings, splitnn.SplitNNRun(broker=broker)))
+    rows = medians(runs, args.repeat, "centralized")
     periods = f", v1/v2 averaging {args.syncs_per_epoch}x an epoch with fed lr {args.fed_lr}" if args.syncs_per_epoch > 1 or args.fed_lr != 1 else ""
     repeated = f", median of {args.repeat}" if args.repeat > 1 else ""
     table = Table(title=f"split learning, {args.clients} clients, {args.dataset}, {args.limit} samples, the second epoch{periods}{repeated}")
@@ -72,6 +65,10 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def figures(result: dict) -> dict:
+    return {"seconds": result["history"][-1]["seconds"], "accuracy": result["accuracy"], "messages": result["traffic"]["messages"]}
 
 
 if __name__ == "__main__":
