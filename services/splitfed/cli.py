@@ -251,7 +251,7 @@ def models_command(
     if cuts is None:
         _list_models()
         return
-    from splitfed.learning import data, models, split
+    from splitfed.learning import cutting, data, models
     from splitfed.learning.settings import SPLIT_MODES
     from splitfed.roles.service import output_problem
 
@@ -261,7 +261,7 @@ def models_command(
         raise _fail(problem, 2)
     meta = _guard(lambda: data.info(dataset))
     model = _guard(lambda: models.build(cuts, meta, seed=1))
-    points = split.cut_points(model, meta.shape, mode)
+    points = cutting.cut_points(model, meta.shape, mode)
     default = _default_cut(model, mode)
     Console().print(_cuts_table(cuts, meta, mode, points, default))
     if not points:
@@ -294,16 +294,16 @@ def _list_models() -> None:
 
 def _default_cut(model: Any, mode: str) -> int | None:
     """Where a run without --cut-layer cuts `model`, or None where that cut would be refused."""
-    from splitfed.learning import split
+    from splitfed.learning import cutting
 
     try:
-        return split.cut(model, None, mode).cut_layer
+        return cutting.cut(model, None, mode).cut_layer
     except ValueError:
         return None
 
 
 def _cuts_table(name: str, meta: Any, mode: str, points: list, default: int | None) -> Table:
-    """One row per cut point (learning.split.CutPoint); * marks the default."""
+    """One row per cut point (learning.cutting.CutPoint); * marks the default."""
     table = Table(title=f"cut points of {name} on {meta.name} ({'x'.join(map(str, meta.shape))}), {mode}", title_justify="left")
     for column in ("cut", "after", "activation", "floats", "KiB", "client params", "server params"):
         table.add_column(column, justify="left" if column in ("after", "activation") else "right", no_wrap=True)

@@ -110,7 +110,7 @@ assert set(TRAIN_SAMPLES) == set(TEST_SAMPLES) == set(DATASETS), "sizing must kn
 
 # learning.models.DEFAULT_CUT (that module imports torch); tests/unit/test_sizing.py checks they agree.
 DEFAULT_CUT = 9
-TAIL_LAYERS = 1  # learning.split.cut's default: the client's tail in u-shaped mode
+TAIL_LAYERS = 1  # learning.cutting.cut's default: the client's tail in u-shaped mode
 
 ROLE_NAMES = ("relay", "split-client", "split-server", "split-fed", "fedavg-server", "fedavg-worker", "p2p-tracker", "p2p-peer", "smpl-peer")
 SPLIT_ROLES = ("relay", "split-client", "split-server", "split-fed")
@@ -180,7 +180,7 @@ def model_layers(model: str, meta: DatasetInfo) -> list[Layer]:
 
 @dataclass(frozen=True)
 class Parts:
-    """Who holds which layers of a split model (as learning.split.cut cuts it)."""
+    """Who holds which layers of a split model (as learning.cutting.cut cuts it)."""
 
     head: list[Layer]  # client
     body: list[Layer]  # server
@@ -203,7 +203,7 @@ def cut_index(cut_layer: int | str | None) -> int:
 
 
 def split_parts(layers: list[Layer], cut_layer: int | str | None, mode: str) -> Parts:
-    """The halves as learning.split.cut makes them; CannotSplit where a run would fail."""
+    """The halves as learning.cutting.cut makes them; CannotSplit where a run would fail."""
     cut_layer = cut_index(cut_layer)
     if mode not in SPLIT_MODES:
         raise ValueError(f"--mode {mode!r}: choose one of {', '.join(SPLIT_MODES)}")

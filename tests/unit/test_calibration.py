@@ -10,7 +10,7 @@ from splitfed.learning import calibration, data, federated, models
 from splitfed.learning.settings import FederatedSettings
 
 
-def digits_model() -> tuple[nn.Sequential, data.Split]:
+def digits_model() -> tuple[nn.Sequential, data.Samples]:
     share = data.load("digits", train=True)
     return models.build("cnn", data.info("digits"), 1), share
 

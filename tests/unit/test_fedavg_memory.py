@@ -118,7 +118,7 @@ def test_uneven_shares_are_averaged_by_their_sample_counts(tmp_path):
     locals_ = []
     for index, share in enumerate(shares):
         model = models.build(settings.model, data.info(settings.dataset), settings.seed)
-        federated.local_training(model, data.Split(full.images[share], full.labels[share]), settings, federated.round_seed(settings.seed, index, 1), 1)
+        federated.local_training(model, data.Samples(full.images[share], full.labels[share]), settings, federated.round_seed(settings.seed, index, 1), 1)
         locals_.append({name: value.detach().numpy().astype(np.float64) for name, value in model.state_dict().items()})
 
     saved = load_file(str(tmp_path / "model.safetensors"))

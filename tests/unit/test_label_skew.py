@@ -13,7 +13,7 @@ from splitfed.learning.settings import STRATEGIES, FederatedSettings
 
 
 def test_offsets_follow_the_label_counts_and_guard_absent_classes():
-    share = data.Split(torch.zeros(6, 1, 8, 8), torch.tensor([0, 0, 0, 0, 2, 2]))  # 4 of class 0, none of 1, 2 of class 2
+    share = data.Samples(torch.zeros(6, 1, 8, 8), torch.tensor([0, 0, 0, 0, 2, 2]))  # 4 of class 0, none of 1, 2 of class 2
     offsets = federated.calibration_offsets(share, 4, 2.0)
     expected = [2.0 * 4**-0.25, 2.0, 2.0 * 2**-0.25, 2.0]  # n_c = 0 counts as 1
     np.testing.assert_allclose(offsets.numpy(), expected, rtol=1e-6)

@@ -116,7 +116,7 @@ def test_local_steps_and_lr_decay():
 def test_fedrs_scales_only_the_logits_of_absent_classes():
     share = data.load("digits", train=True, limit=200)
     mine = share.labels < 4
-    only_low = data.Split(share.images[mine], share.labels[mine])
+    only_low = data.Samples(share.images[mine], share.labels[mine])
     factors = federated.absent_class_scale(only_low, 10, 0.3)
     assert torch.equal(factors, torch.tensor([1.0] * 4 + [0.3] * 6))
     assert build("fedrs", rs_alpha=0.3).local_absent_scale == 0.3 and build("fedavg").local_absent_scale == 1.0

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from splitfed import sizing
-from splitfed.learning import models, split, train
+from splitfed.learning import cutting, models, train
 from splitfed.learning.settings import DATASETS, MODELS, OPTIMIZERS, SPLIT_MODES
 from splitfed.roles.registry import ROLES
 
@@ -61,7 +61,7 @@ def test_split_parts_refuse_what_a_run_refuses(model, mode):
     layers = sizing.model_layers(model, meta)
     for cut in [None, *range(0, len(layers) + 1)]:
         try:
-            parts = split.cut(models.build(model, meta, 1), cut, mode)
+            parts = cutting.cut(models.build(model, meta, 1), cut, mode)
             for held in ([*parts.head.parameters(), *(parts.tail.parameters() if parts.tail else [])], list(parts.body.parameters())):
                 train.optimizer(held, "adam", 1e-3)
         except ValueError:

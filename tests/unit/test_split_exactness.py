@@ -46,7 +46,7 @@ def test_u_shaped_labels_never_leave_the_client():
 def test_a_cut_that_leaves_a_half_without_weights_names_the_cuts_that_work():
     from torch import nn
 
-    from splitfed.learning.split import cut
+    from splitfed.learning.cutting import cut
 
     with pytest.raises(ValueError, match="leaves the client no weights to train; this model cannot be split"):
         cut(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 1)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from splitfed.learning import models, split, train
+from splitfed.learning import cutting, models, train
 from splitfed.learning.settings import DATASETS, SplitSettings
 
 FASHION, CIFAR = DATASETS["fashion-mnist"], DATASETS["cifar10"]  # 1x28x28, 3x32x32
@@ -63,9 +63,9 @@ def assert_every_cut_is_exact(name, meta, cuts=None):
     with torch.no_grad():
         expected = whole.eval()(images)
     whole_step(whole, images, labels)
-    for cut in cuts or split.usable_cuts(model):
+    for cut in cuts or cutting.usable_cuts(model):
         halves = copy.deepcopy(model)
-        parts = split.cut(halves, cut)  # the parts hold the halves' own modules
+        parts = cutting.cut(halves, cut)  # the parts hold the halves' own modules
         with torch.no_grad():
             assert torch.allclose(parts.body.eval()(parts.head.eval()(images)), expected, rtol=0, atol=1e-5), f"{name} cut {cut}"
         split_step(parts, images, labels)
@@ -78,7 +78,7 @@ def test_resnet18_at_every_cut_is_the_whole_model(meta):
     assert list(model._modules) == RESNET18_CHILDREN
     assert isinstance(model.conv1, torch.nn.Conv2d) and model.conv1.in_channels == meta.shape[0] and model.conv1.kernel_size == (3, 3)
     assert isinstance(model.maxpool, torch.nn.Identity)  # the CIFAR stem: 28 and 32 px keep their size into layer1
-    assert split.usable_cuts(model) == list(range(1, 11))
+    assert cutting.usable_cuts(model) == list(range(1, 11))
     assert_every_cut_is_exact("resnet18", meta)
 
 
@@ -90,17 +90,17 @@ def test_mobilenet_and_vgg_cuts_are_the_whole_model():
 
 def test_a_cut_by_name_is_after_that_child():
     model = built("resnet18", "fashion-mnist")
-    parts = split.cut(model, "layer1")
+    parts = cutting.cut(model, "layer1")
     assert parts.cut_layer == 5 and parts.head[-1] is model.layer1 and parts.body[0] is model.layer2
-    assert split.cut(model, "5").cut_layer == 5  # digits are an index
+    assert cutting.cut(model, "5").cut_layer == 5  # digits are an index
     assert next(iter(parts.body.state_dict())).startswith("0."), "parts are indexed from 0, as roles.split.common.save_parts expects"
-    assert split.cut(model, None).cut_layer == 10  # before the classifier
-    assert split.cut(model, None, "u-shaped").cut_layer == 7  # the tail takes fc; the server still needs weights: layer4
+    assert cutting.cut(model, None).cut_layer == 10  # before the classifier
+    assert cutting.cut(model, None, "u-shaped").cut_layer == 7  # the tail takes fc; the server still needs weights: layer4
     assert SplitSettings(model="resnet18", cut_layer="layer1").cut_layer == "layer1"
 
 
 def test_cut_points_show_each_cut_with_its_activation():
-    points = split.cut_points(built("resnet18", "cifar10"), CIFAR.shape)
+    points = cutting.cut_points(built("resnet18", "cifar10"), CIFAR.shape)
     assert [p.name for p in points] == RESNET18_CHILDREN[:-1]
     layer1 = points[4]
     assert (layer1.index, layer1.shape, layer1.floats) == (5, (64, 32, 32), 64 * 32 * 32)
@@ -111,13 +111,13 @@ def test_cut_points_show_each_cut_with_its_activation():
 def test_bad_cuts_list_the_cut_points():
     model = built("resnet18", "fashion-mnist")
     with pytest.raises(ValueError, match=r"unknown cut 'layer9': give an index in 1\.\.10, or the name of the layer to cut after: conv1, bn1, .*, flatten$"):
-        split.cut(model, "layer9")
+        cutting.cut(model, "layer9")
     with pytest.raises(ValueError, match=r"cut layer 11 must be in 1\.\.10 for a 11-layer model in vanilla mode, or the name of the layer to cut after: conv1"):
-        split.cut(model, 11)
+        cutting.cut(model, 11)
     with pytest.raises(ValueError, match=r"cut layer 9 \(after avgpool\) leaves the server no weights to train; cuts where both do: 1 \(after conv1\), .*7 \(after layer3\)$"):
-        split.cut(model, "avgpool", "u-shaped")
+        cutting.cut(model, "avgpool", "u-shaped")
     with pytest.raises(ValueError, match="unknown cut 'layer1': give an index in 1..11$"):  # cnn's layers have no names
-        split.cut(built("cnn", "fashion-mnist"), "layer1")
+        cutting.cut(built("cnn", "fashion-mnist"), "layer1")
 
 
 def test_bad_models_say_why():

@@ -59,7 +59,7 @@ def features_of(model: nn.Sequential, images: torch.Tensor, batch_size: int) -> 
         return torch.cat([body(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
 
 
-def feature_statistics(model: nn.Sequential, share: data.Split, classes: int, batch_size: int) -> ClassStatistics:
+def feature_statistics(model: nn.Sequential, share: data.Samples, classes: int, batch_size: int) -> ClassStatistics:
     """What a worker sends: the count, mean and (unbiased) covariance of each class's features."""
     features = features_of(model, share.images, batch_size).double()  # (N, D)
     dim = features.shape[1]

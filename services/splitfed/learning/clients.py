@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitfed.learning import data, models, split, train
+from splitfed.learning import cutting, data, models, train
 from splitfed.learning.averaging import step_towards, weighted_average
-from splitfed.learning.data import Split
+from splitfed.learning.data import Samples
 from splitfed.learning.settings import SplitNNSettings
-from splitfed.learning.split import Parts
+from splitfed.learning.cutting import Parts
 
 
-def client_share(settings: SplitNNSettings, index: int) -> Split:
+def client_share(settings: SplitNNSettings, index: int) -> Samples:
     """Client `index`'s training samples: all of them for a lone client (in order, so that a
     one-client run is the same computation as centralized training), else its partition."""
     full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
@@ -45,7 +45,7 @@ class ClientHalves:
 
     parts: Parts
     opt: torch.optim.Optimizer
-    share: Split
+    share: Samples
     generator: torch.Generator
 
     def layers(self) -> list[nn.Module]:
@@ -59,7 +59,7 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     if settings.schedule == "splitfed-v2":
         raise ValueError("splitfed-v2's outcome depends on the order its clients' batches arrive in")
     meta = data.info(settings.dataset)
-    whole = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+    whole = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
     clients = []
     for index in range(settings.clients):
         parts = copy.deepcopy(whole)

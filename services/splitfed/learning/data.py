@@ -49,17 +49,17 @@ class Images:
 
 
 @dataclass
-class Split:
+class Samples:
     images: Images | torch.Tensor  # (N, C, H, W); indexing gives float32
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index) -> Split:  # noqa: ANN001 (whatever a tensor takes)
+    def subset(self, index) -> Samples:  # noqa: ANN001 (whatever a tensor takes)
         """The samples at `index`; raw images stay raw."""
         images = self.images.subset(index) if isinstance(self.images, Images) else self.images[index]
-        return Split(images, self.labels[index])
+        return Samples(images, self.labels[index])
 
 
 
@@ -70,7 +70,7 @@ def info(name: str) -> DatasetInfo:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
 
 
-def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | None = None) -> Split:
+def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | None = None) -> Samples:
     """Load the train or test split of `name`; `limit` keeps the first N samples."""
     meta = info(name)
     if name == "digits":
@@ -84,7 +84,7 @@ def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | N
     # Pixels stay uint8 (Fashion-MNIST's training set: 47 MB, not 188 MB as float32) and each
     # batch is normalised as it is taken.
     raw = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).reshape(-1, *meta.shape)
-    return Split(Images(raw, meta.mean * _scale(name), meta.std * _scale(name)), torch.from_numpy(labels.astype(np.int64)))
+    return Samples(Images(raw, meta.mean * _scale(name), meta.std * _scale(name)), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _scale(name: str) -> float:
@@ -208,7 +208,7 @@ def party_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 7919 * index)
 
 
-def share_of(full: Split, spec: str, parts: int, seed: int, index: int) -> Split:
+def share_of(full: Samples, spec: str, parts: int, seed: int, index: int) -> Samples:
     """Party `index`'s samples of `full` shared out by `spec` among `parts` parties."""
     return full.subset(partition(full.labels, spec, parts, seed)[index])
 

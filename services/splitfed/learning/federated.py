@@ -21,7 +21,7 @@ def round_seed(seed: int, worker_index: int, round_number: int) -> int:
     return seed * 1_000_003 + worker_index * 10_007 + round_number
 
 
-def training_data(settings: PartitionSettings) -> data.Split:
+def training_data(settings: PartitionSettings) -> data.Samples:
     """The training samples the workers share out (all but the held-out ones)."""
     full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
     if settings.holdout >= len(full):
@@ -30,7 +30,7 @@ def training_data(settings: PartitionSettings) -> data.Split:
     return full.subset(slice(0, end))
 
 
-def evaluation_data(settings: PartitionSettings) -> data.Split:
+def evaluation_data(settings: PartitionSettings) -> data.Samples:
     """What the global model is scored on: the held-out training samples, or the test set."""
     if settings.holdout:
         full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
@@ -38,7 +38,7 @@ def evaluation_data(settings: PartitionSettings) -> data.Split:
     return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
 
 
-def worker_share(settings: PartitionSettings, index: int) -> data.Split:
+def worker_share(settings: PartitionSettings, index: int) -> data.Samples:
     return data.share_of(training_data(settings), settings.partition, settings.workers, settings.seed, index)
 
 
@@ -66,7 +66,7 @@ def round_lr(settings: PartitionSettings, round_number: int) -> float:
     return settings.lr * settings.lr_decay ** (round_number - 1)
 
 
-def local_gradient(model: nn.Module, share: data.Split, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def local_gradient(model: nn.Module, share: data.Samples, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The mean gradient of the local loss at the model as it is, over `batches` (no step)."""
     totals = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     model.train()
@@ -85,14 +85,14 @@ def last_layer(model: nn.Module) -> list[str]:
     return [f"{owners[-1]}.{name}" for name, _ in dict(model.named_modules())[owners[-1]].named_parameters(recurse=False)]
 
 
-def absent_class_scale(share: data.Split, classes: int, scale: float) -> torch.Tensor:
+def absent_class_scale(share: data.Samples, classes: int, scale: float) -> torch.Tensor:
     """(classes,): 1 for the classes in `share`, `scale` for the others."""
     factors = torch.full((classes,), scale)
     factors[share.labels.unique()] = 1.0
     return factors
 
 
-def calibration_offsets(share: data.Split, classes: int, tau: float) -> torch.Tensor:
+def calibration_offsets(share: data.Samples, classes: int, tau: float) -> torch.Tensor:
     """(classes,): FedLC's logit calibration tau * n_c^(-1/4) from the share's label counts n_c,
     subtracted from the logits in the local loss. A class the share holds no sample of counts as
     one sample (the guard against n_c = 0): its logits are pushed down the most, by tau."""
@@ -107,7 +107,7 @@ class LocalWork:
 
 
 def local_training(
-    model: nn.Module, share: data.Split, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
+    model: nn.Module, share: data.Samples, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
     absent_scale: float = 1.0, frozen_head: bool = False, calibration_tau: float = 0.0, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`.
@@ -150,7 +150,7 @@ def local_training(
     return LocalWork(sum(losses) / max(1, len(losses)), new_control)
 
 
-def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings, test_data: data.Split) -> EpochRecord:
+def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings, test_data: data.Samples) -> EpochRecord:
     """CCVR after the last round: the last layer retrained on the pooled statistics, then the
     model scored (`train_loss` is the retraining's last epoch)."""
     started = time.perf_counter()

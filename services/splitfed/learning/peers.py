@@ -13,11 +13,11 @@ from torch import nn
 
 from splitfed.learning import data, models, train
 from splitfed.learning.averaging import weighted_average
-from splitfed.learning.data import Split
+from splitfed.learning.data import Samples
 from splitfed.learning.settings import P2PSettings, PeerSettings
 
 
-def peer_share(settings: PeerSettings, index: int) -> Split:
+def peer_share(settings: PeerSettings, index: int) -> Samples:
     """Peer `index`'s training samples: its share of `--partition` over `--peers`."""
     if not 0 <= index < settings.peers:
         raise ValueError(f"--peer-index {index} is not below --peers {settings.peers}")
@@ -25,7 +25,7 @@ def peer_share(settings: PeerSettings, index: int) -> Split:
     return data.share_of(full, settings.partition, settings.peers, settings.seed, index)
 
 
-def test_split(settings: PeerSettings) -> Split:
+def test_samples(settings: PeerSettings) -> Samples:
     return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
 
 
@@ -72,7 +72,7 @@ class LocalPeer:
 
     model: nn.Module
     opt: torch.optim.Optimizer
-    share: Split
+    share: Samples
     generator: torch.Generator
 
 
@@ -85,7 +85,7 @@ def train_epoch(peer: LocalPeer, settings: PeerSettings) -> float:
     return float(np.mean(losses))
 
 
-def scored(model: nn.Module, test: Split, settings: PeerSettings) -> train.Evaluation:
+def scored(model: nn.Module, test: Samples, settings: PeerSettings) -> train.Evaluation:
     with models.evaluating(model):
         return train.evaluate(model, test, settings.eval_batch_size)
 
@@ -96,7 +96,7 @@ def in_memory_run(settings: P2PSettings) -> dict:
     distributed run does when every model arrives in time."""
     started = time.perf_counter()
     meta = data.info(settings.dataset)
-    test = test_split(settings)
+    test = test_samples(settings)
     peers = []
     for index in range(settings.peers):
         model = models.build(settings.model, meta, settings.seed)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from splitfed.learning.data import Split, batch_order
+from splitfed.learning.data import Samples, batch_order
 from splitfed.learning.settings import OPTIMIZERS, TrainSettings
 
 
@@ -49,7 +49,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Split, batch_size: int = 1000) -> Evaluation:
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000) -> Evaluation:
     """Accuracy and mean loss of `forward` (images -> logits) over `data`."""
     correct, total_loss = 0, 0.0
     with torch.no_grad():  # forward is responsible for putting its modules in eval mode
@@ -72,8 +72,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tenso
 
 
 def fit(
-    train_data: Split,
-    test_data: Split,
+    train_data: Samples,
+    test_data: Samples,
     settings: TrainSettings,
     step: Callable[[torch.Tensor, torch.Tensor], float],
     forward: Callable[[torch.Tensor], torch.Tensor],

@@ -27,7 +27,7 @@ def compute_threads(settings: SplitSettings, co_running_clients: int = 1) -> tup
     gets cores in proportion to its share of the work, since idle OpenMP threads spin and a small
     server half with many threads only slows the clients (measured: a 2-thread server doubles its
     per-batch time on 2 cores)."""
-    from splitfed.learning import data, models, split as cutting
+    from splitfed.learning import cutting, data, models
 
     meta = data.info(settings.dataset)
     parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)

@@ -16,7 +16,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
-from splitfed.roles.endpoint import Endpoint, RoleTimeout
+from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
     CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix,
     without_prefix, worker_queue,
@@ -35,7 +35,7 @@ def received_tensors(message: Message) -> dict[str, torch.Tensor]:
 class FedAvgWorker(Role):
     def __init__(
         self, settings: PartitionSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.fedavg.WorkerDeployment)
-        on_progress: ProgressSink | None = None, share: data.Split | None = None,
+        on_progress: ProgressSink | None = None, share: data.Samples | None = None,
     ):
         """`share`: this worker's data, when a process that hosts many workers (a benchmark)
         has partitioned it once for all of them; by default the worker loads its own."""
@@ -58,7 +58,6 @@ class FedAvgWorker(Role):
         self.control = federated.zeros_like_state(self.model)  # SCAFFOLD's c_i; zero again after a restart
         self.last_round = 0  # the last round this worker sent an update for
         self.rounds = 0
-        self.done = False
         self.waits_for_turns = False  # the server draws some workers per round: a long wait is normal
         metrics.LOCAL_SAMPLES.labels(WORKER, self.session).set(len(self.data))
         self.training = metrics.ACTIVITY_SECONDS.labels(WORKER, self.session, "training")
@@ -87,16 +86,12 @@ class FedAvgWorker(Role):
                 return
             # Anything else predates this join (a model queued while this worker was away): stale.
 
-    def consume(self) -> None:
-        """As every role, except that a worker the server samples is not failed by its timeout
-        while it waits for its turn: the timeout then only says how often it tells the log."""
-        while True:
-            try:
-                return super().consume()
-            except RoleTimeout:
-                if not self.waits_for_turns:
-                    raise
-                log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, self.endpoint.timeout)
+    def on_silence(self, seconds: float) -> None:
+        """A worker the server samples is not failed by its timeout while it waits for its
+        turn: the timeout then only says how often it tells the log."""
+        if not self.waits_for_turns:
+            super().on_silence(seconds)
+        log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, seconds)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (MODEL, CALIBRATE, DONE, WELCOME), (SERVER,)
@@ -114,7 +109,7 @@ class FedAvgWorker(Role):
             if not isinstance(message.meta.get("frozen_head", False), bool):
                 raise ProtocolError("value", f"frozen_head {message.meta.get('frozen_head')!r}")
 
-    def handle(self, message: Message, delivery: Delivery) -> bool:
+    def handle(self, message: Message, delivery: Delivery) -> None:
         # A model for a round already answered is a redelivery: nothing to do.
         if message.kind in (MODEL, CALIBRATE) and message.round > self.last_round:
             arrived = time.monotonic()
@@ -122,7 +117,7 @@ class FedAvgWorker(Role):
             (self.train_and_send if message.kind == MODEL else self.send_statistics)(message)
             self.idle_since = time.monotonic()
             self.training.inc(self.idle_since - arrived)
-        return message.kind == DONE
+        self.finished = message.kind == DONE
 
     def train_and_send(self, message: Message) -> None:
         started = time.perf_counter()

@@ -8,7 +8,7 @@ import time
 from collections.abc import Collection
 
 from splitfed.learning import data, models, train
-from splitfed.learning.peers import peer_share, test_split
+from splitfed.learning.peers import peer_share, test_samples
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message
@@ -33,7 +33,7 @@ class Peer:
         self.on_progress = on_progress
         self.planned = planned
         self.share = peer_share(settings, deployment.peer_index)
-        self.test = test_split(settings)
+        self.test = test_samples(settings)
         self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
         self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
         self.generator = data.party_generator(settings.seed, deployment.peer_index)

@@ -288,7 +288,7 @@ class SMPLPeer(Peer):
             self.apply_early(edge, message.sender)
 
 
-def hogwild_steps(model: torch.nn.Module, share: data.Split, batches: list[torch.Tensor], lr: float) -> list[float]:
+def hogwild_steps(model: torch.nn.Module, share: data.Samples, batches: list[torch.Tensor], lr: float) -> list[float]:
     """Hogwild! (Recht et al. 2011): one thread per batch, each computing its gradient and stepping
     the shared parameters by plain SGD at `lr`, without locks. Gradients go through
     autograd.grad, not the shared .grad fields, so threads never mix each other's gradients."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from splitfed.errors import RunAborted
-from splitfed.learning import clients, data, models, split, train
+from splitfed.learning import clients, cutting, data, models, train
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
@@ -49,7 +49,7 @@ class SplitClient:
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
         meta = data.info(settings.dataset)
-        self.parts = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+        self.parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
         self.opt = train.optimizer(params, settings.optimizer, settings.lr)
         self.cut_shape = models.output_shape(self.parts.head, meta.shape)

@@ -60,10 +60,10 @@ class Relay(Role):
         if run != self.current_run:
             raise ProtocolError("replay", f"{message.kind} from {message.sender} for run {run!r}, the relay forwards {self.current_run!r}")
 
-    def handle(self, message: Message, delivery: Delivery) -> bool:
+    def handle(self, message: Message, delivery: Delivery) -> None:
         started = message.meta.get("started")
         if message.sender == SERVER and message.kind == HELLO and message.meta.get("ok") is True and isinstance(started, float) and started > self.current_started:
             self.current_run, self.current_started = message.meta.get("run"), started
         self.endpoint.send_frame(self.targets[message.sender], message.kind, delivery.body)  # untouched: its signature covers it
         self.forwarded += 1
-        return message.sender == SERVER and message.kind == DONE
+        self.finished = message.sender == SERVER and message.kind == DONE

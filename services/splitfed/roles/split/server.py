@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitfed.learning import data, models, split, train
+from splitfed.learning import cutting, data, models, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
@@ -109,7 +109,7 @@ class SplitServer:
         self.session = deployment.session
         meta = data.info(settings.dataset)
         self.classes = meta.classes
-        parts = split.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+        parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
         self.cut_layer = parts.cut_layer
         self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
         self.out_shape = models.output_shape(parts.body, self.in_shape)
