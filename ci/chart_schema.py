@@ -1,9 +1,13 @@
-"""Write helm/splitfed/values.schema.json: the chart's values, closed everywhere (an unknown key
-is an error), with each role's `settings` derived from its declaration in
-splitfed.roles.registry, so the chart accepts exactly the options `splitfed serve ROLE` has.
+"""Write the chart's files derived from the role declarations (splitfed.roles.registry):
+- helm/splitfed/values.schema.json: the chart's values, closed everywhere (an unknown key is an
+  error), with each role's `settings` derived from its declaration, so the chart accepts exactly
+  the options `splitfed serve ROLE` has, and its replicas, gpu and backoffLimit as declared;
+- helm/splitfed/files/roles.json: what the templates need to know of each role (its values key,
+  the family whose shared settings it takes, whether it signs, names or reads the data set, is a
+  peer), read with `.Files.Get` (templates/_helpers.tpl, splitfed.roles).
 
-    python ci/chart_schema.py           # write the schema
-    python ci/chart_schema.py --check   # exit 1 if the committed schema is out of date
+    python ci/chart_schema.py           # write them
+    python ci/chart_schema.py --check   # exit 1 if a committed one is out of date
 """
 
 from __future__ import annotations
@@ -12,19 +16,18 @@ import json
 import sys
 from pathlib import Path
 
-from splitfed.cluster.values import FAMILIES, MANAGED, ROLE_KEYS
+from splitfed.cluster.values import FAMILIES, MANAGED
 from splitfed.config import Option
+from splitfed.roles.declaration import Replicas
 from splitfed.roles.registry import ROLES
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "splitfed" / "values.schema.json"
+CHART = Path(__file__).resolve().parent.parent / "helm" / "splitfed"
+SCHEMA_PATH = CHART / "values.schema.json"
+ROLES_PATH = CHART / "files" / "roles.json"
 
-# MANAGED: options the chart sets itself, never in `settings`; ROLE_KEYS: the values key of
-# each role; FAMILIES: the roles each family's shared settings reach. They live with the run
-# options -> values mapping of `splitfed launch`.
-TORCH_ROLES = {"split-client", "split-server", "fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer"}  # the others: no gpu
-SINGLETONS = {"relay", "split-server", "split-fed", "p2p-tracker"}  # one pod per session (fedavg-server: active + standbys)
-AT_LEAST_ONE = {"split-client", "p2p-peer", "smpl-peer"}  # their replicas are the run's --clients, --peers (declared min 1)
-JOBS = {"split-client", "split-server", "split-fed", "fedavg-server", "p2p-tracker", "p2p-peer", "smpl-peer"}  # the p2p roles with the tracker's expect-peers > 0
+# MANAGED: options the chart sets itself, never in `settings`; FAMILIES: the roles each family's
+# shared settings reach. They live with the run options -> values mapping of `splitfed launch`.
+REPLICAS = {Replicas.ONE: {"maximum": 1}, Replicas.ANY: {}, Replicas.AT_LEAST_ONE: {"minimum": 1}}
 PATTERN_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -121,10 +124,11 @@ def settings_schema(*roles: str) -> dict:
 
 
 def role_schema(role: str) -> dict:
+    spec = ROLES[role]
     properties = {
         "enabled": BOOLEAN,
         "image": IMAGE,
-        "replicas": {**COUNT, **({"maximum": 1} if role in SINGLETONS else {}), **({"minimum": 1} if role in AT_LEAST_ONE else {})},
+        "replicas": {**COUNT, **REPLICAS[spec.replicas]},
         "resources": RESOURCES,
         "nodeSelector": string_map(),
         "tolerations": TOLERATIONS,
@@ -133,9 +137,9 @@ def role_schema(role: str) -> dict:
         "settings": settings_schema(role),
         "probes": PROBES,
     }
-    if role in TORCH_ROLES:
+    if spec.torch:  # only a role that runs torch can use a GPU
         properties["gpu"] = GPU
-    if role in JOBS:
+    if spec.job:
         properties["backoffLimit"] = COUNT
     if role == "fedavg-server":
         properties["antiAffinity"] = ANTI_AFFINITY
@@ -235,7 +239,7 @@ def schema() -> dict:
             }),
             "keys": closed({"existingSecret": SECRET_NAME, "keyListKey": SECRET_KEY}),
             **{family: closed({"settings": settings_schema(*roles)}) for family, roles in FAMILIES.items()},
-            **{key: role_schema(role) for role, key in ROLE_KEYS.items()},
+            **{spec.values_key: role_schema(role) for role, spec in ROLES.items()},
         }),
     }
 
@@ -247,18 +251,37 @@ def settings_enum(name: str) -> tuple[str, ...]:
     raise LookupError(f"no choices declared for {name}")
 
 
-def render() -> str:
-    return json.dumps(schema(), indent=2) + "\n"
+def chart_roles() -> dict:
+    """files/roles.json: per role, what the templates do by it (templates/_role.tpl)."""
+    return {role: {
+        "valuesKey": spec.values_key,
+        # the families whose shared settings it takes: none for a role without learning settings
+        # (the relay); of several (the p2p-tracker), the one of the release's peers
+        "settingsFamilies": list(spec.families) if spec.learning is not None else [],
+        "signs": spec.signs,
+        "namesData": spec.names_data,
+        "readsData": spec.reads_data,
+        "peer": spec.counts == "peers",
+    } for role, spec in ROLES.items()}
+
+
+def as_json(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+def outputs() -> dict[Path, str]:
+    return {SCHEMA_PATH: as_json(schema()), ROLES_PATH: as_json(chart_roles())}
 
 
 def main(argv: list[str]) -> int:
-    text = render()
+    written = outputs()
     if argv[1:] == ["--check"]:
-        if SCHEMA_PATH.read_text() != text:
-            print(f"{SCHEMA_PATH.name} is out of date: run python ci/chart_schema.py", file=sys.stderr)
-            return 1
-        return 0
-    SCHEMA_PATH.write_text(text)
+        stale = [path for path, text in written.items() if not path.is_file() or path.read_text() != text]
+        for path in stale:
+            print(f"{path.relative_to(CHART.parent.parent)} is out of date: run python ci/chart_schema.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in written.items():
+        path.write_text(text)
     return 0
 
 

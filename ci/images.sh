@@ -21,6 +21,8 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TORCH_WHEELS=${TORCH_WHEELS:-/opt/wheels}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 VERSION=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+# core, the torch-free roles' images, torch, the torch roles' images: each role's `image` as declared
+# (RoleSpec: torch or not), which tests/unit/test_declarations.py checks this list against.
 CPU_TARGETS=(core relay split-fed p2p-tracker torch split-client split-server fedavg-server fedavg-worker p2p-peer smpl-peer)
 
 missing=()

@@ -61,7 +61,7 @@ class Measured:
 def role_command(member: launch.Launch, run: launch.RunSettings, where: str, images: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start one role, the way a pod would."""
     member = member.with_deployment(torch_threads=member.threads) if hasattr(member.deployment, "torch_threads") else member
-    env = launch.role_environment(member, launch.connection_of(run))
+    env = launch.role_environment(member, run)
     if where == "host":
         return [sys.executable, "-c", SERVE_AND_REPORT, member.spec.name], {**env, "PYTHONPATH": str(ROOT / "services")}
     own = {key: value for key, value in env.items() if key.startswith("SPLITFED_") or key == "OMP_NUM_THREADS"}

@@ -6,7 +6,6 @@ cannot drift apart."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -15,12 +14,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from splitfed import __version__, config
+from splitfed.cluster.commands import register as register_cluster_commands
+from splitfed.commandline import ExitCode, check_outputs, command, err, fail, finish, guard
 from splitfed.roles.registry import ROLES
 from splitfed.scenarios.registry import SCENARIOS
+from splitfed.sizing_cli import size_command
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 run_app = typer.Typer(help="Run a whole scenario and write its results.", no_args_is_help=True)
@@ -29,8 +30,6 @@ keys_app = typer.Typer(help="Party identities: ed25519 key pairs and the key-lis
 app.add_typer(run_app, name="run")
 app.add_typer(serve_app, name="serve")
 app.add_typer(keys_app, name="keys")
-
-err = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -46,114 +45,7 @@ def main_options(
     """Train PyTorch models across parties that never share raw data."""
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)  # a message's own brackets are text
-    return typer.Exit(code)
-
-
-def _guard(fn: Callable[[], Any]) -> Any:
-    """Turn expected failures into one line on stderr and a non-zero exit code."""
-    from splitfed.errors import DataError, Refused, RunAborted
-    from splitfed.observability.report import PlotsUnavailable
-    from splitfed.roles.endpoint import RoleTimeout
-    from splitfed.roles.fedavg import CheckpointError
-    from splitfed.scenarios.launch import ScenarioError
-    from splitfed.security.keys import KeyFileError
-    from splitfed.transport import TransportError
-
-    try:
-        return fn()
-    except (DataError, KeyFileError, ValueError, PlotsUnavailable) as exc:
-        raise _fail(str(exc), 2) from None
-    except CheckpointError as exc:
-        raise _fail(str(exc), 6) from None
-    except RoleTimeout as exc:
-        raise _fail(str(exc), 3) from None
-    except (TransportError, ScenarioError) as exc:
-        raise _fail(str(exc), 4) from None
-    except (Refused, RunAborted) as exc:
-        raise _fail(str(exc), 5) from None
-
-
 # -- commands generated from settings declarations ------------------------------------------
-
-
-def _parameter(option: config.Option) -> inspect.Parameter:
-    """Flags are taken as text and parsed by the declaration, so that every bad value, from a flag
-    or a variable, gets the same one-line error; booleans are plain on/off flags, and one that is
-    on by default also has its --no- form to turn it off."""
-    if option.type is bool:
-        info = typer.Option(f"{option.flag}/--no-{option.flag[2:]}" if option.default else option.flag, envvar=option.env, help=option.help)
-        return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=Annotated[bool, info])
-    shown = "required" if option.required else ("" if option.default is None else str(option.default))
-    info = typer.Option(option.flag, envvar=option.env, help=option.help, metavar=option.metavar or option.kind, show_default=shown or False)
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
-
-
-def _command(options: list[config.Option], summary: str, body: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
-    """A typer command taking exactly `options`; it calls `body` with their values by field name
-    (options not given are left out, so the settings' own defaults apply)."""
-    by_name = {option.name: option for option in options}
-
-    def command(**given: Any) -> None:
-        values = {}
-        for name, value in given.items():
-            if isinstance(value, str):
-                values[name] = _guard(lambda option=by_name[name], value=value: option.parse(value))
-            elif value is not None:
-                values[name] = value
-        body(values)
-
-    parameters = [_parameter(option) for option in options]
-    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-    command.__doc__ = summary
-    return command
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"  # n/a: an epoch whose evaluator went silent
-
-
-def _write_results(result: dict, out: Path | None) -> None:
-    if out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    several = any("included" in record for record in result["history"])  # splitnn: which clients each epoch had
-    table = Table(title=f"splitfed {result['scenario']}")
-    for column in ("step", "test accuracy", "test loss", "train loss", "seconds", *(("clients", "missing") if several else ())):
-        table.add_column(column, justify="right")
-    for record in result["history"]:
-        clients = (str(len(record["included"])), ", ".join(record["missing"]) or "-") if several else ()
-        table.add_row(str(record["step"]), _number(record["accuracy"]), _number(record["loss"]), _number(record["train_loss"]), f"{record['seconds']:.1f}", *clients)
-    if calibrated := result.get("calibration"):  # fedavg --calibration: the model the run leaves
-        table.add_row("calibrated", _number(calibrated["accuracy"]), _number(calibrated["loss"]), _number(calibrated["train_loss"]), f"{calibrated['seconds']:.1f}")
-    err.print(table)
-    err.print(f"accuracy {_number(result['accuracy'])}  loss {_number(result['loss'])}  wall {result['wall_seconds']:.1f}s  "
-              f"traffic {result['traffic']['messages']} messages / {result['traffic']['bytes'] / 1e6:.1f} MB"
-              + (f"  results in {out}" if out else ""), highlight=False)
-
-
-def _check_outputs(*paths: Path | None, plot: Path | None = None) -> None:
-    """Before a run (not after it): every output can be written, and a figure can be drawn."""
-    from splitfed.roles.service import output_problem
-
-    for path in (*paths, plot):
-        if path is not None and (problem := output_problem(path)):
-            raise _fail(problem, 2)
-    if plot:
-        from splitfed.observability import report
-
-        _guard(report.require)
-
-
-def _finish(result: dict, out: Path | None, plot: Path | None) -> None:
-    """What `run` and `launch` do with a run's result: the table, the results file, the figure."""
-    _write_results(result, out)
-    if plot:
-        from splitfed.observability import report
-
-        _guard(lambda: report.draw([result], plot))
-        err.print(f"figure in {plot}", highlight=False)
 
 
 def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
@@ -163,13 +55,13 @@ def _run_body(name: str) -> Callable[[dict[str, Any]], None]:
         from splitfed.scenarios.progress import Reporter
 
         scenario = SCENARIOS[name]
-        learning = _guard(lambda: config.build(scenario.learning, values))
-        settings = _guard(lambda: config.build(scenario.run_settings, values))
-        _check_outputs(settings.out, getattr(settings, "save_model", None), plot=settings.plot)
+        learning = guard(lambda: config.build(scenario.learning, values))
+        settings = guard(lambda: config.build(scenario.run_settings, values))
+        check_outputs(settings.out, getattr(settings, "save_model", None), plot=settings.plot)
         configure_logging(settings.log_level)
         with Reporter(scenario.label(learning, settings)) as reporter:
-            result = _guard(lambda: launch.run(scenario, learning, settings, reporter))
-        _finish(result, settings.out, settings.plot)
+            result = guard(lambda: launch.run(scenario, learning, settings, reporter))
+        finish(result, settings.out, settings.plot)
 
     return body
 
@@ -178,16 +70,16 @@ def _serve_body(name: str) -> Callable[[dict[str, Any]], None]:
     def body(values: dict[str, Any]) -> None:
         from splitfed.roles.service import serve
 
-        _guard(lambda: serve(ROLES[name], values))
+        guard(lambda: serve(ROLES[name], values))
 
     return body
 
 
 for _scenario in SCENARIOS.values():
     _options = config.options(_scenario.learning, _scenario.run_settings)
-    run_app.command(_scenario.name, help=_scenario.summary)(_command(_options, _scenario.summary, _run_body(_scenario.name)))
+    run_app.command(_scenario.name, help=_scenario.summary)(command(_options, _scenario.summary, _run_body(_scenario.name)))
 for _role in ROLES.values():
-    serve_app.command(_role.name, help=_role.summary)(_command(_role.options(), _role.summary, _serve_body(_role.name)))
+    serve_app.command(_role.name, help=_role.summary)(command(_role.options(), _role.summary, _serve_body(_role.name)))
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -208,8 +100,8 @@ def keys_generate(
 
     names = ([SERVER] if server else []) + worker_ids(workers) + list(party or [])
     if not names:
-        raise _fail("nothing to generate: give --workers N or --party NAME", 2)
-    key_list = _guard(lambda: keys.generate(out, names, force=force, max_samples=max_samples))
+        raise fail("nothing to generate: give --workers N or --party NAME", ExitCode.BAD_INPUT)
+    key_list = guard(lambda: keys.generate(out, names, force=force, max_samples=max_samples))
     err.print(f"wrote {len(names)} key pairs and {key_list}", highlight=False)
 
 
@@ -225,15 +117,13 @@ def report_command(
 ) -> None:
     """Draw finished runs as one PNG: test accuracy, test and train loss per epoch or round, and traffic (needs the plots extra)."""
     from splitfed.observability import report
-    from splitfed.roles.service import output_problem
 
-    if problem := output_problem(out):
-        raise _fail(problem, 2)
+    check_outputs(out)
     if label and len(label) != len(results):
-        raise _fail(f"{len(label)} --label for {len(results)} results files: give one per file, or none", 2)
-    _guard(report.require)
-    loaded = [_guard(lambda path=path: report.read(path)) for path in results]
-    _guard(lambda: report.draw(loaded, out, labels=label or None, title=title, names=[str(path) for path in results]))
+        raise fail(f"{len(label)} --label for {len(results)} results files: give one per file, or none", ExitCode.BAD_INPUT)
+    guard(report.require)
+    loaded = [guard(lambda path=path: report.read(path)) for path in results]
+    guard(lambda: report.draw(loaded, out, labels=label or None, title=title, names=[str(path) for path in results]))
     err.print(f"wrote {out} ({len(results)} runs)", highlight=False)
 
 
@@ -253,14 +143,12 @@ def models_command(
         return
     from splitfed.learning import cutting, data, models
     from splitfed.learning.settings import SPLIT_MODES
-    from splitfed.roles.service import output_problem
 
     if mode not in SPLIT_MODES:
-        raise _fail(f"--mode {mode!r}: choose one of {', '.join(SPLIT_MODES)}", 2)
-    if out is not None and (problem := output_problem(out)):
-        raise _fail(problem, 2)
-    meta = _guard(lambda: data.info(dataset))
-    model = _guard(lambda: models.build(cuts, meta, seed=1))
+        raise fail(f"--mode {mode!r}: choose one of {', '.join(SPLIT_MODES)}", ExitCode.BAD_INPUT)
+    check_outputs(out)
+    meta = guard(lambda: data.info(dataset))
+    model = guard(lambda: models.build(cuts, meta, seed=1))
     points = cutting.cut_points(model, meta.shape, mode)
     default = _default_cut(model, mode)
     Console().print(_cuts_table(cuts, meta, mode, points, default))
@@ -314,16 +202,12 @@ def _cuts_table(name: str, meta: Any, mode: str, points: list, default: int | No
     return table
 
 
-# -- Kubernetes: launch SCENARIO, status, logs, delete (splitfed.cluster; its client is imported lazily) --
+# -- Kubernetes: launch SCENARIO, status, logs, delete (splitfed.cluster; its client is imported when they run) --
 
-from splitfed.cluster.commands import register as _register_cluster_commands  # noqa: E402
-
-_register_cluster_commands(app)
+register_cluster_commands(app)
 
 
 # -- size (splitfed/sizing_cli.py: the memory a role needs, for values.yaml) ------------------
-
-from splitfed.sizing_cli import size_command  # noqa: E402 (it reaches back for _guard and _fail when run)
 
 app.command("size")(size_command)
 

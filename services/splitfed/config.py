@@ -155,13 +155,14 @@ def build(cls: type, values: dict[str, Any]) -> Any:
 
 def to_env(*instances: Any) -> dict[str, str]:
     """Settings as the SPLITFED_* variables `splitfed serve` reads (None: left unset)."""
-    env = {}
-    for instance in instances:
-        for option in options(type(instance)):
-            value = getattr(instance, option.name)
-            if value is not None:
-                env[option.env] = option.text(value)
-    return env
+    return {name: text for instance in instances for name, text in env_of(type(instance), instance).items()}
+
+
+def env_of(cls: type, instance: Any) -> dict[str, str]:
+    """The SPLITFED_* variables of the fields `cls` declares, taken from `instance`, a `cls` or
+    a subclass of it (a run's settings passed on as the connection its roles share)."""
+    values = [(option, getattr(instance, option.name)) for option in options(cls)]
+    return {option.env: option.text(value) for option, value in values if value is not None}
 
 
 def values_of(*instances: Any) -> dict[str, Any]:

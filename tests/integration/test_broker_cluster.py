@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from splitfed.transport import Connection, TransportError, is_amqp, redact
+from splitfed.transport import AmqpBroker, Connection, TransportError
+from splitfed.transport.broker import NotAmqp
 from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
 from tests.own_broker import BrokerCluster, OwnBroker, free_port, make_tls_files
 
@@ -107,14 +108,17 @@ def test_a_consumer_on_the_killed_node_fails_over_and_resumes(cluster, session):
 
 def test_broker_lists_are_checked_and_redacted():
     one, two = "amqp://u:secret@h1:5672/", "amqp://u:secret@h2:5673/"
-    assert is_amqp(f"{one},{two}") and not is_amqp(f"{one},memory") and not is_amqp(f"{one},")
-    assert redact(f"{one}, {two}") == "amqp://***@h1:5672/,amqp://***@h2:5673/"
-    Connection(broker=f"{one},{two}").check("test")
+    assert AmqpBroker.parse(f"{one},{two}", who="test").urls == (one, two)
+    for not_amqp in (f"{one},memory", f"{one},"):
+        with pytest.raises(NotAmqp):
+            AmqpBroker.parse(not_amqp, who="test")
+    assert str(AmqpBroker.parse(f"{one}, {two}", who="test")) == "amqp://***@h1:5672/,amqp://***@h2:5673/"
+    Connection(broker=f"{one},{two}").amqp_broker("test")
     with pytest.raises(ValueError, match="mixes amqp:// and amqps://") as refused:
-        Connection(broker=f"{one},amqps://u:secret@h2:5671/").check("test")
+        Connection(broker=f"{one},amqps://u:secret@h2:5671/").amqp_broker("test")
     assert "secret" not in str(refused.value)
     with pytest.raises(ValueError, match="comma-separated list") as refused:
-        Connection(broker=f"{one},http://u:secret@h2/").check("test")
+        Connection(broker=f"{one},http://u:secret@h2/").amqp_broker("test")
     assert "secret" not in str(refused.value)
     with pytest.raises(ValueError, match="queue_type"):
         RabbitTransport(one, queue_type="stream")

@@ -74,7 +74,7 @@ def roles(settings: FederatedSettings, run: FedAvgRun, workdir: Path) -> tuple[L
 
 
 def process_group(run: FedAvgRun) -> ProcessGroup:
-    return ProcessGroup(launch.connection_of(run))
+    return ProcessGroup(run)
 
 
 def test_processes_with_keys_equal_the_plain_loop(broker_url, session, tmp_path):

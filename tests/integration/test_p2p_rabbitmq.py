@@ -15,7 +15,6 @@ import pytest
 
 from splitfed.learning.settings import P2PSettings, PeerSettings, SMPLSettings
 from splitfed.roles.p2p.common import P2P_PEER, SMPL_PEER, TRACKER, session_queues
-from splitfed.scenarios import launch
 from splitfed.scenarios.launch import ProcessGroup
 from splitfed.scenarios.p2p import PeerRun, planner
 from splitfed.security import keys
@@ -37,7 +36,7 @@ class Session:
         self.workdir = workdir
         self.launches = {item.name: item.with_deployment(out=workdir / f"{item.name}.json", progress_events=True)
                          for item in planner(role)(settings, self.run, workdir)}
-        self.group = ProcessGroup(launch.connection_of(self.run), workdir)
+        self.group = ProcessGroup(self.run, workdir)
         self.members = {}
         self.epochs: dict[str, list[dict]] = {}
 

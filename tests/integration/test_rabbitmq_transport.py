@@ -15,7 +15,8 @@ from splitfed.protocol import Message, decode, encode
 from splitfed.protocol.codec import MAGIC
 from splitfed.roles.endpoint import Endpoint
 from splitfed.transport import TransportError
-from splitfed.transport.rabbitmq import CHUNK_COUNT, CHUNK_ID, CHUNK_INDEX, RabbitTransport
+from splitfed.transport.chunks import CHUNK_COUNT, CHUNK_ID, CHUNK_INDEX
+from splitfed.transport.rabbitmq import RabbitTransport
 
 
 def test_publish_receive_ack_round_trip(broker_url, session):

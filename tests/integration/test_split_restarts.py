@@ -36,7 +36,7 @@ class Halves:
         plan = split.plan(SETTINGS, self.run, workdir)
         self.launches = {item.name: item for item in plan}
         self.launches[CLIENT] = self.launches[CLIENT].with_deployment(progress_events=True, out=workdir / "client.json")
-        self.group = ProcessGroup(launch.connection_of(self.run), workdir)
+        self.group = ProcessGroup(self.run, workdir)
         self.batches = 0
         self.members = {}
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from splitfed.learning import clients as reference
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.roles.split.common import SERVER, merged_state, session_queues
-from splitfed.scenarios import launch, splitnn
+from splitfed.scenarios import splitnn
 from splitfed.scenarios.launch import ProcessGroup
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
@@ -36,7 +36,7 @@ class Parties:
         for name, item in self.launches.items():
             if hasattr(item.deployment, "save"):
                 self.launches[name] = item.with_deployment(save=workdir / f"{name}.safetensors", progress_events=True, out=workdir / f"{name}.json")
-        self.group = ProcessGroup(launch.connection_of(self.run), workdir)
+        self.group = ProcessGroup(self.run, workdir)
         self.members = {}
         self.batches: dict[str, int] = {}
 

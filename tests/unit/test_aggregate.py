@@ -38,8 +38,8 @@ def test_every_strategy_is_built_with_its_own_parameters():
     assert tuple(agg.REGISTRY) == STRATEGIES
     assert strategy("trimmed-mean", trim=0.3) == agg.TrimmedMean(trim=0.3)
     assert strategy("krum", byzantine=2) == agg.Krum(byzantine=2)
-    assert strategy("fedprox", prox_mu=0.5).local_prox_mu == 0.5
-    assert all(strategy(name).local_prox_mu == 0.0 for name in STRATEGIES if name != "fedprox")
+    assert strategy("fedprox", prox_mu=0.5).recipe.prox_mu == 0.5
+    assert all(strategy(name).recipe.prox_mu == 0.0 for name in STRATEGIES if name != "fedprox")
 
 
 def test_flatten_round_trip_and_errors():

@@ -140,6 +140,27 @@ def test_p2p_and_smpl_share_their_lead_and_are_told_apart_by_their_peers():
     assert values.scenario_of("fedavg-server", {"fedavg-worker"}) == "fedavg"
 
 
+def test_scenarios_that_share_a_lead_each_run_a_role_of_their_own():
+    """status tells runs of one lead apart by the roles only one of them runs."""
+    for lead, names in values.LEADS.items():
+        if len(names) > 1:
+            for name in names:
+                assert values.own_roles(name), f"{name} shares its lead {lead} and runs no role of its own"
+
+
+def test_the_charts_role_facts_are_the_declarations():
+    from splitfed.roles.registry import ROLES
+
+    assert values.ROLE_KEYS == {role: spec.values_key for role, spec in ROLES.items()}
+    for family, roles in values.FAMILIES.items():
+        assert roles and all(family in ROLES[role].families and ROLES[role].learning for role in roles)
+    assert values.FAMILIES["smpl"] == ("p2p-tracker", "smpl-peer") and "relay" not in values.FAMILIES["split"]
+    for scenario in ("p2p", "smpl"):
+        assert values.peer_role(scenario) == f"{scenario}-peer"
+    assert {count: values.counting_role(scenario, count) for scenario, count in (("fedavg", "workers"), ("splitnn", "clients"))} == \
+        {"workers": "fedavg-worker", "clients": "split-client"}
+
+
 def key_folder(folder, *parties: str):
     """A key list and each party's key file in `folder` (their contents do not matter here); the key list's path."""
     (folder / "key-list.json").write_text("{}")

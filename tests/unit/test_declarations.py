@@ -1,7 +1,9 @@
 """The contract between settings, CLI flags, SPLITFED_* variables, the launcher and the README:
 derived from one declaration per role and scenario, checked here so that none can drift."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,48 @@ def test_every_declared_metric_follows_the_scheme_and_is_documented(name):
     for metric in ROLES[name].metrics:
         assert metric._name.startswith("splitfed_") and metric._labelnames[:2] == ("role", "session"), metric._name
         assert metric._name in readme, f"{metric._name} is not in the README's metrics list"
+
+
+# -- how each role is deployed: declared once (RoleSpec), the same everywhere ----------------------
+
+CONTAINERFILE = README.parent / "images" / "Containerfile"
+IMAGES_SCRIPT = README.parent / "ci" / "images.sh"
+CHART_SCHEMA = README.parent / "ci" / "chart_schema.py"
+
+
+def containerfile_roles() -> dict[str, tuple[str, list[str]]]:
+    """Each role stanza of images/Containerfile: target -> (the stage it is built from, its entrypoint)."""
+    stanzas = re.findall(r"^FROM (\S+) AS (\S+)\nENTRYPOINT (\[.*\])$", CONTAINERFILE.read_text(), re.M)
+    return {target: (base, json.loads(entrypoint)) for base, target, entrypoint in stanzas}
+
+
+def images_script_targets() -> list[str]:
+    """The targets ci/images.sh builds, in order."""
+    (targets,) = re.findall(r"^CPU_TARGETS=\(([^)]*)\)$", IMAGES_SCRIPT.read_text(), re.M)
+    return targets.split()
+
+
+def test_reading_the_data_set_means_being_told_its_name():
+    for name, spec in ROLES.items():
+        assert spec.names_data or not spec.reads_data, name
+        assert spec.families and spec.values_key and spec.image, f"{name}: declare its families, values key and image"
+
+
+def test_everything_deployed_agrees_with_the_declarations():
+    """sizing, the launcher's values, the chart's generated schema and files/roles.json, and the
+    images (Containerfile stanzas, ci/images.sh's targets) all say what the declarations say."""
+    from splitfed import sizing
+    from splitfed.cluster import values
+    from splitfed.roles.registry import FAMILIES
+
+    assert sizing.ROLE_NAMES == tuple(ROLES)
+    assert set(sizing.GPU_ROLES) == {name for name, spec in ROLES.items() if spec.torch}
+    assert values.ROLE_KEYS == {name: spec.values_key for name, spec in ROLES.items()}
+    assert {family: set(roles) for family, roles in values.FAMILIES.items()} == \
+        {family: {name for name in roles if ROLES[name].learning} for family, roles in FAMILIES.items()}
+    checked = subprocess.run([sys.executable, str(CHART_SCHEMA), "--check"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    base = {name: "torch" if spec.torch else "core" for name, spec in ROLES.items()}
+    assert containerfile_roles() == {spec.image: (base[name], ["splitfed", "serve", name]) for name, spec in ROLES.items()}
+    core, torch = ([spec.image for spec in ROLES.values() if spec.torch == needs_torch] for needs_torch in (False, True))
+    assert images_script_targets() == ["core", *core, "torch", *torch]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from splitfed.learning import federated
 from splitfed.learning.settings import FederatedSettings
 from splitfed.roles.fedavg import CheckpointError, ServerDeployment
-from splitfed.roles.fedavg.server import FedAvgServer, Superseded
+from splitfed.roles.fedavg.checkpoints import Superseded
+from splitfed.roles.fedavg.server import FedAvgServer
 from splitfed.scenarios import fedavg, launch
 from splitfed.scenarios.fedavg import FedAvgRun
 from splitfed.scenarios.launch import ScenarioError

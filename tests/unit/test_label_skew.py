@@ -28,7 +28,7 @@ def test_the_local_loss_is_the_cross_entropy_of_the_calibrated_logits():
     counts = torch.bincount(share.labels, minlength=10).double()
     calibrated = logits - 0.5 * counts.clamp(min=1) ** -0.25
     by_hand = float(np.mean([math.log(torch.exp(row).sum()) - row[label] for row, label in zip(calibrated, share.labels.tolist())]))
-    work = federated.local_training(model, share, settings, 5, 1, calibration_tau=0.5)
+    work = federated.local_training(model, share, settings, 5, 1, st.LocalRecipe(calibration_tau=0.5))
     assert work.loss == pytest.approx(by_hand, rel=1e-5)
     plain = models.build("tiny", data.info("digits"), 3)
     assert federated.local_training(plain, share, settings, 5, 1).loss != pytest.approx(by_hand, rel=1e-3)
@@ -37,11 +37,13 @@ def test_the_local_loss_is_the_cross_entropy_of_the_calibrated_logits():
 def test_fedlc_is_registered_and_its_server_steps_as_fedavgm():
     assert "fedlc" in st.REGISTRY and "fedlc" in STRATEGIES
     strategy = st.from_settings(FederatedSettings(strategy="fedlc", lc_tau=0.7, server_momentum=0.5))
-    assert strategy.local_calibration_tau == 0.7 and st.from_settings(FederatedSettings(strategy="fedavgm")).local_calibration_tau == 0.0
+    assert strategy.recipe.calibration_tau == 0.7 and st.from_settings(FederatedSettings(strategy="fedavgm")).recipe.calibration_tau == 0.0
     x, updates, weights = torch.tensor([1.0, -2.0]), torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 3.0])
     momentum = st.from_settings(FederatedSettings(strategy="fedavgm", server_momentum=0.5))
+    state, momentum_state = {}, {}
     for _ in range(2):
-        assert torch.equal(strategy.step(x, updates, weights), momentum.step(x, updates, weights))
+        (stepped, state), (expected, momentum_state) = strategy.step(x, updates, weights, state), momentum.step(x, updates, weights, momentum_state)
+        assert torch.equal(stepped, expected)
 
 
 def run(**params):

@@ -115,7 +115,7 @@ def test_tracker_lists_registers_and_evicts_a_silent_peer(tracked):
 def tracker_result(tracked) -> dict:
     tracker, _, _ = tracked
     deadline = time.monotonic() + 10
-    while not tracker.finished():
+    while not tracker.finished:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return tracker.result()

@@ -22,11 +22,11 @@ DELTA = np.array([2.5, 1.5, -0.125])  # mean - X
 
 def test_fedavgm_without_momentum_at_lr_1_is_fedavg_and_with_momentum_accumulates():
     plain = build("fedavgm", server_lr=1.0, server_momentum=0.0)
-    assert torch.allclose(plain.step(X, UPDATES, WEIGHTS), build("fedavg")(UPDATES, WEIGHTS))
+    assert torch.allclose(plain.step(X, UPDATES, WEIGHTS, {})[0], build("fedavg")(UPDATES, WEIGHTS))
     momentum = build("fedavgm", server_lr=0.5, server_momentum=0.9)
-    first = momentum.step(X, UPDATES, WEIGHTS)
+    first, state = momentum.step(X, UPDATES, WEIGHTS, {})
     np.testing.assert_allclose(first.numpy(), X.numpy() + 0.5 * DELTA, rtol=1e-6)
-    second = momentum.step(first, UPDATES, WEIGHTS)  # m = 0.9 * DELTA + (mean - first)
+    second, _ = momentum.step(first, UPDATES, WEIGHTS, state)  # m = 0.9 * DELTA + (mean - first)
     expected_m = 0.9 * DELTA + (np.array([3.5, -0.5, 0.375]) - first.numpy())
     np.testing.assert_allclose(second.numpy(), first.numpy() + 0.5 * expected_m, rtol=1e-6)
 
@@ -41,35 +41,38 @@ def test_adaptive_first_step_by_hand(name):
         "fedadagrad": v0 + DELTA**2,
         "fedyogi": v0 - 0.01 * DELTA**2 * np.sign(v0 - DELTA**2),
     }[name]
-    np.testing.assert_allclose(strategy.step(X, UPDATES, WEIGHTS).numpy(), X.numpy() + 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+    np.testing.assert_allclose(strategy.step(X, UPDATES, WEIGHTS, {})[0].numpy(), X.numpy() + 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
 
 
 def test_robust_rule_under_a_server_optimiser():
     poisoned = torch.cat([torch.full((1, 3), 1e6), UPDATES, UPDATES])  # the poisoned row first
     strategy = build("fedavgm", rule="median", server_lr=1.0, server_momentum=0.0)
-    assert torch.equal(strategy.step(X, poisoned, torch.ones(5)), torch.tensor([4.0, 0.0, 0.5]))
+    assert torch.equal(strategy.step(X, poisoned, torch.ones(5), {})[0], torch.tensor([4.0, 0.0, 0.5]))
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"])
 def test_state_round_trip_gives_the_same_next_step(name):
     original = build(name)
-    original.step(X, UPDATES, WEIGHTS)
-    if original.control_variates:
-        original.update_control(torch.ones(2, 3), 2)
+    _, state = original.step(X, UPDATES, WEIGHTS, {})
+    if original.recipe.control_variates:
+        state = original.next_control(torch.ones(2, 3), 2, state)
+    before = {k: v.clone() for k, v in state.items()}
     restored = build(name)
-    restored.load_state({k: v.clone() for k, v in original.state().items()})
-    assert original.state() and set(restored.state()) == set(original.state())
-    assert torch.equal(original.step(X, UPDATES, WEIGHTS), restored.step(X, UPDATES, WEIGHTS))
+    restored_state = restored.loaded_state({k: v.clone() for k, v in state.items()})
+    assert state and set(restored_state) == set(state)
+    assert torch.equal(original.step(X, UPDATES, WEIGHTS, state)[0], restored.step(X, UPDATES, WEIGHTS, restored_state)[0])
+    assert all(torch.equal(state[k], before[k]) for k in state)  # a step returns its new state, leaving the one it was given
     with pytest.raises(ValueError):
-        build("fedavg").load_state(original.state())
+        build("fedavg").loaded_state(state)
 
 
 def test_scaffold_steps_and_moves_its_control():
     strategy = build("scaffold", server_lr=0.5)
-    np.testing.assert_allclose(strategy.step(X, UPDATES, WEIGHTS).numpy(), X.numpy() + 0.5 * DELTA, rtol=1e-6)
-    assert torch.equal(strategy.control(X), torch.zeros(3))
-    strategy.update_control(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), total_workers=4)  # sum / N
-    assert torch.equal(strategy.control(X), torch.tensor([1.0, 1.0, 1.0]))
+    stepped, state = strategy.step(X, UPDATES, WEIGHTS, {})
+    np.testing.assert_allclose(stepped.numpy(), X.numpy() + 0.5 * DELTA, rtol=1e-6)
+    assert torch.equal(strategy.control(X, state), torch.zeros(3))
+    state = strategy.next_control(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), total_workers=4, state=state)  # sum / N
+    assert torch.equal(strategy.control(X, state), torch.tensor([1.0, 1.0, 1.0]))
 
 
 def tiny_share(n=64):
@@ -119,13 +122,13 @@ def test_fedrs_scales_only_the_logits_of_absent_classes():
     only_low = data.Samples(share.images[mine], share.labels[mine])
     factors = federated.absent_class_scale(only_low, 10, 0.3)
     assert torch.equal(factors, torch.tensor([1.0] * 4 + [0.3] * 6))
-    assert build("fedrs", rs_alpha=0.3).local_absent_scale == 0.3 and build("fedavg").local_absent_scale == 1.0
+    assert build("fedrs", rs_alpha=0.3).recipe.absent_scale == 0.3 and build("fedavg").recipe.absent_scale == 1.0
     # Scale 1 is plain training; a smaller one trains differently on the same batches.
     settings = FederatedSettings(dataset="digits", model="tiny", local_steps=3, batch_size=16)
     runs = {}
     for scale in (1.0, 0.3):
         model = models.build("tiny", data.info("digits"), 3)
-        runs[scale] = (federated.local_training(model, only_low, settings, 5, 1, absent_scale=scale), model.state_dict())
+        runs[scale] = (federated.local_training(model, only_low, settings, 5, 1, st.LocalRecipe(absent_scale=scale)), model.state_dict())
     plain, _ = tiny_share()
     federated.local_training(plain, only_low, settings, 5, 1)
     assert all(torch.equal(plain.state_dict()[k], runs[1.0][1][k]) for k in plain.state_dict())
@@ -136,8 +139,8 @@ def test_fedbabu_workers_leave_the_head_as_it_is():
     model, share = models.build("cnn", data.info("digits"), 3), data.load("digits", train=True, limit=128)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = FederatedSettings(dataset="digits", local_steps=3, batch_size=32)
-    federated.local_training(model, share, settings, 5, 1, frozen_head=True)
+    federated.local_training(model, share, settings, 5, 1, st.LocalRecipe(frozen_head=True))
     head = federated.last_layer(model)
-    assert head == ["11.weight", "11.bias"] and build("fedbabu").local_frozen_head and not build("fedavg").local_frozen_head
+    assert head == ["11.weight", "11.bias"] and build("fedbabu").recipe.frozen_head and not build("fedavg").recipe.frozen_head
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in head)
     assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])  # the body trains

@@ -47,11 +47,15 @@ def test_layers_as_shapes_match_the_torch_models(model, dataset):
 
 def test_default_cut_and_roles_are_the_projects():
     assert sizing.DEFAULT_CUT == models.DEFAULT_CUT
-    assert set(sizing.ROLE_NAMES) == set(ROLES)
+    assert sizing.ROLE_NAMES == tuple(ROLES)
     for role, spec in ROLES.items():
         assert spec.learning is None or issubclass(sizing.settings_class(role), spec.learning)
-        assert sizing.values_key(role) in VALUES, f"{role}: no {sizing.values_key(role)} in values.yaml"
-        assert ("gpu" in VALUES[sizing.values_key(role)]) == (role in sizing.GPU_ROLES)
+        assert sizing.values_key(role) == spec.values_key and spec.values_key in VALUES, f"{role}: no {spec.values_key} in values.yaml"
+        assert ("gpu" in VALUES[spec.values_key]) == spec.torch == (role in sizing.GPU_ROLES)
+
+
+def test_every_data_set_has_its_sample_counts():
+    assert set(sizing.TRAIN_SAMPLES) == set(sizing.TEST_SAMPLES) == set(DATASETS), "sizing must know every data set's sample counts"
 
 
 @pytest.mark.parametrize("model", MODELS)

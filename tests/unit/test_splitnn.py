@@ -222,3 +222,30 @@ def test_an_epoch_is_scored_on_the_parts_that_came():
     assert second["evaluators"] == ["split-client-0", "split-client-2"] and second["evaluated_samples"] == 300
     assert second["missing"] == ["split-client-1"]
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in history)
+
+
+def test_each_schedule_is_an_object_that_says_what_differs():
+    """One client is alone whatever --schedule says; splitfed-v1 and v2 have a fed, and only v1
+    gives each client its own copy of the server layers (so no batch waits for another's); the
+    round-robin turns skip clients that are not there and end after the last epoch."""
+    from splitfed.protocol import Message
+    from splitfed.roles.split.schedules import OneClient, RoundRobin, SplitFedV1, SplitFedV2, TurnOrder, schedule_for
+
+    names = ["split-client-0", "split-client-1", "split-client-2"]
+    for schedule in SCHEDULES:
+        assert type(schedule_for(SplitNNSettings(**SMALL, schedule=schedule), names[:1])) is OneClient
+    kinds = {schedule: schedule_for(SplitNNSettings(**SMALL, clients=3, schedule=schedule), names) for schedule in SCHEDULES}
+    assert [type(kinds[s]) for s in SCHEDULES] == [RoundRobin, SplitFedV1, SplitFedV2]
+    assert [kinds[s].fed for s in SCHEDULES] == [False, True, True]
+    layers = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    opt = train.optimizer(layers.parameters(), "sgd", 0.1)
+    assert kinds["splitfed-v2"].layers(layers, opt) == (layers, opt)
+    assert kinds["splitfed-v1"].layers(layers, opt)[0] is not layers
+    batch = Message("activations", "s", names[0], meta={"train": True})
+    assert not kinds["splitfed-v1"].must_wait(batch, [])
+
+    turns = TurnOrder(names, epochs=2)
+    order = []
+    while (holder := turns.advance(lambda name: name != "split-client-1")) is not None:
+        order.append((turns.epoch, holder))
+    assert order == [(1, "split-client-0"), (1, "split-client-2"), (2, "split-client-0"), (2, "split-client-2")]

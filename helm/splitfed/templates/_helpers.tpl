@@ -56,24 +56,18 @@ helm.sh/chart: {{ include "splitfed.chart" .root }}
 {{- end -}}
 {{- end -}}
 
-{{/* The roles, in values-key order: role name -> values key. */}}
-{{- define "splitfed.roleKeys" -}}
-relay: relay
-split-client: splitClient
-split-server: splitServer
-split-fed: splitFed
-fedavg-server: fedavgServer
-fedavg-worker: fedavgWorker
-p2p-tracker: p2pTracker
-p2p-peer: p2pPeer
-smpl-peer: smplPeer
+{{/* The roles as declared (JSON, role name -> what the templates do by it: valuesKey,
+settingsFamilies, signs, namesData, readsData, peer), which ci/chart_schema.py writes from the role
+declarations; use it as `include "splitfed.roles" $root | fromJson`. */}}
+{{- define "splitfed.roles" -}}
+{{- .Files.Get "files/roles.json" -}}
 {{- end -}}
 
-{{/* Names of the enabled roles, as a YAML list (for NetworkPolicy and PodMonitor selectors). */}}
+{{/* Names of the enabled roles, in name order, as a YAML list (for NetworkPolicy and PodMonitor selectors). */}}
 {{- define "splitfed.enabledRoles" -}}
 {{- $root := . -}}
-{{- range $role, $key := include "splitfed.roleKeys" . | fromYaml }}
-{{- if (index $root.Values $key).enabled }}
+{{- range $role, $spec := include "splitfed.roles" . | fromJson }}
+{{- if (index $root.Values $spec.valuesKey).enabled }}
 - {{ $role }}
 {{- end }}
 {{- end }}
@@ -124,7 +118,12 @@ smpl.settings) reach the tracker as well as the peers. */}}
 {{- end -}}
 
 {{- define "splitfed.peerFamily" -}}
-{{- ternary "smpl" "p2p" (eq (include "splitfed.peerRole" .) "smpl-peer") -}}
+{{- first (index (include "splitfed.roles" . | fromJson) (include "splitfed.peerRole" .)).settingsFamilies -}}
+{{- end -}}
+
+{{/* The values key of the peers' role (p2pPeer, smplPeer). */}}
+{{- define "splitfed.peerKey" -}}
+{{- (index (include "splitfed.roles" . | fromJson) (include "splitfed.peerRole" .)).valuesKey -}}
 {{- end -}}
 
 {{/* The tracker's --expect-peers (its own settings only: the peers have no such option). */}}

@@ -9,15 +9,17 @@ Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed
 {{- $ctx := dict "root" $root "component" $role -}}
 {{- $gpu := false -}}
 {{- if $values.gpu }}{{ $gpu = $values.gpu.enabled }}{{ end -}}
-{{- /* $signs: a party with a key of its own (all but the relay); $namesData: one that takes the
-data set's name (all but the relay and the p2p-tracker, which trains nothing); $readsData: one
-that loads the data (not the split-fed either, which only averages layers); $peer: a
-decentralized peer (p2p-peer, smpl-peer), whose --peer-index is its completion index in an Indexed
-Job or its ordinal in a StatefulSet ($peerJob: the former, splitfed.peerKind). */ -}}
-{{- $signs := ne $role "relay" -}}
-{{- $namesData := not (has $role (list "relay" "p2p-tracker")) -}}
-{{- $readsData := not (has $role (list "relay" "split-fed" "p2p-tracker")) -}}
-{{- $peer := has $role (list "p2p-peer" "smpl-peer") -}}
+{{- /* What the role's declaration says (files/roles.json): $signs, a party with a key of its own
+(all but the relay); $namesData, one that takes the data set's name (not the relay nor the
+p2p-tracker, which trains nothing); $readsData, one that loads the data (not the split-fed either,
+which only averages layers); $peer, a decentralized peer (p2p-peer, smpl-peer), whose --peer-index
+is its completion index in an Indexed Job or its ordinal in a StatefulSet ($peerJob: the former,
+splitfed.peerKind). */ -}}
+{{- $spec := index (include "splitfed.roles" $root | fromJson) $role -}}
+{{- $signs := $spec.signs -}}
+{{- $namesData := $spec.namesData -}}
+{{- $readsData := $spec.readsData -}}
+{{- $peer := $spec.peer -}}
 {{- $peerJob := and $peer (eq (include "splitfed.peerKind" $root) "Job") -}}
 {{- $clients := int $root.Values.splitClient.replicas -}}
 {{- $severalClients := gt $clients 1 -}}
@@ -141,14 +143,12 @@ spec:
         {{- /* Learning settings: the family's shared ones, then the role's own (which win). The lead
         roles (the Jobs) print progress events and, last, their result as JSON lines on stdout,
         which `splitfed launch` and `splitfed status` read from their logs; a setting turns it off. */}}
-        {{- /* The p2p-tracker takes the shared settings of its peers' family: p2p.settings, or
-        smpl.settings with smplPeer.enabled. */}}
+        {{- /* The shared settings of its family (none for the relay); a role of several families,
+        the p2p-tracker, takes its peers' family: p2p.settings, or smpl.settings with smplPeer.enabled. */}}
+        {{- $families := $spec.settingsFamilies }}
         {{- $shared := dict }}
-        {{- if hasPrefix "split-" $role }}{{ $shared = $root.Values.split.settings | default dict }}{{ end }}
-        {{- if hasPrefix "fedavg-" $role }}{{ $shared = $root.Values.fedavg.settings | default dict }}{{ end }}
-        {{- if eq $role "p2p-peer" }}{{ $shared = $root.Values.p2p.settings | default dict }}{{ end }}
-        {{- if eq $role "smpl-peer" }}{{ $shared = $root.Values.smpl.settings | default dict }}{{ end }}
-        {{- if eq $role "p2p-tracker" }}{{ $shared = (index $root.Values (include "splitfed.peerFamily" $root)).settings | default dict }}{{ end }}
+        {{- if eq (len $families) 1 }}{{ $shared = (index $root.Values (first $families)).settings | default dict }}{{ end }}
+        {{- if gt (len $families) 1 }}{{ $shared = (index $root.Values (include "splitfed.peerFamily" $root)).settings | default dict }}{{ end }}
         {{- /* set, not merge: merge would let a shared value beat a role's own false or 0. */}}
         {{- $settings := deepCopy $shared }}
         {{- range $name, $value := $values.settings | default dict }}{{ $_ := set $settings $name $value }}{{ end }}

@@ -1,14 +1,14 @@
 """`splitfed launch SCENARIO`, `status`, `logs` and `delete`: runs on Kubernetes through the Helm
 chart. cli.py registers them with one call to `register`.
 
-Exit codes, as elsewhere in the CLI: 2 bad input (an option, a values file, a key folder, a
-release that already ran, no such release), 3 no result within --wait-timeout, 4 a pod of the
-run failed (the reason, its events and last log lines follow the error line), 7 no reachable
-cluster, no helm, no kubernetes client, no chart, or helm failed; 130 Ctrl-C (the run goes on)."""
+Exit codes (commandline.ExitCode), as elsewhere in the CLI: 2 bad input (an option, a values file,
+a key folder, a release that already ran, no such release), 3 no result within --wait-timeout, 4 a
+pod of the run failed (the reason, its events and last log lines follow the error line), 7 no
+reachable cluster, no helm, no kubernetes client, no chart, or helm failed; 130 Ctrl-C (the run
+goes on)."""
 
 from __future__ import annotations
 
-import base64
 import inspect
 import json
 import sys
@@ -24,52 +24,42 @@ from rich.console import Console
 from rich.table import Table
 
 from splitfed.cluster import values as chart
+from splitfed.cluster.helm import Helm, HelmError, ReleaseNotFound, find_chart
+from splitfed.cluster.kube import LOG_TIMEOUT, ClusterError, Kube, connect, describe, from_client
+from splitfed.cluster.watch import (INSTANCE, NOT_WATCHED, PART_OF, NoResult, PodFailure, Watch, WatchTimeout, diagnose, events_in, health, newest,
+                                    prints_progress, progress_of, role_of, utcnow)
+from splitfed.commandline import ExitCode, Failures, check_outputs, command, err, fail, finish, guard
 from splitfed.scenarios.registry import SCENARIOS
 
-BAD_INPUT, WAIT_TIMEOUT, POD_FAILED, NO_CLUSTER, INTERRUPTED = 2, 3, 4, 7, 130
 MANAGED_BY = "app.kubernetes.io/managed-by"
 LAUNCHER = "splitfed-launch"  # managed-by of the objects launch makes itself (the keys Secret)
 STATUS_LOG_TAIL = 2000
-
-
-def _cli() -> Any:
-    from splitfed import cli
-
-    return cli
+CLUSTER_FAILURES: Failures = [
+    ((ClusterError, HelmError, ConnectionError), ExitCode.NO_CLUSTER),
+    ((PodFailure, NoResult), ExitCode.RUN_FAILED),
+    ((WatchTimeout,), ExitCode.TIMEOUT),
+    ((ValueError,), ExitCode.BAD_INPUT),
+]
 
 
 def _say(text: str) -> None:
     """A line on stderr, as it is (no markup, no wrapping: commands are copied from it)."""
-    _cli().err.print(text, markup=False, highlight=False, soft_wrap=True)
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
-    """Cluster failures as one line (plus, for a failed pod, its events and last log lines)."""
-    from splitfed.cluster.helm import HelmError
-    from splitfed.cluster.kube import ClusterError, describe
-    from splitfed.cluster.watch import NoResult, PodFailure, WatchTimeout
-
-    fail = _cli()._fail
+    """Cluster failures as one line (plus, for a failed pod, its events and last log lines); an
+    error of the client's own says what the cluster answered."""
     try:
-        return fn()
-    except (ClusterError, HelmError, ConnectionError) as exc:
-        raise fail(str(exc), NO_CLUSTER) from None
-    except (PodFailure, NoResult) as exc:
-        raise fail(str(exc), POD_FAILED) from None
-    except WatchTimeout as exc:
-        raise fail(str(exc), WAIT_TIMEOUT) from None
-    except ValueError as exc:
-        raise fail(str(exc), BAD_INPUT) from None
+        return guard(fn, CLUSTER_FAILURES)
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] in ("kubernetes", "urllib3"):  # ApiException, MaxRetryError...
-            raise fail(f"the cluster failed a request: {describe(exc)}", NO_CLUSTER) from None
+        if from_client(exc):
+            raise fail(f"the cluster failed a request: {describe(exc)}", ExitCode.NO_CLUSTER) from None
         raise
 
 
-def _connect(kube_context: str | None, namespace: str | None) -> Any:
-    from splitfed.cluster import kube
-
-    return _guard(lambda: kube.connect(kube_context, namespace))
+def _connect(kube_context: str | None, namespace: str | None) -> Kube:
+    return _guard(lambda: connect(kube_context, namespace))
 
 
 def _text(*flags: str, help: str, **extra: Any) -> Any:  # noqa: A002
@@ -104,32 +94,15 @@ OWN = {
 
 
 def launch_command(scenario: str) -> Callable[..., None]:
-    """`splitfed launch SCENARIO`: the run options of `splitfed run SCENARIO` (as cli.py makes
-    them, from the same declarations) plus launch's own."""
-    cli = _cli()
+    """`splitfed launch SCENARIO`: the run options of `splitfed run SCENARIO` (built as cli.py
+    builds them, from the same declarations) plus launch's own."""
     options = chart.launch_options(scenario)
-    by_name = {option.name: option for option in options}
-    clash = set(by_name) & set(OWN)
+    clash = {option.name for option in options} & set(OWN)
     if clash:
         raise TypeError(f"launch {scenario}: own options {sorted(clash)} are also run options")
-
-    def command(**given: Any) -> None:
-        own = {name: given.pop(name) for name in OWN}
-        values = {}
-        for name, value in given.items():
-            if isinstance(value, str):
-                values[name] = cli._guard(lambda option=by_name[name], value=value: option.parse(value))
-            elif value is not None:
-                values[name] = value
-        launch(scenario, values, **own)
-
-    parameters = [cli._parameter(option) for option in options]
-    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-                   for name, (annotation, default) in OWN.items()]
-    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-    command.__doc__ = f"Install a {scenario} run on Kubernetes (helm upgrade --install) and follow it to its results."
-    return command
+    own = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation) for name, (annotation, default) in OWN.items()]
+    summary = f"Install a {scenario} run on Kubernetes (helm upgrade --install) and follow it to its results."
+    return command(options, summary, lambda values, **own_values: launch(scenario, values, **own_values), own=own)
 
 
 def _warn_if_too_big(chart_path: str, values: dict, extra_files: list[Path], sets: list[str]) -> None:
@@ -162,40 +135,11 @@ def _warn_if_too_big(chart_path: str, values: dict, extra_files: list[Path], set
         _say(f"warning: {warning}")
 
 
-def _already_ran(kube: Any, release: str, lead: str) -> None:
-    from splitfed.cluster.watch import INSTANCE, role_of
-
-    pods = kube.core.list_namespaced_pod(kube.namespace, label_selector=f"{INSTANCE}={release}", _request_timeout=(5, 30)).items
+def _already_ran(kube: Kube, release: str, lead: str) -> None:
+    pods = kube.pods(f"{INSTANCE}={release}")
     if any(role_of(pod) == lead and pod.status.phase == "Succeeded" for pod in pods):
         raise ValueError(f"release {release} in namespace {kube.namespace} has already run to its end (splitfed status --name {release}): "
                          f"splitfed delete {release} first, or launch under another --name")
-
-
-def _keys_secret(kube: Any, release: str, files: dict[str, Path]) -> str:
-    """The Secret the chart mounts keys from, made from the key list's folder (made anew each launch)."""
-    from kubernetes import client
-    from kubernetes.client import ApiException
-
-    from splitfed.cluster.watch import INSTANCE, PART_OF
-
-    name = release + chart.KEYS_SECRET_SUFFIX
-    body = client.V1Secret(
-        metadata=client.V1ObjectMeta(name=name, labels={INSTANCE: release, MANAGED_BY: LAUNCHER, PART_OF: "splitfed"}),
-        type="Opaque", data={key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()},
-    )
-    for attempt in range(2):
-        try:
-            kube.core.create_namespaced_secret(kube.namespace, body, _request_timeout=(5, 30))
-            return name
-        except ApiException as exc:
-            if exc.status == 409:
-                kube.core.replace_namespaced_secret(name, kube.namespace, body, _request_timeout=(5, 30))
-                return name
-            if exc.status == 404 and attempt == 0:  # no such namespace yet (helm would make it too)
-                kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=kube.namespace)), _request_timeout=(5, 30))
-                continue
-            raise
-    return name
 
 
 def _follow_hints(release: str, namespace: str) -> str:
@@ -206,23 +150,20 @@ def _follow_hints(release: str, namespace: str) -> str:
 def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace: str | None, set_values: list[str] | None,
            values_files: list[Path] | None, detach: bool, wait_timeout: float, pending_timeout: float, kube_context: str | None,
            chart_ref: str | None, dry_run: bool) -> None:
-    from splitfed.cluster import helm as helm_module
-    from splitfed.cluster.watch import Watch
     from splitfed.roles.service import configure_logging
     from splitfed.scenarios.progress import Reporter
 
-    cli = _cli()
     release = _guard(lambda: chart.check_release_name(name or f"{scenario}-{uuid.uuid4().hex[:6]}"))
     extra_files = list(values_files or [])
     sets = list(set_values or [])
-    cli._check_outputs(given.get("out"), plot=given.get("plot"))
+    check_outputs(given.get("out"), plot=given.get("plot"))
     for path in extra_files:
         if not path.is_file():
-            raise cli._fail(f"--values {path}: no such file", BAD_INPUT)
+            raise fail(f"--values {path}: no such file", ExitCode.BAD_INPUT)
     learning = _guard(lambda: chart.learning_config(scenario, given))
     key_files = _guard(lambda: chart.key_files(scenario, given)) if given.get("key_list") else {}
-    chart_path = _guard(lambda: helm_module.find_chart(chart_ref))
-    helm = _guard(lambda: helm_module.Helm(kube_context))
+    chart_path = _guard(lambda: find_chart(chart_ref))
+    helm = _guard(lambda: Helm(kube_context))
     configure_logging(given.get("log_level", "info"))
     kube = _connect(kube_context, namespace)
     lead = chart.CHART_SCENARIOS[scenario].lead
@@ -233,8 +174,9 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
     with tempfile.TemporaryDirectory(prefix="splitfed-launch-") as folder:
         values_file = Path(folder) / "launch-values.yaml"
         values_file.write_text(json.dumps(values, indent=2) + "\n")  # JSON is YAML
-        if key_files and not dry_run:
-            _guard(lambda: _keys_secret(kube, release, key_files))
+        if key_files and not dry_run:  # the Secret the chart mounts the keys from, made anew each launch
+            labels = {INSTANCE: release, MANAGED_BY: LAUNCHER, PART_OF: "splitfed"}
+            _guard(lambda: kube.put_secret(keys_secret, labels, {key: path.read_bytes() for key, path in key_files.items()}))
         started = time.perf_counter()
         output = _guard(lambda: helm.upgrade_install(release, chart_path, kube.namespace, values_file, extra_files, sets, dry_run=dry_run))
     if dry_run:
@@ -258,30 +200,24 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
         record = _guard(follow)  # the bar is gone before an error is printed
     except KeyboardInterrupt:
         _say(f"stopped watching; the run goes on in the cluster: {_follow_hints(release, kube.namespace)}")
-        raise typer.Exit(INTERRUPTED) from None
+        raise typer.Exit(ExitCode.INTERRUPTED.value) from None
     except typer.Exit:
         _say(f"the release stays installed: splitfed logs {release} -n {kube.namespace}; splitfed delete {release} -n {kube.namespace}")
         raise
     result = {"scenario": scenario, **record, "wall_seconds": time.perf_counter() - started,
               "config": {**learning, "session": session, "launch": "kubernetes", "release": release, "namespace": kube.namespace,
                          "authenticated": bool(key_files)}}
-    cli._finish(result, given.get("out"), given.get("plot"))
+    finish(result, given.get("out"), given.get("plot"))
     _say(f"the release stays installed (its workers and servers wait for a next run): splitfed delete {release} -n {kube.namespace}")
 
 
 # -- status -------------------------------------------------------------------------------------
 
 
-def _release_pods(kube: Any, release: str | None, all_namespaces: bool) -> dict[tuple[str, str], list[Any]]:
-    from splitfed.cluster.watch import INSTANCE, NOT_WATCHED, PART_OF, role_of
-
+def _release_pods(kube: Kube, release: str | None, all_namespaces: bool) -> dict[tuple[str, str], list[Any]]:
     selector = f"{PART_OF}=splitfed" + (f",{INSTANCE}={release}" if release else "")
-    if all_namespaces:
-        listed = kube.core.list_pod_for_all_namespaces(label_selector=selector, _request_timeout=(5, 30))
-    else:
-        listed = kube.core.list_namespaced_pod(kube.namespace, label_selector=selector, _request_timeout=(5, 30))
     groups: dict[tuple[str, str], list[Any]] = {}
-    for pod in listed.items:
+    for pod in kube.pods(selector, all_namespaces):
         if role_of(pod) in NOT_WATCHED:
             continue
         groups.setdefault((pod.metadata.namespace, (pod.metadata.labels or {}).get(INSTANCE, "?")), []).append(pod)
@@ -293,8 +229,6 @@ def _lead_pods(pods: list[Any]) -> list[Any]:
     their lead (the client, the server), so a lead role's pod counts if it prints the progress
     events (the chart turns them on for the lead only); pods that do not say follow the chart's
     own choice for their number of clients."""
-    from splitfed.cluster.watch import prints_progress, role_of
-
     candidates = [pod for pod in pods if role_of(pod) in chart.LEADS]
     printing = [pod for pod in candidates if prints_progress(pod)]
     if printing:
@@ -308,18 +242,15 @@ def _lead_pods(pods: list[Any]) -> list[Any]:
     return candidates
 
 
-def _run_state(kube: Any, namespace: str, pods: list[Any]) -> tuple[str, str, str, str]:
+def _run_state(kube: Kube, namespace: str, pods: list[Any]) -> tuple[str, str, str, str]:
     """(scenario, progress, accuracy, log note) of one release, from its lead's log."""
-    from splitfed.cluster.kube import describe
-    from splitfed.cluster.watch import _newest, events_in, progress_of, role_of
-
     leads = _lead_pods(pods)
     if not leads:
         return "-", "-", "-", ""
-    lead = _newest(leads)
+    lead = newest(leads)
     scenario = chart.scenario_of(role_of(lead), {role_of(pod) for pod in pods})
     try:
-        log = kube.core.read_namespaced_pod_log(lead.metadata.name, namespace, tail_lines=STATUS_LOG_TAIL, _request_timeout=(5, 30))
+        log = kube.log(lead.metadata.name, namespace, tail_lines=STATUS_LOG_TAIL)
     except Exception as exc:  # not started yet: no log
         return scenario, "starting", "-", describe(exc)
     where, accuracy = progress_of(events_in(log))
@@ -338,14 +269,12 @@ def status(
     kube_context: KUBE_CONTEXT = None,
 ) -> None:
     """List splitfed runs (releases) on the cluster: scenario, round or epoch, accuracy so far, pod health."""
-    from splitfed.cluster.watch import diagnose, health, role_of, utcnow
-
     kube = _connect(kube_context, namespace)
     groups = _guard(lambda: _release_pods(kube, name, all_namespaces))
     where = "any namespace" if all_namespaces else f"namespace {kube.namespace}"
     if not groups:
         if name:
-            raise _cli()._fail(f"no run named {name} in {where} (splitfed status lists the runs)", BAD_INPUT)
+            raise fail(f"no run named {name} in {where} (splitfed status lists the runs)", ExitCode.BAD_INPUT)
         _out().print(f"no splitfed runs in {where}", highlight=False)
         return
     now = utcnow()
@@ -383,9 +312,6 @@ def logs(
     kube_context: KUBE_CONTEXT = None,
 ) -> None:
     """Print the logs of a run's pods (progress events are the JSON lines; the last is the result)."""
-    from splitfed.cluster.watch import role_of
-
-    fail = _cli()._fail
     kube = _connect(kube_context, namespace)
     pods = sorted(_guard(lambda: _release_pods(kube, name, False)).get((kube.namespace, name), []), key=lambda p: p.metadata.name)
     if pod:
@@ -397,32 +323,29 @@ def logs(
     if not chosen:
         which = f"pod {pod}" if pod else f"role {role}" if role else "pods"
         roles = ", ".join(sorted({role_of(p) for p in pods})) or "none"
-        raise fail(f"no {which} of run {name} in namespace {kube.namespace} (its roles: {roles}; splitfed status lists the runs)", BAD_INPUT)
+        raise fail(f"no {which} of run {name} in namespace {kube.namespace} (its roles: {roles}; splitfed status lists the runs)", ExitCode.BAD_INPUT)
     options = {"previous": previous, **({"tail_lines": tail} if tail else {})}
     if follow:
         if len(chosen) != 1:
-            raise fail(f"--follow follows one pod; {len(chosen)} match: give --pod ({', '.join(p.metadata.name for p in chosen)})", BAD_INPUT)
+            raise fail(f"--follow follows one pod; {len(chosen)} match: give --pod ({', '.join(p.metadata.name for p in chosen)})", ExitCode.BAD_INPUT)
         _guard(lambda: _follow(kube, chosen[0].metadata.name, options))
         return
     for index, chosen_pod in enumerate(chosen):
-        text = _guard(lambda p=chosen_pod: kube.core.read_namespaced_pod_log(p.metadata.name, kube.namespace, _request_timeout=(5, 60), **options))
+        text = _guard(lambda p=chosen_pod: kube.log(p.metadata.name, timeout=LOG_TIMEOUT, **options))
         if len(chosen) > 1:
             sys.stdout.write(("\n" if index else "") + f"==> {chosen_pod.metadata.name} ({role_of(chosen_pod)}) <==\n")
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     sys.stdout.flush()
 
 
-def _follow(kube: Any, pod: str, options: dict[str, Any]) -> None:
-    # No read timeout: a quiet role is not a dead one.
-    response = kube.core.read_namespaced_pod_log(pod, kube.namespace, follow=True, _preload_content=False, **options)
-    try:
-        for chunk in response.stream(4096):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-    except KeyboardInterrupt:
-        raise typer.Exit(INTERRUPTED) from None
-    finally:
-        response.release_conn()
+def _follow(kube: Kube, pod: str, options: dict[str, Any]) -> None:
+    with kube.log_stream(pod, **options) as chunks:
+        try:
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+        except KeyboardInterrupt:
+            raise typer.Exit(ExitCode.INTERRUPTED.value) from None
 
 
 # -- delete -------------------------------------------------------------------------------------
@@ -435,30 +358,26 @@ def delete(
     kube_context: KUBE_CONTEXT = None,
 ) -> None:
     """Uninstall a run (helm uninstall), with the keys Secret launch made for it."""
-    from splitfed.cluster import helm as helm_module
-    from splitfed.cluster.watch import INSTANCE
-
-    helm = _guard(lambda: helm_module.Helm(kube_context))
+    helm = _guard(lambda: Helm(kube_context))
     kube = _connect(kube_context, namespace)
     space = kube.namespace
     def uninstall() -> bool:
         try:
             helm.uninstall(name, space)
             return True
-        except helm_module.ReleaseNotFound:  # the keys Secret or volume claims may still be there
+        except ReleaseNotFound:  # the keys Secret or volume claims may still be there
             return False
 
     found = _guard(uninstall)
-    secrets = _guard(lambda: kube.core.list_namespaced_secret(space, label_selector=f"{INSTANCE}={name},{MANAGED_BY}={LAUNCHER}",
-                                                              _request_timeout=(5, 30)).items)
+    secrets = _guard(lambda: kube.secrets(f"{INSTANCE}={name},{MANAGED_BY}={LAUNCHER}"))
     for secret in secrets:
-        _guard(lambda secret=secret: kube.core.delete_namespaced_secret(secret.metadata.name, space, _request_timeout=(5, 30)))
-    claims = _guard(lambda: kube.core.list_namespaced_persistent_volume_claim(space, label_selector=f"{INSTANCE}={name}", _request_timeout=(5, 30)).items)
+        _guard(lambda secret=secret: kube.delete_secret(secret.metadata.name))
+    claims = _guard(lambda: kube.volume_claims(f"{INSTANCE}={name}"))
     if volumes:
         for claim in claims:
-            _guard(lambda claim=claim: kube.core.delete_namespaced_persistent_volume_claim(claim.metadata.name, space, _request_timeout=(5, 30)))
+            _guard(lambda claim=claim: kube.delete_volume_claim(claim.metadata.name))
     if not found and not secrets and not (volumes and claims):
-        raise _cli()._fail(f"no release {name} in namespace {space} (splitfed status lists the runs)", BAD_INPUT)
+        raise fail(f"no release {name} in namespace {space} (splitfed status lists the runs)", ExitCode.BAD_INPUT)
     done = [f"release {name}" if found else None, f"{len(secrets)} keys Secret" if secrets else None,
             f"{len(claims)} volume claims" if volumes and claims else None]
     _say(f"deleted {', '.join(d for d in done if d)} in namespace {space}")

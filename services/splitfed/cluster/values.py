@@ -9,7 +9,9 @@ family takes it, else each role's own.
 Only options given on the command line are written, so the chart's and the roles' defaults
 apply to the others, as they do for `splitfed run`.
 
-MANAGED and ROLE_KEYS are the chart's own facts; ci/chart_schema.py imports them from here.
+MANAGED (the options the chart sets itself) and FAMILIES (the roles a family's shared settings
+reach) are the chart's own facts; ci/chart_schema.py imports them from here. What each role is in
+the chart (values key, replicas, family) is its declaration's (roles.registry).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from splitfed import config
-from splitfed.roles.registry import ROLES
+from splitfed.roles.registry import FAMILIES as ROLE_FAMILIES, ROLES
 from splitfed.scenarios.registry import SCENARIOS
 
 # Options the chart sets itself, from other values (session, broker, keys, metrics, data,
@@ -32,18 +34,15 @@ MANAGED = {
     "clients", "client_index", "peers", "peer_index",
 }
 
-# The roles a family's shared `settings` (split.settings, fedavg.settings, ...) reach: the chart
-# accepts there only what every one of them takes (ci/chart_schema.py), since each gets it. The
-# p2p-tracker belongs to both decentralized families: it takes p2p.settings, or smpl.settings
-# when the release runs smpl peers (templates/_helpers.tpl, splitfed.peerFamily).
-FAMILIES = {"split": ("split-client", "split-server", "split-fed"), "fedavg": ("fedavg-server", "fedavg-worker"),
-            "p2p": ("p2p-tracker", "p2p-peer"), "smpl": ("p2p-tracker", "smpl-peer")}
-
-# values key of each role
-ROLE_KEYS = {"relay": "relay", "split-client": "splitClient", "split-server": "splitServer", "split-fed": "splitFed",
-             "fedavg-server": "fedavgServer", "fedavg-worker": "fedavgWorker",
-             "p2p-tracker": "p2pTracker", "p2p-peer": "p2pPeer", "smpl-peer": "smplPeer"}
-PEER_ROLES = ("p2p-peer", "smpl-peer")  # one pod per peer (replicas: the run's --peers), an Indexed Job under launch
+# The roles a family's shared `settings` (split.settings, fedavg.settings, ...) reach: those of
+# the family with learning settings (not the relay). The chart accepts there only what every one
+# of them takes (ci/chart_schema.py), since each gets it. The p2p-tracker belongs to both
+# decentralized families: it takes p2p.settings, or smpl.settings when the release runs smpl peers
+# (templates/_helpers.tpl, splitfed.peerFamily).
+FAMILIES = {family: tuple(role for role in roles if ROLES[role].learning is not None) for family, roles in ROLE_FAMILIES.items()}
+ROLE_KEYS = {role: spec.values_key for role, spec in ROLES.items()}  # values key of each role
+# The run settings that are a role's replicas (workers, clients, peers): chart-level values.
+COUNTS = {spec.counts for spec in ROLES.values() if spec.counts}
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ CHART_SCENARIOS = {
 LEADS = {lead: tuple(name for name, s in CHART_SCENARIOS.items() if s.lead == lead) for lead in dict.fromkeys(s.lead for s in CHART_SCENARIOS.values())}
 
 
-def _own_roles(name: str) -> set[str]:
+def own_roles(name: str) -> set[str]:
     """The roles of scenario `name` that no other scenario of its lead runs."""
     others = [CHART_SCENARIOS[other].roles for other in LEADS[CHART_SCENARIOS[name].lead] if other != name]
     return set(CHART_SCENARIOS[name].roles).difference(*others)
@@ -83,11 +82,9 @@ def scenario_of(lead: str, roles: set[str]) -> str:
     runs apart by them (a lead of its own, or, where scenarios share a lead, the roles only one of
     them runs: smpl-peer pods make an smpl run)."""
     names = LEADS[lead]
-    return next((name for name in names if _own_roles(name) & roles), names[0])
+    return next((name for name in names if own_roles(name) & roles), names[0])
 
 
-assert all(len(names) == 1 or all(_own_roles(name) for name in names) for names in LEADS.values()), \
-    "scenarios that share a lead need a role of their own each: status tells runs apart by it"
 # The setting that makes a role print progress events and its result (the chart turns it on for
 # the lead roles; status and logs find the lead by it: cluster.commands._lead_pods).
 PROGRESS_EVENTS = "progress-events"
@@ -206,12 +203,8 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             values["session"] = value
         elif name == "dataset":
             values["data"] = {"dataset": value}
-        elif name == "workers":
-            values["fedavgWorker"]["replicas"] = value
-        elif name == "clients":
-            values["splitClient"]["replicas"] = value
-        elif name == "peers":
-            values[ROLE_KEYS[peer_role(scenario)]]["replicas"] = value
+        elif name in COUNTS:
+            values[ROLE_KEYS[counting_role(scenario, name)]]["replicas"] = value
         elif name == "queue_type":
             values["queueType"] = value
         elif name == "key_list":
@@ -239,10 +232,15 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
     return values
 
 
+def counting_role(scenario: str, count: str) -> str:
+    """The role of `scenario` whose replicas are the run's `count` (workers, clients or peers)."""
+    (role,) = [role for role in CHART_SCENARIOS[scenario].roles if ROLES[role].counts == count]
+    return role
+
+
 def peer_role(scenario: str) -> str:
     """The peers' role of a decentralized scenario (p2p: p2p-peer, smpl: smpl-peer)."""
-    (role,) = [role for role in CHART_SCENARIOS[scenario].roles if role in PEER_ROLES]
-    return role
+    return counting_role(scenario, "peers")
 
 
 def parties(scenario: str, given: dict[str, Any]) -> list[str]:

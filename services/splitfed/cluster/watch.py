@@ -225,7 +225,8 @@ def _age_key(pod: Any) -> tuple:
     return pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc), pod.metadata.name
 
 
-def _newest(pods: list[Any]) -> Any:
+def newest(pods: list[Any]) -> Any:
+    """The pod made last (by name among pods made in the same second)."""
     return max(pods, key=_age_key)
 
 

@@ -107,28 +107,31 @@ class LocalWork:
 
 
 def local_training(
-    model: nn.Module, share: data.Samples, settings: PartitionSettings, seed: int, round_number: int, *, prox_mu: float = 0.0,
-    absent_scale: float = 1.0, frozen_head: bool = False, calibration_tau: float = 0.0, controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    model: nn.Module, share: data.Samples, settings: PartitionSettings, seed: int, round_number: int,
+    recipe: strategies.LocalRecipe = strategies.LocalRecipe(), controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> LocalWork:
-    """One round of local work on this worker's share, from the global model in `model`.
+    """One round of local work on this worker's share, from the global model in `model`, as
+    the strategy's `recipe` asks.
 
     prox_mu > 0: the FedProx term mu/2 * ||w - w_global||^2 keeps the local model near the
     global one. absent_scale < 1: the logits of classes this share holds no sample of are scaled
     by it (FedRS's restricted softmax). calibration_tau > 0: the logits in the loss are
     calibrated by the share's label counts, z_c - tau * n_c^(-1/4) (FedLC). frozen_head: the last layer is not trained (FedBABU).
-    `controls` = (c, c_i), the server's and this worker's SCAFFOLD control
-    variates: every gradient is corrected by c - c_i, and the new c_i is the local gradient at
-    the global model over this round's batches (the paper's option I, whatever the optimiser)."""
+    `controls` = (c, c_i), the server's and this worker's SCAFFOLD control variates (with a
+    recipe's control_variates): every gradient is corrected by c - c_i, and the new c_i is the
+    local gradient at the global model over this round's batches (the paper's option I,
+    whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
     batches = local_batches(len(share), settings, generator)
     new_control = local_gradient(model, share, batches) if controls is not None else None
     correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
-    head = set(last_layer(model)) if frozen_head else set()
+    head = set(last_layer(model)) if recipe.frozen_head else set()
     trained = [p for name, p in model.named_parameters() if name not in head]
     opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
-    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
-    logit_scale = absent_class_scale(share, data.info(settings.dataset).classes, absent_scale) if absent_scale != 1.0 else None  # (classes,)
-    offsets = calibration_offsets(share, data.info(settings.dataset).classes, calibration_tau) if calibration_tau > 0 else None  # (classes,)
+    anchor = [p.detach().clone() for p in model.parameters()] if recipe.prox_mu > 0 else None
+    classes = data.info(settings.dataset).classes
+    logit_scale = absent_class_scale(share, classes, recipe.absent_scale) if recipe.absent_scale != 1.0 else None  # (classes,)
+    offsets = calibration_offsets(share, classes, recipe.calibration_tau) if recipe.calibration_tau > 0 else None  # (classes,)
     losses = []
     model.train()
     for indices in batches:
@@ -140,7 +143,7 @@ def local_training(
             logits = logits - offsets
         loss = train.loss_fn(logits, share.labels[indices])
         if anchor is not None:
-            loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = loss + recipe.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
         loss.backward()
         if correction is not None:
             for name, p in model.named_parameters():
@@ -181,13 +184,14 @@ def reference_run(
     test_data = evaluation_data(settings)
     local = models.build(settings.model, meta, settings.seed)
     strategy = strategies.from_settings(settings)
-    worker_controls = [zeros_like_state(model) for _ in shares] if strategy.control_variates else []
+    recipe, strategy_state = strategy.recipe, {}
+    worker_controls = [zeros_like_state(model) for _ in shares] if recipe.control_variates else []
     workers = worker_ids(len(shares))
     history = []
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
         current = strategies.flatten(model.state_dict(), names)
-        server_control = strategies.unflatten(strategy.control(current), model.state_dict(), names) if strategy.control_variates else None
+        server_control = strategies.unflatten(strategy.control(current, strategy_state), model.state_dict(), names) if recipe.control_variates else None
         vectors, weights, losses, control_deltas = [], [], [], []
         drawn = set(sample_workers(workers, settings.round_sample_size(len(shares)), settings.seed, round_number))
         for index, share in enumerate(shares):
@@ -195,18 +199,16 @@ def reference_run(
                 continue
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
-            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number,
-                                  prox_mu=strategy.local_prox_mu, absent_scale=strategy.local_absent_scale,
-                                  frozen_head=strategy.local_frozen_head, calibration_tau=strategy.local_calibration_tau, controls=controls)
+            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))
             if work.control is not None:
                 control_deltas.append(strategies.flatten(work.control, names) - strategies.flatten(worker_controls[index], names))
                 worker_controls[index] = work.control
-        combined = strategy.step(current, torch.stack(vectors), torch.tensor(weights))  # (P,), (K, P), (K,) -> (P,)
-        if strategy.control_variates:
-            strategy.update_control(torch.stack(control_deltas), len(shares))
+        combined, strategy_state = strategy.step(current, torch.stack(vectors), torch.tensor(weights), strategy_state)  # (P,), (K, P), (K,) -> (P,)
+        if recipe.control_variates:
+            strategy_state = strategy.next_control(torch.stack(control_deltas), len(shares), strategy_state)
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))
         model.eval()
         evaluation = train.evaluate(model, test_data, settings.eval_batch_size)

@@ -8,20 +8,26 @@ itself reports would hand a poisoning worker the lever it needs.
 
 Server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization") treat the difference
 between the combined update and the global model as a pseudo-gradient and apply momentum, Adam,
-Yogi or Adagrad to it on the server; they keep state (`state()` / `load_state()`) that the
-server checkpoints with the model. SCAFFOLD (Karimireddy et al. 2020) adds control variates
-that correct each worker's local gradients for client drift.
+Yogi or Adagrad to it on the server; they keep state (float64 tensors, `StrategyState`) that
+`step` takes and returns, and that the server checkpoints with the model. SCAFFOLD (Karimireddy
+et al. 2020) adds control variates that correct each worker's local gradients for client drift.
+
+What a strategy asks of each worker's local training is one record, its `recipe`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from splitfed.learning.settings import STRATEGIES, FederatedSettings
+from splitfed.learning.settings import FederatedSettings
+
+StrategyState = dict[str, torch.Tensor]
+"""A strategy's server-side tensors (float64) carried from round to round: momentum, moments,
+SCAFFOLD's control variate. Empty for a strategy that keeps none."""
 
 
 def flatten(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -67,18 +73,26 @@ def krum(updates: torch.Tensor, byzantine: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class LocalRecipe:
+    """What a strategy asks of each worker's local training; the defaults are plain local SGD."""
+
+    prox_mu: float = 0.0  # > 0: FedProx's proximal term mu/2 ||w - w_global||^2 in the local loss
+    absent_scale: float = 1.0  # < 1: FedRS scales the logits of classes the worker holds no sample of by it
+    calibration_tau: float = 0.0  # > 0: FedLC calibrates the logits by the worker's label counts
+    frozen_head: bool = False  # FedBABU: the model's last layer is left as it is
+    control_variates: bool = False  # SCAFFOLD: the server's control travels with the model, the change of the worker's with its update
+
+
+@dataclass(frozen=True)
 class Strategy:
     """One aggregation rule with its own parameters (dataclass fields named as the settings that
-    set them). What workers do differently is said by `local_prox_mu` (the proximal weight of
-    their local loss), `local_absent_scale` (how much the logits of classes a worker does not hold
-    count, 1: as any other) and `control_variates` (SCAFFOLD's drift correction)."""
+    set them). What workers do differently is said by `recipe`."""
 
     name: ClassVar[str]
-    local_prox_mu: ClassVar[float] = 0.0
-    local_absent_scale: ClassVar[float] = 1.0
-    local_frozen_head: ClassVar[bool] = False  # workers leave the model's last layer as it is
-    local_calibration_tau: ClassVar[float] = 0.0  # > 0: workers calibrate their logits by their label counts (FedLC)
-    control_variates: ClassVar[bool] = False
+
+    @property
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe()
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """K updates (K, P) with weights (K,) -> their combination (P,)."""
@@ -89,17 +103,16 @@ class Strategy:
             raise ValueError(f"aggregation needs K >= 1 updates (K, P) and K weights, got {tuple(updates.shape)} and {tuple(weights.shape)}")
         return self.aggregate(updates, weights)
 
-    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The next global model (P,) from the current one (P,) and the round's updates (K, P)."""
-        return self(updates, weights)
+    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
+        """The next global model (P,) from the current one (P,) and the round's updates (K, P),
+        and the strategy's state after the step (`state` itself is left as it is)."""
+        return self(updates, weights), state
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """Server-side state that must survive a restart (momentum, moments, control variates)."""
+    def loaded_state(self, tensors: dict[str, torch.Tensor]) -> StrategyState:
+        """The state that checkpointed `tensors` hold; ValueError for tensors this strategy cannot use."""
+        if tensors:
+            raise ValueError(f"{self.name} keeps no state, but a checkpoint holds {sorted(tensors)}")
         return {}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise ValueError(f"{self.name} keeps no state, but a checkpoint holds {sorted(state)}")
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,8 @@ class FedProx(FedAvg):
     prox_mu: float = 0.01
 
     @property
-    def local_prox_mu(self) -> float:  # type: ignore[override]
-        return self.prox_mu
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe(prox_mu=self.prox_mu)
 
 
 @dataclass(frozen=True)
@@ -159,8 +172,8 @@ class FedRS(FedAvg):
     rs_alpha: float = 0.5
 
     @property
-    def local_absent_scale(self) -> float:  # type: ignore[override]
-        return self.rs_alpha
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe(absent_scale=self.rs_alpha)
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,10 @@ class FedBABU(FedAvg):
     averages as FedAvg."""
 
     name = "fedbabu"
-    local_frozen_head = True
+
+    @property
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe(frozen_head=True)
 
 
 RULES: dict[str, type[Strategy]] = {"mean": FedAvg, "median": Median, "trimmed-mean": TrimmedMean, "krum": Krum}
@@ -181,14 +197,13 @@ RULES: dict[str, type[Strategy]] = {"mean": FedAvg, "median": Median, "trimmed-m
 class StatefulStrategy(Strategy):
     """A strategy with server-side tensors (float64) that the server checkpoints with the model."""
 
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
+    def loaded_state(self, tensors: dict[str, torch.Tensor]) -> StrategyState:
+        return {name: value.to(torch.float64) for name, value in tensors.items()}
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.buffers)
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffers.clear()
-        self.buffers.update({name: value.to(torch.float64) for name, value in state.items()})
+def buffer(state: StrategyState, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """`state[name]`, or a float64 tensor shaped as `like` filled with `fill` before the first step."""
+    return state[name] if name in state else torch.full_like(like, fill, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -213,17 +228,14 @@ class ServerOptimizer(StatefulStrategy):
         params = {f.name: getattr(self, f.name) for f in dataclasses.fields(rule) if f.init}
         return rule(**params)(updates, weights)
 
-    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
         delta = (self(updates, weights).to(torch.float64) - current.to(torch.float64))  # (P,) pseudo-gradient, pointing downhill
-        return (current.to(torch.float64) + self.move(delta)).to(torch.float32)
+        move, state = self.move(delta, state)
+        return (current.to(torch.float64) + move).to(torch.float32), state
 
-    def move(self, delta: torch.Tensor) -> torch.Tensor:
+    def move(self, delta: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
+        """The step (P,) along `delta` (P,), and the state after it."""
         raise NotImplementedError
-
-    def buffer(self, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        if name not in self.buffers:
-            self.buffers[name] = torch.full_like(like, fill, dtype=torch.float64)
-        return self.buffers[name]
 
 
 @dataclass(frozen=True)
@@ -233,10 +245,9 @@ class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     server_momentum: float = 0.9
 
-    def move(self, delta: torch.Tensor) -> torch.Tensor:
-        momentum = self.buffer("momentum", delta)
-        momentum.mul_(self.server_momentum).add_(delta)
-        return self.lr * momentum
+    def move(self, delta: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
+        momentum = buffer(state, "momentum", delta).mul(self.server_momentum).add(delta)
+        return self.lr * momentum, {**state, "momentum": momentum}
 
 
 @dataclass(frozen=True)
@@ -251,8 +262,8 @@ class FedLC(FedAvgM):
     lc_tau: float = 1.0
 
     @property
-    def local_calibration_tau(self) -> float:  # type: ignore[override]
-        return self.lc_tau
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe(calibration_tau=self.lc_tau)
 
 
 @dataclass(frozen=True)
@@ -264,17 +275,15 @@ class AdaptiveServerOptimizer(ServerOptimizer):
     tau: float = 1e-3
     default_server_lr: ClassVar[float] = 0.01
 
-    def move(self, delta: torch.Tensor) -> torch.Tensor:
-        first = self.buffer("first_moment", delta)
-        first.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
-        second = self.buffer("second_moment", delta, self.initial_second_moment())
-        self.update_second_moment(second, delta * delta)
-        return self.lr * first / (second.sqrt() + self.tau)
+    def move(self, delta: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
+        first = buffer(state, "first_moment", delta).mul(self.beta1).add(delta, alpha=1 - self.beta1)
+        second = self.next_second_moment(buffer(state, "second_moment", delta, self.initial_second_moment()), delta * delta)
+        return self.lr * first / (second.sqrt() + self.tau), {**state, "first_moment": first, "second_moment": second}
 
     def initial_second_moment(self) -> float:
         return self.tau**2  # v_{-1} >= tau^2, as in the paper
 
-    def update_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> None:
+    def next_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -282,24 +291,24 @@ class AdaptiveServerOptimizer(ServerOptimizer):
 class FedAdagrad(AdaptiveServerOptimizer):
     name = "fedadagrad"
 
-    def update_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> None:
-        second.add_(squared)
+    def next_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
+        return second.add(squared)
 
 
 @dataclass(frozen=True)
 class FedAdam(AdaptiveServerOptimizer):
     name = "fedadam"
 
-    def update_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> None:
-        second.mul_(self.beta2).add_(squared, alpha=1 - self.beta2)
+    def next_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
+        return second.mul(self.beta2).add(squared, alpha=1 - self.beta2)
 
 
 @dataclass(frozen=True)
 class FedYogi(AdaptiveServerOptimizer):
     name = "fedyogi"
 
-    def update_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> None:
-        second.sub_((1 - self.beta2) * squared * torch.sign(second - squared))
+    def next_second_moment(self, second: torch.Tensor, squared: torch.Tensor) -> torch.Tensor:
+        return second.sub((1 - self.beta2) * squared * torch.sign(second - squared))
 
 
 @dataclass(frozen=True)
@@ -309,31 +318,33 @@ class Scaffold(StatefulStrategy):
     (all workers take part in every round, so |S| / N = 1)."""
 
     name = "scaffold"
-    control_variates = True
     server_lr: float | None = None
+
+    @property
+    def recipe(self) -> LocalRecipe:
+        return LocalRecipe(control_variates=True)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(updates, weights)
 
-    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def step(self, current: torch.Tensor, updates: torch.Tensor, weights: torch.Tensor, state: StrategyState) -> tuple[torch.Tensor, StrategyState]:
         lr = 1.0 if self.server_lr is None else self.server_lr
         delta = self(updates, weights).to(torch.float64) - current.to(torch.float64)
-        return (current.to(torch.float64) + lr * delta).to(torch.float32)
+        return (current.to(torch.float64) + lr * delta).to(torch.float32), state
 
-    def control(self, like: torch.Tensor) -> torch.Tensor:
+    def control(self, like: torch.Tensor, state: StrategyState) -> torch.Tensor:
         """The server's control variate c (P,), float32, zero at the start."""
-        return self.buffers.get("control", torch.zeros_like(like, dtype=torch.float64)).to(torch.float32)
+        return state.get("control", torch.zeros_like(like, dtype=torch.float64)).to(torch.float32)
 
-    def update_control(self, control_deltas: torch.Tensor, total_workers: int) -> None:
-        """c += sum_i delta c_i / N over the K workers heard this round. control_deltas: (K, P)."""
+    def next_control(self, control_deltas: torch.Tensor, total_workers: int, state: StrategyState) -> StrategyState:
+        """c + sum_i delta c_i / N over the K workers heard this round. control_deltas: (K, P)."""
         change = control_deltas.to(torch.float64).sum(0) / total_workers
-        self.buffers["control"] = self.buffers.get("control", torch.zeros_like(change)) + change
+        return {**state, "control": state.get("control", torch.zeros_like(change)) + change}
 
 
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, FedProx, Median, TrimmedMean, Krum, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold, FedRS, FedBABU, FedLC)
 }
-assert tuple(REGISTRY) == STRATEGIES, "learning.settings.STRATEGIES must list every strategy"
 
 
 def from_settings(settings: FederatedSettings) -> Strategy:

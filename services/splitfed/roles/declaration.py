@@ -1,11 +1,14 @@
-"""A role declared once: its name, its settings (learning and deployment), how to build it and
-which metrics it exports. `splitfed serve ROLE`, the SPLITFED_* variables, the launcher and the
-README's option table are all derived from these declarations (`registry` collects them)."""
+"""A role declared once: its name, its settings (learning and deployment), how to build it, which
+metrics it exports and how it is deployed (families, torch, data, replicas, chart values key,
+image). `splitfed serve ROLE`, the SPLITFED_* variables, the launcher, the README's option table,
+`splitfed size`, the chart (its schema and files/roles.json) and the images' targets are all
+derived from these declarations (`registry` collects them)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +55,14 @@ class Identity:
 Builder = Callable[[Any, Any, Transport, Identity, "ProgressSink | None"], Runnable]
 
 
+class Replicas(enum.Enum):
+    """How many pods of a role one chart release runs."""
+
+    ONE = "one"  # at most one per session
+    ANY = "any"  # any number, none included (the fedavg-server: one active and standbys; the workers)
+    AT_LEAST_ONE = "at-least-one"  # one per client or peer of the run, which has at least one
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     name: str  # `splitfed serve NAME`, the image's entrypoint
@@ -62,6 +73,26 @@ class RoleSpec:
     metrics: tuple[MetricWrapperBase, ...]
     party: Callable[[Any, Any], str] = lambda learning, deployment: ""  # (learning, deployment) -> the party name it signs as (default: the role name)
     prefetch: Callable[[Any], int] | None = None  # deliveries it may hold unacked, from its learning settings
+    _: KW_ONLY
+    # How it is deployed. The defaults describe a role outside the chart and the images (a test's).
+    families: tuple[str, ...] = ()  # the families whose sessions it serves; the first is the one it takes by default
+    torch: bool = False  # imports torch: it runs from the torch image, and only such a role can be given a GPU
+    reads_data: bool = False  # loads the data set's files (a role may name the data set and read none: the split-fed)
+    replicas: Replicas = Replicas.ONE
+    counts: str | None = None  # the run setting its replica count is (split-client: clients), None for none
+    job: bool = False  # it may end with its run, so the chart can make it a Job
+    values_key: str | None = None  # its section in the chart's values
+    image: str | None = None  # its target in images/Containerfile
+
+    @property
+    def names_data(self) -> bool:
+        """It is told the data set's name (has the --dataset option)."""
+        return any(option.name == "dataset" for option in self.options())
+
+    @property
+    def signs(self) -> bool:
+        """It has a private key of its own to sign what it sends."""
+        return any(option.name == "private_key" for option in self.options())
 
     def party_name(self, learning: Any, deployment: Any) -> str:
         return self.party(learning, deployment) or self.name

@@ -15,8 +15,7 @@ from typing import Any
 from splitfed import config
 from splitfed.observability import metrics
 from splitfed.roles.declaration import Identity, Progress, RoleSpec
-from splitfed.transport import Connection, connect
-from splitfed.transport.connection import warn_if_unencrypted
+from splitfed.transport import Connection, connect, warn_if_unencrypted
 
 log = logging.getLogger("splitfed")
 
@@ -64,11 +63,12 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
         torch.set_num_threads(threads)
     party = spec.party_name(learning, deployment)
     identity = Identity.load(party, deployment.key_list, getattr(deployment, "private_key", None))
-    warn_if_unencrypted(connection.broker, identity.trusted is not None)
+    broker = connection.amqp_broker(party)
+    warn_if_unencrypted(broker, identity.trusted is not None)
     metrics.serve(deployment.metrics_port, deployment.metrics_address)
     extra = {"prefetch": spec.prefetch(learning)} if spec.prefetch else {}
     on_progress = print_progress if getattr(deployment, "progress_events", False) else None
-    with connect(connection, party, **extra) as transport:
+    with connect(broker, connection, party, **extra) as transport:
         result = spec.build(learning, deployment, transport, identity, on_progress).run()
     if deployment.out is not None:
         deployment.out.write_text(json.dumps(result) + "\n")

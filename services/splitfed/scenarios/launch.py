@@ -25,10 +25,11 @@ from splitfed.config import NAME, setting
 from splitfed.observability import metrics
 from splitfed.roles.declaration import Identity, Progress, ProgressSink, RoleSpec
 from splitfed.roles.deployment import LOG_LEVELS
-from splitfed.transport import Connection, MemoryBroker, MemoryTransport, Transport, connect, is_amqp, redact
-from splitfed.transport.connection import warn_if_unencrypted
+from splitfed.transport import MEMORY, Broker, Connection, InMemory, MemoryBroker, MemoryTransport, Transport, connect, warn_if_unencrypted
+from splitfed.transport.broker import NotAmqp
 
 log = logging.getLogger(__name__)
+PROCESSES_NEED_AMQP = "separate processes need a broker URL (amqp:// or amqps://)"
 TransportFactory = Callable[[str], Transport]  # party name -> its own connection
 POLL_SECONDS = 0.1  # how often the launcher looks at its roles while it waits for them
 
@@ -54,7 +55,7 @@ class LocalRun:
 class RunSettings(Connection, LocalRun):
     """How `splitfed run` deploys a scenario's roles."""
 
-    broker: str = setting("memory", "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost, or several such URLs, comma-separated, of one cluster.", metavar="URL")
+    broker: str = setting(MEMORY, "memory (every role in this process, no broker) or amqp(s)://user:pass@host:port/vhost, or several such URLs, comma-separated, of one cluster.", metavar="URL")
     launch: str | None = setting(None, "threads or processes (default: threads with memory, processes with a broker URL).", choices=("threads", "processes"))
     session: str | None = setting(None, "Session id: names the queues (default: a new random one).", pattern=NAME)
     timeout: float = setting(300.0, "Seconds any role waits for a peer before giving up.", min=0.1)
@@ -64,14 +65,25 @@ class RunSettings(Connection, LocalRun):
         "with --launch processes (0: off).", min=0, max=65535,
     )
 
+    # The --broker value parsed, by `resolved`: what the launcher, its transports and the
+    # clean-up use. Not a setting of its own.
+    address: Broker | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
     def resolved(self) -> RunSettings:
-        """The same settings with the session and launch mode filled in."""
-        launch = self.launch or ("processes" if is_amqp(self.broker) else "threads")
-        if launch == "processes" and not is_amqp(self.broker):
-            raise ValueError("separate processes need a broker URL (amqp:// or amqps://)")
-        if self.broker != "memory":
-            connection_of(self).check("a run over RabbitMQ")
-        return dataclasses.replace(self, launch=launch, session=self.session or new_session())
+        """The same settings with the session, the launch mode and the parsed broker filled in;
+        settings that cannot work are refused here, before anything connects or trains."""
+        try:
+            address = InMemory() if self.broker == MEMORY else self.amqp_broker("a run over RabbitMQ")
+        except NotAmqp:
+            if self.launch == "processes":
+                raise ValueError(PROCESSES_NEED_AMQP) from None
+            raise
+        launch = self.launch or ("threads" if isinstance(address, InMemory) else "processes")
+        if launch == "processes" and isinstance(address, InMemory):
+            raise ValueError(PROCESSES_NEED_AMQP)
+        resolved = dataclasses.replace(self, launch=launch, session=self.session or new_session())
+        resolved.address = address
+        return resolved
 
     def private_key(self, party: str) -> Path | None:
         """Where `splitfed keys generate` put `party`'s private key: beside the key list."""
@@ -122,19 +134,19 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         config_values = config.values_of(learning)
     else:
         settings = settings.resolved()
-        warn_if_unencrypted(settings.broker, settings.key_list is not None)
+        warn_if_unencrypted(settings.address, settings.key_list is not None)
         connect_as = connect_as or transport_factory(settings)
         with tempfile.TemporaryDirectory(prefix="splitfed-") as folder:
             workdir = Path(folder)
             launches = with_metrics(scenario.plan(learning, settings, workdir), settings)
             if settings.launch == "processes":
-                result = run_processes(launches, connection_of(settings), on_progress, settings.timeout, workdir)
+                result = run_processes(launches, settings, on_progress, settings.timeout, workdir)
             else:
                 result = run_threads(launches, connect_as, on_progress, settings.timeout)
             delete_queues(connect_as, scenario.queues(learning, settings))
             if scenario.finish:
                 scenario.finish(learning, settings, workdir, result)
-        config_values = {**config.values_of(learning), "session": settings.session, "broker": redact(settings.broker), "launch": settings.launch,
+        config_values = {**config.values_of(learning), "session": settings.session, "broker": str(settings.address), "launch": settings.launch,
                          "authenticated": settings.key_list is not None}
     return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
 
@@ -154,16 +166,13 @@ def with_metrics(launches: list[Launch], settings: RunSettings) -> list[Launch]:
     return [launch.with_deployment(metrics_port=port, metrics_address="127.0.0.1") for launch, port in zip(launches, ports)]
 
 
-def connection_of(settings: RunSettings) -> Connection:
-    return config.build(Connection, config.values_of(settings))
-
-
 def transport_factory(settings: RunSettings) -> TransportFactory:
-    if settings.broker == "memory":
+    """Each party's own connection to the broker of `settings` (resolved)."""
+    broker = settings.address
+    if isinstance(broker, InMemory):
         shared = MemoryBroker()
         return lambda party: MemoryTransport(shared)
-    connection = connection_of(settings)
-    return lambda party: connect(connection, party)
+    return lambda party: connect(broker, settings, party)
 
 
 def delete_queues(connect_as: TransportFactory, queues: list[str]) -> None:
@@ -275,13 +284,14 @@ IDLE_SPINS = 10_000
 
 def role_environment(launch: Launch, connection: Connection) -> dict[str, str]:
     """The process environment for one role: this one's, without SPLITFED_* variables meant for
-    the launching command, plus exactly the variables the role declares."""
+    the launching command, plus exactly the variables the role declares (of `connection`, a run's
+    settings among them, only the connection's)."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith(config.ENV_PREFIX)}
     learning = (launch.learning,) if launch.spec.learning else ()
     threads = {"OMP_NUM_THREADS": str(launch.threads)}
     if "GOMP_SPINCOUNT" not in inherited and "OMP_WAIT_POLICY" not in inherited:
         threads["GOMP_SPINCOUNT"] = str(IDLE_SPINS)
-    return {**inherited, **config.to_env(*learning, launch.deployment, connection), **threads}
+    return {**inherited, **config.to_env(*learning, launch.deployment), **config.env_of(Connection, connection), **threads}
 
 
 class ProcessGroup:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from splitfed.transport.base import ChunkRefused, Delivery, Transport, TransportError
-from splitfed.transport.connection import Connection, connect, is_amqp, redact
+from splitfed.transport.broker import MEMORY, AmqpBroker, Broker, InMemory, warn_if_unencrypted
+from splitfed.transport.connection import Connection, connect
 from splitfed.transport.memory import MemoryBroker, MemoryTransport
 
-__all__ = ["ChunkRefused", "Connection", "Delivery", "Transport", "TransportError", "MemoryBroker", "MemoryTransport", "connect", "is_amqp", "redact"]
+__all__ = [
+    "MEMORY", "AmqpBroker", "Broker", "ChunkRefused", "Connection", "Delivery", "InMemory", "MemoryBroker", "MemoryTransport", "Transport",
+    "TransportError", "connect", "warn_if_unencrypted",
+]

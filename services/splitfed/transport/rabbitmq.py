@@ -8,12 +8,10 @@ as a caller waits (interrupted through `add_callback_threadsafe`). Operations qu
 and whoever drives runs them in order; results come back through futures. Only the I/O thread
 connects, reconnects and stops. Publisher confirms are on, and `publish` returns only once the
 broker confirmed the message; acks are manual and sent only when the caller says the work is done. Frames larger than
-`chunk_size` travel as numbered chunks and are reassembled before delivery, so no message hits
-the broker's `max_message_size`. Partly arrived messages are bounded per queue (count, age, and
-the chunks they announce, reserved when they start) and per sender; the reserved chunks never
-exceed the part of the prefetch window set aside for them, so partials that never complete
-cannot stall consumption, and memory in flight stays within the window. Connection loss is retried with capped exponential back-off;
-refused credentials, access or channel errors are final.
+`chunk_size` travel as numbered chunks (`transport.chunks`), reassembled before delivery, so no message hits
+the broker's `max_message_size`; the prefetch window keeps room for the chunks of partly arrived
+messages. Connection loss is retried with capped exponential back-off; refused credentials,
+access or channel errors are final.
 
 The broker may be several addresses (a cluster's nodes): every connection tries them in turn,
 each reconnect starting one further along, so a client whose node died moves to the next. With
@@ -25,27 +23,21 @@ from __future__ import annotations
 
 import collections
 import logging
-import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import pika
 import pika.exceptions as pex
 
-from splitfed.transport.base import AdmitHook, ChunkRefused, Delivery, LockLost, RejectHook, Transport, TransportError
-from splitfed.transport.connection import broker_urls
+from splitfed.transport.base import AdmitHook, Delivery, LockLost, RejectHook, Transport, TransportError
+from splitfed.transport.broker import AmqpBroker, TLSOptions
+from splitfed.transport.chunks import PARTIAL_TTL, Reassembler, Refused, Whole, split
 
 log = logging.getLogger(__name__)
 
-CHUNK_ID, CHUNK_INDEX, CHUNK_COUNT = "x-splitfed-chunk-id", "x-splitfed-chunk-index", "x-splitfed-chunk-count"
-MAX_PENDING_REASSEMBLIES = 64  # per queue; a new partial beyond them is refused, none is evicted
-MAX_PENDING_PER_SENDER = 4  # a sender's messages arrive in order: more than a few in progress is a flood
-PARTIAL_TTL = 120.0  # seconds a partly arrived message may wait for its other chunks
 MAX_PREFETCH = 65535  # AMQP's prefetch count is an unsigned 16-bit number
 QUEUE_TYPES = ("classic", "quorum")
 HANDOVER_IDLE = 0.25  # seconds a caller leaves the transport alone before the I/O thread drives the connection
@@ -60,47 +52,16 @@ class _Nacked(Exception):
     """The broker nacked a publish: not taken, may be sent again."""
 
 
-@dataclass
-class TLSOptions:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_hostname: str | None = None
-
-    def context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
-
-
-@dataclass(frozen=True)
-class _Watch:
-    max_bytes: int
-    on_reject: RejectHook
-    admit: AdmitHook | None
-
-
-@dataclass
-class _Reassembly:
-    queue: str
-    sender: str  # as the admission hook named it ("" without one)
-    parts: list[bytes | None]
-    tags: list[int]
-    size: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-
 class RabbitTransport(Transport):
     def __init__(
         self,
-        url: str,  # one amqp(s):// URL, or several separated by commas
+        broker: AmqpBroker | str,  # or its text (one amqp(s):// URL, or several comma-separated), parsed here with `tls`
         *,
         chunk_size: int = 16 * 1024**2,
         max_message_bytes: int = 2 * 1024**3,
         prefetch: int = 16,
         heartbeat: int | None = None,
-        tls: TLSOptions | None = None,
+        tls: TLSOptions | None = None,  # for a broker given as text: an AmqpBroker carries its own
         queue_expires_ms: int | None = 30 * 60 * 1000,
         durable_queue_expires_ms: int | None = 24 * 3600 * 1000,
         connect_timeout: float = 30.0,
@@ -113,7 +74,9 @@ class RabbitTransport(Transport):
     ):
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
-        self._params = [self._parameters(address, name, heartbeat, tls) for address in broker_urls(url)]
+        if not isinstance(broker, AmqpBroker):
+            broker = AmqpBroker.parse(broker, tls, who=name)
+        self._params = [self._parameters(address, name, heartbeat, broker.tls) for address in broker.urls]
         for params in self._params:
             # A caller driving the connection waits inside pika, as the I/O thread would: a broker
             # that blocks publishers (a resource alarm) for longer than an operation may take drops
@@ -123,14 +86,13 @@ class RabbitTransport(Transport):
         self._queue_type = queue_type
         self._chunk_size = chunk_size
         self._max_message_bytes = max_message_bytes
+        self._chunks = Reassembler(chunk_size, max_message_bytes, partial_ttl)
         # A message's chunks are acked together after the work, so all of them must fit in flight:
-        # the window has room for `prefetch` messages and for the chunks of partial messages (two
-        # of the largest at once: senders publishing at the same time interleave their chunks).
-        self._partial_chunks = 2 * -(-max_message_bytes // chunk_size)
-        self._prefetch = prefetch + self._partial_chunks
+        # the window has room for `prefetch` messages and for the chunks partial messages reserve.
+        self._prefetch = prefetch + self._chunks.reserve
         if self._prefetch > MAX_PREFETCH:
             raise ValueError(
-                f"--chunk-size {chunk_size} is too small: two {max_message_bytes}-byte messages would need {self._partial_chunks} chunks in flight, "
+                f"--chunk-size {chunk_size} is too small: two {max_message_bytes}-byte messages would need {self._chunks.reserve} chunks in flight, "
                 f"and AMQP allows {MAX_PREFETCH} (use at least {-(-2 * max_message_bytes // (MAX_PREFETCH - prefetch))} bytes)"
             )
         # An abandoned session's queues vanish after this long unused; durable ones hold state a
@@ -139,14 +101,12 @@ class RabbitTransport(Transport):
         self._operation_timeout = operation_timeout
         self._nack_patience = nack_patience
         self._on_reject = on_reject or (lambda reason, detail: log.warning("rejected %s: %s", reason, detail))
-        self._partial_ttl = partial_ttl
-        self._watched: dict[str, _Watch] = {}
+        self._on_reject_of: dict[str, RejectHook] = {}  # watched queues' own
 
         self._ops: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._acks: collections.deque[tuple[int, list[int]]] = collections.deque()  # (generation, tags), sent after the queued operations
         self._declared: dict[str, bool] = {}  # queue -> durable, redeclared after a reconnect
         self._inboxes: dict[str, collections.deque[Delivery]] = {}  # consumed queues, guarded by _cv
-        self._reassembly: dict[str, _Reassembly] = {}
         self._locks: set[str] = set()  # exclusive queues this connection holds, taken back first on a reconnect
         self._holding = threading.Event()  # connected, with every lock in _locks
         self._connection: pika.BlockingConnection | None = None
@@ -195,12 +155,7 @@ class RabbitTransport(Transport):
             return
         if len(body) > self._max_message_bytes:
             raise TransportError(f"message of {len(body)} bytes exceeds max_message_bytes {self._max_message_bytes}")
-        chunk_id = uuid.uuid4().hex
-        count = -(-len(body) // self._chunk_size)
-        view = memoryview(body)
-        for index in range(count):
-            piece = bytes(view[index * self._chunk_size : (index + 1) * self._chunk_size])
-            headers = {CHUNK_ID: chunk_id, CHUNK_INDEX: index, CHUNK_COUNT: count}
+        for piece, headers in split(body, self._chunk_size):
             self._publish_confirmed(queue_name, piece, persistent, headers)
 
     def _publish_confirmed(self, name: str, body: bytes, persistent: bool, headers: dict | None) -> None:
@@ -242,7 +197,8 @@ class RabbitTransport(Transport):
             self._wake()
 
     def watch(self, queue: str, *, max_bytes: int, on_reject: RejectHook, admit: AdmitHook | None = None) -> None:
-        self._watched[queue] = _Watch(min(max_bytes, self._max_message_bytes), on_reject, admit)
+        self._chunks.watch(queue, max_bytes, admit)
+        self._on_reject_of[queue] = on_reject
 
     def hold(self, lock: str) -> bool:
         return lock in self._locks or self._call(lambda: self._hold(self._connection, lock))
@@ -493,7 +449,7 @@ class RabbitTransport(Transport):
         channel.basic_qos(prefetch_count=self._prefetch)
         self._connection, self._channel = connection, channel
         self.generation += 1
-        self._reassembly.clear()
+        self._chunks.clear()
         for name, durable in self._declared.items():
             self._declare(name, durable)
         for name, inbox in self._inboxes.items():
@@ -603,33 +559,11 @@ class RabbitTransport(Transport):
             self._channel.basic_ack(tag)
 
     def _on_message(self, name: str, generation: int, tag: int, headers: dict, body: bytes) -> None:
-        if CHUNK_ID not in headers:
-            self._deliver(Delivery(name, body, (generation, [tag])))
-            return
-        chunk_id, index, count = headers.get(CHUNK_ID), headers.get(CHUNK_INDEX), headers.get(CHUNK_COUNT)
-        if not (isinstance(chunk_id, (str, bytes)) and isinstance(index, int) and isinstance(count, int)) or not 0 <= index < count:
-            self._reject(tag, "malformed", f"bad chunk headers on {name}", name)
-            return
-        limit = self._limit(name)
-        if count > -(-limit // self._chunk_size):  # more chunks than a message this queue accepts can have
-            self._reject(tag, "oversized", f"{count} chunks of {self._chunk_size} bytes exceed the {limit}-byte limit of {name}", name)
-            return
-        key = f"{name}/{chunk_id!s}"
-        entry = self._reassembly.get(key) or self._open_partial(name, key, tag, index, count, body)
-        if entry is None:
-            return
-        if len(entry.parts) != count or entry.parts[index] is not None:
-            self._reject(tag, "malformed", f"chunk {index}/{count} of {key} conflicts with earlier chunks", name)
-            return
-        entry.parts[index] = body
-        entry.tags.append(tag)
-        entry.size += len(body)
-        if entry.size > limit:
-            del self._reassembly[key]
-            self._reject(entry.tags, "oversized", f"chunked message {key} exceeds {limit} bytes", name)
-        elif all(part is not None for part in entry.parts):
-            del self._reassembly[key]
-            self._deliver(Delivery(name, b"".join(entry.parts), (generation, entry.tags)))
+        outcome = self._chunks.take(name, tag, headers, body, time.monotonic())
+        if isinstance(outcome, Whole):
+            self._deliver(Delivery(name, outcome.body, (generation, outcome.tags)))
+        elif isinstance(outcome, Refused):
+            self._reject(outcome)
 
     def _deliver(self, delivery: Delivery) -> None:
         with self._cv:
@@ -637,51 +571,14 @@ class RabbitTransport(Transport):
             if self._waiters:
                 self._cv.notify_all()
 
-    def _open_partial(self, name: str, key: str, tag: int, index: int, count: int, body: bytes) -> _Reassembly | None:
-        """A place for a new chunked message, or None when it is refused. With an admission hook
-        the message must open with its first chunk, which the hook judges (signature, run) before
-        anything is kept. The message reserves the chunks it announces; when they do not fit
-        beside those already reserved, or the queue or sender holds its most partials, the
-        newcomer is refused rather than a message still arriving evicted: a flood can neither
-        push out a genuine message nor fill the prefetch window, and it expires on its own."""
-        watch = self._watched.get(name)
-        sender = ""
-        if watch is not None and watch.admit is not None:
-            if index != 0:
-                self._reject(tag, "malformed", f"chunk {index}/{count} of {key}, which did not open with its first chunk", name)
-                return None
-            try:
-                sender = watch.admit(body)
-            except ChunkRefused as refused:
-                self._reject(tag, refused.reason, f"first chunk of {key}: {refused.detail}", name)
-                return None
-        partials = [entry for entry in self._reassembly.values() if entry.queue == name]
-        reserved = sum(len(entry.parts) for entry in partials)  # each consumer has its own window
-        if len(partials) >= MAX_PENDING_REASSEMBLIES or reserved + count > self._partial_chunks:
-            self._reject(tag, "partials", f"{len(partials)} messages on {name} ({reserved} chunks) are already partly here", name)
-            return None
-        if sender and sum(entry.sender == sender for entry in partials) >= MAX_PENDING_PER_SENDER:
-            self._reject(tag, "partials", f"{MAX_PENDING_PER_SENDER} messages from {sender} on {name} are already partly here", name)
-            return None
-        entry = self._reassembly[key] = _Reassembly(name, sender, [None] * count, [])
-        return entry
-
-    def _limit(self, name: str) -> int:
-        return self._watched[name].max_bytes if name in self._watched else self._max_message_bytes
-
     def _expire_partials(self) -> None:
-        """Refuse messages whose other chunks have not come within the partial TTL: they would
-        hold memory and prefetch slots for ever."""
-        now = time.monotonic()
-        for key, entry in list(self._reassembly.items()):
-            if now - entry.started > self._partial_ttl:
-                del self._reassembly[key]
-                self._reject(entry.tags, "expired", f"chunked message {key} incomplete after {self._partial_ttl:.0f}s", entry.queue)
+        for refused in self._chunks.expire(time.monotonic()):
+            self._reject(refused)
 
-    def _reject(self, tags: int | list[int], reason: str, detail: str, name: str | None = None) -> None:
-        for tag in tags if isinstance(tags, list) else [tags]:
+    def _reject(self, refused: Refused) -> None:
+        for tag in refused.tags:
             self._channel.basic_ack(tag)  # refused for good: redelivering it would not make it valid
-        (self._watched[name].on_reject if name in self._watched else self._on_reject)(reason, detail)
+        self._on_reject_of.get(refused.queue, self._on_reject)(refused.reason, refused.detail)
 
 
 def _forward(done: Future, caller: Future) -> None:

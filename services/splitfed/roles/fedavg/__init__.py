@@ -10,15 +10,9 @@ from pathlib import Path
 from splitfed.config import NAME, setting
 from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids  # noqa: F401 (the roles' names, used by scenarios)
 from splitfed.observability import metrics
-from splitfed.roles.declaration import RoleSpec
+from splitfed.roles.declaration import Replicas, RoleSpec
 from splitfed.roles.deployment import Party, RoundPolicy
-
-SERVER, WORKER = "fedavg-server", "fedavg-worker"
-
-
-class CheckpointError(RuntimeError):
-    """The server cannot write or use its checkpoint; the message says why and what is intact."""
-
+from splitfed.roles.fedavg.common import SERVER, WORKER, CheckpointError  # noqa: F401 (the family's names, used by scenarios and the CLI)
 
 @dataclass(kw_only=True)
 class ServerDeployment(Party, RoundPolicy):
@@ -46,6 +40,8 @@ def _worker(settings, deployment, transport, identity, on_progress):  # noqa: AN
     return FedAvgWorker(settings, deployment, transport, identity, on_progress)
 
 
+FAMILY = ("fedavg",)
+
 ROLES = (
     RoleSpec(
         SERVER, "The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints.", FederatedSettings, ServerDeployment,
@@ -54,9 +50,11 @@ ROLES = (
          metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS, metrics.SAMPLED_WORKERS, metrics.SERVER_ACTIVE),
         # Every update of a round stays unacked until the round is on disk: let them all in.
         prefetch=lambda settings: 2 * settings.round_sample_size(settings.workers) + 16,
+        families=FAMILY, torch=True, reads_data=True, replicas=Replicas.ANY, job=True, values_key="fedavgServer", image=SERVER,
     ),
     RoleSpec(
         WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,
         _worker, (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.LOCAL_SAMPLES, metrics.UPDATE_BYTES, metrics.ACTIVITY_SECONDS), party=lambda learning, deployment: deployment.worker_id,
+        families=FAMILY, torch=True, reads_data=True, replicas=Replicas.ANY, counts="workers", values_key="fedavgWorker", image=WORKER,
     ),
 )

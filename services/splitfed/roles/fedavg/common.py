@@ -1,7 +1,7 @@
 """What the FedAvg roles share: queue names, message kinds, model tensors on the wire.
 
 worker --join--> server --welcome{round}--> worker          (or --refused{reason, ref}--> worker)
-server --model{round, params [, control/*], prox_mu, absent_scale, frozen_head, calibration_tau}--> each sampled worker
+server --model{round, params [, control/*], recipe{prox_mu, absent_scale, calibration_tau, frozen_head, control_variates}}--> each sampled worker
 worker --update{round, params [, control-delta/*], samples, train_loss}--> server   (signed, persistent, durable queue)
 server --calibrate{round: rounds + 1, params}--> each worker heard from, with --calibration ccvr
 worker --statistics{round, class_counts, class_means, class_covariances, samples}--> server   (signed, persistent, durable queue)
@@ -17,11 +17,18 @@ import numpy as np
 
 from splitfed.config import NAME
 from splitfed.roles.endpoint import queue_name, to_numpy
-from splitfed.roles.fedavg import SERVER, WORKER, worker_ids
+from splitfed.learning.settings import worker_ids
+
+SERVER, WORKER = "fedavg-server", "fedavg-worker"
 
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
 CALIBRATE, STATISTICS = "calibrate", "statistics"
+RECIPE = "recipe"  # a model message's meta entry: the strategy's local recipe (learning.strategies.LocalRecipe), field by field
 WORKER_ID = re.compile(NAME)  # fullmatch: a worker id becomes part of a queue name
+
+
+class CheckpointError(RuntimeError):
+    """The server cannot write or use its checkpoint; the message says why and what is intact."""
 
 
 def server_queue(session: str) -> str:

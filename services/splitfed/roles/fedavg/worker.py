@@ -3,7 +3,9 @@ returns a signed update for that round."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 import uuid
 
@@ -12,19 +14,42 @@ import torch
 from splitfed.errors import Refused
 from splitfed.learning import calibration, data, federated, models
 from splitfed.learning.settings import PartitionSettings
+from splitfed.learning.strategies import LocalRecipe
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix,
-    without_prefix, worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, RECIPE, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire,
+    with_prefix, without_prefix, worker_queue,
 )
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
+# The recipe's numbers and the closed ranges they must lie in (infinity itself is refused).
+RECIPE_RANGES = {"prox_mu": (0.0, math.inf), "absent_scale": (0.0, 1.0), "calibration_tau": (0.0, math.inf)}
+
+
+def received_recipe(message: Message) -> LocalRecipe:
+    """The local recipe a model message carries (a field it leaves out keeps its default);
+    ProtocolError("value") for a field this worker cannot train with."""
+    fields = message.meta.get(RECIPE, {})
+    if not isinstance(fields, dict):
+        raise ProtocolError("value", f"recipe {fields!r:.80}")
+    values = {}
+    for field in dataclasses.fields(LocalRecipe):
+        value = fields.get(field.name, field.default)
+        if field.name in RECIPE_RANGES:
+            low, high = RECIPE_RANGES[field.name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high or value == math.inf:
+                raise ProtocolError("value", f"{field.name} {value!r}")
+            value = float(value)
+        elif not isinstance(value, bool):
+            raise ProtocolError("value", f"{field.name} {value!r}")
+        values[field.name] = value
+    return LocalRecipe(**values)
 
 
 def received_tensors(message: Message) -> dict[str, torch.Tensor]:
@@ -100,14 +125,8 @@ class FedAvgWorker(Role):
         if message.kind == CALIBRATE:
             check_tensors(message, self.specs)
         if message.kind == MODEL:
-            controlled = any(name.startswith(CONTROL) for name in message.tensors)
-            check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if controlled else {})})
-            for name, low, high in (("prox_mu", 0.0, float("inf")), ("absent_scale", 0.0, 1.0), ("calibration_tau", 0.0, float("inf"))):
-                value = message.meta.get(name, 0.0)
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high or value == float("inf"):
-                    raise ProtocolError("value", f"{name} {value!r}")
-            if not isinstance(message.meta.get("frozen_head", False), bool):
-                raise ProtocolError("value", f"frozen_head {message.meta.get('frozen_head')!r}")
+            recipe = received_recipe(message)
+            check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if recipe.control_variates else {})})
 
     def handle(self, message: Message, delivery: Delivery) -> None:
         # A model for a round already answered is a redelivery: nothing to do.
@@ -123,13 +142,10 @@ class FedAvgWorker(Role):
         started = time.perf_counter()
         tensors = received_tensors(message)
         self.model.load_state_dict({name: tensors[name] for name in self.specs})
-        server_control = without_prefix(CONTROL, tensors)
+        recipe = received_recipe(message)
+        controls = (without_prefix(CONTROL, tensors), self.control) if recipe.control_variates else None
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
-        work = federated.local_training(
-            self.model, self.data, self.settings, seed, message.round, prox_mu=float(message.meta.get("prox_mu", 0.0)),
-            absent_scale=float(message.meta.get("absent_scale", 1.0)), frozen_head=message.meta.get("frozen_head", False),
-            calibration_tau=float(message.meta.get("calibration_tau", 0.0)), controls=(server_control, self.control) if server_control else None,
-        )
+        work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls)
         loss, sent = work.loss, to_wire(self.model.state_dict())
         if work.control is not None:
             sent.update(to_wire(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from splitfed.config import setting
 from splitfed.learning.settings import HyperedgeSettings, P2PSettings, SMPLSettings
 from splitfed.observability import metrics
-from splitfed.roles.declaration import Builder, RoleSpec
+from splitfed.roles.declaration import Builder, Replicas, RoleSpec
 from splitfed.roles.deployment import Party, Reporting, SigningService
 from splitfed.roles.p2p.common import P2P_PEER, SMPL_PEER, TRACKER, peer_name
 
@@ -46,13 +46,17 @@ ROLES = (
     RoleSpec(
         TRACKER, "Who is in a decentralized session: registers, evicts silent peers, tells every peer; draws SMPL's hyperedges (no torch).",
         HyperedgeSettings, TrackerDeployment, _built_by("splitfed.roles.p2p.tracker", "Tracker"), (*metrics.WIRE, metrics.LIVE_PEERS, metrics.PEERS_EVICTED, metrics.HYPEREDGES_ACTIVE),
+        # It keeps the membership of both decentralized families: p2p unless the release's peers are SMPL's.
+        families=("p2p", "smpl"), job=True, values_key="p2pTracker", image=TRACKER,
     ),
     RoleSpec(
         P2P_PEER, "A peer of a p2p session: trains its share, sends its model to every live peer after each epoch, averages what arrived.",
         P2PSettings, PeerDeployment, _built_by("splitfed.roles.p2p.peer", "P2PPeer"), PEER_METRICS, party=lambda learning, deployment: peer_name(P2P_PEER, deployment.peer_index),
+        families=("p2p",), torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="peers", job=True, values_key="p2pPeer", image=P2P_PEER,
     ),
     RoleSpec(
         SMPL_PEER, "A peer of an SMPL session: trains in random hyperedges the tracker draws and synchronises inside each.",
         SMPLSettings, PeerDeployment, _built_by("splitfed.roles.p2p.smpl", "SMPLPeer"), (*PEER_METRICS, metrics.HYPEREDGES_ACTIVE), party=lambda learning, deployment: peer_name(SMPL_PEER, deployment.peer_index),
+        families=("smpl",), torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="peers", job=True, values_key="smplPeer", image=SMPL_PEER,
     ),
 )

@@ -123,7 +123,10 @@ class Membership:
         return True
 
     def poll(self, until: float, kinds: Collection[str], check: Callable[[Message], None], handle: Callable[[Message], None]) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic)."""
+        """Handle what is in the inbox, waiting for more until `until` (monotonic). The peer drives
+        its own run (training, averaging) and looks at its inbox between steps, for as long as it
+        chooses: a driven exchange, not a receiving role's loop (`Role.consume`), which waits for
+        messages until its work is done."""
         while True:
             received = self.endpoint.receive(kinds, None, check, wait=max(1e-3, until - time.monotonic()))
             if received is None:

@@ -15,6 +15,7 @@ from splitfed.learning.settings import P2PSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
+from splitfed.roles.endpoint import RoleTimeout
 from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, count, peer_queue
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
@@ -66,7 +67,7 @@ class P2PPeer(Peer):
         deadline = time.monotonic() + self.endpoint.timeout
         while not self.membership.registered():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
+                raise RoleTimeout(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
             self.poll(until=time.monotonic() + POLL_SECONDS)
         ahead = sorted(((entry["epoch"], name) for name, entry in self.membership.peers.items() if entry["epoch"] > 0), reverse=True)
         for _, name in ahead:

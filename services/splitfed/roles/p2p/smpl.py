@@ -27,6 +27,7 @@ from splitfed.learning.settings import SMPLSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, ProgressSink
+from splitfed.roles.endpoint import RoleTimeout
 from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
@@ -85,7 +86,7 @@ class SMPLPeer(Peer):
             self.poll_if_due()
             self.advance()
             if not self.membership.registered() and time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
+                raise RoleTimeout(f"{self.name}: no answer from the tracker within {self.endpoint.timeout:.0f}s")
         self.membership.leave()
         return self.result()
 
@@ -93,7 +94,7 @@ class SMPLPeer(Peer):
         """Ask for a hyperedge while this peer has room for one and hyperepochs left to fill."""
         busy = len(self.edges) + len(self.history)
         if self.asked is not None and time.monotonic() - self.asked > self.endpoint.timeout and not self.edges:
-            raise TimeoutError(f"{self.name}: no hyperedge from the tracker within {self.endpoint.timeout:.0f}s of asking")
+            raise RoleTimeout(f"{self.name}: no hyperedge from the tracker within {self.endpoint.timeout:.0f}s of asking")
         if self.asked is not None or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
             return
         loss = scored(self.model, self.validation, self.settings).loss

@@ -19,7 +19,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint, Rejection
+from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
 from splitfed.roles.p2p.common import (
     HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fraction, incarnation_of, peer_queue, peer_role,
     tracker_queue,
@@ -28,7 +28,6 @@ from splitfed.roles.p2p.hyperedges import Matchmaker
 from splitfed.transport import Delivery, Transport, TransportError
 
 log = logging.getLogger(__name__)
-CHECK_SECONDS = 0.25  # the longest the tracker waits for a message before it looks for silent peers
 
 
 @dataclass
@@ -49,6 +48,11 @@ class Member:
 
 
 class Tracker(Role):
+    # A silent peer is evicted only once the inbox is drained: every heartbeat sent before now has
+    # been handled, so its silence is real (a tracker that fell behind would otherwise evict peers
+    # whose heartbeats are waiting in its queue).
+    drains = True
+
     def __init__(self, settings: HyperedgeSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.TrackerDeployment)
         self.session = deployment.session
         self.peer_timeout = deployment.peer_timeout
@@ -66,35 +70,33 @@ class Tracker(Role):
         self.live_gauge = metrics.LIVE_PEERS.labels(TRACKER, self.session)
         self.evicted_counter = metrics.PEERS_EVICTED.labels(TRACKER, self.session)
         self.hyperedges_gauge = metrics.HYPEREDGES_ACTIVE.labels(TRACKER, self.session)
-        self.idle_since = time.monotonic()
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> dict:
         log.info("p2p-tracker ready (peer timeout %.1fs%s)", self.peer_timeout, f", expecting {self.expect_peers} peers" if self.expect_peers else "")
-        while not self.finished():
-            received = self.receive(wait=1e-3)
-            if received is None:
-                # The inbox is drained: every heartbeat sent before now has been handled, so silence
-                # is real (a tracker that fell behind would otherwise evict peers whose heartbeats
-                # are waiting in its queue).
-                self.evict_silent()
-                received = self.receive(wait=CHECK_SECONDS)
-            if received is not None:
-                message, delivery = received
-                self.handle(message, delivery)
-                self.endpoint.ack(delivery)
-                self.idle_since = time.monotonic()
-            elif not self.live() and time.monotonic() - self.idle_since > self.endpoint.timeout and self.expect_peers:
-                raise TimeoutError(f"p2p-tracker: no peer for {self.endpoint.timeout:.0f}s ({len(self.members)} of {self.expect_peers} registered)")
+        self.consume()
         return self.result()
 
-    def receive(self, wait: float) -> tuple[Message, Delivery] | None:
-        return self.endpoint.receive((REGISTER, HEARTBEAT, REPORT, LEAVE, WANT), None, self.check, self.on_reject, wait=wait)
+    def expecting(self) -> tuple[tuple[str, ...], None]:
+        return (REGISTER, HEARTBEAT, REPORT, LEAVE, WANT), None
 
+    @property
     def finished(self) -> bool:
         """With --expect-peers N: once N peers have registered and none is live any more."""
         return bool(self.expect_peers) and len(self.members) >= self.expect_peers and not self.live()
+
+    def on_idle(self) -> None:
+        self.evict_silent()
+
+    def next_deadline(self) -> float | None:
+        """When the live peer heard from longest ago is due for eviction (the drained inbox decides)."""
+        return min((member.last_seen + self.peer_timeout for member in self.live().values()), default=None)
+
+    def on_silence(self, seconds: float) -> None:
+        """Without peers for --timeout, a tracker expecting some gives up; one that is not waits on."""
+        if self.expect_peers and not self.live():
+            raise RoleTimeout(f"p2p-tracker: no peer for {seconds:.0f}s ({len(self.members)} of {self.expect_peers} registered)")
 
     def live(self) -> dict[str, Member]:
         return {name: member for name, member in self.members.items() if member.state == "live"}
@@ -148,11 +150,11 @@ class Tracker(Role):
 
     # -- what peers say ------------------------------------------------------------------------
 
-    def handle(self, message: Message, delivery: Delivery) -> bool:
+    def handle(self, message: Message, delivery: Delivery) -> None:
         now = time.monotonic()
         if message.kind == REGISTER:
             self.register(message, now)
-            return False
+            return
         member = self.members[message.sender]
         member.last_seen = now
         if message.kind == HEARTBEAT:
@@ -167,7 +169,6 @@ class Tracker(Role):
         elif message.kind == WANT:
             self.matchmaker.want(message.sender, message.meta)
             self.matchmaker.form(set(self.live()), len(self.members))
-        return False
 
     def register(self, message: Message, now: float) -> None:
         meta = message.meta

@@ -11,7 +11,7 @@ from pathlib import Path
 from splitfed.config import setting
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
-from splitfed.roles.declaration import RoleSpec
+from splitfed.roles.declaration import Replicas, RoleSpec
 from splitfed.roles.deployment import Party, Service, SigningService, SplitRouting
 from splitfed.roles.split.common import client_name
 
@@ -50,21 +50,29 @@ def _relay(settings, deployment, transport, identity, on_progress):  # noqa: ANN
     return Relay(deployment, transport, identity)
 
 
+FAMILY = ("split",)
+
 ROLES = (
-    RoleSpec("relay", "Forward frames between the two halves of a one-client split session (no torch).", None, Service, _relay, metrics.WIRE),
+    RoleSpec(
+        "relay", "Forward frames between the two halves of a one-client split session (no torch).", None, Service, _relay, metrics.WIRE,
+        families=FAMILY, values_key="relay", image="relay",
+    ),
     RoleSpec(
         "split-client", "A data owner of a split session: data, labels, first layers; drives training.", SplitNNSettings, SplitClientParty, _client,
         (*metrics.WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
         party=lambda learning, deployment: client_name(deployment.client_index, learning.clients),
+        families=FAMILY, torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="clients", job=True, values_key="splitClient", image="split-client",
     ),
     RoleSpec(
         "split-server", "The server half of a split session: the remaining layers, no data; closes epochs, passes turns.", SplitNNSettings, SplitParty, _server,
         (*metrics.WIRE, metrics.SPLIT_ACTIVE_CLIENTS, metrics.SPLIT_EPOCH_CLIENTS, metrics.SPLIT_CLIENT_EPOCH),
         # u-shaped splitfed-v2 holds a batch of each waiting client unacked: let them all in.
         prefetch=lambda settings: 2 * settings.clients + 16,
+        families=FAMILY, torch=True, reads_data=True, job=True, values_key="splitServer", image="split-server",
     ),
     RoleSpec(
         "split-fed", "The fed server of splitfed-v1/v2: averages the clients' layers each epoch (no torch).", SplitNNSettings, SigningService, _fed,
         (*metrics.WIRE, metrics.AVERAGED_CLIENTS),
+        families=FAMILY, job=True, values_key="splitFed", image="split-fed",
     ),
 )

@@ -23,15 +23,16 @@ from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec
+from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, queue_name
 from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD, HELLO, SERVER, client_inbox, client_index, client_name
-from splitfed.transport import Transport
+from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
 
-class SplitFed:
+class SplitFed(Role):
     def __init__(self, settings: SplitNNSettings, deployment, transport: Transport, identity: Identity = Identity()):  # noqa: ANN001 (roles.deployment.SigningService)
         self.settings = settings
         self.session = deployment.session
@@ -51,14 +52,13 @@ class SplitFed:
         self.averaged = metrics.AVERAGED_CLIENTS.labels(FED, self.session)
 
     def run(self) -> dict:
+        """Average until the server's `done`."""
         log.info("split-fed ready for %d clients", self.settings.clients)
-        while True:
-            message, delivery = self.endpoint.receive((HELLO, HEAD, CLOSED, DONE), (SERVER, *self.clients), self.check)
-            finished = self.apply(message)
-            self.endpoint.ack(delivery)
-            if finished:
-                break
+        self.consume()
         return {"averaged_periods": self.averaged_periods, "traffic": vars(self.endpoint.traffic)}
+
+    def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (HELLO, HEAD, CLOSED, DONE), (SERVER, *self.clients)
 
     def check(self, message: Message) -> None:
         if message.kind != HELLO and self.endpoint.run is None:
@@ -91,14 +91,14 @@ class SplitFed:
         if not included or any(name not in self.clients or not isinstance(samples.get(name), int) or samples[name] < 0 for name in included):
             raise ProtocolError("malformed", "closed names clients of this run, each with its samples")
 
-    def apply(self, message: Message) -> bool:
+    def handle(self, message: Message, delivery: Delivery) -> None:
         if message.kind == HELLO:
             self.follow(message)
         elif message.kind == HEAD:
             self.keep(message)
         elif message.kind == CLOSED:
             self.average(period_of(message), message.meta["included"], message.meta["samples"])
-        return message.kind == DONE
+        self.finished = message.kind == DONE
 
     def follow(self, message: Message) -> None:
         """A server's hello: follow its run if it is the newest server (a replayed hello of an

@@ -1,16 +1,12 @@
 """split-server: holds the model's middle (u-shaped) or last layers (vanilla) and no data, for one
 client or several.
 
-With several clients the schedule decides what the server holds and when an epoch closes:
-- splitfed-v2: one set of layers and one optimiser, trained by every client's batches in the order
-  they arrive; an epoch closes when every client has reported its share (`trained`).
-- splitfed-v1: one copy of the layers and optimiser per client; when the epoch closes the copies
-  are averaged, weighted by the samples each client trained on, and every copy restarts from the
-  average.
-  With --syncs-per-epoch S, an epoch of either closes S times (periods: each client's batches of
-  the epoch cut into S runs); only the last period's close names the client that evaluates.
-- round-robin: one set of layers; clients train one at a time. The server passes the turn
-  (`turn`) and the previous client hands its layers to the next one directly.
+With several clients the schedule (roles.split.schedules) decides what the server holds and
+when an epoch closes: splitfed-v2 (one set of layers trained by every client's batches),
+splitfed-v1 (one copy per client, averaged when a period closes) or round-robin (clients train in
+turns the server passes). With --syncs-per-epoch S, an epoch of splitfed-v1 or v2 closes S times
+(periods: each client's batches of the epoch cut into S runs); only the last period's close names
+the clients that evaluate. What the server accepts from a client is checked by roles.split.checks.
 A client that stays silent for --client-timeout is given up for the epoch (or its turn passes),
 as long as --min-clients remain; it is not waited for again until it is heard from. Evaluation
 batches are answered with the layers as they were when the epoch closed, so clients that have
@@ -24,81 +20,32 @@ import copy
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from splitfed.learning import cutting, data, models, train
-from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
-from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.protocol import Message
+from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, queue_name, to_numpy
+from splitfed.roles.endpoint import Endpoint, Rejection, queue_name, to_numpy
+from splitfed.roles.split.checks import check_client_message
 from splitfed.roles.split.common import (
-    ABORT, ACTIVATIONS, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDSHAKE, HELLO, OUTPUTS, SERVER, TRAINED, TURN,
+    ABORT, ACTIVATIONS, CLIENT, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDSHAKE, HELLO, OUTPUTS, SERVER, TRAINED,
     client_name, client_queue, save_parts, shared,
 )
+from splitfed.roles.split.records import ClientState, EpochLog
+from splitfed.roles.split.schedules import schedule_for
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 FROM_CLIENTS = (HELLO, ACTIVATIONS, GRADIENTS, TRAINED, HANDED, EVALUATED)
 
 
-@dataclass
-class ClientState:
-    """What the server knows of one client."""
-
-    name: str
-    index: int
-    queue: str
-    body: torch.nn.Sequential  # the layers its batches train (splitfed-v1: its own copy)
-    opt: torch.optim.Optimizer
-    heard: float  # when it last sent anything (time.monotonic)
-    greeted: bool = False
-    begun: bool = False  # it has sent a batch: a new hello from it can no longer start over
-    gone: bool = False  # given up after --client-timeout of silence; back once heard from
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
-    samples: int = 0  # training samples in the current period (the whole epoch, in round-robin)
-    reported: dict | None = None  # its `trained` for the current period
-    epoch_samples: int = 0  # over the current epoch's reported periods
-    epoch_loss: float = 0.0  # their training loss, summed over those samples
-    batches: int = 0
-
-
-@dataclass
-class EpochLog:
-    epoch: int
-    included: list[str]
-    missing: list[str]
-    samples: dict[str, int]  # over the whole epoch
-    train_loss: float
-    accuracy: float | None = None
-    loss: float | None = None
-    opened: float = 0.0  # time.perf_counter() when the epoch began
-    seconds: float = 0.0  # from then until its evaluation was reported (or given up)
-    evaluators: list[str] = field(default_factory=list)  # who scores which part of the test set, in part order
-    scores: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # evaluator -> (correct, loss sum, samples)
-
-    def waiting_for(self) -> list[str]:
-        return [name for name in self.evaluators if name not in self.scores]
-
-    def add_up(self) -> None:
-        """The epoch's accuracy and loss over the parts scored (all of the test set, unless an
-        evaluator went silent)."""
-        if samples := self.evaluated_samples:
-            self.accuracy = sum(c for c, _, _ in self.scores.values()) / samples
-            self.loss = sum(loss for _, loss, _ in self.scores.values()) / samples
-
-    @property
-    def evaluated_samples(self) -> int:
-        return sum(n for _, _, n in self.scores.values())
-
-
-class SplitServer:
+class SplitServer(Role):
     def __init__(
         self, settings: SplitNNSettings, deployment, transport: Transport, identity: Identity = Identity(),  # noqa: ANN001 (roles.split.SplitParty)
         on_progress: ProgressSink | None = None,
@@ -113,11 +60,10 @@ class SplitServer:
         self.cut_layer = parts.cut_layer
         self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
         self.out_shape = models.output_shape(parts.body, self.in_shape)
-        self.per_client = settings.schedule == "splitfed-v1" and settings.clients > 1
-        self.averaged_bodies = False  # splitfed-v1: self.body is an average (not the initial layers) once this is set
         self.body = parts.body  # the shared layers (splitfed-v1: the average, after each epoch)
         self.opt = train.optimizer(self.body.parameters(), settings.optimizer, settings.lr)
         names = [client_name(index, settings.clients) for index in range(settings.clients)]
+        self.schedule = schedule_for(settings, names)
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=queue_name(self.session, SERVER), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT,), handshake=HANDSHAKE,
@@ -128,7 +74,7 @@ class SplitServer:
         self.clients = {name: self._client(name, index, deployment.via, now) for index, name in enumerate(names)}
         for state in self.clients.values():
             transport.declare(state.queue)
-        self.fed = queue_name(self.session, FED) if settings.clients > 1 and settings.schedule != "round-robin" else None
+        self.fed = queue_name(self.session, FED) if self.schedule.fed else None
         if self.fed:  # the fed follows the run of the newest server to say hello
             transport.declare(self.fed)
             self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at)
@@ -137,18 +83,12 @@ class SplitServer:
         self.epoch_started = time.perf_counter()
         self.epochs: list[EpochLog] = []
         self.awaiting_evaluation: EpochLog | None = None  # closed, its evaluator not yet heard
-        self.turns = _TurnOrder(names, settings.epochs) if settings.schedule == "round-robin" and settings.clients > 1 else None
         self.compute_seconds = 0.0  # time spent handling messages: the server's share of a round trip
-        self.held: collections.deque[tuple[Message, Delivery]] = collections.deque()  # training batches waiting for the shared layers (must_wait)
-        self.finished = False
+        self.held: collections.deque[tuple[Message, Delivery]] = collections.deque()  # training batches waiting for the shared layers (Schedule.must_wait)
         self.active = metrics.SPLIT_ACTIVE_CLIENTS.labels(SERVER, self.session)
 
     def _client(self, name: str, index: int, via: str, now: float) -> ClientState:
-        if self.per_client:
-            body = copy.deepcopy(self.body)
-            opt = train.optimizer(body.parameters(), self.settings.optimizer, self.settings.lr)
-        else:
-            body, opt = self.body, self.opt
+        body, opt = self.schedule.layers(self.body, self.opt)
         return ClientState(name, index, client_queue(self.session, via, index, self.settings.clients), body, opt, heard=now)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -158,46 +98,34 @@ class SplitServer:
             "split-server ready: %s mode, %s, %d client(s), layers %d.., input %s",
             self.settings.mode, self.settings.schedule, self.settings.clients, self.cut_layer, self.in_shape,
         )
-        quiet_since = time.monotonic()
-        while not self.finished:
-            wait = max(0.01, min(self.next_deadline(), quiet_since + self.endpoint.timeout) - time.monotonic())
-            received = self.endpoint.receive(FROM_CLIENTS, list(self.clients), self.check, self.on_reject, wait=wait)
-            if received is not None:
-                quiet_since = time.monotonic()
-                self.take(*received)
-            elif time.monotonic() >= quiet_since + self.endpoint.timeout:
-                raise RoleTimeout(f"split-server: no client message within {self.endpoint.timeout:.0f}s")
-            self.enforce_deadlines()
-            self.release_held()
+        self.consume()
         if self.save:
             save_parts(self.save, [(self.body.state_dict(), self.cut_layer)])
         return self.result()
 
-    def take(self, message: Message, delivery: Delivery) -> None:
-        """Handle `message` and ack it, or hold it unacked until the shared layers are free."""
-        if self.must_wait(message):
+    def expecting(self) -> tuple[tuple[str, ...], list[str]]:
+        return FROM_CLIENTS, list(self.clients)
+
+    def handle(self, message: Message, delivery: Delivery) -> str | None:
+        """Take `message`, or hold it unacked (LATER) until the shared layers are free; then the
+        held batches that can go on."""
+        if self.schedule.must_wait(message, self.clients.values()):
             self.clients[message.sender].heard = time.monotonic()  # waiting on another client, not silent
             self.held.append((message, delivery))
-            return
-        self.handle(message)
-        self.endpoint.ack(delivery)
+            return LATER
+        self.take(message)
         self.release_held()
-
-    def must_wait(self, message: Message) -> bool:
-        """u-shaped with one shared server half (splitfed-v2): a batch's forward and backward
-        are two messages apart, and the layers must not step in between, so another client's
-        training batch waits until no batch is half done (as if the clients took turns per batch)."""
-        return (message.kind == ACTIVATIONS and message.meta.get("train") is True and self.settings.mode == "u-shaped" and not self.per_client
-                and any(state.pending is not None for state in self.clients.values()))
+        return None
 
     def release_held(self) -> None:
         """Take the held batches, in the order they came, while the shared layers are free."""
-        while self.held and not self.must_wait(self.held[0][0]):
+        while self.held and not self.schedule.must_wait(self.held[0][0], self.clients.values()):
             message, delivery = self.held.popleft()
-            self.handle(message)
+            self.take(message)
             self.endpoint.ack(delivery)
 
-    def handle(self, message: Message) -> None:
+    def take(self, message: Message) -> None:
+        """Apply a client's message, timed: the server's share of a round trip."""
         started = time.perf_counter()
         state = self.clients[message.sender]
         state.heard = time.monotonic()
@@ -218,8 +146,7 @@ class SplitServer:
         elif message.kind == TRAINED:
             self.trained(state, message)
         elif message.kind == HANDED:
-            self.turns.handed_to = self.turns.holder
-            self.clients[self.turns.holder].heard = time.monotonic()  # its turn starts now that it has the layers
+            self.schedule.handed(self)
         elif message.kind == EVALUATED:
             self.evaluated(state, message)
 
@@ -227,48 +154,7 @@ class SplitServer:
 
     def check(self, message: Message) -> None:
         """Refuse what this server cannot apply, before it touches the model."""
-        state = self.clients[message.sender]
-        if message.kind == HELLO:
-            if not isinstance(message.meta.get("nonce"), str):
-                raise ProtocolError("malformed", "hello without a nonce")
-            return
-        if not state.greeted:
-            raise ProtocolError("kind", f"{message.kind} from {state.name} before its hello")
-        training = message.meta.get("train") is True
-        vanilla_train = self.settings.mode == "vanilla" and training
-        if message.kind == ACTIVATIONS:
-            specs = {"x": TensorSpec("float32", (None, *self.in_shape))}
-            if vanilla_train:
-                specs["y"] = TensorSpec("int64", (None,))
-            check_tensors(message, specs)
-            if vanilla_train and not np.all((message.tensors["y"] >= 0) & (message.tensors["y"] < self.classes)):
-                raise ProtocolError("value", f"labels outside 0..{self.classes - 1}")
-            if training and state.pending is not None:
-                raise ProtocolError("kind", "new activations while gradients for the last batch are outstanding")
-            if training and self.turns is not None and self.turns.holder != state.name:
-                raise ProtocolError("kind", f"a training batch from {state.name}, whose turn it is not")
-        elif message.kind == GRADIENTS:
-            if state.pending is None:
-                raise ProtocolError("kind", "gradients with no batch outstanding")
-            check_tensors(message, {"g": TensorSpec("float32", (len(state.pending[1]), *self.out_shape))})
-        elif message.kind == TRAINED:
-            epoch, period, loss = message.meta.get("epoch"), message.meta.get("period"), message.meta.get("train_loss")
-            if not isinstance(epoch, int) or not isinstance(period, int) or not 1 <= period <= self.settings.syncs_per_epoch or not isinstance(loss, float):
-                raise ProtocolError("malformed", f"trained needs an integer epoch, a period in 1..{self.settings.syncs_per_epoch} and a float train_loss")
-            if self.turns is not None and self.turns.holder != state.name:
-                raise ProtocolError("kind", f"trained from {state.name}, whose turn it is not")
-            if (epoch, period) > (self.epoch, self.period):
-                raise ProtocolError("kind", f"trained for epoch {epoch} period {period} from {state.name} while epoch {self.epoch} period {self.period} is open")
-        elif message.kind == HANDED:
-            if self.turns is None or self.turns.previous != state.name or message.meta.get("holder") != self.turns.holder:
-                raise ProtocolError("kind", f"handed from {state.name}, which was not asked to hand on its layers")
-        elif message.kind == EVALUATED:
-            pending = self.awaiting_evaluation
-            if pending is None or state.name not in pending.waiting_for() or message.meta.get("epoch") != pending.epoch:
-                raise ProtocolError("kind", f"an evaluation from {state.name} that was not asked for")
-            correct, loss_sum, samples = (message.meta.get(k) for k in ("correct", "loss_sum", "samples"))
-            if not (isinstance(samples, int) and isinstance(correct, int) and 0 <= correct <= samples and isinstance(loss_sum, float) and loss_sum >= 0):
-                raise ProtocolError("malformed", f"evaluated needs whole counts 0 <= correct <= samples and a float loss_sum >= 0, not {correct!r:.20}, {samples!r:.20}, {loss_sum!r:.30}")
+        check_client_message(self, self.clients[message.sender], message)
 
     def on_reject(self, rejection: Rejection) -> None:
         """A client message of another run: this server restarted (or never saw the run's
@@ -309,8 +195,7 @@ class SplitServer:
         state.greeted, state.gone = True, False
         self.endpoint.resync(state.name)
         self.count_active()
-        if self.turns is not None and not self.turns.started and all(s.greeted for s in self.clients.values()):
-            self.pass_turn()
+        self.schedule.joined(self)
 
     # -- training batches -------------------------------------------------------------------
 
@@ -360,50 +245,19 @@ class SplitServer:
     def trained(self, state: ClientState, message: Message) -> None:
         epoch, period = message.meta["epoch"], message.meta["period"]
         if (epoch, period) != (self.epoch, self.period):
-            # A late share of a period that closed without it: it was left out of the average. The
-            # answer says where the run is, and the client goes on there from the fed's newest layers.
             log.warning("split-server: %s reported epoch %d period %d, which closed without it", state.name, epoch, period)
-            if self.turns is None:
-                self.answer(state, CLOSED, epoch=epoch, period=period, evaluator="", resume=[self.epoch, self.period])
+            self.schedule.late(self, state, epoch, period)
             state.samples, state.pending = 0, None
             return
         state.reported = {"train_loss": message.meta["train_loss"]}
         state.epoch_samples += state.samples
         state.epoch_loss += message.meta["train_loss"] * state.samples
         metrics.SPLIT_CLIENT_EPOCH.labels(SERVER, self.session, state.name).set(epoch)
-        if self.turns is not None:
-            self.turns.previous = state.name  # it holds the newest layers now
-            self.pass_turn()
-        elif all(s.reported is not None or s.gone for s in self.clients.values()):
-            self.close_period()
+        self.schedule.reported(self, state)
 
-    def close_period(self) -> None:
-        """Every client that is still there has reported: average (splitfed-v1), tell the
-        included clients and the fed; at an epoch's end, name who evaluates."""
-        included = [s for s in self.clients.values() if s.reported is not None]
-        if len(included) < self.settings.quorum():
-            raise RuntimeError(
-                f"epoch {self.epoch} period {self.period}: only {len(included)} of {self.settings.clients} clients finished it "
-                f"(--min-clients {self.settings.quorum()})"
-            )
-        samples = {s.name: s.samples for s in included}
-        if self.per_client:
-            self.average_bodies(included, list(samples.values()))
-        closed = {"epoch": self.epoch, "period": self.period, "included": list(samples), "samples": samples}
-        evaluators: list[str] = []
-        if self.period == self.settings.syncs_per_epoch:
-            # Every included client holds the same layers now (the fed's average): each scores a
-            # part of the test set, so the evaluation costs the epoch 1/N of its time.
-            evaluators = self.record_epoch(included, evaluators=list(samples)).evaluators
-            self.evaluation_body = copy.deepcopy(self.body)
-        for state in included:
-            part = [evaluators.index(state.name), len(evaluators)] if state.name in evaluators else [0, 0]
-            self.answer(state, CLOSED, **closed, evaluate=part)
-        if self.fed:
-            self.endpoint.send(self.fed, CLOSED, to=FED, **closed)
-        self.next_period()
-
-    def record_epoch(self, included: list[ClientState], evaluators: list[str]) -> EpochLog:
+    def close_epoch(self, included: list[ClientState], evaluators: list[str]) -> EpochLog:
+        """The open epoch closes with `included`: its log, scored by `evaluators` (none: reported
+        as it is); from now on evaluation batches see the layers as they are now."""
         samples = {s.name: s.epoch_samples for s in included}
         total = sum(samples.values())
         loss = sum(s.epoch_loss for s in included) / total if total else float("nan")
@@ -421,21 +275,8 @@ class SplitServer:
             for name in evaluators:
                 self.clients[name].heard = time.monotonic()
         metrics.SPLIT_EPOCH_CLIENTS.labels(SERVER, self.session).set(len(included))
+        self.evaluation_body = copy.deepcopy(self.body)
         return record
-
-    def average_bodies(self, included: list[ClientState], weights: list[int]) -> None:
-        """splitfed-v1: every client's copy of the layers restarts from their weighted average,
-        stepped by --fed-lr from the last average (as the fed steps the client halves: the run's
-        first averaging is the average itself)."""
-        states = [{k: to_numpy(v) for k, v in s.body.state_dict().items()} for s in included]
-        average = weighted_average(states, weights)
-        if self.averaged_bodies:
-            average = step_towards({k: to_numpy(v) for k, v in self.body.state_dict().items()}, average, self.settings.fed_lr)
-        self.averaged_bodies = True
-        average = {k: torch.from_numpy(v) for k, v in average.items()}
-        self.body.load_state_dict(average)
-        for state in self.clients.values():
-            state.body.load_state_dict(average)
 
     def next_period(self) -> None:
         if self.period < self.settings.syncs_per_epoch:
@@ -458,42 +299,13 @@ class SplitServer:
         for state in self.clients.values():
             state.samples, state.reported, state.pending, state.heard = 0, None, None, now
 
+    def present(self, name: str) -> bool:
+        """It has said hello and has not been given up."""
+        return self.clients[name].greeted and not self.clients[name].gone
+
     def count_active(self) -> None:
         """splitfed_split_active_clients, set when a client joins, goes silent or comes back (not per batch)."""
         self.active.set(sum(1 for s in self.clients.values() if self.present(s.name)))
-
-    # -- round-robin turns ------------------------------------------------------------------
-
-    def present(self, name: str) -> bool:
-        return self.clients[name].greeted and not self.clients[name].gone
-
-    def pass_turn(self) -> None:
-        """Move the turn to the next client that is there; the turn that ended the epoch's
-        pass closes the epoch, and the client that trained it evaluates."""
-        finished_epoch = self.turns.epoch
-        holder = self.turns.advance(self.present)
-        if self.turns.epoch != finished_epoch or holder is None:
-            included = [s for s in self.clients.values() if s.reported is not None]
-            if included:
-                self.record_epoch(included, evaluators=[self.turns.previous] if self.turns.previous else [])
-                self.evaluation_body = copy.deepcopy(self.body)
-            self.next_epoch()
-        self.announce_turn()
-
-    def announce_turn(self) -> None:
-        """Tell every client whose turn it is: the previous holder hands its layers on (and
-        evaluates, if its turn closed an epoch); for the others it says the server is alive."""
-        holder, previous = self.turns.holder, self.turns.previous
-        if holder is not None:
-            self.clients[holder].heard = time.monotonic()
-        if previous is not None:
-            self.clients[previous].heard = time.monotonic()
-        record = self.awaiting_evaluation
-        evaluate = record.epoch if record is not None and previous in record.evaluators else 0
-        # The holder first: its turn is in its queue before the previous holder can hand it anything.
-        for state in sorted(self.clients.values(), key=lambda s: s.name != holder):
-            if self.present(state.name):
-                self.answer(state, TURN, epoch=self.turns.epoch, holder=holder or "", previous=previous or "", evaluate=evaluate)
 
     # -- evaluation and the end -------------------------------------------------------------
 
@@ -526,15 +338,19 @@ class SplitServer:
             "n/a" if record.accuracy is None else f"{record.accuracy:.4f}",
         )
         if self.on_progress:
-            self.on_progress(Progress("epoch", record.epoch, self.settings.epochs, record.train_loss, self.epoch_record(record)))
+            self.on_progress(Progress("epoch", record.epoch, self.settings.epochs, record.train_loss, record.summary()))
 
     def finish(self) -> None:
         for state in self.clients.values():
             if state.greeted:
                 self.answer(state, DONE, batches=state.batches, compute_seconds=self.compute_seconds)
-        if self.fed:
-            self.endpoint.send(self.fed, DONE, to=FED)
+        self.tell_fed(DONE)
         self.finished = True
+
+    def tell_fed(self, kind: str, **meta: object) -> None:
+        """Tell the split-fed, where the schedule has one."""
+        if self.fed:
+            self.endpoint.send(self.fed, kind, to=FED, **meta)
 
     # -- silence ----------------------------------------------------------------------------
 
@@ -543,22 +359,20 @@ class SplitServer:
         say hello gets the server's --timeout from the start (processes and pods start slowly)."""
         return state.heard + (self.settings.client_timeout if state.greeted else self.endpoint.timeout)
 
-    def next_deadline(self) -> float:
-        return min((self.deadline(s) for s in self.waited_for()), default=float("inf"))
+    def next_deadline(self) -> float | None:
+        return min((self.deadline(s) for s in self.waited_for()), default=None)
 
     def waited_for(self) -> list[ClientState]:
-        """The clients whose silence would hold the run up now."""
+        """The clients whose silence would hold the run up now: evaluators, and those the schedule waits for."""
         waiting = []
         if self.awaiting_evaluation is not None:
             waiting += [self.clients[name] for name in self.awaiting_evaluation.waiting_for()]
-        if self.turns is not None:
-            if not self.turns.started:  # everyone's hello, before the first turn
-                waiting += [s for s in self.clients.values() if not s.greeted and not s.gone]
-            elif (name := self.turns.waiting_on()) is not None:
-                waiting.append(self.clients[name])
-        elif self.epoch <= self.settings.epochs:
-            waiting += [s for s in self.clients.values() if s.reported is None and not s.gone]
-        return waiting
+        return waiting + self.schedule.waited_for(self)
+
+    def on_deadline(self) -> None:
+        """Give up the clients silent too long; a batch that held the shared layers may have gone with them."""
+        self.enforce_deadlines()
+        self.release_held()
 
     def enforce_deadlines(self) -> None:
         """Give up on clients that have been silent too long, and move the run on without them."""
@@ -575,37 +389,12 @@ class SplitServer:
             self.close_evaluation()
             if self.finished:
                 return
-        if self.turns is not None:
-            self.move_turn_on()
-        elif all(s.reported is not None or s.gone for s in self.clients.values()) and self.epoch <= self.settings.epochs:
-            self.close_period()
-
-    def move_turn_on(self) -> None:
-        """Round-robin after a silence: before the first turn, start with the clients there; a
-        silent holder loses its turn; a previous holder that never handed its layers on is
-        passed over, and the holder starts from its own layers."""
-        present = [s for s in self.clients.values() if self.present(s.name)]
-        if len(present) < self.settings.quorum():
-            raise RuntimeError(f"only {len(present)} of {self.settings.clients} clients are left (--min-clients {self.settings.quorum()})")
-        if not self.turns.started:
-            self.pass_turn()
-        elif self.turns.holder is not None and self.clients[self.turns.holder].gone:
-            self.pass_turn()
-        elif self.turns.previous is not None and self.clients[self.turns.previous].gone:
-            self.turns.previous = None
-            self.announce_turn()
+        self.schedule.after_silence(self)
 
     # -- results ----------------------------------------------------------------------------
 
-    def epoch_record(self, record: EpochLog) -> dict:
-        return {
-            "step": record.epoch, "accuracy": record.accuracy, "loss": record.loss, "train_loss": record.train_loss, "seconds": record.seconds,
-            "included": record.included, "missing": record.missing, "samples": record.samples, "evaluators": record.evaluators,
-            "evaluated_samples": record.evaluated_samples,
-        }
-
     def result(self) -> dict:
-        history = [self.epoch_record(record) for record in self.epochs]
+        history = [record.summary() for record in self.epochs]
         last = history[-1] if history else {}
         return {
             "accuracy": last.get("accuracy"),
@@ -617,45 +406,3 @@ class SplitServer:
             "compute_seconds": self.compute_seconds,
             "traffic": vars(self.endpoint.traffic),
         }
-
-
-class _TurnOrder:
-    """Round-robin: whose turn it is. Turns go epoch by epoch through the clients in index order,
-    skipping those that are not there. `previous` is the client that finished the last turn and
-    holds the newest client layers, which the holder starts from (None: the holder starts from
-    its own, as in the first turn)."""
-
-    def __init__(self, names: list[str], epochs: int):
-        self.names = names
-        self.epochs = epochs
-        self.epoch = 1
-        self.position = -1  # index into names of the holder
-        self.holder: str | None = None  # None before the first turn and after the last
-        self.previous: str | None = None
-        self.handed_to: str | None = None  # the holder that previous has handed its layers to
-
-    @property
-    def started(self) -> bool:
-        return self.position >= 0
-
-    def advance(self, present: Callable[[str], bool]) -> str | None:
-        """The next present client's turn, in this epoch or the next; None: the run is over."""
-        while True:
-            self.position += 1
-            if self.position == len(self.names):
-                self.position, self.epoch = 0, self.epoch + 1
-            if self.epoch > self.epochs:
-                self.holder = None
-                return None
-            if present(self.names[self.position]):
-                self.holder, self.handed_to = self.names[self.position], None
-                return self.holder
-
-    def waiting_on(self) -> str | None:
-        """Whose silence holds the turn up: the previous holder until it has handed its layers
-        on, then the holder."""
-        if self.holder is None:
-            return None
-        if self.previous not in (None, self.holder) and self.handed_to != self.holder:
-            return self.previous
-        return self.holder

@@ -1,0 +1,68 @@
+"""What the split server keeps: of each client (`ClientState`) and of each closed epoch, with its
+evaluation as the parts come in (`EpochLog`, and the summary a result and a progress event show)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class ClientState:
+    """What the server knows of one client."""
+
+    name: str
+    index: int
+    queue: str
+    body: torch.nn.Sequential  # the layers its batches train (splitfed-v1: its own copy)
+    opt: torch.optim.Optimizer
+    heard: float  # when it last sent anything (time.monotonic)
+    greeted: bool = False
+    begun: bool = False  # it has sent a batch: a new hello from it can no longer start over
+    gone: bool = False  # given up after --client-timeout of silence; back once heard from
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients
+    samples: int = 0  # training samples in the current period (the whole epoch, in round-robin)
+    reported: dict | None = None  # its `trained` for the current period
+    epoch_samples: int = 0  # over the current epoch's reported periods
+    epoch_loss: float = 0.0  # their training loss, summed over those samples
+    batches: int = 0
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    included: list[str]
+    missing: list[str]
+    samples: dict[str, int]  # over the whole epoch
+    train_loss: float
+    accuracy: float | None = None
+    loss: float | None = None
+    opened: float = 0.0  # time.perf_counter() when the epoch began
+    seconds: float = 0.0  # from then until its evaluation was reported (or given up)
+    evaluators: list[str] = field(default_factory=list)  # who scores which part of the test set, in part order
+    scores: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # evaluator -> (correct, loss sum, samples)
+
+    def waiting_for(self) -> list[str]:
+        return [name for name in self.evaluators if name not in self.scores]
+
+    def add_up(self) -> None:
+        """The epoch's accuracy and loss over the parts scored (all of the test set, unless an
+        evaluator went silent)."""
+        if samples := self.evaluated_samples:
+            self.accuracy = sum(c for c, _, _ in self.scores.values()) / samples
+            self.loss = sum(loss for _, loss, _ in self.scores.values()) / samples
+
+    @property
+    def evaluated_samples(self) -> int:
+        return sum(n for _, _, n in self.scores.values())
+
+    def summary(self) -> dict:
+        """The epoch as the run's history and its progress events show it."""
+        return {
+            "step": self.epoch, "accuracy": self.accuracy, "loss": self.loss, "train_loss": self.train_loss, "seconds": self.seconds,
+            "included": self.included, "missing": self.missing, "samples": self.samples, "evaluators": self.evaluators,
+            "evaluated_samples": self.evaluated_samples,
+        }
