@@ -5,8 +5,9 @@ its deadlines and the moments its inbox runs dry. A role says what it accepts no
 the loop owns waiting, acking and giving up on silence.
 
 A message is acked after it was handled, so one that was being handled when the party died
-comes back; a role that must hold a message longer (until its effect is on disk, or until shared
-layers are free) returns `LATER` from `handle` and acks it itself through its endpoint.
+comes back; a role that acks a message itself returns `LATER` from `handle`: to hold it longer
+(until its effect is on disk, or until shared layers are free), or, for a split client's turn, at
+once, before the turn's own exchanges on the same inbox.
 
 Roles that drive an exchange themselves (a split client waiting for the reply to the batch it
 sent) call `Endpoint.receive` directly: the same validation, counting and refusal path."""
@@ -42,8 +43,8 @@ class Role:
         """A frame was refused (already counted, logged and acked)."""
 
     def handle(self, message: Message, delivery: Delivery) -> str | None:
-        """Act on a valid message (`delivery`: the frame as it came). Return LATER to keep the
-        delivery unacked (the role acks it itself); anything else has the loop ack it now."""
+        """Act on a valid message (`delivery`: the frame as it came). Return LATER when the role
+        acks the delivery itself; anything else has the loop ack it now."""
         raise NotImplementedError
 
     def next_deadline(self) -> float | None:
@@ -81,10 +82,10 @@ class Role:
                     wake = min(wake, deadline)
                 received = self.endpoint.receive(kinds, senders, self.check, self.on_reject, wait=max(POLL_SECONDS, wake - time.monotonic()))
             if received is not None:
-                quiet_since = time.monotonic()
                 message, delivery = received
                 if self.handle(message, delivery) != LATER:
                     self.endpoint.ack(delivery)
+                quiet_since = time.monotonic()  # silence counts from when the role listens again, not while it works
             elif time.monotonic() - quiet_since >= timeout:
                 self.on_silence(timeout)
                 quiet_since = time.monotonic()

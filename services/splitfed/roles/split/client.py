@@ -25,13 +25,14 @@ from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
 from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, AVERAGE, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDOFF, HANDSHAKE, HEAD, HELLO, OUTPUTS, SERVER,
     TRAINED, TURN, client_inbox, client_index, client_name, peer_queue, save_parts, shared,
 )
-from splitfed.transport import Transport
+from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
@@ -283,44 +284,6 @@ class SplitClient:
 
     # -- round-robin ----------------------------------------------------------------------
 
-    def take_turns(self) -> None:
-        """Wait for turns until the server says the run is over. A turn starts from the layers
-        the client before hands on (or from its own, when there is none); once the turn has
-        passed on, this client hands its layers to the next holder whenever the server asks
-        (again, if that holder went silent), and evaluates when its turn closed an epoch."""
-        turn: dict = {}
-        handoff: Message | None = None  # the last hand-off that came, kept in case it came before its turn
-        evaluated: set[int] = set()
-        while True:
-            message, delivery = self.endpoint.receive((TURN, HANDOFF, DONE, ABORT), (SERVER, *self.peers), self.check_turn_message)
-            self.endpoint.ack(delivery)
-            if message.kind == DONE:
-                return
-            if message.kind == ABORT:
-                raise RunAborted(f"the split-server ended run {self.endpoint.run}: {message.meta.get('reason')}")
-            if message.kind == HANDOFF:
-                handoff = message
-                if turn.get("holder") == self.name and turn.get("previous") == message.sender and turn.get("epoch") == message.meta.get("epoch"):
-                    self.start_turn(turn["epoch"], handoff)
-                    handoff = None
-                continue  # a hand-off for a turn that has moved on (or not yet come)
-            turn = message.meta
-            holder, previous = turn["holder"], turn["previous"]
-            # The closed epoch's evaluation first, then the hand-off: as in centralized training,
-            # the next epoch waits for it, rather than its first turn sharing the cores and the
-            # server with the evaluation (measured on 2 cores: the turn took 2.3 s instead of 1.0).
-            if previous == self.name and turn["evaluate"] and turn["evaluate"] not in evaluated:
-                evaluated.add(turn["evaluate"])
-                self.evaluate(turn["evaluate"], 0, 1)
-            if previous == self.name and holder not in ("", self.name):
-                self.endpoint.send(client_inbox(self.session, client_index(holder), self.settings.clients), HANDOFF, self.layers(), to=holder, epoch=turn["epoch"])
-                self.endpoint.send(self.server, HANDED, to=SERVER, holder=holder)
-            if holder == self.name and previous in ("", self.name):
-                self.start_turn(turn["epoch"], None)
-            elif holder == self.name and handoff is not None and handoff.sender == previous and handoff.meta.get("epoch") == turn["epoch"]:
-                self.start_turn(turn["epoch"], handoff)
-                handoff = None
-
     def start_turn(self, epoch: int, handoff: Message | None) -> None:
         """Train this client's turn of `epoch`, from the layers handed on (None: its own)."""
         log.info("%s: turn of epoch %d, from %s layers", self.name, epoch, f"{handoff.sender}'s" if handoff else "its own")
@@ -375,7 +338,7 @@ class SplitClient:
         started = time.perf_counter()
         self.handshake()
         if self.round_robin:
-            self.take_turns()  # until the server's done
+            Turns(self).consume()  # until the server's done
             done = None
         else:
             self.train_epochs()
@@ -402,3 +365,65 @@ class SplitClient:
                 "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)) if done else None,
             },
         }
+
+
+class Turns(Role):
+    """Round-robin, on the one receive loop: turns from the server and hand-offs from the client
+    before, until the server says the run is over. A turn starts from the layers the client
+    before hands on (or from the client's own, when there is none); once the turn has passed on,
+    the client hands its layers to the next holder whenever the server asks (again, if that
+    holder went silent), and evaluates when its turn closed an epoch."""
+
+    def __init__(self, client: SplitClient):
+        self.client = client
+        self.endpoint = client.endpoint
+        self.turn: dict = {}
+        self.handoff: Message | None = None  # the last hand-off that came, kept in case it came before its turn
+        self.evaluated: set[int] = set()
+
+    def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (TURN, HANDOFF, DONE, ABORT), (SERVER, *self.client.peers)
+
+    def check(self, message: Message) -> None:
+        self.client.check_turn_message(message)
+
+    def handle(self, message: Message, delivery: Delivery) -> str:
+        """Acked at once (LATER: by this role): a turn's training has exchanges of its own on this inbox."""
+        self.endpoint.ack(delivery)
+        if message.kind == DONE:
+            self.finished = True
+        elif message.kind == ABORT:
+            raise RunAborted(f"the split-server ended run {self.endpoint.run}: {message.meta.get('reason')}")
+        elif message.kind == HANDOFF:
+            self.handed(message)
+        else:
+            self.take(message.meta)
+        return LATER
+
+    def handed(self, handoff: Message) -> None:
+        """Train the turn it is for, if that turn is this client's now; else keep it for its turn."""
+        self.handoff = handoff
+        turn = self.turn
+        if turn.get("holder") == self.client.name and turn.get("previous") == handoff.sender and turn.get("epoch") == handoff.meta.get("epoch"):
+            self.client.start_turn(turn["epoch"], handoff)
+            self.handoff = None
+
+    def take(self, turn: dict) -> None:
+        client, handoff = self.client, self.handoff
+        self.turn = turn
+        holder, previous = turn["holder"], turn["previous"]
+        # The closed epoch's evaluation first, then the hand-off: as in centralized training,
+        # the next epoch waits for it, rather than its first turn sharing the cores and the
+        # server with the evaluation (measured on 2 cores: the turn took 2.3 s instead of 1.0).
+        if previous == client.name and turn["evaluate"] and turn["evaluate"] not in self.evaluated:
+            self.evaluated.add(turn["evaluate"])
+            client.evaluate(turn["evaluate"], 0, 1)
+        if previous == client.name and holder not in ("", client.name):
+            settings = client.settings
+            self.endpoint.send(client_inbox(client.session, client_index(holder), settings.clients), HANDOFF, client.layers(), to=holder, epoch=turn["epoch"])
+            self.endpoint.send(client.server, HANDED, to=SERVER, holder=holder)
+        if holder == client.name and previous in ("", client.name):
+            client.start_turn(turn["epoch"], None)
+        elif holder == client.name and handoff is not None and handoff.sender == previous and handoff.meta.get("epoch") == turn["epoch"]:
+            client.start_turn(turn["epoch"], handoff)
+            self.handoff = None
