@@ -1,8 +1,8 @@
 """The package's import graph, read from the source with ast: no module imports, through any
 chain of modules, one that imports it back, and the layers import downwards only. Imports inside
 functions count as much as those at the top of a module: they run later, but they tie the
-modules together all the same. Imports under `if TYPE_CHECKING:` do not count: they never run,
-so they tie no module to another (an annotation naming the class that calls it back)."""
+modules together all the same, and so do imports under `if TYPE_CHECKING:` (a module that
+needs another's class only to annotate a callback describes what it uses as a Protocol instead)."""
 
 from __future__ import annotations
 
@@ -34,13 +34,8 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
     """The package's modules that `name` imports, anywhere in its source: `import a.b`,
     `from a import b` (the module a.b where there is one, else a), relative or absolute."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
-    type_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-                 for statement in node.body for inner in ast.walk(statement)}
     targets: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -53,10 +48,6 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
                 submodule = f"{base}.{alias.name}"
                 targets.add(submodule if submodule in modules else base)
     return {target for target in targets if target in modules and target != name}
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -150,7 +141,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         "    from p.k import annotation_only\n"
     )
     modules = {"p.a", "p.b", "p.b.c", "p.d", "p.f", "p.g", "p.i", "p.k", "p.s"}
-    assert imports_of("p.s", source, modules | {"p"}) == {"p", "p.a", "p.b.c", "p.d", "p.f", "p.g", "p.i"}
+    assert imports_of("p.s", source, modules | {"p"}) == {"p", "p.a", "p.b.c", "p.d", "p.f", "p.g", "p.i", "p.k"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [["a", "b", "c", "a"]]
     assert chains({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b": ["a", "b"], "c": ["a", "b", "c"]}
     graph = import_graph()

@@ -4,7 +4,7 @@ ProtocolError before the message touches the model or the run's state (the serve
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -12,11 +12,25 @@ from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.split.common import ACTIVATIONS, EVALUATED, GRADIENTS, HANDED, HELLO, TRAINED
 
 if TYPE_CHECKING:
-    from splitfed.roles.split.records import ClientState
-    from splitfed.roles.split.server import SplitServer
+    from splitfed.learning.settings import SplitNNSettings
+    from splitfed.roles.split.records import ClientState, EpochLog
+    from splitfed.roles.split.schedules import Schedule
 
 
-def check_client_message(server: SplitServer, state: ClientState, message: Message) -> None:
+class ServerView(Protocol):
+    """What the checks read of the split server."""
+
+    settings: SplitNNSettings
+    in_shape: tuple[int, ...]  # per sample, at the cut
+    out_shape: tuple[int, ...]  # per sample, at the server half's output
+    classes: int
+    schedule: Schedule
+    epoch: int
+    period: int
+    awaiting_evaluation: EpochLog | None
+
+
+def check_client_message(server: ServerView, state: ClientState, message: Message) -> None:
     """A hello needs a nonce; anything else comes after the client's hello and passes its kind's check."""
     if message.kind == HELLO:
         if not isinstance(message.meta.get("nonce"), str):
@@ -27,7 +41,7 @@ def check_client_message(server: SplitServer, state: ClientState, message: Messa
     BY_KIND[message.kind](server, state, message)
 
 
-def check_activations(server: SplitServer, state: ClientState, message: Message) -> None:
+def check_activations(server: ServerView, state: ClientState, message: Message) -> None:
     """A batch at the cut (with its labels when the server half ends the model), one at a time per client."""
     training = message.meta.get("train") is True
     vanilla_train = server.settings.mode == "vanilla" and training
@@ -42,14 +56,14 @@ def check_activations(server: SplitServer, state: ClientState, message: Message)
     server.schedule.check_turn(state, message)
 
 
-def check_gradients(server: SplitServer, state: ClientState, message: Message) -> None:
+def check_gradients(server: ServerView, state: ClientState, message: Message) -> None:
     """u-shaped: the gradients at the server half's output, for the batch outstanding."""
     if state.pending is None:
         raise ProtocolError("kind", "gradients with no batch outstanding")
     check_tensors(message, {"g": TensorSpec("float32", (len(state.pending[1]), *server.out_shape))})
 
 
-def check_trained(server: SplitServer, state: ClientState, message: Message) -> None:
+def check_trained(server: ServerView, state: ClientState, message: Message) -> None:
     """A share of a period of this run, not ahead of the one open."""
     epoch, period, loss = message.meta.get("epoch"), message.meta.get("period"), message.meta.get("train_loss")
     syncs = server.settings.syncs_per_epoch
@@ -60,11 +74,11 @@ def check_trained(server: SplitServer, state: ClientState, message: Message) -> 
         raise ProtocolError("kind", f"trained for epoch {epoch} period {period} from {state.name} while epoch {server.epoch} period {server.period} is open")
 
 
-def check_handed(server: SplitServer, state: ClientState, message: Message) -> None:
+def check_handed(server: ServerView, state: ClientState, message: Message) -> None:
     server.schedule.check_turn(state, message)
 
 
-def check_evaluated(server: SplitServer, state: ClientState, message: Message) -> None:
+def check_evaluated(server: ServerView, state: ClientState, message: Message) -> None:
     """A score asked for: of the epoch awaiting its evaluation, from one of its evaluators, in whole counts."""
     pending = server.awaiting_evaluation
     if pending is None or state.name not in pending.waiting_for() or message.meta.get("epoch") != pending.epoch:

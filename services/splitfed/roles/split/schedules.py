@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -33,8 +33,26 @@ from splitfed.roles.endpoint import to_numpy
 from splitfed.roles.split.common import ACTIVATIONS, CLOSED, HANDED, TRAINED, TURN
 
 if TYPE_CHECKING:
-    from splitfed.roles.split.records import ClientState
-    from splitfed.roles.split.server import SplitServer
+    import numpy as np
+
+    from splitfed.roles.split.records import ClientState, EpochLog
+
+
+class ServerSteps(Protocol):
+    """What a schedule reads of the split server, and the server's own steps it calls back."""
+
+    clients: dict[str, ClientState]
+    body: torch.nn.Sequential
+    epoch: int
+    period: int
+    awaiting_evaluation: EpochLog | None
+
+    def answer(self, state: ClientState, kind: str, tensors: dict[str, np.ndarray] | None = None, **meta: object) -> None: ...
+    def close_epoch(self, included: list[ClientState], evaluators: list[str]) -> EpochLog: ...
+    def next_period(self) -> None: ...
+    def next_epoch(self) -> None: ...
+    def present(self, name: str) -> bool: ...
+    def tell_fed(self, kind: str, **meta: object) -> None: ...
 
 
 class Schedule:
@@ -60,24 +78,24 @@ class Schedule:
         if message.kind == HANDED:
             raise ProtocolError("kind", f"handed from {state.name}, which was not asked to hand on its layers")
 
-    def handed(self, server: SplitServer) -> None:
+    def handed(self, server: ServerSteps) -> None:
         """The previous holder has handed its layers on (round-robin; refused elsewhere by `check_turn`)."""
 
-    def joined(self, server: SplitServer) -> None:
+    def joined(self, server: ServerSteps) -> None:
         """A client's hello was accepted."""
 
-    def reported(self, server: SplitServer, state: ClientState) -> None:
+    def reported(self, server: ServerSteps, state: ClientState) -> None:
         """`state` reported its share of the open period."""
         raise NotImplementedError
 
-    def late(self, server: SplitServer, state: ClientState, epoch: int, period: int) -> None:
+    def late(self, server: ServerSteps, state: ClientState, epoch: int, period: int) -> None:
         """`state` reported its share of a period that closed without it."""
 
-    def waited_for(self, server: SplitServer) -> list[ClientState]:
+    def waited_for(self, server: ServerSteps) -> list[ClientState]:
         """The clients whose silence holds the training up now."""
         raise NotImplementedError
 
-    def after_silence(self, server: SplitServer) -> None:
+    def after_silence(self, server: ServerSteps) -> None:
         """Clients were given up (enough remain): move the run on without them."""
         raise NotImplementedError
 
@@ -86,25 +104,25 @@ class Periods(Schedule):
     """Clients train in parallel; a period closes once every client that is there has reported
     its share, and the server tells the included clients (and the fed) it closed."""
 
-    def reported(self, server: SplitServer, state: ClientState) -> None:
+    def reported(self, server: ServerSteps, state: ClientState) -> None:
         if everyone_reported(server):
             self.close_period(server)
 
-    def late(self, server: SplitServer, state: ClientState, epoch: int, period: int) -> None:
+    def late(self, server: ServerSteps, state: ClientState, epoch: int, period: int) -> None:
         """It was left out of the average: the answer says where the run is, and the client goes
         on there from the fed's newest layers."""
         server.answer(state, CLOSED, epoch=epoch, period=period, evaluator="", resume=[server.epoch, server.period])
 
-    def waited_for(self, server: SplitServer) -> list[ClientState]:
+    def waited_for(self, server: ServerSteps) -> list[ClientState]:
         if server.epoch > self.settings.epochs:
             return []
         return [s for s in server.clients.values() if s.reported is None and not s.gone]
 
-    def after_silence(self, server: SplitServer) -> None:
+    def after_silence(self, server: ServerSteps) -> None:
         if everyone_reported(server) and server.epoch <= self.settings.epochs:
             self.close_period(server)
 
-    def close_period(self, server: SplitServer) -> None:
+    def close_period(self, server: ServerSteps) -> None:
         """Every client that is still there has reported: average the server layers (splitfed-v1),
         tell the included clients and the fed; at an epoch's end, name who evaluates."""
         included = [s for s in server.clients.values() if s.reported is not None]
@@ -127,7 +145,7 @@ class Periods(Schedule):
         server.tell_fed(CLOSED, **closed)
         server.next_period()
 
-    def closing(self, server: SplitServer, included: list[ClientState]) -> None:
+    def closing(self, server: ServerSteps, included: list[ClientState]) -> None:
         """The period closes with `included`, before anyone is told."""
 
 
@@ -155,7 +173,7 @@ class SplitFedV1(Periods):
         """A half-done batch holds only its own client's copy of the layers."""
         return False
 
-    def closing(self, server: SplitServer, included: list[ClientState]) -> None:
+    def closing(self, server: ServerSteps, included: list[ClientState]) -> None:
         """Every client's copy of the layers restarts from their average, weighted by the samples
         each trained on, stepped by --fed-lr from the last average (as the fed steps the client
         halves: the run's first averaging is the average itself)."""
@@ -187,27 +205,27 @@ class RoundRobin(Schedule):
         if message.kind == HANDED and (self.turns.previous != state.name or message.meta.get("holder") != self.turns.holder):
             raise ProtocolError("kind", f"handed from {state.name}, which was not asked to hand on its layers")
 
-    def handed(self, server: SplitServer) -> None:
+    def handed(self, server: ServerSteps) -> None:
         self.turns.handed_to = self.turns.holder
         server.clients[self.turns.holder].heard = time.monotonic()  # its turn starts now that it has the layers
 
-    def joined(self, server: SplitServer) -> None:
+    def joined(self, server: ServerSteps) -> None:
         """The first turn once every client has said hello."""
         if not self.turns.started and all(s.greeted for s in server.clients.values()):
             self.pass_turn(server)
 
-    def reported(self, server: SplitServer, state: ClientState) -> None:
+    def reported(self, server: ServerSteps, state: ClientState) -> None:
         self.turns.previous = state.name  # it holds the newest layers now
         self.pass_turn(server)
 
-    def waited_for(self, server: SplitServer) -> list[ClientState]:
+    def waited_for(self, server: ServerSteps) -> list[ClientState]:
         if not self.turns.started:  # everyone's hello, before the first turn
             return [s for s in server.clients.values() if not s.greeted and not s.gone]
         if (name := self.turns.waiting_on()) is not None:
             return [server.clients[name]]
         return []
 
-    def after_silence(self, server: SplitServer) -> None:
+    def after_silence(self, server: ServerSteps) -> None:
         """Before the first turn, start with the clients there; a silent holder loses its turn; a
         previous holder that never handed its layers on is passed over, and the holder starts
         from its own layers."""
@@ -222,7 +240,7 @@ class RoundRobin(Schedule):
             self.turns.previous = None
             self.announce_turn(server)
 
-    def pass_turn(self, server: SplitServer) -> None:
+    def pass_turn(self, server: ServerSteps) -> None:
         """Move the turn to the next client that is there; the turn that ended the epoch's pass
         closes the epoch, and the client that trained it evaluates."""
         finished_epoch = self.turns.epoch
@@ -234,7 +252,7 @@ class RoundRobin(Schedule):
             server.next_epoch()
         self.announce_turn(server)
 
-    def announce_turn(self, server: SplitServer) -> None:
+    def announce_turn(self, server: ServerSteps) -> None:
         """Tell every client whose turn it is: the previous holder hands its layers on (and
         evaluates, if its turn closed an epoch); for the others it says the server is alive."""
         holder, previous = self.turns.holder, self.turns.previous
@@ -292,7 +310,7 @@ class TurnOrder:
         return self.holder
 
 
-def everyone_reported(server: SplitServer) -> bool:
+def everyone_reported(server: ServerSteps) -> bool:
     """Every client has reported its share of the open period, or been given up."""
     return all(s.reported is not None or s.gone for s in server.clients.values())
 
