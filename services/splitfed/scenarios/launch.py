@@ -69,6 +69,11 @@ class RunSettings(Connection, LocalRun):
     # clean-up use. Not a setting of its own.
     address: Broker | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def broker_scheme(self) -> str:
+        """memory, amqp or amqps: how the run's label names its broker (no credentials)."""
+        return self.broker.split("://")[0]
+
     def resolved(self) -> RunSettings:
         """The same settings with the session, the launch mode and the parsed broker filled in;
         settings that cannot work are refused here, before anything connects or trains."""

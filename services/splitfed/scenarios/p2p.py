@@ -43,12 +43,12 @@ P2P = Scenario(
     "Decentralized P2P averaging: --peers peers each train on their share and, after every epoch, send their model to every live peer and "
     "average what has arrived, never waiting; a tracker keeps the membership.",
     P2PSettings, PeerRun, planner(P2P_PEER), queues=queues(P2P_PEER),
-    label=lambda settings, run: f"p2p ({settings.peers} peers, {run.broker.split('://')[0]})",
+    label=lambda settings, run: f"p2p ({settings.peers} peers, {run.broker_scheme})",
 )
 
 SMPL = Scenario(
     "smpl",
     "SMPL: --peers peers train in random hyperedges of --hyperedge-size the tracker draws, and synchronise their parameters inside each.",
     SMPLSettings, PeerRun, planner(SMPL_PEER), queues=queues(SMPL_PEER),
-    label=lambda settings, run: f"smpl ({settings.peers} peers, hyperedges of {settings.hyperedge_size}, {run.broker.split('://')[0]})",
+    label=lambda settings, run: f"smpl ({settings.peers} peers, hyperedges of {settings.hyperedge_size}, {run.broker_scheme})",
 )

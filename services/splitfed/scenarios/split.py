@@ -76,6 +76,6 @@ SCENARIO = Scenario(
     "or as separate relay / split-client / split-server processes over RabbitMQ.",
     SplitSettings, SplitRun, plan,
     queues=lambda settings, run: session_queues(run.session),
-    label=lambda settings, run: f"split ({settings.mode}, {run.via}, {run.broker.split('://')[0]})",
+    label=lambda settings, run: f"split ({settings.mode}, {run.via}, {run.broker_scheme})",
     finish=merge_parts,
 )

@@ -43,5 +43,5 @@ SCENARIO = Scenario(
     "splitfed-v1 or splitfed-v2 (the fed averages the clients' layers each epoch), in one process or as separate processes over RabbitMQ.",
     SplitNNSettings, SplitNNRun, plan,
     queues=lambda settings, run: session_queues(run.session, settings.clients),
-    label=lambda settings, run: f"splitnn ({settings.schedule}, {settings.clients} clients, {run.broker.split('://')[0]})",
+    label=lambda settings, run: f"splitnn ({settings.schedule}, {settings.clients} clients, {run.broker_scheme})",
 )
