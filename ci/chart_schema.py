@@ -3,8 +3,9 @@
   error), with each role's `settings` derived from its declaration, so the chart accepts exactly
   the options `splitfed serve ROLE` has, and its replicas, gpu and backoffLimit as declared;
 - helm/splitfed/files/roles.json: what the templates need to know of each role (its values key,
-  the family whose shared settings it takes, whether it signs, names or reads the data set, is a
-  peer), read with `.Files.Get` (templates/_helpers.tpl, splitfed.roles).
+  the family whose shared settings it takes, whether it signs, names or reads the data set, owns
+  data of its own, takes a task, is a peer), read with `.Files.Get` (templates/_helpers.tpl,
+  splitfed.roles).
 
     python ci/chart_schema.py           # write them
     python ci/chart_schema.py --check   # exit 1 if a committed one is out of date
@@ -87,8 +88,9 @@ VOLUME_SOURCE = {
 # A GPU count without gpu.enabled is refused: it would otherwise be silently ignored.
 # How pods of one component spread over nodes (the chart's splitfed.affinity).
 ANTI_AFFINITY = {"enum": ["preferred", "required", "none"]}
+ACCESS_MODE_NAMES = ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]  # a claim's
 # A writer's volume: ReadOnlyMany would not do.
-ACCESS_MODES = {"type": "array", "uniqueItems": True, "items": {"enum": ["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]}}
+ACCESS_MODES = {"type": "array", "uniqueItems": True, "items": {"enum": [mode for mode in ACCESS_MODE_NAMES if mode != "ReadOnlyMany"]}}
 DNS_SUBDOMAIN = {"type": "string", "maxLength": 253, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
 GPU = {
     **closed({"enabled": BOOLEAN, "count": {"type": ["integer", "null"], "minimum": 1}}, ["enabled"]),
@@ -148,6 +150,57 @@ def role_schema(role: str) -> dict:
     return closed(properties, ["enabled", "image", "replicas", "resources"])
 
 
+def data_option(name: str) -> dict:
+    """A data option the chart sets from `data:` (empty: the roles' default), as declared."""
+    (option,) = [option for option in ROLES["fedavg-worker"].options() if option.name == name]
+    schema: dict = {"type": "string", "description": option.help}
+    if option.pattern:
+        schema["pattern"] = f"^$|^(?:{option.pattern})$"
+    return schema
+
+
+PLACEHOLDERS = "{party} (the party's name: worker-0, split-client-1, p2p-peer-2...) and {index} (its ordinal)"
+
+
+def data_schema() -> dict:
+    """data: the data set and its options, and where each pod's data comes from (templates/_helpers.tpl,
+    splitfed.roleData; templates/validate.yaml allows one source and checks the placeholders)."""
+    return closed({
+        "dataset": {"enum": list(settings_enum("dataset"))},
+        "labelColumn": data_option("label_column"),
+        "classes": data_option("classes"),
+        "imageSize": data_option("image_size"),
+        "volume": VOLUME_SOURCE,
+        "mountPath": {"type": "string", "pattern": "^/"},
+        "perParty": closed({
+            "hostPath": {"type": "string", "description": f"A folder on each node with {PLACEHOLDERS} in it, e.g. /srv/data/{{party}}."},
+            "existingClaim": {"type": "string", "description": "One existing claim with a folder per party (no placeholders: a pod template cannot name a claim per pod)."},
+            "folder": {"type": "string", "minLength": 1, "description": f"The party's folder inside existingClaim, with {PLACEHOLDERS}."},
+            "volumeClaimTemplate": {
+                **closed({"size": QUANTITY, "storageClassName": STRING,
+                          "accessModes": {"type": "array", "uniqueItems": True, "items": {"enum": ACCESS_MODE_NAMES}}}),
+                "description": "A claim per pod, for the roles that run as StatefulSets (a Job has no claim templates).",
+                # set at all: it needs its size
+                "if": {"minProperties": 1}, "then": {"required": ["size"]},
+            },
+        }),
+        "servers": {"type": "boolean", "description": "Give the servers (fedavg-server, split-server) data: false with evaluate parties."},
+    })
+
+
+# A Python identifier path, package.module, as --task takes it.
+MODULE = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+def task_schema() -> dict:
+    return closed({
+        "file": {"type": "string", "description": "The task file's text (--set-file task.file=my_task.py), in a ConfigMap of the chart's."},
+        "configMap": SECRET_NAME,
+        "key": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+\.py$", "description": "The task file's name in the ConfigMap."},
+        "module": {"type": "string", "pattern": f"^$|^{MODULE}$", "description": "A module the images carry (package.module)."},
+    })
+
+
 def monitor_schema() -> dict:
     return closed({"enabled": BOOLEAN, "interval": DURATION, "labels": string_map()}, ["enabled"])
 
@@ -187,11 +240,8 @@ def schema() -> dict:
             "clusterDomain": DNS_SUBDOMAIN,
             "queueType": {"enum": ["", *settings_enum("queue_type")]},
             "serviceAccount": closed({"create": BOOLEAN, "name": STRING}),
-            "data": closed({
-                "dataset": {"enum": list(settings_enum("dataset"))},
-                "volume": VOLUME_SOURCE,
-                "mountPath": {"type": "string", "pattern": "^/"},
-            }),
+            "data": data_schema(),
+            "task": task_schema(),
             "metrics": metrics_schema(),
             "networkPolicy": closed({
                 "enabled": BOOLEAN,
@@ -261,6 +311,10 @@ def chart_roles() -> dict:
         "signs": spec.signs,
         "namesData": spec.names_data,
         "readsData": spec.reads_data,
+        # a data owner (its replicas are the run's workers, clients or peers), which reads its data
+        # whatever data.servers says; a server that reads data only scores the global model on it
+        "dataOwner": spec.reads_data and spec.counts is not None,
+        "takesTask": any(option.name == "task" for option in spec.options()),
         "peer": spec.counts == "peers",
     } for role, spec in ROLES.items()}
 

@@ -8,6 +8,11 @@ class DataError(RuntimeError):
     """A data set cannot be found or read; the message says where it looked."""
 
 
+class TaskError(RuntimeError):
+    """A task (--task, or the model and data the settings name) cannot be built or used: the
+    message names the file and the function."""
+
+
 class Refused(RuntimeError):
     """The FedAvg server refused this worker; the message says why."""
 

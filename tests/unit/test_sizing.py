@@ -54,10 +54,6 @@ def test_default_cut_and_roles_are_the_projects():
         assert ("gpu" in VALUES[spec.values_key]) == spec.torch == (role in sizing.GPU_ROLES)
 
 
-def test_every_data_set_has_its_sample_counts():
-    assert set(sizing.TRAIN_SAMPLES) == set(sizing.TEST_SAMPLES) == set(DATASETS), "sizing must know every data set's sample counts"
-
-
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("mode", SPLIT_MODES)
 def test_split_parts_refuse_what_a_run_refuses(model, mode):

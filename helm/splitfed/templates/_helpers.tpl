@@ -355,3 +355,83 @@ Kubernetes puts them into each URL ($(VAR) references to variables defined just 
 {{- end -}}
 {{- printf "%s:%s" $values.image.repository $tag -}}
 {{- end -}}
+
+{{/* A role's data, as JSON: dict "root" $ "role" ROLE "kind" WORKLOAD-KIND. {} for a role that
+reads none (the relay, the tracker, the split-fed; a server with data.servers false; no source);
+else "dir", its SPLITFED_DATA_DIR, and either "volume", the volume source every pod of the role
+mounts, or "claimTemplate" true (a StatefulSet's claim per pod, splitfed.dataClaimTemplates).
+The per-party sources mount one volume for all the pods of a role and name the party's folder in
+it with {party}/{index}, which each role fills in itself: a pod template is the same for every pod
+of a Job or StatefulSet, so it cannot name a folder or claim per pod. */}}
+{{- define "splitfed.roleData" -}}
+{{- $root := .root -}}
+{{- $data := $root.Values.data -}}
+{{- $perParty := $data.perParty -}}
+{{- $spec := index (include "splitfed.roles" $root | fromJson) .role -}}
+{{- $mountPath := trimSuffix "/" $data.mountPath -}}
+{{- $out := dict -}}
+{{- if and $spec.readsData (or $spec.dataOwner $data.servers) -}}
+{{- if $perParty.hostPath -}}
+{{- $hostRoot := include "splitfed.hostPathRoot" $perParty.hostPath -}}
+{{- $out = dict "volume" (dict "hostPath" (dict "path" $hostRoot "type" "Directory")) "dir" (printf "%s%s" $mountPath (trimPrefix $hostRoot $perParty.hostPath)) -}}
+{{- else if $perParty.existingClaim -}}
+{{- $out = dict "volume" (dict "persistentVolumeClaim" (dict "claimName" $perParty.existingClaim "readOnly" true)) "dir" (printf "%s/%s" $mountPath (trimPrefix "/" $perParty.folder)) -}}
+{{- else if $perParty.volumeClaimTemplate -}}
+{{- if ne .kind "StatefulSet" -}}
+{{- fail (printf "data.perParty.volumeClaimTemplate gives a claim to each pod of a StatefulSet; %s runs as a %s, which has none (a Job's pods could only get ephemeral volumes, made empty and deleted with each pod): use data.perParty.hostPath or existingClaim%s" .role .kind (ternary "" ", or give the servers no data (data.servers=false, with evaluate: parties)" $spec.dataOwner)) -}}
+{{- end -}}
+{{- $out = dict "claimTemplate" true "dir" (default "/" $mountPath) -}}
+{{- else if $data.volume -}}
+{{- $out = dict "volume" $data.volume "dir" (default "/" $mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The fixed folder of data.perParty.hostPath before its first placeholder: /srv/data of /srv/data/{party}. */}}
+{{- define "splitfed.hostPathRoot" -}}
+{{- regexReplaceAll "/[^/]*[{].*$" . "" -}}
+{{- end -}}
+
+{{/* The claim template of a StatefulSet role whose data is data.perParty.volumeClaimTemplate
+(dict "root" $ "role" ROLE): a claim per ordinal, data-<statefulset>-<ordinal>, kept by the
+StatefulSet across restarts and after uninstall. */}}
+{{- define "splitfed.dataClaimTemplates" -}}
+{{- $data := include "splitfed.roleData" (dict "root" .root "role" .role "kind" "StatefulSet") | fromJson -}}
+{{- if $data.claimTemplate -}}
+{{- $template := .root.Values.data.perParty.volumeClaimTemplate -}}
+volumeClaimTemplates:
+  - metadata:
+      name: data
+      labels:
+        {{- include "splitfed.selectorLabels" (dict "root" .root "component" .role) | nindent 8 }}
+    spec:
+      accessModes:
+        {{- toYaml ($template.accessModes | default (list "ReadWriteOnce")) | nindent 8 }}
+      {{- with $template.storageClassName }}
+      storageClassName: {{ . | quote }}
+      {{- end }}
+      resources:
+        requests:
+          storage: {{ $template.size | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* The task's SPLITFED_TASK value: a file of the task ConfigMap, or a module; empty: none. */}}
+{{- define "splitfed.taskValue" -}}
+{{- $task := .Values.task -}}
+{{- if or $task.file $task.configMap -}}
+/etc/splitfed/task/{{ $task.key }}
+{{- else -}}
+{{- $task.module -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ConfigMap the task file is mounted from: the chart's own (task.file) or an existing one. */}}
+{{- define "splitfed.taskConfigMap" -}}
+{{- if .Values.task.file -}}
+{{- include "splitfed.componentName" (dict "root" . "component" "task") -}}
+{{- else -}}
+{{- .Values.task.configMap -}}
+{{- end -}}
+{{- end -}}

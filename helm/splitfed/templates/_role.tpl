@@ -1,5 +1,6 @@
 {{/*
-The pod template of one role: dict "root" $ "role" ROLE "key" VALUES-KEY ("restartPolicy" for Jobs).
+The pod template of one role: dict "root" $ "role" ROLE "key" VALUES-KEY "kind" WORKLOAD-KIND
+("restartPolicy" for Jobs).
 Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed serve ROLE`).
 */}}
 {{- define "splitfed.rolePodTemplate" -}}
@@ -11,23 +12,37 @@ Everything a role needs comes from env vars SPLITFED_* (the options of `splitfed
 {{- if $values.gpu }}{{ $gpu = $values.gpu.enabled }}{{ end -}}
 {{- /* What the role's declaration says (files/roles.json): $signs, a party with a key of its own
 (all but the relay); $namesData, one that takes the data set's name (not the relay nor the
-p2p-tracker, which trains nothing); $readsData, one that loads the data (not the split-fed either,
-which only averages layers); $peer, a decentralized peer (p2p-peer, smpl-peer), whose --peer-index
-is its completion index in an Indexed Job or its ordinal in a StatefulSet ($peerJob: the former,
-splitfed.peerKind). */ -}}
+p2p-tracker, which trains nothing); $peer, a decentralized peer (p2p-peer, smpl-peer), whose
+--peer-index is its completion index in an Indexed Job or its ordinal in a StatefulSet ($peerJob:
+the former, splitfed.peerKind). Which roles read data, and from where, is splitfed.roleData's. */ -}}
 {{- $spec := index (include "splitfed.roles" $root | fromJson) $role -}}
 {{- $signs := $spec.signs -}}
 {{- $namesData := $spec.namesData -}}
-{{- $readsData := $spec.readsData -}}
 {{- $peer := $spec.peer -}}
 {{- $peerJob := and $peer (eq (include "splitfed.peerKind" $root) "Job") -}}
 {{- $clients := int $root.Values.splitClient.replicas -}}
 {{- $severalClients := gt $clients 1 -}}
 {{- $keys := $root.Values.keys.existingSecret -}}
 {{- $data := $root.Values.data -}}
+{{- /* $roleData: its data volume and folder (splitfed.roleData). For a role that takes a task
+(takesTask: all that train): $task, its SPLITFED_TASK, and $taskMap, the ConfigMap the task file
+is mounted from (none for a module in the images). */ -}}
+{{- $roleData := include "splitfed.roleData" (dict "root" $root "role" $role "kind" .kind) | fromJson -}}
+{{- $task := "" -}}
+{{- $taskMap := "" -}}
+{{- if $spec.takesTask -}}
+{{- $task = include "splitfed.taskValue" $root -}}
+{{- $taskMap = include "splitfed.taskConfigMap" $root -}}
+{{- end -}}
 metadata:
   labels:
     {{- include "splitfed.labels" $ctx | nindent 4 }}
+  {{- if and $taskMap $root.Values.task.file }}
+  annotations:
+    # A changed task file restarts the pods that read it (a ConfigMap's new text reaches a mounted
+    # volume, but not a process that has loaded the old one).
+    checksum/task: {{ $root.Values.task.file | sha256sum }}
+  {{- end }}
 spec:
   {{- with .restartPolicy }}
   restartPolicy: {{ . }}
@@ -102,10 +117,21 @@ spec:
         {{- if $namesData }}
         - name: SPLITFED_DATASET
           value: {{ $data.dataset | quote }}
+        {{- range $name, $key := dict "SPLITFED_LABEL_COLUMN" "labelColumn" "SPLITFED_CLASSES" "classes" "SPLITFED_IMAGE_SIZE" "imageSize" }}
+        {{- with index $data $key }}
+        - name: {{ $name }}
+          value: {{ . | quote }}
         {{- end }}
-        {{- if and $readsData $data.volume }}
+        {{- end }}
+        {{- end }}
+        {{- with $roleData.dir }}
+        # The party's data folder; {party} and {index} are filled in by the role itself.
         - name: SPLITFED_DATA_DIR
-          value: {{ $data.mountPath | quote }}
+          value: {{ . | quote }}
+        {{- end }}
+        {{- with $task }}
+        - name: SPLITFED_TASK
+          value: {{ . | quote }}
         {{- end }}
         {{- if $keys }}
         - name: SPLITFED_KEY_LIST
@@ -197,9 +223,14 @@ spec:
           readOnly: true
         {{- end }}
         {{- with include "splitfed.brokerTLSMount" $root | trim }}{{ . | nindent 8 }}{{ end }}
-        {{- if and $readsData $data.volume }}
+        {{- if $roleData.dir }}
         - name: data
           mountPath: {{ $data.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- if $taskMap }}
+        - name: task
+          mountPath: /etc/splitfed/task
           readOnly: true
         {{- end }}
         {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
@@ -241,9 +272,18 @@ spec:
         {{- end }}
     {{- end }}
     {{- with include "splitfed.brokerTLSVolume" $root | trim }}{{ . | nindent 4 }}{{ end }}
-    {{- if and $readsData $data.volume }}
+    {{- with $roleData.volume }}
     - name: data
-      {{- toYaml $data.volume | nindent 6 }}
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- if $taskMap }}
+    - name: task
+      configMap:
+        name: {{ $taskMap }}
+        # Only the task file: a missing key keeps the pod from starting, and says which.
+        items:
+          - key: {{ $root.Values.task.key }}
+            path: {{ $root.Values.task.key }}
     {{- end }}
     {{- if and (eq $role "fedavg-server") $values.persistence.enabled }}
     - name: checkpoint

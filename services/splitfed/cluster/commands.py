@@ -160,16 +160,17 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
     for path in extra_files:
         if not path.is_file():
             raise fail(f"--values {path}: no such file", ExitCode.BAD_INPUT)
-    learning = _guard(lambda: chart.learning_config(scenario, given))
     key_files = _guard(lambda: chart.key_files(scenario, given)) if given.get("key_list") else {}
+    keys_secret = release + chart.KEYS_SECRET_SUFFIX if key_files else None
+    # The values first: they read --task's file, whose absence is then the one error line.
+    values = _guard(lambda: chart.chart_values(scenario, given, keys_secret=keys_secret))
+    learning = _guard(lambda: chart.learning_config(scenario, given))
     chart_path = _guard(lambda: find_chart(chart_ref))
     helm = _guard(lambda: Helm(kube_context))
     configure_logging(given.get("log_level", "info"))
     kube = _connect(kube_context, namespace)
     lead = chart.CHART_SCENARIOS[scenario].lead
     _guard(lambda: _already_ran(kube, release, lead))
-    keys_secret = release + chart.KEYS_SECRET_SUFFIX if key_files else None
-    values = _guard(lambda: chart.chart_values(scenario, given, keys_secret=keys_secret))
     _warn_if_too_big(chart_path, values, extra_files, sets)
     with tempfile.TemporaryDirectory(prefix="splitfed-launch-") as folder:
         values_file = Path(folder) / "launch-values.yaml"
@@ -353,7 +354,7 @@ def _follow(kube: Kube, pod: str, options: dict[str, Any]) -> None:
 
 def delete(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
-    volumes: Annotated[bool, typer.Option("--volumes", help="Also delete the volume claims helm leaves behind (the chart's RabbitMQ data).")] = False,
+    volumes: Annotated[bool, typer.Option("--volumes", help="Also delete the volume claims helm leaves behind (the chart's RabbitMQ data, and the parties' data claims of data.perParty.volumeClaimTemplate).")] = False,
     namespace: NAMESPACE = None,
     kube_context: KUBE_CONTEXT = None,
 ) -> None:

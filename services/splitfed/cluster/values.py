@@ -25,14 +25,17 @@ from splitfed import config
 from splitfed.roles.registry import FAMILIES as ROLE_FAMILIES, ROLES
 from splitfed.scenarios.registry import SCENARIOS
 
-# Options the chart sets itself, from other values (session, broker, keys, metrics, data,
-# worker, split-client and peer identity, worker, split-client and peer counts, checkpoint
+# Options the chart sets itself, from other values (session, broker, keys, metrics, data and
+# task, worker, split-client and peer identity, worker, split-client and peer counts, checkpoint
 # volume, relay or direct, the queue type that follows the broker's size): never in `settings`.
 MANAGED = {
     "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
-    "dataset", "data_dir", "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
+    "dataset", "data_dir", "label_column", "classes", "image_size", "task",
+    "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
     "clients", "client_index", "peers", "peer_index",
 }
+# The data options that are values under `data:` (option -> key): every party reads its data alike.
+DATA_VALUES = {"dataset": "dataset", "label_column": "labelColumn", "classes": "classes", "image_size": "imageSize"}
 
 # The roles a family's shared `settings` (split.settings, fedavg.settings, ...) reach: those of
 # the family with learning settings (not the relay). The chart accepts there only what every one
@@ -101,12 +104,17 @@ NOT_OFFERED = {
     "metrics_port": "every role serves /metrics on the chart's metrics.port (--set metrics.port=N)",
     "checkpoint_dir": "the fedavg-server keeps its checkpoint on a volume (fedavgServer.persistence)",
     "save_model": "the model stays in the pods; nothing brings model files back",
-    "data_dir": "a volume with the data set: --set data.volume.* (it becomes SPLITFED_DATA_DIR)",
+    "data_dir": "a volume with the data: --set data.volume.* (one data set for all), or data.perParty.* (each party its own "
+                "folder); the chart sets SPLITFED_DATA_DIR",
 }
 # Options that become chart-level values rather than role settings.
 CHART_LEVEL = {
     "session": "session",
     "dataset": "data.dataset",
+    "label_column": "data.labelColumn",
+    "classes": "data.classes",
+    "image_size": "data.imageSize",
+    "task": "task.file (a PATH.py: its text, which the chart puts in a ConfigMap) or task.module (package.module: in the images)",
     "workers": "fedavgWorker.replicas",
     "clients": "splitClient.replicas (the split-client Job's pods, one per client)",
     "peers": "p2pPeer.replicas or smplPeer.replicas (the peers' Indexed Job, one pod per peer); the tracker's expect-peers too",
@@ -120,6 +128,9 @@ LOCAL = {"out", "plot"}  # used by launch itself, on this machine, as by `splitf
 
 RELEASE_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"  # helm: a DNS-1123 label of at most 53 characters
 KEYS_SECRET_SUFFIX = "-keys"
+# A ConfigMap holds at most 1 MiB; a bigger task belongs in the images (ci/images.sh --task).
+TASK_FILE_LIMIT = 1024 * 1024
+TASK_KEY = re.compile(r"[-._a-zA-Z0-9]+\.py")  # a ConfigMap key that still names a Python file
 
 
 def launchable() -> list[str]:
@@ -201,8 +212,10 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
             raise ValueError(f"--{name.replace('_', '-')} is not an option of splitfed launch: {NOT_OFFERED[name]}")
         if name == "session":
             values["session"] = value
-        elif name == "dataset":
-            values["data"] = {"dataset": value}
+        elif name in DATA_VALUES:
+            values.setdefault("data", {})[DATA_VALUES[name]] = value
+        elif name == "task":
+            values["task"] = task_values(value)
         elif name in COUNTS:
             values[ROLE_KEYS[counting_role(scenario, name)]]["replicas"] = value
         elif name == "queue_type":
@@ -227,9 +240,32 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
         # an Indexed Job whose finished pods stay finished, not the Deployment and StatefulSet of a
         # session that serves until uninstalled).
         settings.setdefault(ROLE_KEYS["p2p-tracker"], {})["expect-peers"] = given.get("peers", declared_default(scenario, "peers"))
+    if given.get("evaluate") == "parties":
+        # The parties score the model on their own test sets: the servers read no data at all.
+        values.setdefault("data", {})["servers"] = False
     for home, chosen in settings.items():
         values.setdefault(home, {})["settings"] = chosen
     return values
+
+
+def task_values(task: str) -> dict[str, str]:
+    """--task as chart values: a Python file (PATH.py) travels in the chart's task ConfigMap
+    (task.file: its text, under its own name where that is a ConfigMap key); anything else is a
+    module the images carry (task.module), as the roles read --task."""
+    if not task.endswith(".py") and "/" not in task:
+        return {"module": task}
+    path = Path(task)
+    if not path.is_file():
+        raise ValueError(f"--task {task}: no such file")
+    raw = path.read_bytes()
+    if len(raw) > TASK_FILE_LIMIT:
+        raise ValueError(f"--task {task}: {len(raw)} bytes, more than a ConfigMap holds ({TASK_FILE_LIMIT}): "
+                         "install it into the images instead (ci/images.sh --task DIR) and give --task package.module")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--task {task}: not UTF-8 text (byte {exc.start})") from None
+    return {"file": text, **({"key": path.name} if TASK_KEY.fullmatch(path.name) else {})}
 
 
 def counting_role(scenario: str, count: str) -> str:

@@ -10,20 +10,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitfed.learning import cutting, data, models, train
+from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
+from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.settings import SplitNNSettings
+from splitfed.learning.settings import SplitNNSettings, split_client_name
+from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts
 
 
-def client_share(settings: SplitNNSettings, index: int) -> Samples:
-    """Client `index`'s training samples: all of them for a lone client (in order, so that a
-    one-client run is the same computation as centralized training), else its partition."""
-    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-    if settings.clients == 1:
-        return full
-    return data.share_of(full, settings.partition, settings.clients, settings.seed, index)
+CLIENT_ROLE, SERVER_ROLE = "split-client", "split-server"  # as roles.split names them: what a task's context says
+
+
+def client_context(settings: SplitNNSettings, index: int) -> Context:
+    return context_of(settings, CLIENT_ROLE, split_client_name(index, settings.clients), index)
+
+
+def client_share(task: Task, context: Context) -> Samples:
+    """A client's training samples: all of them for a lone client (in order, so that a one-client
+    run is the same computation as centralized training), else its own or its partition."""
+    if context.parties == 1:
+        return task.data(context, train=True)
+    return task.training_share(context)
 
 
 def periods(batches: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
@@ -58,13 +66,14 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     (splitfed-v2 has no single reference: the server trains on batches in the order they arrive.)"""
     if settings.schedule == "splitfed-v2":
         raise ValueError("splitfed-v2's outcome depends on the order its clients' batches arrive in")
-    meta = data.info(settings.dataset)
-    whole = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+    task = Task(settings)
+    whole = cutting.cut(task.sequential(client_context(settings, 0)), settings.cut_layer, settings.mode)
     clients = []
     for index in range(settings.clients):
         parts = copy.deepcopy(whole)
         params = [p for module in (parts.head, parts.tail) if module is not None for p in module.parameters()]
-        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), client_share(settings, index), data.party_generator(settings.seed, index)))
+        share = client_share(task, client_context(settings, index))
+        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), share, data.party_generator(settings.seed, index)))
     per_client = settings.schedule == "splitfed-v1"
     bodies = [client.parts.body for client in clients] if per_client else [whole.body] * settings.clients
     if per_client:

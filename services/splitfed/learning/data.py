@@ -73,9 +73,9 @@ def info(name: str) -> DatasetInfo:
 def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | None = None) -> Samples:
     """Load the train or test split of `name`; `limit` keeps the first N samples."""
     meta = info(name)
-    if name == "digits":
+    if meta.reader == "digits":
         images, labels = _digits(train)
-    elif name == "cifar10":
+    elif meta.reader == "cifar10":
         images, labels = _cifar10(_cifar10_dir(data_dir), train)
     else:
         images, labels = _idx_pair(_idx_dir(name, data_dir), train)
@@ -84,12 +84,9 @@ def load(name: str, *, train: bool, data_dir: Path | None = None, limit: int | N
     # Pixels stay uint8 (Fashion-MNIST's training set: 47 MB, not 188 MB as float32) and each
     # batch is normalised as it is taken.
     raw = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).reshape(-1, *meta.shape)
-    return Samples(Images(raw, meta.mean * _scale(name), meta.std * _scale(name)), torch.from_numpy(labels.astype(np.int64)))
-
-
-def _scale(name: str) -> float:
-    # IDX pixels are 0..255 and the statistics above are for 0..1; digits are 0..16 as published.
-    return 1.0 if name == "digits" else 255.0
+    # IDX and CIFAR pixels are 0..255 and their statistics are for 0..1; digits are 0..16 as published.
+    scale = 1.0 if meta.reader == "digits" else 255.0
+    return Samples(Images(raw, meta.mean * scale, meta.std * scale), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _digits(train: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from splitfed.learning import calibration, data, models, strategies, train
+from splitfed.learning.context import Context, context_of
+from splitfed.learning.tasks import Task
 from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids
 from splitfed.learning.train import EpochRecord
 
@@ -21,25 +23,41 @@ def round_seed(seed: int, worker_index: int, round_number: int) -> int:
     return seed * 1_000_003 + worker_index * 10_007 + round_number
 
 
-def training_data(settings: PartitionSettings) -> data.Samples:
-    """The training samples the workers share out (all but the held-out ones)."""
-    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-    if settings.holdout >= len(full):
-        raise ValueError(f"--holdout {settings.holdout} leaves no training samples out of {len(full)}")
-    end = len(full) - settings.holdout
-    return full.subset(slice(0, end))
+WORKER_ROLE, SERVER_ROLE = "fedavg-worker", "fedavg-server"  # as roles.fedavg names them: what a task's context says
 
 
-def evaluation_data(settings: PartitionSettings) -> data.Samples:
-    """What the global model is scored on: the held-out training samples, or the test set."""
-    if settings.holdout:
-        full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-        return full.subset(slice(len(full) - settings.holdout, None))
-    return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+def worker_context(settings: PartitionSettings, index: int) -> Context:
+    return context_of(settings, WORKER_ROLE, worker_ids(settings.workers)[index], index)
 
 
-def worker_share(settings: PartitionSettings, index: int) -> data.Samples:
-    return data.share_of(training_data(settings), settings.partition, settings.workers, settings.seed, index)
+def training_data(task: Task, context: Context) -> data.Samples:
+    """A party's training samples less the held-out ones: the set the workers share out, or the
+    worker's own."""
+    full = task.data(context, train=True)
+    holdout = task.settings.holdout
+    if holdout >= len(full):
+        raise ValueError(f"--holdout {holdout} leaves no training samples out of {len(full)}")
+    return full.subset(slice(0, len(full) - holdout))
+
+
+def evaluation_data(task: Task, context: Context) -> data.Samples:
+    """What a party scores the global model on: its held-out training samples, or its test set."""
+    holdout = task.settings.holdout
+    if holdout:
+        full = task.data(context, train=True)
+        return full.subset(slice(len(full) - holdout, None))
+    return task.data(context, train=False)
+
+
+def worker_shares(task: Task, settings: PartitionSettings, indices: list[int]) -> list[data.Samples]:
+    """The training samples of the workers at `indices`: each one's own, or their shares of the one
+    data set (loaded and partitioned once)."""
+    task.check_partition()
+    if task.own_data:
+        return [training_data(task, worker_context(settings, index)) for index in indices]
+    full = training_data(task, worker_context(settings, 0))
+    shares = data.partition(full.labels, settings.partition, settings.workers, settings.seed)
+    return [full.subset(shares[index]) for index in indices]
 
 
 def local_batches(size: int, settings: PartitionSettings, generator: torch.Generator) -> list[torch.Tensor]:
@@ -129,7 +147,7 @@ def local_training(
     trained = [p for name, p in model.named_parameters() if name not in head]
     opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
     anchor = [p.detach().clone() for p in model.parameters()] if recipe.prox_mu > 0 else None
-    classes = data.info(settings.dataset).classes
+    classes = models.output_shape(model, tuple(share.images.shape[1:]))[0]  # the model's logits: one per class
     logit_scale = absent_class_scale(share, classes, recipe.absent_scale) if recipe.absent_scale != 1.0 else None  # (classes,)
     offsets = calibration_offsets(share, classes, recipe.calibration_tau) if recipe.calibration_tau > 0 else None  # (classes,)
     losses = []
@@ -174,15 +192,15 @@ def reference_run(
     server uses steps the global model. With --calibration ccvr every worker then summarises its
     features under the final model and the last layer is retrained (`on_calibrated` gets the
     score); the model returned is the calibrated one."""
-    meta = data.info(settings.dataset)
-    model = models.build(settings.model, meta, settings.seed)
+    task = Task(settings)
+    server = context_of(settings, SERVER_ROLE, SERVER_ROLE)
+    model = task.model(server)
     if settings.calibration == "ccvr":
         calibration.split_head(model)  # a model that cannot be calibrated fails now, not after the rounds
     names = list(model.state_dict())
-    full = training_data(settings)
-    shares = [full.subset(i) for i in data.partition(full.labels, settings.partition, settings.workers, settings.seed)]
-    test_data = evaluation_data(settings)
-    local = models.build(settings.model, meta, settings.seed)
+    shares = worker_shares(task, settings, list(range(settings.workers)))
+    test_data = evaluation_data(task, server)
+    local = task.model(server)
     strategy = strategies.from_settings(settings)
     recipe, strategy_state = strategy.recipe, {}
     worker_controls = [zeros_like_state(model) for _ in shares] if recipe.control_variates else []
@@ -216,7 +234,7 @@ def reference_run(
         if on_round:
             on_round(history[-1])
     if settings.calibration == "ccvr":
-        classes = data.info(settings.dataset).classes
+        classes = len(task.classes(server))
         # Rounded to float32 as they would travel, so the plain loop pools what the server gets.
         statistics = [calibration.ClassStatistics.from_tensors(calibration.feature_statistics(model, share, classes, settings.eval_batch_size).tensors())
                       for share in shares]

@@ -13,20 +13,17 @@ from torch import nn
 
 from splitfed.learning import data, models, train
 from splitfed.learning.averaging import weighted_average
+from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
+from splitfed.learning.tasks import Task
 from splitfed.learning.settings import P2PSettings, PeerSettings
 
 
-def peer_share(settings: PeerSettings, index: int) -> Samples:
-    """Peer `index`'s training samples: its share of `--partition` over `--peers`."""
+def peer_context(settings: PeerSettings, role: str, index: int) -> Context:
+    """The context of peer `index` of a run of `role`s (p2p-peer, smpl-peer)."""
     if not 0 <= index < settings.peers:
         raise ValueError(f"--peer-index {index} is not below --peers {settings.peers}")
-    full = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-    return data.share_of(full, settings.partition, settings.peers, settings.seed, index)
-
-
-def test_samples(settings: PeerSettings) -> Samples:
-    return data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+    return context_of(settings, role, f"{role}-{index}", index)
 
 
 @dataclass(frozen=True)
@@ -95,12 +92,13 @@ def in_memory_run(settings: P2PSettings) -> dict:
     averages its model with every other's (all fresh, so weighted by samples alone). What a
     distributed run does when every model arrives in time."""
     started = time.perf_counter()
-    meta = data.info(settings.dataset)
-    test = test_samples(settings)
+    task = Task(settings)
+    contexts = [peer_context(settings, "p2p-peer", index) for index in range(settings.peers)]
+    test = task.data(contexts[0], train=False)
     peers = []
-    for index in range(settings.peers):
-        model = models.build(settings.model, meta, settings.seed)
-        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), peer_share(settings, index), data.party_generator(settings.seed, index)))
+    for context in contexts:
+        model = task.model(context)
+        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), task.training_share(context), data.party_generator(settings.seed, context.index)))
     history = []
     started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):

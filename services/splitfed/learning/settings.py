@@ -13,24 +13,34 @@ from splitfed.config import setting
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What a party needs to build a model without loading any data."""
+class DataShape:
+    """What a model is built for: one sample's input shape and the number of classes."""
 
     name: str
-    shape: tuple[int, int, int]  # (C, H, W)
+    shape: tuple[int, ...]  # (C, H, W) images, (F,) features
     classes: int
-    mean: float
+
+
+@dataclass(frozen=True)
+class DatasetInfo(DataShape):
+    """A built-in data set: everything any part of splitfed knows of it, in this one place."""
+
+    mean: float  # one mean and std over all pixels, in 0..1 units (digits: in its own 0..16)
     std: float
+    reader: str  # how learning.data reads its files: idx, digits or cifar10
+    train_samples: int  # samples in its training and test files (sizing counts them: --limit still reads the whole file)
+    test_samples: int
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081),
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017),
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 0.2860, 0.3530, "idx", 60000, 10000),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, 0.1307, 0.3081, "idx", 60000, 10000),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, 4.884, 6.017, "digits", 1437, 360),  # a fixed 80/20 cut of scikit-learn's 1797
     # One mean and std over all three channels (Images normalises with scalars): the per-channel
     # means 0.4914, 0.4822, 0.4465 and stds 0.2470, 0.2435, 0.2616, pooled.
-    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, 0.4734, 0.2516),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, 0.4734, 0.2516, "cifar10", 50000, 10000),
 }
+LOCAL_FORMATS = ("imagefolder", "csv", "npz")  # a party's own files under --data-dir (learning.local_data)
 MODELS = ("cnn", "tiny")  # built by learning.models; --model also takes a torchvision classification model (learning.vision)
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
@@ -88,8 +98,24 @@ def _class_group(group: str, classes: int) -> tuple[int, ...]:
 class ModelSettings:
     """The model, its data and how it is optimised: what every way of training it shares."""
 
-    dataset: str = setting("fashion-mnist", "Data set.", choices=tuple(DATASETS))
-    data_dir: Path | None = setting(None, "Folder with IDX files (MNIST, or Fashion-MNIST outside Debian's package).")
+    task: str | None = setting(
+        None, "Your own model and data: a Python file (PATH.py) or an importable module (package.module) defining model(context) and/or "
+        "data(context, train), optionally loss(context) and classes. What it does not define comes from --model and --dataset.", metavar="TASK",
+    )
+    dataset: str = setting(
+        "fashion-mnist", "Data set: a built-in one, shared out among the parties by --partition, or a party's own files under --data-dir: "
+        "imagefolder (train/ and test/, one sub-folder of PNG or JPEG images per class), csv (train.csv, test.csv) or npz (train.npz, test.npz "
+        "with arrays x and y).", choices=(*DATASETS, *LOCAL_FORMATS),
+    )
+    data_dir: Path | None = setting(
+        None, "The data folder (IDX files of mnist or fashion-mnist, cifar-10 batches, or the party's own files). {party} and {index} "
+        "in it become each party's name and index (data/{party}: data/worker-0, data/split-client-1, ...): every party reads only its own.",
+    )
+    label_column: str = setting("label", "csv: the column holding the labels (every other column is a numeric feature).")
+    classes: str | None = setting(None, "The class list, comma-separated, in label order (default: the classes the party's training data holds, sorted).", metavar="NAME,...")
+    image_size: str | None = setting(None, "imagefolder: resize every image to H,W (default: every image must already have one size).", metavar="H,W", pattern=r"^\d+,\d+$")
+    mean: str | None = setting(None, "Per-channel (or per-column) mean to normalise the party's own data with, comma-separated (default: its training data's).", metavar="M,...")
+    std: str | None = setting(None, "Per-channel (or per-column) standard deviation, comma-separated (default: its training data's).", metavar="S,...")
     model: str = setting(
         "cnn", "cnn, tiny, or a torchvision classification model such as resnet18 (splitfed models lists them). cnn: two conv blocks and "
         "three dense layers; tiny: logistic regression, for scale tests.", metavar="MODEL",
@@ -228,6 +254,11 @@ class PartitionSettings(ModelSettings):
 
     def __post_init__(self) -> None:
         parse_partition(self.partition, self.workers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+
+
+def split_client_name(index: int, clients: int) -> str:
+    """A split client's party name: `split-client` alone (as in a two-party run), `split-client-I` among several."""
+    return "split-client" if clients == 1 else f"split-client-{index}"
 
 
 def worker_ids(count: int) -> list[str]:

@@ -62,10 +62,19 @@ def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
             expected = model(probe)
         except PROBE_ERRORS as exc:
             raise _cannot_run(name, model, meta, exc) from None
-        return _as_sequential(name, model, probe, expected).train()
+        return _as_sequential(f"--model {name}", model, probe, expected).train()
 
 
-def _probe(shape: tuple[int, int, int]) -> torch.Tensor:
+def sequential_of(model: nn.Module, shape: tuple[int, ...], name: str) -> nn.Sequential:
+    """Any model as the Sequential of its children, checked on a probe of `shape` (one sample's);
+    ValueError naming `name` if its forward is not its children in order."""
+    probe = _probe(shape)
+    model.eval()  # the probe must not move BatchNorm's running statistics
+    with torch.no_grad():
+        return _as_sequential(name, model, probe, model(probe)).train()
+
+
+def _probe(shape: tuple[int, ...]) -> torch.Tensor:
     """(2, C, H, W) from a generator of its own: the global RNG stays as the seed left it."""
     return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
 
@@ -124,7 +133,7 @@ def _cannot_run(name: str, model: nn.Module, meta: DatasetInfo, exc: Exception) 
     if side is None:
         return ValueError(f"--model {name} cannot run on {meta.name}'s {height}x{width} images ({reason})")
     larger = _probe((channels, side, side))
-    _as_sequential(name, model, larger, model(larger))  # ValueError: it cannot be cut at any size
+    _as_sequential(f"--model {name}", model, larger, model(larger))  # ValueError: it cannot be cut at any size
     return ValueError(f"--model {name} cannot run on {meta.name}'s {height}x{width} images: it needs images of at least {side}x{side} px ({reason})")
 
 
@@ -168,7 +177,7 @@ def _as_sequential(name: str, model: nn.Module, probe: torch.Tensor, expected: t
     except PROBE_ERRORS:  # a child that cannot take its predecessor's output
         x = None
     if x is None or x.shape != expected.shape or not torch.allclose(x, expected, rtol=1e-4, atol=1e-5):
-        raise ValueError(f"--model {name} cannot be cut: its forward is not its children in order "
+        raise ValueError(f"{name} cannot be cut: its forward is not its children in order "
                          f"({', '.join(n for n, _ in model.named_children())}); choose a model such as {', '.join(EXAMPLES)}")
     return nn.Sequential(layers)
 

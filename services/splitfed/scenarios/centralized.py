@@ -20,13 +20,16 @@ def train_here(settings: TrainSettings, run: CentralizedRun, on_progress: Progre
     import torch
     from safetensors.torch import save_file
 
-    from splitfed.learning import data, models, train
+    from splitfed.learning import train
+    from splitfed.learning.context import context_of
+    from splitfed.learning.tasks import Task
 
-    meta = data.info(settings.dataset)
-    model = models.build(settings.model, meta, settings.seed)
+    task = Task(settings)
+    context = context_of(settings, "centralized", "centralized")
+    model = task.model(context)
     opt = train.optimizer(model.parameters(), settings.optimizer, settings.lr)
-    train_data = data.load(settings.dataset, train=True, data_dir=settings.data_dir, limit=settings.limit)
-    test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+    train_data = task.data(context, train=True)
+    test_data = task.data(context, train=False)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         model.eval()

@@ -27,12 +27,16 @@ def compute_threads(settings: SplitSettings, co_running_clients: int = 1) -> tup
     gets cores in proportion to its share of the work, since idle OpenMP threads spin and a small
     server half with many threads only slows the clients (measured: a 2-thread server doubles its
     per-batch time on 2 cores)."""
-    from splitfed.learning import cutting, data, models
+    from splitfed.learning import cutting, models
+    from splitfed.learning.context import context_of
+    from splitfed.learning.tasks import Task
 
-    meta = data.info(settings.dataset)
-    parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
-    head = models.forward_flops(parts.head, meta.shape)
-    body = models.forward_flops(parts.body, models.output_shape(parts.head, meta.shape))
+    task = Task(settings)
+    context = context_of(settings, "split-client", "split-client")
+    parts = cutting.cut(task.sequential(context), settings.cut_layer, settings.mode)
+    shape = task.data_shape(context).shape
+    head = models.forward_flops(parts.head, shape)
+    body = models.forward_flops(parts.body, models.output_shape(parts.head, shape))
     cores = threads_per_process(1)
     return threads_per_process(co_running_clients), max(1, round(cores * body / max(1, head + body)))
 

@@ -21,8 +21,8 @@ from splitfed.roles.registry import ROLES
 from splitfed.sizing.parts import Estimate, Part, Phase
 from splitfed.sizing.measured import (
     CUDA_CONTEXT_MIB, DEFAULT_TORCH_BUILD, FLOAT32, GPU_ALLOCATOR_ROUNDING, INT64, INTERPRETER_MIB, MESSAGE_COPIES, MIB,
-    OPTIMIZER_IMPORT_MIB, OPTIMIZER_STATE, OTHER_PHASE_RESIDUE, RUNTIME_MIB, SKLEARN_IMPORT_MIB, TEST_SAMPLES, TORCH_BUILDS,
-    TORCH_IMPORT_MIB, TORCH_KERNELS_MIB, TRACKER_PEER_BYTES, TRACKER_REPORT_BYTES, TRAIN_ACTIVATION_FACTOR, TRAIN_SAMPLES,
+    OPTIMIZER_IMPORT_MIB, OPTIMIZER_STATE, OTHER_PHASE_RESIDUE, RUNTIME_MIB, SKLEARN_IMPORT_MIB, TORCH_BUILDS,
+    TORCH_IMPORT_MIB, TORCH_KERNELS_MIB, TRACKER_PEER_BYTES, TRACKER_REPORT_BYTES, TRAIN_ACTIVATION_FACTOR,
     UNCERTAINTY,
 )
 from splitfed.sizing.shapes import Layer, Parts, cut_index, model_layers, split_parts
@@ -139,8 +139,8 @@ class _Context:
         self.meta = DATASETS[s.dataset]
         self.layers = model_layers(s.model, self.meta)
         self.pixels = math.prod(self.meta.shape)
-        self.train_file = TRAIN_SAMPLES[s.dataset]
-        self.test_file = TEST_SAMPLES[s.dataset]
+        self.train_file = self.meta.train_samples
+        self.test_file = self.meta.test_samples
         self.n_train = min(s.limit or self.train_file, self.train_file)
         self.n_test = min(s.test_limit or self.test_file, self.test_file)
         self.batch = min(s.batch_size, self.n_train)

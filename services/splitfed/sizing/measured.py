@@ -74,8 +74,3 @@ UNCERTAINTY = {
     "baseline": (0.95, 1.05), "overhead": (0.8, 1.2), "data": (0.95, 1.05), "model": (1.0, 1.5),
     "activations": (0.75, 1.35), "messages": (0.5, 2.0),
 }
-
-# Sample counts of each data set's files (learning.data reads all of a file even with --limit);
-# tests/unit/test_sizing.py checks that every data set of learning.settings.DATASETS has them.
-TRAIN_SAMPLES = {"fashion-mnist": 60000, "mnist": 60000, "digits": 1437, "cifar10": 50000}  # digits: 80% of sklearn's 1797
-TEST_SAMPLES = {"fashion-mnist": 10000, "mnist": 10000, "digits": 360, "cifar10": 10000}

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from splitfed import config
-from splitfed.learning import calibration, data, federated, models, strategies, train
+from splitfed.learning import calibration, federated, strategies, train
+from splitfed.learning.context import context_of
 from splitfed.learning.settings import FederatedSettings
+from splitfed.learning.tasks import Task
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -91,18 +93,19 @@ class FedAvgServer:
         self.recipe = self.strategy.recipe
         self.strategy_state: strategies.StrategyState = {}
         self.transport = transport
-        self.meta = data.info(settings.dataset)
-        self.model = models.build(settings.model, self.meta, settings.seed)
+        self.task = Task(settings)
+        self.context = context_of(settings, SERVER, SERVER)
+        self.model = self.task.model(self.context)
         self.names = list(self.model.state_dict())
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
         self.update_specs = {**self.specs, **(with_prefix(CONTROL_DELTA, self.specs) if self.recipe.control_variates else {})}
         self.statistics_specs = (  # a model that cannot be calibrated is refused here, before any round
-            {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, self.meta.classes).items()}
+            {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, len(self.task.classes(self.context))).items()}
             if settings.calibration == "ccvr" else {}
         )
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
         statistics_bytes = sum(4 * math.prod(spec.shape) for spec in self.statistics_specs.values())  # a covariance per class: can outweigh the model
-        self.test_data = federated.evaluation_data(settings)
+        self.test_data = federated.evaluation_data(self.task, self.context)
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             max_message_bytes=max(2 * model_bytes, statistics_bytes) + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,

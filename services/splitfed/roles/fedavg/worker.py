@@ -12,9 +12,11 @@ import uuid
 import torch
 
 from splitfed.errors import Refused
-from splitfed.learning import calibration, data, federated, models
+from splitfed.learning import calibration, data, federated
+from splitfed.learning.context import context_of
 from splitfed.learning.settings import PartitionSettings
 from splitfed.learning.strategies import LocalRecipe
+from splitfed.learning.tasks import Task
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
@@ -70,10 +72,11 @@ class FedAvgWorker(Role):
         self.worker_id = deployment.worker_id
         self.index = deployment.index
         self.session = deployment.session
-        meta = data.info(settings.dataset)
-        self.model = models.build(settings.model, meta, settings.seed)
+        self.task = Task(settings)
+        self.context = context_of(settings, WORKER, self.worker_id, self.index)
+        self.model = self.task.model(self.context)
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
-        self.data = share if share is not None else federated.worker_share(settings, self.index)  # only this worker's share is kept
+        self.data = share if share is not None else federated.worker_shares(self.task, settings, [self.index])[0]  # only this worker's share is kept
         self.endpoint = Endpoint(
             transport, session=self.session, role=WORKER, inbox=worker_queue(self.session, self.worker_id), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id, peer_roles=(SERVER,),
@@ -164,7 +167,7 @@ class FedAvgWorker(Role):
         """CCVR: the per-class count, mean and covariance of this share's penultimate features
         under the final global model."""
         self.model.load_state_dict(received_tensors(message))
-        statistics = calibration.feature_statistics(self.model, self.data, data.info(self.settings.dataset).classes, self.settings.eval_batch_size)
+        statistics = calibration.feature_statistics(self.model, self.data, len(self.task.classes(self.context)), self.settings.eval_batch_size)
         reply = Message(STATISTICS, "", "", round=message.round, meta={"samples": len(self.data)}, tensors=to_wire(statistics.tensors()))
         self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
         self.last_round = message.round

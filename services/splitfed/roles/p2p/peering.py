@@ -8,7 +8,8 @@ import time
 from collections.abc import Collection
 
 from splitfed.learning import data, models, train
-from splitfed.learning.peers import peer_share, test_samples
+from splitfed.learning.peers import peer_context
+from splitfed.learning.tasks import Task
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message
@@ -32,9 +33,11 @@ class Peer:
         self.name = peer_name(role, deployment.peer_index)
         self.on_progress = on_progress
         self.planned = planned
-        self.share = peer_share(settings, deployment.peer_index)
-        self.test = test_samples(settings)
-        self.model = models.build(settings.model, data.info(settings.dataset), settings.seed)
+        task = Task(settings)
+        context = peer_context(settings, role, deployment.peer_index)
+        self.share = task.training_share(context)
+        self.test = task.data(context, train=False)
+        self.model = task.model(context)
         self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
         self.generator = data.party_generator(settings.seed, deployment.peer_index)
         self.endpoint = Endpoint(

@@ -22,6 +22,7 @@ import torch
 from splitfed.errors import RunAborted
 from splitfed.learning import clients, cutting, data, models, train
 from splitfed.learning.settings import SplitNNSettings
+from splitfed.learning.tasks import Task
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -49,15 +50,16 @@ class SplitClient:
         self.name = client_name(self.index, settings.clients)
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
-        meta = data.info(settings.dataset)
-        self.parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+        self.task = Task(settings)
+        self.context = clients.client_context(settings, self.index)
+        self.parts = cutting.cut(self.task.sequential(self.context), settings.cut_layer, settings.mode)
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
         self.opt = train.optimizer(params, settings.optimizer, settings.lr)
-        self.cut_shape = models.output_shape(self.parts.head, meta.shape)
+        self.cut_shape = models.output_shape(self.parts.head, self.task.data_shape(self.context).shape)
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
-        self.train_data = clients.client_share(settings, self.index)
+        self.train_data = clients.client_share(self.task, self.context)
         clients.check_periods(math.ceil(len(self.train_data) / settings.batch_size), settings.syncs_per_epoch, f"{self.name}'s share")  # before the handshake
-        self.test_data = data.load(settings.dataset, train=False, data_dir=settings.data_dir, limit=settings.test_limit)
+        self.test_data = self.task.data(self.context, train=False)
         self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
         several = settings.clients > 1

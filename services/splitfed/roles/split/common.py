@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from splitfed.learning.settings import SplitSettings
+from splitfed.learning.settings import SplitSettings, split_client_name as client_name  # noqa: F401 (the roles name clients by it)
 from splitfed.roles.endpoint import queue_name
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
@@ -54,11 +54,6 @@ SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer",
 
 def shared(settings: SplitSettings) -> dict:
     return {name: getattr(settings, name) for name in SHARED_SETTINGS}
-
-
-def client_name(index: int, clients: int) -> str:
-    """A client's party name: `split-client` alone (as in a two-party run), `split-client-I` among several."""
-    return CLIENT if clients == 1 else f"{CLIENT}-{index}"
 
 
 def client_index(name: str) -> int:

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitfed.learning import cutting, data, models, train
+from splitfed.learning import cutting, models, train
+from splitfed.learning.context import context_of
 from splitfed.learning.settings import SplitNNSettings
+from splitfed.learning.tasks import Task
 from splitfed.observability import metrics
 from splitfed.protocol import Message
 from splitfed.roles.base import LATER, Role
@@ -54,11 +56,12 @@ class SplitServer(Role):
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
         self.session = deployment.session
-        meta = data.info(settings.dataset)
-        self.classes = meta.classes
-        parts = cutting.cut(models.build(settings.model, meta, settings.seed), settings.cut_layer, settings.mode)
+        task = Task(settings)
+        context = context_of(settings, SERVER, SERVER)
+        self.classes = len(task.classes(context))
+        parts = cutting.cut(task.sequential(context), settings.cut_layer, settings.mode)
         self.cut_layer = parts.cut_layer
-        self.in_shape = models.output_shape(parts.head, meta.shape)  # per sample, at the cut
+        self.in_shape = models.output_shape(parts.head, task.data_shape(context).shape)  # per sample, at the cut
         self.out_shape = models.output_shape(parts.body, self.in_shape)
         self.body = parts.body  # the shared layers (splitfed-v1: the average, after each epoch)
         self.opt = train.optimizer(self.body.parameters(), settings.optimizer, settings.lr)
