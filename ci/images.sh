@@ -10,8 +10,18 @@
 #   CA_BUNDLE      host CA bundle mounted (read-only, never copied) over the build
 #                  containers' own, for TLS-intercepting proxies
 #                  (default /etc/ssl/certs/ca-certificates.crt where it exists)
-# Usage: ci/images.sh
+# Usage: ci/images.sh [--task DIR]
+#   --task DIR  then also build each torch role's image with the Python package in DIR installed
+#               (images/task.Containerfile), tagged localhost/splitfed-TARGET:VERSION-NAME, NAME
+#               being DIR's name: the chart's image.tag for a task given as task.module
 set -euo pipefail
+task_dir=
+case "${1:-}" in
+  --task) [ -d "${2:-}" ] || { echo "images: --task needs the package's folder, not '${2:-}'" >&2; exit 2; }
+          task_dir=$(cd "$2" && pwd) ;;
+  "") ;;
+  *) echo "usage: ci/images.sh [--task DIR]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 export CONTAINERS_CONF=$PWD/ci/containers.conf
 sudo=$([ "$(id -u)" = 0 ] || echo sudo)
@@ -66,8 +76,9 @@ else
   echo "images: $BASE made in $((SECONDS - started)) s"
 fi
 
-build_args=(--format docker --network host --build-arg "BASE=$BASE" -f images/Containerfile)
-[ -f "$CA_BUNDLE" ] && build_args+=(--volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
+ca_mount=()
+[ -f "$CA_BUNDLE" ] && ca_mount=(--volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
+build_args=(--format docker --network host --build-arg "BASE=$BASE" -f images/Containerfile "${ca_mount[@]}")
 wheel=$(find "$TORCH_WHEELS" -maxdepth 1 -name 'torch-*+cpu-*.whl' 2>/dev/null | sort | tail -n 1)
 if [ -n "$wheel" ]; then
   torch_version=$(basename "$wheel" | cut -d- -f2)
@@ -90,6 +101,20 @@ for target in "${CPU_TARGETS[@]}"; do
   times+=("$((SECONDS - started))")
 done
 echo "images: built ${#CPU_TARGETS[@]} images in $((SECONDS - total_started)) s"
+
+if [ -n "$task_dir" ]; then
+  task_name=$(basename "$task_dir" | tr 'A-Z_' 'a-z-')
+  after_torch=false  # the targets after torch in CPU_TARGETS are the torch roles', which run a task
+  for target in "${CPU_TARGETS[@]}"; do
+    if $after_torch; then
+      "${podman[@]}" build --format docker --network host -f images/task.Containerfile --build-arg "BASE=$BASE" "${ca_mount[@]}" \
+        --build-arg "ROLE_IMAGE=localhost/splitfed-$target:$VERSION" -t "localhost/splitfed-$target:$VERSION-$task_name" "$task_dir" \
+        > >(sed "s/^/[$target task] /") 2>&1
+    fi
+    if [ "$target" = torch ]; then after_torch=true; fi
+  done
+  echo "images: the torch roles' images with $task_dir installed are tagged :$VERSION-$task_name: give the chart that image.tag for each role, and task.module"
+fi
 
 printf '\n%-40s %10s %8s\n' IMAGE SIZE_MB BUILD_S
 for i in "${!CPU_TARGETS[@]}"; do

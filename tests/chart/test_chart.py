@@ -787,3 +787,198 @@ def test_bad_p2p_values_fail_with_a_clear_message(helm):
         result = helm_template(helm, *base, "--set", values)
         assert result.returncode != 0 and message in result.stderr, (values, result.stderr)
 
+
+
+# -- each party its own data (ci/chart-values/per-party.yaml, per-party-claims.yaml) and the task ---
+
+# Whether a role takes a task (SPLITFED_TASK), as it declares it: every role that trains.
+TAKES_TASK = {role for role, spec in ROLES.items() if any(option.name == "task" for option in spec.options())}
+TASK_DIR = "/etc/splitfed/task"
+
+
+def data_volume(spec: dict) -> dict | None:
+    found = [volume for volume in spec["volumes"] if volume["name"] == "data"]
+    return found[0] if found else None
+
+
+def validated(objects: list[dict], tmp_path) -> None:
+    from tests.chart.test_high_availability import validate  # kubernetes-validate --strict, as ci/chart.sh
+
+    validate([o for o in objects if o["apiVersion"] != "monitoring.coreos.com/v1"], tmp_path)
+
+
+def test_per_party_host_path_mounts_the_fixed_folder_and_each_party_reads_its_own(rendered):
+    """/srv/splitfed/{party}: every pod mounts /srv/splitfed at /data, read-only, and reads
+    SPLITFED_DATA_DIR=/data/{party}, which the role fills in with its own name."""
+    seen = set()
+    for role, container, spec, _ in role_containers(rendered["per-party"]):
+        env = env_of(container)
+        assert env["SPLITFED_DATASET"]["value"] == "npz" and env["SPLITFED_CLASSES"]["value"] == "0,1,2,3,4,5,6,7,8,9", role
+        assert env["SPLITFED_DATA_DIR"]["value"] == "/data/{party}", role
+        assert data_volume(spec) == {"name": "data", "hostPath": {"path": "/srv/splitfed", "type": "Directory"}}, role
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in container["volumeMounts"], role
+        assert "SPLITFED_LABEL_COLUMN" not in env and "SPLITFED_IMAGE_SIZE" not in env  # unset: the roles' defaults
+        seen.add(role)
+    assert seen == {"fedavg-server", "fedavg-worker"}
+
+
+def test_the_task_file_travels_in_a_configmap_that_every_training_role_mounts(rendered):
+    values = yaml.safe_load((REPO / "ci" / "chart-values" / "per-party.yaml").read_text())
+    (config,) = [o for o in rendered["per-party"] if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{RELEASE}-splitfed-task"]
+    assert config["data"] == {"my_task.py": values["task"]["file"]}
+    assert config["metadata"]["labels"]["app.kubernetes.io/component"] == "task"
+    import hashlib
+
+    for role, container, spec, workload in role_containers(rendered["per-party"]):
+        assert env_of(container)["SPLITFED_TASK"]["value"] == f"{TASK_DIR}/my_task.py", role
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "task"]
+        assert volume["configMap"] == {"name": f"{RELEASE}-splitfed-task", "items": [{"key": "my_task.py", "path": "my_task.py"}]}
+        assert {"name": "task", "mountPath": TASK_DIR, "readOnly": True} in container["volumeMounts"], role
+        # a new task file restarts the pods (the mounted file changes; a loaded task would not)
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["checksum/task"] == hashlib.sha256(values["task"]["file"].encode()).hexdigest(), role
+
+
+def test_a_task_file_given_with_set_file_arrives_byte_for_byte_in_every_role_that_trains(helm, tmp_path):
+    task = tmp_path / "my_task.py"
+    # what templating or YAML could mangle: braces, a trailing space, tabs, quotes, no final newline
+    text = 'import torch  \n\n\ndef model(context):\n\t"""{{ .Values }} {party}: ünïcode"""\n\treturn torch.nn.Linear(64, 10)'
+    task.write_text(text)
+    objects = render(helm, "-f", str(REPO / "ci" / "chart-values" / "all-roles.yaml"), "--set", "p2pPeer.enabled=false",
+                     "--set-file", f"task.file={task}")
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{RELEASE}-splitfed-task"]
+    assert config["data"] == {"task.py": text}
+    roles = {role: env_of(container).get("SPLITFED_TASK", {}).get("value") for role, container, _, _ in role_containers(objects)}
+    assert {role for role, value in roles.items() if value} == TAKES_TASK & set(roles)
+    assert set(roles.values()) == {f"{TASK_DIR}/task.py", None}
+    assert roles["relay"] is None and roles["p2p-tracker"] is None  # they train nothing
+    for role, container, spec, _ in role_containers(objects):
+        has_volume = any(volume["name"] == "task" for volume in spec["volumes"])
+        assert has_volume == (role in TAKES_TASK), role
+
+
+def test_a_task_from_an_existing_configmap_or_a_module_in_the_images(helm, rendered):
+    assert not [o for o in rendered["per-party-claims"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-task")]
+    for role, container, spec, workload in role_containers(rendered["per-party-claims"]):
+        if role == "p2p-peer":
+            assert env_of(container)["SPLITFED_TASK"]["value"] == f"{TASK_DIR}/task.py"
+            (volume,) = [v for v in spec["volumes"] if v["name"] == "task"]
+            assert volume["configMap"] == {"name": "peer-task", "items": [{"key": "task.py", "path": "task.py"}]}
+            assert "annotations" not in workload["spec"]["template"]["metadata"]  # the chart cannot see its text
+    objects = render(helm, "--set", "task.module=hospital.model")
+    for role, container, spec, _ in role_containers(objects):
+        assert env_of(container)["SPLITFED_TASK"]["value"] == "hospital.model", role
+        assert not [v for v in spec["volumes"] if v["name"] == "task"] and not [m for m in container["volumeMounts"] if m["name"] == "task"]
+    assert not [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-task")]
+    assert not [c for _, c, _, _ in role_containers(render(helm)) if "SPLITFED_TASK" in env_of(c)]  # no task: the built-in models
+
+
+def test_per_party_claim_templates_give_each_statefulset_pod_its_own_claim(helm, rendered, tmp_path):
+    """p2p peers of a serving tracker (a StatefulSet) each get data-<statefulset>-<ordinal>, the
+    whole claim their folder; the tracker reads no data."""
+    workloads = {role: (container, spec, workload) for role, container, spec, workload in role_containers(rendered["per-party-claims"])}
+    container, spec, peers = workloads["p2p-peer"]
+    assert peers["kind"] == "StatefulSet"
+    assert peers["spec"]["volumeClaimTemplates"] == [{
+        "metadata": {"name": "data", "labels": {"app.kubernetes.io/name": "splitfed", "app.kubernetes.io/instance": RELEASE,
+                                                "app.kubernetes.io/component": "p2p-peer"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}},
+    }]
+    assert data_volume(spec) is None  # the claim template's, per pod
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
+    env = env_of(container)
+    assert env["SPLITFED_DATA_DIR"]["value"] == "/data" and env["SPLITFED_IMAGE_SIZE"]["value"] == "32,32"
+    assert env["SPLITFED_DATASET"]["value"] == "imagefolder"
+    tracker, tracker_spec, _ = workloads["p2p-tracker"]
+    assert data_volume(tracker_spec) is None and "SPLITFED_DATA_DIR" not in env_of(tracker) and "SPLITFED_TASK" not in env_of(tracker)
+    # FedAvg: the workers (a StatefulSet) get claims; the server, a Job, has none to get, so it is
+    # refused unless it reads no data (data.servers=false: the parties evaluate)
+    claims = "data.perParty.volumeClaimTemplate.size=1Gi,data.perParty.volumeClaimTemplate.storageClassName=local-path"
+    result = helm_template(helm, "--set", claims)
+    assert result.returncode != 0
+    assert ("data.perParty.volumeClaimTemplate gives a claim to each pod of a StatefulSet; fedavg-server runs as a Job, which has none"
+            in result.stderr), result.stderr
+    assert "or give the servers no data (data.servers=false" in result.stderr
+    objects = render(helm, "--set", claims + ",data.servers=false")
+    workloads = {role: (container, spec, workload) for role, container, spec, workload in role_containers(objects)}
+    (template,) = workloads["fedavg-worker"][2]["spec"]["volumeClaimTemplates"]
+    assert template["spec"]["storageClassName"] == "local-path"
+    server, server_spec, _ = workloads["fedavg-server"]
+    assert data_volume(server_spec) is None and "SPLITFED_DATA_DIR" not in env_of(server)
+    assert not [m for m in server["volumeMounts"] if m["name"] == "data"]
+    validated(objects, tmp_path)
+    # a split client, a Job, is a party with data of its own: refused without the servers' way out
+    result = helm_template(helm, "--set", claims + ",splitClient.enabled=true,splitServer.enabled=true,data.servers=false")
+    assert result.returncode != 0 and "split-client runs as a Job" in result.stderr and "data.servers" not in result.stderr.split("runs as a Job")[1]
+
+
+def test_per_party_existing_claim_is_one_claim_with_a_folder_per_party(helm, tmp_path):
+    objects = render(helm, "--set", SEVERAL_CLIENTS + ",fedavgServer.enabled=false,fedavgWorker.enabled=false,data.dataset=csv,"
+                     "data.labelColumn=diagnosis,data.perParty.existingClaim=hospital-data,data.perParty.folder=clients/{party}")
+    seen = set()
+    for role, container, spec, _ in role_containers(objects):
+        env = env_of(container)
+        assert env["SPLITFED_DATASET"]["value"] == "csv" and env["SPLITFED_LABEL_COLUMN"]["value"] == "diagnosis", role
+        if role == "split-fed":  # it averages layers and reads no data
+            assert data_volume(spec) is None and "SPLITFED_DATA_DIR" not in env
+            continue
+        assert data_volume(spec) == {"name": "data", "persistentVolumeClaim": {"claimName": "hospital-data", "readOnly": True}}, role
+        assert env["SPLITFED_DATA_DIR"]["value"] == "/data/clients/{party}", role
+        seen.add(role)
+    assert seen == {"split-client", "split-server"}
+    validated(objects, tmp_path)
+    lint = subprocess.run([str(helm), "lint", "--strict", str(CHART), "--set", SEVERAL_CLIENTS + ",data.perParty.existingClaim=hospital-data",
+                           "--set", "task.module=hospital.model"], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_servers_get_no_data_when_the_parties_evaluate(helm):
+    """data.servers=false (launch sets it for --evaluate parties): the servers get no volume and
+    no SPLITFED_DATA_DIR; the parties keep theirs."""
+    for extra in ("", ",splitClient.enabled=true,splitServer.enabled=true"):
+        objects = render(helm, "--set", "data.volume.persistentVolumeClaim.claimName=shared,data.servers=false" + extra)
+        for role, container, spec, _ in role_containers(objects):
+            env = env_of(container)
+            if role in ("fedavg-server", "split-server"):
+                assert data_volume(spec) is None and "SPLITFED_DATA_DIR" not in env, role
+                assert env["SPLITFED_DATASET"]["value"] == "fashion-mnist", role  # the model is still built for it
+            elif role != "relay":
+                assert data_volume(spec) == {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}, role
+                assert env["SPLITFED_DATA_DIR"]["value"] == "/data", role
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("data.perParty.existingClaim=data-{index}", "data.perParty.existingClaim data-{index}: a pod template is one for all the pods of a Job or "
+                                                 "StatefulSet, so it cannot name a claim per party"),
+    ("data.perParty.existingClaim=Hospital_Data", "data.perParty.existingClaim Hospital_Data: not a claim name"),
+    ("data.perParty.hostPath=/srv/data/{party},data.volume.hostPath.path=/srv/data",
+     "give one data source, not data.perParty.hostPath and data.volume"),
+    ("data.perParty.hostPath=/srv/data/{name}", "data.perParty.hostPath /srv/data/{name}: the only placeholders are {party}"),
+    ("data.perParty.existingClaim=d,data.perParty.folder=clients/{client}", "data.perParty.folder clients/{client}: the only placeholders"),
+    ("data.perParty.hostPath=/srv/data", "data.perParty.hostPath /srv/data: name each party's folder with {party} or {index} (e.g. /srv/data/{party})"),
+    ("data.perParty.hostPath=/{party}", "data.perParty.hostPath /{party}: put the parties' folders in a folder of their own"),
+    ("data.perParty.hostPath=srv/{party}", "data.perParty.hostPath srv/{party}: an absolute folder on the node"),
+    ("data.perParty.volumeClaimTemplate.storageClassName=fast", "at '/data/perParty/volumeClaimTemplate': missing property 'size'"),
+    ("data.perParty.volumeClaimTemplate.size=1Gi,data.perParty.volumeClaimTemplate.accessModes={ReadWriteSome}",
+     "at '/data/perParty/volumeClaimTemplate/accessModes/0': value must be one of"),
+    ("data.imageSize=32x32", "at '/data/imageSize'"),
+    ("data.dataset=parquet", "at '/data/dataset': value must be one of"),
+    ("data.servers=no", "at '/data/servers': got string, want boolean"),
+    ("task.module=my-task", "at '/task/module'"),
+    ("task.key=task.txt", "at '/task/key': 'task.txt' does not match pattern"),
+    ("task.module=hospital.model,task.configMap=hospital-task", "give the task once, not as task.configMap and task.module"),
+    ("fedavg.settings.task=my_task.py", "at '/fedavg/settings': additional properties 'task' not allowed"),  # the chart sets it
+    ("fedavgWorker.settings.data-dir=/data/{party}", "at '/fedavgWorker/settings': additional properties 'data-dir' not allowed"),
+])
+def test_bad_data_and_task_values_fail_with_a_clear_message(helm, values, message):
+    result = helm_template(helm, "--set", values)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_a_task_file_too_big_for_a_configmap_is_refused(helm, tmp_path):
+    task = tmp_path / "big_task.py"
+    task.write_text("# " + "x" * (1024 * 1024) + "\n")
+    result = helm_template(helm, "--set-file", f"task.file={task}")
+    assert result.returncode != 0
+    assert "task.file: 1048579 bytes, more than a ConfigMap holds (1048576)" in result.stderr, result.stderr

@@ -204,3 +204,36 @@ def test_an_smpl_launch_with_fewer_peers_than_a_hyperedge_is_refused(helm_dry_ru
     assert result.exit_code == 2  # the run's own check, before helm is asked
     assert "--hyperedge-size 3 is more than the 2 peers" in result.stderr
 
+
+
+def test_a_launch_with_a_task_file_sends_it_as_a_configmap_every_training_role_mounts(helm_dry_run, tmp_path):
+    task = tmp_path / "hospital_task.py"
+    task.write_text("import torch\n\n\ndef model(context):\n    torch.manual_seed(context.seed)\n    return torch.nn.Linear(64, 10)\n")
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--workers", "2", "--task", task,
+                    "--dataset", "npz", "--classes", "0,1,2,3,4,5,6,7,8,9", "--set", "data.perParty.hostPath=/srv/data/{party}")
+    assert result.exit_code == 0, result.stderr
+    objects = manifests(result.stdout)
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "fl-splitfed-task"]
+    assert config["data"] == {"hospital_task.py": task.read_text()}  # under its own name: tracebacks in the pods' logs name it
+    env = role_env(objects)
+    for role in ("fedavg-server", "fedavg-worker"):
+        assert env[role]["SPLITFED_TASK"] == "/etc/splitfed/task/hospital_task.py", role
+        assert env[role]["SPLITFED_DATASET"] == "npz" and env[role]["SPLITFED_CLASSES"] == "0,1,2,3,4,5,6,7,8,9", role
+        assert env[role]["SPLITFED_DATA_DIR"] == "/data/{party}", role
+        assert {name for name in env[role] if name.startswith("SPLITFED_")} <= ROLES[role].env_names(), role
+
+
+def test_a_launch_with_a_task_module_names_it_and_mounts_nothing(helm_dry_run):
+    result = invoke("launch", "split", "--dry-run", "--name", "sp", "-n", "ns1", "--task", "hospital.model", "--via", "direct")
+    assert result.exit_code == 0, result.stderr
+    objects = manifests(result.stdout)
+    assert not [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-task")]
+    env = role_env(objects)
+    assert env["split-client"]["SPLITFED_TASK"] == env["split-server"]["SPLITFED_TASK"] == "hospital.model"
+
+
+def test_a_missing_task_file_is_one_error_line(helm_dry_run, tmp_path):
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--task", tmp_path / "absent_task.py")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --task {tmp_path / 'absent_task.py'}: no such file"
+    assert not helm_dry_run.requests  # refused before the cluster is asked anything

@@ -354,7 +354,8 @@ def _follow(kube: Kube, pod: str, options: dict[str, Any]) -> None:
 
 def delete(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The run (release).", show_default=False)],
-    volumes: Annotated[bool, typer.Option("--volumes", help="Also delete the volume claims helm leaves behind (the chart's RabbitMQ data, and the parties' data claims of data.perParty.volumeClaimTemplate).")] = False,
+    volumes: Annotated[bool, typer.Option("--volumes", help="Also delete the volume claims helm leaves behind (the chart's RabbitMQ data, "
+                                                             "and the parties' data claims of data.perParty.volumeClaimTemplate).")] = False,
     namespace: NAMESPACE = None,
     kube_context: KUBE_CONTEXT = None,
 ) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from splitfed.learning.models import DEFAULT_CUT, evaluating
+from splitfed.learning.models import evaluating
 from splitfed.learning.settings import SPLIT_MODES as MODES
 
 
@@ -46,7 +46,8 @@ class CutPoint:
 
 def cut(model: nn.Sequential, cut_layer: int | str | None, mode: str = "vanilla", tail_layers: int = 1) -> Parts:
     """Cut `model` before layer `cut_layer`, an index or the name of the layer to cut after (None:
-    DEFAULT_CUT for cnn and tiny; a torchvision model's last cut point, before its classifier).
+    the model's `default_cut` if its builder set one, as the cnn's does; else the last cut point,
+    before its classifier).
 
     The parts are indexed 0.. like any `nn.Sequential(*layers)`, whatever the model names its
     children: a part's state-dict keys are its own layer indices (roles.split.common.save_parts
@@ -102,9 +103,9 @@ def _named(model: nn.Sequential) -> bool:
 
 def _index(model: nn.Sequential, cut_layer: int | str | None, mode: str, tail_layers: int, end: int) -> int:
     """The index a cut names: digits are an index, anything else the layer to cut after."""
-    if cut_layer is None:
-        usable = usable_cuts(model, mode, tail_layers) if _named(model) else []
-        return usable[-1] if usable else DEFAULT_CUT
+    if cut_layer is None:  # the builder's choice (the cnn's), else the last cut before the classifier
+        usable = usable_cuts(model, mode, tail_layers)
+        return getattr(model, "default_cut", None) or (usable[-1] if usable else 1)
     if isinstance(cut_layer, int) or cut_layer.isdigit():
         return int(cut_layer)
     names = list(model._modules)

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from splitfed.learning import vision
-from splitfed.learning.settings import MODELS, DatasetInfo
+from splitfed.learning.settings import MODELS, DataShape
 
 
-def default_cnn(meta: DatasetInfo) -> nn.Sequential:
+def default_cnn(meta: DataShape) -> nn.Sequential:
     """Two conv blocks and three linear layers (pytorch/examples mnist, without dropout).
 
     No dropout: a split run must draw no random numbers that centralized training does not,
@@ -20,7 +20,7 @@ def default_cnn(meta: DatasetInfo) -> nn.Sequential:
     """
     channels, height, width = meta.shape
     flat = 64 * (height // 4) * (width // 4)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(channels, 32, 5, padding=2),  # 0: (B, 32, H, W)
         nn.ReLU(),  # 1
         nn.MaxPool2d(2),  # 2: (B, 32, H/2, W/2)
@@ -34,6 +34,8 @@ def default_cnn(meta: DatasetInfo) -> nn.Sequential:
         nn.ReLU(),  # 10
         nn.Linear(64, meta.classes),  # 11: (B, classes) logits; the loss applies log-softmax once
     )
+    model.default_cut = DEFAULT_CUT  # where cutting.cut cuts it unless told otherwise
+    return model
 
 
 # Layers [0, DEFAULT_CUT) stay with the data owner: the feature extractor and the first dense
@@ -42,7 +44,7 @@ def default_cnn(meta: DatasetInfo) -> nn.Sequential:
 # blocks (--cut-layer 6), and communication is what split learning pays for per batch.
 DEFAULT_CUT = 9
 
-def tiny(meta: DatasetInfo) -> nn.Sequential:
+def tiny(meta: DataShape) -> nn.Sequential:
     """Multinomial logistic regression: for scale tests with many parties, not for accuracy."""
     channels, height, width = meta.shape
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, meta.classes))
@@ -51,7 +53,7 @@ def tiny(meta: DatasetInfo) -> nn.Sequential:
 BUILDERS = {"cnn": default_cnn, "tiny": tiny}
 
 
-def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
+def build(name: str, meta: DataShape, seed: int) -> nn.Sequential:
     """The full model, initialised from `seed`: every party builds it and keeps its own layers.
     `name`: cnn, tiny, or a torchvision classification model (learning.vision), whose Sequential
     names its children (conv1, layer1, ..., fc) so that a cut can name them too."""

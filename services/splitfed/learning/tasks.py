@@ -244,6 +244,32 @@ class Task:
             raise TaskError(f"{self.origin}: {function}() raised {_error(exc)}") from None
 
 
+def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
+    """Each party's task loaded, its data read and its model tried on it, and the parties' class
+    lists compared: what would fail in a party fails here, in one line, before any party starts.
+    A party with no data of its own to read (a server given none) is left out; data one set
+    shares out is read once."""
+    first: tuple[Context, tuple[str, ...]] | None = None
+    shared_checked = False
+    for settings, context in parties:
+        task = Task(settings)
+        task.check_partition()
+        if task.own_data and context.data_dir is None and not task.defines("data"):
+            continue
+        if not task.own_data and shared_checked:
+            continue
+        shared_checked = shared_checked or not task.own_data
+        samples = task.data(context, train=True)
+        task.data(context, train=False)
+        classes = task.classes(context)
+        if first is None:
+            check_model_takes_data(task, task.model(context), samples, len(classes))
+            first = (context, classes)
+        elif classes != first[1]:
+            raise TaskError(f"{context.party}'s classes {_listed(list(classes))} differ from {first[0].party}'s {_listed(list(first[1]))}: "
+                            "give every party the same --classes (or classes in the task)")
+
+
 def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, classes: int) -> None:
     """A model that cannot take the data, or gives the wrong number of outputs, fails now with
     one line, not in the first batch of training."""

@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from splitfed.learning.settings import MODELS, DatasetInfo
+from splitfed.learning.settings import MODELS, DataShape
 
 SMALL_IMAGE = 64  # px: at most this, a ResNet gets the CIFAR stem (3x3 conv, no max pool)
 LARGEST_PROBE = 512  # px: the largest input tried when looking for a model's minimum input size
@@ -43,7 +43,7 @@ def names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build(name: str, meta: DatasetInfo, seed: int) -> nn.Sequential:
+def build(name: str, meta: DataShape, seed: int) -> nn.Sequential:
     """torchvision's `name`, randomly initialised from `seed` (never a weight download), fitted to
     `meta`'s images and turned into a Sequential of its named children."""
     torchvision = torchvision_module()
@@ -124,7 +124,7 @@ def _out_of_place(model: nn.Module) -> None:
             module.inplace = False
 
 
-def _cannot_run(name: str, model: nn.Module, meta: DatasetInfo, exc: Exception) -> ValueError:
+def _cannot_run(name: str, model: nn.Module, meta: DataShape, exc: Exception) -> ValueError:
     """Why `model` cannot take `meta`'s images: too small for it (its feature map shrinks to
     nothing), naming the smallest size it takes, unless it could not be cut at that size either."""
     channels, height, width = meta.shape

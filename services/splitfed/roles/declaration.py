@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from prometheus_client.metrics import MetricWrapperBase
 
 from splitfed import config
+from splitfed.learning.context import Context, context_of
 from splitfed.security.keys import KeyList, Signer, load_private
 from splitfed.transport import Connection, Transport
 
@@ -73,6 +74,7 @@ class RoleSpec:
     metrics: tuple[MetricWrapperBase, ...]
     party: Callable[[Any, Any], str] = lambda learning, deployment: ""  # (learning, deployment) -> the party name it signs as (default: the role name)
     prefetch: Callable[[Any], int] | None = None  # deliveries it may hold unacked, from its learning settings
+    index: Callable[[Any, Any], int] = lambda learning, deployment: 0  # (learning, deployment) -> its index among the data owners (a task's context.index)
     _: KW_ONLY
     # How it is deployed. The defaults describe a role outside the chart and the images (a test's).
     families: tuple[str, ...] = ()  # the families whose sessions it serves; the first is the one it takes by default
@@ -96,6 +98,10 @@ class RoleSpec:
 
     def party_name(self, learning: Any, deployment: Any) -> str:
         return self.party(learning, deployment) or self.name
+
+    def context(self, learning: Any, deployment: Any) -> Context:
+        """What this party's task is told of it (learning.tasks)."""
+        return context_of(learning, self.name, self.party_name(learning, deployment), self.index(learning, deployment))
 
     def settings_classes(self) -> tuple[type, ...]:
         return tuple(cls for cls in (self.learning, self.deployment, Connection) if cls is not None)

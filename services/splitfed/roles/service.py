@@ -62,6 +62,10 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
 
         torch.set_num_threads(threads)
     party = spec.party_name(learning, deployment)
+    if spec.reads_data:  # a task or data that cannot work stops the role here, before it joins anyone
+        from splitfed.learning.tasks import preflight
+
+        preflight([(learning, spec.context(learning, deployment))])
     identity = Identity.load(party, deployment.key_list, getattr(deployment, "private_key", None))
     broker = connection.amqp_broker(party)
     warn_if_unencrypted(broker, identity.trusted is not None)

@@ -144,6 +144,7 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         with tempfile.TemporaryDirectory(prefix="splitfed-") as folder:
             workdir = Path(folder)
             launches = with_metrics(scenario.plan(learning, settings, workdir), settings)
+            check_tasks(launches)
             if settings.launch == "processes":
                 result = run_processes(launches, settings, on_progress, settings.timeout, workdir)
             else:
@@ -154,6 +155,15 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
         config_values = {**config.values_of(learning), "session": settings.session, "broker": str(settings.address), "launch": settings.launch,
                          "authenticated": settings.key_list is not None}
     return {"scenario": scenario.name, **result, "wall_seconds": time.perf_counter() - started, "config": config_values}
+
+
+def check_tasks(launches: list[Launch]) -> None:
+    """The parties' tasks and data tried before any of them starts (learning.tasks.preflight)."""
+    parties = [(launch.learning, launch.spec.context(launch.learning, launch.deployment)) for launch in launches if launch.spec.reads_data]
+    if parties:
+        from splitfed.learning.tasks import preflight  # torch: only runs that train load it
+
+        preflight(parties)
 
 
 def with_metrics(launches: list[Launch], settings: RunSettings) -> list[Launch]:

@@ -29,10 +29,11 @@ def compute_threads(settings: SplitSettings, co_running_clients: int = 1) -> tup
     per-batch time on 2 cores)."""
     from splitfed.learning import cutting, models
     from splitfed.learning.context import context_of
+    from splitfed.learning.settings import split_client_name
     from splitfed.learning.tasks import Task
 
     task = Task(settings)
-    context = context_of(settings, "split-client", "split-client")
+    context = context_of(settings, "split-client", split_client_name(0, getattr(settings, "clients", 1)))  # the first client's data: its shape
     parts = cutting.cut(task.sequential(context), settings.cut_layer, settings.mode)
     shape = task.data_shape(context).shape
     head = models.forward_flops(parts.head, shape)

@@ -55,6 +55,7 @@ ROLES = (
     RoleSpec(
         WORKER, "A FedAvg worker: trains the global model on its own share and sends signed updates.", PartitionSettings, WorkerDeployment,
         _worker, (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.LOCAL_SAMPLES, metrics.UPDATE_BYTES, metrics.ACTIVITY_SECONDS), party=lambda learning, deployment: deployment.worker_id,
+        index=lambda learning, deployment: deployment.index,
         families=FAMILY, torch=True, reads_data=True, replicas=Replicas.ANY, counts="workers", values_key="fedavgWorker", image=WORKER,
     ),
 )

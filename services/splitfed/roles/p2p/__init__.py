@@ -52,11 +52,13 @@ ROLES = (
     RoleSpec(
         P2P_PEER, "A peer of a p2p session: trains its share, sends its model to every live peer after each epoch, averages what arrived.",
         P2PSettings, PeerDeployment, _built_by("splitfed.roles.p2p.peer", "P2PPeer"), PEER_METRICS, party=lambda learning, deployment: peer_name(P2P_PEER, deployment.peer_index),
+        index=lambda learning, deployment: deployment.peer_index,
         families=("p2p",), torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="peers", job=True, values_key="p2pPeer", image=P2P_PEER,
     ),
     RoleSpec(
         SMPL_PEER, "A peer of an SMPL session: trains in random hyperedges the tracker draws and synchronises inside each.",
         SMPLSettings, PeerDeployment, _built_by("splitfed.roles.p2p.smpl", "SMPLPeer"), (*PEER_METRICS, metrics.HYPEREDGES_ACTIVE), party=lambda learning, deployment: peer_name(SMPL_PEER, deployment.peer_index),
+        index=lambda learning, deployment: deployment.peer_index,
         families=("smpl",), torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="peers", job=True, values_key="smplPeer", image=SMPL_PEER,
     ),
 )

@@ -61,6 +61,7 @@ ROLES = (
         "split-client", "A data owner of a split session: data, labels, first layers; drives training.", SplitNNSettings, SplitClientParty, _client,
         (*metrics.WIRE, metrics.ROUND_TRIP, metrics.EPOCH, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS),
         party=lambda learning, deployment: client_name(deployment.client_index, learning.clients),
+        index=lambda learning, deployment: deployment.client_index,
         families=FAMILY, torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="clients", job=True, values_key="splitClient", image="split-client",
     ),
     RoleSpec(
