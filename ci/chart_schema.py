@@ -314,7 +314,8 @@ def chart_roles() -> dict:
         # a data owner (its replicas are the run's workers, clients or peers), which reads its data
         # whatever data.servers says; a server that reads data only scores the global model on it
         "dataOwner": spec.reads_data and spec.counts is not None,
-        "takesTask": any(option.name == "task" for option in spec.options()),
+        # the task is torch code: a role that takes --task and runs torch (not the split-fed)
+        "takesTask": spec.torch and any(option.name == "task" for option in spec.options()),
         "peer": spec.counts == "peers",
     } for role, spec in ROLES.items()}
 

@@ -791,8 +791,9 @@ def test_bad_p2p_values_fail_with_a_clear_message(helm):
 
 # -- each party its own data (ci/chart-values/per-party.yaml, per-party-claims.yaml) and the task ---
 
-# Whether a role takes a task (SPLITFED_TASK), as it declares it: every role that trains.
-TAKES_TASK = {role for role, spec in ROLES.items() if any(option.name == "task" for option in spec.options())}
+# The roles that take a task (SPLITFED_TASK), torch code: every role that runs torch (the split-fed
+# declares --task, but averages layers in numpy).
+TAKES_TASK = {role for role, spec in ROLES.items() if spec.torch and any(option.name == "task" for option in spec.options())}
 TASK_DIR = "/etc/splitfed/task"
 
 
@@ -851,7 +852,8 @@ def test_a_task_file_given_with_set_file_arrives_byte_for_byte_in_every_role_tha
     roles = {role: env_of(container).get("SPLITFED_TASK", {}).get("value") for role, container, _, _ in role_containers(objects)}
     assert {role for role, value in roles.items() if value} == TAKES_TASK & set(roles)
     assert set(roles.values()) == {f"{TASK_DIR}/task.py", None}
-    assert roles["relay"] is None and roles["p2p-tracker"] is None  # they train nothing
+    assert roles["relay"] is None and roles["p2p-tracker"] is None and roles["split-fed"] is None  # they run no torch
+    assert {"split-client", "split-server", "fedavg-server", "fedavg-worker", "smpl-peer"} <= TAKES_TASK
     for role, container, spec, _ in role_containers(objects):
         has_volume = any(volume["name"] == "task" for volume in spec["volumes"])
         assert has_volume == (role in TAKES_TASK), role

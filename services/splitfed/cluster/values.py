@@ -131,6 +131,7 @@ KEYS_SECRET_SUFFIX = "-keys"
 # A ConfigMap holds at most 1 MiB; a bigger task belongs in the images (ci/images.sh --task).
 TASK_FILE_LIMIT = 1024 * 1024
 TASK_KEY = re.compile(r"[-._a-zA-Z0-9]+\.py")  # a ConfigMap key that still names a Python file
+TASK_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # package.module, as the roles import it
 
 
 def launchable() -> list[str]:
@@ -249,10 +250,12 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
 
 
 def task_values(task: str) -> dict[str, str]:
-    """--task as chart values: a Python file (PATH.py) travels in the chart's task ConfigMap
-    (task.file: its text, under its own name where that is a ConfigMap key); anything else is a
-    module the images carry (task.module), as the roles read --task."""
-    if not task.endswith(".py") and "/" not in task:
+    """--task as chart values, told apart as the roles tell them: a Python file (PATH.py) travels
+    in the chart's task ConfigMap (task.file: its text, under its own name where that is a
+    ConfigMap key); package.module is a module the images carry (task.module)."""
+    if not task.endswith(".py"):
+        if not TASK_MODULE.fullmatch(task):
+            raise ValueError(f"--task {task}: give a file PATH.py or a module package.module")
         return {"module": task}
     path = Path(task)
     if not path.is_file():

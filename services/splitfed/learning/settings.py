@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.config import setting
+from splitfed.learning.context import has_placeholders
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ SCHEDULES = ("round-robin", "splitfed-v1", "splitfed-v2")  # roles.split: how se
 STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
 CALIBRATIONS = ("none", "ccvr")  # learning.calibration
+EVALUATIONS = ("server", "parties", "both")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,13 @@ class ModelSettings:
     limit: int | None = setting(None, "Use only the first N training samples.", min=1)
     test_limit: int | None = setting(None, "Use only the first N test samples.", min=1)
 
+    def check_partition(self, parties: int) -> None:
+        """A --partition that cannot share the built-in data set out among `parties` is refused
+        now. A task or a party's own files may mean no sharing at all: learning.tasks decides
+        once it has loaded the task (and refuses a --partition then)."""
+        if self.task is None and self.dataset in DATASETS and not has_placeholders(self.data_dir):
+            parse_partition(getattr(self, "partition"), parties, DATASETS[self.dataset].classes)
+
 
 @dataclass(kw_only=True)
 class TrainSettings(ModelSettings):
@@ -168,11 +177,16 @@ class SplitNNSettings(SplitSettings):
         "1: plain averaging; above 1 makes up for the clients' steps being averaged rather than added up (Reddi et al.'s server learning "
         "rate).", min=0.0,
     )
+    evaluate: str = setting(
+        "server", "Where the model is scored after each epoch: server (the clients score the server's test set, each its part), parties (each "
+        "client scores the model on its own test data and the server adds up their counts: the split-server needs no data) or both.",
+        choices=EVALUATIONS,
+    )
     min_clients: int | None = setting(None, "Close an epoch with this many clients once a silent one has used up --client-timeout (default: all).", min=1)
     client_timeout: float = setting(60.0, "Seconds a client may stay silent before the server gives up on its share of the epoch (or its turn, in round-robin).", min=0.1)
 
     def __post_init__(self) -> None:
-        parse_partition(self.partition, self.clients, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+        self.check_partition(self.clients)
         if (self.syncs_per_epoch != 1 or self.fed_lr != 1.0) and self.schedule == "round-robin":
             raise ValueError("--syncs-per-epoch and --fed-lr are for splitfed-v1 and v2: round-robin clients hand their layers on, they are not averaged")
         if self.min_clients is not None and self.min_clients > self.clients:
@@ -191,7 +205,7 @@ class PeerSettings(ModelSettings):
     partition: str = setting("iid", "How the training data is shared out among the peers: iid | classes:0-3,4-6,7-9 | dirichlet:ALPHA | shards:K.")
 
     def __post_init__(self) -> None:
-        parse_partition(self.partition, self.peers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+        self.check_partition(self.peers)
 
 
 @dataclass(kw_only=True)
@@ -253,7 +267,7 @@ class PartitionSettings(ModelSettings):
     holdout: int = setting(0, "Keep the last N training samples from the workers and evaluate on them instead of the test set (to tune without the test set).", min=0)
 
     def __post_init__(self) -> None:
-        parse_partition(self.partition, self.workers, DATASETS[self.dataset].classes if self.dataset in DATASETS else 10)
+        self.check_partition(self.workers)
 
 
 def split_client_name(index: int, clients: int) -> str:
@@ -288,6 +302,10 @@ class FederatedSettings(PartitionSettings):
     tau: float = setting(1e-3, "Adaptivity (epsilon) of fedadam, fedyogi, fedadagrad.", min=1e-12)
     lc_tau: float = setting(1.0, "fedlc: workers subtract lc_tau * n_c^(-1/4) from the logit of each class c they hold n_c samples of (n_c = 0 counts as 1) in their local loss.", min=0.0)
     rs_alpha: float = setting(0.5, "fedrs: how much the logits of classes a worker holds no sample of count in its local loss.", min=0.0, max=1.0)
+    evaluate: str = setting(
+        "server", "Where the global model is scored after each round: server (on its test set), parties (each worker scores it on its own "
+        "test data and sends its counts; the server adds them up and needs no data at all) or both.", choices=EVALUATIONS,
+    )
     calibration: str = setting(
         "none", "After the last round: ccvr retrains the last layer on features drawn from per-class Gaussians that the workers' feature "
         "statistics give (CCVR; the workers send each class's count, mean and covariance of penultimate features, no samples).", choices=CALIBRATIONS,

@@ -163,7 +163,7 @@ class Task:
         result = self._call("data", context, train)
         if isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(part, torch.Tensor) for part in result):
             inputs, labels = result
-        elif hasattr(result, "__getitem__") and hasattr(result, "__len__"):
+        elif hasattr(result, "__getitem__") and hasattr(result, "__len__") and not isinstance(result, (str, bytes, dict)):
             inputs, labels = _stacked(result, where)
         else:
             raise TaskError(f"{where} returned {type(result).__name__}; return a Dataset of (input, label) pairs or a pair of tensors (inputs, labels)")
