@@ -42,8 +42,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.learning import data, federated
+from splitfed.learning import federated
 from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.learning.tasks import Task
 from splitfed.roles.declaration import Identity
 from splitfed.roles.fedavg import SERVER, ServerDeployment, WorkerDeployment, worker_ids
 from splitfed.roles.fedavg.common import session_queues
@@ -303,16 +304,16 @@ def workers(args) -> None:
     settings = PartitionSettings(dataset=args.dataset, model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05)
     shared = RabbitTransport(args.broker, name=f"workers-{args.first}") if args.shared_connection else None
     trusted = keys.KeyList.load(args.key_list) if shared else None
-    full = federated.training_data(settings) if shared else None
-    shares = data.partition(full.labels, settings.partition, settings.workers, settings.seed) if shared else None
+    hosted = list(range(args.first, args.first + args.count))
+    shares = dict(zip(hosted, federated.worker_shares(Task(settings), settings, hosted))) if shared else None
     threads = []
-    for index in range(args.first, args.first + args.count):
+    for index in hosted:
         name = f"worker-{index}"
         transport = shared or RabbitTransport(args.broker, name=name)
         private_key = args.key_list.parent / f"{name}.key"
         identity = Identity(keys.load_private(private_key, name), trusted) if shared else Identity.load(name, args.key_list, private_key)
         role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=300, worker_id=name, index=index), transport, identity,
-                            share=full.subset(shares[index]) if shared else None)
+                            share=shares[index] if shared else None)
         threads.append((transport, RoleThread(name, role.run)))
     for _, thread in threads:
         thread.start()

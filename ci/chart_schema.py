@@ -174,7 +174,8 @@ def data_schema() -> dict:
         "mountPath": {"type": "string", "pattern": "^/"},
         "perParty": closed({
             "hostPath": {"type": "string", "description": f"A folder on each node with {PLACEHOLDERS} in it, e.g. /srv/data/{{party}}."},
-            "existingClaim": {"type": "string", "description": "One existing claim with a folder per party (no placeholders: a pod template cannot name a claim per pod)."},
+            "existingClaim": {"type": "string",
+                              "description": "One existing claim with a folder per party (no placeholders: a pod template cannot name a claim per pod)."},
             "folder": {"type": "string", "minLength": 1, "description": f"The party's folder inside existingClaim, with {PLACEHOLDERS}."},
             "volumeClaimTemplate": {
                 **closed({"size": QUANTITY, "storageClassName": STRING,

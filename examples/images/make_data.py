@@ -44,6 +44,9 @@ def main() -> int:
     if not 1 <= args.parties <= MOST_PARTIES:
         print(f"error: --parties {args.parties}: give 1 to {MOST_PARTIES}", file=sys.stderr)
         return 2
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"error: {args.out} is not a new or empty folder: give one (the parties' files would mix with what is there)", file=sys.stderr)
+        return 2
 
     bunch = load_digits()
     pixels = np.rint(bunch.images * (255 / GREY_LEVELS)).astype(np.uint8)  # (1797, 8, 8): saved as grey ("L") PNGs

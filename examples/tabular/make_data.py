@@ -51,6 +51,9 @@ def main() -> int:
     if not 1 <= args.parties <= MOST_PARTIES:
         print(f"error: --parties {args.parties}: give 1 to {MOST_PARTIES}", file=sys.stderr)
         return 2
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"error: {args.out} is not a new or empty folder: give one (the parties' files would mix with what is there)", file=sys.stderr)
+        return 2
 
     bunch = load_breast_cancer()
     header = [str(name) for name in bunch.feature_names] + [LABEL_COLUMN]

@@ -837,7 +837,7 @@ def test_the_task_file_travels_in_a_configmap_that_every_training_role_mounts(re
         assert {"name": "task", "mountPath": TASK_DIR, "readOnly": True} in container["volumeMounts"], role
         # a new task file restarts the pods (the mounted file changes; a loaded task would not)
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["checksum/task"] == hashlib.sha256(values["task"]["file"].encode()).hexdigest(), role
+        assert annotations["checksum/task"] == hashlib.sha256(values["task"]["file"].encode()).hexdigest()[:16], role
 
 
 def test_a_task_file_given_with_set_file_arrives_byte_for_byte_in_every_role_that_trains(helm, tmp_path):
@@ -845,11 +845,13 @@ def test_a_task_file_given_with_set_file_arrives_byte_for_byte_in_every_role_tha
     # what templating or YAML could mangle: braces, a trailing space, tabs, quotes, no final newline
     text = 'import torch  \n\n\ndef model(context):\n\t"""{{ .Values }} {party}: ünïcode"""\n\treturn torch.nn.Linear(64, 10)'
     task.write_text(text)
-    objects = render(helm, "-f", str(REPO / "ci" / "chart-values" / "all-roles.yaml"), "--set", "p2pPeer.enabled=false",
-                     "--set-file", f"task.file={task}")
-    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{RELEASE}-splitfed-task"]
-    assert config["data"] == {"task.py": text}
+    objects = render(helm, "-f", str(REPO / "ci" / "chart-values" / "all-roles.yaml"), "--set-file", f"task.file={task}")
+    objects += render(helm, "--set", SEVERAL_CLIENTS, "--set-file", f"task.file={task}")  # the fed
+    objects += render(helm, "--set", f"{P2P_ROLES},smplPeer.enabled=true", "--set-file", f"task.file={task}")
+    for config in [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{RELEASE}-splitfed-task"]:
+        assert config["data"] == {"task.py": text}
     roles = {role: env_of(container).get("SPLITFED_TASK", {}).get("value") for role, container, _, _ in role_containers(objects)}
+    assert set(roles) == ROLE_NAMES
     assert {role for role, value in roles.items() if value} == TAKES_TASK & set(roles)
     assert set(roles.values()) == {f"{TASK_DIR}/task.py", None}
     assert roles["relay"] is None and roles["p2p-tracker"] is None and roles["split-fed"] is None  # they run no torch
@@ -957,7 +959,8 @@ def test_servers_get_no_data_when_the_parties_evaluate(helm):
      "give one data source, not data.perParty.hostPath and data.volume"),
     ("data.perParty.hostPath=/srv/data/{name}", "data.perParty.hostPath /srv/data/{name}: the only placeholders are {party}"),
     ("data.perParty.existingClaim=d,data.perParty.folder=clients/{client}", "data.perParty.folder clients/{client}: the only placeholders"),
-    ("data.perParty.hostPath=/srv/data", "data.perParty.hostPath /srv/data: name each party's folder with {party} or {index} (e.g. /srv/data/{party})"),
+    ("data.perParty.hostPath=/srv/data",
+     "data.perParty.hostPath /srv/data: name each party's folder with {party} or {index} (e.g. /srv/data/{party})"),
     ("data.perParty.hostPath=/{party}", "data.perParty.hostPath /{party}: put the parties' folders in a folder of their own"),
     ("data.perParty.hostPath=srv/{party}", "data.perParty.hostPath srv/{party}: an absolute folder on the node"),
     ("data.perParty.volumeClaimTemplate.storageClassName=fast", "at '/data/perParty/volumeClaimTemplate': missing property 'size'"),
@@ -984,3 +987,22 @@ def test_a_task_file_too_big_for_a_configmap_is_refused(helm, tmp_path):
     result = helm_template(helm, "--set-file", f"task.file={task}")
     assert result.returncode != 0
     assert "task.file: 1048579 bytes, more than a ConfigMap holds (1048576)" in result.stderr, result.stderr
+
+
+def test_a_fedavg_server_without_its_own_files_must_leave_the_scoring_to_the_workers(helm):
+    """data.servers=false with a party's own files: the server has no test set, so it must not
+    score the model (evaluate, unset, is the declared default, server)."""
+    from splitfed.learning.settings import LOCAL_FORMATS, FederatedSettings
+
+    assert FederatedSettings.__dataclass_fields__["evaluate"].default == "server"  # as templates/validate.yaml assumes it
+    for dataset in LOCAL_FORMATS:
+        result = helm_template(helm, "--set", f"data.dataset={dataset},data.servers=false,data.perParty.hostPath=/srv/data/{{party}}")
+        assert result.returncode != 0
+        assert (f"data.servers=false leaves the fedavg-server no {dataset} files, but with evaluate server it scores the model on its own "
+                "test set: set fedavgServer.settings.evaluate=parties") in result.stderr, result.stderr
+    objects = render(helm, "--set", "data.dataset=npz,data.servers=false,data.perParty.hostPath=/srv/data/{party}",
+                     "--set", "fedavgServer.settings.evaluate=parties")
+    env = {role: env_of(c) for role, c, _, _ in role_containers(objects)}
+    assert env["fedavg-server"]["SPLITFED_EVALUATE"]["value"] == "parties" and "SPLITFED_DATA_DIR" not in env["fedavg-server"]
+    assert env["fedavg-worker"]["SPLITFED_DATA_DIR"]["value"] == "/data/{party}"
+    assert render(helm, "--set", "data.servers=false")  # a built-in set: the server's image carries its test set

@@ -232,8 +232,29 @@ def test_a_launch_with_a_task_module_names_it_and_mounts_nothing(helm_dry_run):
     assert env["split-client"]["SPLITFED_TASK"] == env["split-server"]["SPLITFED_TASK"] == "hospital.model"
 
 
-def test_a_missing_task_file_is_one_error_line(helm_dry_run, tmp_path):
-    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--task", tmp_path / "absent_task.py")
+@pytest.mark.parametrize(("task", "message"), [
+    ("absent_task.py", "no such file"),
+    ("hospital-task", "give a file PATH.py or a module package.module"),
+])
+def test_a_task_launch_cannot_send_is_one_error_line(helm_dry_run, tmp_path, monkeypatch, task, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--task", task)
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: --task {tmp_path / 'absent_task.py'}: no such file"
+    assert result.stderr.strip() == f"error: --task {task}: {message}"
     assert not helm_dry_run.requests  # refused before the cluster is asked anything
+
+
+def test_a_launch_where_the_parties_evaluate_gives_the_server_no_data(helm_dry_run, tmp_path):
+    """--evaluate parties: the workers score the model on their own test sets, so the server's
+    pod gets no data volume and no SPLITFED_DATA_DIR (data.servers=false), and needs none."""
+    task = tmp_path / "task.py"
+    task.write_text("import torch\n\n\ndef model(context):\n    return torch.nn.Linear(64, 10)\n")
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--evaluate", "parties", "--dataset", "npz",
+                    "--task", task, "--set", "data.perParty.hostPath=/srv/data/{party}")
+    assert result.exit_code == 0, result.stderr
+    objects = manifests(result.stdout)
+    env = role_env(objects)
+    assert env["fedavg-server"]["SPLITFED_EVALUATE"] == "parties" and "SPLITFED_DATA_DIR" not in env["fedavg-server"]
+    assert env["fedavg-worker"]["SPLITFED_DATA_DIR"] == "/data/{party}"
+    (server,) = [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "fl-splitfed-fedavg-server"]
+    assert not [v for v in server["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]

@@ -2,6 +2,7 @@
 create nothing and send at most one refusal each; a replayed join is refused without a word; in
 unsafe mode no more workers get in than the run was set up for."""
 
+import functools
 import subprocess
 import time
 import uuid
@@ -12,7 +13,8 @@ from prometheus_client import REGISTRY
 from safetensors.torch import load_file
 
 from splitfed.learning import federated
-from splitfed.learning.settings import FederatedSettings
+from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.learning.tasks import Task, fingerprint
 from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode, encode_body, signed_bytes
 from splitfed.roles.fedavg import SERVER
@@ -38,8 +40,16 @@ def message_count(broker_url: str, queue: str) -> int:
         connection.close()
 
 
+@functools.cache
+def digits_fingerprint() -> dict:
+    """What a worker of these runs (digits, the cnn) builds, as its join states it."""
+    settings = PartitionSettings(dataset="digits", partition="iid")
+    task, context = Task(settings), federated.worker_context(settings, 0)
+    return fingerprint(task.model(context), task.classes(context))
+
+
 def join(session: str, sender: str, signer=None, nonce: str | None = None) -> bytes:
-    message = Message("join", session, sender, seq=1, meta={"samples": 100, "nonce": nonce or uuid.uuid4().hex})
+    message = Message("join", session, sender, seq=1, meta={"samples": 100, "nonce": nonce or uuid.uuid4().hex, "fingerprint": digits_fingerprint()})
     body = encode_body({})
     message.sig = signer.sign(signed_bytes(message, body)) if signer else None
     return encode(message, body)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from splitfed.learning import federated
 from splitfed.learning.settings import FederatedSettings, PartitionSettings
+from splitfed.learning.tasks import Task, fingerprint
 from splitfed.protocol import Message, decode_with_body, encode, encode_body, signed_bytes
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, frame_digest
@@ -214,7 +215,9 @@ def test_server_killed_holding_unacked_updates_loses_none(broker_url, session, t
         # worker-2 joins through the real protocol, then never reads its queue.
         transports[0].declare(inbox, durable=True)
         stalled = Endpoint(transports[0], session=session, role="fedavg-worker", inbox=worker_queue(session, "worker-2"), durable=True, ordered=False, name="worker-2")
-        stalled.send_message(inbox, Message("join", "", "", meta={"samples": 479, "nonce": "0" * 32}), persistent=True)
+        task, context = Task(share), federated.worker_context(share, 2)
+        join = {"samples": 479, "nonce": "0" * 32, "fingerprint": fingerprint(task.model(context), task.classes(context))}
+        stalled.send_message(inbox, Message("join", "", "", meta=join), persistent=True)
         workers = [start_worker(index) for index in range(2)]
 
         def delivered() -> bool:

@@ -1,9 +1,11 @@
 """The decentralized roles in one process (memory transport): the tracker's membership rules and
 what it refuses, peers' staleness weighting, runs of p2p and smpl end to end, hostile frames
-in a peer's queue, and the tracker running with torch unavailable."""
+in a peer's queue, the tracker running with torch unavailable, peers on their own data, and a
+peer whose model or classes are not the run's refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -13,19 +15,24 @@ import uuid
 import numpy as np
 import pytest
 
-from splitfed.learning.peers import Received, mixing_weights
+from splitfed.errors import Refused
+from splitfed.learning.peers import Received, mixing_weights, peer_context
+from splitfed.learning.tasks import Task, fingerprint
 from splitfed.learning.settings import HyperedgeSettings, P2PSettings, SMPLSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint
-from splitfed.roles.p2p import TrackerDeployment
-from splitfed.roles.p2p.common import HEARTBEAT, LEAVE, MEMBERS, MODEL, P2P_PEER, REGISTER, REPORT, TRACKER, peer_queue, tracker_queue
+from splitfed.roles.p2p import PeerDeployment, TrackerDeployment
+from splitfed.roles.p2p.common import HEARTBEAT, LEAVE, MEMBERS, MODEL, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, peer_queue, tracker_queue
+from splitfed.roles.p2p.peer import P2PPeer
+from splitfed.roles.p2p.smpl import SMPLPeer
 from splitfed.roles.p2p.tracker import Tracker
 from splitfed.scenarios import launch
 from splitfed.scenarios.p2p import P2P, SMPL, PeerRun
 from splitfed.security import keys
 from splitfed.transport import MemoryBroker, MemoryTransport
+from tests.unit.test_tasks import write_parties
 
 DIGITS = dict(dataset="digits", batch_size=32, lr=3e-3)
 
@@ -48,22 +55,27 @@ def test_stale_models_are_discounted_then_dropped_and_models_ahead_count_in_full
 # -- the tracker ----------------------------------------------------------------------------
 
 
+# A fingerprint as learning.tasks.fingerprint writes it; the tracker compares them and needs no torch.
+FINGERPRINT = {"model": "0123456789abcdef", "tensors": 2, "parameters": 650, "classes": [str(label) for label in range(10)]}
+
+
 class FakePeer:
     """A peer's side of the wire, driven by hand: its endpoint signs as `name`."""
 
-    def __init__(self, broker: MemoryBroker, session: str, name: str, key_dir=None):
+    def __init__(self, broker: MemoryBroker, session: str, name: str, key_dir=None, fingerprint: dict = FINGERPRINT):
         signer = keys.load_private(key_dir / f"{name}.key", name) if key_dir else None
         self.endpoint = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, name), name=name,
                                  signer=signer, ordered=False, timeout=5)
         self.incarnation = uuid.uuid4().hex
         self.tracker = tracker_queue(session)
+        self.fingerprint = fingerprint
 
     def send(self, kind: str, **meta) -> None:
         self.endpoint.send(self.tracker, kind, incarnation=self.incarnation, **meta)
 
     def register(self, started: float | None = None) -> str:
         nonce = uuid.uuid4().hex
-        self.send(REGISTER, started=started or time.time(), samples=100, planned=2, nonce=nonce)
+        self.send(REGISTER, started=started or time.time(), samples=100, planned=2, nonce=nonce, fingerprint=self.fingerprint)
         return nonce
 
     def members(self, wait: float = 5.0) -> Message | None:
@@ -107,7 +119,7 @@ def test_tracker_lists_registers_and_evicts_a_silent_peer(tracked):
     while (listed := a.members(wait=0.5)) is not None:
         lists.append(listed)
     assert set(lists[-1].meta["peers"]) == {"p2p-peer-0"}
-    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.1, averaged=0, staleness=0, seconds=1.0)
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.1, averaged=0, staleness=0, seconds=1.0, test_samples=50)
     a.send(LEAVE)
     assert tracker_result(tracked)["evicted"] == ["p2p-peer-1"]
 
@@ -134,9 +146,9 @@ def test_tracker_refuses_forged_replayed_and_malformed_messages(tracked):
     stranger.endpoint.signer = a.endpoint.signer
     stranger.send(HEARTBEAT, epoch=1)  # signed by peer 0's key, but another incarnation: not live here
     assert stranger.members().meta["peers"]["p2p-peer-0"]["incarnation"] == a.incarnation  # told the list, nothing changed
-    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=2.0, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)  # accuracy 2
-    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)
-    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0)  # again
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=2.0, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0, test_samples=50)  # accuracy 2
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0, test_samples=50)
+    a.send(REPORT, epoch=1, accuracy_before=0.5, accuracy=0.6, loss=1.0, train_loss=1.0, averaged=0, staleness=0, seconds=1.0, test_samples=50)  # again
     a.endpoint.transport.publish(tracker_queue(session), b"\x00garbage")
     a.send(LEAVE)
     peer("p2p-peer-1").register()
@@ -155,7 +167,8 @@ def test_tracker_refuses_forged_replayed_and_malformed_messages(tracked):
 
 
 def test_the_tracker_runs_without_torch():
-    """Its image has no torch: register, report and leave with torch made unimportable."""
+    """Its image has no torch: register, leave, and a register whose fingerprint is not the run's
+    refused, with torch made unimportable."""
     code = """
 import sys, time, uuid; sys.modules['torch'] = None
 from splitfed.learning.settings import HyperedgeSettings
@@ -168,13 +181,18 @@ broker = MemoryBroker()
 tracker = Tracker(HyperedgeSettings(), TrackerDeployment(session='s', expect_peers=1, timeout=10), MemoryTransport(broker))
 peer = Endpoint(MemoryTransport(broker), session='s', role='p2p-peer', inbox=peer_queue('s', 'p2p-peer-0'), name='p2p-peer-0', ordered=False)
 me = uuid.uuid4().hex
-peer.send(tracker_queue('s'), 'register', incarnation=me, started=time.time(), samples=10, planned=1, nonce='n')
+other = Endpoint(MemoryTransport(broker), session='s', role='p2p-peer', inbox=peer_queue('s', 'p2p-peer-1'), name='p2p-peer-1', ordered=False)
+fingerprint = {'model': 'ab', 'tensors': 1, 'parameters': 1, 'classes': ['a', 'b']}
+peer.send(tracker_queue('s'), 'register', incarnation=me, started=time.time(), samples=10, planned=1, nonce='n', fingerprint=fingerprint)
+other.send(tracker_queue('s'), 'register', incarnation=uuid.uuid4().hex, started=time.time(), samples=10, planned=1, nonce='m',
+           fingerprint={**fingerprint, 'classes': ['b', 'a']})
 peer.send(tracker_queue('s'), 'leave', incarnation=me)
-print(tracker.run()['peers']['p2p-peer-0']['state'])
+result = tracker.run()
+print(result['peers']['p2p-peer-0']['state'], result['refused'], other.receive(('refused',), None, wait=1)[0].meta['ref'])
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "left"
+    assert run.stdout.strip() == "left ['p2p-peer-1'] m"
 
 
 # -- whole runs -----------------------------------------------------------------------------
@@ -217,7 +235,10 @@ def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_pa
     session = "h-" + uuid.uuid4().hex[:8]
     broker = MemoryBroker()
     inbox = peer_queue(session, "p2p-peer-0")
-    listed = FakePeer(broker, session, "p2p-peer-7", tmp_path / "keys")
+    settings = P2PSettings(**DIGITS, model="tiny", peers=3, epochs=30)
+    task = Task(settings)
+    context = peer_context(settings, P2P_PEER, 0)
+    listed = FakePeer(broker, session, "p2p-peer-7", tmp_path / "keys", fingerprint(task.model(context), task.classes(context)))  # as the run's peers
     unlisted = FakePeer(broker, session, "p2p-peer-8", tmp_path / "keys")
     impostor = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, "x"), name=TRACKER, ordered=False)
     tiny = {"1.weight": np.zeros((10, 64), np.float32), "1.bias": np.zeros(10, np.float32)}  # the tiny model on digits: flatten, linear
@@ -243,9 +264,64 @@ def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_pa
     attacker = threading.Thread(target=attack)
     attacker.start()
     run = PeerRun(session=session, key_list=key_list)
-    result = launch.run(P2P, P2PSettings(**DIGITS, model="tiny", peers=3, epochs=30), run, connect_as=lambda party: MemoryTransport(broker))
+    result = launch.run(P2P, settings, run, connect_as=lambda party: MemoryTransport(broker))
     attacker.join()
     for name in names[1:]:
         assert result["peers"][name]["state"] == "left" and len(result["peers"][name]["history"]) == 30
     counted = {reason: metrics.rejected_count(P2P_PEER, session, reason) - before[reason] for reason in reasons}
     assert counted == {"malformed": 1, "evicted": 1, "unsigned": 1, "shape": 1, "nonfinite": 1, "duplicate": 1}
+
+
+# -- each peer's own data, and one fingerprint per run --------------------------------------
+
+MLP = """
+from torch import nn
+
+def model(context):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+
+
+def own_data(tmp_path, role: str) -> dict:
+    """A task with model() only, and a data folder of npz files for each of two peers."""
+    task = tmp_path / "task.py"
+    task.write_text(MLP)
+    data = write_parties(tmp_path / "data", [f"{role}-{index}" for index in range(2)])
+    return dict(task=str(task), dataset="npz", data_dir=data / "{party}", peers=2, batch_size=32)
+
+
+def test_p2p_peers_train_and_score_on_their_own_data(tmp_path):
+    result = launch.run(P2P, P2PSettings(**own_data(tmp_path, P2P_PEER), epochs=2), PeerRun())
+    for name, peer in result["peers"].items():
+        assert [record["test_samples"] for record in peer["history"]] == [30, 30]  # its own test data
+        assert peer["accuracy"] == peer["history"][-1]["accuracy"] and peer["test_samples"] == 30 and peer["samples"] == 90
+    assert result["accuracy"] == sum(peer["accuracy"] for peer in result["peers"].values()) / 2
+    assert result["fingerprint"]["classes"] == [str(label) for label in range(10)] and result["refused"] == []
+
+
+@pytest.mark.parametrize("role, settings_class, peer_class", [(P2P_PEER, P2PSettings, P2PPeer), (SMPL_PEER, SMPLSettings, SMPLPeer)])
+def test_a_peer_whose_classes_are_not_the_runs_is_refused_and_stops(tmp_path, role, settings_class, peer_class):
+    """The first register fixes the run's fingerprint; a peer given the classes in another order
+    is refused at the tracker (counted, and left off the list) and stops with how they differ."""
+    settings = settings_class(**own_data(tmp_path, role))
+    task = Task(settings)
+    first = peer_context(settings, role, 0)
+    session = "f-" + uuid.uuid4().hex[:8]
+    broker = MemoryBroker()
+    tracker = Tracker(HyperedgeSettings(), TrackerDeployment(session=session, expect_peers=1, timeout=20), MemoryTransport(broker))
+    thread = launch.RoleThread("tracker", tracker.run)
+    thread.start()
+    accepted = FakePeer(broker, session, "p2p-peer-0", fingerprint=fingerprint(task.model(first), task.classes(first)))
+    accepted.register()
+    assert accepted.members() is not None
+    other_order = dataclasses.replace(settings, classes="9,8,7,6,5,4,3,2,1,0")
+    refused = peer_class(other_order, PeerDeployment(session=session, peer_index=1, timeout=10), MemoryTransport(broker))
+    with pytest.raises(Refused) as stopped:
+        refused.run()
+    name = f"{role}-1"
+    assert str(stopped.value) == (f"the p2p-tracker refused {name}: its model and classes are not the run's: classes [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] "
+                                  f"against [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] ({name}'s against the run's)")
+    assert metrics.rejected_count(TRACKER, session, "fingerprint") == 1 and name not in tracker.members
+    accepted.send(LEAVE)
+    thread.join(20)
+    assert tracker.result()["refused"] == [name]

@@ -14,7 +14,7 @@ import yaml
 
 from splitfed import sizing
 from splitfed.learning import cutting, models, train
-from splitfed.learning.settings import DATASETS, MODELS, OPTIMIZERS, SPLIT_MODES
+from splitfed.learning.settings import DATASETS, OPTIMIZERS, SPLIT_MODES
 from splitfed.roles.registry import ROLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def run_cli(*args, timeout=120):
 # -- the models as shapes -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", sorted(sizing.PLANS))
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_layers_as_shapes_match_the_torch_models(model, dataset):
     meta = DATASETS[dataset]
@@ -54,7 +54,7 @@ def test_default_cut_and_roles_are_the_projects():
         assert ("gpu" in VALUES[spec.values_key]) == spec.torch == (role in sizing.GPU_ROLES)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", sorted(sizing.PLANS))
 @pytest.mark.parametrize("mode", SPLIT_MODES)
 def test_split_parts_refuse_what_a_run_refuses(model, mode):
     meta = DATASETS["fashion-mnist"]
@@ -315,7 +315,6 @@ def test_size_leaves_out_the_split_roles_of_a_model_that_cannot_be_split():
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--model", "resnet"], "--model 'resnet': choose one of cnn, tiny"),
     (["--role", "tracker"], "--role 'tracker': choose one of"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--torch-build", "rocm"], "--torch-build 'rocm': choose one of cpu, cuda"),

@@ -40,8 +40,8 @@ metadata:
   {{- if and $taskMap $root.Values.task.file }}
   annotations:
     # A changed task file restarts the pods that read it (a ConfigMap's new text reaches a mounted
-    # volume, but not a process that has loaded the old one).
-    checksum/task: {{ $root.Values.task.file | sha256sum }}
+    # volume, but not a process that has loaded the old one). 16 hex digits tell texts apart.
+    checksum/task: {{ $root.Values.task.file | sha256sum | trunc 16 }}
   {{- end }}
 spec:
   {{- with .restartPolicy }}

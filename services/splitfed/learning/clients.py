@@ -1,5 +1,5 @@
-"""What each of several split clients trains on, and in which order: pure, so that the roles and
-a one-process reference agree."""
+"""What each of several split clients trains on, and in which order, and what the split server,
+which holds no data, knows of the data: pure, so that the roles and a one-process reference agree."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.settings import SplitNNSettings, split_client_name
+from splitfed.learning.settings import DATASETS, DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts
 
@@ -24,6 +24,40 @@ CLIENT_ROLE, SERVER_ROLE = "split-client", "split-server"  # as roles.split name
 
 def client_context(settings: SplitNNSettings, index: int) -> Context:
     return context_of(settings, CLIENT_ROLE, split_client_name(index, settings.clients), index)
+
+
+def check_evaluation(settings: SplitNNSettings) -> None:
+    """--evaluate parties (or both) has every client score the epoch's model: only where they all
+    hold its layers when the epoch closes."""
+    if settings.evaluate != "server" and settings.clients > 1 and settings.schedule == "round-robin":
+        raise ValueError(f"--evaluate {settings.evaluate} has every client score the model, and round-robin clients hold their own layers "
+                         "until their turn: use --schedule splitfed-v1 or splitfed-v2, or --evaluate server")
+
+
+def known_without_data(task: Task) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """(one sample's shape, the class list) as far as the split server knows them without data:
+    a built-in data set's, or what the settings and the task declare (input_shape, classes)."""
+    settings = task.settings
+    built_in = not task.own_data and settings.dataset in DATASETS
+    declared = getattr(task.module, "input_shape", None) if task.module is not None else None
+    shape = DATASETS[settings.dataset].shape if built_in else tuple(int(side) for side in declared) if declared is not None else None
+    classes = task.named_classes() or (tuple(str(label) for label in range(DATASETS[settings.dataset].classes)) if built_in else None)
+    return shape, classes
+
+
+class StatedTask(Task):
+    """The task as the split server builds it when it cannot know the data's shape and classes
+    itself: as the first client it accepts stated them in its hello."""
+
+    def __init__(self, settings: SplitNNSettings, shape: tuple[int, ...], classes: tuple[str, ...]):
+        super().__init__(settings)
+        self.stated_shape, self.stated_classes = shape, classes
+
+    def data_shape(self, context: Context) -> DataShape:
+        return DataShape(self.settings.dataset, self.stated_shape, len(self.stated_classes))
+
+    def classes(self, context: Context) -> tuple[str, ...]:
+        return self.stated_classes
 
 
 def client_share(task: Task, context: Context) -> Samples:

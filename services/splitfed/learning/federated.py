@@ -1,8 +1,10 @@
-"""Federated learning without the messaging: a worker's local training, and the whole
-FedAvg loop in one process (the baseline the distributed run must equal and is timed against)."""
+"""Federated learning without the messaging: a worker's local training, the parties' scores of
+a global model, and the whole FedAvg loop in one process (the baseline the distributed run must
+equal and is timed against)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -10,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from splitfed.errors import TaskError
 from splitfed.learning import calibration, data, models, strategies, train
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.tasks import Task
@@ -30,6 +34,34 @@ def worker_context(settings: PartitionSettings, index: int) -> Context:
     return context_of(settings, WORKER_ROLE, worker_ids(settings.workers)[index], index)
 
 
+def server_scores(settings: FederatedSettings) -> bool:
+    """Whether the server scores the global model on its own data (--evaluate server or both)."""
+    return settings.evaluate != "parties"
+
+
+def parties_score(settings: FederatedSettings) -> bool:
+    """Whether the workers score the global model on theirs (--evaluate parties or both)."""
+    return settings.evaluate != "server"
+
+
+def server_context(settings: FederatedSettings) -> Context:
+    """The server's context. With --evaluate parties it scores nothing itself, so it is given no
+    data folder: whatever it builds, it builds without reading any data."""
+    context = context_of(settings, SERVER_ROLE, SERVER_ROLE)
+    return context if server_scores(settings) else dataclasses.replace(context, data_dir=None)
+
+
+def server_classes(task: Task, context: Context, reads_data: bool) -> tuple[str, ...]:
+    """The class list the server holds the workers to: its data's, or without data the one the
+    settings, the task or a built-in data set names (TaskError when none does)."""
+    if reads_data or not task.own_data:
+        return task.classes(context)
+    if named := task.named_classes():
+        return named
+    raise TaskError(f"{context.party} reads no data with --evaluate parties, so no data tells it the class list the workers must share: "
+                    f"name it (--classes, or classes in {task.origin or 'the task'})")
+
+
 def training_data(task: Task, context: Context) -> data.Samples:
     """A party's training samples less the held-out ones: the set the workers share out, or the
     worker's own."""
@@ -47,6 +79,57 @@ def evaluation_data(task: Task, context: Context) -> data.Samples:
         full = task.data(context, train=True)
         return full.subset(slice(len(full) - holdout, None))
     return task.data(context, train=False)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's counts on one party's evaluation data: what a worker reports with --evaluate
+    parties, and what the server adds up."""
+
+    correct: int
+    loss_sum: float  # the cross-entropy of every sample, summed
+    samples: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples
+
+
+def score(model: nn.Module, samples: data.Samples, batch_size: int) -> Score:
+    """`model`'s counts on `samples`, in eval mode (its modes are restored after)."""
+    correct, loss_sum = 0, 0.0
+    with models.evaluating(model):
+        for start in range(0, len(samples), batch_size):
+            logits = model(samples.images[start : start + batch_size])  # (B, classes)
+            labels = samples.labels[start : start + batch_size]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(1) == labels).sum())
+    return Score(correct, loss_sum, len(samples))
+
+
+def parties_figures(scores: dict[str, Score]) -> dict:
+    """What a round's record says of the parties' scores: the total over the workers that scored
+    (correct and losses added up, in the order of their names, then divided by the samples) and
+    each worker's own figures."""
+    ordered = sorted(scores.items())
+    correct, loss_sum, samples = sum(s.correct for _, s in ordered), sum(s.loss_sum for _, s in ordered), sum(s.samples for _, s in ordered)
+    return {
+        "parties_accuracy": correct / samples, "parties_loss": loss_sum / samples, "parties_samples": samples,
+        "parties": {worker: {"accuracy": s.accuracy, "loss": s.loss, "samples": s.samples} for worker, s in ordered},
+    }
+
+
+@dataclass
+class RoundRecord(EpochRecord):
+    """A round of the plain loop; `parties`: each worker's score of the round's model (--evaluate
+    parties or both). `accuracy` and `loss` are the server's, or with --evaluate parties the
+    parties' total."""
+
+    parties: dict[str, Score] | None = None
 
 
 def worker_shares(task: Task, settings: PartitionSettings, indices: list[int]) -> list[data.Samples]:
@@ -171,40 +254,49 @@ def local_training(
     return LocalWork(sum(losses) / max(1, len(losses)), new_control)
 
 
-def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings, test_data: data.Samples) -> EpochRecord:
-    """CCVR after the last round: the last layer retrained on the pooled statistics, then the
-    model scored (`train_loss` is the retraining's last epoch)."""
-    started = time.perf_counter()
-    pooled = calibration.pool(statistics)
-    loss = calibration.retrain_head(model, pooled, settings.calibration_samples, settings.calibration_epochs, settings.calibration_lr,
-                                    settings.batch_size, settings.seed)
-    model.eval()
-    evaluation = train.evaluate(model, test_data, settings.eval_batch_size)
-    return EpochRecord(settings.rounds, evaluation.accuracy, evaluation.loss, loss, time.perf_counter() - started)
+def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings) -> float:
+    """CCVR after the last round: the last layer retrained in place on the pooled statistics.
+    Returns the retraining's last epoch's mean loss."""
+    return calibration.retrain_head(model, calibration.pool(statistics), settings.calibration_samples, settings.calibration_epochs,
+                                    settings.calibration_lr, settings.batch_size, settings.seed)
 
 
 def reference_run(
-    settings: FederatedSettings, on_round: Callable[[EpochRecord], None] | None = None,
-    on_calibrated: Callable[[EpochRecord], None] | None = None,
-) -> tuple[nn.Module, list[EpochRecord]]:
+    settings: FederatedSettings, on_round: Callable[[RoundRecord], None] | None = None,
+    on_calibrated: Callable[[RoundRecord], None] | None = None,
+) -> tuple[nn.Module, list[RoundRecord]]:
     """Federated settings run as a plain loop: each round every worker (or those the server's
     sampler draws) trains in turn from the global model, then the same strategy object the
-    server uses steps the global model. With --calibration ccvr every worker then summarises its
-    features under the final model and the last layer is retrained (`on_calibrated` gets the
-    score); the model returned is the calibrated one."""
+    server uses steps the global model, which is scored where --evaluate says: on the server's
+    data, and/or by every worker on its own (`parties_figures` adds them up). With --calibration
+    ccvr every worker then summarises its features under the final model and the last layer is
+    retrained (`on_calibrated` gets the score); the model returned is the calibrated one."""
     task = Task(settings)
-    server = context_of(settings, SERVER_ROLE, SERVER_ROLE)
+    server = server_context(settings)
     model = task.model(server)
     if settings.calibration == "ccvr":
         calibration.split_head(model)  # a model that cannot be calibrated fails now, not after the rounds
     names = list(model.state_dict())
     shares = worker_shares(task, settings, list(range(settings.workers)))
-    test_data = evaluation_data(task, server)
+    test_data = evaluation_data(task, server) if server_scores(settings) else None
+    workers = worker_ids(len(shares))
+    parties_data = {workers[index]: evaluation_data(task, worker_context(settings, index)) for index in range(len(shares))} if parties_score(settings) else {}
     local = task.model(server)
     strategy = strategies.from_settings(settings)
     recipe, strategy_state = strategy.recipe, {}
     worker_controls = [zeros_like_state(model) for _ in shares] if recipe.control_variates else []
-    workers = worker_ids(len(shares))
+
+    def scored(step: int, train_loss: float, started: float) -> RoundRecord:
+        """The global model as it is now, scored where --evaluate says."""
+        parties = {worker: score(model, samples, settings.eval_batch_size) for worker, samples in parties_data.items()} or None
+        if test_data is not None:
+            own = score(model, test_data, settings.eval_batch_size)
+            accuracy, loss = own.accuracy, own.loss
+        else:
+            figures = parties_figures(parties)
+            accuracy, loss = figures["parties_accuracy"], figures["parties_loss"]
+        return RoundRecord(step, accuracy, loss, train_loss, time.perf_counter() - started, parties)
+
     history = []
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
@@ -228,17 +320,16 @@ def reference_run(
         if recipe.control_variates:
             strategy_state = strategy.next_control(torch.stack(control_deltas), len(shares), strategy_state)
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))
-        model.eval()
-        evaluation = train.evaluate(model, test_data, settings.eval_batch_size)
-        history.append(EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(losses) / len(losses), time.perf_counter() - started))
+        history.append(scored(round_number, sum(losses) / len(losses), started))
         if on_round:
             on_round(history[-1])
     if settings.calibration == "ccvr":
-        classes = len(task.classes(server))
+        started = time.perf_counter()
+        classes = len(server_classes(task, server, server_scores(settings)))
         # Rounded to float32 as they would travel, so the plain loop pools what the server gets.
         statistics = [calibration.ClassStatistics.from_tensors(calibration.feature_statistics(model, share, classes, settings.eval_batch_size).tensors())
                       for share in shares]
-        record = calibrate(model, statistics, settings, test_data)
+        record = scored(settings.rounds, calibrate(model, statistics, settings), started)
         if on_calibrated:
             on_calibrated(record)
     return model, history

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def plan(settings: FederatedSettings, run: FedAvgRun, workdir: Path) -> list[Lau
         **service, private_key=run.private_key(SERVER), checkpoint_dir=run.checkpoint_dir, min_workers=run.min_workers, round_timeout=run.round_timeout,
     )
     # Workers train at the same time: they share the cores. The server works while they wait.
-    launches = [Launch(ROLES[SERVER], SERVER, settings, server, threads_per_process(1))]
+    # With --evaluate parties it reads no data: it is given no folder, and none need exist for it.
+    server_learning = settings if settings.evaluate != "parties" else dataclasses.replace(settings, data_dir=None)
+    launches = [Launch(ROLES[SERVER], SERVER, server_learning, server, threads_per_process(1))]
     share = config.build(PartitionSettings, config.values_of(settings))
     for index, worker in enumerate(worker_ids(settings.workers)):
         deployment = WorkerDeployment(**service, private_key=run.private_key(worker), worker_id=worker, index=index)

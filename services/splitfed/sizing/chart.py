@@ -10,11 +10,16 @@ from decimal import Decimal
 from typing import Any
 
 from splitfed import config
+from splitfed.learning.settings import LOCAL_FORMATS
 from splitfed.roles.p2p.common import TRACKER
 from splitfed.roles.registry import FAMILIES, ROLES
 from splitfed.sizing.parts import Estimate
-from splitfed.sizing.estimators import ROLE_NAMES, estimate, settings_class
+from splitfed.sizing.estimators import ROLE_NAMES, estimate, settings_class, sizes_model
 from splitfed.sizing.measured import MIB
+from splitfed.sizing.shapes import NotSized
+
+TASK_SOURCES = ("file", "configMap", "module")  # the chart's task values: each gives the roles a task
+PER_PARTY_SOURCES = ("hostPath", "existingClaim", "volumeClaimTemplate")  # data.perParty: each party a folder of its own
 
 
 def values_key(role: str) -> str:
@@ -99,16 +104,40 @@ def role_settings(values: Mapping[str, Any], role: str) -> dict[str, Any]:
     return found
 
 
+def read_in_pods(values: Mapping[str, Any]) -> str | None:
+    """Why the chart's model or data cannot be sized here, if they cannot: a task (its code and
+    the data it reads are the pods'), or data of each party's own (in the pods' volumes)."""
+    task = values.get("task") or {}
+    if given := [name for name in TASK_SOURCES if task.get(name)]:
+        return f"the task (task.{given[0]}) builds the model and reads the data in the pods"
+    data = values.get("data") or {}
+    if data.get("dataset") in LOCAL_FORMATS:
+        return f"each party reads its own {data['dataset']} files in its pod"
+    per_party = data.get("perParty") or {}
+    if given := [name for name in PER_PARTY_SOURCES if per_party.get(name)]:
+        return f"each party reads its own folder in its pod (data.perParty.{given[0]})"
+    return None
+
+
 def check_values(values: Mapping[str, Any], torch_build: str | None = None) -> list[str]:
     """Warnings, one per enabled role of the chart's (merged) `values` whose memory limit is below
-    its estimated peak. A role with gpu.enabled is sized with the CUDA build its image carries."""
+    its estimated peak, or that cannot be sized here (a task's, or each party's own data: its limit
+    is then not checked). A role with gpu.enabled is sized with the CUDA build its image carries."""
     warnings = []
+    in_pods = read_in_pods(values)
     for role in ROLE_NAMES:
         section = values.get(values_key(role)) or {}
         if not section.get("enabled") or section.get("replicas", 1) == 0:
             continue
+        if in_pods and sizes_model(role):
+            warnings.append(f"{role}: memory limit not checked: not sized ({in_pods}); `splitfed size {role}` sizes it where its task and data can be read")
+            continue
         gpu = bool((section.get("gpu") or {}).get("enabled"))
-        found = estimate(role, config.build(settings_class(role), role_settings(values, role)), torch_build=torch_build or ("cuda" if gpu else None))
+        try:
+            found = estimate(role, config.build(settings_class(role), role_settings(values, role)), torch_build=torch_build or ("cuda" if gpu else None))
+        except NotSized as exc:
+            warnings.append(f"{role}: memory limit not checked: not sized ({exc})")
+            continue
         limit = ((section.get("resources") or {}).get("limits") or {}).get("memory")
         if warning := check_fits(found, limit):
             warnings.append(warning)

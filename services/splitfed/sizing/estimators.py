@@ -1,6 +1,9 @@
 """The per-role estimators: for each role, the parts of its peak RSS (and, with a GPU, of its
 device memory) from its learning settings, as sums over the models' shapes and the measured
-constants. A role's peak RSS is the larger of two phases, each a sum of parts:
+constants. The shapes and sample counts come from `shapes` and the built-in data sets'
+`DatasetInfo`, torch-free; for a task, a party's own data or a torchvision model, from
+`task_sizes`, which reads them with torch. A role's peak RSS is the larger of two phases, each a
+sum of parts:
 - loading its data: the interpreter and torch, plus the data set while it is read and converted;
 - running: the interpreter and torch, the data it keeps, its layers' parameters, gradients and
   optimiser state, the activations of its layers at the batch size (training) and at the
@@ -11,21 +14,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from splitfed import config
+from splitfed.learning.context import has_placeholders
 from splitfed.learning.settings import (
-    DATASETS, FederatedSettings, P2PSettings, PeerSettings, SMPLSettings, SplitNNSettings, SplitSettings, parse_partition,
+    DATASETS, LOCAL_FORMATS, DatasetInfo, FederatedSettings, ModelSettings, P2PSettings, PeerSettings, SMPLSettings,
+    SplitNNSettings, SplitSettings, parse_partition,
 )
+from splitfed.roles.p2p.common import TRACKER
 from splitfed.roles.registry import ROLES
 from splitfed.sizing.parts import Estimate, Part, Phase
 from splitfed.sizing.measured import (
     CUDA_CONTEXT_MIB, DEFAULT_TORCH_BUILD, FLOAT32, GPU_ALLOCATOR_ROUNDING, INT64, INTERPRETER_MIB, MESSAGE_COPIES, MIB,
-    OPTIMIZER_IMPORT_MIB, OPTIMIZER_STATE, OTHER_PHASE_RESIDUE, RUNTIME_MIB, SKLEARN_IMPORT_MIB, TORCH_BUILDS,
+    OPTIMIZER_IMPORT_MIB, OPTIMIZER_STATE, OTHER_PHASE_RESIDUE, READER_IMPORT_MIB, RUNTIME_MIB, TORCH_BUILDS,
     TORCH_IMPORT_MIB, TORCH_KERNELS_MIB, TRACKER_PEER_BYTES, TRACKER_REPORT_BYTES, TRAIN_ACTIVATION_FACTOR,
     UNCERTAINTY,
 )
-from splitfed.sizing.shapes import Layer, Parts, cut_index, model_layers, split_parts
+from splitfed.sizing.shapes import Layer, NotSized, OwnData, Parts, Sized, cut_index, model_layers, parts_at, split_parts, walks
 
 ROLE_NAMES = tuple(ROLES)
 GPU_ROLES = tuple(name for name, spec in ROLES.items() if spec.torch)  # only a role that runs torch can be given a GPU
@@ -40,20 +47,20 @@ def _part(name: str, kind: str, mib: float, high: float | None = None) -> Part:
 
 
 def _outputs(layers: list[Layer], batch: int) -> float:
-    """Bytes of every layer's output (views excepted) for one batch."""
-    return batch * FLOAT32 * sum(layer.size for layer in layers if not layer.view)
+    """Bytes of every layer's outputs (views excepted) for one batch."""
+    return batch * FLOAT32 * sum(layer.floats for layer in layers)
 
 
 def _indices(layers: list[Layer], batch: int) -> float:
-    return batch * INT64 * sum(layer.size for layer in layers if layer.indices)
+    return batch * INT64 * sum(layer.int64s for layer in layers)
 
 
 def _largest_pair(layers: list[Layer], input_size: int, batch: int) -> float:
-    """The largest input + output of one layer (views excepted), in bytes, for one batch."""
+    """The largest input + outputs of one layer (views excepted), in bytes, for one batch."""
     best, previous = 0, input_size
     for layer in layers:
         if not layer.view:
-            best = max(best, previous + layer.size)
+            best = max(best, previous + layer.floats)
         previous = layer.size
     return batch * FLOAT32 * best
 
@@ -89,6 +96,17 @@ def settings_class(role: str) -> type:
     return _ESTIMATORS[role][0]
 
 
+def sizes_model(role: str) -> bool:
+    """Whether the role's estimate depends on the model and its data (all but the tracker's)."""
+    return role != TRACKER
+
+
+def reads_with_torch(settings: ModelSettings) -> bool:
+    """Whether sizing `settings` takes torch (`task_sizes`): a task, a party's own data (a local
+    format, or a folder per party), or a model the shape walk does not describe."""
+    return bool(settings.task) or settings.dataset in LOCAL_FORMATS or has_placeholders(settings.data_dir) or not walks(settings.model)
+
+
 def share_fraction(partition: str, workers: int, classes: int) -> tuple[float, float]:
     """(estimate, high) of the largest worker share, as a fraction of the training set."""
     spec = parse_partition(partition, workers, classes)
@@ -104,7 +122,8 @@ def share_fraction(partition: str, workers: int, classes: int) -> tuple[float, f
 def estimate(role: str, settings: Any = None, *, gpu: bool = False, torch_build: str | None = None) -> Estimate:
     """The peak memory of `role` run with `settings` (an instance of `settings_class(role)`, or None
     for its defaults). `torch_build`: cpu (the images) or cuda (the -cuda images; the default with
-    `gpu`). ValueError names a setting a run would refuse."""
+    `gpu`). ValueError names a setting a run would refuse; NotSized says why the role cannot be
+    sized from here (its task or data cannot be read, its model cannot be probed)."""
     cls = settings_class(role)
     settings = cls() if settings is None else settings
     if not isinstance(settings, cls):
@@ -134,30 +153,101 @@ class _Context:
     torch_build: str
     gpu: bool
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def sized(self) -> Sized:
+        """The model's layers and the data's shape (and a party's own data): computed when an
+        estimator first asks, so that the tracker, which holds neither, never builds them."""
         s = self.settings
-        self.meta = DATASETS[s.dataset]
-        self.layers = model_layers(s.model, self.meta)
-        self.pixels = math.prod(self.meta.shape)
-        self.train_file = self.meta.train_samples
-        self.test_file = self.meta.test_samples
-        self.n_train = min(s.limit or self.train_file, self.train_file)
-        self.n_test = min(s.test_limit or self.test_file, self.test_file)
-        self.batch = min(s.batch_size, self.n_train)
-        self.eval_batch = min(s.eval_batch_size, self.n_test)
+        if reads_with_torch(s):
+            try:
+                from splitfed.sizing import task_sizes  # torch: only for a task, own data or a torchvision model
+            except ImportError as exc:
+                raise NotSized(f"sizing a task, a party's own data or a torchvision model takes torch, which cannot be imported here ({exc})") from None
+            return task_sizes.size_task(self.role, s)
+        return Sized(self.meta.shape, tuple(model_layers(s.model, self.meta)))
+
+    @cached_property
+    def meta(self) -> DatasetInfo:
+        """The built-in data set the parties share out."""
+        if self.settings.dataset not in DATASETS:
+            raise NotSized(f"unknown data set {self.settings.dataset!r}: sizing knows {', '.join(DATASETS)} and a party's own "
+                           f"{', '.join(LOCAL_FORMATS)} files")
+        return DATASETS[self.settings.dataset]
+
+    @property
+    def layers(self) -> list[Layer]:
+        return list(self.sized.layers)
+
+    @property
+    def own(self) -> OwnData | None:
+        return self.sized.own
+
+    @property
+    def pixels(self) -> int:
+        """Input values per sample."""
+        return math.prod(self.sized.shape)
+
+    @property
+    def train_file(self) -> int:
+        return self.meta.train_samples
+
+    @property
+    def test_file(self) -> int:
+        return self.meta.test_samples
+
+    @property
+    def n_train(self) -> int | None:
+        """Training samples the role uses (--limit applied); None: unknown here (a split-server's clients' own)."""
+        if self.own is not None:
+            return self.own.train_samples
+        return min(self.settings.limit or self.train_file, self.train_file)
+
+    @property
+    def n_test(self) -> int | None:
+        if self.own is not None:
+            return self.own.test_samples
+        return min(self.settings.test_limit or self.test_file, self.test_file)
+
+    @property
+    def batch(self) -> int:
+        return min(self.settings.batch_size, self.n_train or self.settings.batch_size)
+
+    @property
+    def eval_batch(self) -> int:
+        return min(self.settings.eval_batch_size, self.n_test or self.settings.eval_batch_size)
 
     def described(self) -> dict[str, Any]:
         s = self.settings
         found = {"model": s.model, "dataset": s.dataset, "batch_size": s.batch_size, "eval_batch_size": s.eval_batch_size,
                  "optimizer": s.optimizer, "limit": s.limit, "test_limit": s.test_limit}
+        if s.task:
+            found["task"] = s.task
+        if s.data_dir is not None:
+            found["data_dir"] = str(s.data_dir)
         if isinstance(s, SplitSettings):
-            found.update(cut_layer=cut_index(s.cut_layer), mode=s.mode)
+            found.update(cut_layer=self.sized.cut[0] if self.sized.cut else cut_index(s.cut_layer), mode=s.mode)
         elif isinstance(s, PeerSettings):
             found.update(peers=s.peers, partition=s.partition)
             if isinstance(s, SMPLSettings):
                 found.update(hyperedge_size=s.hyperedge_size, max_hyperedges=s.max_hyperedges, local_parallel=s.local_parallel)
         else:
             found.update(workers=s.workers, partition=s.partition)
+        sized = self._sized_already()
+        if sized is not None and sized.own is not None and sized.own.samples:
+            own = sized.own
+            found["own_data"] = {"source": own.source, "train_samples": own.train_samples, "test_samples": own.test_samples}
+        return found
+
+    def _sized_already(self) -> Sized | None:
+        """`sized` if an estimator has asked for it (the tracker never does), without computing it."""
+        return self.__dict__.get("sized")  # where cached_property keeps it
+
+    def notes(self) -> tuple[str, ...]:
+        sized = self._sized_already()
+        found = sized.notes if sized is not None else ()
+        if self.gpu:
+            found += (("GPU memory is what the role's model would hold on the device; the roles compute on the CPU as of this "
+                       "version, so the CUDA build's larger import is what gpu.enabled costs today"),)
         return found
 
     # -- parts every role shares
@@ -167,9 +257,16 @@ class _Context:
         if torch:
             parts.append(_part(f"torch import ({self.torch_build} build)", "baseline", TORCH_IMPORT_MIB[self.torch_build]))
             parts.append(_part("torch kernels", "overhead", TORCH_KERNELS_MIB))
-        if torch and self.settings.dataset == "digits" and self.role != "split-server":
-            parts.append(_part("scikit-learn (digits)", "overhead", SKLEARN_IMPORT_MIB))
+        # A built-in data set whose reader imports a library of its own (digits: scikit-learn), in the roles that read it.
+        if torch and self.own is None and self.role != "split-server" and self.meta.reader in READER_IMPORT_MIB:
+            parts.append(_part(f"{self.meta.name} reader's imports", "overhead", READER_IMPORT_MIB[self.meta.reader]))
         return parts
+
+    def own_data(self) -> tuple[Part, Part]:
+        """A party's own data: (while it is read, as kept). Nothing is shared out: it keeps all it reads."""
+        own = self.own
+        return (_part(f"data being read ({own.source})", "data", _mib(own.read_bytes)),
+                _part(f"data (its own, {own.source})", "data", _mib(own.held_bytes)))
 
     def optimizer_import(self) -> Part:
         return _part("torch.optim import", "overhead", OPTIMIZER_IMPORT_MIB[self.torch_build])
@@ -186,7 +283,7 @@ class _Context:
         return parts
 
     def raw(self, samples: int) -> float:
-        """Bytes of an IDX file's pixels and labels as read (all of the file, whatever --limit)."""
+        """Bytes of a built-in data set's pixels and labels as read (all of the file, whatever --limit)."""
         return samples * (self.pixels + 1)
 
     def labels(self, samples: int) -> float:
@@ -201,6 +298,8 @@ class _Context:
         return low + 0.8 * varying, mid + varying, high + 1.5 * varying
 
     def split(self) -> Parts:
+        if self.sized.cut is not None:  # cut with torch, as learning.cutting cuts the model (task_sizes)
+            return parts_at(self.layers, *self.sized.cut)
         return split_parts(self.layers, self.settings.cut_layer, self.settings.mode)
 
     def split_message(self, parts: Parts) -> float:
@@ -224,18 +323,22 @@ def _split_client(c: _Context) -> Estimate:
         training_activations(parts.tail, math.prod(parts.body_out), c.batch) if parts.tail else 0.0)
     evaluation = evaluation_activations(parts.head, c.pixels, c.eval_batch) + (
         evaluation_activations(parts.tail, math.prod(parts.body_out), c.eval_batch) if parts.tail else 0.0)
-    train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
     fixed = [*c.baseline(), c.optimizer_import(), *c.model_state(params, trains=True)]  # the optimizer is made before the data is read
-    loading = Phase("loading data", (*fixed, _part("data being read", "data", _mib(max(2 * train_raw, train_raw + 2 * test_raw)))))
+    if c.own is not None:
+        reading, kept = c.own_data()
+    else:
+        train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
+        reading = _part("data being read", "data", _mib(max(2 * train_raw, train_raw + 2 * test_raw)))
+        kept = _part("data (uint8 train and test sets)", "data", _mib(train_raw + test_raw + c.labels(c.n_train + c.n_test)))
+    loading = Phase("loading data", (*fixed, reading))
     running = Phase("training", (
-        *fixed, c.runtime(),
-        _part("data (uint8 train and test sets)", "data", _mib(train_raw + test_raw + c.labels(c.n_train + c.n_test))),
+        *fixed, c.runtime(), kept,
         _part("activations", "activations", _mib(both_phases(training, evaluation))),
         _part("messages", "messages", _mib(MESSAGE_COPIES * c.split_message(parts))),
     ))
     gpu = c.gpu_memory(params, True, gpu_activations(parts.head, c.pixels, c.batch, c.eval_batch)
                        + (gpu_activations(parts.tail, math.prod(parts.body_out), c.batch, c.eval_batch) if parts.tail else 0.0))
-    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, _gpu_note(c))
+    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, c.notes())
 
 
 def _split_server(c: _Context) -> Estimate:
@@ -250,7 +353,7 @@ def _split_server(c: _Context) -> Estimate:
         _part("messages", "messages", _mib(MESSAGE_COPIES * c.split_message(parts))),
     ))
     gpu = c.gpu_memory(params, True, gpu_activations(parts.body, cut, c.batch, c.eval_batch))
-    return Estimate(c.role, c.described(), c.torch_build, (running,), gpu, _gpu_note(c))
+    return Estimate(c.role, c.described(), c.torch_build, (running,), gpu, c.notes())
 
 
 def _relay(c: _Context) -> Estimate:
@@ -258,7 +361,7 @@ def _relay(c: _Context) -> Estimate:
     running = Phase("forwarding", (
         *c.baseline(torch=False), c.runtime(), _part("messages", "messages", _mib(MESSAGE_COPIES * c.split_message(parts))),
     ))
-    return Estimate(c.role, c.described(), None, (running,))
+    return Estimate(c.role, c.described(), None, (running,), None, c.notes())
 
 
 def _split_fed(c: _Context) -> Estimate:
@@ -268,47 +371,51 @@ def _split_fed(c: _Context) -> Estimate:
     layer_bytes = sum(layer.params for layer in parts.head + parts.tail) * FLOAT32
     held = (2 * c.settings.clients + 2 + 2) * layer_bytes + 2 * layer_bytes  # + the float64 accumulator
     running = Phase("averaging", (*c.baseline(torch=False), c.runtime(), _part("client layers", "messages", _mib(held))))
-    return Estimate(c.role, c.described(), None, (running,))
+    return Estimate(c.role, c.described(), None, (running,), None, c.notes())
 
 
 def _fedavg_server(c: _Context) -> Estimate:
     params = sum(layer.params for layer in c.layers)
     model_bytes = params * FLOAT32
-    test_raw = c.raw(c.test_file)
     # The model encoded for each worker; each update held as its unacknowledged body and as a
     # flat vector, all of them stacked, and the aggregate.
     messages = (3 * c.settings.workers + 4) * model_bytes
     fixed = [*c.baseline(), *c.model_state(params, trains=False)]
-    loading = Phase("loading data", (*fixed, _part("data being read", "data", _mib(2 * test_raw))))
+    if c.own is not None:
+        reading, kept = c.own_data()
+    else:
+        test_raw = c.raw(c.test_file)
+        reading, kept = _part("data being read", "data", _mib(2 * test_raw)), _part("data (uint8 test set)", "data", _mib(test_raw + c.labels(c.n_test)))
+    loading = Phase("loading data", (*fixed, reading))
     running = Phase("aggregating", (
-        *fixed, c.runtime(),
-        _part("data (uint8 test set)", "data", _mib(test_raw + c.labels(c.n_test))),
+        *fixed, c.runtime(), kept,
         _part("activations", "activations", _mib(evaluation_activations(c.layers, c.pixels, c.eval_batch))),
         _part("messages", "messages", _mib(messages)),
     ))
     gpu = c.gpu_memory(params, False, gpu_activations(c.layers, c.pixels, 0, c.eval_batch))
-    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, _gpu_note(c))
+    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, c.notes())
 
 
 def _fedavg_worker(c: _Context) -> Estimate:
     s = c.settings
     params = sum(layer.params for layer in c.layers)
-    fraction, high_fraction = share_fraction(s.partition, s.workers, c.meta.classes)
-    # The worker reads the whole training set and keeps its share, both as uint8 pixels.
-    share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
-    raw = c.raw(c.train_file)
-    loading = Phase("loading data", (
-        *c.baseline(), *c.model_state(params, trains=False),
-        _part("data being read", "data", _mib(max(2 * raw, raw + share)), _mib(max(2 * raw, raw + high_share))),
-    ))
+    if c.own is not None:
+        reading, kept = c.own_data()
+    else:
+        fraction, high_fraction = share_fraction(s.partition, s.workers, c.meta.classes)
+        # The worker reads the whole training set and keeps its share, both as uint8 pixels.
+        share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
+        raw = c.raw(c.train_file)
+        reading = _part("data being read", "data", _mib(max(2 * raw, raw + share)), _mib(max(2 * raw, raw + high_share)))
+        kept = _part("data (uint8 share)", "data", _mib(share + c.labels(c.n_train)), _mib(high_share + c.labels(c.n_train)))
+    loading = Phase("loading data", (*c.baseline(), *c.model_state(params, trains=False), reading))
     running = Phase("training", (
-        *c.baseline(), c.optimizer_import(), c.runtime(), *c.model_state(params, trains=True),
-        _part("data (uint8 share)", "data", _mib(share + c.labels(c.n_train)), _mib(high_share + c.labels(c.n_train))),
+        *c.baseline(), c.optimizer_import(), c.runtime(), *c.model_state(params, trains=True), kept,
         _part("activations", "activations", _mib(training_activations(c.layers, c.pixels, c.batch))),
         _part("messages", "messages", _mib(4 * params * FLOAT32)),  # the model received, decoded and copied; the update encoded
     ))
     gpu = c.gpu_memory(params, True, gpu_activations(c.layers, c.pixels, c.batch, None))
-    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, _gpu_note(c))
+    return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, c.notes())
 
 
 def _p2p_tracker(c: _Context) -> Estimate:
@@ -318,7 +425,7 @@ def _p2p_tracker(c: _Context) -> Estimate:
     planned = s.hyperepochs if isinstance(s, SMPLSettings) else getattr(s, "epochs", 1)
     held = s.peers * TRACKER_PEER_BYTES + s.peers * planned * TRACKER_REPORT_BYTES
     running = Phase("tracking", (*c.baseline(torch=False), c.runtime(), _part("membership and reports", "messages", _mib(held))))
-    return Estimate(c.role, c.described(), None, (running,))
+    return Estimate(c.role, c.described(), None, (running,), None, c.notes())
 
 
 def _peer_parts(c: _Context, copies: float, training: float) -> tuple[tuple[Phase, ...], tuple[float, float, float] | None]:
@@ -328,17 +435,19 @@ def _peer_parts(c: _Context, copies: float, training: float) -> tuple[tuple[Phas
     holds `copies` of the model in messages (bytes on the wire, decoded arrays, averages)."""
     s = c.settings
     params = sum(layer.params for layer in c.layers)
-    fraction, high_fraction = share_fraction(s.partition, s.peers, c.meta.classes)
-    share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
-    train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
-    loading = Phase("loading data", (
-        *c.baseline(), _part("data being read", "data", _mib(max(2 * train_raw, train_raw + share)), _mib(max(2 * train_raw, train_raw + high_share))),
-    ))
+    if c.own is not None:
+        reading, kept = c.own_data()
+    else:
+        fraction, high_fraction = share_fraction(s.partition, s.peers, c.meta.classes)
+        share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
+        train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
+        reading = _part("data being read", "data", _mib(max(2 * train_raw, train_raw + share)), _mib(max(2 * train_raw, train_raw + high_share)))
+        kept = _part("data (uint8 share and test set)", "data", _mib(share + test_raw + c.labels(c.n_train + c.n_test)),
+                     _mib(high_share + test_raw + c.labels(c.n_train + c.n_test)))
+    loading = Phase("loading data", (*c.baseline(), reading))
     evaluation = evaluation_activations(c.layers, c.pixels, c.eval_batch)
     running = Phase("training", (
-        *c.baseline(), c.optimizer_import(), c.runtime(), *c.model_state(params, trains=True),
-        _part("data (uint8 share and test set)", "data", _mib(share + test_raw + c.labels(c.n_train + c.n_test)),
-              _mib(high_share + test_raw + c.labels(c.n_train + c.n_test))),
+        *c.baseline(), c.optimizer_import(), c.runtime(), *c.model_state(params, trains=True), kept,
         _part("activations", "activations", _mib(both_phases(training, evaluation))),
         _part("messages", "messages", _mib(copies * params * FLOAT32)),
     ))
@@ -351,7 +460,7 @@ def _p2p_peer(c: _Context) -> Estimate:
     body and its decoded arrays; the average and its float64 accumulator."""
     copies = 2 * (c.settings.peers - 1) + 4
     phases, gpu = _peer_parts(c, copies, training_activations(c.layers, c.pixels, c.batch))
-    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, _gpu_note(c))
+    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, c.notes())
 
 
 def _smpl_peer(c: _Context) -> Estimate:
@@ -363,14 +472,7 @@ def _smpl_peer(c: _Context) -> Estimate:
     copies = 3 + s.max_hyperedges * (8 + 4 * (s.hyperedge_size - 1))
     threads = s.local_workers if s.local_parallel == "hogwild" else 1
     phases, gpu = _peer_parts(c, copies, threads * training_activations(c.layers, c.pixels, c.batch))
-    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, _gpu_note(c))
-
-
-def _gpu_note(c: _Context) -> tuple[str, ...]:
-    if not c.gpu:
-        return ()
-    return (("GPU memory is what the role's model would hold on the device; the roles compute on the CPU as of this "
-             "version, so the CUDA build's larger import is what gpu.enabled costs today"),)
+    return Estimate(c.role, c.described(), c.torch_build, phases, gpu, c.notes())
 
 
 # role -> (the learning settings it is sized from, its estimator)

@@ -34,6 +34,7 @@ OPTIMIZER_IMPORT_MIB = {"cpu": 73.0, "cuda": 150.0}
 TORCH_KERNELS_MIB = 14.0
 # scikit-learn, which loads the digits data set: 81 MiB over torch (CUDA virtualenv).
 SKLEARN_IMPORT_MIB = 81.0
+READER_IMPORT_MIB = {"digits": SKLEARN_IMPORT_MIB}  # by DatasetInfo.reader: what a built-in data set's reader imports of its own
 # A running role over the one it has imported: broker connection and its threads, the metrics
 # endpoint, logging. The relay, which holds nothing else: 49 -> 65.5 MiB on the host, 64 MiB in its image.
 RUNTIME_MIB = 17.0
@@ -52,6 +53,18 @@ OTHER_PHASE_RESIDUE = 0.25
 # peaked at 69-70 MiB (VmHWM, torch never imported): all but a few kB the interpreter and runtime.
 TRACKER_PEER_BYTES = 4096
 TRACKER_REPORT_BYTES = 2048
+# A party's own data while it is read (learning.local_data), in bytes per input value of the parts
+# the role reads, over the interpreter and torch: the peak (VmHWM) of reading the train part, then
+# the test part, of 0.3M-12M values with Task.data in the CUDA virtualenv. Pixels (imagefolder PNGs
+# and uint8 npz, 9.0-9.2): the uint8 values and np.bincount's int64 copy of a channel for the
+# statistics. npz features (float32, 28.4): as stored, as float64, and the normalised float64
+# temporaries before the float32 kept. csv (56-64): a Python float per cell, then float64 arrays.
+# Reading the test part reads the train part again for its statistics while the train set is
+# kept: per value of both parts that is 8.5-8.7 (pixels), 24 (npz features), 53 (csv), within the
+# bounds of these. What a task's data() does on the way is its own: twice what it returns is
+# assumed there (its tensors and the float32 copy or stack of them), not measured.
+OWN_DATA_READ_BYTES = {"imagefolder": 9.0, "npz pixels": 9.0, "npz features": 28.5, "csv": 56.0}
+TASK_DATA_READ_COPIES = 2.0
 # A message between the split halves is held about four times over: received, as the frames pika
 # gathers and their join, then the decoded arrays; sent, as the encoded body and pika's frames. (At
 # cut 3, 12 MiB messages: the relay peaked 52 MiB above its idle 65 MiB.)

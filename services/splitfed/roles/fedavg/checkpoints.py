@@ -52,6 +52,14 @@ class ServerState:
     # With --calibration ccvr, once done: the record of the calibrated model, with the `round`
     # it calibrated (the round after the last) and the `workers` whose statistics it pooled.
     calibration: dict = field(default_factory=dict)
+    # With --evaluate parties or both: the record of the last round closed, until the workers'
+    # scores of its model are in (they come with the next round's collection, or after the last
+    # round), and the workers asked to score it: those live when it closed.
+    unscored: dict = field(default_factory=dict)
+    scorers: list[str] = field(default_factory=list)
+    # The size of each worker's evaluation data, as its first score since it joined gave it: a
+    # later score over another number of samples is refused.
+    evaluation_samples: dict[str, int] = field(default_factory=dict)
 
     def is_member(self, worker: str) -> bool:
         at = bisect.bisect_left(self.workers, worker)

@@ -1,4 +1,5 @@
-"""fedavg-server: starts rounds, collects signed updates, aggregates, tests the global model.
+"""fedavg-server: starts rounds, collects signed updates, aggregates, tests the global model
+(itself on its own data, or adding up the workers' scores of it on theirs: --evaluate).
 
 Crash safety: accepted updates stay unacked in the durable queue until the round's aggregate and
 checkpoint (checkpoints.py) are on disk; a restarted server resumes from the checkpoint and the
@@ -13,7 +14,10 @@ acked. Every takeover raises the checkpoint's epoch; a server that finds a newer
 than its own has been replaced, and stops before writing.
 
 Receiving runs on the roles' one loop (`Role.consume`): `Enrolment` until the run's workers
-have joined, then one `Collection` per round (and one for the calibration's statistics).
+have joined, then one `Collection` per round (and one for the calibration's statistics). With
+--evaluate parties or both, a round's collection also gathers the workers' scores of the previous
+round's model (`Scoring`): that round's record is complete, and enters the history, only then; the
+last round's model (and the calibrated one) is scored in a collection of its own.
 """
 
 from __future__ import annotations
@@ -23,17 +27,17 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Collection as Names
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from splitfed import config
-from splitfed.learning import calibration, federated, strategies, train
-from splitfed.learning.context import context_of
+from splitfed.errors import TaskError
+from splitfed.learning import calibration, federated, strategies, tasks, train
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.tasks import Task
-from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import LATER, Role
@@ -42,8 +46,8 @@ from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_dige
 from splitfed.roles.fedavg import admission
 from splitfed.roles.fedavg.checkpoints import CheckpointStore, ServerState
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, RECIPE, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire, with_prefix,
-    without_prefix, worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
+    fingerprint_problem, server_queue, to_wire, with_prefix, without_prefix, worker_queue,
 )
 from splitfed.roles.fedavg.lease import Lease
 from splitfed.transport import Delivery, Transport, TransportError
@@ -76,8 +80,26 @@ class Statistics(Answer):
     statistics: calibration.ClassStatistics
 
 
+@dataclass
+class Evaluated(Answer):
+    """A worker's score of a global model on its own evaluation data."""
+
+    score: federated.Score
+
+
+@dataclass
+class Scoring:
+    """The workers' scores of one global model, being gathered: the model after round `round`
+    (rounds + 1: the calibrated model), from the workers `expected` to score it."""
+
+    round: int
+    expected: set[str]
+    answers: dict[str, Evaluated] = field(default_factory=dict)
+
+
 # Settings a resumed run may change: how far it goes and how the global model is scored.
 RESUMABLE_CHANGES = ("rounds", "data_dir", "eval_batch_size", "test_limit")
+PARTIES_FIGURES = ("parties_accuracy", "parties_loss", "parties_samples", "parties")  # what federated.parties_figures adds to a record
 
 
 class FedAvgServer:
@@ -94,18 +116,25 @@ class FedAvgServer:
         self.strategy_state: strategies.StrategyState = {}
         self.transport = transport
         self.task = Task(settings)
-        self.context = context_of(settings, SERVER, SERVER)
+        # With --evaluate parties the server reads no data at all: its context names no folder.
+        self.server_scores, self.parties_score = federated.server_scores(settings), federated.parties_score(settings)
+        self.context = federated.server_context(settings)
         self.model = self.task.model(self.context)
+        classes = federated.server_classes(self.task, self.context, reads_data=self.server_scores)
+        self.fingerprint = tasks.fingerprint(self.model, classes)  # what every worker must build too
+        if problem := fingerprint_problem(self.fingerprint):  # no worker's join could carry the same
+            raise TaskError(f"{SERVER} cannot admit workers: {problem}")
         self.names = list(self.model.state_dict())
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
         self.update_specs = {**self.specs, **(with_prefix(CONTROL_DELTA, self.specs) if self.recipe.control_variates else {})}
         self.statistics_specs = (  # a model that cannot be calibrated is refused here, before any round
-            {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, len(self.task.classes(self.context))).items()}
+            {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, len(classes)).items()}
             if settings.calibration == "ccvr" else {}
         )
         model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
         statistics_bytes = sum(4 * math.prod(spec.shape) for spec in self.statistics_specs.values())  # a covariance per class: can outweigh the model
-        self.test_data = federated.evaluation_data(self.task, self.context)
+        self.test_data = federated.evaluation_data(self.task, self.context) if self.server_scores else None
+        self.scoring: Scoring | None = None  # the scores being gathered now, if any
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             max_message_bytes=max(2 * model_bytes, statistics_bytes) + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
@@ -163,6 +192,8 @@ class FedAvgServer:
             log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
         while self.state.round <= self.settings.rounds:
             self.run_round()
+        if self.state.unscored:
+            self.score_last_round()
         if self.settings.calibration == "ccvr" and not self.state.calibrated():
             self.calibrate()
         self.ensure_in_charge()
@@ -174,8 +205,8 @@ class FedAvgServer:
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         final = self.state.calibration or self.state.history[-1]  # the model the run leaves
         return {
-            "accuracy": final["accuracy"], "loss": final["loss"], "wall_seconds": time.perf_counter() - started,
-            "history": self.state.history, "traffic": vars(self.endpoint.traffic),
+            "accuracy": final["accuracy"], "loss": final["loss"], **{key: final[key] for key in PARTIES_FIGURES if key in final},
+            "wall_seconds": time.perf_counter() - started, "history": self.state.history, "traffic": vars(self.endpoint.traffic),
             "contributors": self.state.contributors, **({"calibration": self.state.calibration} if self.state.calibration else {}),
         }
 
@@ -183,11 +214,13 @@ class FedAvgServer:
 
     def check_join(self, message: Message) -> None:
         if message.kind == JOIN:
-            admission.check_join(self.state, message, self.settings.workers, anyone_may_join=self.endpoint.trusted is None)
+            admission.check_join(self.state, message, self.settings.workers, anyone_may_join=self.endpoint.trusted is None, fingerprint=self.fingerprint)
 
     def join(self, message: Message, digest: str, send_model: bool) -> None:
         """Admit (or re-admit) the sender of a join that passed `check_join`, on disk before it
-        is welcomed; the welcome names the join it answers by its digest."""
+        is welcomed; the welcome names the join it answers by its digest, and carries the
+        fingerprint the worker checks in turn. A worker due to score the model being scored
+        that is sent no model is sent that one to score (it lost what was queued for it)."""
         worker = message.sender
         admission.admit(self.state, message)
         self.checkpoint(with_model=False)
@@ -197,10 +230,16 @@ class FedAvgServer:
         queue = worker_queue(self.session, worker)
         self.transport.declare(queue, durable=True)
         # bound: it names the run. `sampled`: this worker may wait many rounds for a turn.
-        welcome = Message(WELCOME, "", "", round=self.state.round, meta={"ref": digest, "sampled": self.settings.samples_clients()})
+        # `evaluate`: it will be asked to score global models on its own data.
+        welcome = Message(WELCOME, "", "", round=self.state.round, meta={
+            "ref": digest, "sampled": self.settings.samples_clients(), "evaluate": self.parties_score,
+            "fingerprint": self.fingerprint,
+        })
         self.endpoint.send_message(queue, welcome, to=worker, persistent=True)
         if send_model:
             self.send_models([worker])
+        elif self.scoring is not None and worker in self.scoring.expected:
+            self.send_models([], evaluators=[worker])
 
     def refuse(self, rejection: Rejection) -> None:
         """Tell a worker whose join was refused why, in the queue it listens on. The server never
@@ -217,23 +256,30 @@ class FedAvgServer:
 
     # -- rounds ---------------------------------------------------------------------------
 
-    def model_tensors(self) -> dict:
-        """What every worker is sent this round: the global model, and SCAFFOLD's control."""
-        tensors = to_wire(self.model.state_dict())
-        if self.recipe.control_variates:
-            current = strategies.flatten(self.model.state_dict(), self.names)
-            control = self.strategy.control(current, self.strategy_state)
-            tensors.update(to_wire(with_prefix(CONTROL, strategies.unflatten(control, self.model.state_dict(), self.names))))
-        return tensors
+    def model_tensors(self, model: dict) -> dict:
+        """What every worker is sent this round: the global model (`model`, on the wire), and
+        SCAFFOLD's control."""
+        if not self.recipe.control_variates:
+            return model
+        current = strategies.flatten(self.model.state_dict(), self.names)
+        control = self.strategy.control(current, self.strategy_state)
+        return {**model, **to_wire(with_prefix(CONTROL, strategies.unflatten(control, self.model.state_dict(), self.names)))}
 
-    def send_models(self, workers: list[str]) -> None:
-        """This round's model and the strategy's local recipe to each of `workers`, serialised
-        once for all of them; after the last round, the final model to calibrate on."""
+    def send_models(self, workers: list[str], evaluators: Names[str] = ()) -> None:
+        """This round's model and the strategy's local recipe to each of `workers` (after the
+        last round, the final model to calibrate on), and the global model alone to each of
+        `evaluators` to score; serialised once for all of them. A worker due to score the
+        global model (`scoring`) that is sent this round's, which is that model, is asked to
+        score it before it trains."""
+        model = to_wire(self.model.state_dict())
         if self.state.round > self.settings.rounds:
-            kind, meta, tensors = CALIBRATE, {}, to_wire(self.model.state_dict())
+            kind, meta, tensors = CALIBRATE, {}, model
         else:
-            kind, meta, tensors = MODEL, {RECIPE: dataclasses.asdict(self.recipe)}, self.model_tensors()
-        batch = [(worker_queue(self.session, worker), Message(kind, "", "", round=self.state.round, meta=dict(meta), tensors=tensors), worker) for worker in workers]
+            kind, meta, tensors = MODEL, {RECIPE: dataclasses.asdict(self.recipe)}, self.model_tensors(model)
+        scorers = self.scoring.expected if self.scoring is not None and kind == MODEL else set()
+        batch = [(worker_queue(self.session, worker), Message(kind, "", "", round=self.state.round, meta={**meta, **({SCORE: True} if worker in scorers else {})},
+                                                              tensors=tensors), worker) for worker in workers]
+        batch += [(worker_queue(self.session, worker), Message(EVALUATE, "", "", round=self.scoring.round, tensors=model), worker) for worker in evaluators]
         self.endpoint.send_messages(batch, persistent=True)
 
     def sample(self) -> list[str]:
@@ -258,9 +304,14 @@ class FedAvgServer:
         # Without sampling, workers that missed a round are still sent every model, so a slow
         # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
         recipients = sampled if self.settings.samples_clients() else self.state.workers
-        self.send_models(recipients)
+        # The model sent is the last round's: its scorers that are sent it score it on the way,
+        # the others are sent it to score.
+        self.scoring = self.pending_scoring()
+        self.send_models(recipients, evaluators=sorted(self.scoring.expected.difference(recipients)) if self.scoring else ())
         # In a fixed order, not arrival order: the same updates always sum to the same bits.
         updates: dict[str, Update] = dict(sorted(self.collect(set(sampled), UPDATE).items()))
+        scoring = self.close_scoring()
+        scored = self.scored_record(self.state.unscored, scoring) if scoring else None  # the last round's record, now complete
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
         weights = torch.tensor([float(u.samples) for u in updates.values()])
         current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
@@ -269,70 +320,163 @@ class FedAvgServer:
             control_deltas = torch.stack([u.control_delta for u in updates.values()])  # (K, P)
             self.strategy_state = self.strategy.next_control(control_deltas, len(self.state.workers), self.strategy_state)
         self.model.load_state_dict(strategies.unflatten(combined, self.model.state_dict(), self.names))
-        self.model.eval()
-        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
-        record = EpochRecord(round_number, evaluation.accuracy, evaluation.loss, sum(u.train_loss for u in updates.values()) / len(updates), time.perf_counter() - started)
-        self.state.history.append({**vars(record), "workers": sorted(updates)})
+        evaluation = self.own_evaluation()
+        record = {"step": round_number, **evaluation, "train_loss": sum(u.train_loss for u in updates.values()) / len(updates),
+                  "seconds": time.perf_counter() - started, "workers": sorted(updates)}
         self.state.contributors[str(round_number)] = sorted(updates)
         self.state.round += 1
-        # Not sampled again (nor waited for) until heard from: a late update or a join.
-        self.state.missed = sorted((set(self.state.missed) | set(sampled)) - set(updates))
+        # Not sampled again (nor waited for) until heard from: a late update, a score or a join.
+        # A scorer that sent no score nor update is not waited for either.
+        silent = scoring.expected - set(scoring.answers) if scoring else set()
+        heard = set(updates) | (set(scoring.answers) if scoring else set())
+        self.state.missed = sorted(((set(self.state.missed) | silent) - heard) | (set(sampled) - set(updates)))
         if absent := sorted(set(sampled) - set(updates)):
             log.warning("round %d closed without %s", round_number, ", ".join(absent))
+        if scored is not None:
+            self.state.history.append(scored)
+        if self.parties_score:  # complete once the live workers have scored this round's model
+            missed = set(self.state.missed)
+            self.state.unscored, self.state.scorers = record, [worker for worker in self.state.workers if worker not in missed]
+        else:
+            self.state.history.append(record)
         self.checkpoint(with_model=True)
-        for update in updates.values():  # only now is the update's effect on disk
-            self.endpoint.ack(update.delivery)
+        for answer in [*updates.values(), *(scoring.answers.values() if scoring else ())]:  # only now is the answer's effect on disk
+            self.endpoint.ack(answer.delivery)
         self._round_metrics(record, updates, sampled)
+        for complete in (scored, None if self.parties_score else record):
+            if complete is not None:
+                self.report(complete)
+
+    def own_evaluation(self) -> dict:
+        """The server's own score of the global model (accuracy and loss; None without data)."""
+        if not self.server_scores:
+            return {"accuracy": None, "loss": None}
+        self.model.eval()
+        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
+        return {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
+
+    # -- the parties' scores --------------------------------------------------------------
+
+    def pending_scoring(self) -> Scoring | None:
+        """The scores the last round's record waits for, if any."""
+        return Scoring(self.state.unscored["step"], set(self.state.scorers)) if self.state.unscored else None
+
+    def close_scoring(self) -> Scoring | None:
+        """The scores gathered in the collection that just closed, if it gathered any; who did
+        not answer in time is left out, and the log says so."""
+        scoring, self.scoring = self.scoring, None
+        if scoring is not None and (absent := sorted(scoring.expected - set(scoring.answers))):
+            log.warning("%s did not score round %d's model in time: left out of the parties' figures", ", ".join(absent), scoring.round)
+        return scoring
+
+    def scored_record(self, record: dict, scoring: Scoring) -> dict:
+        """`record` with the parties' figures; with --evaluate parties their total is its accuracy and loss."""
+        figures = federated.parties_figures({worker: answer.score for worker, answer in scoring.answers.items()})
+        scored = {**record, **figures}
+        if not self.server_scores:
+            scored.update(accuracy=figures["parties_accuracy"], loss=figures["parties_loss"])
+        return scored
+
+    def score_last_round(self) -> None:
+        """After the last round: its model, sent alone to the workers due to score it, scored and
+        the record complete (on disk before their scores are acked)."""
+        self.scoring = self.pending_scoring()
+        self.send_models([], evaluators=sorted(self.scoring.expected))
+        self.collect(set(), None)
+        scoring = self.close_scoring()
+        scored = self.scored_record(self.state.unscored, scoring)
+        self.state.history.append(scored)
+        self.state.unscored, self.state.scorers = {}, []
+        self.state.missed = sorted((set(self.state.missed) | scoring.expected) - set(scoring.answers))
+        self.checkpoint(with_model=False)
+        for answer in scoring.answers.values():
+            self.endpoint.ack(answer.delivery)
+        self.report(scored)
+
+    def report(self, record: dict) -> None:
+        """A round whose record is complete: its score in the metrics, the progress and the log."""
+        metrics.TEST_ACCURACY.labels(SERVER, self.session).set(record["accuracy"])
+        metrics.TEST_LOSS.labels(SERVER, self.session).set(record["loss"])
         if self.on_progress:
-            self.on_progress(Progress("round", round_number, self.settings.rounds, record.train_loss, vars(record)))
-        log.info("round %d: test accuracy %.4f, test loss %.4f, %d updates, %.1fs", round_number, record.accuracy, record.loss, len(updates), record.seconds)
+            self.on_progress(Progress("round", record["step"], self.settings.rounds, record["train_loss"], record))
+        log.info("round %d: %s, %d updates, %.1fs", record["step"], self.scores_of(record), len(record["workers"]), record["seconds"])
+
+    def scores_of(self, record: dict) -> str:
+        """A record's scores, for the log."""
+        scores = [f"test accuracy {record['accuracy']:.4f}, test loss {record['loss']:.4f}"] if self.server_scores else []
+        if "parties" in record:
+            scores.append(f"parties' test accuracy {record['parties_accuracy']:.4f}, test loss {record['parties_loss']:.4f} "
+                          f"over {record['parties_samples']} samples of {len(record['parties'])} workers")
+        return "; ".join(scores)
 
     def calibrate(self) -> None:
         """CCVR after the last round: every worker not given up on sends the feature statistics of
-        its share under the final model, and the last layer is retrained on them. As updates, the
-        statistics stay unacked until the calibrated model is on disk: a server restarted
-        meanwhile gets them again and calibrates the same way."""
+        its share under the final model, and the last layer is retrained on them; with --evaluate
+        parties or both, the workers whose statistics were pooled then score the calibrated model.
+        As updates, the statistics and the scores stay unacked until the calibrated model is on
+        disk: a server restarted meanwhile gets them again and calibrates the same way."""
         missed = set(self.state.missed)
         self.state.sampled = [worker for worker in self.state.workers if worker not in missed]
         self.state.sampled_round = self.state.round
         self.send_models(self.state.sampled)
         answers: dict[str, Statistics] = dict(sorted(self.collect(set(self.state.sampled), STATISTICS).items()))  # pooled in a fixed order
-        record = federated.calibrate(self.model, [answer.statistics for answer in answers.values()], self.settings, self.test_data)
-        self.state.calibration = {**vars(record), "round": self.state.round, "workers": sorted(answers)}
+        started = time.perf_counter()
+        train_loss = federated.calibrate(self.model, [answer.statistics for answer in answers.values()], self.settings)
+        record = {"step": self.settings.rounds, **self.own_evaluation(), "train_loss": train_loss}
+        held: list[Answer] = list(answers.values())
+        if self.parties_score:
+            self.scoring = Scoring(self.state.round, set(answers))
+            self.send_models([], evaluators=sorted(answers))
+            self.collect(set(), None)
+            scoring = self.close_scoring()
+            record = self.scored_record(record, scoring)
+            held += scoring.answers.values()
+        self.state.calibration = {**record, "seconds": time.perf_counter() - started, "round": self.state.round, "workers": sorted(answers)}
         self.checkpoint(with_model=True)
-        for answer in answers.values():
+        for answer in held:
             self.endpoint.ack(answer.delivery)
-        metrics.TEST_ACCURACY.labels(SERVER, self.session).set(record.accuracy)
-        metrics.TEST_LOSS.labels(SERVER, self.session).set(record.loss)
+        record = self.state.calibration
+        metrics.TEST_ACCURACY.labels(SERVER, self.session).set(record["accuracy"])
+        metrics.TEST_LOSS.labels(SERVER, self.session).set(record["loss"])
         if self.on_progress:
-            self.on_progress(Progress("calibration", 1, 1, record.train_loss, vars(record)))
-        log.info("calibrated (ccvr) on the statistics of %d workers: test accuracy %.4f, test loss %.4f", len(answers), record.accuracy, record.loss)
+            self.on_progress(Progress("calibration", 1, 1, record["train_loss"], record))
+        log.info("calibrated (ccvr) on the statistics of %d workers: %s", len(answers), self.scores_of(record))
 
-    def _round_metrics(self, record: EpochRecord, updates: dict[str, Update], sampled: list[str]) -> None:
+    def _round_metrics(self, record: dict, updates: dict[str, Update], sampled: list[str]) -> None:
         session = self.session
-        metrics.TEST_ACCURACY.labels(SERVER, session).set(record.accuracy)
-        metrics.TEST_LOSS.labels(SERVER, session).set(record.loss)
-        metrics.TRAIN_LOSS.labels(SERVER, session).set(record.train_loss)
-        metrics.ROUND_SECONDS.labels(SERVER, session).observe(record.seconds)
+        metrics.TRAIN_LOSS.labels(SERVER, session).set(record["train_loss"])
+        metrics.ROUND_SECONDS.labels(SERVER, session).observe(record["seconds"])
         metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
         metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
         for worker in sampled:  # the others had no round to miss
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
             missed.set(0) if worker in updates else missed.inc()
 
-    def collect(self, expected: set[str], kind: str) -> dict[str, Answer]:
+    def collect(self, expected: set[str], kind: str | None) -> dict[str, Answer]:
+        """`kind` answers from the `expected` workers (kind None: none, only the scores that
+        `scoring` waits for), in one `Collection`."""
         collection = Collection(self, kind, expected)
         collection.consume()
         return collection.answers
 
     def answer_of(self, message: Message, delivery: Delivery) -> Answer:
-        """The record of an update or of statistics that passed the collection's checks."""
-        tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
+        """The record of an update, statistics or a score that passed the collection's checks."""
         samples, size = message.meta["samples"], len(delivery.body)
+        if message.kind == EVALUATED:
+            return Evaluated(samples, delivery, size, federated.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
+        tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
         if message.kind == STATISTICS:
             return Statistics(samples, delivery, size, calibration.ClassStatistics.from_tensors(tensors))
         control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.recipe.control_variates else None
         return Update(samples, delivery, size, strategies.flatten(tensors, self.names), control_delta, float(message.meta["train_loss"]))
+
+    def scored_by(self, round_number: int) -> Names[str]:
+        """The workers whose scores of the model of `round_number` are on record."""
+        if self.state.calibration.get("round") == round_number:
+            return self.state.calibration.get("parties", {})
+        if 1 <= round_number <= len(self.state.history):
+            return self.state.history[round_number - 1].get("parties", {})
+        return ()
 
 
 class Enrolment(Role):
@@ -368,29 +512,33 @@ class Enrolment(Role):
 
 class Collection(Role):
     """One round's updates (or, `kind` STATISTICS, the calibration's feature statistics) from the
-    sampled workers, until every expected one sent one, or the round timeout has passed with at
-    least `min_workers` of them; the run gives up `timeout` after the collection began. Joins are
-    answered on the way; one from a sampled worker (restarted mid-round) gets this round's model.
-    Each answer stays unacked (LATER) until the server has its effect on disk."""
+    sampled workers, and the scores the server's `scoring` waits for, until every expected one
+    sent its answer, or the round timeout has passed with at least `min_workers` answers (and one
+    score); the run gives up `timeout` after the collection began. Joins are answered on the way;
+    one from a sampled worker (restarted mid-round) gets this round's model. Each answer stays
+    unacked (LATER) until the server has its effect on disk."""
 
-    def __init__(self, server: FedAvgServer, kind: str, expected: set[str]):
+    def __init__(self, server: FedAvgServer, kind: str | None, expected: set[str]):
         self.server = server
         self.endpoint = server.endpoint
         self.kind = kind
         self.expected = expected
         self.sampled = set(server.state.sampled)
-        self.quorum = min(server.quorum, len(self.sampled))
+        self.quorum = min(server.quorum, len(self.sampled)) if kind is not None else 0
         self.answers: dict[str, Answer] = {}
         self.round_deadline = time.monotonic() + server.deployment.round_timeout
         self.give_up = time.monotonic() + server.deployment.timeout
         self.on_deadline()
 
     def expecting(self) -> tuple[tuple[str, ...], None]:
-        return (JOIN, self.kind), None
+        # Scores are taken whenever the workers score: a late one is refused for what it is.
+        return (JOIN, *((self.kind,) if self.kind else ()), *((EVALUATED,) if self.server.parties_score else ())), None
 
     def check(self, message: Message) -> None:
         server, state = self.server, self.server.state
         server.check_join(message)
+        if message.kind == EVALUATED:
+            self.check_score(message)
         if message.kind != self.kind:
             return
         if not state.is_member(message.sender):
@@ -398,9 +546,7 @@ class Collection(Role):
         if message.round < state.round:
             if message.sender in state.contributors.get(str(message.round), ()):
                 raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
-            if message.sender in state.missed:  # alive after all, only slow: wait for it next round
-                state.missed.remove(message.sender)
-                metrics.WORKER_MISSED_ROUNDS.labels(SERVER, server.session, message.sender).set(0)
+            self.heard_from(message.sender)  # alive after all, only slow: wait for it next round
             raise ProtocolError("stale", f"update for round {message.round} from {message.sender}, now in round {state.round}")
         if message.round > state.round:
             raise ProtocolError("out-of-order", f"update for future round {message.round} from {message.sender}")
@@ -417,40 +563,88 @@ class Collection(Role):
         if self.kind == STATISTICS:
             _check_class_counts(message.tensors["class_counts"], samples, message.sender)
 
+    def check_score(self, message: Message) -> None:
+        """A score must be of the model being scored, from a worker asked to score it, with
+        counts that can be true: whole numbers of samples (as many as its first score since it
+        joined), no more of them correct, and a finite, non-negative sum of losses."""
+        server, state, scoring, sender = self.server, self.server.state, self.server.scoring, message.sender
+        if not state.is_member(sender):
+            raise ProtocolError("sender", f"score from {sender!r}, which has not joined")
+        check_tensors(message, {})
+        if scoring is None or message.round != scoring.round:
+            if sender in server.scored_by(message.round):
+                raise ProtocolError("duplicate", f"score of round {message.round}'s model from {sender} was counted already")
+            if message.round < (scoring.round if scoring is not None else state.round):
+                self.heard_from(sender)
+                raise ProtocolError("stale", f"score of round {message.round}'s model from {sender}, which is no longer being scored")
+            raise ProtocolError("out-of-order", f"score of round {message.round}'s model from {sender}, which is not being scored")
+        if sender not in scoring.expected:
+            raise ProtocolError("unsampled", f"score of round {message.round}'s model from {sender}, which was not asked to score it")
+        correct, loss_sum, samples = (message.meta.get(name) for name in ("correct", "loss_sum", "samples"))
+        ceiling = server.deployment.max_samples
+        if not _count(samples) or not 0 < samples <= ceiling:
+            raise ProtocolError("value", f"score from {sender} reports samples={samples!r:.40} (at most {ceiling})")
+        if not _count(correct) or correct > samples:
+            raise ProtocolError("value", f"score from {sender} reports correct={correct!r:.40} of samples={samples}")
+        if not _finite_number(loss_sum) or loss_sum < 0:
+            raise ProtocolError("value", f"score from {sender} reports loss_sum={loss_sum!r:.40}")
+        if (claimed := state.evaluation_samples.get(sender)) is not None and samples != claimed:
+            raise ProtocolError("value", f"score from {sender} is over {samples} samples, but its first score since it joined was over {claimed}")
+
+    def heard_from(self, worker: str) -> None:
+        """A worker given up on that turns out to be alive (a late answer) is waited for again."""
+        state = self.server.state
+        if worker in state.missed:
+            state.missed.remove(worker)
+            metrics.WORKER_MISSED_ROUNDS.labels(SERVER, self.server.session, worker).set(0)
+
     def on_reject(self, rejection: Rejection) -> None:
         self.server.refuse(rejection)
 
     def handle(self, message: Message, delivery: Delivery) -> str | None:
         if message.kind == JOIN:
             # Without sampling a newcomer takes part at once; with it, it waits to be drawn.
-            takes_part = message.sender in self.sampled or not self.server.settings.samples_clients()
+            takes_part = self.kind is not None and (message.sender in self.sampled or not self.server.settings.samples_clients())
             if takes_part and message.sender not in self.sampled:
                 self.sampled.add(message.sender)
                 self.expected.add(message.sender)
                 self.server.state.sampled = sorted(self.sampled)
             self.server.join(message, frame_digest(delivery.body), send_model=takes_part)
             return None
-        if (first := self.answers.get(message.sender)) is not None:
+        if message.kind == EVALUATED:
+            self.hold(self.server.scoring.answers, message, delivery)
+            self.server.state.evaluation_samples.setdefault(message.sender, message.meta["samples"])
+            return LATER
+        if self.hold(self.answers, message, delivery):
+            metrics.UPDATES.labels(SERVER, self.server.session, "accepted").inc()
+        return LATER
+
+    def hold(self, answers: dict[str, Answer], message: Message, delivery: Delivery) -> bool:
+        """Keep a valid answer unacked; False for a second copy from the same worker."""
+        if (first := answers.get(message.sender)) is not None:
             # A second copy for this round, e.g. redelivered after a reconnect made the first
             # one's ack impossible: hold the newer delivery, so the answer stays in the queue
             # until the round is on disk, and let the first one go.
-            self.endpoint.rejected("duplicate", f"second update for round {message.round} from {message.sender}")
+            self.endpoint.rejected("duplicate", f"second {message.kind} for round {message.round} from {message.sender}")
             self.endpoint.ack(first.delivery)
             first.delivery = delivery
-            return LATER
-        self.answers[message.sender] = self.server.answer_of(message, delivery)
-        metrics.UPDATES.labels(SERVER, self.server.session, "accepted").inc()
-        return LATER
+            return False
+        answers[message.sender] = self.server.answer_of(message, delivery)
+        return True
 
     def next_deadline(self) -> float:
         return self.round_deadline if time.monotonic() < self.round_deadline else self.give_up
 
     def on_deadline(self) -> None:
-        now = time.monotonic()
-        if self.expected <= set(self.answers) or (now >= self.round_deadline and len(self.answers) >= self.quorum):
+        now, scoring = time.monotonic(), self.server.scoring
+        complete = self.expected <= set(self.answers) and (scoring is None or scoring.expected <= set(scoring.answers))
+        enough = len(self.answers) >= self.quorum and (scoring is None or len(scoring.answers) > 0)
+        if complete or (now >= self.round_deadline and enough):
             self.finished = True
         elif now >= self.give_up:
-            raise RoleTimeout(f"round {self.server.state.round}: {len(self.answers)} updates, fewer than the {self.quorum} needed")
+            if len(self.answers) < self.quorum:
+                raise RoleTimeout(f"round {self.server.state.round}: {len(self.answers)} updates, fewer than the {self.quorum} needed")
+            raise RoleTimeout(f"no worker scored round {scoring.round}'s model")
 
     def on_silence(self, seconds: float) -> None:
         """Silence as long as `timeout` means the collection's own give-up time has passed too."""
@@ -462,6 +656,10 @@ def _check_class_counts(counts: np.ndarray, samples: int, sender: str) -> None:
     count is the weight of its statistics in the pooled Gaussians)."""
     if (counts < 0).any() or (counts != counts.round()).any() or int(counts.sum()) != samples:
         raise ProtocolError("value", f"statistics from {sender}: class counts are not whole, non-negative numbers adding up to samples={samples}")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _finite_number(value: object) -> bool:

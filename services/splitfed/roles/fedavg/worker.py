@@ -1,5 +1,7 @@
 """fedavg-worker: holds one partition of the data; trains the global model it is sent and
-returns a signed update for that round."""
+returns a signed update for that round, and (--evaluate parties or both) scores the global models
+it is asked to on its own evaluation data. It joins with the fingerprint of what it builds, and
+leaves a server whose welcome carries another."""
 
 from __future__ import annotations
 
@@ -11,20 +13,20 @@ import uuid
 
 import torch
 
-from splitfed.errors import Refused
+from splitfed.errors import Refused, TaskError
 from splitfed.learning import calibration, data, federated
 from splitfed.learning.context import context_of
 from splitfed.learning.settings import PartitionSettings
 from splitfed.learning.strategies import LocalRecipe
-from splitfed.learning.tasks import Task
+from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, JOIN, MODEL, RECIPE, REFUSED, SERVER, STATISTICS, UPDATE, WELCOME, WORKER, server_queue, to_wire,
-    with_prefix, without_prefix, worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
+    fingerprint_problem, server_queue, to_wire, with_prefix, without_prefix, worker_queue,
 )
 from splitfed.transport import Delivery, Transport
 
@@ -75,6 +77,10 @@ class FedAvgWorker(Role):
         self.task = Task(settings)
         self.context = context_of(settings, WORKER, self.worker_id, self.index)
         self.model = self.task.model(self.context)
+        self.fingerprint = fingerprint(self.model, self.task.classes(self.context))
+        if problem := fingerprint_problem(self.fingerprint):  # the server would refuse it: say so here, where it can be fixed
+            raise TaskError(f"{self.worker_id} cannot join: {problem}")
+        self.evaluation: data.Samples | None = None  # what it scores global models on: loaded when the server asks for scores
         self.specs = {name: TensorSpec("float32", tuple(value.shape)) for name, value in self.model.state_dict().items()}
         self.data = share if share is not None else federated.worker_shares(self.task, settings, [self.index])[0]  # only this worker's share is kept
         self.endpoint = Endpoint(
@@ -85,6 +91,7 @@ class FedAvgWorker(Role):
         transport.declare(self.server, durable=True)
         self.control = federated.zeros_like_state(self.model)  # SCAFFOLD's c_i; zero again after a restart
         self.last_round = 0  # the last round this worker sent an update for
+        self.last_scored = 0  # the round of the last global model this worker scored
         self.rounds = 0
         self.waits_for_turns = False  # the server draws some workers per round: a long wait is normal
         metrics.LOCAL_SAMPLES.labels(WORKER, self.session).set(len(self.data))
@@ -100,7 +107,8 @@ class FedAvgWorker(Role):
 
     def join(self) -> None:
         """Announce this worker; wait for the welcome (or a refusal naming this very join)."""
-        join = Message(JOIN, "", "", meta={"samples": len(self.data), "nonce": uuid.uuid4().hex})  # a fresh nonce: a replay is told apart
+        # A fresh nonce: a replay is told apart.
+        join = Message(JOIN, "", "", meta={"samples": len(self.data), "nonce": uuid.uuid4().hex, "fingerprint": self.fingerprint})
         sent = self.endpoint.send_message(self.server, join, persistent=True)
         while True:
             message, delivery = self.endpoint.receive((WELCOME, REFUSED, MODEL, CALIBRATE, DONE), (SERVER,))
@@ -108,8 +116,13 @@ class FedAvgWorker(Role):
             if message.kind == REFUSED and message.meta.get("ref") == sent.digest:
                 raise Refused(f"the server refused worker {self.worker_id}: {message.meta.get('reason')} ({message.meta.get('detail')})")
             if message.kind == WELCOME and message.meta.get("ref") == sent.digest and isinstance(message.meta.get("run"), str):
+                if difference := fingerprint_difference(self.fingerprint, message.meta.get("fingerprint")):
+                    raise Refused(f"worker {self.worker_id} does not train for this server, which builds another model or class list: "
+                                  f"{difference} (the server's against this worker's)")
                 self.endpoint.bind(message.meta["run"])  # from now on only this run's messages, to this worker
                 self.waits_for_turns = message.meta.get("sampled") is True
+                if message.meta.get("evaluate") is True:  # a missing test part fails now, before any training
+                    self.evaluation_data()
                 log.info("worker %s joined run %s at round %d", self.worker_id, self.endpoint.run, message.round)
                 return
             # Anything else predates this join (a model queued while this worker was away): stale.
@@ -122,29 +135,54 @@ class FedAvgWorker(Role):
         log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, seconds)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (MODEL, CALIBRATE, DONE, WELCOME), (SERVER,)
+        return (MODEL, CALIBRATE, EVALUATE, DONE, WELCOME), (SERVER,)
 
     def check(self, message: Message) -> None:
-        if message.kind == CALIBRATE:
+        if message.kind in (CALIBRATE, EVALUATE):
             check_tensors(message, self.specs)
         if message.kind == MODEL:
             recipe = received_recipe(message)
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if recipe.control_variates else {})})
+            if not isinstance(message.meta.get(SCORE, False), bool):
+                raise ProtocolError("value", f"{SCORE} {message.meta[SCORE]!r:.40}")
 
     def handle(self, message: Message, delivery: Delivery) -> None:
         # A model for a round already answered is a redelivery: nothing to do.
-        if message.kind in (MODEL, CALIBRATE) and message.round > self.last_round:
+        answered = self.last_scored if message.kind == EVALUATE else self.last_round
+        if message.kind in (MODEL, CALIBRATE, EVALUATE) and message.round > answered:
             arrived = time.monotonic()
             self.waiting.inc(arrived - self.idle_since)
-            (self.train_and_send if message.kind == MODEL else self.send_statistics)(message)
+            {MODEL: self.train_and_send, CALIBRATE: self.send_statistics, EVALUATE: self.score}[message.kind](message)
             self.idle_since = time.monotonic()
             self.training.inc(self.idle_since - arrived)
         self.finished = message.kind == DONE
+
+    def evaluation_data(self) -> data.Samples:
+        if self.evaluation is None:
+            self.evaluation = federated.evaluation_data(self.task, self.context)
+        return self.evaluation
+
+    def score(self, message: Message) -> None:
+        """Score the global model `message` carries (EVALUATE) on this worker's evaluation data."""
+        self.model.load_state_dict(received_tensors(message))
+        self.send_score(message.round)
+
+    def send_score(self, model_round: int) -> None:
+        """This worker's counts for the global model after `model_round`, which `self.model` holds."""
+        started = time.perf_counter()
+        score = federated.score(self.model, self.evaluation_data(), self.settings.eval_batch_size)
+        reply = Message(EVALUATED, "", "", round=model_round, meta={"correct": score.correct, "loss_sum": score.loss_sum, "samples": score.samples})
+        self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
+        self.last_scored = model_round
+        log.info("worker %s: round %d's model scored on %d samples: accuracy %.4f, loss %.4f, %.1fs", self.worker_id, model_round, score.samples,
+                 score.accuracy, score.loss, time.perf_counter() - started)
 
     def train_and_send(self, message: Message) -> None:
         started = time.perf_counter()
         tensors = received_tensors(message)
         self.model.load_state_dict({name: tensors[name] for name in self.specs})
+        if message.meta.get(SCORE) is True and message.round - 1 > self.last_scored:  # the global model after the last round: scored before it is trained
+            self.send_score(message.round - 1)
         recipe = received_recipe(message)
         controls = (without_prefix(CONTROL, tensors), self.control) if recipe.control_variates else None
         seed = federated.round_seed(self.settings.seed, self.index, message.round)

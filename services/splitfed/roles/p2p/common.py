@@ -1,10 +1,11 @@
 """What the decentralized roles share: names, queues, message kinds, and the checks of a
-membership list. torch-free (the tracker imports it).
+membership list and of a party's fingerprint. torch-free (the tracker imports it).
 
-peer    --register{incarnation, started, samples, nonce}--> tracker   (a handshake)
+peer    --register{incarnation, started, samples, nonce, fingerprint}--> tracker   (a handshake)
 tracker --members{version, started, peers: {name: {incarnation, epoch, samples}}, ref?}--> every live peer
+tracker --refused{ref, fingerprint}--> a peer whose fingerprint is not the run's (the first registered peer's)
 peer    --heartbeat{incarnation, epoch}--> tracker        every --peer-timeout / 3 seconds
-peer    --report{incarnation, epoch, ...}--> tracker       after each epoch or hyperedge (accuracy before and after)
+peer    --report{incarnation, epoch, ...}--> tracker       after each epoch or hyperedge (accuracy before and after, on its test_samples)
 peer    --leave{incarnation}--> tracker                    at its end
 p2p:    peer --model{incarnation, epoch, samples}--> every live peer;  peer --fetch{nonce}--> peer --model{ref}--> joiner
 smpl:   peer --want{loss}--> tracker --hyperedge{edge, members, source}--> members;
@@ -19,11 +20,13 @@ from splitfed.protocol import ProtocolError
 from splitfed.roles.endpoint import queue_name
 
 TRACKER, P2P_PEER, SMPL_PEER = "p2p-tracker", "p2p-peer", "smpl-peer"
-REGISTER, HEARTBEAT, REPORT, LEAVE, MEMBERS = "register", "heartbeat", "report", "leave", "members"
+REGISTER, HEARTBEAT, REPORT, LEAVE, MEMBERS, REFUSED = "register", "heartbeat", "report", "leave", "members", "refused"
 MODEL, FETCH = "model", "fetch"
 WANT, HYPEREDGE, START, DELTA = "want", "hyperedge", "start", "delta"
 INCARNATION_CHARS = set("0123456789abcdef")
 MAX_PEERS = 4096  # a membership list longer than this is refused: it would cost every peer memory and time
+FINGERPRINT_FIELDS = {"model", "tensors", "parameters", "classes"}  # as learning.tasks.fingerprint writes it
+MAX_CLASSES, MAX_CLASS_NAME = 100_000, 256
 
 
 def peer_name(role: str, index: int) -> str:
@@ -80,6 +83,24 @@ def finite(meta: dict, name: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ProtocolError("malformed", f"{name} must be a finite number")
     return float(value)
+
+
+def fingerprint_of(meta: dict) -> dict:
+    """The sender's fingerprint of its model and classes (learning.tasks.fingerprint), checked:
+    what the parties of a run compare when they meet (split clients and their server, peers at
+    the tracker); ProtocolError if it is not one. Torch-free: the tracker checks it too."""
+    value = meta.get("fingerprint")
+    if not isinstance(value, dict) or set(value) != FINGERPRINT_FIELDS:
+        raise ProtocolError("malformed", f"a fingerprint holds {', '.join(sorted(FINGERPRINT_FIELDS))}")
+    model, classes = value["model"], value["classes"]
+    if not (isinstance(model, str) and 1 <= len(model) <= 64 and set(model) <= INCARNATION_CHARS):
+        raise ProtocolError("malformed", "a fingerprint's model is a hex digest")
+    count(value, "tensors")
+    count(value, "parameters")
+    if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES
+            and all(isinstance(name, str) and len(name) <= MAX_CLASS_NAME for name in classes)):
+        raise ProtocolError("malformed", f"a fingerprint's classes are 1 to {MAX_CLASSES} names of at most {MAX_CLASS_NAME} characters")
+    return value
 
 
 def peer_role(name: str) -> str | None:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Collection
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p.common import (
-    HEARTBEAT, LEAVE, REGISTER, REPORT, TRACKER, count, finite, heartbeat_period, incarnation_of, members_of, peer_queue, tracker_queue,
+    HEARTBEAT, LEAVE, REFUSED, REGISTER, REPORT, TRACKER, count, finite, fingerprint_of, heartbeat_period, incarnation_of, members_of, peer_queue,
+    tracker_queue,
 )
 from splitfed.transport import TransportError
 
@@ -24,11 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class Membership:
-    def __init__(self, endpoint: Endpoint, role: str, name: str, samples: int, planned: int, peer_timeout: float):
+    def __init__(self, endpoint: Endpoint, role: str, name: str, samples: int, planned: int, peer_timeout: float, fingerprint: dict):
+        """`fingerprint`: this peer's model and classes (learning.tasks.fingerprint), which the
+        tracker holds to the run's."""
         self.endpoint = endpoint
         self.role = role
         self.name = name
         self.samples = samples
+        self.fingerprint = fingerprint
         self.planned = planned  # the epochs or hyperepochs this peer means to report
         self.tracker = tracker_queue(endpoint.session)
         self.incarnation = uuid.uuid4().hex  # this process: a restarted peer is another incarnation of its name
@@ -44,9 +48,11 @@ class Membership:
 
     def register(self) -> None:
         """Announce this incarnation (again, if the tracker lost it); its answer is a members
-        list carrying the register's nonce (`registered`). Starts the heartbeats."""
+        list carrying the register's nonce (`registered`), or `refused` if this peer's fingerprint
+        is not the run's. Starts the heartbeats."""
         self.nonce = uuid.uuid4().hex
-        self.send(self.tracker, REGISTER, started=time.time(), samples=self.samples, planned=self.planned, nonce=self.nonce)
+        self.send(self.tracker, REGISTER, started=time.time(), samples=self.samples, planned=self.planned, nonce=self.nonce,
+                  fingerprint=self.fingerprint)
         if self.beating is None:
             self.beating = threading.Thread(target=self.beat, name=f"{self.name}-heartbeat", daemon=True)
             self.beating.start()
@@ -82,9 +88,15 @@ class Membership:
     # -- from the tracker ----------------------------------------------------------------------
 
     def check(self, message: Message) -> None:
-        """A members list: from the tracker, well formed, newer than the one followed."""
+        """A members list: from the tracker, well formed, newer than the one followed. A refusal:
+        from the tracker, of the register waiting for its answer, with the run's fingerprint."""
         if message.sender != TRACKER:
-            raise ProtocolError("sender", f"members from {message.sender}")
+            raise ProtocolError("sender", f"{message.kind} from {message.sender}")
+        if message.kind == REFUSED:
+            if self.nonce is None or message.meta.get("ref") != self.nonce:
+                raise ProtocolError("stale", "refused answers a register this peer is not waiting on")
+            fingerprint_of(message.meta)
+            return
         started, version = finite(message.meta, "started"), count(message.meta, "version")
         members_of(message.meta, self.role)
         if (started, version) <= self.listed and message.meta.get("ref") != self.nonce:

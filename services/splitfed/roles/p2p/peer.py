@@ -16,7 +16,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import RoleTimeout
-from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, count, peer_queue
+from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, REFUSED, count, peer_queue
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class P2PPeer(Peer):
-    KINDS = (MEMBERS, MODEL, FETCH)
+    KINDS = (MEMBERS, REFUSED, MODEL, FETCH)
 
     def __init__(self, settings: P2PSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
         super().__init__(P2P_PEER, settings, deployment, transport, identity, on_progress, settings.epochs)
@@ -116,7 +116,7 @@ class P2PPeer(Peer):
         self.counted["sent"].inc(len(sent))
 
     def check(self, message: Message) -> None:
-        if message.kind == MEMBERS:
+        if message.kind in (MEMBERS, REFUSED):
             self.membership.check(message)
             return
         incarnation = self.membership.incarnation_of(message)
@@ -135,6 +135,8 @@ class P2PPeer(Peer):
     def handle(self, message: Message) -> None:
         if message.kind == MEMBERS:
             self.membership.follow(message)
+        elif message.kind == REFUSED:
+            self.refused(message)
         elif message.kind == FETCH:
             if self.published is not None:
                 self.membership.send_to(message.sender, MODEL, self.published.state, epoch=self.published.epoch, ref=message.meta["nonce"])

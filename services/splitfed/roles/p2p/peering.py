@@ -1,15 +1,17 @@
-"""What p2p-peer and smpl-peer share: a share of the data and a whole model, an endpoint on the
-peer's own queue, its membership at the tracker, the inbox polled while it trains, and how an
-epoch (or hyperedge) is recorded, reported and exported."""
+"""What p2p-peer and smpl-peer share: a share of the data and a whole model (and their
+fingerprint, which the tracker holds to the run's), an endpoint on the peer's own queue, its
+membership at the tracker, the inbox polled while it trains, and how an epoch (or hyperedge) is
+recorded (scored on the peer's own test data), reported and exported."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Collection
 
+from splitfed.errors import Refused
 from splitfed.learning import data, models, train
 from splitfed.learning.peers import peer_context
-from splitfed.learning.tasks import Task
+from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message
@@ -38,13 +40,14 @@ class Peer:
         self.share = task.training_share(context)
         self.test = task.data(context, train=False)
         self.model = task.model(context)
+        self.fingerprint = fingerprint(self.model, task.classes(context))
         self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
         self.generator = data.party_generator(settings.seed, deployment.peer_index)
         self.endpoint = Endpoint(
             transport, session=self.session, role=role, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, role),
         )
-        self.membership = Membership(self.endpoint, role, self.name, len(self.share), planned, deployment.peer_timeout)
+        self.membership = Membership(self.endpoint, role, self.name, len(self.share), planned, deployment.peer_timeout, self.fingerprint)
         self.history: list[dict] = []
         self.next_poll = 0.0
         self.counted = {event: metrics.PEER_MODELS.labels(role, self.session, event) for event in ("sent", "received", "averaged", "dropped")}
@@ -66,6 +69,12 @@ class Peer:
     def handle(self, message: Message) -> None:
         raise NotImplementedError
 
+    def refused(self, message: Message) -> None:
+        """The tracker refused this peer's register: its model or classes are not the run's (those
+        of the first peer it accepted). The peer stops, saying how they differ."""
+        difference = fingerprint_difference(message.meta["fingerprint"], self.fingerprint)
+        raise Refused(f"the p2p-tracker refused {self.name}: its model and classes are not the run's: {difference} ({self.name}'s against the run's)")
+
     def poll(self, until: float) -> None:
         """Handle what is in the inbox, waiting for more until `until` (monotonic)."""
         self.membership.poll(until, self.KINDS, self.check, self.handle)
@@ -77,7 +86,8 @@ class Peer:
 
     def record(self, record: dict, before: train.Evaluation, after: train.Evaluation) -> None:
         """One epoch (or hyperedge) done: kept, reported to the tracker, exported, shown."""
-        record = {"epoch": len(self.history) + 1, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss, **record}
+        record = {"epoch": len(self.history) + 1, "accuracy_before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss,
+                  "test_samples": len(self.test), **record}
         self.history.append(record)
         self.membership.epoch = record["epoch"]
         self.membership.report(**{key: value for key, value in record.items() if key != "epoch"})

@@ -28,7 +28,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import RoleTimeout
-from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, SMPL_PEER, START, TRACKER, WANT
+from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, REFUSED, SMPL_PEER, START, TRACKER, WANT
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
@@ -55,7 +55,7 @@ class Edge:
 
 
 class SMPLPeer(Peer):
-    KINDS = (MEMBERS, HYPEREDGE, START, DELTA)
+    KINDS = (MEMBERS, REFUSED, HYPEREDGE, START, DELTA)
 
     def __init__(self, settings: SMPLSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
         super().__init__(SMPL_PEER, settings, deployment, transport, identity, on_progress, settings.hyperepochs)
@@ -215,7 +215,7 @@ class SMPLPeer(Peer):
     # -- messages ------------------------------------------------------------------------------
 
     def check(self, message: Message) -> None:
-        if message.kind == MEMBERS:
+        if message.kind in (MEMBERS, REFUSED):
             self.membership.check(message)
         elif message.kind == HYPEREDGE:
             self.check_hyperedge(message)
@@ -254,6 +254,8 @@ class SMPLPeer(Peer):
             self.membership.follow(message)
             if not self.membership.registered():  # registering again (a new tracker): its want is asked again too
                 self.asked = None
+        elif message.kind == REFUSED:
+            self.refused(message)
         elif message.kind == HYPEREDGE:
             self.asked = None
             # The tracker lists every peer before drawing it, so a member not listed now has gone since.

@@ -6,7 +6,11 @@ time the membership changes. Models never pass through it. For SMPL it also draw
 Each peer is known by its name (p2p-peer-I) and its incarnation (drawn when its process starts):
 a restarted peer is a new incarnation that replaces the old one, and a register is accepted only if
 it started later than the incarnation the tracker knows, so a replayed register cannot bring a dead
-incarnation back. Heartbeats, reports and leaves must name the live incarnation."""
+incarnation back. Heartbeats, reports and leaves must name the live incarnation.
+
+Every register states the peer's fingerprint (its model's tensors and its classes). The first
+register the tracker accepts fixes the run's; a peer whose fingerprint differs is refused (counted
+under `fingerprint`, logged) and told the run's (`refused`), and it stops, saying how they differ."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
 from splitfed.roles.p2p.common import (
-    HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fraction, incarnation_of, peer_queue, peer_role,
-    tracker_queue,
+    HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REFUSED, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fingerprint_of, fraction, incarnation_of,
+    peer_queue, peer_role, tracker_queue,
 )
 from splitfed.roles.p2p.hyperedges import Matchmaker
 from splitfed.transport import Delivery, Transport, TransportError
@@ -65,6 +69,8 @@ class Tracker(Role):
         self.started = time.time()  # orders trackers: a peer follows the newest one's lists
         self.version = 0
         self.members: dict[str, Member] = {}  # every peer ever registered, by name: its newest incarnation
+        self.fingerprint: dict | None = None  # the run's model and classes: the first registered peer's
+        self.refused: set[str] = set()  # peers whose fingerprint was not the run's
         self.reports = 0
         self.matchmaker = Matchmaker(settings, self.send_hyperedge)
         self.live_gauge = metrics.LIVE_PEERS.labels(TRACKER, self.session)
@@ -119,6 +125,10 @@ class Tracker(Role):
             known = self.members.get(message.sender)
             if known is not None and started <= known.started:
                 raise ProtocolError("replay", f"register of {message.sender} started no later than its known incarnation")
+            stated = fingerprint_of(message.meta)
+            if self.fingerprint is not None and stated != self.fingerprint:
+                differing = ", ".join(field for field in sorted(stated) if stated[field] != self.fingerprint[field])
+                raise ProtocolError("fingerprint", f"register of {message.sender}: its model and classes are not the run's (its {differing} differ)")
             return
         member = self.members.get(message.sender)
         # Reports and leaves are taken from an evicted incarnation too (it was slow, not dead, and
@@ -130,6 +140,7 @@ class Tracker(Role):
             if message.kind == REPORT and epoch <= (member.history[-1]["epoch"] if member.history else 0):
                 raise ProtocolError("duplicate", f"report of epoch {epoch} from {message.sender} already had")
         if message.kind == REPORT:
+            count(message.meta, "test_samples")
             for name in ("accuracy_before", "accuracy"):
                 fraction(message.meta, name)
             for name in ("loss", "train_loss", "seconds", "staleness"):
@@ -143,10 +154,14 @@ class Tracker(Role):
     def on_reject(self, rejection: Rejection) -> None:
         """A heartbeat from an incarnation the tracker does not list (evicted while alive, or a
         tracker restarted since it registered) gets the membership list: the peer sees it is not on
-        it and registers again. A replayed heartbeat costs one message and changes nothing."""
+        it and registers again. A replayed heartbeat costs one message and changes nothing. A
+        register whose fingerprint is not the run's is answered with the run's fingerprint."""
         message = rejection.message
         if rejection.reason == "evicted" and message is not None and message.kind == HEARTBEAT:
             self.send_members([message.sender], self.listing())
+        if rejection.reason == "fingerprint" and message is not None:  # a register: the peer stops, told how it differs
+            self.refused.add(message.sender)
+            self.send(message.sender, REFUSED, ref=message.meta["nonce"], fingerprint=self.fingerprint)
 
     # -- what peers say ------------------------------------------------------------------------
 
@@ -172,6 +187,10 @@ class Tracker(Role):
 
     def register(self, message: Message, now: float) -> None:
         meta = message.meta
+        if self.fingerprint is None:
+            self.fingerprint = meta["fingerprint"]
+            log.info("the run's model is %s (%d tensors, %d values) in %d classes, as %s registered it", self.fingerprint["model"],
+                     self.fingerprint["tensors"], self.fingerprint["parameters"], len(self.fingerprint["classes"]), message.sender)
         previous = self.members.get(message.sender)
         self.members[message.sender] = Member(meta["incarnation"], meta["started"], meta["samples"], meta["planned"], now,
                                               history=previous.history if previous else [])
@@ -181,7 +200,8 @@ class Tracker(Role):
         self.changed(dropped=[message.sender] if previous and previous.state == "live" else [], answer=(message.sender, meta["nonce"]))
 
     def report(self, name: str, member: Member, meta: dict) -> None:
-        record = {key: meta.get(key) for key in ("epoch", "accuracy_before", "accuracy", "loss", "train_loss", "averaged", "staleness", "seconds", "edge")}
+        record = {key: meta.get(key) for key in ("epoch", "accuracy_before", "accuracy", "loss", "test_samples", "train_loss", "averaged", "staleness",
+                                                 "seconds", "edge")}
         member.history.append(record)
         self.matchmaker.report(name, meta.get("edge"))
         member.epoch = max(member.epoch, meta["epoch"])
@@ -247,10 +267,19 @@ class Tracker(Role):
             "loss": sum(losses) / len(losses) if losses else None,
             "spread": max(finals) - min(finals) if finals else None,
             "history": by_epoch(self.members),
-            "peers": {name: {"state": member.state, "samples": member.samples, "history": member.history} for name, member in sorted(self.members.items())},
+            "peers": {name: {"state": member.state, "samples": member.samples, **final_score(member), "history": member.history}
+                      for name, member in sorted(self.members.items())},
             "evicted": sorted(name for name, member in self.members.items() if member.state == "evicted"),
+            "refused": sorted(self.refused),
+            "fingerprint": self.fingerprint,
             "traffic": vars(self.endpoint.traffic),
         }
+
+
+def final_score(member: Member) -> dict:
+    """A peer's figure: its last report's score of the model on its own test data."""
+    last = member.history[-1] if member.history else {}
+    return {"accuracy": last.get("accuracy"), "loss": last.get("loss"), "test_samples": last.get("test_samples")}
 
 
 def by_epoch(members: dict[str, Member]) -> list[dict]:

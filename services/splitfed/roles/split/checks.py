@@ -4,12 +4,18 @@ ProtocolError before the message touches the model or the run's state (the serve
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.p2p.common import fingerprint_of
 from splitfed.roles.split.common import ACTIVATIONS, EVALUATED, GRADIENTS, HANDED, HELLO, TRAINED
+
+# One sample's input shape as a client's hello states it: (C, H, W) images or (F,) features, a few
+# more dimensions at most, each side and the whole sample within what a party could train on.
+MAX_DIMENSIONS, MAX_SIDE, MAX_SAMPLE_VALUES = 5, 65536, 1 << 28
 
 if TYPE_CHECKING:
     from splitfed.learning.settings import SplitNNSettings
@@ -21,8 +27,8 @@ class ServerView(Protocol):
     """What the checks read of the split server."""
 
     settings: SplitNNSettings
-    in_shape: tuple[int, ...]  # per sample, at the cut
-    out_shape: tuple[int, ...]  # per sample, at the server half's output
+    in_shape: tuple[int, ...] | None  # per sample, at the cut (None until the server has its model: no client is greeted before)
+    out_shape: tuple[int, ...] | None  # per sample, at the server half's output
     classes: int
     schedule: Schedule
     epoch: int
@@ -31,14 +37,28 @@ class ServerView(Protocol):
 
 
 def check_client_message(server: ServerView, state: ClientState, message: Message) -> None:
-    """A hello needs a nonce; anything else comes after the client's hello and passes its kind's check."""
+    """A hello needs a nonce, the client's fingerprint and one sample's input shape; anything else
+    comes after the client's hello and passes its kind's check."""
     if message.kind == HELLO:
         if not isinstance(message.meta.get("nonce"), str):
             raise ProtocolError("malformed", "hello without a nonce")
+        fingerprint_of(message.meta)
+        input_shape_of(message.meta)
         return
     if not state.greeted:
         raise ProtocolError("kind", f"{message.kind} from {state.name} before its hello")
     BY_KIND[message.kind](server, state, message)
+
+
+def input_shape_of(meta: dict) -> tuple[int, ...]:
+    """One sample's input shape as a hello states it: a short list of positive sides."""
+    shape = meta.get("input_shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= MAX_DIMENSIONS
+            and all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= MAX_SIDE for side in shape)
+            and math.prod(shape) <= MAX_SAMPLE_VALUES):
+        raise ProtocolError("malformed", f"hello needs one sample's input shape: 1 to {MAX_DIMENSIONS} sides of 1..{MAX_SIDE}, "
+                                         f"at most {MAX_SAMPLE_VALUES} values in all")
+    return tuple(shape)
 
 
 def check_activations(server: ServerView, state: ClientState, message: Message) -> None:
@@ -79,11 +99,25 @@ def check_handed(server: ServerView, state: ClientState, message: Message) -> No
 
 
 def check_evaluated(server: ServerView, state: ClientState, message: Message) -> None:
-    """A score asked for: of the epoch awaiting its evaluation, from one of its evaluators, in whole counts."""
+    """A score asked for: of the epoch awaiting its evaluation, from one of its evaluators, in whole
+    counts: of its part of the test set (`correct`, `loss_sum`, `samples`) if it was given one,
+    and of its own test data (`own`) if it was asked for that."""
     pending = server.awaiting_evaluation
     if pending is None or state.name not in pending.waiting_for() or message.meta.get("epoch") != pending.epoch:
         raise ProtocolError("kind", f"an evaluation from {state.name} that was not asked for")
-    correct, loss_sum, samples = (message.meta.get(k) for k in ("correct", "loss_sum", "samples"))
+    if state.name in pending.evaluators:
+        check_counts(message.meta)
+    own = message.meta.get("own")
+    if state.name in pending.party_evaluators:
+        if not isinstance(own, dict):
+            raise ProtocolError("malformed", "evaluated needs the counts of the client's own test data (own)")
+        check_counts(own)
+    elif own is not None:
+        raise ProtocolError("kind", f"an evaluation of {state.name}'s own test data, which was not asked for")
+
+
+def check_counts(meta: dict) -> None:
+    correct, loss_sum, samples = (meta.get(k) for k in ("correct", "loss_sum", "samples"))
     if not (isinstance(samples, int) and isinstance(correct, int) and 0 <= correct <= samples and isinstance(loss_sum, float) and loss_sum >= 0):
         raise ProtocolError(
             "malformed",

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitfed.errors import RunAborted
+from splitfed.errors import Refused, RunAborted
 from splitfed.learning import clients, cutting, data, models, train
 from splitfed.learning.settings import SplitNNSettings
-from splitfed.learning.tasks import Task
+from splitfed.learning.tasks import Task, fingerprint
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -50,12 +50,18 @@ class SplitClient:
         self.name = client_name(self.index, settings.clients)
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
+        clients.check_evaluation(settings)
         self.task = Task(settings)
         self.context = clients.client_context(settings, self.index)
-        self.parts = cutting.cut(self.task.sequential(self.context), settings.cut_layer, settings.mode)
+        whole = self.task.sequential(self.context)
+        # What the server checks this client's model against, and what it builds its own from
+        # when it holds no data: the whole model and the classes, and one sample's shape.
+        self.fingerprint = fingerprint(whole, self.task.classes(self.context))
+        self.input_shape = self.task.data_shape(self.context).shape
+        self.parts = cutting.cut(whole, settings.cut_layer, settings.mode)
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
         self.opt = train.optimizer(params, settings.optimizer, settings.lr)
-        self.cut_shape = models.output_shape(self.parts.head, self.task.data_shape(self.context).shape)
+        self.cut_shape = models.output_shape(self.parts.head, self.input_shape)
         self.server_out_shape = models.output_shape(self.parts.body, self.cut_shape)
         self.train_data = clients.client_share(self.task, self.context)
         clients.check_periods(math.ceil(len(self.train_data) / settings.batch_size), settings.syncs_per_epoch, f"{self.name}'s share")  # before the handshake
@@ -168,13 +174,13 @@ class SplitClient:
             if message.meta.get("ref") != nonce or not isinstance(message.meta.get("run"), str):
                 raise ProtocolError("replay", "hello answering another hello")
 
-        self.endpoint.send(self.server, HELLO, nonce=nonce, **shared(self.settings))
+        self.endpoint.send(self.server, HELLO, nonce=nonce, fingerprint=self.fingerprint, input_shape=list(self.input_shape), **shared(self.settings))
         reply, delivery = self.endpoint.receive((HELLO,), (SERVER,), check)
         self.endpoint.ack(delivery)
         if reply.meta.get("ok") is not True:
             if reply.meta.get("begun") is True:
                 raise RunAborted(f"the split-server refused this client: {reply.meta.get('problem')}")
-            raise ValueError(f"the split-server was configured differently: {reply.meta.get('problem')}")
+            raise Refused(f"the split-server refused {self.name}: {reply.meta.get('problem')}")
         self.endpoint.resync(reply.sender)
         self.endpoint.bind(reply.meta["run"])
         log.info("%s joined run %s", self.name, self.endpoint.run)
@@ -234,8 +240,8 @@ class SplitClient:
                     break
             else:
                 part, parts = closed.meta.get("evaluate", [0, 0])
-                if parts:
-                    self.evaluate(epoch, part, parts)
+                if parts or closed.meta.get("own") is True:
+                    self.evaluate(epoch, part, parts, own=closed.meta.get("own") is True)
                 epoch, first_period = epoch + 1, 1
 
     def period_closed(self, epoch: int, period: int) -> Message:
@@ -261,6 +267,8 @@ class SplitClient:
                 if not (isinstance(part, list) and len(part) == 2 and all(isinstance(n, int) for n in part) and 0 <= part[0] < max(1, part[1])
                         and part[1] <= self.settings.clients):
                     raise ProtocolError("malformed", "closed names no part [index, count] of the test set to evaluate")
+                if not isinstance(message.meta.get("own", False), bool):
+                    raise ProtocolError("malformed", "closed says whether to score the client's own test data (own) with true or false")
             if message.kind == AVERAGE:
                 self.check_layers(message)
 
@@ -315,19 +323,28 @@ class SplitClient:
         self.parts.tail.eval()
         return self.parts.tail(outputs)
 
-    def evaluate(self, epoch: int, part: int, parts: int) -> None:
+    def evaluate(self, epoch: int, part: int, parts: int, own: bool = False) -> None:
         """Score part `part` of `parts` of the test set (the clients that close an epoch together
-        hold the same layers, so they share the evaluation out) on the model as it was when
-        `epoch` closed (the server answers with its layers of then), and tell the server the
-        counts; it adds the parts up. A client that scores the whole set keeps the record too."""
-        size = len(self.test_data)
-        share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
-        evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size) if len(share) else train.Evaluation(0.0, 0.0)
-        self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, correct=round(evaluation.accuracy * len(share)),
-                           loss_sum=float(evaluation.loss * len(share)), samples=len(share))
-        if parts > 1:
+        hold the same layers, so they share the evaluation out) and, when `own`, the whole of this
+        client's own test data (--evaluate parties or both), on the model as it was when `epoch`
+        closed (the server answers with its layers of then); tell the server the counts, in one
+        message: it adds them up. A client that scores a whole set keeps the record too."""
+        counts: dict[str, object] = {}
+        whole = None
+        if parts:
+            size = len(self.test_data)
+            share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
+            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size) if len(share) else train.Evaluation(0.0, 0.0)
+            counts.update(scored_counts(evaluation, len(share)))
+            whole = evaluation if parts == 1 else None
+        if own:
+            if whole is None:
+                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size)
+            counts["own"] = scored_counts(whole, len(self.test_data))
+        self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, **counts)
+        if whole is None:
             return
-        record = EpochRecord(epoch, evaluation.accuracy, evaluation.loss, self.train_losses.get(epoch, float("nan")), time.perf_counter() - self.epoch_started)
+        record = EpochRecord(epoch, whole.accuracy, whole.loss, self.train_losses.get(epoch, float("nan")), time.perf_counter() - self.epoch_started)
         self.history.append(record)
         metrics.TEST_ACCURACY.labels(CLIENT, self.session).set(record.accuracy)
         metrics.TEST_LOSS.labels(CLIENT, self.session).set(record.loss)
@@ -367,6 +384,11 @@ class SplitClient:
                 "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)) if done else None,
             },
         }
+
+
+def scored_counts(evaluation: train.Evaluation, samples: int) -> dict[str, object]:
+    """An evaluation as the server adds it up: whole counts of correct answers and samples, and the loss summed over them."""
+    return {"correct": round(evaluation.accuracy * samples), "loss_sum": float(evaluation.loss * samples), "samples": samples}
 
 
 class Turns(Role):

@@ -1,15 +1,16 @@
 """What the split-learning roles share: queue names, message kinds, parameter files.
 
-Start:                          client --hello{settings, nonce}--> server --hello{ok, problem, ref=nonce, run}--> client
+Start:                          client --hello{settings, nonce, fingerprint, input_shape}--> server --hello{ok, problem, ref=nonce, run}--> client
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
 End of a client's epoch share:  client --trained{epoch, period, train_loss}--> server
-Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluate=[i, N]}--> each included client (and the fed)
+Epoch closed (in parallel):     server --closed{epoch, period, included, samples, evaluate=[i, N], own}--> each included client (and the fed)
 A share after its period closed: server --closed{epoch, period, resume=[epoch, period] open now}--> that client
 Evaluation batch:               client --activations{x}, train=false--> server --outputs{h}--> client
                                 (the server answers with its layers as they were when the epoch closed)
-Evaluated:                      evaluator --evaluated{epoch, correct, loss_sum, samples}--> server  (its part i of N of the test set)
+Evaluated:                      evaluator --evaluated{epoch, correct, loss_sum, samples, own?}--> server  (its part i of N of the test set;
+                                own={correct, loss_sum, samples}: its whole own test data, when closed said own)
 End:                            server --done--> every client, the fed and the relay, which then exit
 A run the server does not know:  client --activations{run=old}--> server --abort{run=old, reason}--> client
 
@@ -23,6 +24,14 @@ each closed and averaged as above; only the last one's `closed` asks for an eval
 the server passes the turn and the layers go from client to client:
     server --turn{epoch, holder, previous, evaluate}--> every client
     previous --handoff{epoch, layers}--> holder;  previous --handed{to}--> server
+
+A client's hello states its fingerprint (learning.tasks.fingerprint: its whole model's tensors and
+its classes) and one sample's input shape. The server holds no data: where neither the data set
+(a built-in one) nor the task (input_shape and classes) tells it what the model is built for, it
+builds its model from the first hello it accepts, and refuses any client whose shape or
+fingerprint differs from its own (the client stops with the server's line). With --evaluate
+parties (or both) each evaluator also scores its whole own test data, and the server adds the
+clients' counts up; the history holds the total and each client's figure.
 
 The server draws the run id when it starts; its hello answers the client's nonce with it, and
 every later message names the run and its recipient (Endpoint.bind), so frames recorded in an

@@ -135,13 +135,16 @@ class Periods(Schedule):
         self.closing(server, included)
         closed = {"epoch": server.epoch, "period": server.period, "included": list(samples), "samples": samples}
         evaluators: list[str] = []
+        own: list[str] = []
         if server.period == self.settings.syncs_per_epoch:
             # Every included client holds the same layers now (the fed's average): each scores a
-            # part of the test set, so the evaluation costs the epoch 1/N of its time.
-            evaluators = server.close_epoch(included, evaluators=list(samples)).evaluators
+            # part of the test set, so the evaluation costs the epoch 1/N of its time, and (with
+            # --evaluate parties or both) its whole own test data.
+            record = server.close_epoch(included, evaluators=list(samples))
+            evaluators, own = record.evaluators, record.party_evaluators
         for state in included:
             part = [evaluators.index(state.name), len(evaluators)] if state.name in evaluators else [0, 0]
-            server.answer(state, CLOSED, **closed, evaluate=part)
+            server.answer(state, CLOSED, **closed, evaluate=part, own=state.name in own)
         server.tell_fed(CLOSED, **closed)
         server.next_period()
 

@@ -11,6 +11,14 @@ A client that stays silent for --client-timeout is given up for the epoch (or it
 as long as --min-clients remain; it is not waited for again until it is heard from. Evaluation
 batches are answered with the layers as they were when the epoch closed, so clients that have
 gone on training do not change the model being scored.
+
+The server builds the whole model from the task, as every client does, and keeps its layers.
+Where it cannot know what the model is built for without data (a party's own data, and a task
+that declares no input_shape and classes), it builds it from the first client's hello it accepts
+(one sample's shape and the class list); every client's hello must match the server's shape and
+fingerprint (learning.tasks.fingerprint), or it is refused with how they differ. --evaluate
+parties (or both) has each evaluator score its whole own test data as well, and the server adds
+up their counts (roles.split.records.EpochLog).
 """
 
 from __future__ import annotations
@@ -25,16 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitfed.learning import cutting, models, train
+from splitfed.errors import DataError, TaskError
+from splitfed.learning import clients, cutting, models, train
 from splitfed.learning.context import context_of
 from splitfed.learning.settings import SplitNNSettings
-from splitfed.learning.tasks import Task
+from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.observability import metrics
 from splitfed.protocol import Message
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, queue_name, to_numpy
-from splitfed.roles.split.checks import check_client_message
+from splitfed.roles.p2p.common import fingerprint_of
+from splitfed.roles.split.checks import check_client_message, input_shape_of
 from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, CLIENT, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDSHAKE, HELLO, OUTPUTS, SERVER, TRAINED,
     client_name, client_queue, save_parts, shared,
@@ -53,18 +63,13 @@ class SplitServer(Role):
         on_progress: ProgressSink | None = None,
     ):
         self.settings = settings
+        clients.check_evaluation(settings)
         self.save: Path | None = deployment.save
         self.on_progress = on_progress
         self.session = deployment.session
-        task = Task(settings)
-        context = context_of(settings, SERVER, SERVER)
-        self.classes = len(task.classes(context))
-        parts = cutting.cut(task.sequential(context), settings.cut_layer, settings.mode)
-        self.cut_layer = parts.cut_layer
-        self.in_shape = models.output_shape(parts.head, task.data_shape(context).shape)  # per sample, at the cut
-        self.out_shape = models.output_shape(parts.body, self.in_shape)
-        self.body = parts.body  # the shared layers (splitfed-v1: the average, after each epoch)
-        self.opt = train.optimizer(self.body.parameters(), settings.optimizer, settings.lr)
+        self.task = Task(settings)
+        self.context = context_of(settings, SERVER, SERVER)
+        self.known_shape, self.known_classes = clients.known_without_data(self.task)
         names = [client_name(index, settings.clients) for index in range(settings.clients)]
         self.schedule = schedule_for(settings, names)
         self.endpoint = Endpoint(
@@ -74,14 +79,27 @@ class SplitServer(Role):
         self.endpoint.bind(uuid.uuid4().hex)  # this server's run: drawn afresh at every start
         self.started_at = time.time()  # stated in its hello, so a relay follows the newest run
         now = time.monotonic()
-        self.clients = {name: self._client(name, index, deployment.via, now) for index, name in enumerate(names)}
+        self.clients = {name: ClientState(name, index, client_queue(self.session, deployment.via, index, settings.clients), heard=now)
+                        for index, name in enumerate(names)}
         for state in self.clients.values():
             transport.declare(state.queue)
+        # The model: built now where the data set or the task says what it is built for; else
+        # from what the first client it accepts states in its hello (the server holds no data).
+        self.body: torch.nn.Sequential | None = None  # the shared layers (splitfed-v1: the average, after each epoch)
+        self.evaluation_body: torch.nn.Sequential | None = None  # the layers evaluation batches see: as the last epoch closed
+        self.opt: torch.optim.Optimizer | None = None
+        self.fingerprint: dict | None = None
+        self.input_shape: tuple[int, ...] | None = None  # one sample's, as the clients' data has it
+        self.in_shape: tuple[int, ...] | None = None  # per sample, at the cut
+        self.out_shape: tuple[int, ...] | None = None
+        self.classes = 0
+        self.cut_layer: int | None = None  # the index of the server's first layer in the whole model
+        if self.known_shape is not None and self.known_classes is not None:
+            self.hold(*self.whole_model(self.task))
         self.fed = queue_name(self.session, FED) if self.schedule.fed else None
         if self.fed:  # the fed follows the run of the newest server to say hello
             transport.declare(self.fed)
             self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at)
-        self.evaluation_body = copy.deepcopy(self.body)  # the layers evaluation batches see: as the last epoch closed
         self.epoch, self.period = 1, 1
         self.epoch_started = time.perf_counter()
         self.epochs: list[EpochLog] = []
@@ -90,19 +108,36 @@ class SplitServer(Role):
         self.held: collections.deque[tuple[Message, Delivery]] = collections.deque()  # training batches waiting for the shared layers (Schedule.must_wait)
         self.active = metrics.SPLIT_ACTIVE_CLIENTS.labels(SERVER, self.session)
 
-    def _client(self, name: str, index: int, via: str, now: float) -> ClientState:
-        body, opt = self.schedule.layers(self.body, self.opt)
-        return ClientState(name, index, client_queue(self.session, via, index, self.settings.clients), body, opt, heard=now)
+    def whole_model(self, task: Task) -> tuple[torch.nn.Sequential, tuple[str, ...], tuple[int, ...]]:
+        """The whole model `task` builds (seeded: every party builds the same one), its classes and
+        one sample's input shape."""
+        return task.sequential(self.context), task.classes(self.context), task.data_shape(self.context).shape
+
+    def hold(self, whole: torch.nn.Sequential, classes: tuple[str, ...], input_shape: tuple[int, ...]) -> None:
+        """Keep the server's layers of `whole`, and what the checks of the clients' messages need."""
+        self.fingerprint = fingerprint(whole, classes)
+        self.classes, self.input_shape = len(classes), input_shape
+        parts = cutting.cut(whole, self.settings.cut_layer, self.settings.mode)
+        self.cut_layer = parts.cut_layer
+        self.in_shape = models.output_shape(parts.head, input_shape)
+        self.out_shape = models.output_shape(parts.body, self.in_shape)
+        self.body = parts.body
+        self.opt = train.optimizer(self.body.parameters(), self.settings.optimizer, self.settings.lr)
+        for state in self.clients.values():
+            state.body, state.opt = self.schedule.layers(self.body, self.opt)
+        self.evaluation_body = copy.deepcopy(self.body)
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> dict:
-        log.info(
-            "split-server ready: %s mode, %s, %d client(s), layers %d.., input %s",
-            self.settings.mode, self.settings.schedule, self.settings.clients, self.cut_layer, self.in_shape,
-        )
+        if self.body is None:
+            log.info("split-server ready: %s mode, %s, %d client(s); the model's input shape and classes come with the first client's hello",
+                     self.settings.mode, self.settings.schedule, self.settings.clients)
+        else:
+            log.info("split-server ready: %s mode, %s, %d client(s), layers %d.., input %s",
+                     self.settings.mode, self.settings.schedule, self.settings.clients, self.cut_layer, self.in_shape)
         self.consume()
-        if self.save:
+        if self.save and self.body is not None:
             save_parts(self.save, [(self.body.state_dict(), self.cut_layer)])
         return self.result()
 
@@ -173,10 +208,10 @@ class SplitServer(Role):
     # -- the handshake ----------------------------------------------------------------------
 
     def greet(self, state: ClientState, message: Message) -> None:
-        """Answer a hello with this server's run, if the settings match and the client may
-        (re)start. A hello from a client that has begun (a restarted client, or a replay) is
-        answered that it cannot rejoin; the client's run is untouched. (A client's hello is
-        unnumbered, so accepting one expects the client's numbered messages from 1.)"""
+        """Answer a hello with this server's run, if the settings and the model match and the
+        client may (re)start. A hello from a client that has begun (a restarted client, or a
+        replay) is answered that it cannot rejoin; the client's run is untouched. (A client's
+        hello is unnumbered, so accepting one expects the client's numbered messages from 1.)"""
         ours = shared(self.settings)
         differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
         problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
@@ -184,12 +219,14 @@ class SplitServer(Role):
         if begun:
             problem = f"run {self.endpoint.run} is under way ({state.name}: {state.batches} batches); a restarted client cannot rejoin it"
             log.warning("split-server: a hello from %s once the run was under way (a restarted client, or a replay); refused", state.name)
+        elif not problem:
+            problem = self.model_problem(state, message)
         answer = {"ok": not problem, "problem": problem, "begun": begun, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at}
         self.endpoint.send(state.queue, HELLO, **answer)
         if begun:
             return
-        if differing:
-            log.error("split-server: %s's settings differ (%s)", state.name, problem)
+        if problem:
+            log.error("split-server: %s refused: %s", state.name, problem)
             if self.settings.clients == 1:
                 self.finished = True  # the only client cannot train with this server
             return
@@ -199,6 +236,29 @@ class SplitServer(Role):
         self.endpoint.resync(state.name)
         self.count_active()
         self.schedule.joined(self)
+
+    def model_problem(self, state: ClientState, message: Message) -> str:
+        """Why the client's model cannot be this server's other half ("" if it can): its input
+        shape or its fingerprint (its whole model and classes) differ from the server's. A server
+        that could not know the shape or the classes without data builds its model from the first
+        hello that agrees with it, and holds every later client to that."""
+        shape, stated = input_shape_of(message.meta), fingerprint_of(message.meta)
+        held = None
+        if self.body is None:
+            task = clients.StatedTask(self.settings, self.known_shape or shape, self.known_classes or tuple(stated["classes"]))
+            try:
+                held = self.whole_model(task)
+            except (TaskError, DataError, ValueError, RuntimeError) as exc:
+                return f"the split-server cannot build the model for {state.name}'s input shape {shape}: {exc}"
+        mine, input_shape = (fingerprint(held[0], held[1]), held[2]) if held else (self.fingerprint, self.input_shape)
+        if shape != input_shape:
+            return f"{state.name}'s samples are of shape {shape}, the run's of {input_shape}"
+        if difference := fingerprint_difference(mine, stated):
+            return f"{state.name}'s model and classes are not the server's: {difference} ({state.name}'s against the server's)"
+        if held:
+            self.hold(*held)
+            log.info("split-server: %s's hello says the model takes samples of shape %s in %d classes", state.name, shape, self.classes)
+        return ""
 
     # -- training batches -------------------------------------------------------------------
 
@@ -259,23 +319,27 @@ class SplitServer(Role):
         self.schedule.reported(self, state)
 
     def close_epoch(self, included: list[ClientState], evaluators: list[str]) -> EpochLog:
-        """The open epoch closes with `included`: its log, scored by `evaluators` (none: reported
-        as it is); from now on evaluation batches see the layers as they are now."""
+        """The open epoch closes with `included`: its log, scored by `evaluators`, the clients that
+        hold the epoch's layers (none: reported as it is), as --evaluate says: server, each a part
+        of the test set; parties, each its whole own test data; both, both. From now on
+        evaluation batches see the layers as they are now."""
         samples = {s.name: s.epoch_samples for s in included}
         total = sum(samples.values())
         loss = sum(s.epoch_loss for s in included) / total if total else float("nan")
         missing = [name for name in self.clients if name not in samples]
         if missing:
             log.warning("split-server: epoch %d closes without %s (silent for %.0f s)", self.epoch, ", ".join(missing), self.settings.client_timeout)
-        record = EpochLog(self.epoch, list(samples), missing, samples, loss, opened=self.epoch_started, evaluators=evaluators)
+        record = EpochLog(self.epoch, list(samples), missing, samples, loss, opened=self.epoch_started,
+                          evaluators=evaluators if self.settings.evaluate in ("server", "both") else [],
+                          party_evaluators=evaluators if self.settings.evaluate in ("parties", "both") else [])
         self.epochs.append(record)
         if self.awaiting_evaluation is not None:  # an evaluator is gone, or far behind: that epoch's score is what came
             self.close_evaluation()
-        if not evaluators:
+        if not record.waiting_for():
             self.report(record)
         else:
             self.awaiting_evaluation = record
-            for name in evaluators:
+            for name in record.waiting_for():
                 self.clients[name].heard = time.monotonic()
         metrics.SPLIT_EPOCH_CLIENTS.labels(SERVER, self.session).set(len(included))
         self.evaluation_body = copy.deepcopy(self.body)
@@ -314,12 +378,16 @@ class SplitServer(Role):
 
     def evaluated(self, state: ClientState, message: Message) -> None:
         record = self.awaiting_evaluation
-        if not record.scores and record.epoch == self.epoch - 1:
+        if not record.scores and not record.party_scores and record.epoch == self.epoch - 1:
             # A client scores the closed epoch before it trains the next one (in round-robin,
             # before it hands its layers on), so no training of the open epoch came before this
             # first score: the open epoch's time starts now, and is its training and evaluation.
             self.epoch_started = time.perf_counter()
-        record.scores[state.name] = (message.meta["correct"], message.meta["loss_sum"], message.meta["samples"])
+        if state.name in record.evaluators:
+            record.scores[state.name] = (message.meta["correct"], message.meta["loss_sum"], message.meta["samples"])
+        if state.name in record.party_evaluators:
+            own = message.meta["own"]
+            record.party_scores[state.name] = (own["correct"], own["loss_sum"], own["samples"])
         if not record.waiting_for():
             self.close_evaluation()
 
@@ -402,6 +470,8 @@ class SplitServer(Role):
         return {
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
+            **({"parties": last["parties"]} if "parties" in last else {}),
+            "evaluate": self.settings.evaluate,
             "schedule": self.settings.schedule,
             "clients": {s.name: {"batches": s.batches, "gone": s.gone} for s in self.clients.values()},
             "history": history,
