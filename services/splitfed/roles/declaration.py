@@ -80,6 +80,7 @@ class RoleSpec:
     families: tuple[str, ...] = ()  # the families whose sessions it serves; the first is the one it takes by default
     torch: bool = False  # imports torch: it runs from the torch image, and only such a role can be given a GPU
     reads_data: bool = False  # loads the data set's files (a role may name the data set and read none: the split-fed)
+    needs_data: Callable[[Any], bool] = lambda learning: True  # (learning) -> whether this run of a reads_data role reads any
     replicas: Replicas = Replicas.ONE
     counts: str | None = None  # the run setting its replica count is (split-client: clients), None for none
     job: bool = False  # it may end with its run, so the chart can make it a Job

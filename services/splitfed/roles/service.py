@@ -62,7 +62,7 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
 
         torch.set_num_threads(threads)
     party = spec.party_name(learning, deployment)
-    if spec.reads_data:  # a task or data that cannot work stops the role here, before it joins anyone
+    if spec.reads_data and spec.needs_data(learning):  # a task or data that cannot work stops the role here, before it joins anyone
         from splitfed.learning.tasks import preflight
 
         preflight([(learning, spec.context(learning, deployment))])

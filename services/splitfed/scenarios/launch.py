@@ -159,7 +159,8 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
 
 def check_tasks(launches: list[Launch]) -> None:
     """The parties' tasks and data tried before any of them starts (learning.tasks.preflight)."""
-    parties = [(launch.learning, launch.spec.context(launch.learning, launch.deployment)) for launch in launches if launch.spec.reads_data]
+    parties = [(launch.learning, launch.spec.context(launch.learning, launch.deployment)) for launch in launches
+               if launch.spec.reads_data and launch.spec.needs_data(launch.learning)]
     if parties:
         from splitfed.learning.tasks import preflight  # torch: only runs that train load it
 

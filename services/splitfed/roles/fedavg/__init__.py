@@ -50,6 +50,7 @@ ROLES = (
          metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS, metrics.SAMPLED_WORKERS, metrics.SERVER_ACTIVE),
         # Every update of a round stays unacked until the round is on disk: let them all in.
         prefetch=lambda settings: 2 * settings.round_sample_size(settings.workers) + 16,
+        needs_data=lambda settings: settings.evaluate != "parties",  # the workers score the model on their own data
         families=FAMILY, torch=True, reads_data=True, replicas=Replicas.ANY, job=True, values_key="fedavgServer", image=SERVER,
     ),
     RoleSpec(
