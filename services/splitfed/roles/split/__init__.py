@@ -69,7 +69,8 @@ ROLES = (
         (*metrics.WIRE, metrics.SPLIT_ACTIVE_CLIENTS, metrics.SPLIT_EPOCH_CLIENTS, metrics.SPLIT_CLIENT_EPOCH),
         # u-shaped splitfed-v2 holds a batch of each waiting client unacked: let them all in.
         prefetch=lambda settings: 2 * settings.clients + 16,
-        families=FAMILY, torch=True, reads_data=True, job=True, values_key="splitServer", image="split-server",
+        # No data: the input shape and the classes come from the data set's declaration, the task, or the clients' hellos.
+        families=FAMILY, torch=True, job=True, values_key="splitServer", image="split-server",
     ),
     RoleSpec(
         "split-fed", "The fed server of splitfed-v1/v2: averages the clients' layers each epoch (no torch).", SplitNNSettings, SigningService, _fed,
