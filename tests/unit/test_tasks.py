@@ -95,7 +95,7 @@ def test_python_refuses_what_the_declarations_refuse():
 
 BAD_TASKS = {  # name -> (task text, what the one error line says after the file name)
     "syntax error": ("def model(context)\n    return None\n", ":1: syntax error"),
-    "neither function": ("CLASSES = 3\n", "defines neither model(context) nor data(context, train)"),
+    "no function": ("CLASSES = 3\n", "defines none of model(context), data(context, train), loss(context)"),
     "import raises": ("import no_such_module_anywhere\n", "importing it raised ModuleNotFoundError"),
     "model raises": ("def model(context):\n    return 1 / 0\n", "model() raised ZeroDivisionError: division by zero"),
     "model not a module": ("def model(context):\n    return 'cnn'\n", "model(context) returned str, not a torch.nn.Module"),
@@ -199,3 +199,28 @@ def test_a_task_error_is_a_task_error(tmp_path):
     loaded = Task(ModelSettings(task=str(task)))
     with pytest.raises(TaskError, match="item 0's input is int, not a tensor"):
         loaded.data(Context("centralized", "centralized", 0, 1, None, 1), train=True)
+
+
+def test_a_task_loss_is_what_every_party_trains_and_scores_with(tmp_path):
+    """With SGD, twice cross-entropy at learning rate lr is cross-entropy at 2 lr: the same steps,
+    and every loss reported twice as large."""
+    task = tmp_path / "task.py"
+    task.write_text("from torch.nn import functional as F\n\ndef loss(context):\n    return lambda logits, labels: 2 * F.cross_entropy(logits, labels)\n")
+    common = dict(dataset="digits", model="tiny", limit=400, test_limit=200, epochs=2, optimizer="sgd")
+    doubled = splitfed.run("centralized", task=str(task), lr=0.005, **common)
+    plain = splitfed.run("centralized", lr=0.01, **common)
+    for mine, theirs in zip(doubled["history"], plain["history"]):
+        assert mine["accuracy"] == theirs["accuracy"]
+        assert mine["loss"] == pytest.approx(2 * theirs["loss"], rel=1e-5)
+        assert mine["train_loss"] == pytest.approx(2 * theirs["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("def loss(context):\n    return 3\n", "loss(context) returned int; return a function"),
+    ("def loss(context):\n    return lambda logits, labels: 0.5\n", "it must give the batch's loss as a finite scalar tensor"),
+])
+def test_a_bad_loss_is_refused_before_any_party_starts(tmp_path, parties, text, says):
+    task = tmp_path / "task.py"
+    task.write_text(MLP + "\n" + text)
+    result = cli(*fedavg_args(tmp_path, task, parties))
+    assert result.exit_code == 2 and says in one_error_line(result)

@@ -101,6 +101,7 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     if settings.schedule == "splitfed-v2":
         raise ValueError("splitfed-v2's outcome depends on the order its clients' batches arrive in")
     task = Task(settings)
+    loss_of = task.loss(client_context(settings, 0))
     whole = cutting.cut(task.sequential(client_context(settings, 0)), settings.cut_layer, settings.mode)
     clients = []
     for index in range(settings.clients):
@@ -122,14 +123,14 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
                 if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
                     for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
                         mine.load_state_dict(theirs.state_dict())
-                _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period])
+                _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period], loss_of)
             if per_client:
                 weights = [sum(len(indices) for indices in runs[period]) for runs in epoch_periods]
                 last = _average_into([client.layers() + [body] for client, body in zip(clients, bodies)], weights, last, settings.fed_lr)
     return [client.parts for client in clients], bodies if per_client else bodies[:1]
 
 
-def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
+def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor], loss_of: train.Loss) -> None:
     """The client's `batches` through its layers and `body`, as the split roles compute them."""
     for indices in batches:
         images, labels = client.share.images[indices], client.share.labels[indices]  # (B, C, H, W), (B,)
@@ -140,7 +141,7 @@ def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.opti
         server_opt.zero_grad(set_to_none=True)
         outputs = body(client.parts.head(images))
         logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
-        train.loss_fn(logits, labels).backward()
+        loss_of(logits, labels).backward()
         server_opt.step()
         client.opt.step()
 

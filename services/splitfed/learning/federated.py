@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from splitfed.errors import TaskError
 from splitfed.learning import calibration, data, models, strategies, train
@@ -81,37 +80,13 @@ def evaluation_data(task: Task, context: Context) -> data.Samples:
     return task.data(context, train=False)
 
 
-@dataclass(frozen=True)
-class Score:
-    """A model's counts on one party's evaluation data: what a worker reports with --evaluate
-    parties, and what the server adds up."""
-
-    correct: int
-    loss_sum: float  # the cross-entropy of every sample, summed
-    samples: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.samples
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.samples
-
-
-def score(model: nn.Module, samples: data.Samples, batch_size: int) -> Score:
+def score(model: nn.Module, samples: data.Samples, batch_size: int, loss_of: train.Loss = train.loss_fn) -> train.Score:
     """`model`'s counts on `samples`, in eval mode (its modes are restored after)."""
-    correct, loss_sum = 0, 0.0
     with models.evaluating(model):
-        for start in range(0, len(samples), batch_size):
-            logits = model(samples.images[start : start + batch_size])  # (B, classes)
-            labels = samples.labels[start : start + batch_size]
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(1) == labels).sum())
-    return Score(correct, loss_sum, len(samples))
+        return train.score(model, samples, batch_size, loss_of)
 
 
-def parties_figures(scores: dict[str, Score]) -> dict:
+def parties_figures(scores: dict[str, train.Score]) -> dict:
     """What a round's record says of the parties' scores: the total over the workers that scored
     (correct and losses added up, in the order of their names, then divided by the samples) and
     each worker's own figures."""
@@ -129,7 +104,7 @@ class RoundRecord(EpochRecord):
     parties or both). `accuracy` and `loss` are the server's, or with --evaluate parties the
     parties' total."""
 
-    parties: dict[str, Score] | None = None
+    parties: dict[str, train.Score] | None = None
 
 
 def worker_shares(task: Task, settings: PartitionSettings, indices: list[int]) -> list[data.Samples]:
@@ -167,13 +142,13 @@ def round_lr(settings: PartitionSettings, round_number: int) -> float:
     return settings.lr * settings.lr_decay ** (round_number - 1)
 
 
-def local_gradient(model: nn.Module, share: data.Samples, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def local_gradient(model: nn.Module, share: data.Samples, batches: list[torch.Tensor], loss_of: train.Loss = train.loss_fn) -> dict[str, torch.Tensor]:
     """The mean gradient of the local loss at the model as it is, over `batches` (no step)."""
     totals = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     model.train()
     for indices in batches:
         model.zero_grad(set_to_none=True)
-        train.loss_fn(model(share.images[indices]), share.labels[indices]).backward()
+        loss_of(model(share.images[indices]), share.labels[indices]).backward()
         for name, p in model.named_parameters():
             totals[name] += p.grad
     model.zero_grad(set_to_none=True)
@@ -210,6 +185,7 @@ class LocalWork:
 def local_training(
     model: nn.Module, share: data.Samples, settings: PartitionSettings, seed: int, round_number: int,
     recipe: strategies.LocalRecipe = strategies.LocalRecipe(), controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    loss_of: train.Loss = train.loss_fn,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`, as
     the strategy's `recipe` asks.
@@ -224,7 +200,7 @@ def local_training(
     whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
     batches = local_batches(len(share), settings, generator)
-    new_control = local_gradient(model, share, batches) if controls is not None else None
+    new_control = local_gradient(model, share, batches, loss_of) if controls is not None else None
     correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
     head = set(last_layer(model)) if recipe.frozen_head else set()
     trained = [p for name, p in model.named_parameters() if name not in head]
@@ -242,7 +218,7 @@ def local_training(
             logits = logits * logit_scale
         if offsets is not None:
             logits = logits - offsets
-        loss = train.loss_fn(logits, share.labels[indices])
+        loss = loss_of(logits, share.labels[indices])
         if anchor is not None:
             loss = loss + recipe.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
         loss.backward()
@@ -282,15 +258,16 @@ def reference_run(
     workers = worker_ids(len(shares))
     parties_data = {workers[index]: evaluation_data(task, worker_context(settings, index)) for index in range(len(shares))} if parties_score(settings) else {}
     local = task.model(server)
+    loss_of = task.loss(server)
     strategy = strategies.from_settings(settings)
     recipe, strategy_state = strategy.recipe, {}
     worker_controls = [zeros_like_state(model) for _ in shares] if recipe.control_variates else []
 
     def scored(step: int, train_loss: float, started: float) -> RoundRecord:
         """The global model as it is now, scored where --evaluate says."""
-        parties = {worker: score(model, samples, settings.eval_batch_size) for worker, samples in parties_data.items()} or None
+        parties = {worker: score(model, samples, settings.eval_batch_size, loss_of) for worker, samples in parties_data.items()} or None
         if test_data is not None:
-            own = score(model, test_data, settings.eval_batch_size)
+            own = score(model, test_data, settings.eval_batch_size, loss_of)
             accuracy, loss = own.accuracy, own.loss
         else:
             figures = parties_figures(parties)
@@ -309,7 +286,7 @@ def reference_run(
                 continue
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
-            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls)
+            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls, loss_of)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))

@@ -71,20 +71,21 @@ class LocalPeer:
     opt: torch.optim.Optimizer
     share: Samples
     generator: torch.Generator
+    loss_of: train.Loss = train.loss_fn
 
 
 def train_epoch(peer: LocalPeer, settings: PeerSettings) -> float:
     """One pass over the peer's share; its mean training loss."""
     losses = [
-        train.train_step(peer.model, peer.opt, peer.share.images[indices], peer.share.labels[indices])  # (B, C, H, W), (B,)
+        train.train_step(peer.model, peer.opt, peer.share.images[indices], peer.share.labels[indices], peer.loss_of)  # (B, C, H, W), (B,)
         for indices in data.batch_order(len(peer.share), settings.batch_size, peer.generator)
     ]
     return float(np.mean(losses))
 
 
-def scored(model: nn.Module, test: Samples, settings: PeerSettings) -> train.Evaluation:
+def scored(model: nn.Module, test: Samples, settings: PeerSettings, loss_of: train.Loss = train.loss_fn) -> train.Evaluation:
     with models.evaluating(model):
-        return train.evaluate(model, test, settings.eval_batch_size)
+        return train.evaluate(model, test, settings.eval_batch_size, loss_of)
 
 
 def in_memory_run(settings: P2PSettings) -> dict:
@@ -98,16 +99,17 @@ def in_memory_run(settings: P2PSettings) -> dict:
     peers = []
     for context in contexts:
         model = task.model(context)
-        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), task.training_share(context), data.party_generator(settings.seed, context.index)))
+        peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), task.training_share(context),
+                               data.party_generator(settings.seed, context.index), task.loss(context)))
     history = []
     started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):
         losses = [train_epoch(peer, settings) for peer in peers]
-        before = [scored(peer.model, test, settings).accuracy for peer in peers]
+        before = [scored(peer.model, test, settings, peer.loss_of).accuracy for peer in peers]
         average = weighted_average([state_of(peer.model) for peer in peers], [len(peer.share) for peer in peers])
         for peer in peers:
             load_state(peer.model, average)
-        after = scored(peers[0].model, test, settings)
+        after = scored(peers[0].model, test, settings, peers[0].loss_of)
         history.append({"step": epoch, "accuracy": after.accuracy, "loss": after.loss, "train_loss": float(np.mean(losses)),
                         "accuracy_before": before, "seconds": time.perf_counter() - started})
     return {"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"], "history": history, "traffic": {"messages": 0, "bytes": 0}}

@@ -3,6 +3,7 @@ names with --task; it defines
 
     model(context) -> torch.nn.Module          the whole model (every party builds it, seeded)
     data(context, train) -> Dataset | (x, y)   this party's training (train=True) or test data
+    loss(context) -> (logits, labels) -> loss  optional: the batch's mean loss (default: cross-entropy)
     classes                                    optional: the class names, in label order
     input_shape                                optional: one sample's shape, for a party that holds no data
 
@@ -32,12 +33,12 @@ import torch
 from torch import nn
 
 from splitfed.errors import DataError, TaskError
-from splitfed.learning import data, local_data, models, vision
+from splitfed.learning import data, local_data, models, train, vision
 from splitfed.learning.context import Context, has_placeholders
 from splitfed.learning.settings import DATASETS, LOCAL_FORMATS, DataShape, ModelSettings
 
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-FUNCTIONS = ("model", "data")
+FUNCTIONS = ("model", "data", "loss")
 
 
 def import_task(spec: str) -> ModuleType:
@@ -71,7 +72,7 @@ def import_task(spec: str) -> ModuleType:
         raise TaskError(f"--task {spec!r}: give a file PATH.py or a module package.module")
     where = getattr(module, "__file__", None) or spec
     if not any(callable(getattr(module, function, None)) for function in FUNCTIONS):
-        raise TaskError(f"{where}: defines neither model(context) nor data(context, train)")
+        raise TaskError(f"{where}: defines none of model(context), data(context, train), loss(context)")
     for function in FUNCTIONS:
         if hasattr(module, function) and not callable(getattr(module, function)):
             raise TaskError(f"{where}: {function} is not a function")
@@ -223,6 +224,15 @@ class Task:
             raise TaskError(f"{self.origin}: model(context) returned {type(model).__name__}, not a torch.nn.Module")
         return model
 
+    def loss(self, context: Context) -> train.Loss:
+        """The loss every party trains and scores with: the task's, or cross-entropy."""
+        if not self.defines("loss"):
+            return train.loss_fn
+        loss_of = self._call("loss", context)
+        if not callable(loss_of):
+            raise TaskError(f"{self.origin}: loss(context) returned {type(loss_of).__name__}; return a function (logits, labels) -> the batch's mean loss")
+        return loss_of
+
     def sequential(self, context: Context) -> nn.Sequential:
         """The model as an `nn.Sequential`, for a cut: as it is, or its children in order when
         its forward is exactly that (checked on a probe of the data's shape)."""
@@ -263,16 +273,16 @@ def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
         task.data(context, train=False)
         classes = task.classes(context)
         if first is None:
-            check_model_takes_data(task, task.model(context), samples, len(classes))
+            check_model_takes_data(task, task.model(context), samples, len(classes), task.loss(context))
             first = (context, classes)
         elif classes != first[1]:
             raise TaskError(f"{context.party}'s classes {_listed(list(classes))} differ from {first[0].party}'s {_listed(list(first[1]))}: "
                             "give every party the same --classes (or classes in the task)")
 
 
-def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, classes: int) -> None:
-    """A model that cannot take the data, or gives the wrong number of outputs, fails now with
-    one line, not in the first batch of training."""
+def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, classes: int, loss_of: train.Loss = train.loss_fn) -> None:
+    """A model that cannot take the data, gives the wrong number of outputs, or a loss that
+    cannot be learned from, fails now with one line, not in the first batch of training."""
     probe = samples.images[:2]
     who = f"{task.origin}'s model()" if task.defines("model") else f"--model {task.settings.model}"
     try:
@@ -283,6 +293,15 @@ def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, 
     if not isinstance(logits, torch.Tensor) or logits.shape != (len(probe), classes):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise TaskError(f"{who} gives {shape} for inputs {tuple(probe.shape)}; it must give ({len(probe)}, {classes}): one logit per class")
+    if task.defines("loss"):
+        logits = logits.detach().requires_grad_()
+        try:
+            value = loss_of(logits, samples.labels[:2])
+        except Exception as exc:  # noqa: BLE001 (one line names it)
+            raise TaskError(f"{task.origin}: the function loss() returned raised {_error(exc)}") from None
+        if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.requires_grad or not torch.isfinite(value):
+            raise TaskError(f"{task.origin}: the function loss() returned gives {value!r:.80}; it must give the batch's loss as a finite scalar tensor, "
+                            "computed from the logits (so that it has a gradient)")
 
 
 def fingerprint(model: nn.Module, classes: tuple[str, ...]) -> dict[str, Any]:

@@ -44,28 +44,62 @@ class Evaluation:
     loss: float
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> the batch's mean loss
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Logits in, log-softmax inside: a softmax layer before CrossEntropy would apply it twice.
     return F.cross_entropy(logits, labels)
 
 
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000) -> Evaluation:
-    """Accuracy and mean loss of `forward` (images -> logits) over `data`."""
-    correct, total_loss = 0, 0.0
+def summed_loss(loss_of: Loss, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The batch's loss summed over its samples: cross-entropy summed as such, a task's own loss
+    (a batch mean) times the batch's size."""
+    if loss_of is loss_fn:
+        return F.cross_entropy(logits, labels, reduction="sum").item()
+    return loss_of(logits, labels).item() * len(labels)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's counts on some samples: what a party that scores reports, and what is added up."""
+
+    correct: int
+    loss_sum: float  # the loss of every sample, summed
+    samples: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples
+
+
+def score(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn) -> Score:
+    """The counts of `forward` (inputs -> logits) over `data`."""
+    correct, loss_sum = 0, 0.0
     with torch.no_grad():  # forward is responsible for putting its modules in eval mode
         for start in range(0, len(data), batch_size):
             images = data.images[start : start + batch_size]
             labels = data.labels[start : start + batch_size]
             logits = forward(images)
-            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            loss_sum += summed_loss(loss_of, logits, labels)
             correct += (logits.argmax(1) == labels).sum().item()
-    return Evaluation(correct / len(data), total_loss / len(data))
+    return Score(correct, loss_sum, len(data))
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> float:
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn) -> Evaluation:
+    """Accuracy and mean loss of `forward` (inputs -> logits) over `data`."""
+    counts = score(forward, data, batch_size, loss_of)
+    return Evaluation(counts.accuracy, counts.loss)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss_of: Loss = loss_fn) -> float:
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(images), labels)
+    loss = loss_of(model(images), labels)
     loss.backward()
     opt.step()
     return loss.item()
@@ -79,6 +113,7 @@ def fit(
     forward: Callable[[torch.Tensor], torch.Tensor],
     on_batch: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    loss_of: Loss = loss_fn,
 ) -> list[EpochRecord]:
     """The epoch loop every scenario shares: seeded batch order, `step` per batch, then evaluate
     `forward` on the test set. Same seed, same batches, whichever party computes the step."""
@@ -92,7 +127,7 @@ def fit(
             losses.append(step(train_data.images[indices], train_data.labels[indices]))  # (B, C, H, W), (B,)
             if on_batch:
                 on_batch(done, len(batches), losses[-1])
-        evaluation = evaluate(forward, test_data, settings.eval_batch_size)
+        evaluation = evaluate(forward, test_data, settings.eval_batch_size, loss_of)
         history.append(EpochRecord(epoch, evaluation.accuracy, evaluation.loss, float(np.mean(losses)), time.perf_counter() - started))
         if on_epoch:
             on_epoch(history[-1])

@@ -27,6 +27,7 @@ def train_here(settings: TrainSettings, run: CentralizedRun, on_progress: Progre
     task = Task(settings)
     context = context_of(settings, "centralized", "centralized")
     model = task.model(context)
+    loss_of = task.loss(context)
     opt = train.optimizer(model.parameters(), settings.optimizer, settings.lr)
     train_data = task.data(context, train=True)
     test_data = task.data(context, train=False)
@@ -37,10 +38,11 @@ def train_here(settings: TrainSettings, run: CentralizedRun, on_progress: Progre
 
     history = train.fit(
         train_data, test_data, settings,
-        step=lambda images, labels: train.train_step(model, opt, images, labels),
+        step=lambda images, labels: train.train_step(model, opt, images, labels, loss_of),
         forward=forward,
         on_batch=(lambda done, total, loss: on_progress(Progress("batch", done, total, loss))) if on_progress else None,
         on_epoch=(lambda record: on_progress(Progress("epoch", record.step, settings.epochs, record.train_loss, vars(record)))) if on_progress else None,
+        loss_of=loss_of,
     )
     if run.save_model:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.save_model))

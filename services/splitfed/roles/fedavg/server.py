@@ -84,7 +84,7 @@ class Statistics(Answer):
 class Evaluated(Answer):
     """A worker's score of a global model on its own evaluation data."""
 
-    score: federated.Score
+    score: train.Score
 
 
 @dataclass
@@ -120,6 +120,7 @@ class FedAvgServer:
         self.server_scores, self.parties_score = federated.server_scores(settings), federated.parties_score(settings)
         self.context = federated.server_context(settings)
         self.model = self.task.model(self.context)
+        self.loss_of = self.task.loss(self.context)
         classes = federated.server_classes(self.task, self.context, reads_data=self.server_scores)
         self.fingerprint = tasks.fingerprint(self.model, classes)  # what every worker must build too
         if problem := fingerprint_problem(self.fingerprint):  # no worker's join could carry the same
@@ -352,7 +353,7 @@ class FedAvgServer:
         if not self.server_scores:
             return {"accuracy": None, "loss": None}
         self.model.eval()
-        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size)
+        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size, self.loss_of)
         return {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
 
     # -- the parties' scores --------------------------------------------------------------
@@ -463,7 +464,7 @@ class FedAvgServer:
         """The record of an update, statistics or a score that passed the collection's checks."""
         samples, size = message.meta["samples"], len(delivery.body)
         if message.kind == EVALUATED:
-            return Evaluated(samples, delivery, size, federated.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
+            return Evaluated(samples, delivery, size, train.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
         tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
         if message.kind == STATISTICS:
             return Statistics(samples, delivery, size, calibration.ClassStatistics.from_tensors(tensors))

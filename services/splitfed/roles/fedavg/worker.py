@@ -77,6 +77,7 @@ class FedAvgWorker(Role):
         self.task = Task(settings)
         self.context = context_of(settings, WORKER, self.worker_id, self.index)
         self.model = self.task.model(self.context)
+        self.loss_of = self.task.loss(self.context)
         self.fingerprint = fingerprint(self.model, self.task.classes(self.context))
         if problem := fingerprint_problem(self.fingerprint):  # the server would refuse it: say so here, where it can be fixed
             raise TaskError(f"{self.worker_id} cannot join: {problem}")
@@ -170,7 +171,7 @@ class FedAvgWorker(Role):
     def send_score(self, model_round: int) -> None:
         """This worker's counts for the global model after `model_round`, which `self.model` holds."""
         started = time.perf_counter()
-        score = federated.score(self.model, self.evaluation_data(), self.settings.eval_batch_size)
+        score = federated.score(self.model, self.evaluation_data(), self.settings.eval_batch_size, self.loss_of)
         reply = Message(EVALUATED, "", "", round=model_round, meta={"correct": score.correct, "loss_sum": score.loss_sum, "samples": score.samples})
         self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
         self.last_scored = model_round
@@ -186,7 +187,7 @@ class FedAvgWorker(Role):
         recipe = received_recipe(message)
         controls = (without_prefix(CONTROL, tensors), self.control) if recipe.control_variates else None
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
-        work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls)
+        work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls, self.loss_of)
         loss, sent = work.loss, to_wire(self.model.state_dict())
         if work.control is not None:
             sent.update(to_wire(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))

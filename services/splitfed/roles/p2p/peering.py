@@ -37,6 +37,7 @@ class Peer:
         self.planned = planned
         task = Task(settings)
         context = peer_context(settings, role, deployment.peer_index)
+        self.loss_of = task.loss(context)
         self.share = task.training_share(context)
         self.test = task.data(context, train=False)
         self.model = task.model(context)

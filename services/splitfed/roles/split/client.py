@@ -53,6 +53,7 @@ class SplitClient:
         clients.check_evaluation(settings)
         self.task = Task(settings)
         self.context = clients.client_context(settings, self.index)
+        self.loss_of = self.task.loss(self.context)
         whole = self.task.sequential(self.context)
         # What the server checks this client's model against, and what it builds its own from
         # when it holds no data: the whole model and the classes, and one sample's shape.
@@ -133,7 +134,7 @@ class SplitClient:
             loss = float(reply.meta.get("loss", float("nan")))
         else:
             features = self.remote_forward(activations, train_step=True).requires_grad_(True)
-            batch_loss = train.loss_fn(self.parts.tail(features), labels)  # labels stay here
+            batch_loss = self.loss_of(self.parts.tail(features), labels)  # labels stay here
             batch_loss.backward()
             reply = self.exchange(GRADIENTS, {"g": to_numpy(features.grad)}, GRADIENTS, cut_spec)
             loss = batch_loss.item()
@@ -334,12 +335,12 @@ class SplitClient:
         if parts:
             size = len(self.test_data)
             share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
-            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size) if len(share) else train.Evaluation(0.0, 0.0)
+            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size, self.loss_of) if len(share) else train.Evaluation(0.0, 0.0)
             counts.update(scored_counts(evaluation, len(share)))
             whole = evaluation if parts == 1 else None
         if own:
             if whole is None:
-                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size)
+                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size, self.loss_of)
             counts["own"] = scored_counts(whole, len(self.test_data))
         self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, **counts)
         if whole is None:

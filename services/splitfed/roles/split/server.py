@@ -69,6 +69,7 @@ class SplitServer(Role):
         self.session = deployment.session
         self.task = Task(settings)
         self.context = context_of(settings, SERVER, SERVER)
+        self.loss_of = self.task.loss(self.context)  # vanilla: the server computes the loss
         self.known_shape, self.known_classes = clients.known_without_data(self.task)
         names = [client_name(index, settings.clients) for index in range(settings.clients)]
         self.schedule = schedule_for(settings, names)
@@ -280,7 +281,7 @@ class SplitServer(Role):
             state.pending = (inputs, outputs)
             self.answer(state, OUTPUTS, {"h": to_numpy(outputs)})
             return
-        loss = train.loss_fn(outputs, torch.from_numpy(message.tensors["y"]))
+        loss = self.loss_of(outputs, torch.from_numpy(message.tensors["y"]))
         loss.backward()
         self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad)}, loss=loss.item())
         self.step(state)
