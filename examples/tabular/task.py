@@ -3,7 +3,7 @@
 from torch import nn
 
 classes = ["benign", "malignant"]  # label order: the names the CSV files hold, sorted
-input_shape = (30,)  # one sample: lets a party that holds no data (the split server) build the model
+input_shape = (30,)  # one sample: a party holding no data (the split server) builds the model at once
 
 
 def model(context):
