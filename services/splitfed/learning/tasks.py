@@ -257,8 +257,9 @@ class Task:
 def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
     """Each party's task loaded, its data read and its model tried on it, and the parties' class
     lists compared: what would fail in a party fails here, in one line, before any party starts.
-    A party with no data of its own to read (a server given none) is left out; data one set
-    shares out is read once."""
+    A party with no data of its own to read (a server given none) is left out. A built-in data set
+    is not read here (its shape and classes are declared; each party reads it, and says what is
+    missing, before it joins anyone): the model is tried on zeros of its shape, once."""
     first: tuple[Context, tuple[str, ...]] | None = None
     shared_checked = False
     for settings, context in parties:
@@ -269,8 +270,12 @@ def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
         if not task.own_data and shared_checked:
             continue
         shared_checked = shared_checked or not task.own_data
-        samples = task.data(context, train=True)
-        task.data(context, train=False)
+        if not task.own_data and settings.dataset in DATASETS:
+            declared = DATASETS[settings.dataset]
+            samples = data.Samples(torch.zeros(2, *declared.shape), torch.zeros(2, dtype=torch.int64))
+        else:
+            samples = task.data(context, train=True)
+            task.data(context, train=False)
         classes = task.classes(context)
         if first is None:
             check_model_takes_data(task, task.model(context), samples, len(classes), task.loss(context))
