@@ -224,3 +224,13 @@ def test_a_bad_loss_is_refused_before_any_party_starts(tmp_path, parties, text, 
     task.write_text(MLP + "\n" + text)
     result = cli(*fedavg_args(tmp_path, task, parties))
     assert result.exit_code == 2 and says in one_error_line(result)
+
+
+def test_a_task_file_edited_since_it_was_loaded_is_loaded_afresh(tmp_path):
+    """As in a notebook: run, edit the task, run again (the roles of one run share one load)."""
+    task = tmp_path / "task.py"
+    task.write_text(MLP + "\nclasses = list('abcdefghij')\n")
+    first, again = Task(ModelSettings(task=str(task))), Task(ModelSettings(task=str(task)))
+    assert first.module is again.module and first.named_classes() == tuple("abcdefghij")
+    task.write_text(MLP + "\nclasses = [str(digit) for digit in range(10)]\n")
+    assert Task(ModelSettings(task=str(task))).named_classes() == tuple(str(digit) for digit in range(10))

@@ -47,7 +47,8 @@ def import_task(spec: str) -> ModuleType:
         path = Path(spec)
         if not path.is_file():
             raise TaskError(f"--task {spec}: no such file")
-        name = "splitfed_task_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        stat = path.stat()  # a file edited since (in a notebook, say) is loaded afresh
+        name = "splitfed_task_" + hashlib.sha256(f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
         if name in sys.modules:  # several roles of one `splitfed run` share the module
             return sys.modules[name]
         module_spec = importlib.util.spec_from_file_location(name, path)
