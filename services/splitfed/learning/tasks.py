@@ -304,9 +304,9 @@ def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, 
         try:
             value = loss_of(logits, samples.labels[:2])
         except Exception as exc:  # noqa: BLE001 (one line names it)
-            raise TaskError(f"{task.origin}: the function loss() returned raised {_error(exc)}") from None
+            raise TaskError(f"{task.origin}: the function loss(context) returns raised {_error(exc)}") from None
         if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.requires_grad or not torch.isfinite(value):
-            raise TaskError(f"{task.origin}: the function loss() returned gives {value!r:.80}; it must give the batch's loss as a finite scalar tensor, "
+            raise TaskError(f"{task.origin}: the function loss(context) returns gave {value!r:.80}; it must give the batch's loss as a finite scalar tensor, "
                             "computed from the logits (so that it has a gradient)")
 
 
