@@ -14,7 +14,7 @@ from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.settings import DATASETS, DataShape, SplitNNSettings, split_client_name
+from splitfed.learning.settings import DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts
 
@@ -32,17 +32,6 @@ def check_evaluation(settings: SplitNNSettings) -> None:
     if settings.evaluate != "server" and settings.clients > 1 and settings.schedule == "round-robin":
         raise ValueError(f"--evaluate {settings.evaluate} has every client score the model, and round-robin clients hold their own layers "
                          "until their turn: use --schedule splitfed-v1 or splitfed-v2, or --evaluate server")
-
-
-def known_without_data(task: Task) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
-    """(one sample's shape, the class list) as far as the split server knows them without data:
-    a built-in data set's, or what the settings and the task declare (input_shape, classes)."""
-    settings = task.settings
-    built_in = not task.own_data and settings.dataset in DATASETS
-    declared = getattr(task.module, "input_shape", None) if task.module is not None else None
-    shape = DATASETS[settings.dataset].shape if built_in else tuple(int(side) for side in declared) if declared is not None else None
-    classes = task.named_classes() or (tuple(str(label) for label in range(DATASETS[settings.dataset].classes)) if built_in else None)
-    return shape, classes
 
 
 class StatedTask(Task):

@@ -191,22 +191,41 @@ class Task:
             return tuple(str(name) for name in self.module.classes)
         return None
 
-    def classes(self, context: Context) -> tuple[str, ...]:
-        """The class names, in label order, as this party sees them."""
+    def shares_built_in_set(self) -> bool:
+        """The parties share one built-in data set out, whose shape and classes are declared."""
+        return not self.own_data and self.settings.dataset in DATASETS
+
+    def declared_classes(self) -> tuple[str, ...] | None:
+        """The class list as far as it is known without reading data: the settings', the task's,
+        or a built-in data set's."""
         if named := self.named_classes():
             return named
-        if not self.own_data and self.settings.dataset in DATASETS:
+        if self.shares_built_in_set():
             return tuple(str(label) for label in range(DATASETS[self.settings.dataset].classes))
+        return None
+
+    def declared_shape(self) -> tuple[int, ...] | None:
+        """One sample's shape as far as it is known without reading data: a built-in data set's,
+        or the task's input_shape."""
+        if self.shares_built_in_set():
+            return DATASETS[self.settings.dataset].shape
+        declared = getattr(self.module, "input_shape", None) if self.module is not None else None
+        return tuple(int(side) for side in declared) if declared is not None else None
+
+    def classes(self, context: Context) -> tuple[str, ...]:
+        """The class names, in label order, as this party sees them."""
+        if declared := self.declared_classes():
+            return declared
         samples, names = self._load(context, True)
         return names or tuple(str(label) for label in range(int(samples.labels.max()) + 1))
 
     def data_shape(self, context: Context) -> DataShape:
         """What a built-in model is built for: the data set's, or this party's data's."""
-        if not self.own_data and self.settings.dataset in DATASETS:
+        if self.shares_built_in_set():
             return DATASETS[self.settings.dataset]
-        declared = getattr(self.module, "input_shape", None) if self.module is not None else None
-        if declared is not None and (named := self.named_classes()):
-            return DataShape(self.settings.dataset, tuple(int(side) for side in declared), len(named))
+        shape, classes = self.declared_shape(), self.declared_classes()
+        if shape is not None and classes is not None:
+            return DataShape(self.settings.dataset, shape, len(classes))
         if context.data_dir is None and not self.defines("data"):
             raise TaskError(f"--model {self.settings.model} is built for the data's shape, and {context.party} has no --data-dir to read it from: "
                             "give it the data, or a --task whose model(context) builds the model")
@@ -271,9 +290,8 @@ def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
         if not task.own_data and shared_checked:
             continue
         shared_checked = shared_checked or not task.own_data
-        if not task.own_data and settings.dataset in DATASETS:
-            declared = DATASETS[settings.dataset]
-            samples = data.Samples(torch.zeros(2, *declared.shape), torch.zeros(2, dtype=torch.int64))
+        if task.shares_built_in_set():
+            samples = data.Samples(torch.zeros(2, *task.declared_shape()), torch.zeros(2, dtype=torch.int64))
         else:
             samples = task.data(context, train=True)
             task.data(context, train=False)

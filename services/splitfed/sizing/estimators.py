@@ -396,17 +396,22 @@ def _fedavg_server(c: _Context) -> Estimate:
     return Estimate(c.role, c.described(), c.torch_build, (loading, running), gpu, c.notes())
 
 
+def _reading_a_share(c: _Context, parties: int) -> tuple[Part, int, int]:
+    """A party of `parties` sharing one built-in set out: it reads the whole training set and keeps
+    its share, both as uint8 pixels. (The part while reading, the share's bytes, their high bound.)"""
+    fraction, high_fraction = share_fraction(c.settings.partition, parties, c.meta.classes)
+    share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
+    raw = c.raw(c.train_file)
+    return _part("data being read", "data", _mib(max(2 * raw, raw + share)), _mib(max(2 * raw, raw + high_share))), share, high_share
+
+
 def _fedavg_worker(c: _Context) -> Estimate:
     s = c.settings
     params = sum(layer.params for layer in c.layers)
     if c.own is not None:
         reading, kept = c.own_data()
     else:
-        fraction, high_fraction = share_fraction(s.partition, s.workers, c.meta.classes)
-        # The worker reads the whole training set and keeps its share, both as uint8 pixels.
-        share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
-        raw = c.raw(c.train_file)
-        reading = _part("data being read", "data", _mib(max(2 * raw, raw + share)), _mib(max(2 * raw, raw + high_share)))
+        reading, share, high_share = _reading_a_share(c, s.workers)
         kept = _part("data (uint8 share)", "data", _mib(share + c.labels(c.n_train)), _mib(high_share + c.labels(c.n_train)))
     loading = Phase("loading data", (*c.baseline(), *c.model_state(params, trains=False), reading))
     running = Phase("training", (
@@ -438,10 +443,8 @@ def _peer_parts(c: _Context, copies: float, training: float) -> tuple[tuple[Phas
     if c.own is not None:
         reading, kept = c.own_data()
     else:
-        fraction, high_fraction = share_fraction(s.partition, s.peers, c.meta.classes)
-        share, high_share = (math.ceil(c.n_train * f) * c.pixels for f in (fraction, high_fraction))
-        train_raw, test_raw = c.raw(c.train_file), c.raw(c.test_file)
-        reading = _part("data being read", "data", _mib(max(2 * train_raw, train_raw + share)), _mib(max(2 * train_raw, train_raw + high_share)))
+        reading, share, high_share = _reading_a_share(c, s.peers)
+        test_raw = c.raw(c.test_file)
         kept = _part("data (uint8 share and test set)", "data", _mib(share + test_raw + c.labels(c.n_train + c.n_test)),
                      _mib(high_share + test_raw + c.labels(c.n_train + c.n_test)))
     loading = Phase("loading data", (*c.baseline(), reading))

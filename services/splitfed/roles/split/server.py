@@ -70,7 +70,7 @@ class SplitServer(Role):
         self.task = Task(settings)
         self.context = context_of(settings, SERVER, SERVER)
         self.loss_of = self.task.loss(self.context)  # vanilla: the server computes the loss
-        self.known_shape, self.known_classes = clients.known_without_data(self.task)
+        self.known_shape, self.known_classes = self.task.declared_shape(), self.task.declared_classes()
         names = [client_name(index, settings.clients) for index in range(settings.clients)]
         self.schedule = schedule_for(settings, names)
         self.endpoint = Endpoint(
