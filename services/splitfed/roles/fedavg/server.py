@@ -99,7 +99,6 @@ class Scoring:
 
 # Settings a resumed run may change: how far it goes and how the global model is scored.
 RESUMABLE_CHANGES = ("rounds", "data_dir", "eval_batch_size", "test_limit")
-PARTIES_FIGURES = ("parties_accuracy", "parties_loss", "parties_samples", "parties")  # what federated.parties_figures adds to a record
 
 
 class FedAvgServer:
@@ -206,7 +205,7 @@ class FedAvgServer:
         log.info("fedavg-server done: %d rounds", self.settings.rounds)
         final = self.state.calibration or self.state.history[-1]  # the model the run leaves
         return {
-            "accuracy": final["accuracy"], "loss": final["loss"], **{key: final[key] for key in PARTIES_FIGURES if key in final},
+            "accuracy": final["accuracy"], "loss": final["loss"], **{key: value for key, value in final.items() if key.startswith("parties")},  # federated.parties_figures
             "wall_seconds": time.perf_counter() - started, "history": self.state.history, "traffic": vars(self.endpoint.traffic),
             "contributors": self.state.contributors, **({"calibration": self.state.calibration} if self.state.calibration else {}),
         }
