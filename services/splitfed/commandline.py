@@ -50,7 +50,7 @@ def fail(message: str, code: ExitCode) -> typer.Exit:
 def run_failures() -> Failures:
     """The expected failures of a run, a role or their inputs. Imported here, when a command
     runs, so that loading the command line does not load the roles and the transport."""
-    from splitfed.errors import DataError, Refused, RunAborted, TaskError
+    from splitfed.errors import DataError, DeviceError, Refused, RunAborted, TaskError
     from splitfed.observability.report import PlotsUnavailable
     from splitfed.roles.endpoint import RoleTimeout
     from splitfed.roles.fedavg import CheckpointError
@@ -59,7 +59,7 @@ def run_failures() -> Failures:
     from splitfed.transport import TransportError
 
     return [
-        ((DataError, TaskError, KeyFileError, ValueError, PlotsUnavailable), ExitCode.BAD_INPUT),
+        ((DataError, DeviceError, TaskError, KeyFileError, ValueError, PlotsUnavailable), ExitCode.BAD_INPUT),
         ((CheckpointError,), ExitCode.CHECKPOINT),
         ((RoleTimeout,), ExitCode.TIMEOUT),
         ((TransportError, ScenarioError), ExitCode.RUN_FAILED),

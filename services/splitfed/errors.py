@@ -19,3 +19,7 @@ class Refused(RuntimeError):
 
 class RunAborted(RuntimeError):
     """The split-server ended this run (it restarted, or never knew it): the run cannot go on."""
+
+
+class DeviceError(RuntimeError):
+    """The device a party is asked to compute on is not on this machine: the message names it."""

@@ -105,34 +105,34 @@ def launch_command(scenario: str) -> Callable[..., None]:
     return command(options, summary, lambda values, **own_values: launch(scenario, values, **own_values), own=own)
 
 
-def _warn_if_too_big(chart_path: str, values: dict, extra_files: list[Path], sets: list[str]) -> None:
-    """SIZING: warn when the chosen model will not fit the values' memory limits, with
-    splitfed.sizing (`splitfed size`'s estimates): check_values over the values helm will use,
-    the chart's defaults, then launch's, the -f files and --set, merged as helm merges them.
-    A warning, never a refusal; a chart that is not a local folder, or a --set this cannot read,
-    skips the check with a notice."""
-    try:
-        from splitfed import sizing
-
-        check = sizing.check_values
-    except (ImportError, AttributeError):
-        return
+def _check_values(chart_path: str, values: dict, extra_files: list[Path], sets: list[str]) -> None:
+    """Warnings, never refusals, from the values helm will use (the chart's defaults, then launch's,
+    the -f files and --set, merged as helm merges them): a role asked for a GPU device that
+    requests no GPU (chart.device_warnings), and a model that will not fit the memory limits
+    (SIZING: splitfed.sizing's check_values, `splitfed size`'s estimates). A chart that is not a
+    local folder, or a --set this cannot read, skips them with a notice, as does a check that fails."""
     defaults = Path(chart_path) / "values.yaml"
     overrides = chart.set_values(sets)
     if not defaults.is_file() or overrides is None:
-        _say("notice: memory limits not checked against the model: " + ("the chart is not a local folder" if overrides is not None
-                                                                           else "a --set uses syntax launch does not read"))
+        _say("notice: values not checked for GPU devices and memory limits: " + (
+            "the chart is not a local folder" if overrides is not None else "a --set uses syntax launch does not read"))
         return
-    try:
-        import yaml  # PyYAML: a dependency of the kubernetes client
+    import yaml  # PyYAML: a dependency of the kubernetes client
+    from splitfed import sizing
 
-        layers = [yaml.safe_load(defaults.read_text()), values, *(yaml.safe_load(path.read_text()) for path in extra_files), overrides]
-        warnings = check(chart.merged(*layers))
-    except Exception as exc:  # the check must never stop a launch
-        _say(f"notice: memory limits not checked against the model: {exc}")
+    try:  # the checks must never stop a launch
+        merged = chart.merged(yaml.safe_load(defaults.read_text()), values, *(yaml.safe_load(path.read_text()) for path in extra_files), overrides)
+    except Exception as exc:
+        _say(f"notice: values not checked for GPU devices and memory limits: {exc}")
         return
-    for warning in warnings:
-        _say(f"warning: {warning}")
+    for what, check in (("GPU devices", chart.device_warnings), ("memory limits against the model", sizing.check_values)):
+        try:
+            warnings = check(merged)
+        except Exception as exc:
+            _say(f"notice: {what} not checked: {exc}")
+            continue
+        for warning in warnings:
+            _say(f"warning: {warning}")
 
 
 def _already_ran(kube: Kube, release: str, lead: str) -> None:
@@ -171,7 +171,7 @@ def launch(scenario: str, given: dict[str, Any], *, name: str | None, namespace:
     kube = _connect(kube_context, namespace)
     lead = chart.CHART_SCENARIOS[scenario].lead
     _guard(lambda: _already_ran(kube, release, lead))
-    _warn_if_too_big(chart_path, values, extra_files, sets)
+    _check_values(chart_path, values, extra_files, sets)
     with tempfile.TemporaryDirectory(prefix="splitfed-launch-") as folder:
         values_file = Path(folder) / "launch-values.yaml"
         values_file.write_text(json.dumps(values, indent=2) + "\n")  # JSON is YAML

@@ -381,3 +381,45 @@ def set_values(assignments: list[str]) -> dict | None:
 
 def _nested(path: list[str], value: Any) -> dict:
     return {path[0]: value} if len(path) == 1 else {path[0]: _nested(path[1:], value)}
+
+
+# -- a role asked for a GPU it does not request: for the warning before installing ----------------
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"  # the chart's gpu.resourceName unless the values name another
+
+
+def asked_device(values: dict, role: str) -> Any:
+    """The device `role`'s settings ask for in the chart's (merged) `values`: its own, else its
+    family's shared settings' (templates/_role.tpl); None where neither names one."""
+    own = (values.get(ROLE_KEYS[role]) or {}).get("settings") or {}
+    if "device" in own:
+        return own["device"]
+    shared = [(values.get(family) or {}).get("settings") or {} for family in ROLES[role].families]
+    return next((settings["device"] for settings in shared if "device" in settings), None)
+
+
+def devices_without_gpus(values: dict) -> dict[str, list[str]]:
+    """GPU device (cuda, cuda:N) -> the torch roles the merged `values` run that are asked to compute
+    on it but request no GPU: neither gpu.enabled (which also gives them the CUDA image) nor a limit
+    of gpu.resourceName of their own."""
+    resource = (values.get("gpu") or {}).get("resourceName") or DEFAULT_GPU_RESOURCE
+    found: dict[str, list[str]] = {}
+    for role, spec in ROLES.items():
+        section = values.get(spec.values_key) or {}
+        if not spec.torch or not section.get("enabled") or section.get("replicas", 1) == 0:
+            continue
+        limits = (section.get("resources") or {}).get("limits") or {}
+        if (section.get("gpu") or {}).get("enabled") or limits.get(resource):
+            continue
+        device = asked_device(values, role)
+        if isinstance(device, str) and device.startswith("cuda"):
+            found.setdefault(device, []).append(role)
+    return found
+
+
+def device_warnings(values: dict) -> list[str]:
+    """One line per GPU device asked of roles that request no GPU (devices_without_gpus): their
+    pods would run the CPU image, whose torch has no CUDA, and stop at the start."""
+    return [f"device {device} asked of {', '.join(roles)} with no GPU requested: the CPU image's torch has no CUDA, so the pods "
+            f"stop at the start; --set {','.join(f'{ROLE_KEYS[role]}.gpu.enabled=true' for role in roles)} requests one, with the -cuda image"
+            for device, roles in devices_without_gpus(values).items()]

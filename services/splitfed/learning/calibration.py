@@ -52,21 +52,24 @@ def statistics_shapes(model: nn.Sequential, classes: int) -> dict[str, tuple[int
     return {"class_counts": (classes,), "class_means": (classes, features), "class_covariances": (classes, features, features)}
 
 
-def features_of(model: nn.Sequential, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) penultimate features of `images` under `model`, in eval mode."""
+def features_of(model: nn.Sequential, samples: data.Samples, batch_size: int) -> torch.Tensor:
+    """(N, D) penultimate features of `samples` under `model`, in eval mode, on the CPU."""
     body, _ = split_head(model)
     with models.evaluating(body):
-        return torch.cat([body(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
+        return torch.cat([body(samples.batch(slice(start, start + batch_size))[0]).cpu() for start in range(0, len(samples), batch_size)])
 
 
 def feature_statistics(model: nn.Sequential, share: data.Samples, classes: int, batch_size: int) -> ClassStatistics:
-    """What a worker sends: the count, mean and (unbiased) covariance of each class's features."""
-    features = features_of(model, share.images, batch_size).double()  # (N, D)
+    """What a worker sends: the count, mean and (unbiased) covariance of each class's features.
+    The features come off the device and the statistics are float64 on the CPU, so that they, and
+    the virtual features drawn from them, are the same whichever device computed the features."""
+    features = features_of(model, share, batch_size).double()  # (N, D)
+    labels = share.labels.cpu()
     dim = features.shape[1]
-    counts = torch.bincount(share.labels, minlength=classes).double()  # (C,)
+    counts = torch.bincount(labels, minlength=classes).double()  # (C,)
     means, covariances = torch.zeros(classes, dim, dtype=torch.float64), torch.zeros(classes, dim, dim, dtype=torch.float64)
-    for label in share.labels.unique().tolist():
-        own = features[share.labels == label]  # (n_c, D)
+    for label in labels.unique().tolist():
+        own = features[labels == label]  # (n_c, D)
         means[label] = own.mean(0)
         if len(own) > 1:
             centred = own - means[label]
@@ -117,10 +120,12 @@ def gaussian_root(covariance: torch.Tensor) -> torch.Tensor:
 
 def retrain_head(model: nn.Sequential, pooled: ClassStatistics, per_class: int, epochs: int, lr: float, batch_size: int, seed: int) -> float:
     """Retrain `model`'s last layer in place on virtual features (SGD with momentum 0.9, the
-    paper's choice); the feature extractor is not touched. Returns the last epoch's mean loss."""
+    paper's choice); the feature extractor is not touched. Returns the last epoch's mean loss.
+    The features are drawn on the CPU (the same on any device) and the head retrains where it is."""
     _, head = split_head(model)
     generator = torch.Generator().manual_seed(seed)
     features, labels = virtual_features(pooled, per_class, generator)  # (M, D), (M,)
+    features, labels = features.to(head.weight.device), labels.to(head.weight.device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     losses: list[float] = []
     for _ in range(epochs):

@@ -14,6 +14,7 @@ from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
+from splitfed.learning.device import Compute, to_numpy
 from splitfed.learning.settings import DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts
@@ -112,31 +113,33 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
                 if not per_client and (index, epoch) != (0, 0):  # round-robin: start from the previous client's layers
                     for mine, theirs in zip(client.layers(), clients[index - 1].layers()):
                         mine.load_state_dict(theirs.state_dict())
-                _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period], loss_of)
+                _train_batches(client, bodies[index], server_opts[index], epoch_periods[index][period], loss_of, task.compute)
             if per_client:
                 weights = [sum(len(indices) for indices in runs[period]) for runs in epoch_periods]
                 last = _average_into([client.layers() + [body] for client, body in zip(clients, bodies)], weights, last, settings.fed_lr)
     return [client.parts for client in clients], bodies if per_client else bodies[:1]
 
 
-def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor], loss_of: train.Loss) -> None:
+def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor], loss_of: train.Loss, compute: Compute) -> None:
     """The client's `batches` through its layers and `body`, as the split roles compute them."""
     for indices in batches:
-        images, labels = client.share.images[indices], client.share.labels[indices]  # (B, C, H, W), (B,)
+        images, labels = client.share.batch(indices)  # (B, C, H, W), (B,) on the device
         for module in (client.parts.head, body, client.parts.tail):
             if module is not None:
                 module.train()
         client.opt.zero_grad(set_to_none=True)
         server_opt.zero_grad(set_to_none=True)
-        outputs = body(client.parts.head(images))
-        logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
-        loss_of(logits, labels).backward()
+        with compute.autocast():
+            outputs = body(client.parts.head(images))
+            logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
+            loss = loss_of(logits, labels)
+        loss.backward()
         server_opt.step()
         client.opt.step()
 
 
 def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    return {k: to_numpy(v).copy() for k, v in module.state_dict().items()}
 
 
 def _average_into(groups: list[list[nn.Module]], weights: list[int], last: list[dict[str, np.ndarray]] | None, lr: float) -> list[dict[str, np.ndarray]]:

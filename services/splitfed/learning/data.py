@@ -34,7 +34,11 @@ class Images:
         self.raw, self.offset, self.divisor = raw, offset, divisor
 
     def __getitem__(self, index) -> torch.Tensor:  # noqa: ANN001 (whatever a tensor takes)
-        return self.raw[index].to(torch.float32).sub_(self.offset).div_(self.divisor)
+        return self.take(index, self.raw.device)
+
+    def take(self, index, device: torch.device) -> torch.Tensor:  # noqa: ANN001 (whatever a tensor takes)
+        """The images at `index`, normalised on `device`: they cross to it as uint8, a quarter of the bytes."""
+        return self.raw[index].to(device, non_blocking=True).to(torch.float32).sub_(self.offset).div_(self.divisor)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -47,19 +51,37 @@ class Images:
         """The images at `index`, still raw: a share of the data set stays uint8."""
         return Images(self.raw[index], self.offset, self.divisor)
 
+    def to(self, device: torch.device) -> Images:
+        return Images(self.raw.to(device), self.offset, self.divisor)
+
 
 @dataclass
 class Samples:
     images: Images | torch.Tensor  # (N, C, H, W); indexing gives float32
     labels: torch.Tensor  # (N,) int64
+    device: torch.device = torch.device("cpu")  # where a batch goes as it is taken (the samples themselves may stay on the CPU)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 (a slice or an index tensor)
+        """The samples at `index`, on the device: (B, C, H, W) float32 inputs, (B,) int64 labels."""
+        if isinstance(self.images, Images):
+            images = self.images.take(index, self.device)
+        else:
+            images = self.images[index].to(self.device, non_blocking=True)
+        return images, self.labels[index].to(self.device, non_blocking=True)
+
+    def on(self, device: torch.device, *, whole: bool = False) -> Samples:
+        """These samples with batches taken to `device`; `whole` moves the whole set there at once."""
+        if not whole:
+            return Samples(self.images, self.labels, device)
+        return Samples(self.images.to(device), self.labels.to(device), device)
+
     def subset(self, index) -> Samples:  # noqa: ANN001 (whatever a tensor takes)
         """The samples at `index`; raw images stay raw."""
         images = self.images.subset(index) if isinstance(self.images, Images) else self.images[index]
-        return Samples(images, self.labels[index])
+        return Samples(images, self.labels[index], self.device)
 
 
 

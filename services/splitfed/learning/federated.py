@@ -16,6 +16,7 @@ from torch import nn
 from splitfed.errors import TaskError
 from splitfed.learning import calibration, data, models, strategies, train
 from splitfed.learning.context import Context, context_of
+from splitfed.learning.device import CPU, Compute
 from splitfed.learning.tasks import Task
 from splitfed.learning.settings import FederatedSettings, PartitionSettings, worker_ids
 from splitfed.learning.train import EpochRecord
@@ -80,10 +81,10 @@ def evaluation_data(task: Task, context: Context) -> data.Samples:
     return task.data(context, train=False)
 
 
-def score(model: nn.Module, samples: data.Samples, batch_size: int, loss_of: train.Loss = train.loss_fn) -> train.Score:
+def score(model: nn.Module, samples: data.Samples, batch_size: int, loss_of: train.Loss = train.loss_fn, compute: Compute = CPU) -> train.Score:
     """`model`'s counts on `samples`, in eval mode (its modes are restored after)."""
     with models.evaluating(model):
-        return train.score(model, samples, batch_size, loss_of)
+        return train.score(model, samples, batch_size, loss_of, compute)
 
 
 def parties_figures(scores: dict[str, train.Score]) -> dict:
@@ -114,7 +115,7 @@ def worker_shares(task: Task, settings: PartitionSettings, indices: list[int]) -
     if task.own_data:
         return [training_data(task, worker_context(settings, index)) for index in indices]
     full = training_data(task, worker_context(settings, 0))
-    shares = data.partition(full.labels, settings.partition, settings.workers, settings.seed)
+    shares = data.partition(full.labels.cpu(), settings.partition, settings.workers, settings.seed)
     return [full.subset(shares[index]) for index in indices]
 
 
@@ -142,13 +143,16 @@ def round_lr(settings: PartitionSettings, round_number: int) -> float:
     return settings.lr * settings.lr_decay ** (round_number - 1)
 
 
-def local_gradient(model: nn.Module, share: data.Samples, batches: list[torch.Tensor], loss_of: train.Loss = train.loss_fn) -> dict[str, torch.Tensor]:
+def local_gradient(model: nn.Module, share: data.Samples, batches: list[torch.Tensor], loss_of: train.Loss = train.loss_fn, compute: Compute = CPU) -> dict[str, torch.Tensor]:
     """The mean gradient of the local loss at the model as it is, over `batches` (no step)."""
     totals = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     model.train()
     for indices in batches:
         model.zero_grad(set_to_none=True)
-        loss_of(model(share.images[indices]), share.labels[indices]).backward()
+        images, labels = share.batch(indices)
+        with compute.autocast():
+            loss = loss_of(model(images), labels)
+        loss.backward()
         for name, p in model.named_parameters():
             totals[name] += p.grad
     model.zero_grad(set_to_none=True)
@@ -163,7 +167,7 @@ def last_layer(model: nn.Module) -> list[str]:
 
 def absent_class_scale(share: data.Samples, classes: int, scale: float) -> torch.Tensor:
     """(classes,): 1 for the classes in `share`, `scale` for the others."""
-    factors = torch.full((classes,), scale)
+    factors = torch.full((classes,), scale, device=share.device)
     factors[share.labels.unique()] = 1.0
     return factors
 
@@ -172,7 +176,7 @@ def calibration_offsets(share: data.Samples, classes: int, tau: float) -> torch.
     """(classes,): FedLC's logit calibration tau * n_c^(-1/4) from the share's label counts n_c,
     subtracted from the logits in the local loss. A class the share holds no sample of counts as
     one sample (the guard against n_c = 0): its logits are pushed down the most, by tau."""
-    counts = torch.bincount(share.labels, minlength=classes).to(torch.float32)  # (classes,)
+    counts = torch.bincount(share.labels, minlength=classes).to(share.device, torch.float32)  # (classes,)
     return tau * counts.clamp(min=1.0).pow(-0.25)
 
 
@@ -185,7 +189,7 @@ class LocalWork:
 def local_training(
     model: nn.Module, share: data.Samples, settings: PartitionSettings, seed: int, round_number: int,
     recipe: strategies.LocalRecipe = strategies.LocalRecipe(), controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
-    loss_of: train.Loss = train.loss_fn,
+    loss_of: train.Loss = train.loss_fn, compute: Compute = CPU,
 ) -> LocalWork:
     """One round of local work on this worker's share, from the global model in `model`, as
     the strategy's `recipe` asks.
@@ -200,7 +204,7 @@ def local_training(
     whatever the optimiser)."""
     generator = torch.Generator().manual_seed(seed)
     batches = local_batches(len(share), settings, generator)
-    new_control = local_gradient(model, share, batches, loss_of) if controls is not None else None
+    new_control = local_gradient(model, share, batches, loss_of, compute) if controls is not None else None
     correction = {name: controls[0][name] - controls[1][name] for name in controls[0]} if controls is not None else None
     head = set(last_layer(model)) if recipe.frozen_head else set()
     trained = [p for name, p in model.named_parameters() if name not in head]
@@ -213,19 +217,23 @@ def local_training(
     model.train()
     for indices in batches:
         opt.zero_grad(set_to_none=True)
-        logits = model(share.images[indices])  # (B, classes)
-        if logit_scale is not None:
-            logits = logits * logit_scale
-        if offsets is not None:
-            logits = logits - offsets
-        loss = loss_of(logits, share.labels[indices])
+        images, labels = share.batch(indices)  # (B, C, H, W), (B,) on the device
+        with compute.autocast():
+            logits = model(images)  # (B, classes)
+            if logit_scale is not None:
+                logits = logits * logit_scale
+            if offsets is not None:
+                logits = logits - offsets
+            loss = loss_of(logits, labels)
         if anchor is not None:
             loss = loss + recipe.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
-        loss.backward()
+        compute.backward(loss)
         if correction is not None:
+            if compute.scaler:  # the correction is added to true gradients, not scaled ones
+                compute.scaler.unscale_(opt)
             for name, p in model.named_parameters():
                 p.grad += correction[name]
-        opt.step()
+        compute.step(opt)
         losses.append(loss.item())
     return LocalWork(sum(losses) / max(1, len(losses)), new_control)
 
@@ -265,9 +273,9 @@ def reference_run(
 
     def scored(step: int, train_loss: float, started: float) -> RoundRecord:
         """The global model as it is now, scored where --evaluate says."""
-        parties = {worker: score(model, samples, settings.eval_batch_size, loss_of) for worker, samples in parties_data.items()} or None
+        parties = {worker: score(model, samples, settings.eval_batch_size, loss_of, task.compute) for worker, samples in parties_data.items()} or None
         if test_data is not None:
-            own = score(model, test_data, settings.eval_batch_size, loss_of)
+            own = score(model, test_data, settings.eval_batch_size, loss_of, task.compute)
             accuracy, loss = own.accuracy, own.loss
         else:
             figures = parties_figures(parties)
@@ -286,14 +294,14 @@ def reference_run(
                 continue
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
-            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls, loss_of)
+            work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls, loss_of, task.compute)
             losses.append(work.loss)
             vectors.append(strategies.flatten(local.state_dict(), names))
             weights.append(float(len(share)))
             if work.control is not None:
                 control_deltas.append(strategies.flatten(work.control, names) - strategies.flatten(worker_controls[index], names))
                 worker_controls[index] = work.control
-        combined, strategy_state = strategy.step(current, torch.stack(vectors), torch.tensor(weights), strategy_state)  # (P,), (K, P), (K,) -> (P,)
+        combined, strategy_state = strategy.step(current, torch.stack(vectors), torch.tensor(weights, device=current.device), strategy_state)  # (P,), (K, P), (K,) -> (P,)
         if recipe.control_variates:
             strategy_state = strategy.next_control(torch.stack(control_deltas), len(shares), strategy_state)
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))

@@ -81,7 +81,12 @@ def evaluating(layers: nn.Module) -> Iterator[None]:
 def output_shape(layers: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one sample after `layers` (without the batch dimension)."""
     with evaluating(layers):
-        return tuple(layers(torch.zeros(1, *input_shape)).shape[1:])
+        return tuple(layers(torch.zeros(1, *input_shape, device=device_of(layers))).shape[1:])
+
+
+def device_of(layers: nn.Module) -> torch.device:
+    """Where `layers` live (the CPU for layers without parameters or buffers)."""
+    return next((tensor.device for tensor in [*layers.parameters(), *layers.buffers()]), torch.device("cpu"))
 
 
 def forward_flops(layers: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -89,5 +94,5 @@ def forward_flops(layers: nn.Module, input_shape: tuple[int, ...]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with evaluating(layers), FlopCounterMode(display=False) as counter:
-        layers(torch.zeros(1, *input_shape))
+        layers(torch.zeros(1, *input_shape, device=device_of(layers)))
     return counter.get_total_flops()

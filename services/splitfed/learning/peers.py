@@ -15,6 +15,7 @@ from splitfed.learning import data, models, train
 from splitfed.learning.averaging import weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
+from splitfed.learning.device import CPU, Compute, to_numpy
 from splitfed.learning.tasks import Task
 from splitfed.learning.settings import P2PSettings, PeerSettings
 
@@ -56,7 +57,7 @@ def mix(own: dict[str, np.ndarray], own_epoch: int, own_samples: int, received: 
 
 
 def state_of(model: nn.Module) -> dict[str, np.ndarray]:
-    return {name: value.detach().cpu().numpy().copy() for name, value in model.state_dict().items()}
+    return {name: to_numpy(value).copy() for name, value in model.state_dict().items()}
 
 
 def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
@@ -72,20 +73,21 @@ class LocalPeer:
     share: Samples
     generator: torch.Generator
     loss_of: train.Loss = train.loss_fn
+    compute: Compute = CPU
 
 
 def train_epoch(peer: LocalPeer, settings: PeerSettings) -> float:
     """One pass over the peer's share; its mean training loss."""
     losses = [
-        train.train_step(peer.model, peer.opt, peer.share.images[indices], peer.share.labels[indices], peer.loss_of)  # (B, C, H, W), (B,)
+        train.train_step(peer.model, peer.opt, *peer.share.batch(indices), peer.loss_of, peer.compute)  # (B, C, H, W), (B,)
         for indices in data.batch_order(len(peer.share), settings.batch_size, peer.generator)
     ]
     return float(np.mean(losses))
 
 
-def scored(model: nn.Module, test: Samples, settings: PeerSettings, loss_of: train.Loss = train.loss_fn) -> train.Evaluation:
+def scored(model: nn.Module, test: Samples, settings: PeerSettings, loss_of: train.Loss = train.loss_fn, compute: Compute = CPU) -> train.Evaluation:
     with models.evaluating(model):
-        return train.evaluate(model, test, settings.eval_batch_size, loss_of)
+        return train.evaluate(model, test, settings.eval_batch_size, loss_of, compute)
 
 
 def in_memory_run(settings: P2PSettings) -> dict:
@@ -100,16 +102,16 @@ def in_memory_run(settings: P2PSettings) -> dict:
     for context in contexts:
         model = task.model(context)
         peers.append(LocalPeer(model, train.optimizer(model.parameters(), settings.optimizer, settings.lr), task.training_share(context),
-                               data.party_generator(settings.seed, context.index), task.loss(context)))
+                               data.party_generator(settings.seed, context.index), task.loss(context), task.compute))
     history = []
     started = time.perf_counter()
     for epoch in range(1, settings.epochs + 1):
         losses = [train_epoch(peer, settings) for peer in peers]
-        before = [scored(peer.model, test, settings, peer.loss_of).accuracy for peer in peers]
+        before = [scored(peer.model, test, settings, peer.loss_of, peer.compute).accuracy for peer in peers]
         average = weighted_average([state_of(peer.model) for peer in peers], [len(peer.share) for peer in peers])
         for peer in peers:
             load_state(peer.model, average)
-        after = scored(peers[0].model, test, settings, peers[0].loss_of)
+        after = scored(peers[0].model, test, settings, peers[0].loss_of, task.compute)
         history.append({"step": epoch, "accuracy": after.accuracy, "loss": after.loss, "train_loss": float(np.mean(losses)),
                         "accuracy_before": before, "seconds": time.perf_counter() - started})
     return {"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"], "history": history, "traffic": {"messages": 0, "bytes": 0}}

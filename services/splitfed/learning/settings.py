@@ -50,6 +50,9 @@ STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", 
 RULES = ("mean", "median", "trimmed-mean", "krum")
 CALIBRATIONS = ("none", "ccvr")  # learning.calibration
 EVALUATIONS = ("server", "parties", "both")
+PRECISIONS = ("fp32", "bf16", "fp16")  # learning.device: what autocast computes in, and the dtypes split learning may send
+WIRE_NUMPY_DTYPES = {"fp32": "float32", "bf16": "uint16", "fp16": "float16"}  # numpy has no bfloat16: it travels as its 16 bits
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,16 @@ class ModelSettings:
     seed: int = setting(1, "Seed for initialisation, batch order and partitions.")
     limit: int | None = setting(None, "Use only the first N training samples.", min=1)
     test_limit: int | None = setting(None, "Use only the first N test samples.", min=1)
+    device: str = setting(
+        "auto", "Where the party computes: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N. The model, its optimiser, "
+        "each batch and the averaging live there; the data stays on the CPU and each batch moves as it is taken.", metavar="auto|cpu|cuda[:N]",
+        pattern=DEVICE_PATTERN,
+    )
+    precision: str = setting(
+        "fp32", "What training and evaluation compute in: fp32, or bf16 or fp16 under autocast (fp16 with a gradient scaler). "
+        "Parameters and optimiser state stay fp32.", choices=PRECISIONS,
+    )
+    data_on_device: bool = setting(False, "Move the party's whole data set to the device once, rather than each batch as it is taken (when it fits).")
 
     def check_partition(self, parties: int) -> None:
         """A --partition that cannot share the built-in data set out among `parties` is refused
@@ -153,6 +166,15 @@ class SplitSettings(TrainSettings):
         "activation is smallest; a torchvision model before its classifier.", metavar="K|NAME",
     )
     mode: str = setting("vanilla", "vanilla: the server computes the loss; u-shaped: the client keeps the last layer and the labels.", choices=SPLIT_MODES)
+    wire_dtype: str = setting(
+        "fp32", "The dtype activations and gradients travel in between the split parties: bf16 or fp16 halve the bytes per batch "
+        "(the parties compute in --precision either way). Client and server must agree.", choices=PRECISIONS,
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp16":
+            raise ValueError("--precision fp16 needs its loss scaled, and in split learning the loss and the layers it would scale are "
+                             "on different parties: use --precision bf16 (the same range as fp32, no scaling)")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +208,7 @@ class SplitNNSettings(SplitSettings):
     client_timeout: float = setting(60.0, "Seconds a client may stay silent before the server gives up on its share of the epoch (or its turn, in round-robin).", min=0.1)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.check_partition(self.clients)
         if (self.syncs_per_epoch != 1 or self.fed_lr != 1.0) and self.schedule == "round-robin":
             raise ValueError("--syncs-per-epoch and --fed-lr are for splitfed-v1 and v2: round-robin clients hand their layers on, they are not averaged")

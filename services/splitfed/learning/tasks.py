@@ -20,6 +20,7 @@ the party is being built: before it joins anyone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -34,6 +35,7 @@ from torch import nn
 
 from splitfed.errors import DataError, TaskError
 from splitfed.learning import data, local_data, models, train, vision
+from splitfed.learning.device import Compute
 from splitfed.learning.context import Context, has_placeholders
 from splitfed.learning.settings import DATASETS, LOCAL_FORMATS, DataShape, ModelSettings
 
@@ -94,6 +96,11 @@ class Task:
         self.origin = (getattr(self.module, "__file__", None) or settings.task) if self.module else None
         self.loaded: dict[tuple[Path | None, bool], tuple[data.Samples, tuple[str, ...] | None]] = {}
 
+    @functools.cached_property
+    def compute(self) -> Compute:
+        """The device and precision this party computes in (DeviceError for a device not here)."""
+        return Compute.of(self.settings)
+
     def defines(self, function: str) -> bool:
         return self.module is not None and callable(getattr(self.module, function, None))
 
@@ -113,10 +120,10 @@ class Task:
     def training_share(self, context: Context) -> data.Samples:
         """This party's training samples: its own, or its share of the one data set."""
         self.check_partition()
-        samples = self.data(context, train=True)
-        if self.own_data:
-            return samples
-        return data.share_of(samples, self.settings.partition, context.parties, context.seed, context.index)
+        samples = self._load(context, train=True)[0]
+        if not self.own_data:
+            samples = data.share_of(samples, self.settings.partition, context.parties, context.seed, context.index)
+        return self._placed(samples)
 
     def _data_source(self) -> str:
         if self.defines("data"):
@@ -128,8 +135,12 @@ class Task:
     # -- data -----------------------------------------------------------------------------
 
     def data(self, context: Context, train: bool) -> data.Samples:
-        """This party's training or test samples (--limit / --test-limit applied)."""
-        return self._load(context, train)[0]
+        """This party's training or test samples (--limit / --test-limit applied), their batches
+        taken to the device (the whole set moved there with --data-on-device)."""
+        return self._placed(self._load(context, train)[0])
+
+    def _placed(self, samples: data.Samples) -> data.Samples:
+        return samples.on(self.compute.device, whole=self.settings.data_on_device)
 
     def _load(self, context: Context, train: bool) -> tuple[data.Samples, tuple[str, ...] | None]:
         key = (context.data_dir, train)
@@ -235,7 +246,11 @@ class Task:
     # -- the model ------------------------------------------------------------------------
 
     def model(self, context: Context) -> nn.Module:
-        """The whole model, initialised from the run's seed: every party builds the same one."""
+        """The whole model, initialised from the run's seed (every party builds the same one), on the device."""
+        return self._built(context).to(self.compute.device)
+
+    def _built(self, context: Context) -> nn.Module:
+        """The whole model, on the CPU where it is initialised (so the device never changes its values)."""
         if not self.defines("model"):
             return models.build(self.settings.model, self.data_shape(context), context.seed)
         torch.manual_seed(context.seed)
@@ -256,18 +271,18 @@ class Task:
     def sequential(self, context: Context) -> nn.Sequential:
         """The model as an `nn.Sequential`, for a cut: as it is, or its children in order when
         its forward is exactly that (checked on a probe of the data's shape)."""
-        model = self.model(context)
-        if isinstance(model, nn.Sequential):
-            return model
-        shape = self.data_shape(context).shape
-        try:
-            return vision.sequential_of(model, shape, name=f"{self.origin}'s model()")
-        except ValueError as exc:
-            raise TaskError(str(exc)) from None
+        model = self._built(context)
+        if not isinstance(model, nn.Sequential):
+            try:
+                model = vision.sequential_of(model, self.data_shape(context).shape, name=f"{self.origin}'s model()")
+            except ValueError as exc:
+                raise TaskError(str(exc)) from None
+        return model.to(self.compute.device)
 
-    def _call(self, function: str, *args: Any) -> Any:
+    def _call(self, function: str, context: Context, *args: Any) -> Any:
+        """The task's `function`, told the device this party computes on."""
         try:
-            return getattr(self.module, function)(*args)
+            return getattr(self.module, function)(dataclasses.replace(context, device=str(self.compute.device)), *args)
         except (TaskError, DataError):
             raise
         except Exception as exc:  # noqa: BLE001 (whatever the user's code raises, one line names it)
@@ -291,7 +306,7 @@ def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
             continue
         shared_checked = shared_checked or not task.own_data
         if task.shares_built_in_set():
-            samples = data.Samples(torch.zeros(2, *task.declared_shape()), torch.zeros(2, dtype=torch.int64))
+            samples = data.Samples(torch.zeros(2, *task.declared_shape()), torch.zeros(2, dtype=torch.int64), task.compute.device)
         else:
             samples = task.data(context, train=True)
             task.data(context, train=False)
@@ -307,7 +322,7 @@ def preflight(parties: list[tuple[ModelSettings, Context]]) -> None:
 def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, classes: int, loss_of: train.Loss = train.loss_fn) -> None:
     """A model that cannot take the data, gives the wrong number of outputs, or a loss that
     cannot be learned from, fails now with one line, not in the first batch of training."""
-    probe = samples.images[:2]
+    probe, labels = samples.batch(slice(0, 2))
     who = f"{task.origin}'s model()" if task.defines("model") else f"--model {task.settings.model}"
     try:
         with models.evaluating(model):
@@ -320,7 +335,7 @@ def check_model_takes_data(task: Task, model: nn.Module, samples: data.Samples, 
     if task.defines("loss"):
         logits = logits.detach().requires_grad_()
         try:
-            value = loss_of(logits, samples.labels[:2])
+            value = loss_of(logits, labels)
         except Exception as exc:  # noqa: BLE001 (one line names it)
             raise TaskError(f"{task.origin}: the function loss(context) returns raised {_error(exc)}") from None
         if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.requires_grad or not torch.isfinite(value):

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from splitfed.learning.data import Samples, batch_order
+from splitfed.learning.device import CPU, Compute
 from splitfed.learning.settings import OPTIMIZERS, TrainSettings
 
 
@@ -77,31 +78,33 @@ class Score:
         return self.loss_sum / self.samples
 
 
-def score(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn) -> Score:
-    """The counts of `forward` (inputs -> logits) over `data`."""
+def score(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn, compute: Compute = CPU) -> Score:
+    """The counts of `forward` (inputs -> logits) over `data`, each batch taken to the data's device
+    and computed in the compute's precision."""
     correct, loss_sum = 0, 0.0
     with torch.no_grad():  # forward is responsible for putting its modules in eval mode
         for start in range(0, len(data), batch_size):
-            images = data.images[start : start + batch_size]
-            labels = data.labels[start : start + batch_size]
-            logits = forward(images)
-            loss_sum += summed_loss(loss_of, logits, labels)
+            images, labels = data.batch(slice(start, start + batch_size))
+            with compute.autocast():
+                logits = forward(images)
+                loss_sum += summed_loss(loss_of, logits, labels)
             correct += (logits.argmax(1) == labels).sum().item()
     return Score(correct, loss_sum, len(data))
 
 
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn) -> Evaluation:
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, batch_size: int = 1000, loss_of: Loss = loss_fn, compute: Compute = CPU) -> Evaluation:
     """Accuracy and mean loss of `forward` (inputs -> logits) over `data`."""
-    counts = score(forward, data, batch_size, loss_of)
+    counts = score(forward, data, batch_size, loss_of, compute)
     return Evaluation(counts.accuracy, counts.loss)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss_of: Loss = loss_fn) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss_of: Loss = loss_fn, compute: Compute = CPU) -> float:
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = loss_of(model(images), labels)
-    loss.backward()
-    opt.step()
+    with compute.autocast():
+        loss = loss_of(model(images), labels)
+    compute.backward(loss)
+    compute.step(opt)
     return loss.item()
 
 
@@ -114,6 +117,7 @@ def fit(
     on_batch: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     loss_of: Loss = loss_fn,
+    compute: Compute = CPU,
 ) -> list[EpochRecord]:
     """The epoch loop every scenario shares: seeded batch order, `step` per batch, then evaluate
     `forward` on the test set. Same seed, same batches, whichever party computes the step."""
@@ -124,10 +128,10 @@ def fit(
         batches = batch_order(len(train_data), settings.batch_size, generator)
         losses = []
         for done, indices in enumerate(batches, 1):
-            losses.append(step(train_data.images[indices], train_data.labels[indices]))  # (B, C, H, W), (B,)
+            losses.append(step(*train_data.batch(indices)))  # (B, C, H, W), (B,) on the data's device
             if on_batch:
                 on_batch(done, len(batches), losses[-1])
-        evaluation = evaluate(forward, test_data, settings.eval_batch_size, loss_of)
+        evaluation = evaluate(forward, test_data, settings.eval_batch_size, loss_of, compute)
         history.append(EpochRecord(epoch, evaluation.accuracy, evaluation.loss, float(np.mean(losses)), time.perf_counter() - started))
         if on_epoch:
             on_epoch(history[-1])

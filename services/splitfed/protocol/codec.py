@@ -23,8 +23,10 @@ from safetensors.numpy import save as st_save
 MAGIC = b"SF1\x01"
 MAX_MESSAGE_BYTES = 2 * 1024**3
 MAX_HEADER_BYTES = 64 * 1024
-ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
+# uint16 carries bfloat16 (numpy has no such dtype): its 16 bits, checked for finiteness as bfloat16
+ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "uint16", "bool"}
 FLOAT_KINDS = "f"
+BFLOAT16_EXPONENT = np.uint16(0x7F80)  # all ones: infinity or NaN
 
 
 class ProtocolError(ValueError):
@@ -166,7 +168,8 @@ def decode_tensors(body: bytes) -> dict[str, np.ndarray]:
     for name, array in tensors.items():
         if array.dtype.name not in ALLOWED_DTYPES:
             raise ProtocolError("dtype", f"tensor {name!r} has dtype {array.dtype.name}")
-        if array.dtype.kind in FLOAT_KINDS and not np.isfinite(array).all():
+        finite = np.isfinite(array).all() if array.dtype.kind in FLOAT_KINDS else array.dtype != np.uint16 or not ((array & BFLOAT16_EXPONENT) == BFLOAT16_EXPONENT).any()
+        if not finite:
             raise ProtocolError("nonfinite", f"tensor {name!r} holds NaN or Inf")
     return tensors
 

@@ -72,10 +72,6 @@ class Rejection:
     digest: str
 
 
-def to_numpy(tensor) -> np.ndarray:  # noqa: ANN001 (torch.Tensor; kept torch-free at import)
-    return tensor.detach().contiguous().numpy()
-
-
 def queue_name(session: str, role: str, ident: str | None = None) -> str:
     return f"splitfed.{session}.{role}" + (f".{ident}" if ident else "")
 

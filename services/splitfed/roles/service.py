@@ -62,6 +62,10 @@ def serve(spec: RoleSpec, values: dict[str, Any]) -> dict:
 
         torch.set_num_threads(threads)
     party = spec.party_name(learning, deployment)
+    if spec.torch and learning is not None:  # a device this machine lacks stops the role here, in one line
+        from splitfed.learning.device import resolve
+
+        resolve(learning.device)
     if spec.reads_data and spec.needs_data(learning):  # a task or data that cannot work stops the role here, before it joins anyone
         from splitfed.learning.tasks import preflight
 

@@ -38,14 +38,15 @@ def train_here(settings: TrainSettings, run: CentralizedRun, on_progress: Progre
 
     history = train.fit(
         train_data, test_data, settings,
-        step=lambda images, labels: train.train_step(model, opt, images, labels, loss_of),
+        step=lambda images, labels: train.train_step(model, opt, images, labels, loss_of, task.compute),
         forward=forward,
         on_batch=(lambda done, total, loss: on_progress(Progress("batch", done, total, loss))) if on_progress else None,
         on_epoch=(lambda record: on_progress(Progress("epoch", record.step, settings.epochs, record.train_loss, vars(record)))) if on_progress else None,
         loss_of=loss_of,
+        compute=task.compute,
     )
     if run.save_model:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.save_model))
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(run.save_model))
     return {
         "accuracy": history[-1].accuracy,
         "loss": history[-1].loss,

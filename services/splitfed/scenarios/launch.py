@@ -158,7 +158,12 @@ def run(scenario: Scenario, learning: Any, settings: Any, on_progress: ProgressS
 
 
 def check_tasks(launches: list[Launch]) -> None:
-    """The parties' tasks and data tried before any of them starts (learning.tasks.preflight)."""
+    """The parties' devices, tasks and data tried before any of them starts (learning.tasks.preflight)."""
+    if devices := {launch.learning.device for launch in launches if launch.spec.torch and launch.learning is not None}:
+        from splitfed.learning.device import resolve  # torch: only runs that train load it
+
+        for device in sorted(devices):
+            resolve(device)
     parties = [(launch.learning, launch.spec.context(launch.learning, launch.deployment)) for launch in launches
                if launch.spec.reads_data and launch.spec.needs_data(launch.learning)]
     if parties:

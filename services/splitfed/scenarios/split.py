@@ -32,7 +32,7 @@ def compute_threads(settings: SplitSettings, co_running_clients: int = 1) -> tup
     from splitfed.learning.settings import split_client_name
     from splitfed.learning.tasks import Task
 
-    task = Task(settings)
+    task = Task(dataclasses.replace(settings, device="cpu"))  # counted on the CPU: the same layers on any device
     context = context_of(settings, "split-client", split_client_name(0, getattr(settings, "clients", 1)))  # the first client's data: its shape
     parts = cutting.cut(task.sequential(context), settings.cut_layer, settings.mode)
     shape = task.data_shape(context).shape

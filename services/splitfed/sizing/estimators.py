@@ -246,8 +246,9 @@ class _Context:
         sized = self._sized_already()
         found = sized.notes if sized is not None else ()
         if self.gpu:
-            found += (("GPU memory is what the role's model would hold on the device; the roles compute on the CPU as of this "
-                       "version, so the CUDA build's larger import is what gpu.enabled costs today"),)
+            found += (("GPU memory is what the role holds on its device (its --device: cuda where the chart's gpu.enabled is set): the "
+                       "model, its gradients and optimiser state, the activations (in fp32) and the CUDA context; the memory above still "
+                       "counts them on the CPU, so on a GPU it errs high"),)
         return found
 
     # -- parts every role shares

@@ -18,6 +18,8 @@ data dropped before the next part is read. Whatever cannot be read, built or pro
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import fields
 
 import torch
@@ -53,7 +55,7 @@ def size_task(role: str, settings: ModelSettings) -> Sized:
     CannotSplit for a model a split run could not cut; ValueError for an unknown --model."""
     context = first_party(role, settings)
     try:
-        task = Task(settings)
+        task = Task(dataclasses.replace(settings, device="cpu"))  # measured on the CPU: the sizes are the same on any device
     except TaskError as exc:
         raise NotSized(str(exc)) from None
     if not task.defines("model") and settings.model not in MODELS and settings.model not in vision.names():

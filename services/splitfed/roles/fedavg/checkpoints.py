@@ -135,12 +135,12 @@ class CheckpointStore:
     def _write(self, state: ServerState, model: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor], with_model: bool) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         current = self.folder / model_file(state.round, state.calibrated())
-        written = save({k: v.contiguous() for k, v in model.items()}) if with_model or not current.exists() else None
+        written = save({k: v.cpu().contiguous() for k, v in model.items()}) if with_model or not current.exists() else None
         if written is not None:
             _atomic(current, written)
             # The strategy's state (momentum, moments, control variate) belongs to this model.
             if strategy_state:
-                _atomic(self.folder / strategy_file(state.round), save({k: v.contiguous() for k, v in strategy_state.items()}))
+                _atomic(self.folder / strategy_file(state.round), save({k: v.cpu().contiguous() for k, v in strategy_state.items()}))
         _atomic(self.folder / STATE, json.dumps(vars(state)).encode())
         # Only the previous round's files, which this server wrote: nothing else in the folder.
         for old in (model_file(state.round - 1), model_file(state.round - 1, True), strategy_file(state.round - 1)):

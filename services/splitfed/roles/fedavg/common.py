@@ -26,10 +26,9 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 
 from splitfed.config import NAME
-from splitfed.roles.endpoint import queue_name, to_numpy
+from splitfed.roles.endpoint import queue_name
 from splitfed.learning.settings import worker_ids
 
 SERVER, WORKER = "fedavg-server", "fedavg-worker"
@@ -94,6 +93,3 @@ def without_prefix(prefix: str, tensors: dict) -> dict:
 def session_queues(session: str, workers: int) -> list[str]:
     return [server_queue(session), *(worker_queue(session, worker) for worker in worker_ids(workers))]
 
-
-def to_wire(state: dict) -> dict[str, np.ndarray]:
-    return {name: to_numpy(value) for name, value in state.items()}

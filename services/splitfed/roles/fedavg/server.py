@@ -36,6 +36,7 @@ import torch
 from splitfed import config
 from splitfed.errors import TaskError
 from splitfed.learning import calibration, federated, strategies, tasks, train
+from splitfed.learning.device import from_numpy, numpy_state
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.tasks import Task
 from splitfed.observability import metrics
@@ -47,7 +48,7 @@ from splitfed.roles.fedavg import admission
 from splitfed.roles.fedavg.checkpoints import CheckpointStore, ServerState
 from splitfed.roles.fedavg.common import (
     CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
-    fingerprint_problem, server_queue, to_wire, with_prefix, without_prefix, worker_queue,
+    fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
 from splitfed.roles.fedavg.lease import Lease
 from splitfed.transport import Delivery, Transport, TransportError
@@ -173,7 +174,7 @@ class FedAvgServer:
             return
         self.state = state
         self.model.load_state_dict(self.store.model(state))
-        self.strategy_state = self.strategy.loaded_state(self.store.strategy_tensors(state))
+        self.strategy_state = self.strategy.loaded_state({name: self.task.compute.put(value) for name, value in self.store.strategy_tensors(state).items()})
         log.info("resumed from checkpoint: round %d, workers %s", self.state.round, ", ".join(self.state.workers))
 
     def checkpoint(self, with_model: bool) -> None:
@@ -263,7 +264,7 @@ class FedAvgServer:
             return model
         current = strategies.flatten(self.model.state_dict(), self.names)
         control = self.strategy.control(current, self.strategy_state)
-        return {**model, **to_wire(with_prefix(CONTROL, strategies.unflatten(control, self.model.state_dict(), self.names)))}
+        return {**model, **numpy_state(with_prefix(CONTROL, strategies.unflatten(control, self.model.state_dict(), self.names)))}
 
     def send_models(self, workers: list[str], evaluators: Names[str] = ()) -> None:
         """This round's model and the strategy's local recipe to each of `workers` (after the
@@ -271,7 +272,7 @@ class FedAvgServer:
         `evaluators` to score; serialised once for all of them. A worker due to score the
         global model (`scoring`) that is sent this round's, which is that model, is asked to
         score it before it trains."""
-        model = to_wire(self.model.state_dict())
+        model = numpy_state(self.model.state_dict())
         if self.state.round > self.settings.rounds:
             kind, meta, tensors = CALIBRATE, {}, model
         else:
@@ -313,7 +314,7 @@ class FedAvgServer:
         scoring = self.close_scoring()
         scored = self.scored_record(self.state.unscored, scoring) if scoring else None  # the last round's record, now complete
         vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
-        weights = torch.tensor([float(u.samples) for u in updates.values()])
+        weights = torch.tensor([float(u.samples) for u in updates.values()], device=vectors.device)
         current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
         combined, self.strategy_state = self.strategy.step(current, vectors, weights, self.strategy_state)  # (P,)
         if self.recipe.control_variates:
@@ -352,7 +353,7 @@ class FedAvgServer:
         if not self.server_scores:
             return {"accuracy": None, "loss": None}
         self.model.eval()
-        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size, self.loss_of)
+        evaluation = train.evaluate(self.model, self.test_data, self.settings.eval_batch_size, self.loss_of, self.task.compute)
         return {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
 
     # -- the parties' scores --------------------------------------------------------------
@@ -464,9 +465,9 @@ class FedAvgServer:
         samples, size = message.meta["samples"], len(delivery.body)
         if message.kind == EVALUATED:
             return Evaluated(samples, delivery, size, train.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
-        tensors = {name: torch.from_numpy(array) for name, array in message.tensors.items()}
-        if message.kind == STATISTICS:
-            return Statistics(samples, delivery, size, calibration.ClassStatistics.from_tensors(tensors))
+        if message.kind == STATISTICS:  # pooled on the CPU, in float64 (learning.calibration)
+            return Statistics(samples, delivery, size, calibration.ClassStatistics.from_tensors({name: torch.from_numpy(array) for name, array in message.tensors.items()}))
+        tensors = {name: from_numpy(array, self.task.compute.device) for name, array in message.tensors.items()}  # averaged on the device
         control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.recipe.control_variates else None
         return Update(samples, delivery, size, strategies.flatten(tensors, self.names), control_delta, float(message.meta["train_loss"]))
 

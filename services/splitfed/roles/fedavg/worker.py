@@ -16,6 +16,7 @@ import torch
 from splitfed.errors import Refused, TaskError
 from splitfed.learning import calibration, data, federated
 from splitfed.learning.context import context_of
+from splitfed.learning.device import from_numpy, numpy_state
 from splitfed.learning.settings import PartitionSettings
 from splitfed.learning.strategies import LocalRecipe
 from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
@@ -26,7 +27,7 @@ from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
     CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
-    fingerprint_problem, server_queue, to_wire, with_prefix, without_prefix, worker_queue,
+    fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
 from splitfed.transport import Delivery, Transport
 
@@ -56,9 +57,9 @@ def received_recipe(message: Message) -> LocalRecipe:
     return LocalRecipe(**values)
 
 
-def received_tensors(message: Message) -> dict[str, torch.Tensor]:
-    """A message's tensors as torch tensors that own their memory (copied out of the decoded frame)."""
-    return {name: torch.from_numpy(array.copy()) for name, array in message.tensors.items()}
+def received_tensors(message: Message, device: torch.device) -> dict[str, torch.Tensor]:
+    """A message's tensors on `device`, owning their memory (copied out of the decoded frame)."""
+    return {name: from_numpy(array.copy(), device) for name, array in message.tensors.items()}
 
 
 class FedAvgWorker(Role):
@@ -165,13 +166,13 @@ class FedAvgWorker(Role):
 
     def score(self, message: Message) -> None:
         """Score the global model `message` carries (EVALUATE) on this worker's evaluation data."""
-        self.model.load_state_dict(received_tensors(message))
+        self.model.load_state_dict(received_tensors(message, self.task.compute.device))
         self.send_score(message.round)
 
     def send_score(self, model_round: int) -> None:
         """This worker's counts for the global model after `model_round`, which `self.model` holds."""
         started = time.perf_counter()
-        score = federated.score(self.model, self.evaluation_data(), self.settings.eval_batch_size, self.loss_of)
+        score = federated.score(self.model, self.evaluation_data(), self.settings.eval_batch_size, self.loss_of, self.task.compute)
         reply = Message(EVALUATED, "", "", round=model_round, meta={"correct": score.correct, "loss_sum": score.loss_sum, "samples": score.samples})
         self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
         self.last_scored = model_round
@@ -180,17 +181,17 @@ class FedAvgWorker(Role):
 
     def train_and_send(self, message: Message) -> None:
         started = time.perf_counter()
-        tensors = received_tensors(message)
+        tensors = received_tensors(message, self.task.compute.device)
         self.model.load_state_dict({name: tensors[name] for name in self.specs})
         if message.meta.get(SCORE) is True and message.round - 1 > self.last_scored:  # the global model after the last round: scored before it is trained
             self.send_score(message.round - 1)
         recipe = received_recipe(message)
         controls = (without_prefix(CONTROL, tensors), self.control) if recipe.control_variates else None
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
-        work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls, self.loss_of)
-        loss, sent = work.loss, to_wire(self.model.state_dict())
+        work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls, self.loss_of, self.task.compute)
+        loss, sent = work.loss, numpy_state(self.model.state_dict())
         if work.control is not None:
-            sent.update(to_wire(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))
+            sent.update(numpy_state(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))
             self.control = work.control
         update = Message(UPDATE, "", "", round=message.round, meta={"samples": len(self.data), "train_loss": loss}, tensors=sent)
         self.endpoint.send_message(self.server, update, to=SERVER, persistent=True)
@@ -205,9 +206,9 @@ class FedAvgWorker(Role):
     def send_statistics(self, message: Message) -> None:
         """CCVR: the per-class count, mean and covariance of this share's penultimate features
         under the final global model."""
-        self.model.load_state_dict(received_tensors(message))
+        self.model.load_state_dict(received_tensors(message, self.task.compute.device))
         statistics = calibration.feature_statistics(self.model, self.data, len(self.task.classes(self.context)), self.settings.eval_batch_size)
-        reply = Message(STATISTICS, "", "", round=message.round, meta={"samples": len(self.data)}, tensors=to_wire(statistics.tensors()))
+        reply = Message(STATISTICS, "", "", round=message.round, meta={"samples": len(self.data)}, tensors=numpy_state(statistics.tensors()))
         self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
         self.last_round = message.round
         log.info("worker %s: feature statistics of %d samples sent for the calibration", self.worker_id, len(self.data))

@@ -45,7 +45,7 @@ class P2PPeer(Peer):
         for epoch in range(first, first + self.settings.epochs):
             started = time.perf_counter()
             train_loss = self.train_epoch()
-            before = scored(self.model, self.test, self.settings, self.loss_of)
+            before = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
             own = state_of(self.model)
             self.send_model(own, epoch)
             self.poll(until=time.monotonic())  # whatever has arrived by now; nobody is waited for
@@ -53,7 +53,7 @@ class P2PPeer(Peer):
             load_state(self.model, average)
             self.received = {}
             self.published = Received(self.name, epoch, len(self.share), average)
-            after = scored(self.model, self.test, self.settings, self.loss_of)
+            after = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
             self.record_epoch(epoch, before, after, train_loss, kept, dropped, time.perf_counter() - started)
         self.poll(until=time.monotonic())  # fetches and frames that came during the last epoch are answered and counted
         self.membership.leave()
@@ -90,7 +90,7 @@ class P2PPeer(Peer):
         losses = []
         batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
         for done, indices in enumerate(batches, 1):
-            losses.append(train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices], self.loss_of))  # (B, C, H, W), (B,)
+            losses.append(train.train_step(self.model, self.opt, *self.share.batch(indices), self.loss_of, self.compute))  # (B, C, H, W), (B,)
             self.poll_if_due()  # fetches are answered and models kept while training
             if self.on_progress:
                 self.on_progress(Progress("batch", done, len(batches), losses[-1]))

@@ -41,6 +41,7 @@ class Peer:
         self.share = task.training_share(context)
         self.test = task.data(context, train=False)
         self.model = task.model(context)
+        self.compute = task.compute
         self.fingerprint = fingerprint(self.model, task.classes(context))
         self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
         self.generator = data.party_generator(settings.seed, deployment.peer_index)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from splitfed.learning import data, train
+from splitfed.learning.device import CPU, Compute, from_numpy
 from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
 from splitfed.learning.peers import load_state, scored, state_of
 from splitfed.learning.settings import SMPLSettings
@@ -97,7 +98,7 @@ class SMPLPeer(Peer):
             raise RoleTimeout(f"{self.name}: no hyperedge from the tracker within {self.endpoint.timeout:.0f}s of asking")
         if self.asked is not None or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
             return
-        loss = scored(self.model, self.validation, self.settings, self.loss_of).loss
+        loss = scored(self.model, self.validation, self.settings, self.loss_of, self.compute).loss
         self.membership.send(self.membership.tracker, WANT, loss=loss, open=sorted(self.edges))
         self.asked = time.monotonic()
 
@@ -107,10 +108,10 @@ class SMPLPeer(Peer):
             self.batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
         if self.settings.local_parallel == "hogwild":
             taken, self.batches = self.batches[: self.settings.local_workers], self.batches[self.settings.local_workers :]
-            losses = hogwild_steps(self.model, self.share, taken, self.settings.lr, self.loss_of)
+            losses = hogwild_steps(self.model, self.share, taken, self.settings.lr, self.loss_of, self.compute)
         else:
             indices = self.batches.pop()
-            losses = [train.train_step(self.model, self.opt, self.share.images[indices], self.share.labels[indices], self.loss_of)]  # (B, C, H, W), (B,)
+            losses = [train.train_step(self.model, self.opt, *self.share.batch(indices), self.loss_of, self.compute)]  # (B, C, H, W), (B,)
         for edge in self.edges.values():
             if edge.phase == "training":
                 edge.trained += len(losses)
@@ -163,7 +164,7 @@ class SMPLPeer(Peer):
     def close(self, edge: Edge) -> None:
         """Add the hyperedge's mean change less this peer's own (less what --async-mid applied already)."""
         self.count_own_training()
-        before = scored(self.model, self.test, self.settings, self.loss_of)
+        before = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
         present = [name for name in edge.members if name in edge.deltas]
         weights = [float(len(self.share))] + [float(edge.weights[name]) for name in present]
         correction = self.ledger.close(edge.id, edge.own_sent, [edge.own_sent, *(edge.deltas[name] for name in present)], weights)
@@ -174,7 +175,7 @@ class SMPLPeer(Peer):
         del self.edges[edge.id]
         self.active.set(len(self.edges))
         self.counted["averaged"].inc(len(present))
-        after = scored(self.model, self.test, self.settings, self.loss_of)
+        after = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
         self.record_hyperedge(edge, before, after, len(present))
 
     def apply_early(self, edge: Edge, name: str) -> None:
@@ -209,7 +210,7 @@ class SMPLPeer(Peer):
     def add(self, change: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
             for name, tensor in self.model.state_dict().items():
-                tensor.add_(torch.from_numpy(np.ascontiguousarray(change[name])))
+                tensor.add_(from_numpy(np.ascontiguousarray(change[name]), tensor.device))
         self.snapshot = state_of(self.model)
 
     # -- messages ------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ class SMPLPeer(Peer):
             self.apply_early(edge, message.sender)
 
 
-def hogwild_steps(model: torch.nn.Module, share: data.Samples, batches: list[torch.Tensor], lr: float, loss_of: train.Loss = train.loss_fn) -> list[float]:
+def hogwild_steps(model: torch.nn.Module, share: data.Samples, batches: list[torch.Tensor], lr: float, loss_of: train.Loss = train.loss_fn, compute: Compute = CPU) -> list[float]:
     """Hogwild! (Recht et al. 2011): one thread per batch, each computing its gradient and stepping
     the shared parameters by plain SGD at `lr`, without locks. Gradients go through
     autograd.grad, not the shared .grad fields, so threads never mix each other's gradients."""
@@ -299,7 +300,9 @@ def hogwild_steps(model: torch.nn.Module, share: data.Samples, batches: list[tor
     losses: list[float] = [0.0] * len(batches)
 
     def step(slot: int, indices: torch.Tensor) -> None:
-        loss = loss_of(model(share.images[indices]), share.labels[indices])  # (B, C, H, W) -> (B, classes)
+        images, labels = share.batch(indices)  # (B, C, H, W), (B,) on the device
+        with compute.autocast():
+            loss = loss_of(model(images), labels)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for param, grad in zip(params, grads):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from splitfed.learning.settings import WIRE_NUMPY_DTYPES
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.p2p.common import fingerprint_of
 from splitfed.roles.split.common import ACTIVATIONS, EVALUATED, GRADIENTS, HANDED, HELLO, TRAINED
@@ -65,7 +66,7 @@ def check_activations(server: ServerView, state: ClientState, message: Message) 
     """A batch at the cut (with its labels when the server half ends the model), one at a time per client."""
     training = message.meta.get("train") is True
     vanilla_train = server.settings.mode == "vanilla" and training
-    specs = {"x": TensorSpec("float32", (None, *server.in_shape))}
+    specs = {"x": TensorSpec(WIRE_NUMPY_DTYPES[server.settings.wire_dtype], (None, *server.in_shape))}
     if vanilla_train:
         specs["y"] = TensorSpec("int64", (None,))
     check_tensors(message, specs)
@@ -80,7 +81,7 @@ def check_gradients(server: ServerView, state: ClientState, message: Message) ->
     """u-shaped: the gradients at the server half's output, for the batch outstanding."""
     if state.pending is None:
         raise ProtocolError("kind", "gradients with no batch outstanding")
-    check_tensors(message, {"g": TensorSpec("float32", (len(state.pending[1]), *server.out_shape))})
+    check_tensors(message, {"g": TensorSpec(WIRE_NUMPY_DTYPES[server.settings.wire_dtype], (len(state.pending[1]), *server.out_shape))})
 
 
 def check_trained(server: ServerView, state: ClientState, message: Message) -> None:

@@ -21,14 +21,15 @@ import torch
 
 from splitfed.errors import Refused, RunAborted
 from splitfed.learning import clients, cutting, data, models, train
-from splitfed.learning.settings import SplitNNSettings
+from splitfed.learning.device import from_numpy, to_numpy
+from splitfed.learning.settings import WIRE_NUMPY_DTYPES, SplitNNSettings
 from splitfed.learning.tasks import Task, fingerprint
 from splitfed.learning.train import EpochRecord
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint, queue_name, to_numpy
+from splitfed.roles.endpoint import Endpoint, queue_name
 from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, AVERAGE, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDOFF, HANDSHAKE, HEAD, HELLO, OUTPUTS, SERVER,
     TRAINED, TURN, client_inbox, client_index, client_name, peer_queue, save_parts, shared,
@@ -54,6 +55,8 @@ class SplitClient:
         self.task = Task(settings)
         self.context = clients.client_context(settings, self.index)
         self.loss_of = self.task.loss(self.context)
+        self.compute = self.task.compute
+        self.wire = settings.wire_dtype  # activations out, gradients back: the server expects the same
         whole = self.task.sequential(self.context)
         # What the server checks this client's model against, and what it builds its own from
         # when it holds no data: the whole model and the classes, and one sample's shape.
@@ -118,27 +121,29 @@ class SplitClient:
 
     def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
         """The server's layers applied to `activations` (B, *cut_shape) -> (B, *server_out_shape)."""
-        spec = {"h": TensorSpec("float32", (len(activations), *self.server_out_shape))}
-        reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations)}, OUTPUTS, spec, train=train_step)
-        return torch.from_numpy(reply.tensors["h"])
+        spec = {"h": TensorSpec(WIRE_NUMPY_DTYPES[self.wire], (len(activations), *self.server_out_shape))}
+        reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations, self.wire)}, OUTPUTS, spec, train=train_step)
+        return from_numpy(reply.tensors["h"], self.compute.device, torch.float32)
 
     # -- training -------------------------------------------------------------------------
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.parts.head.train()
         self.opt.zero_grad(set_to_none=True)
-        activations = self.parts.head(images)  # (B, *cut_shape)
-        cut_spec = {"g": TensorSpec("float32", (len(images), *self.cut_shape))}
+        with self.compute.autocast():
+            activations = self.parts.head(images)  # (B, *cut_shape)
+        cut_spec = {"g": TensorSpec(WIRE_NUMPY_DTYPES[self.wire], (len(images), *self.cut_shape))}
         if self.parts.tail is None:
-            reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations), "y": labels.numpy()}, GRADIENTS, cut_spec, train=True)
+            reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations, self.wire), "y": to_numpy(labels)}, GRADIENTS, cut_spec, train=True)
             loss = float(reply.meta.get("loss", float("nan")))
         else:
             features = self.remote_forward(activations, train_step=True).requires_grad_(True)
-            batch_loss = self.loss_of(self.parts.tail(features), labels)  # labels stay here
+            with self.compute.autocast():
+                batch_loss = self.loss_of(self.parts.tail(features), labels)  # labels stay here
             batch_loss.backward()
-            reply = self.exchange(GRADIENTS, {"g": to_numpy(features.grad)}, GRADIENTS, cut_spec)
+            reply = self.exchange(GRADIENTS, {"g": to_numpy(features.grad, self.wire)}, GRADIENTS, cut_spec)
             loss = batch_loss.item()
-        activations.backward(torch.from_numpy(reply.tensors["g"]))
+        activations.backward(from_numpy(reply.tensors["g"], self.compute.device, activations.dtype))
         self.opt.step()
         return loss
 
@@ -154,7 +159,7 @@ class SplitClient:
         the epoch: `done_before` of `total` are done."""
         losses = []
         for done, indices in enumerate(batches, done_before + 1):
-            losses.append(self.train_batch(self.train_data.images[indices], self.train_data.labels[indices]))  # (B, C, H, W), (B,)
+            losses.append(self.train_batch(*self.train_data.batch(indices)))  # (B, C, H, W), (B,) on the device
             if self.on_progress:
                 self.on_progress(Progress("batch", done, total, losses[-1]))
         self.epoch_losses.extend(losses)
@@ -335,12 +340,12 @@ class SplitClient:
         if parts:
             size = len(self.test_data)
             share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
-            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size, self.loss_of) if len(share) else train.Evaluation(0.0, 0.0)
+            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size, self.loss_of, self.compute) if len(share) else train.Evaluation(0.0, 0.0)
             counts.update(scored_counts(evaluation, len(share)))
             whole = evaluation if parts == 1 else None
         if own:
             if whole is None:
-                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size, self.loss_of)
+                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size, self.loss_of, self.compute)
             counts["own"] = scored_counts(whole, len(self.test_data))
         self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, **counts)
         if whole is None:

@@ -27,9 +27,9 @@ import torch
 
 from splitfed.learning import train
 from splitfed.learning.averaging import step_towards, weighted_average
+from splitfed.learning.device import to_numpy
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.protocol import Message, ProtocolError
-from splitfed.roles.endpoint import to_numpy
 from splitfed.roles.split.common import ACTIVATIONS, CLOSED, HANDED, TRAINED, TURN
 
 if TYPE_CHECKING:

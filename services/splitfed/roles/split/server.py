@@ -36,13 +36,14 @@ import torch
 from splitfed.errors import DataError, TaskError
 from splitfed.learning import clients, cutting, models, train
 from splitfed.learning.context import context_of
+from splitfed.learning.device import from_numpy, to_numpy
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.observability import metrics
 from splitfed.protocol import Message
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
-from splitfed.roles.endpoint import Endpoint, Rejection, queue_name, to_numpy
+from splitfed.roles.endpoint import Endpoint, Rejection, queue_name
 from splitfed.roles.p2p.common import fingerprint_of
 from splitfed.roles.split.checks import check_client_message, input_shape_of
 from splitfed.roles.split.common import (
@@ -68,6 +69,8 @@ class SplitServer(Role):
         self.on_progress = on_progress
         self.session = deployment.session
         self.task = Task(settings)
+        self.compute = self.task.compute
+        self.wire = settings.wire_dtype  # activations in, gradients out: the clients send the same
         self.context = context_of(settings, SERVER, SERVER)
         self.loss_of = self.task.loss(self.context)  # vanilla: the server computes the loss
         self.known_shape, self.known_classes = self.task.declared_shape(), self.task.declared_classes()
@@ -264,34 +267,36 @@ class SplitServer(Role):
     # -- training batches -------------------------------------------------------------------
 
     def forward(self, state: ClientState, message: Message) -> None:
-        inputs = torch.from_numpy(message.tensors["x"])  # (B, *in_shape)
+        inputs = from_numpy(message.tensors["x"], self.compute.device, torch.float32)  # (B, *in_shape)
         if message.meta.get("train") is not True:
             self.evaluation_body.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.compute.autocast():
                 outputs = self.evaluation_body(inputs)  # (B, *out_shape)
-            self.answer(state, OUTPUTS, {"h": to_numpy(outputs)})
+            self.answer(state, OUTPUTS, {"h": to_numpy(outputs, self.wire)})
             return
         state.begun = True
         state.samples += len(inputs)
         state.body.train()
         state.opt.zero_grad(set_to_none=True)
         inputs.requires_grad_(True)
-        outputs = state.body(inputs)
+        with self.compute.autocast():
+            outputs = state.body(inputs)
         if self.settings.mode == "u-shaped":
             state.pending = (inputs, outputs)
-            self.answer(state, OUTPUTS, {"h": to_numpy(outputs)})
+            self.answer(state, OUTPUTS, {"h": to_numpy(outputs, self.wire)})
             return
-        loss = self.loss_of(outputs, torch.from_numpy(message.tensors["y"]))
+        with self.compute.autocast():
+            loss = self.loss_of(outputs, from_numpy(message.tensors["y"], self.compute.device))
         loss.backward()
-        self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad)}, loss=loss.item())
+        self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad, self.wire)}, loss=loss.item())
         self.step(state)
 
     def backward(self, state: ClientState, message: Message) -> None:
         """u-shaped, second half of a training batch."""
         inputs, outputs = state.pending
         state.pending = None
-        outputs.backward(torch.from_numpy(message.tensors["g"]))
-        self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad)})
+        outputs.backward(from_numpy(message.tensors["g"], self.compute.device, outputs.dtype))
+        self.answer(state, GRADIENTS, {"g": to_numpy(inputs.grad, self.wire)})
         self.step(state)
 
     def step(self, state: ClientState) -> None:
