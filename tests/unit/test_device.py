@@ -91,3 +91,13 @@ def test_batches_cross_to_the_device_as_raw_pixels_and_normalise_there_to_the_sa
     images, labels = samples.on(torch.device("cpu"), whole=True).batch(torch.tensor([3, 1]))
     assert torch.equal(images, (raw[[3, 1]].float() - 72.9) / 90.0)
     assert torch.equal(labels, torch.tensor([3, 1]))
+
+
+def test_bf16_on_the_wire_halves_split_learnings_bytes_per_batch():
+    import splitfed
+
+    runs = {wire: splitfed.run("split", limit=256, test_limit=64, wire_dtype=wire) for wire in ("fp32", "bf16")}
+    fp32, bf16 = (runs[wire]["traffic"] for wire in ("fp32", "bf16"))
+    assert fp32["messages"] == bf16["messages"]
+    assert 0.45 < bf16["bytes"] / fp32["bytes"] < 0.55  # the activations and gradients halve; headers and labels do not
+    assert abs(runs["bf16"]["accuracy"] - runs["fp32"]["accuracy"]) <= 0.1
