@@ -55,6 +55,9 @@ def _deterministic() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # fp32 means fp32: TF32 would round the inputs of convolutions and matmuls to 10-bit mantissas
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass(eq=False)
