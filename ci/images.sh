@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# Build splitfed's CPU images with podman, no registry needed: a Debian base made with
-# debootstrap (kept once made), then every target of images/Containerfile, tagged
+# Build splitfed's images with podman, no registry needed: a Debian base made with debootstrap
+# (kept once made), then every target of images/Containerfile with the CPU build of torch, tagged
 # localhost/splitfed-TARGET:VERSION and :latest. Prints build times and a table of sizes.
 #
 # Environment:
 #   DEBIAN_MIRROR  mirror debootstrap fetches from     (default http://deb.debian.org/debian)
 #   TORCH_WHEELS   folder with a torch CPU wheel; when it holds one, torch comes from there,
-#                  else from PyTorch's CPU index                          (default /opt/wheels)
+#                  else from PyTorch's CPU index; torchvision (the release built for that torch)
+#                  and the rest from the package index                   (default /opt/wheels)
 #   CA_BUNDLE      host CA bundle mounted (read-only, never copied) over the build
 #                  containers' own, for TLS-intercepting proxies
 #                  (default /etc/ssl/certs/ca-certificates.crt where it exists)
-# Usage: ci/images.sh [--task DIR]
+# Usage: ci/images.sh [--cuda] [--task DIR]
+#   --cuda      then also build the torch roles' CUDA images, tagged localhost/splitfed-TARGET:VERSION-cuda
+#               and :latest-cuda (the tags the chart's gpu.enabled takes: gpu.imageTagSuffix): torch
+#               CUDA_TORCH_VERSION of ci/torch.env (PyPI's build, with its CUDA libraries) and its
+#               torchvision, whose wheels and dependencies this machine's pip gathers into
+#               build/wheels-cuda (pip download, from wherever its configuration finds them: here the
+#               wheels on disk) for the build to install from. About 3 GB of wheels and 5 GB an image:
+#               not part of `make test`
 #   --task DIR  then also build each torch role's image with the Python package in DIR installed
 #               (images/task.Containerfile), tagged localhost/splitfed-TARGET:VERSION-NAME, NAME
-#               being DIR's name: the chart's image.tag for a task given as task.module
+#               being DIR's name: the chart's image.tag for a task given as task.module (with
+#               --cuda, the CUDA ones too, tagged VERSION-NAME-cuda)
 set -euo pipefail
 task_dir=
-case "${1:-}" in
-  --task) [ -d "${2:-}" ] || { echo "images: --task needs the package's folder, not '${2:-}'" >&2; exit 2; }
-          task_dir=$(cd "$2" && pwd) ;;
-  "") ;;
-  *) echo "usage: ci/images.sh [--task DIR]" >&2; exit 2 ;;
-esac
+cuda=false
+usage="usage: ci/images.sh [--cuda] [--task DIR]"
+while (($#)); do
+  case "$1" in
+    --task) [ -d "${2:-}" ] || { echo "images: --task needs the package's folder, not '${2:-}'" >&2; exit 2; }
+            task_dir=$(cd "$2" && pwd); shift 2 ;;
+    --cuda) cuda=true; shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 export CONTAINERS_CONF=$PWD/ci/containers.conf
 sudo=$([ "$(id -u)" = 0 ] || echo sudo)
@@ -78,47 +91,81 @@ fi
 
 ca_mount=()
 [ -f "$CA_BUNDLE" ] && ca_mount=(--volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
-build_args=(--format docker --network host --build-arg "BASE=$BASE" -f images/Containerfile "${ca_mount[@]}")
+# shellcheck source=ci/torch.env
+. ci/torch.env
+cpu_args=(--build-arg TORCH_VARIANT=cpu)
 wheel=$(find "$TORCH_WHEELS" -maxdepth 1 -name 'torch-*+cpu-*.whl' 2>/dev/null | sort | tail -n 1)
 if [ -n "$wheel" ]; then
   torch_version=$(basename "$wheel" | cut -d- -f2)
   echo "images: torch ${torch_version} from $wheel"
-  build_args+=(--volume "$TORCH_WHEELS:/mnt:ro" --build-arg TORCH_SOURCE=wheels
-               --build-arg "TORCH_VERSION=${torch_version%+cpu}")
+  cpu_args+=(--volume "$TORCH_WHEELS:/mnt:ro" --build-arg TORCH_SOURCE=wheels
+             --build-arg "TORCH_VERSION=${torch_version%+cpu}" --build-arg "TORCHVISION_VERSION=$(torchvision_for "$torch_version")")
 else
   echo "images: torch from PyTorch's CPU index (no CPU wheel in $TORCH_WHEELS)"
-  build_args+=(--build-arg TORCH_SOURCE=index)
+  cpu_args+=(--build-arg TORCH_SOURCE=index)
 fi
-build_args+=(--build-arg TORCH_VARIANT=cpu)
 
-times=()
-total_started=$SECONDS
-for target in "${CPU_TARGETS[@]}"; do
-  image=localhost/splitfed-$target
-  started=$SECONDS
-  "${podman[@]}" build "${build_args[@]}" --target "$target" -t "$image:$VERSION" -t "$image:latest" . \
-    > >(sed "s/^/[$target] /") 2>&1
-  times+=("$((SECONDS - started))")
+# The torch stage and the torch roles' targets: those from torch on in CPU_TARGETS.
+for i in "${!CPU_TARGETS[@]}"; do
+  if [ "${CPU_TARGETS[$i]}" = torch ]; then TORCH_TARGETS=("${CPU_TARGETS[@]:i}"); fi
 done
+built=()  # image:tag
+times=()  # seconds, by image
+
+# build SUFFIX TARGET...: each target of images/Containerfile, with the build arguments after
+# the common ones in "${variant_args[@]}", tagged :VERSION$SUFFIX and :latest$SUFFIX.
+build() {
+  local suffix=$1 target image started
+  shift
+  for target in "$@"; do
+    image=localhost/splitfed-$target
+    started=$SECONDS
+    "${podman[@]}" build --format docker --network host --build-arg "BASE=$BASE" -f images/Containerfile "${ca_mount[@]}" \
+      "${variant_args[@]}" --target "$target" -t "$image:$VERSION$suffix" -t "$image:latest$suffix" . \
+      > >(sed "s/^/[$target$suffix] /") 2>&1
+    built+=("$image:$VERSION$suffix")
+    times+=("$((SECONDS - started))")
+  done
+}
+
+total_started=$SECONDS
+variant_args=("${cpu_args[@]}")
+build "" "${CPU_TARGETS[@]}"
 echo "images: built ${#CPU_TARGETS[@]} images in $((SECONDS - total_started)) s"
+
+flavours=("")
+if $cuda; then
+  cuda_wheels=build/wheels-cuda
+  torchvision_version=$(torchvision_for "$CUDA_TORCH_VERSION")
+  echo "images: gathering torch $CUDA_TORCH_VERSION, torchvision $torchvision_version and their dependencies into $cuda_wheels"
+  mkdir -p "$cuda_wheels"
+  # For the base's Python (the virtual environment's), whichever this machine's is.
+  base_python=$("${podman[@]}" run --rm --network none "$BASE" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --python-version "$base_python" --dest "$cuda_wheels" \
+    "torch==$CUDA_TORCH_VERSION" "torchvision==$torchvision_version"
+  started=$SECONDS
+  variant_args=(--build-arg TORCH_VARIANT=cuda --build-arg TORCH_SOURCE=wheels --volume "$PWD/$cuda_wheels:/mnt:ro"
+                --build-arg "TORCH_VERSION=$CUDA_TORCH_VERSION" --build-arg "TORCHVISION_VERSION=$torchvision_version")
+  build -cuda "${TORCH_TARGETS[@]}"
+  echo "images: built ${#TORCH_TARGETS[@]} CUDA images in $((SECONDS - started)) s"
+  flavours+=(-cuda)
+fi
 
 if [ -n "$task_dir" ]; then
   task_name=$(basename "$task_dir" | tr 'A-Z_' 'a-z-')
-  after_torch=false  # the targets after torch in CPU_TARGETS are the torch roles', which run a task
-  for target in "${CPU_TARGETS[@]}"; do
-    if $after_torch; then
+  for suffix in "${flavours[@]}"; do
+    for target in "${TORCH_TARGETS[@]:1}"; do  # the torch roles', which run a task
       "${podman[@]}" build --format docker --network host -f images/task.Containerfile --build-arg "BASE=$BASE" "${ca_mount[@]}" \
-        --build-arg "ROLE_IMAGE=localhost/splitfed-$target:$VERSION" -t "localhost/splitfed-$target:$VERSION-$task_name" "$task_dir" \
-        > >(sed "s/^/[$target task] /") 2>&1
-    fi
-    if [ "$target" = torch ]; then after_torch=true; fi
+        --build-arg "ROLE_IMAGE=localhost/splitfed-$target:$VERSION$suffix" -t "localhost/splitfed-$target:$VERSION-$task_name$suffix" "$task_dir" \
+        > >(sed "s/^/[$target$suffix task] /") 2>&1
+    done
   done
-  echo "images: the torch roles' images with $task_dir installed are tagged :$VERSION-$task_name: give the chart that image.tag for each role, and task.module"
+  echo "images: the torch roles' images with $task_dir installed are tagged :$VERSION-$task_name$($cuda && echo " (and :$VERSION-$task_name-cuda)"):" \
+       "give the chart that image.tag for each role, and task.module"
 fi
 
-printf '\n%-40s %10s %8s\n' IMAGE SIZE_MB BUILD_S
-for i in "${!CPU_TARGETS[@]}"; do
-  image=localhost/splitfed-${CPU_TARGETS[$i]}:$VERSION
-  bytes=$("${podman[@]}" image inspect --format '{{.Size}}' "$image")
-  printf '%-40s %10d %8d\n' "$image" "$((bytes / 1000000))" "${times[$i]}"
+printf '\n%-46s %10s %8s\n' IMAGE SIZE_MB BUILD_S
+for i in "${!built[@]}"; do
+  bytes=$("${podman[@]}" image inspect --format '{{.Size}}' "${built[$i]}")
+  printf '%-46s %10d %8d\n' "${built[$i]}" "$((bytes / 1000000))" "${times[$i]}"
 done

@@ -89,9 +89,10 @@ cluster_args=(--kube-context "$context" --namespace "$namespace")
 #   hosts to show for it. With one node the chart uses classic queues.
 small=(--set fedavgServer.replicas=1 --set broker.rabbitmq.replicas=1)
 
-# A small FedAvg run: two workers on the GPU-like node (selector, toleration, GPU limit).
+# A small FedAvg run: two workers on the GPU-like node (selector, toleration, GPU limit); the node
+# has no real GPU, so they compute on its CPU (settings.device=cpu overrides gpu.enabled's cuda).
 "$splitfed" launch fedavg "${cluster_args[@]}" "${small[@]}" --name fl --dataset digits --workers 2 --partition iid --rounds 2 \
-  --set fedavgWorker.gpu.enabled=true --wait-timeout 900 --out "$results/fedavg.json"
+  --set fedavgWorker.gpu.enabled=true --set fedavgWorker.settings.device=cpu --wait-timeout 900 --out "$results/fedavg.json"
 worker_nodes=$(kubectl --context "$context" -n "$namespace" get pods \
   -l app.kubernetes.io/instance=fl,app.kubernetes.io/component=fedavg-worker -o jsonpath='{.items[*].spec.nodeName}')
 for node in $worker_nodes; do

@@ -22,8 +22,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# torch: the build these machines keep on disk (pip takes it from there; a CUDA build that runs on CPU too).
-.venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+# torch: the build these machines keep on disk (pip takes it from there; a CUDA build that runs on CPU
+# too), the one the -cuda images carry.
+# shellcheck source=ci/torch.env
+. ci/torch.env
+.venv/bin/pip install -q --disable-pip-version-check "torch==$CUDA_TORCH_VERSION" "torchvision==$(torchvision_for "$CUDA_TORCH_VERSION")"
 extras=learning,plots,cluster
 [ "$purpose" = test ] && extras=learning,plots,cluster,test
 .venv/bin/pip install -q --disable-pip-version-check -e ".[$extras]"

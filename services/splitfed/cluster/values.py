@@ -209,6 +209,10 @@ def chart_values(scenario: str, given: dict[str, Any], keys_secret: str | None =
     for name, value in given.items():
         if name in LOCAL or name == "via":
             continue
+        # An on/off flag has a value whether it was given or not: at its declared default it is
+        # left out, as an option not given is, so that the chart's and the roles' defaults apply.
+        if isinstance(value, bool) and value == declared_default(scenario, name):
+            continue
         if name in NOT_OFFERED:
             raise ValueError(f"--{name.replace('_', '-')} is not an option of splitfed launch: {NOT_OFFERED[name]}")
         if name == "session":
