@@ -149,6 +149,9 @@ if $cuda; then
   build -cuda "${TORCH_TARGETS[@]}"
   echo "images: built ${#TORCH_TARGETS[@]} CUDA images in $((SECONDS - started)) s"
   flavours+=(-cuda)
+  # What they must hold (the torch CUDA build, torchvision whole, each role's entrypoint): checked
+  # here, since `make test` builds no CUDA image and so its suite does not collect these checks.
+  .venv/bin/python -m pytest -q -p no:cacheprovider tests/images/check_cuda_images.py
 fi
 
 if [ -n "$task_dir" ]; then

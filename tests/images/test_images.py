@@ -34,7 +34,6 @@ CORE_MODULES = {RELAY: "splitfed.roles.split.relay", "split-fed": "splitfed.role
 NON_ROOT_UID = 10001
 
 
-CUDA = "-cuda"  # the tag suffix of the CUDA images (the chart's gpu.imageTagSuffix), built by ci/images.sh --cuda only
 
 
 def image(name: str, suffix: str = "") -> str:
@@ -182,35 +181,6 @@ print("built")
 def test_torch_image_builds_and_runs_torchvision_models(podman):
     result = run_in(podman, "torch", "-W", "error", "-c", TORCHVISION_MODELS, entrypoint="python")
     assert result.returncode == 0 and result.stdout.strip() == "built", result.stdout + result.stderr
-
-
-# -- the CUDA images (ci/images.sh --cuda: ~5 GB each, so not built for `make test`) -----------------
-
-
-@pytest.fixture(scope="session")
-def cuda_podman(podman) -> list[str]:
-    """podman, where the -cuda images are built; the tests that need them skip otherwise."""
-    missing = [image(name, CUDA) for name in ("torch", *TORCH_ROLES) if subprocess.run([*podman, "image", "exists", image(name, CUDA)]).returncode != 0]
-    if missing:
-        pytest.skip(f"the CUDA images are not built ({', '.join(missing)}): ci/images.sh --cuda")
-    return podman
-
-
-# torch's CUDA build with its libraries, and torchvision whole: its C++ operators load.
-CUDA_BUILD = "import torch, torchvision.extension as e; assert torch.version.cuda and e._has_ops(), (torch.version.cuda, e._has_ops()); print('cuda')"
-
-
-def test_cuda_image_carries_the_cuda_build_and_torchvision_whole(cuda_podman):
-    result = run_in(cuda_podman, "torch", "-c", CUDA_BUILD, entrypoint="python", suffix=CUDA)
-    assert result.returncode == 0 and result.stdout.strip() == "cuda", result.stdout + result.stderr
-    result = run_in(cuda_podman, "torch", "-W", "error", "-c", TORCHVISION_MODELS, entrypoint="python", suffix=CUDA)
-    assert result.returncode == 0 and result.stdout.strip() == "built", result.stdout + result.stderr
-
-
-@pytest.mark.parametrize("name", TORCH_ROLES)
-def test_cuda_role_images_start_their_role(cuda_podman, name):
-    config = json.loads(subprocess.run([*cuda_podman, "image", "inspect", image(name, CUDA)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
-    assert config["Entrypoint"] == ["splitfed", "serve", name] and config["User"] == f"{NON_ROOT_UID}:{NON_ROOT_UID}"
 
 
 @pytest.mark.parametrize("name", [*CORE_ROLES, *TORCH_ROLES])
