@@ -153,3 +153,20 @@ def test_a_batch_shares_one_body_and_signs_each_message_for_its_recipient(tmp_pa
     other.bind("run-1")
     assert other.receive(("model",), ("fedavg-server",), wait=0.5) is None
     assert rejected_count("fedavg-worker", SESSION, "replay") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("change", "session", "kinds"),
+    [
+        pytest.param(lambda h: h.update(kind="done"), SESSION, ("update", "done"), id="kind-relabelled"),
+        pytest.param(lambda h: h.update(session="sig-unit-other"), "sig-unit-other", ("update",), id="another-session"),
+    ],
+)
+def test_a_signed_frame_cannot_be_relabelled_or_replayed_into_another_session(parties, change, session, kinds):
+    """The signature covers kind and session too: a signed update neither passes as another kind
+    (a `done`) nor, replayed, in another session whose receiver trusts the same keys."""
+    key_list, signer = parties
+    endpoint = Endpoint(MemoryTransport(MemoryBroker()), session=session, role="fedavg-server", inbox=INBOX, trusted=key_list, ordered=False)
+    with pytest.raises(ProtocolError) as caught:
+        endpoint.validate(with_header(signed_frame(signer), change), kinds, None, None)
+    assert caught.value.reason == "signature"
