@@ -325,3 +325,27 @@ def test_a_peer_whose_classes_are_not_the_runs_is_refused_and_stops(tmp_path, ro
     accepted.send(LEAVE)
     thread.join(20)
     assert tracker.result()["refused"] == [name]
+
+
+def test_tracker_refuses_a_register_claiming_more_samples_than_its_key_allows(tmp_path):
+    """Peers weight each other's models by the samples the tracker lists: a claim above the key
+    list's max_samples is refused as `samples` and the claimant is not listed."""
+    session = "t-" + uuid.uuid4().hex[:8]
+    key_list = keys.generate(tmp_path / "keys", [TRACKER, "p2p-peer-0", "p2p-peer-1"], max_samples=50)
+    broker = MemoryBroker()
+    deployment = TrackerDeployment(session=session, key_list=key_list, private_key=tmp_path / "keys" / f"{TRACKER}.key", expect_peers=1, timeout=20)
+    tracker = Tracker(HyperedgeSettings(), deployment, MemoryTransport(broker), Identity.load(TRACKER, key_list, deployment.private_key))
+    thread = launch.RoleThread("tracker", tracker.run)
+    thread.start()
+    greedy, honest = (FakePeer(broker, session, name, tmp_path / "keys") for name in ("p2p-peer-0", "p2p-peer-1"))
+    before = rejected(session, "samples")
+    greedy.register()  # claims 100
+    nonce = uuid.uuid4().hex
+    honest.send(REGISTER, started=time.time(), samples=50, planned=1, nonce=nonce, fingerprint=FINGERPRINT)
+    answer = honest.members()  # the tracker reads its inbox in order: the greedy register was handled first
+    assert answer.meta["ref"] == nonce and set(answer.meta["peers"]) == {"p2p-peer-1"}
+    assert answer.meta["peers"]["p2p-peer-1"]["samples"] == 50
+    assert rejected(session, "samples") == before + 1
+    honest.send(LEAVE)
+    thread.join(30)
+    assert tracker.finished and "p2p-peer-0" not in tracker.members
