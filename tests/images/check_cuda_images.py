@@ -4,12 +4,11 @@ it once the images are built, where a missing image fails."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
 
-from tests.images.test_images import NON_ROOT_UID, TORCH_ROLES, TORCHVISION_MODELS, image, podman, run_in  # noqa: F401 (podman: the fixture)
+from tests.images.test_images import TORCH_ROLES, TORCHVISION_MODELS, assert_starts_its_role, image, podman, run_in  # noqa: F401 (podman: the fixture)
 
 CUDA = "-cuda"  # the tag suffix of the CUDA images (the chart's gpu.imageTagSuffix)
 
@@ -35,5 +34,4 @@ def test_cuda_image_carries_the_cuda_build_and_torchvision_whole(cuda_podman):
 
 @pytest.mark.parametrize("name", TORCH_ROLES)
 def test_cuda_role_images_start_their_role(cuda_podman, name):
-    config = json.loads(subprocess.run([*cuda_podman, "image", "inspect", image(name, CUDA)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
-    assert config["Entrypoint"] == ["splitfed", "serve", name] and config["User"] == f"{NON_ROOT_UID}:{NON_ROOT_UID}"
+    assert_starts_its_role(cuda_podman, name, CUDA)

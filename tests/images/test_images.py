@@ -185,7 +185,12 @@ def test_torch_image_builds_and_runs_torchvision_models(podman):
 
 @pytest.mark.parametrize("name", [*CORE_ROLES, *TORCH_ROLES])
 def test_role_images_start_their_role(podman, name):
-    config = json.loads(subprocess.run([*podman, "image", "inspect", image(name)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
+    assert_starts_its_role(podman, name)
+
+
+def assert_starts_its_role(podman: list[str], name: str, suffix: str = "") -> None:
+    """The image of role `name` runs `splitfed serve ROLE` as the non-root user."""
+    config = json.loads(subprocess.run([*podman, "image", "inspect", image(name, suffix)], capture_output=True, text=True, check=True).stdout)[0]["Config"]
     assert config["Entrypoint"] == ["splitfed", "serve", name] and config["User"] == f"{NON_ROOT_UID}:{NON_ROOT_UID}"
 
 

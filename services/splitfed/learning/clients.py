@@ -14,7 +14,8 @@ from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.device import Compute, to_numpy
+from splitfed.learning.device import Compute
+from splitfed.learning.peers import state_of
 from splitfed.learning.settings import DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts
@@ -138,17 +139,13 @@ def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.opti
         client.opt.step()
 
 
-def _numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
-    return {k: to_numpy(v).copy() for k, v in module.state_dict().items()}
-
-
 def _average_into(groups: list[list[nn.Module]], weights: list[int], last: list[dict[str, np.ndarray]] | None, lr: float) -> list[dict[str, np.ndarray]]:
     """Every member's modules (module by module) restart from the weighted average of all
     members', stepped by `lr` from the `last` average (None: this is the first), as the fed (client
     halves) and the split server (splitfed-v1's server halves) do. Returns the new ones."""
     new = []
     for position in range(len(groups[0])):
-        average = weighted_average([_numpy_state(group[position]) for group in groups], weights)
+        average = weighted_average([state_of(group[position]) for group in groups], weights)
         if last is not None:
             average = step_towards(last[position], average, lr)
         for group in groups:

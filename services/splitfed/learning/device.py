@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from splitfed.errors import DeviceError
+from splitfed.learning.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ class Compute:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     @classmethod
-    def of(cls, settings: object) -> Compute:
-        """The compute that learning settings (any with `device` and `precision`) ask for."""
-        return cls(resolve(getattr(settings, "device")), getattr(settings, "precision"))
+    def of(cls, settings: ModelSettings) -> Compute:
+        """The compute that learning settings ask for."""
+        return cls(resolve(settings.device), settings.precision)
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
@@ -102,8 +103,8 @@ CPU = Compute(torch.device("cpu"))
 
 def to_numpy(tensor: torch.Tensor, wire_dtype: str | None = None) -> np.ndarray:
     """`tensor` as numpy (for a frame, or numpy's averaging), in `wire_dtype` (None: its own).
-    Cast on the device (half the bytes cross the bus in bf16), then copied into pinned host memory without stalling the GPU's stream:
-    only this thread waits, for this copy."""
+    Cast on the device (half the bytes cross the bus in bf16), then copied into pinned host memory
+    without stalling the GPU's stream: only this thread waits, for this copy."""
     tensor = tensor.detach() if wire_dtype is None else tensor.detach().to(DTYPES[wire_dtype])
     if tensor.device.type != "cpu":
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
@@ -120,7 +121,7 @@ def to_numpy(tensor: torch.Tensor, wire_dtype: str | None = None) -> np.ndarray:
 
 
 def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Named tensors (a state dict) as numpy, for a frame."""
+    """Named tensors (a state dict) as numpy, for a frame (on the CPU, views of the tensors)."""
     return {name: to_numpy(value) for name, value in state.items()}
 
 

@@ -27,7 +27,7 @@ import torch
 
 from splitfed.learning import train
 from splitfed.learning.averaging import step_towards, weighted_average
-from splitfed.learning.device import to_numpy
+from splitfed.learning.device import numpy_state
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.split.common import ACTIVATIONS, CLOSED, HANDED, TRAINED, TURN
@@ -180,10 +180,10 @@ class SplitFedV1(Periods):
         """Every client's copy of the layers restarts from their average, weighted by the samples
         each trained on, stepped by --fed-lr from the last average (as the fed steps the client
         halves: the run's first averaging is the average itself)."""
-        states = [{k: to_numpy(v) for k, v in s.body.state_dict().items()} for s in included]
+        states = [numpy_state(s.body.state_dict()) for s in included]
         average = weighted_average(states, [s.samples for s in included])
         if self.averaged:
-            average = step_towards({k: to_numpy(v) for k, v in server.body.state_dict().items()}, average, self.settings.fed_lr)
+            average = step_towards(numpy_state(server.body.state_dict()), average, self.settings.fed_lr)
         self.averaged = True
         average = {k: torch.from_numpy(v) for k, v in average.items()}
         server.body.load_state_dict(average)
