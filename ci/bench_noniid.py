@@ -24,8 +24,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.learning import federated
-from splitfed.learning.settings import FederatedSettings
+from splitfed.learning import federated, peers
+from splitfed.learning.settings import FederatedSettings, P2PSettings, SMPLSettings, TrainSettings
+from splitfed.learning.tasks import Task
+from splitfed.scenarios import centralized
 
 # Candidates per strategy, tried on the held-out split; the best of each goes into the table.
 CANDIDATES: dict[str, list[dict]] = {
@@ -106,6 +108,88 @@ def table(args: argparse.Namespace) -> None:
             json.dump(rows, handle, indent=2)
 
 
+# -- decentralized peers under label skew ---------------------------------------------------------
+
+# Candidates per method for the peers, tried on held-out training data (`peers-tune`); the table runs each method's first.
+PEER_CANDIDATES: dict[str, list[dict]] = {
+    "plain": [{}],
+    "syncs": [{"syncs_per_epoch": 8}, {"syncs_per_epoch": 16}],
+    "syncs+prox": [{"syncs_per_epoch": 8, "prox_mu": 0.01}, {"syncs_per_epoch": 8, "prox_mu": 0.1}],
+    "syncs+lc": [{"syncs_per_epoch": 8, "lc_tau": 1.0}, {"syncs_per_epoch": 8, "lc_tau": 2.0}],
+}
+SMPL_SETTINGS = {"hyperedge_size": 2, "async_global": False, "async_local": False}  # global rounds: what the one-process SMPL run computes
+PEER_PARTITIONS = ["classes:0-2,3-5,6-7,8-9", "dirichlet:0.3", "iid"]
+
+
+def peer_run(protocol: str, partition: str, params: dict, holdout: int = 0, epochs: int = 4) -> dict:
+    """{"accuracy": the peers' mean final accuracy, "spread": max - min} of the one-process run,
+    which the distributed run equals (tests/unit/test_peer_drift.py)."""
+    common = dict(dataset="fashion-mnist", peers=4, partition=partition, holdout=holdout)
+    if protocol == "p2p":
+        result = peers.in_memory_run(P2PSettings(**common, epochs=epochs, **params))
+        return {"accuracy": result["accuracy"], "spread": 0.0}  # in lock step every peer holds the same model
+    result = peers.smpl_in_memory_run(SMPLSettings(**common, hyperepochs=epochs, **SMPL_SETTINGS, **params))
+    return {"accuracy": result["accuracy"], "spread": result["spread"]}
+
+
+def model_bytes() -> int:
+    """The cnn's parameters and buffers in float32, as a model or a whole change travels."""
+    settings = P2PSettings(dataset="fashion-mnist", limit=100, test_limit=100)
+    model = Task(settings).model(peers.peer_context(settings, "p2p-peer", 0))
+    return sum(value.numel() * value.element_size() for value in model.state_dict().values())
+
+
+def bytes_per_peer_epoch(protocol: str, params: dict, size: int) -> float:
+    """What a peer sends per epoch, counted from its messages (their framing adds well under 1%):
+    p2p, its model to the 3 others at every synchronisation; SMPL, at each of its hyperedges its
+    whole change to the other member, and half the time (as the source) the start model."""
+    syncs = params.get("syncs_per_epoch", 1)
+    if protocol == "p2p":
+        return syncs * 3 * size
+    members = SMPL_SETTINGS["hyperedge_size"]
+    return syncs * (members - 1) * (1 + 1 / members) * size
+
+
+def peers_tune(args: argparse.Namespace) -> None:
+    for protocol in args.protocols:
+        for method, candidates in PEER_CANDIDATES.items():
+            if args.methods and method not in args.methods:
+                continue
+            for params in candidates:
+                started = time.perf_counter()
+                figures = peer_run(protocol, args.partition, params, args.holdout, args.epochs)
+                Console().print(f"{protocol} {method} {json.dumps(params)}: held-out accuracy {figures['accuracy']:.4f} spread {figures['spread']:.4f} "
+                                f"({time.perf_counter() - started:.0f}s)", highlight=False)
+
+
+def peers_table(args: argparse.Namespace) -> None:
+    rows, size = [], model_bytes()
+    out = Table(title="4 peers, fashion-mnist, 4 epochs: the peers' mean final test accuracy and its spread (max - min)")
+    for column in ("partition", "run", "method", "settings", "accuracy", "spread", "MB sent per peer per epoch"):
+        out.add_column(column)
+    for partition in args.partitions:
+        for protocol in args.protocols:
+            for method, candidates in PEER_CANDIDATES.items():
+                if partition == "iid" and method not in ("plain", args.iid_method):
+                    continue
+                params = candidates[0]
+                figures = peer_run(protocol, partition, params)
+                sent = bytes_per_peer_epoch(protocol, params, size) / 1e6
+                rows.append({"partition": partition, "run": protocol, "method": method, "settings": params, **figures, "mb_per_peer_epoch": sent})
+                out.add_row(partition, protocol, method, json.dumps(params), f"{figures['accuracy']:.4f}", f"{figures['spread']:.4f}", f"{sent:.1f}")
+                Console().print(f"{partition} {protocol} {method}: {figures['accuracy']:.4f} (spread {figures['spread']:.4f})", highlight=False)
+        fedavg = run("fashion-mnist", partition, 4, 4, "fedavg", {})
+        rows.append({"partition": partition, "run": "fedavg", "method": "fedavg, 4 rounds of 1 epoch", "accuracy": fedavg[-1]})
+        out.add_row(partition, "fedavg", "4 workers, 4 rounds of 1 epoch", "{}", f"{fedavg[-1]:.4f}", "-", "-")
+    central = centralized.train_here(TrainSettings(dataset="fashion-mnist", epochs=4), centralized.CentralizedRun())
+    rows.append({"partition": "-", "run": "centralized", "accuracy": central["accuracy"]})
+    out.add_row("(all data)", "centralized", "4 epochs", "{}", f"{central['accuracy']:.4f}", "-", "-")
+    Console().print(out)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +206,20 @@ def main() -> None:
     final.add_argument("--settings", help="JSON {strategy: settings} printed by `tune` (default: each strategy's first candidate)")
     final.add_argument("--setups", type=int, nargs="*", default=list(range(len(SETUPS))), help="indices into SETUPS (default: all)")
     final.add_argument("--out")
+    peer_tuning = commands.add_parser("peers-tune", help="p2p and SMPL: each method's candidates scored on held-out training data")
+    peer_tuning.add_argument("--partition", default="classes:0-2,3-5,6-7,8-9")
+    peer_tuning.add_argument("--holdout", type=int, default=10000)
+    peer_tuning.add_argument("--epochs", type=int, default=4)
+    peer_tuning.add_argument("--protocols", nargs="*", default=["p2p", "smpl"])
+    peer_tuning.add_argument("--methods", nargs="*", help="only these of PEER_CANDIDATES")
+    peer_table = commands.add_parser("peers", help="p2p and SMPL: each method's chosen settings on the test set, beside fedavg and centralized")
+    peer_table.add_argument("--partitions", nargs="*", default=PEER_PARTITIONS)
+    peer_table.add_argument("--protocols", nargs="*", default=["p2p", "smpl"])
+    peer_table.add_argument("--iid-method", default="syncs+lc", help="the method run on iid besides plain")
+    peer_table.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"tune": tune, "table": table}[args.command](args)
+    {"tune": tune, "table": table, "peers-tune": peers_tune, "peers": peers_table}[args.command](args)
 
 
 if __name__ == "__main__":

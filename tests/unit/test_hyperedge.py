@@ -213,14 +213,16 @@ def test_wire_round_trip_reconstructs_the_kept_entries():
     delta = {"w": rng.normal(size=(8, 16)).astype(np.float32), COUNTER: np.array(2, np.int64)}
     sparse = sparsify(delta, 0.9)
     wire = to_wire(sparse)
-    assert set(wire) == {"w/indices", "w/values", f"{COUNTER}/indices", f"{COUNTER}/values"}
+    assert set(wire) == {"w/indices", "w/values", f"{COUNTER}/values"}  # the counter goes whole: its values alone
     dense = densify(from_wire(wire), layout_of(delta))
     kept = sparse["w"][0]
     assert dense["w"].dtype == np.float32 and dense["w"].shape == (8, 16)
     assert np.array_equal(dense["w"].reshape(-1)[kept], delta["w"].reshape(-1)[kept])
     assert np.count_nonzero(dense["w"]) == kept.size == 13
     assert dense[COUNTER] == 2
-    exact = densify(from_wire(to_wire(sparsify(delta, 0.0))), layout_of(delta))
+    whole = to_wire(sparsify(delta, 0.0))
+    assert set(whole) == {"w/values", f"{COUNTER}/values"}  # nothing left out: no indices travel
+    exact = densify(from_wire(whole), layout_of(delta))
     assert all(np.array_equal(exact[n], delta[n]) for n in delta)
 
 
@@ -262,6 +264,10 @@ def hostile_cases():
     yield "strictly increasing", {"w": (np.array([4, 0], np.int64), good[1])}, layout
     yield "non-finite", {"w": (good[0], np.array([1.0, np.inf], np.float32))}, layout
     yield "non-finite", {"w": (good[0], np.array([np.nan, 1.0], np.float32))}, layout
+    yield "sent whole has 6 values", {"w": (None, good[1])}, layout
+    yield "sent whole has 6 values", {"w": (None, np.zeros((2, 3), np.float32))}, layout
+    yield "float32", {"w": (None, np.zeros(6, np.float64))}, layout
+    yield "non-finite", {"w": (None, np.full(6, np.nan, np.float32))}, layout
 
 
 @pytest.mark.parametrize(("message", "sparse", "layout"), list(hostile_cases()))
@@ -280,13 +286,13 @@ def test_densify_accepts_the_good_case_and_empty_tensors():
     "tensors",
     [
         {"w/indices": np.zeros(1, np.int64)},
-        {"w/values": np.zeros(1, np.float32)},
+        {"w/indices": np.zeros(1, np.int64), "v/values": np.zeros(1, np.float32)},
         {"w/indices": np.zeros(1, np.int64), "w/values": np.zeros(1), "w/extra": np.zeros(1)},
         {"w": np.zeros(1)},
         {"/values": np.zeros(1), "/indices": np.zeros(1, np.int64)},
     ],
 )
-def test_from_wire_rejects_names_that_do_not_pair(tensors):
+def test_from_wire_rejects_names_that_are_not_values_with_or_without_indices(tensors):
     with pytest.raises(ValueError):
         from_wire(tensors)
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from splitfed.learning import data, federated, models
+from splitfed.learning import data, federated, models, objectives
 from splitfed.learning import strategies as st
 from splitfed.learning.settings import STRATEGIES, FederatedSettings
 
 
 def test_offsets_follow_the_label_counts_and_guard_absent_classes():
     share = data.Samples(torch.zeros(6, 1, 8, 8), torch.tensor([0, 0, 0, 0, 2, 2]))  # 4 of class 0, none of 1, 2 of class 2
-    offsets = federated.calibration_offsets(share, 4, 2.0)
+    offsets = objectives.calibration_offsets(share, 4, 2.0)
     expected = [2.0 * 4**-0.25, 2.0, 2.0 * 2**-0.25, 2.0]  # n_c = 0 counts as 1
     np.testing.assert_allclose(offsets.numpy(), expected, rtol=1e-6)
 

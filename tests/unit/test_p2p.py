@@ -40,8 +40,8 @@ DIGITS = dict(dataset="digits", batch_size=32, lr=3e-3)
 # -- staleness ------------------------------------------------------------------------------
 
 
-def model(sender: str, epoch: int, samples: int = 100) -> Received:
-    return Received(sender, epoch, samples, {"w": np.full(2, float(epoch), np.float32)})
+def model(sender: str, sync: int, samples: int = 100) -> Received:
+    return Received(sender, sync, samples, {"w": np.full(2, float(sync), np.float32)})
 
 
 def test_stale_models_are_discounted_then_dropped_and_models_ahead_count_in_full():
@@ -243,8 +243,8 @@ def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_pa
     impostor = Endpoint(MemoryTransport(broker), session=session, role=P2P_PEER, inbox=peer_queue(session, "x"), name=TRACKER, ordered=False)
     tiny = {"1.weight": np.zeros((10, 64), np.float32), "1.bias": np.zeros(10, np.float32)}  # the tiny model on digits: flatten, linear
 
-    def model_from(peer: FakePeer, tensors: dict, epoch: int) -> None:
-        peer.endpoint.send(inbox, MODEL, tensors, incarnation=peer.incarnation, epoch=epoch)
+    def model_from(peer: FakePeer, tensors: dict, sync: int) -> None:
+        peer.endpoint.send(inbox, MODEL, tensors, incarnation=peer.incarnation, sync=sync)
 
     def attack() -> None:
         listed.register()
@@ -256,7 +256,7 @@ def test_hostile_frames_in_a_peers_queue_are_refused_and_the_run_finishes(tmp_pa
         model_from(listed, {"1.weight": np.zeros((10, 63), np.float32), "1.bias": np.zeros(10, np.float32)}, 1)
         model_from(listed, {name: np.full_like(value, np.nan) for name, value in tiny.items()}, 1)
         model_from(listed, tiny, 1)  # a good one: taken
-        model_from(listed, tiny, 1)  # the same epoch again
+        model_from(listed, tiny, 1)  # the same synchronisation again
         listed.send(LEAVE)
 
     reasons = ("malformed", "evicted", "unsigned", "shape", "nonfinite", "duplicate")

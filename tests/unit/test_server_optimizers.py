@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitfed.learning import data, federated, models
+from splitfed.learning import data, federated, models, objectives
 from splitfed.learning import strategies as st
 from splitfed.learning.settings import FederatedSettings
 
@@ -120,7 +120,7 @@ def test_fedrs_scales_only_the_logits_of_absent_classes():
     share = data.load("digits", train=True, limit=200)
     mine = share.labels < 4
     only_low = data.Samples(share.images[mine], share.labels[mine])
-    factors = federated.absent_class_scale(only_low, 10, 0.3)
+    factors = objectives.absent_class_scale(only_low, 10, 0.3)
     assert torch.equal(factors, torch.tensor([1.0] * 4 + [0.3] * 6))
     assert build("fedrs", rs_alpha=0.3).recipe.absent_scale == 0.3 and build("fedavg").recipe.absent_scale == 1.0
     # Scale 1 is plain training; a smaller one trains differently on the same batches.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from splitfed.errors import TaskError
-from splitfed.learning import calibration, data, models, strategies, train
+from splitfed.learning import calibration, data, models, objectives, strategies, train
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.device import CPU, Compute
 from splitfed.learning.tasks import Task
@@ -165,21 +165,6 @@ def last_layer(model: nn.Module) -> list[str]:
     return [f"{owners[-1]}.{name}" for name, _ in dict(model.named_modules())[owners[-1]].named_parameters(recurse=False)]
 
 
-def absent_class_scale(share: data.Samples, classes: int, scale: float) -> torch.Tensor:
-    """(classes,): 1 for the classes in `share`, `scale` for the others."""
-    factors = torch.full((classes,), scale, device=share.device)
-    factors[share.labels.unique()] = 1.0
-    return factors
-
-
-def calibration_offsets(share: data.Samples, classes: int, tau: float) -> torch.Tensor:
-    """(classes,): FedLC's logit calibration tau * n_c^(-1/4) from the share's label counts n_c,
-    subtracted from the logits in the local loss. A class the share holds no sample of counts as
-    one sample (the guard against n_c = 0): its logits are pushed down the most, by tau."""
-    counts = torch.bincount(share.labels, minlength=classes).to(share.device, torch.float32)  # (classes,)
-    return tau * counts.clamp(min=1.0).pow(-0.25)
-
-
 @dataclass
 class LocalWork:
     loss: float  # mean training loss of the round
@@ -209,24 +194,22 @@ def local_training(
     head = set(last_layer(model)) if recipe.frozen_head else set()
     trained = [p for name, p in model.named_parameters() if name not in head]
     opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
-    anchor = [p.detach().clone() for p in model.parameters()] if recipe.prox_mu > 0 else None
+    proximal = objectives.Proximal(model, recipe.prox_mu) if recipe.prox_mu > 0 else None
     classes = models.output_shape(model, tuple(share.images.shape[1:]))[0]  # the model's logits: one per class
-    logit_scale = absent_class_scale(share, classes, recipe.absent_scale) if recipe.absent_scale != 1.0 else None  # (classes,)
-    offsets = calibration_offsets(share, classes, recipe.calibration_tau) if recipe.calibration_tau > 0 else None  # (classes,)
+    local_loss = objectives.adjusted(
+        loss_of,
+        objectives.absent_class_scale(share, classes, recipe.absent_scale) if recipe.absent_scale != 1.0 else None,  # (classes,)
+        objectives.calibration_offsets(share, classes, recipe.calibration_tau) if recipe.calibration_tau > 0 else None,  # (classes,)
+    )
     losses = []
     model.train()
     for indices in batches:
         opt.zero_grad(set_to_none=True)
         images, labels = share.batch(indices)  # (B, C, H, W), (B,) on the device
         with compute.autocast():
-            logits = model(images)  # (B, classes)
-            if logit_scale is not None:
-                logits = logits * logit_scale
-            if offsets is not None:
-                logits = logits - offsets
-            loss = loss_of(logits, labels)
-        if anchor is not None:
-            loss = loss + recipe.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = local_loss(model(images), labels)
+        if proximal is not None:
+            loss = loss + proximal()
         compute.backward(loss)
         if correction is not None:
             if compute.scaler:  # the correction is added to true gradients, not scaled ones

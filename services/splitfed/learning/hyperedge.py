@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 
 from splitfed.learning.averaging import weighted_average
 
 State = dict[str, np.ndarray]
-Sparse = dict[str, tuple[np.ndarray, np.ndarray]]
+Sparse = dict[str, tuple[np.ndarray | None, np.ndarray]]  # name -> (flat indices, or None for the whole tensor; values)
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype name, shape)
 
 
@@ -95,6 +96,10 @@ def densify(sparse: Sparse, layout: Layout) -> State:
     for name, (dtype_name, shape) in layout.items():
         indices, values = sparse[name]
         dtype, size = np.dtype(dtype_name), math.prod(shape)
+        if indices is None:  # sent whole
+            if not isinstance(values, np.ndarray) or values.shape != (size,):
+                raise ValueError(f"{name!r}: a tensor sent whole has {size} values")
+            indices = np.arange(size, dtype=np.int64)
         if not isinstance(indices, np.ndarray) or indices.dtype != np.int64 or indices.ndim != 1:
             raise ValueError(f"{name!r}: indices must be a 1-D int64 array")
         if not isinstance(values, np.ndarray) or values.dtype != dtype or values.ndim != 1:
@@ -114,25 +119,40 @@ def densify(sparse: Sparse, layout: Layout) -> State:
 
 
 def to_wire(sparse: Sparse) -> State:
-    """Flat tensors for a tensor file: NAME/indices and NAME/values."""
+    """Flat tensors for a tensor file: NAME/indices and NAME/values, or NAME/values alone for a
+    tensor sent whole (its indices would be 0..size-1: twice the bytes of float32 values, for nothing)."""
     wire = {}
     for name, (indices, values) in sparse.items():
-        wire[f"{name}/indices"], wire[f"{name}/values"] = indices, values
+        if not (indices.size and indices[-1] == indices.size - 1):  # strictly increasing from 0: the last is size - 1 only if all are there
+            wire[f"{name}/indices"] = indices
+        wire[f"{name}/values"] = values
     return wire
 
 
 def from_wire(tensors: State) -> Sparse:
-    """The inverse of `to_wire`; every name must be NAME/indices or NAME/values, in pairs."""
+    """The inverse of `to_wire`: every name must be NAME/values, with or without its NAME/indices
+    (without: the tensor whole, which `densify` holds to its size)."""
     parts: dict[str, dict[str, np.ndarray]] = {}
     for key, array in tensors.items():
         name, _, part = key.rpartition("/")
         if not name or part not in ("indices", "values"):
             raise ValueError(f"{key!r} is neither NAME/indices nor NAME/values")
         parts.setdefault(name, {})[part] = array
-    unpaired = sorted(name for name, pair in parts.items() if len(pair) != 2)
+    unpaired = sorted(name for name, pair in parts.items() if "values" not in pair)
     if unpaired:
-        raise ValueError(f"tensors without both indices and values: {unpaired}")
-    return {name: (pair["indices"], pair["values"]) for name, pair in parts.items()}
+        raise ValueError(f"indices without values: {unpaired}")
+    return {name: (pair.get("indices"), pair["values"]) for name, pair in parts.items()}
+
+
+def draw_members(waiting: list[str], size: int, rng: random.Random, acceptable: Callable[[list[str]], bool], tries: int) -> list[str] | None:
+    """`size` of the `waiting` peers: the first of them (the longest waiting) and size - 1 others
+    drawn at random, redrawn up to `tries` times until `acceptable`; None if no draw was."""
+    first, *others = waiting
+    for _ in range(tries):
+        members = [first, *rng.sample(sorted(others), size - 1)]
+        if acceptable(members):
+            return members
+    return None
 
 
 def choose_start(losses: dict[str, float], epsilon: float, rng: random.Random) -> str:

@@ -221,11 +221,22 @@ class SplitNNSettings(SplitSettings):
 
 
 @dataclass(kw_only=True)
-class PeerSettings(ModelSettings):
+class Holdout:
+    holdout: int = setting(0, "Keep the last N training samples from the parties that train and score on them instead of the test set (to tune without the test set).", min=0)
+
+
+@dataclass(kw_only=True)
+class PeerSettings(Holdout, ModelSettings):
     """Decentralized training: --peers data owners, no server; what every peer shares."""
 
     peers: int = setting(4, "Peers the training data is shared out among (each holds one share; a peer's --peer-index says which).", min=1)
     partition: str = setting("iid", "How the training data is shared out among the peers: iid | classes:0-3,4-6,7-9 | dirichlet:ALPHA | shards:K.")
+    syncs_per_epoch: int = setting(1, "Times per local epoch a peer synchronises (p2p: averages with the live peers; SMPL: closes a hyperedge): "
+                                      "more often keeps label-skewed peers from drifting apart, at more traffic.", min=1)
+    prox_mu: float = setting(0.0, "Drift correction: the proximal term mu/2 * ||w - w_last||^2 in the local loss keeps a peer near the model of its "
+                                  "last synchronisation (0: off).", min=0.0)
+    lc_tau: float = setting(0.0, "Drift correction: each peer subtracts lc_tau * n_c^(-1/4) from the logit of each class c it holds n_c samples of "
+                                 "(n_c = 0 counts as 1) in its local loss, calibrating it by its own label counts (0: off).", min=0.0)
 
     def __post_init__(self) -> None:
         self.check_partition(self.peers)
@@ -235,9 +246,11 @@ class PeerSettings(ModelSettings):
 class P2PSettings(PeerSettings):
     """P2P averaging: after each local epoch a peer sends its model to every live peer and averages what has arrived."""
 
-    epochs: int = setting(3, "Local epochs each peer trains; it averages after every one.", min=1)
-    max_staleness: int = setting(2, "Models more than this many epochs behind the receiving peer are dropped, not averaged.", min=0)
-    staleness_discount: float = setting(0.5, "A model s epochs behind the receiving peer counts with weight samples * discount^s.", min=0.0, max=1.0)
+    epochs: int = setting(3, "Local epochs each peer trains; it averages --syncs-per-epoch times in each.", min=1)
+    max_staleness: int = setting(2, "Models more than this many synchronisations behind the receiving peer are dropped, not averaged.", min=0)
+    staleness_discount: float = setting(0.5, "A model s synchronisations behind the receiving peer counts with weight samples * discount^s.", min=0.0, max=1.0)
+    sync_wait: float = setting(0.0, "Seconds a peer waits at each synchronisation for the models of the run's other peers that it has not heard "
+                                    "from yet (peers that left or were evicted are not waited for); 0: it never waits and averages what has arrived.", min=0.0)
 
 
 LOCAL_PARALLEL = ("hogwild", "sgd")
@@ -263,7 +276,7 @@ class HyperedgeSettings:
 class SMPLSettings(PeerSettings, HyperedgeSettings):
     """SMPL (simultaneous multi-party learning): peers train in random hyperedges of --hyperedge-size and synchronise inside each."""
 
-    hyperepochs: int = setting(3, "Hyperedges each peer trains in (one local epoch over its share in each).", min=1)
+    hyperepochs: int = setting(3, "Local epochs each peer trains, in --syncs-per-epoch hyperedges each.", min=1)
     sparsity: float = setting(0.0, "Fraction of each parameter change not sent (top-k by magnitude; the rest stays with the peer).", min=0.0, max=0.999)
     local_parallel: str = setting("sgd", "hogwild: --local-workers threads update the peer's model without locks; sgd: one loop.", choices=LOCAL_PARALLEL)
     local_workers: int = setting(2, "Threads training the peer's model with --local-parallel hogwild.", min=1)
@@ -279,7 +292,7 @@ class SMPLSettings(PeerSettings, HyperedgeSettings):
 
 
 @dataclass(kw_only=True)
-class PartitionSettings(ModelSettings):
+class PartitionSettings(Holdout, ModelSettings):
     """What a federated worker needs: which share of the data is its own, and its local work."""
 
     workers: int = setting(3, "Number of workers (each holds one share of the training data).", min=1)
@@ -287,7 +300,6 @@ class PartitionSettings(ModelSettings):
     local_epochs: int = setting(1, "Local epochs per round on each worker.", min=1)
     local_steps: int | None = setting(None, "Local optimiser steps per round instead of --local-epochs.", min=1)
     lr_decay: float = setting(1.0, "Workers' learning rate in round r is lr * lr_decay^(r-1).", min=0.0, max=1.0)
-    holdout: int = setting(0, "Keep the last N training samples from the workers and evaluate on them instead of the test set (to tune without the test set).", min=0)
 
     def __post_init__(self) -> None:
         self.check_partition(self.workers)

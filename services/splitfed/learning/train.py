@@ -98,11 +98,16 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: Samples, bat
     return Evaluation(counts.accuracy, counts.loss)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss_of: Loss = loss_fn, compute: Compute = CPU) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, loss_of: Loss = loss_fn, compute: Compute = CPU,
+               penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step on `loss_of` over the batch, plus `penalty()` (a term on the parameters,
+    such as a proximal one) where given; the loss stepped on."""
     model.train()
     opt.zero_grad(set_to_none=True)
     with compute.autocast():
         loss = loss_of(model(images), labels)
+    if penalty is not None:
+        loss = loss + penalty()
     compute.backward(loss)
     compute.step(opt)
     return loss.item()

@@ -7,7 +7,7 @@ tracker --refused{ref, fingerprint}--> a peer whose fingerprint is not the run's
 peer    --heartbeat{incarnation, epoch}--> tracker        every --peer-timeout / 3 seconds
 peer    --report{incarnation, epoch, ...}--> tracker       after each epoch or hyperedge (accuracy before and after, on its test_samples)
 peer    --leave{incarnation}--> tracker                    at its end
-p2p:    peer --model{incarnation, epoch, samples}--> every live peer;  peer --fetch{nonce}--> peer --model{ref}--> joiner
+p2p:    peer --model{incarnation, sync}--> every live peer, --syncs-per-epoch times an epoch;  peer --fetch{nonce}--> peer --model{sync, ref}--> joiner
 smpl:   peer --want{loss}--> tracker --hyperedge{edge, members, source}--> members;
         source --start{edge}--> members;  member --delta{edge, samples}--> members
 """

@@ -1,7 +1,7 @@
 """How the tracker draws SMPL's hyperedges: peers that are free for another hyperedge say so
 (`want`, with their validation loss); once --hyperedge-size of them are waiting (asynchronously),
 or once every live peer is (--no-async-global: global rounds), the tracker draws a hyperedge of
-them with a seeded generator, picks whose model it starts from (--epsilon: the best member's,
+them with a seeded generator (in global rounds, in the order of the peers' names), picks whose model it starts from (--epsilon: the best member's,
 else a random member's), and tells each member (`hyperedge{edge, members, source}`). A member
 reports when its part is done (`report{edge}`); the hyperedge closes when every member that is
 still live has reported. No torch: the tracker trains nothing."""
@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from splitfed.learning.hyperedge import choose_start
+from splitfed.learning.hyperedge import choose_start, draw_members
 from splitfed.learning.settings import HyperedgeSettings
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.p2p.common import HYPEREDGE, finite
@@ -28,10 +28,12 @@ class Edge:
 
 
 class Matchmaker:
-    def __init__(self, settings: HyperedgeSettings, send: Callable[..., None]):
-        """`send(name, kind, **meta)` delivers to one peer."""
+    def __init__(self, settings: HyperedgeSettings, send: Callable[..., None], expected: int = 0):
+        """`send(name, kind, **meta)` delivers to one peer; `expected`: the peers the run expects
+        (0: unknown), whom global rounds wait for before the first draw."""
         self.settings = settings
         self.send = send
+        self.expected = expected
         self.rng = random.Random(f"splitfed-smpl/{settings.seed}")
         self.waiting: dict[str, float] = {}  # peer -> its validation loss, in the order they asked
         self.edges: dict[str, Edge] = {}  # open hyperedges by id
@@ -76,12 +78,15 @@ class Matchmaker:
 
     def form(self, live: set[str], registered: int) -> None:
         """Draw hyperedges while enough peers wait: at once (asynchronous), or only when every
-        live peer waits (global rounds), and then as many as fit. Once the session has had
+        live peer waits and every expected peer has registered (global rounds), and then as many as fit. Once the session has had
         --hyperedge-size peers and fewer are live (the others finished or died), hyperedges shrink
         to the live peers, down to one peer training alone, so nobody waits for peers that are gone."""
         size = self.settings.hyperedge_size if registered < self.settings.hyperedge_size else max(1, min(self.settings.hyperedge_size, len(live)))
-        if not self.settings.async_global and not (live and live <= set(self.waiting)):
-            return
+        if not self.settings.async_global:
+            if not (live and live <= set(self.waiting)) or registered < self.expected:
+                return
+            # A round's draws follow the peers' names, not the order their wants came in: seeded, they repeat.
+            self.waiting = dict(sorted(self.waiting.items()))
         while len(self.waiting) >= size:
             members = self.draw(size)
             if members is None:
@@ -91,12 +96,8 @@ class Matchmaker:
     def draw(self, size: int) -> list[str] | None:
         """`size` waiting peers, the longest-waiting first, such that each has at least
         --variety members it shares no open hyperedge with; None if no draw found one."""
-        first, *others = list(self.waiting)
-        for _ in range(DRAWS):
-            members = [first, *self.rng.sample(sorted(others), size - 1)]
-            if all(self.newcomers(name, members) >= min(self.settings.variety, size - 1) for name in members):
-                return members
-        return None
+        return draw_members(list(self.waiting), size, self.rng, lambda members: all(
+            self.newcomers(name, members) >= min(self.settings.variety, size - 1) for name in members), DRAWS)
 
     def newcomers(self, name: str, members: list[str]) -> int:
         partners = {partner for edge in self.open_edges(name) for partner in edge.members}

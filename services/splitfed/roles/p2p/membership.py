@@ -134,8 +134,10 @@ class Membership:
             return False
         return True
 
-    def poll(self, until: float, kinds: Collection[str], check: Callable[[Message], None], handle: Callable[[Message], None]) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic). The peer drives
+    def poll(self, until: float, kinds: Collection[str], check: Callable[[Message], None], handle: Callable[[Message], None],
+             done: Callable[[], bool] | None = None) -> None:
+        """Handle what is in the inbox, waiting for more until `until` (monotonic), or until `done()`
+        says what was waited for has come. The peer drives
         its own run (training, averaging) and looks at its inbox between steps, for as long as it
         chooses: a driven exchange, not a receiving role's loop (`Role.consume`), which waits for
         messages until its work is done."""
@@ -146,3 +148,5 @@ class Membership:
             message, delivery = received
             handle(message)
             self.endpoint.ack(delivery)
+            if done is not None and done():
+                return

@@ -6,11 +6,11 @@ recorded (scored on the peer's own test data), reported and exported."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from splitfed.errors import Refused
-from splitfed.learning import data, models, train
-from splitfed.learning.peers import peer_context
+from splitfed.learning import train
+from splitfed.learning.peers import learner, peer_context, scoring_data
 from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
@@ -37,14 +37,11 @@ class Peer:
         self.planned = planned
         task = Task(settings)
         context = peer_context(settings, role, deployment.peer_index)
-        self.loss_of = task.loss(context)
-        self.share = task.training_share(context)
-        self.test = task.data(context, train=False)
-        self.model = task.model(context)
-        self.compute = task.compute
+        self.learner = learner(task, context, settings)
+        # What the peer reads most often, named once: the learner's model, share, scoring loss and device never change.
+        self.model, self.share, self.loss_of, self.compute = self.learner.model, self.learner.share, self.learner.loss_of, self.learner.compute
+        self.test = scoring_data(task, context)
         self.fingerprint = fingerprint(self.model, task.classes(context))
-        self.opt = train.optimizer(self.model.parameters(), settings.optimizer, settings.lr)
-        self.generator = data.party_generator(settings.seed, deployment.peer_index)
         self.endpoint = Endpoint(
             transport, session=self.session, role=role, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, role),
@@ -77,9 +74,9 @@ class Peer:
         difference = fingerprint_difference(message.meta["fingerprint"], self.fingerprint)
         raise Refused(f"the p2p-tracker refused {self.name}: its model and classes are not the run's: {difference} ({self.name}'s against the run's)")
 
-    def poll(self, until: float) -> None:
-        """Handle what is in the inbox, waiting for more until `until` (monotonic)."""
-        self.membership.poll(until, self.KINDS, self.check, self.handle)
+    def poll(self, until: float, done: Callable[[], bool] | None = None) -> None:
+        """Handle what is in the inbox, waiting for more until `until` (monotonic) or until `done()`."""
+        self.membership.poll(until, self.KINDS, self.check, self.handle, done)
         self.next_poll = time.monotonic() + POLL_SECONDS
 
     def poll_if_due(self) -> None:

@@ -4,11 +4,14 @@ A peer asks the tracker for a hyperedge whenever it is in fewer than --max-hyper
 its validation loss). For each hyperedge it is told the members and whose model they start from;
 that member sends its model (`start`) and every member moves to it, unless it is still training in
 another hyperedge, which would lose that one's work (it then starts from its own model). Each
-member trains one pass over its share, sends its own change (`delta`: top-k entries by magnitude
+member trains 1/--syncs-per-epoch of a pass over its share (learning.peers.hyperedge_batches), with
+its drift corrections (--lc-tau, --prox-mu towards the hyperedge's start), sends its own change (`delta`: top-k entries by magnitude
 with --sparsity, as indices and values), and when every live member's change is in, or
 --hyperedge-timeout has passed, adds the weighted mean of the changes less its own to its model.
 Changes are added, never assigned, so concurrent hyperedges lose nothing. A member that dies
-holds nobody up past the timeout; the tracker's list says at once when it is evicted."""
+holds nobody up past the timeout; the tracker's list says at once when it is evicted. Every
+--syncs-per-epoch hyperedges make an epoch: the last one's close is scored before and after, and
+the epoch is reported."""
 
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ import numpy as np
 import torch
 
 from splitfed.learning import data, train
-from splitfed.learning.device import CPU, Compute, from_numpy
+from splitfed.learning.device import from_numpy
 from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
-from splitfed.learning.peers import load_state, scored, state_of
+from splitfed.learning.peers import Learner, hyperedge_batches, load_state, scored, state_of, synchronised, train_batches, validation_loss
 from splitfed.learning.settings import SMPLSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
@@ -34,7 +37,6 @@ from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
 
 log = logging.getLogger(__name__)
-VALIDATION_SAMPLES = 512  # the first samples of a peer's own share score it for --epsilon's "best member"
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Edge:
     deltas: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # member -> its dense change
     applied: dict[str, float] = field(default_factory=dict)  # --async-mid: member -> the weight its change was applied with
     train_loss: list[float] = field(default_factory=list)
+    averaged: int = 0  # the members' changes it closed with
 
 
 class SMPLPeer(Peer):
@@ -60,11 +63,13 @@ class SMPLPeer(Peer):
 
     def __init__(self, settings: SMPLSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
         super().__init__(SMPL_PEER, settings, deployment, transport, identity, on_progress, settings.hyperepochs)
-        self.validation = self.share.subset(slice(0, VALIDATION_SAMPLES))
         self.snapshot = state_of(self.model)  # the model when own training was last counted
         self.layout = layout_of(self.snapshot)
         self.specs = {name: TensorSpec(dtype, shape) for name, (dtype, shape) in self.layout.items()}
-        self.epoch_batches = -(-len(self.share) // settings.batch_size)
+        self.edge_batches = hyperedge_batches(len(self.share), settings)
+        self.planned_edges = settings.hyperepochs * settings.syncs_per_epoch
+        self.closed = 0  # hyperedges closed; every --syncs-per-epoch of them make an epoch's record
+        self.epoch_edges: list[Edge] = []  # those of the epoch under way
         self.batches: list[torch.Tensor] = []
         self.ledger = DeltaLedger()
         self.edges: dict[str, Edge] = {}
@@ -78,7 +83,7 @@ class SMPLPeer(Peer):
     def train(self) -> dict:
         self.membership.register()
         deadline = time.monotonic() + self.endpoint.timeout
-        while len(self.history) < self.settings.hyperepochs:
+        while self.closed < self.planned_edges:
             self.ask()
             if self.settings.async_local or any(edge.phase == "training" for edge in self.edges.values()):
                 self.train_batch()
@@ -92,26 +97,25 @@ class SMPLPeer(Peer):
         return self.result()
 
     def ask(self) -> None:
-        """Ask for a hyperedge while this peer has room for one and hyperepochs left to fill."""
-        busy = len(self.edges) + len(self.history)
+        """Ask for a hyperedge while this peer has room for one and hyperedges left to fill."""
+        busy = len(self.edges) + self.closed
         if self.asked is not None and time.monotonic() - self.asked > self.endpoint.timeout and not self.edges:
             raise RoleTimeout(f"{self.name}: no hyperedge from the tracker within {self.endpoint.timeout:.0f}s of asking")
-        if self.asked is not None or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.settings.hyperepochs:
+        if self.asked is not None or not self.membership.registered() or len(self.edges) >= self.settings.max_hyperedges or busy >= self.planned_edges:
             return
-        loss = scored(self.model, self.validation, self.settings, self.loss_of, self.compute).loss
+        loss = validation_loss(self.learner, self.settings)
         self.membership.send(self.membership.tracker, WANT, loss=loss, open=sorted(self.edges))
         self.asked = time.monotonic()
 
     def train_batch(self) -> None:
         """One local step (or one per thread, Hogwild!), counted for every hyperedge in training."""
         if not self.batches:
-            self.batches = data.batch_order(len(self.share), self.settings.batch_size, self.generator)
+            self.batches = data.batch_order(len(self.share), self.settings.batch_size, self.learner.generator)
         if self.settings.local_parallel == "hogwild":
             taken, self.batches = self.batches[: self.settings.local_workers], self.batches[self.settings.local_workers :]
-            losses = hogwild_steps(self.model, self.share, taken, self.settings.lr, self.loss_of, self.compute)
+            losses = hogwild_steps(self.learner, taken, self.settings.lr)
         else:
-            indices = self.batches.pop()
-            losses = [train.train_step(self.model, self.opt, *self.share.batch(indices), self.loss_of, self.compute)]  # (B, C, H, W), (B,)
+            losses = train_batches(self.learner, [self.batches.pop()])
         for edge in self.edges.values():
             if edge.phase == "training":
                 edge.trained += len(losses)
@@ -131,7 +135,7 @@ class SMPLPeer(Peer):
             if edge.phase == "starting" and (now > edge.deadline or edge.source not in self.membership.peers):
                 log.warning("%s: hyperedge %s: no start model from %s; leaving it", self.name, edge.id, edge.source)
                 self.drop(edge)
-            elif edge.phase == "training" and edge.trained >= self.epoch_batches:
+            elif edge.phase == "training" and edge.trained >= self.edge_batches:
                 self.send_delta(edge)
             elif edge.phase == "exchanging" and (all(name in edge.deltas for name in live) or now > edge.deadline):
                 self.close(edge)
@@ -144,6 +148,7 @@ class SMPLPeer(Peer):
         if start is not None and not any(other.phase != "starting" for other in self.edges.values() if other is not edge):
             load_state(self.model, start)
             self.snapshot = state_of(self.model)
+        synchronised(self.learner)  # the proximal term's anchor: the model this hyperedge starts from
         self.ledger.open(edge.id, self.layout)
         edge.phase, edge.deadline = "training", float("inf")
         for message in self.early.pop(edge.id, {}).values():
@@ -162,9 +167,11 @@ class SMPLPeer(Peer):
                 self.apply_early(edge, name)
 
     def close(self, edge: Edge) -> None:
-        """Add the hyperedge's mean change less this peer's own (less what --async-mid applied already)."""
+        """Add the hyperedge's mean change less this peer's own (less what --async-mid applied
+        already). The hyperedge that ends an epoch scores the model before and after."""
         self.count_own_training()
-        before = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
+        ends_epoch = (self.closed + 1) % self.settings.syncs_per_epoch == 0
+        before = scored(self.model, self.test, self.settings, self.loss_of, self.compute) if ends_epoch else None
         present = [name for name in edge.members if name in edge.deltas]
         weights = [float(len(self.share))] + [float(edge.weights[name]) for name in present]
         correction = self.ledger.close(edge.id, edge.own_sent, [edge.own_sent, *(edge.deltas[name] for name in present)], weights)
@@ -172,11 +179,15 @@ class SMPLPeer(Peer):
             for key, change in edge.deltas[name].items():
                 correction[key] = correction[key] - (weight * change).astype(change.dtype)
         self.add(correction)
+        synchronised(self.learner)
         del self.edges[edge.id]
         self.active.set(len(self.edges))
         self.counted["averaged"].inc(len(present))
-        after = scored(self.model, self.test, self.settings, self.loss_of, self.compute)
-        self.record_hyperedge(edge, before, after, len(present))
+        self.closed += 1
+        edge.averaged = len(present)
+        self.epoch_edges.append(edge)
+        if ends_epoch:
+            self.record_epoch(before, scored(self.model, self.test, self.settings, self.loss_of, self.compute))
 
     def apply_early(self, edge: Edge, name: str) -> None:
         """--async-mid: a member's change goes into the model as it arrives, weighted by its share of
@@ -191,11 +202,15 @@ class SMPLPeer(Peer):
         del self.edges[edge.id]
         self.active.set(len(self.edges))
 
-    def record_hyperedge(self, edge: Edge, before: train.Evaluation, after: train.Evaluation, averaged: int) -> None:
-        train_loss = float(np.mean(edge.train_loss)) if edge.train_loss else None
-        self.record({"edge": edge.id, "train_loss": train_loss, "averaged": averaged, "staleness": 0.0, "seconds": time.perf_counter() - edge.started}, before, after)
-        log.info("%s hyperedge %s (%d of %d): accuracy %.4f before synchronising, %.4f after (%d changes)", self.name, edge.id,
-                 len(self.history), self.settings.hyperepochs, before.accuracy, after.accuracy, averaged)
+    def record_epoch(self, before: train.Evaluation, after: train.Evaluation) -> None:
+        """An epoch's hyperedges are closed: one record, naming the last of them (whose close the scores straddle)."""
+        edges, self.epoch_edges = self.epoch_edges, []
+        losses = [loss for edge in edges for loss in edge.train_loss]
+        averaged = sum(edge.averaged for edge in edges)
+        self.record({"edge": edges[-1].id, "train_loss": float(np.mean(losses)) if losses else None, "averaged": averaged, "staleness": 0.0,
+                     "seconds": time.perf_counter() - edges[0].started}, before, after)
+        log.info("%s epoch %d of %d (%d hyperedges, the last %s): accuracy %.4f before synchronising, %.4f after (%d changes)", self.name,
+                 len(self.history), self.settings.hyperepochs, len(edges), edges[-1].id, before.accuracy, after.accuracy, averaged)
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -292,17 +307,20 @@ class SMPLPeer(Peer):
             self.apply_early(edge, message.sender)
 
 
-def hogwild_steps(model: torch.nn.Module, share: data.Samples, batches: list[torch.Tensor], lr: float, loss_of: train.Loss = train.loss_fn, compute: Compute = CPU) -> list[float]:
-    """Hogwild! (Recht et al. 2011): one thread per batch, each computing its gradient and stepping
-    the shared parameters by plain SGD at `lr`, without locks. Gradients go through
-    autograd.grad, not the shared .grad fields, so threads never mix each other's gradients."""
+def hogwild_steps(peer: Learner, batches: list[torch.Tensor], lr: float) -> list[float]:
+    """Hogwild! (Recht et al. 2011): one thread per batch, each computing its gradient of the peer's
+    local loss and stepping the shared parameters by plain SGD at `lr`, without locks. Gradients go
+    through autograd.grad, not the shared .grad fields, so threads never mix each other's gradients."""
+    model, compute = peer.model, peer.compute
     params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = [0.0] * len(batches)
 
     def step(slot: int, indices: torch.Tensor) -> None:
-        images, labels = share.batch(indices)  # (B, C, H, W), (B,) on the device
+        images, labels = peer.share.batch(indices)  # (B, C, H, W), (B,) on the device
         with compute.autocast():
-            loss = loss_of(model(images), labels)
+            loss = peer.local_loss(model(images), labels)
+        if peer.proximal is not None:
+            loss = loss + peer.proximal()
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for param, grad in zip(params, grads):

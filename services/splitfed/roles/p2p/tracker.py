@@ -72,7 +72,7 @@ class Tracker(Role):
         self.fingerprint: dict | None = None  # the run's model and classes: the first registered peer's
         self.refused: set[str] = set()  # peers whose fingerprint was not the run's
         self.reports = 0
-        self.matchmaker = Matchmaker(settings, self.send_hyperedge)
+        self.matchmaker = Matchmaker(settings, self.send_hyperedge, self.expect_peers)
         self.live_gauge = metrics.LIVE_PEERS.labels(TRACKER, self.session)
         self.evicted_counter = metrics.PEERS_EVICTED.labels(TRACKER, self.session)
         self.hyperedges_gauge = metrics.HYPEREDGES_ACTIVE.labels(TRACKER, self.session)
