@@ -93,11 +93,13 @@ def sessions(broker_url, session, tmp_path):
 
 
 def test_p2p_churn_a_killed_peer_is_evicted_and_a_late_peer_catches_up(sessions, tmp_path):
-    """Peers 0-2 start; peer 1 is SIGKILLed after its second epoch; peer 3 starts once peer 0 is
-    past its second, for three epochs. The survivors finish without waiting, the tracker evicts peer 1 and
-    never lists it again, and peer 3 starts from a live peer's model: after its first averaging it
-    is within 5 points of the others at the same epoch (a blank model would be far below)."""
-    settings = P2PSettings(**FASHION, peers=4, epochs=6, partition="iid")
+    """Peers 0-2 start, synchronising twice an epoch and waiting at most half a second for each
+    other; peer 1 is SIGKILLed after its second epoch; peer 3 starts once peer 0 is past its
+    second, for three epochs. The survivors finish (neither the dead peer nor the one not yet
+    started holds them up past the wait), the tracker evicts peer 1 and never lists it again, and
+    peer 3 starts from a live peer's model: after its first epoch it is within 5 points of the
+    others at the same epoch (a blank model would be far below)."""
+    settings = P2PSettings(**FASHION, peers=4, epochs=6, partition="iid", syncs_per_epoch=2, sync_wait=0.5)
     names = [TRACKER, *(f"{P2P_PEER}-{index}" for index in range(4))]
     run = sessions(P2P_PEER, settings, keys.generate(tmp_path / "keys", names))
     run.start(TRACKER, "p2p-peer-0", "p2p-peer-1", "p2p-peer-2")

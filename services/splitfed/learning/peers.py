@@ -159,11 +159,12 @@ def scored(model: nn.Module, test: Samples, settings: PeerSettings, loss_of: tra
         return train.evaluate(model, test, settings.eval_batch_size, loss_of, compute)
 
 
-def in_memory_run(settings: P2PSettings) -> dict:
+def in_memory_run(settings: P2PSettings, every_epoch: bool = True) -> dict:
     """Every peer in this process, in lock step: each peer trains its part of the epoch, then every
     peer averages its model with every other's (all fresh, so weighted by samples alone), as often
     as --syncs-per-epoch says. What a distributed run does when every model arrives in time (as
-    --sync-wait makes sure). Every peer then holds the same model: it is scored once per epoch."""
+    --sync-wait makes sure). Every peer then holds the same model: it is scored once per epoch
+    (with every peer's own before the last average), or with `every_epoch` False only once, at the end."""
     task = Task(settings)
     contexts = [peer_context(settings, "p2p-peer", index) for index in range(settings.peers)]
     test = scoring_data(task, contexts[0])
@@ -175,25 +176,27 @@ def in_memory_run(settings: P2PSettings) -> dict:
         losses = []
         for sync in range(settings.syncs_per_epoch):
             losses += [loss for peer, order in zip(peers, orders) for loss in train_batches(peer, order[sync])]
-            if sync == settings.syncs_per_epoch - 1:
+            if sync == settings.syncs_per_epoch - 1 and every_epoch:
                 before = [scored(peer.model, test, settings, peer.loss_of, peer.compute).accuracy for peer in peers]
             by_name = sorted(zip(contexts, peers), key=lambda pair: pair[0].party)  # summed in the order a distributed peer sums them
             average = weighted_average([state_of(peer.model) for _, peer in by_name], [len(peer.share) for _, peer in by_name])
             for peer in peers:
                 synchronised(peer, average)
+        if not every_epoch and epoch < settings.epochs:
+            continue
         after = scored(peers[0].model, test, settings, peers[0].loss_of, task.compute)
         history.append({"step": epoch, "accuracy": after.accuracy, "loss": after.loss, "train_loss": float(np.mean(losses)),
-                        "accuracy_before": before, "seconds": time.perf_counter() - started})
+                        "accuracy_before": before if every_epoch else None, "seconds": time.perf_counter() - started})
     return {"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"], "spread": 0.0, "history": history, "traffic": {"messages": 0, "bytes": 0}}
 
 
-def smpl_in_memory_run(settings: SMPLSettings) -> dict:
+def smpl_in_memory_run(settings: SMPLSettings, every_epoch: bool = True) -> dict:
     """SMPL with every peer in this process, in global rounds (what a distributed run with
     --no-async-global, --no-async-local, --max-hyperedges 1 and --sparsity 0 does): each round
     every peer states its validation loss; the round's hyperedges are drawn as the tracker draws
     them; each hyperedge's members move to its start model, train their part of an epoch, and all
     take the sample-weighted mean of their trained models. Peers are scored at the end of each
-    epoch: {"accuracy": the mean of the peers' final accuracies, "spread", "peers": each one's
+    epoch (with `every_epoch` False, of the last only): {"accuracy": the mean of the peers' final accuracies, "spread", "peers": each one's
     epoch records}."""
     if settings.async_global or settings.async_local or settings.max_hyperedges != 1 or settings.sparsity:
         raise ValueError("the one-process SMPL run is in global rounds: --no-async-global --no-async-local --max-hyperedges 1 --sparsity 0")
@@ -229,8 +232,8 @@ def smpl_in_memory_run(settings: SMPLSettings) -> dict:
             mean = weighted_average([state_of(peers[name].model) for name in members], [len(peers[name].share) for name in members])
             for name in members:
                 synchronised(peers[name], mean)
-                if ends_epoch:
+                if ends_epoch and (every_epoch or round_number == settings.hyperepochs * settings.syncs_per_epoch):
                     score = scored(peers[name].model, tests[name], settings, peers[name].loss_of, peers[name].compute)
-                    records[name].append({"epoch": len(records[name]) + 1, "accuracy": score.accuracy, "loss": score.loss})
+                    records[name].append({"epoch": round_number // settings.syncs_per_epoch, "accuracy": score.accuracy, "loss": score.loss})
     finals = [peer_records[-1]["accuracy"] for peer_records in records.values() if peer_records]
     return {"accuracy": float(np.mean(finals)), "spread": max(finals) - min(finals), "peers": records}

@@ -40,8 +40,8 @@ def queues(role: str):  # noqa: ANN201 (a Scenario's queues)
 
 P2P = Scenario(
     "p2p",
-    "Decentralized P2P averaging: --peers peers each train on their share and, after every epoch, send their model to every live peer and "
-    "average what has arrived, never waiting; a tracker keeps the membership.",
+    "Decentralized P2P averaging: --peers peers each train on their share and, --syncs-per-epoch times an epoch, send their model to every live peer and "
+    "average what has arrived, waiting for nobody longer than --sync-wait; a tracker keeps the membership.",
     P2PSettings, PeerRun, planner(P2P_PEER), queues=queues(P2P_PEER),
     label=lambda settings, run: f"p2p ({settings.peers} peers, {run.broker_scheme})",
 )

@@ -1,5 +1,5 @@
 """The decentralized role family: `p2p-tracker` (membership and SMPL's hyperedge draws, no torch),
-`p2p-peer` (averages with every live peer after each epoch) and `smpl-peer` (synchronises inside
+`p2p-peer` (averages with every live peer --syncs-per-epoch times an epoch) and `smpl-peer` (synchronises inside
 random hyperedges). Declarations only: the role classes are imported when a role is built, so
 declaring never imports torch."""
 
@@ -50,7 +50,7 @@ ROLES = (
         families=("p2p", "smpl"), job=True, values_key="p2pTracker", image=TRACKER,
     ),
     RoleSpec(
-        P2P_PEER, "A peer of a p2p session: trains its share, sends its model to every live peer after each epoch, averages what arrived.",
+        P2P_PEER, "A peer of a p2p session: trains its share, sends its model to every live peer --syncs-per-epoch times an epoch, averages what arrived.",
         P2PSettings, PeerDeployment, _built_by("splitfed.roles.p2p.peer", "P2PPeer"), PEER_METRICS, party=lambda learning, deployment: peer_name(P2P_PEER, deployment.peer_index),
         index=lambda learning, deployment: deployment.peer_index,
         families=("p2p",), torch=True, reads_data=True, replicas=Replicas.AT_LEAST_ONE, counts="peers", job=True, values_key="p2pPeer", image=P2P_PEER,

@@ -5,7 +5,7 @@ peer    --register{incarnation, started, samples, nonce, fingerprint}--> tracker
 tracker --members{version, started, peers: {name: {incarnation, epoch, samples}}, ref?}--> every live peer
 tracker --refused{ref, fingerprint}--> a peer whose fingerprint is not the run's (the first registered peer's)
 peer    --heartbeat{incarnation, epoch}--> tracker        every --peer-timeout / 3 seconds
-peer    --report{incarnation, epoch, ...}--> tracker       after each epoch or hyperedge (accuracy before and after, on its test_samples)
+peer    --report{incarnation, epoch, ...}--> tracker       after each epoch (accuracy before and after its last synchronisation, on its test_samples)
 peer    --leave{incarnation}--> tracker                    at its end
 p2p:    peer --model{incarnation, sync}--> every live peer, --syncs-per-epoch times an epoch;  peer --fetch{nonce}--> peer --model{sync, ref}--> joiner
 smpl:   peer --want{loss}--> tracker --hyperedge{edge, members, source}--> members;
