@@ -200,6 +200,8 @@ def smpl_in_memory_run(settings: SMPLSettings, every_epoch: bool = True) -> dict
     epoch records}."""
     if settings.async_global or settings.async_local or settings.max_hyperedges != 1 or settings.sparsity:
         raise ValueError("the one-process SMPL run is in global rounds: --no-async-global --no-async-local --max-hyperedges 1 --sparsity 0")
+    if settings.peers % settings.hyperedge_size:
+        raise ValueError(f"the one-process SMPL run puts every peer in a hyperedge each round: --hyperedge-size {settings.hyperedge_size} must divide --peers {settings.peers}")
     task = Task(settings)
     contexts = {context.party: context for context in (peer_context(settings, "smpl-peer", index) for index in range(settings.peers))}
     names = list(contexts)
@@ -214,10 +216,8 @@ def smpl_in_memory_run(settings: SMPLSettings, every_epoch: bool = True) -> dict
 
     rng = random.Random(f"splitfed-smpl/{settings.seed}")
     records: dict[str, list[dict]] = {name: [] for name in names}
-    waiting: dict[str, float] = {}
     for round_number in range(1, settings.hyperepochs * settings.syncs_per_epoch + 1):
-        waiting.update({name: validation_loss(peers[name], settings) for name in names if name not in waiting})
-        waiting = dict(sorted(waiting.items()))
+        waiting = {name: validation_loss(peers[name], settings) for name in sorted(names)}
         hyperedges = []
         while len(waiting) >= settings.hyperedge_size:
             members = draw_members(list(waiting), settings.hyperedge_size, rng, lambda members: True, 1)

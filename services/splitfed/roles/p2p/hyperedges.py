@@ -1,7 +1,8 @@
 """How the tracker draws SMPL's hyperedges: peers that are free for another hyperedge say so
 (`want`, with their validation loss); once --hyperedge-size of them are waiting (asynchronously),
 or once every live peer is (--no-async-global: global rounds), the tracker draws a hyperedge of
-them with a seeded generator (in global rounds, in the order of the peers' names), picks whose model it starts from (--epsilon: the best member's,
+them with a seeded generator (in global rounds, those left over from the last round first, then
+the others in the order of their names), picks whose model it starts from (--epsilon: the best member's,
 else a random member's), and tells each member (`hyperedge{edge, members, source}`). A member
 reports when its part is done (`report{edge}`); the hyperedge closes when every member that is
 still live has reported. No torch: the tracker trains nothing."""
@@ -36,6 +37,7 @@ class Matchmaker:
         self.expected = expected
         self.rng = random.Random(f"splitfed-smpl/{settings.seed}")
         self.waiting: dict[str, float] = {}  # peer -> its validation loss, in the order they asked
+        self.left_over: set[str] = set()  # those still waiting after the last draws
         self.edges: dict[str, Edge] = {}  # open hyperedges by id
 
     def active(self) -> int:
@@ -85,13 +87,16 @@ class Matchmaker:
         if not self.settings.async_global:
             if not (live and live <= set(self.waiting)) or registered < self.expected:
                 return
-            # A round's draws follow the peers' names, not the order their wants came in: seeded, they repeat.
-            self.waiting = dict(sorted(self.waiting.items()))
+            # Those left over from the last round first (the longest waiting), then the others by
+            # name, not in the order their wants came in: seeded, the draws repeat.
+            self.waiting = {name: self.waiting[name] for name in [*(name for name in self.waiting if name in self.left_over),
+                                                                  *sorted(name for name in self.waiting if name not in self.left_over)]}
         while len(self.waiting) >= size:
             members = self.draw(size)
             if members is None:
-                return
+                break
             self.open(members)
+        self.left_over = set(self.waiting)
 
     def draw(self, size: int) -> list[str] | None:
         """`size` waiting peers, the longest-waiting first, such that each has at least
