@@ -46,12 +46,13 @@ def test_p2p_peers_that_wait_for_each_other_equal_the_one_process_run():
     assert result["spread"] == 0.0
 
 
-def test_smpl_peers_in_global_rounds_equal_the_one_process_run():
+@pytest.mark.parametrize("start", ["source", "mean"])
+def test_smpl_peers_in_global_rounds_equal_the_one_process_run(start):
     """Four peers, hyperedges of two, two hyperedges an epoch, both drift corrections, global
-    rounds: every peer's every epoch scores as the one-process run's (which draws the rounds as the
-    tracker does)."""
+    rounds, each way of agreeing on the start: every peer's every epoch scores as the one-process
+    run's (which draws the rounds as the tracker does)."""
     settings = SMPLSettings(**DIGITS, model="tiny", peers=4, hyperepochs=2, partition="classes:0-2,3-5,6-7,8-9", syncs_per_epoch=2,
-                            hyperedge_size=2, async_global=False, async_local=False, **CORRECTED)
+                            hyperedge_size=2, async_global=False, async_local=False, start=start, **CORRECTED)
     reference = peers.smpl_in_memory_run(settings)
     result = launch.run(SMPL, settings, PeerRun())
     for name, history in records_of(result).items():

@@ -63,3 +63,18 @@ def test_a_change_sent_whole_with_too_few_values_is_refused_as_shape(peer):
     with pytest.raises(ProtocolError) as caught:
         peer.check(delta_from(peer, OTHER, tensors))
     assert caught.value.reason == "shape" and "sent whole" in str(caught.value)
+
+
+def test_with_the_mean_start_each_member_sends_one_start_model():
+    """--start mean: every member sends its model once, while the hyperedge is starting; a second
+    one from the same member, or one from a party not in the hyperedge, is refused as sender."""
+    settings = SMPLSettings(dataset="digits", model="tiny", peers=3, hyperedge_size=3, limit=60, test_limit=20, start="mean")
+    smpl = SMPLPeer(settings, PeerDeployment(session="smpl-checks", peer_index=0), MemoryTransport(MemoryBroker()))
+    smpl.membership.peers = {name: {"incarnation": uuid.uuid4().hex} for name in (SOURCE, OTHER, "smpl-peer-3")}
+    smpl.edges["e1"] = Edge("e1", [SOURCE, OTHER], {SOURCE: 20, OTHER: 20}, SOURCE, time.monotonic() + 60)
+    smpl.check(start_from(smpl, OTHER))  # not the source, but a member: taken
+    smpl.edges["e1"].starts[OTHER] = state_of(smpl.model)
+    for sender in (OTHER, "smpl-peer-3"):
+        with pytest.raises(ProtocolError) as caught:
+            smpl.check(start_from(smpl, sender))
+        assert caught.value.reason == "sender"

@@ -217,14 +217,18 @@ def smpl_in_memory_run(settings: SMPLSettings, every_epoch: bool = True) -> dict
     rng = random.Random(f"splitfed-smpl/{settings.seed}")
     records: dict[str, list[dict]] = {name: [] for name in names}
     for round_number in range(1, settings.hyperepochs * settings.syncs_per_epoch + 1):
-        waiting = {name: validation_loss(peers[name], settings) for name in sorted(names)}
+        # With --start mean the losses choose nothing that is used (the draws take the same numbers from the generator whatever they are).
+        waiting = {name: validation_loss(peers[name], settings) if settings.start == "source" else 0.0 for name in sorted(names)}
         hyperedges = []
         while len(waiting) >= settings.hyperedge_size:
             members = draw_members(list(waiting), settings.hyperedge_size, rng, lambda members: True, 1)
             hyperedges.append((members, choose_start({name: waiting.pop(name) for name in members}, settings.epsilon, rng)))
         ends_epoch = round_number % settings.syncs_per_epoch == 0
         for members, source in hyperedges:
-            start = state_of(peers[source].model)
+            if settings.start == "mean":
+                start = weighted_average([state_of(peers[name].model) for name in sorted(members)], [len(peers[name].share) for name in sorted(members)])
+            else:
+                start = state_of(peers[source].model)
             for name in members:
                 synchronised(peers[name], start)
                 for _ in range(hyperedge_batches(len(peers[name].share), settings)):

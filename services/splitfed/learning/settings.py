@@ -254,6 +254,7 @@ class P2PSettings(PeerSettings):
 
 
 LOCAL_PARALLEL = ("hogwild", "sgd")
+HYPEREDGE_STARTS = ("source", "mean")
 
 
 @dataclass(kw_only=True)
@@ -283,6 +284,9 @@ class SMPLSettings(PeerSettings, HyperedgeSettings):
     async_mid: bool = setting(False, "Members apply each member's change as it arrives; off: they apply the hyperedge's mean once every member's is in.")
     async_local: bool = setting(True, "A peer keeps training while it waits for its hyperedges' changes; off: it waits idle.")
     hyperedge_timeout: float = setting(60.0, "Seconds a hyperedge waits for a member before closing without it.", min=0.1)
+    start: str = setting("source", "What a hyperedge's members start from: source, one member's model (--epsilon picks whose); mean, the members' "
+                                   "sample-weighted mean (every member sends its model: under label skew no member's training is thrown away).",
+                         choices=HYPEREDGE_STARTS)
 
     def __post_init__(self) -> None:
         PeerSettings.__post_init__(self)

@@ -2,7 +2,8 @@
 
 A peer asks the tracker for a hyperedge whenever it is in fewer than --max-hyperedges (`want`, with
 its validation loss). For each hyperedge it is told the members and whose model they start from;
-that member sends its model (`start`) and every member moves to it, unless it is still training in
+that member sends its model (`start`) and every member moves to it (with --start mean, every
+member sends its model and all move to their weighted mean), unless it is still training in
 another hyperedge, which would lose that one's work (it then starts from its own model). Each
 member trains 1/--syncs-per-epoch of a pass over its share (learning.peers.hyperedge_batches), with
 its drift corrections (--lc-tau, --prox-mu towards the hyperedge's start), sends its own change (`delta`: top-k entries by magnitude
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from splitfed.learning import data, train
+from splitfed.learning.averaging import weighted_average
 from splitfed.learning.device import from_numpy
 from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
 from splitfed.learning.peers import Learner, hyperedge_batches, load_state, scored, state_of, synchronised, train_batches, validation_loss
@@ -56,6 +58,7 @@ class Edge:
     applied: dict[str, float] = field(default_factory=dict)  # --async-mid: member -> the weight its change was applied with
     train_loss: list[float] = field(default_factory=list)
     averaged: int = 0  # the members' changes it closed with
+    starts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --start mean: each member's model (this peer's too) until it begins
 
 
 class SMPLPeer(Peer):
@@ -73,7 +76,7 @@ class SMPLPeer(Peer):
         self.batches: list[torch.Tensor] = []
         self.ledger = DeltaLedger()
         self.edges: dict[str, Edge] = {}
-        self.early: dict[str, dict[str, Message]] = {}  # changes or start models that came before their hyperedge did
+        self.early: dict[str, dict[tuple[str, str], Message]] = {}  # edge -> (kind, sender) -> a change or start model that came before its hyperedge did
         self.early_since: dict[str, float] = {}  # when each of those hyperedges was first heard of (monotonic)
         self.asked: float | None = None  # when this peer asked for the hyperedge it waits for (monotonic)
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
@@ -132,8 +135,11 @@ class SMPLPeer(Peer):
                     self.early.pop(edge_id, None)
         for edge in list(self.edges.values()):
             live = [name for name in edge.members if name in self.membership.peers]
-            if edge.phase == "starting" and (now > edge.deadline or edge.source not in self.membership.peers):
-                log.warning("%s: hyperedge %s: no start model from %s; leaving it", self.name, edge.id, edge.source)
+            if edge.phase == "starting" and self.settings.start == "mean" and now <= edge.deadline:
+                self.begin_at_mean(edge)  # a member evicted since: its model is not waited for
+            elif edge.phase == "starting" and (now > edge.deadline or self.settings.start == "source" and edge.source not in self.membership.peers):
+                log.warning("%s: hyperedge %s: no start model from %s; leaving it", self.name, edge.id,
+                            edge.source if self.settings.start == "source" else sorted(set(live) - set(edge.starts)))
                 self.drop(edge)
             elif edge.phase == "training" and edge.trained >= self.edge_batches:
                 self.send_delta(edge)
@@ -153,6 +159,17 @@ class SMPLPeer(Peer):
         edge.phase, edge.deadline = "training", float("inf")
         for message in self.early.pop(edge.id, {}).values():
             self.take_delta(edge, message)
+
+    def begin_at_mean(self, edge: Edge) -> None:
+        """--start mean: once every live member's model is in, begin from their sample-weighted mean
+        (summed in the order of the members' names, so every member starts from the same model)."""
+        live = [name for name in edge.members if name in self.membership.peers]
+        if not all(name in edge.starts for name in live):
+            return
+        names = sorted([self.name, *live])
+        weights = {self.name: len(self.share), **edge.weights}
+        self.begin(edge, weighted_average([edge.starts[name] for name in names], [float(weights[name]) for name in names]))
+        edge.starts = {}
 
     def send_delta(self, edge: Edge) -> None:
         self.count_own_training()
@@ -243,8 +260,10 @@ class SMPLPeer(Peer):
             edge = self.edges.get(edge_id)
             if message.kind == START:
                 check_tensors(message, self.specs)
-                if edge is not None and (edge.phase != "starting" or edge.source != message.sender):
+                if edge is not None and self.settings.start == "source" and (edge.phase != "starting" or edge.source != message.sender):
                     raise ProtocolError("sender", f"start of hyperedge {edge_id} from {message.sender}, not its source, or too late")
+                if edge is not None and self.settings.start == "mean" and (edge.phase != "starting" or message.sender not in edge.members or message.sender in edge.starts):
+                    raise ProtocolError("sender", f"start model for hyperedge {edge_id} from {message.sender}: not a member, already had, or too late")
             else:
                 if edge is not None and (message.sender not in edge.members or message.sender in edge.deltas):
                     raise ProtocolError("duplicate", f"change from {message.sender} for hyperedge {edge_id}: not a member, or already had")
@@ -282,18 +301,29 @@ class SMPLPeer(Peer):
             edge = Edge(message.meta["edge"], others, weights, message.meta["source"], time.monotonic() + self.settings.hyperedge_timeout)
             self.edges[edge.id] = edge
             self.active.set(len(self.edges))
-            if edge.source == self.name:
+            if self.settings.start == "mean":  # every member sends its model; all start from their weighted mean
+                edge.starts[self.name] = state_of(self.model)
+                for name in others:
+                    self.membership.send_to(name, START, edge.starts[self.name], edge=edge.id)
+                for name in others:
+                    if (start := self.early.get(edge.id, {}).pop((START, name), None)) is not None:
+                        edge.starts[name] = start.tensors
+                self.begin_at_mean(edge)
+            elif edge.source == self.name:
                 for name in others:
                     self.membership.send_to(name, START, state_of(self.model), edge=edge.id)
                 self.begin(edge, None)
-            elif (start := self.early.get(edge.id, {}).pop(edge.source, None)) is not None:
+            elif (start := self.early.get(edge.id, {}).pop((START, edge.source), None)) is not None:
                 self.begin(edge, start.tensors)
         else:
             self.counted["received"].inc()
             edge = self.edges.get(message.meta["edge"])
             if edge is None:  # it can overtake the tracker's word of the hyperedge: kept, bounded
-                self.early.setdefault(message.meta["edge"], {})[message.sender] = message
+                self.early.setdefault(message.meta["edge"], {})[(message.kind, message.sender)] = message
                 self.early_since.setdefault(message.meta["edge"], time.monotonic())
+            elif message.kind == START and self.settings.start == "mean":
+                edge.starts[message.sender] = message.tensors
+                self.begin_at_mean(edge)
             elif message.kind == START:
                 self.begin(edge, message.tensors)
             else:
