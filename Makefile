@@ -20,7 +20,7 @@ test: setup-test
 	ci/broker.sh
 	ci/chart.sh
 	ci/images.sh
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile tests
 
 bench: setup-test
 	ci/broker.sh

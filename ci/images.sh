@@ -62,7 +62,7 @@ podman=($sudo podman)
 make_base() {
   local root
   root=$(mktemp -d)
-  trap '$sudo rm -rf "$root"' RETURN
+  trap '$sudo rm -rf "$root"; trap - RETURN' RETURN  # once: a RETURN trap outlives the function (sourcing a file fires it again)
   $sudo debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     bookworm "$root" "$DEBIAN_MIRROR" >/dev/null
   # What no service reads: package lists and caches, documentation (licences stay), man

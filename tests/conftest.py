@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -49,9 +50,12 @@ RELEASE = "ci"
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """helm 3.19, installed by the install part of ci/chart.sh if it is not there yet."""
-    if not HELM.exists():
-        env = {**os.environ, "VENV": sys.prefix}
-        subprocess.run(["bash", str(REPO / "ci" / "chart.sh"), "install"], cwd=REPO, env=env, check=True)
+    HELM.parent.mkdir(parents=True, exist_ok=True)
+    with (HELM.parent / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one installs, the others wait for it
+        if not HELM.exists():
+            env = {**os.environ, "VENV": sys.prefix}
+            subprocess.run(["bash", str(REPO / "ci" / "chart.sh"), "install"], cwd=REPO, env=env, check=True)
     assert HELM.exists(), "ci/chart.sh install did not produce .tools/bin/helm"
     return HELM
 
@@ -84,4 +88,5 @@ def digits_baseline(tmp_path_factory):
     return result, path
 
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two torch threads at most; under pytest-xdist the workers share the cores, each taking its share.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))

@@ -114,7 +114,9 @@ def test_core_role_images_serve(podman, broker_url, name, settings):
     """The role, started for real against the broker, stays up and answers on /metrics (the fed
     waits for a split server's hello, the tracker, with no --expect-peers, for peers to register;
     neither needs torch to)."""
-    container, port = f"test-{name}-{uuid.uuid4().hex[:8]}", 19000 + os.getpid() % 1000
+    # A host port clear of 19100-19199, which tests/e2e gives its pods' metrics: under pytest-xdist
+    # the two files may run side by side.
+    container, port = f"test-{name}-{uuid.uuid4().hex[:8]}", 19200 + os.getpid() % 800
     env = {"SPLITFED_SESSION": container, "SPLITFED_BROKER": broker_url, "SPLITFED_METRICS_PORT": str(port), **settings}
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
     subprocess.run([*podman, "run", "-d", "--rm", "--name", container, "--network", "host", "--read-only", *env_args, image(name)],

@@ -35,6 +35,7 @@ class P2PPeer(Peer):
         self.peer_timeout = deployment.peer_timeout
         self.syncs = 0  # synchronisations done (a late joiner starts from those of the model it fetched)
         self.received: dict[str, Received] = {}  # the newest model from each peer since the last average
+        self.held: dict[str, Received] = {}  # with --sync-wait: models of a later synchronisation than this peer's next, kept for it
         self.last_sync: dict[tuple[str, str], int] = {}  # (peer, incarnation) -> the newest synchronisation taken from it
         self.ever_listed: set[str] = set()  # peers the tracker has listed: one no longer listed has left or was evicted
         self.published: Received | None = None  # this peer's model after its last average: what a fetch gets
@@ -100,8 +101,7 @@ class P2PPeer(Peer):
     def synchronise(self) -> tuple[list[Received], list[Received]]:
         """Send this peer's model to every live peer, take what has arrived (having waited up to
         --sync-wait for the others' models of this synchronisation), average: (kept, dropped)."""
-        self.syncs += 1
-        own = Received(self.name, self.syncs, len(self.share), state_of(self.model))
+        own = Received(self.name, self.syncs + 1, len(self.share), state_of(self.model))
         self.send_model(own.state, own.sync)
         if self.settings.sync_wait > 0:
             deadline = time.monotonic() + self.settings.sync_wait
@@ -110,15 +110,16 @@ class P2PPeer(Peer):
         self.poll(until=time.monotonic())  # whatever else has arrived by now; nobody is waited for
         average, kept, dropped = mix(own, list(self.received.values()), self.settings)
         synchronised(self.learner, average)
-        self.received = {}
+        self.syncs = own.sync
+        self.received = {name: self.held.pop(name) for name, model in list(self.held.items()) if model.sync <= self.syncs + 1}
         self.published = Received(self.name, self.syncs, len(self.share), average)
         return kept, dropped
 
     def heard_from_all(self) -> bool:
         """Whether every other peer of the run that has not left (or been evicted) has sent its
-        model of this synchronisation (or a later one)."""
+        model of this peer's next synchronisation."""
         expected = {peer_name(P2P_PEER, index) for index in range(self.settings.peers)} - {self.name} - (self.ever_listed - set(self.membership.peers))
-        return all(name in self.received and self.received[name].sync >= self.syncs for name in expected)
+        return all(name in self.received and self.received[name].sync > self.syncs for name in expected)
 
     def record_epoch(self, epoch: int, before: train.Evaluation, after: train.Evaluation, train_loss: float | None, kept: int, dropped: int, staleness: int,
                      seconds: float) -> None:
@@ -174,4 +175,9 @@ class P2PPeer(Peer):
                 self.fetched, self.fetch_nonce = model, None
             else:
                 self.last_sync[(message.sender, message.meta["incarnation"])] = model.sync
-                self.received[message.sender] = model
+                if self.settings.sync_wait > 0 and model.sync > self.syncs + 1:
+                    # From a peer that has already averaged this peer's next synchronisation and trained on:
+                    # it goes into the one after, so that peers waiting for each other average models of the same one.
+                    self.held[message.sender] = model
+                else:
+                    self.received[message.sender] = model
