@@ -470,10 +470,13 @@ def _p2p_peer(c: _Context) -> Estimate:
 def _smpl_peer(c: _Context) -> Estimate:
     """The snapshot and a start model (and its message); per open hyperedge its own change in
     float64, sent as indices and values (3 x the model) and kept dense, each member's change as its
-    body and dense, and the correction. With --local-parallel hogwild, each of --local-workers
-    threads holds a batch's activations of its own."""
+    body and dense, and the correction. With --start mean, per hyperedge that is starting its own
+    model, each other member's as its body and its arrays, and their mean with its float64
+    accumulator. With --local-parallel hogwild, each of --local-workers threads holds a batch's
+    activations of its own."""
     s = c.settings
-    copies = 3 + s.max_hyperedges * (8 + 4 * (s.hyperedge_size - 1))
+    starting = 2 * (s.hyperedge_size - 1) + 4 if s.start == "mean" else 0
+    copies = 3 + s.max_hyperedges * (8 + 4 * (s.hyperedge_size - 1) + starting)
     threads = s.local_workers if s.local_parallel == "hogwild" else 1
     phases, gpu = _peer_parts(c, copies, threads * training_activations(c.layers, c.pixels, c.batch))
     return Estimate(c.role, c.described(), c.torch_build, phases, gpu, c.notes())
