@@ -5,9 +5,10 @@ its validation loss). For each hyperedge it is told the members and whose model 
 that member sends its model (`start`) and every member moves to it (with --start mean, every
 member sends its model and all move to their weighted mean), unless it is still training in
 another hyperedge, which would lose that one's work (it then starts from its own model). Each
-member trains 1/--syncs-per-epoch of a pass over its share (learning.peers.hyperedge_batches), with
-its drift corrections (--lc-tau, --prox-mu towards the hyperedge's start), sends its own change (`delta`: top-k entries by magnitude
-with --sparsity, as indices and values), and when every live member's change is in, or
+member trains 1/--syncs-per-epoch of a pass over its share (learning.peers.hyperedge_batches)
+with its drift corrections (--lc-tau; --prox-mu, towards the hyperedge's start), sends its own
+change (`delta`: top-k entries by magnitude with --sparsity, as indices and values; a tensor
+sent whole as its values alone), and when every live member's change is in, or
 --hyperedge-timeout has passed, adds the weighted mean of the changes less its own to its model.
 Changes are added, never assigned, so concurrent hyperedges lose nothing. A member that dies
 holds nobody up past the timeout; the tracker's list says at once when it is evicted. Every
