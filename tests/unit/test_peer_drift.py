@@ -110,7 +110,7 @@ def test_the_proximal_term_pulls_towards_the_last_synchronisation():
         for p in model.parameters():
             p.add_(1.0)
     value = proximal()
-    assert float(value) == pytest.approx(0.5 / 2 * sum(np.sum((p.detach().numpy() - a) ** 2) for p, a in zip(model.parameters(), anchor)), rel=1e-6)
+    assert float(value.detach()) == pytest.approx(0.5 / 2 * sum(np.sum((p.detach().numpy() - a) ** 2) for p, a in zip(model.parameters(), anchor)), rel=1e-6)
     value.backward()
     for p, a in zip(model.parameters(), anchor):
         assert np.allclose(p.grad.numpy(), 0.5 * (p.detach().numpy() - a), atol=1e-6)
