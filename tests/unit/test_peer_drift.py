@@ -115,7 +115,7 @@ def test_the_proximal_term_pulls_towards_the_last_synchronisation():
     for p, a in zip(model.parameters(), anchor):
         assert np.allclose(p.grad.numpy(), 0.5 * (p.detach().numpy() - a), atol=1e-6)
     proximal.anchor_here()
-    assert float(proximal()) == 0.0
+    assert float(proximal().detach()) == 0.0
 
 
 def test_synchronising_often_with_logit_calibration_beats_once_an_epoch_under_label_skew():
