@@ -1,6 +1,7 @@
-"""What each peer of a decentralized run trains on, how it weighs the models it receives, and the
-same training in one process (the baseline a distributed p2p run is timed and scored against).
-Pure: no messages, no threads."""
+"""What each peer of a decentralized run trains on and with (its share, its local loss with the
+drift corrections, its synchronisation points), how it weighs the models it receives, and the
+same training in one process: p2p in lock step, SMPL in global rounds (the baselines the
+distributed runs equal, and are timed and scored against). Pure: no messages, no threads."""
 
 from __future__ import annotations
 
