@@ -12,7 +12,8 @@ import pytest
 from splitfed.transport import AmqpBroker, Connection, TransportError
 from splitfed.transport.broker import NotAmqp
 from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
-from tests.own_broker import BrokerCluster, OwnBroker, free_port, make_tls_files
+from tests.own_broker import BrokerCluster, OwnBroker, make_tls_files
+from tests.ports import free_port
 
 N = 200  # messages per test, each carrying its number
 

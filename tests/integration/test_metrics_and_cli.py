@@ -1,7 +1,6 @@
 """A running role's Prometheus endpoint, and the CLI's contract (exit codes, stderr, JSON)."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -9,12 +8,7 @@ import urllib.request
 
 from splitfed.roles.endpoint import queue_name
 from splitfed.transport.rabbitmq import RabbitTransport
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def scrape(port: int) -> str:

@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ import pytest
 from splitfed.roles.endpoint import queue_name
 from splitfed.transport.rabbitmq import RabbitTransport
 from tests.observability import grafana_schema
-from tests.own_broker import OwnBroker, free_port
+from tests.own_broker import OwnBroker
+from tests.ports import free_port, port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "helm" / "splitfed" / "files" / "dashboards").glob("*.json"))
@@ -45,29 +45,6 @@ TRAINING = ("--dataset", "fashion-mnist", "--limit", "3000", "--test-limit", "10
 FEDAVG_ROLES, SPLIT_ROLES = 4, 3  # fedavg-server + 3 workers; split-client, split-server, relay
 SPLITNN_ROLES = 4  # split-server, split-fed, 2 split clients (splitfed-v2: the fed averages)
 P2P_ROLES = SMPL_ROLES = 4  # p2p-tracker, 3 peers
-
-
-def port_block(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1, below the kernel's range for
-    outgoing connections: a port from that range (what binding to port 0 gives) can be taken by
-    a role's own broker connection before its metrics server binds it (seen in CI: "cannot serve
-    metrics on port 57616: Address already in use")."""
-    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(50):
-        first = 10000 + secrets.randbelow(lowest_ephemeral - 10000 - count)
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                bound = socket.socket()
-                sockets.append(bound)
-                bound.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for bound in sockets:
-                bound.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def http_json(url: str) -> dict:
