@@ -5,12 +5,13 @@ KUBECONFIG names a missing file, or a config whose server is a closed port on 12
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.ports import free_port
 
 COMMANDS = {
     "launch fedavg": ["launch", "fedavg", "--name", "fl", "--rounds", "2"],
@@ -22,16 +23,10 @@ COMMANDS = {
 }
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when the block ends: nothing listens on it
-
-
 @pytest.fixture(scope="module")
 def kubeconfigs(tmp_path_factory) -> dict[str, tuple[str, str]]:
     folder = tmp_path_factory.mktemp("kube")
-    port = closed_port()
+    port = free_port()  # nothing listens on it
     refused = folder / "refused.yaml"
     refused.write_text(f"""apiVersion: v1
 kind: Config
