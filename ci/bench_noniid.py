@@ -193,15 +193,16 @@ def peers_tune(args: argparse.Namespace) -> None:
                                 f"({time.perf_counter() - started:.0f}s)", highlight=False)
 
 
-def table_row(job: tuple, threads: int) -> dict:
-    """One row of the peers' table: ("peers", partition, protocol, method), ("fedavg", partition) or ("centralized",)."""
+def table_row(job: tuple, threads: int, size: int) -> dict:
+    """One row of the peers' table: ("peers", partition, protocol, method), ("fedavg", partition) or
+    ("centralized",); `size`: the model's bytes."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
     if job[0] == "peers":
         _, partition, protocol, method = job
         params = PEER_CANDIDATES[protocol][method][0]
         row = {"partition": partition, "run": protocol, "method": method, "settings": params, **peer_run(protocol, partition, params),
-               "mb_per_peer_epoch": bytes_per_peer_epoch(protocol, params, model_bytes()) / 1e6}
+               "mb_per_peer_epoch": bytes_per_peer_epoch(protocol, params, size) / 1e6}
     elif job[0] == "fedavg":
         row = {"partition": job[1], "run": "fedavg", "method": "4 workers, 4 rounds of 1 epoch", "settings": FEDAVG_SETTINGS,
                "accuracy": run("fashion-mnist", job[1], 4, 4, "fedavg", FEDAVG_SETTINGS)[-1]}
@@ -225,7 +226,7 @@ def peers_table(args: argparse.Namespace) -> None:
     jobs.append(("centralized",))
     threads = max(1, args.threads // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(table_row, jobs, [threads] * len(jobs)))
+        rows = list(pool.map(table_row, jobs, [threads] * len(jobs), [model_bytes()] * len(jobs)))
     out = Table(title="4 peers, fashion-mnist, 4 epochs: the peers' mean final test accuracy and its spread (max - min)")
     for column in ("partition", "run", "method", "settings", "accuracy", "spread", "MB sent per peer per epoch"):
         out.add_column(column)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from splitfed.learning.hyperedge import sparsify, to_wire
-from splitfed.learning.peers import state_of
+from splitfed.learning.device import state_of
 from splitfed.learning.settings import SMPLSettings
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.p2p import PeerDeployment

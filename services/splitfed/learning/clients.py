@@ -14,8 +14,7 @@ from splitfed.learning import cutting, data, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.device import Compute
-from splitfed.learning.peers import state_of
+from splitfed.learning.device import Compute, state_of
 from splitfed.learning.settings import DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
 from splitfed.learning.cutting import Parts

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from splitfed.errors import DeviceError
 from splitfed.learning.settings import ModelSettings
@@ -123,6 +124,16 @@ def to_numpy(tensor: torch.Tensor, wire_dtype: str | None = None) -> np.ndarray:
 def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Named tensors (a state dict) as numpy, for a frame (on the CPU, views of the tensors)."""
     return {name: to_numpy(value) for name, value in state.items()}
+
+
+def state_of(model: nn.Module) -> dict[str, np.ndarray]:
+    """A copy of `model`'s state as numpy, on the host: what a party keeps or averages while the model trains on."""
+    return {name: array.copy() for name, array in numpy_state(model.state_dict()).items()}
+
+
+def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """`state` (numpy) into `model`, wherever its tensors live."""
+    model.load_state_dict({name: torch.from_numpy(np.array(value, copy=True)) for name, value in state.items()})
 
 
 def from_numpy(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

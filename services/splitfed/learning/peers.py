@@ -19,7 +19,7 @@ from splitfed.learning.averaging import weighted_average
 from splitfed.learning.hyperedge import choose_start, draw_members
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
-from splitfed.learning.device import CPU, Compute, to_numpy
+from splitfed.learning.device import CPU, Compute, load_state, state_of
 from splitfed.learning.tasks import Task
 from splitfed.learning.settings import P2PSettings, PeerSettings, SMPLSettings
 
@@ -69,14 +69,6 @@ def sync_chunks(batches: list[torch.Tensor], syncs: int) -> list[list[torch.Tens
     size, longer = divmod(len(batches), syncs)
     bounds = np.cumsum([0] + [size + (index < longer) for index in range(syncs)])
     return [batches[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
-
-
-def state_of(model: nn.Module) -> dict[str, np.ndarray]:
-    return {name: to_numpy(value).copy() for name, value in model.state_dict().items()}
-
-
-def load_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({name: torch.from_numpy(np.array(value, copy=True)) for name, value in state.items()})
 
 
 @dataclass
@@ -167,7 +159,8 @@ def in_memory_run(settings: P2PSettings, every_epoch: bool = True) -> dict:
     --sync-wait makes sure). Every peer then holds the same model: it is scored once per epoch
     (with every peer's own before the last average), or with `every_epoch` False only once, at the end."""
     task = Task(settings)
-    contexts = [peer_context(settings, "p2p-peer", index) for index in range(settings.peers)]
+    # In the order of the peers' names, the order in which a distributed peer sums the models.
+    contexts = sorted((peer_context(settings, "p2p-peer", index) for index in range(settings.peers)), key=lambda context: context.party)
     test = scoring_data(task, contexts[0])
     peers = [learner(task, context, settings) for context in contexts]
     history = []
@@ -179,8 +172,7 @@ def in_memory_run(settings: P2PSettings, every_epoch: bool = True) -> dict:
             losses += [loss for peer, order in zip(peers, orders) for loss in train_batches(peer, order[sync])]
             if sync == settings.syncs_per_epoch - 1 and every_epoch:
                 before = [scored(peer.model, test, settings, peer.loss_of, peer.compute).accuracy for peer in peers]
-            by_name = sorted(zip(contexts, peers), key=lambda pair: pair[0].party)  # summed in the order a distributed peer sums them
-            average = weighted_average([state_of(peer.model) for _, peer in by_name], [len(peer.share) for _, peer in by_name])
+            average = weighted_average([state_of(peer.model) for peer in peers], [len(peer.share) for peer in peers])
             for peer in peers:
                 synchronised(peer, average)
         if not every_epoch and epoch < settings.epochs:

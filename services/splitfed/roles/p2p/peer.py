@@ -13,7 +13,8 @@ import uuid
 import numpy as np
 
 from splitfed.learning import data, train
-from splitfed.learning.peers import Received, mix, scored, state_of, sync_chunks, synchronised, train_batches
+from splitfed.learning.device import state_of
+from splitfed.learning.peers import Received, mix, scored, sync_chunks, synchronised, train_batches
 from splitfed.learning.settings import P2PSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors

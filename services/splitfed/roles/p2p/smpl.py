@@ -27,9 +27,9 @@ import torch
 
 from splitfed.learning import data, train
 from splitfed.learning.averaging import weighted_average
-from splitfed.learning.device import from_numpy
 from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
-from splitfed.learning.peers import Learner, hyperedge_batches, load_state, scored, state_of, synchronised, train_batches, validation_loss
+from splitfed.learning.device import from_numpy, load_state, state_of
+from splitfed.learning.peers import Learner, hyperedge_batches, scored, synchronised, train_batches, validation_loss
 from splitfed.learning.settings import SMPLSettings
 from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
