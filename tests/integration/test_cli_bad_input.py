@@ -27,6 +27,11 @@ CASES = {  # name -> (arguments, exit code, what the line says)
     "results into a missing folder": (["run", "centralized", "--dataset", "digits", "--out", "/missing/folder/r.json"], 2, "folder /missing/folder does not exist"),
     "required option missing": (["serve", "relay"], 2, "--session (or SPLITFED_SESSION) is required"),
     "unknown broker scheme": (["run", "split", "--broker", "ftp://user:secret@host/"], 2, "needs --broker amqp://"),
+    "label dp in u-shaped mode": (["run", "split", "--mode", "u-shaped", "--label-dp", "1"], 2, "--label-dp is for vanilla mode"),
+    "gradient defence in vanilla mode": (["run", "splitnn", "--gradient-defence", "max-norm"], 2, "--gradient-defence max-norm is for u-shaped mode"),
+    "activation noise without a clip": (["run", "split", "--activation-noise", "0.5"], 2, "give --activation-clip C too"),
+    "label dp epsilon out of range": (["run", "split", "--label-dp", "0"], 2, "--label-dp"),
+    "negative nopeek weight": (["serve", "split-client", "--session", "s", "--nopeek-weight", "-1"], 2, "--nopeek-weight"),
 }
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitfed.learning import cutting, data, train
+from splitfed.learning import cutting, data, models, train
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.data import Samples
+from splitfed.learning.defences import Defences
 from splitfed.learning.device import Compute, state_of
 from splitfed.learning.settings import DataShape, SplitNNSettings, split_client_name
 from splitfed.learning.tasks import Task
@@ -79,16 +80,18 @@ class ClientHalves:
     opt: torch.optim.Optimizer
     share: Samples
     generator: torch.Generator
+    defences: Defences
 
     def layers(self) -> list[nn.Module]:
         return [self.parts.head] + ([self.parts.tail] if self.parts.tail is not None else [])
 
 
 def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Module]]:
-    """round-robin or splitfed-v1 in one process, without messages: each client's parts and the
-    server's layers (one set, or one per client in splitfed-v1) after the last epoch.
-    (splitfed-v2 has no single reference: the server trains on batches in the order they arrive.)"""
-    if settings.schedule == "splitfed-v2":
+    """round-robin or splitfed-v1 (or any schedule of one client) in one process, without
+    messages, with the clients' defences applied at the cut: each client's parts and the server's
+    layers (one set, or one per client in splitfed-v1) after the last epoch. (splitfed-v2 of
+    several clients has no single reference: the server trains on batches in the order they arrive.)"""
+    if settings.schedule == "splitfed-v2" and settings.clients > 1:
         raise ValueError("splitfed-v2's outcome depends on the order its clients' batches arrive in")
     task = Task(settings)
     loss_of = task.loss(client_context(settings, 0))
@@ -97,8 +100,10 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
     for index in range(settings.clients):
         parts = copy.deepcopy(whole)
         params = [p for module in (parts.head, parts.tail) if module is not None for p in module.parameters()]
-        share = client_share(task, client_context(settings, index))
-        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), share, data.party_generator(settings.seed, index)))
+        context = client_context(settings, index)
+        share = client_share(task, context)
+        defences = Defences(settings, index, len(share), len(task.classes(context)))
+        clients.append(ClientHalves(parts, train.optimizer(params, settings.optimizer, settings.lr), share, data.party_generator(settings.seed, index), defences))
     per_client = settings.schedule == "splitfed-v1"
     bodies = [client.parts.body for client in clients] if per_client else [whole.body] * settings.clients
     if per_client:
@@ -121,7 +126,10 @@ def reference_run(settings: SplitNNSettings) -> tuple[list[Parts], list[nn.Modul
 
 
 def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.optim.Optimizer, batches: list[torch.Tensor], loss_of: train.Loss, compute: Compute) -> None:
-    """The client's `batches` through its layers and `body`, as the split roles compute them."""
+    """The client's `batches` through its layers and `body`, as the split roles compute them, with
+    the client's defences where the roles apply them: on the activations at the cut, the labels
+    the server's layers train on, the gradient flowing back into them, and NoPeek's term."""
+    defences = client.defences
     for indices in batches:
         images, labels = client.share.batch(indices)  # (B, C, H, W), (B,) on the device
         for module in (client.parts.head, body, client.parts.tail):
@@ -130,10 +138,21 @@ def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.opti
         client.opt.zero_grad(set_to_none=True)
         server_opt.zero_grad(set_to_none=True)
         with compute.autocast():
-            outputs = body(client.parts.head(images))
+            activations = client.parts.head(images)
+        sent = defences.outgoing(activations)
+        prior = None
+        if defences.needs_prior(indices):
+            with models.evaluating(body), compute.autocast():
+                prior = body(sent)
+        labels = defences.release(indices, labels, prior)
+        with compute.autocast():
+            outputs = body(sent)
+            if client.parts.tail is not None and defences.settings.gradient_defence != "none":
+                outputs.register_hook(defences.returned)  # the server's layers get the returned gradient, the tail the true one
             logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
             loss = loss_of(logits, labels)
-        loss.backward()
+        penalty = defences.penalty(images, activations)
+        (loss if penalty is None else loss + penalty).backward()
         server_opt.step()
         client.opt.step()
 

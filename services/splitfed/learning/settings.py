@@ -45,6 +45,8 @@ LOCAL_FORMATS = ("imagefolder", "csv", "npz")  # a party's own files under --dat
 MODELS = ("cnn", "tiny")  # built by learning.models; --model also takes a torchvision classification model (learning.vision)
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
+GRADIENT_DEFENCES = ("none", "max-norm", "noise")  # learning.defences: what a u-shaped client does to the gradients it returns
+LABEL_PRIORS = ("model", "none")
 SCHEDULES = ("round-robin", "splitfed-v1", "splitfed-v2")  # roles.split: how several split clients share one server
 STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
@@ -171,10 +173,37 @@ class SplitSettings(TrainSettings):
         "(the parties compute in --precision either way). Client and server must agree.", choices=PRECISIONS,
     )
 
+    # Defences (learning.defences): what the client does to what leaves it. The server needs none of them.
+    nopeek_weight: float = setting(0.0, "NoPeek: the client adds this times the distance correlation between a batch's inputs and its cut "
+                                        "activations to its loss, so that the activations say less of the inputs (0: off).", min=0.0, max=1000.0)
+    activation_clip: float | None = setting(None, "Clip each sample's cut activation to this L2 norm before it leaves the client (training and "
+                                                  "evaluation).", min=1e-6, metavar="C")
+    activation_noise: float = setting(0.0, "With --activation-clip C: add Gaussian noise of standard deviation this times C to each clipped "
+                                           "activation before it leaves the client (0: none).", min=0.0, max=1000.0, metavar="S")
+    gradient_defence: str = setting("none", "u-shaped: what the client does to the gradients it returns to the server, which carry its labels: "
+                                            "max-norm (noise that gives every sample the batch's largest expected norm) or noise (--gradient-noise).",
+                                    choices=GRADIENT_DEFENCES)
+    gradient_noise: float = setting(1.0, "--gradient-defence noise: the noise's standard deviation per element, as this times the batch's largest "
+                                         "gradient norm over the square root of its size.", min=0.0, max=1000.0, metavar="S")
+    label_dp: float | None = setting(None, "vanilla: label differential privacy, EPSILON-label-DP per sample: each training label leaves the client "
+                                           "once, through randomised response (see --label-dp-prior), and the server never sees a true label with "
+                                           "certainty.", min=1e-3, max=50.0, metavar="EPSILON")
+    label_dp_prior: str = setting("model", "--label-dp: model (RR-with-prior: the response is drawn among the classes the model, trained on the "
+                                           "labels released before, ranks highest; one more round trip for each batch of the first epoch) or none "
+                                           "(plain randomised response over all classes).", choices=LABEL_PRIORS)
+
     def __post_init__(self) -> None:
         if self.precision == "fp16":
             raise ValueError("--precision fp16 needs its loss scaled, and in split learning the loss and the layers it would scale are "
                              "on different parties: use --precision bf16 (the same range as fp32, no scaling)")
+        if self.activation_noise and self.activation_clip is None:
+            raise ValueError(f"--activation-noise {self.activation_noise} is a multiple of the clipping norm: give --activation-clip C too")
+        if self.mode == "u-shaped" and self.label_dp is not None:
+            raise ValueError("--label-dp is for vanilla mode: in u-shaped mode the labels never leave the client (use --gradient-defence "
+                             "against the gradients that carry them)")
+        if self.mode == "vanilla" and self.gradient_defence != "none":
+            raise ValueError(f"--gradient-defence {self.gradient_defence} is for u-shaped mode: in vanilla mode the server computes the loss "
+                             "and the client returns no gradients (use --label-dp to protect the labels)")
 
 
 @dataclass(kw_only=True)

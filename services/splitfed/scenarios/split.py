@@ -73,6 +73,7 @@ def merge_parts(settings: SplitSettings, run: SplitRun, workdir: Path, result: d
         merged.update(load_file(str(part_file(workdir, role))))  # our own files; safetensors runs no code
         part_file(workdir, role).unlink()
     save_file(merged, str(run.save_model))
+    result["model_file"] = str(run.save_model.resolve())  # what `splitfed attack` reads the halves from
 
 
 SCENARIO = Scenario(

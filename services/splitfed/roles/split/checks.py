@@ -72,6 +72,8 @@ def check_activations(server: ServerView, state: ClientState, message: Message) 
     check_tensors(message, specs)
     if vanilla_train and not np.all((message.tensors["y"] >= 0) & (message.tensors["y"] < server.classes)):
         raise ProtocolError("value", f"labels outside 0..{server.classes - 1}")
+    if message.meta.get("prior", False) is not False and (message.meta["prior"] is not True or training or server.settings.mode != "vanilla"):
+        raise ProtocolError("malformed", "prior (a label prior's query of the current layers) is true only on a vanilla client's batch that does not train")
     if training and state.pending is not None:
         raise ProtocolError("kind", "new activations while gradients for the last batch are outstanding")
     server.schedule.check_turn(state, message)

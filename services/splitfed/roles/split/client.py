@@ -21,6 +21,7 @@ import torch
 
 from splitfed.errors import Refused, RunAborted
 from splitfed.learning import clients, cutting, data, models, train
+from splitfed.learning.defences import Defences
 from splitfed.learning.device import from_numpy, to_numpy
 from splitfed.learning.settings import WIRE_NUMPY_DTYPES, SplitNNSettings
 from splitfed.learning.tasks import Task, fingerprint
@@ -70,6 +71,8 @@ class SplitClient:
         self.train_data = clients.client_share(self.task, self.context)
         clients.check_periods(math.ceil(len(self.train_data) / settings.batch_size), settings.syncs_per_epoch, f"{self.name}'s share")  # before the handshake
         self.test_data = self.task.data(self.context, train=False)
+        self.defences = Defences(settings, self.index, len(self.train_data), len(self.task.classes(self.context)))
+        self.evaluation_noise: torch.Generator | None = None  # the activation noise of the evaluation under way
         self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
         several = settings.clients > 1
@@ -119,31 +122,43 @@ class SplitClient:
             raise RunAborted(f"the split-server ended run {self.endpoint.run} without {self.name}'s share (it was too slow, or silent)")
         return reply
 
-    def remote_forward(self, activations: torch.Tensor, train_step: bool) -> torch.Tensor:
+    def remote_forward(self, activations: torch.Tensor, train_step: bool, **meta: object) -> torch.Tensor:
         """The server's layers applied to `activations` (B, *cut_shape) -> (B, *server_out_shape)."""
         spec = {"h": TensorSpec(WIRE_NUMPY_DTYPES[self.wire], (len(activations), *self.server_out_shape))}
-        reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations, self.wire)}, OUTPUTS, spec, train=train_step)
+        reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations, self.wire)}, OUTPUTS, spec, train=train_step, **meta)
         return from_numpy(reply.tensors["h"], self.compute.device, torch.float32)
 
     # -- training -------------------------------------------------------------------------
 
-    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_batch(self, indices: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One batch (the samples at `indices` of this client's share) with the defences the
+        settings ask for: on the activations that leave, the gradients returned, the labels sent,
+        and NoPeek's term in this client's loss."""
         self.parts.head.train()
         self.opt.zero_grad(set_to_none=True)
         with self.compute.autocast():
             activations = self.parts.head(images)  # (B, *cut_shape)
+        sent = self.defences.outgoing(activations)
         cut_spec = {"g": TensorSpec(WIRE_NUMPY_DTYPES[self.wire], (len(images), *self.cut_shape))}
         if self.parts.tail is None:
-            reply = self.exchange(ACTIVATIONS, {"x": to_numpy(activations, self.wire), "y": to_numpy(labels)}, GRADIENTS, cut_spec, train=True)
+            # The labels' prior: the server's current layers on the very activations it is about to train on (it learns nothing new).
+            prior = self.remote_forward(sent.detach(), train_step=False, prior=True) if self.defences.needs_prior(indices) else None
+            released = self.defences.release(indices, labels, prior)
+            reply = self.exchange(ACTIVATIONS, {"x": to_numpy(sent, self.wire), "y": to_numpy(released)}, GRADIENTS, cut_spec, train=True)
             loss = float(reply.meta.get("loss", float("nan")))
         else:
-            features = self.remote_forward(activations, train_step=True).requires_grad_(True)
+            features = self.remote_forward(sent, train_step=True).requires_grad_(True)
             with self.compute.autocast():
                 batch_loss = self.loss_of(self.parts.tail(features), labels)  # labels stay here
             batch_loss.backward()
-            reply = self.exchange(GRADIENTS, {"g": to_numpy(features.grad, self.wire)}, GRADIENTS, cut_spec)
+            reply = self.exchange(GRADIENTS, {"g": to_numpy(self.defences.returned(features.grad), self.wire)}, GRADIENTS, cut_spec)
             loss = batch_loss.item()
-        activations.backward(from_numpy(reply.tensors["g"], self.compute.device, activations.dtype))
+        outputs, grads = [sent], [from_numpy(reply.tensors["g"], self.compute.device, sent.dtype)]
+        penalty = self.defences.penalty(images, activations)
+        if penalty is not None:
+            outputs.append(penalty)
+            grads.append(torch.ones_like(penalty))
+        torch.autograd.backward(outputs, grads)
         self.opt.step()
         return loss
 
@@ -159,7 +174,7 @@ class SplitClient:
         the epoch: `done_before` of `total` are done."""
         losses = []
         for done, indices in enumerate(batches, done_before + 1):
-            losses.append(self.train_batch(*self.train_data.batch(indices)))  # (B, C, H, W), (B,) on the device
+            losses.append(self.train_batch(indices, *self.train_data.batch(indices)))  # (B, C, H, W), (B,) on the device
             if self.on_progress:
                 self.on_progress(Progress("batch", done, total, losses[-1]))
         self.epoch_losses.extend(losses)
@@ -323,7 +338,7 @@ class SplitClient:
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the whole split model, for evaluation."""
         self.parts.head.eval()
-        outputs = self.remote_forward(self.parts.head(images), train_step=False)
+        outputs = self.remote_forward(self.defences.outgoing(self.parts.head(images), self.evaluation_noise), train_step=False)
         if self.parts.tail is None:
             return outputs
         self.parts.tail.eval()
@@ -337,6 +352,7 @@ class SplitClient:
         message: it adds them up. A client that scores a whole set keeps the record too."""
         counts: dict[str, object] = {}
         whole = None
+        self.evaluation_noise = self.defences.evaluation_stream(epoch)
         if parts:
             size = len(self.test_data)
             share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
@@ -383,6 +399,7 @@ class SplitClient:
             "history": [vars(r) for r in self.history],
             "train_losses": self.train_losses,
             "traffic": vars(self.endpoint.traffic),
+            **({"label_dp": counts} if (counts := self.defences.label_counts(self.train_data.labels)) else {}),
             "timing": {
                 "round_trips": len(self.round_trips),
                 "round_trip_seconds": sum(self.round_trips),

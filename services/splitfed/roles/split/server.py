@@ -269,9 +269,11 @@ class SplitServer(Role):
     def forward(self, state: ClientState, message: Message) -> None:
         inputs = from_numpy(message.tensors["x"], self.compute.device, torch.float32)  # (B, *in_shape)
         if message.meta.get("train") is not True:
-            self.evaluation_body.eval()
+            # A label prior (--label-dp) asks of the layers as they are now, an evaluation of them as the last epoch closed.
+            body = state.body if message.meta.get("prior") is True else self.evaluation_body
+            body.eval()
             with torch.no_grad(), self.compute.autocast():
-                outputs = self.evaluation_body(inputs)  # (B, *out_shape)
+                outputs = body(inputs)  # (B, *out_shape)
             self.answer(state, OUTPUTS, {"h": to_numpy(outputs, self.wire)})
             return
         state.begun = True
