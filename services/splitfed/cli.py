@@ -1,4 +1,5 @@
-"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`, draw a `report`, list `models` and their cut points.
+"""The splitfed command line: `run` a whole scenario, `serve` one role, manage `keys`, draw a `report`, list `models` and their cut points,
+`attack` a finished split run to measure what its server could learn.
 
 Every `run` and `serve` command is generated from the scenario and role declarations: one flag
 and one SPLITFED_* variable per settings field, so the CLI, the launcher and the Helm chart
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splitfed import __version__, config
+from splitfed.attack_cli import attack_app
 from splitfed.cluster.commands import register as register_cluster_commands
 from splitfed.commandline import ExitCode, check_outputs, command, err, fail, finish, guard
 from splitfed.roles.registry import ROLES
@@ -30,6 +32,7 @@ keys_app = typer.Typer(help="Party identities: ed25519 key pairs and the key-lis
 app.add_typer(run_app, name="run")
 app.add_typer(serve_app, name="serve")
 app.add_typer(keys_app, name="keys")
+app.add_typer(attack_app, name="attack")
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import splitfed
 
 PACKAGE = Path(splitfed.__file__).parent
-COMMAND_LINE = {"cli", "commandline", "sizing_cli", "__main__"}
+COMMAND_LINE = {"cli", "commandline", "sizing_cli", "attack_cli", "__main__"}
 # area of the package -> the areas it must never import
 FORBIDDEN = {
     **dict.fromkeys(("learning", "protocol", "security", "observability"), {"roles", "scenarios", "cluster", *COMMAND_LINE}),
