@@ -60,7 +60,7 @@ def options(cut: int, mode: str, defence: dict) -> dict:
 
 
 def splitfed(*args: str, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SPLITFED_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SPLITFED_LOG_LEVEL": "warning"}
     completed = subprocess.run([sys.executable, "-m", "splitfed", *args], capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"splitfed {' '.join(args)} failed ({completed.returncode}): {completed.stderr[-2000:]}")

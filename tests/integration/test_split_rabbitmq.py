@@ -23,6 +23,26 @@ def test_split_processes_over_rabbitmq_equal_centralized(broker_url, session, di
     assert result["traffic"]["messages"] >= 2 * 45  # one exchange per batch at least
 
 
+def test_defended_split_processes_over_rabbitmq_equal_their_reference(broker_url, session, tmp_path):
+    """NoPeek, activation noise and label DP with the model's prior (one more exchange a batch,
+    through the relay) as separate processes: the model equals the one-process reference's, and
+    the client's own count of the true labels it sent reaches the results."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from splitfed.learning import clients
+    from splitfed.roles.split.common import merged_state
+
+    settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, limit=600, nopeek_weight=0.2, activation_clip=5.0, activation_noise=0.3, label_dp=1.0)
+    result = launch.run(split.SCENARIO, settings, SplitRun(broker=broker_url, session=session, via="relay", timeout=120, save_model=tmp_path / "model.safetensors"))
+    parts, bodies = clients.reference_run(SplitNNSettings(**dataclasses.asdict(settings)))
+    expected = merged_state([(parts[0].head.state_dict(), 0), (bodies[0].state_dict(), parts[0].cut_layer)])
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) == set(expected) and max(float((saved[k] - expected[k]).abs().max()) for k in saved) <= 1e-5
+    assert result["label_dp"]["released"] == 600 and 0 < result["label_dp"]["true"] < 600
+
+
 def test_signed_split_processes_equal_centralized(broker_url, session, digits_baseline, tmp_path):
     """Signed split processes equal centralized training, and every receiver really checks
     signatures: forged hellos wait in the relay's, the server's and the client's queues before
