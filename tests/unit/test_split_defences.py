@@ -114,6 +114,16 @@ def test_each_label_is_released_once():
     assert counts == {"released": 50, "true": int((first == labels).sum())} and 0 < counts["true"] < 50
 
 
+def test_the_models_prior_waits_for_half_the_labels():
+    guard = defences.Defences(SplitNNSettings(**SMALL, label_dp=1.0), 0, samples=10, classes=10)
+    labels = torch.arange(10)
+    assert not guard.needs_prior(torch.arange(5))
+    guard.release(torch.arange(4), labels[:4])
+    assert not guard.needs_prior(torch.arange(4, 10))
+    guard.release(torch.arange(4, 5), labels[4:5])
+    assert guard.needs_prior(torch.arange(5, 10)) and not guard.needs_prior(torch.arange(5))  # released ones never again
+
+
 CASES = {
     "nopeek": dict(mode="vanilla", nopeek_weight=0.5),
     "activation noise": dict(mode="vanilla", activation_clip=5.0, activation_noise=0.5),
