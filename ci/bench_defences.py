@@ -13,7 +13,7 @@ nothing) and the label attack's score (beside chance).
 
 Activation noise is a standard deviation per element of S times the clip C, so the noise's norm
 is S * C * sqrt(d): the strengths are given as that ratio (noise norm / C) and divided by sqrt(d)
-for the cut at hand.
+for the cut at hand. Rows run one after another (--jobs 1, the default) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -32,21 +32,26 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-CUTS = {9: 128, 3: 32 * 14 * 14}  # cut -> floats a sample at the cut
-ACTIVATION_CLIP = 1.0
-# (mode, label, options); "noise ratio" rows are filled in per cut.
+# cut -> (floats a sample at the cut, the activation clip C: about the median norm of a sample's
+# activation there in the untrained model, 1.3 and 44, so that clipping leaves the scale the
+# layers start from and the noise ratio means the same at both cuts).
+CUTS = {9: (128, 1.0), 3: (32 * 14 * 14, 40.0)}
+# (mode, label, options); "noise_ratio" is the activation noise's norm over C, turned into
+# --activation-noise per cut.
 ROWS = [
     ("vanilla", "none", {}),
     ("vanilla", "nopeek 0.5", {"nopeek_weight": 0.5}),
     ("vanilla", "nopeek 2", {"nopeek_weight": 2.0}),
     ("vanilla", "activation noise 0.5", {"noise_ratio": 0.5}),
+    ("vanilla", "activation noise 1", {"noise_ratio": 1.0}),
     ("vanilla", "activation noise 2", {"noise_ratio": 2.0}),
     ("vanilla", "label dp eps 4", {"label_dp": 4.0}),
     ("vanilla", "label dp eps 1", {"label_dp": 1.0}),
+    ("vanilla", "label dp eps 4, model prior", {"label_dp": 4.0, "label_dp_prior": "model"}),
     ("u-shaped", "none", {}),
     ("u-shaped", "max-norm", {"gradient_defence": "max-norm"}),
+    ("u-shaped", "gradient noise 0.25", {"gradient_defence": "noise", "gradient_noise": 0.25}),
     ("u-shaped", "gradient noise 1", {"gradient_defence": "noise", "gradient_noise": 1.0}),
-    ("u-shaped", "gradient noise 4", {"gradient_defence": "noise", "gradient_noise": 4.0}),
 ]
 
 
@@ -55,7 +60,8 @@ def options(cut: int, mode: str, defence: dict) -> dict:
     chosen = {"cut_layer": str(cut), "mode": mode, **defence}
     ratio = chosen.pop("noise_ratio", None)
     if ratio is not None:
-        chosen.update(activation_clip=ACTIVATION_CLIP, activation_noise=ratio / math.sqrt(CUTS[cut]))
+        floats, clip = CUTS[cut]
+        chosen.update(activation_clip=clip, activation_noise=ratio / math.sqrt(floats))
     return chosen
 
 

@@ -104,7 +104,7 @@ def test_randomised_response_draws_as_its_definition_says_and_is_epsilon_dp(prio
 
 
 def test_each_label_is_released_once():
-    settings = SplitNNSettings(**SMALL, label_dp=1.0, label_dp_prior="none")
+    settings = SplitNNSettings(**SMALL, label_dp=1.0)
     guard = defences.Defences(settings, 0, samples=50, classes=10)
     labels = torch.arange(50) % 10
     first = guard.release(torch.arange(50), labels)
@@ -115,7 +115,7 @@ def test_each_label_is_released_once():
 
 
 def test_the_models_prior_waits_for_half_the_labels():
-    guard = defences.Defences(SplitNNSettings(**SMALL, label_dp=1.0), 0, samples=10, classes=10)
+    guard = defences.Defences(SplitNNSettings(**SMALL, label_dp=1.0, label_dp_prior="model"), 0, samples=10, classes=10)
     labels = torch.arange(10)
     assert not guard.needs_prior(torch.arange(5))
     guard.release(torch.arange(4), labels[:4])
@@ -127,12 +127,13 @@ def test_the_models_prior_waits_for_half_the_labels():
 CASES = {
     "nopeek": dict(mode="vanilla", nopeek_weight=0.5),
     "activation noise": dict(mode="vanilla", activation_clip=5.0, activation_noise=0.5),
-    "label dp with the model's prior": dict(mode="vanilla", label_dp=1.0),
-    "label dp": dict(mode="vanilla", label_dp=2.0, label_dp_prior="none"),
+    "label dp with the model's prior": dict(mode="vanilla", label_dp=1.0, label_dp_prior="model"),
+    "label dp": dict(mode="vanilla", label_dp=2.0),
     "max-norm": dict(mode="u-shaped", gradient_defence="max-norm"),
     "gradient noise": dict(mode="u-shaped", gradient_defence="noise", gradient_noise=1.0),
     "all of u-shaped's": dict(mode="u-shaped", gradient_defence="max-norm", nopeek_weight=0.3, activation_clip=3.0, activation_noise=0.2),
-    "splitfed-v1, label dp and noise": dict(mode="vanilla", clients=3, schedule="splitfed-v1", label_dp=1.0, activation_clip=3.0, activation_noise=0.3),
+    "splitfed-v1, label dp and noise": dict(mode="vanilla", clients=3, schedule="splitfed-v1", label_dp=1.0, label_dp_prior="model", activation_clip=3.0,
+                                            activation_noise=0.3),
 }
 
 

@@ -46,7 +46,7 @@ MODELS = ("cnn", "tiny")  # built by learning.models; --model also takes a torch
 OPTIMIZERS = ("adam", "sgd")  # built by learning.train
 SPLIT_MODES = ("vanilla", "u-shaped")
 GRADIENT_DEFENCES = ("none", "max-norm", "noise")  # learning.defences: what a u-shaped client does to the gradients it returns
-LABEL_PRIORS = ("model", "none")
+LABEL_PRIORS = ("none", "model")
 SCHEDULES = ("round-robin", "splitfed-v1", "splitfed-v2")  # roles.split: how several split clients share one server
 STRATEGIES = ("fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedrs", "fedbabu", "fedlc")  # learning.strategies
 RULES = ("mean", "median", "trimmed-mean", "krum")
@@ -188,9 +188,10 @@ class SplitSettings(TrainSettings):
     label_dp: float | None = setting(None, "vanilla: label differential privacy, EPSILON-label-DP per sample: each training label leaves the client "
                                            "once, through randomised response (see --label-dp-prior), and the server never sees a true label with "
                                            "certainty.", min=1e-3, max=50.0, metavar="EPSILON")
-    label_dp_prior: str = setting("model", "--label-dp: model (RR-with-prior: the response is drawn among the classes the model, trained on the "
-                                           "labels released before, ranks highest; one more round trip for each batch of the first epoch) or none "
-                                           "(plain randomised response over all classes).", choices=LABEL_PRIORS)
+    label_dp_prior: str = setting("none", "--label-dp: none (plain randomised response over all classes) or model (RR-with-prior, in two "
+                                          "stages: after the first half of the labels, each is drawn among the classes the model ranks highest; "
+                                          "one more round trip a batch then; more labels true at high EPSILON, and it can feed the model its own "
+                                          "guesses at low EPSILON).", choices=LABEL_PRIORS)
 
     def __post_init__(self) -> None:
         if self.precision == "fp16":
