@@ -525,6 +525,8 @@ def test_bad_values_fail_with_a_clear_message(helm, values, message):
     ("split.settings.min-clients=4", "min-clients 4 (splitClient) is more than the 3 split clients (splitClient.replicas)"),
     ("splitFed.replicas=2", "at '/splitFed/replicas': maximum: got 2, want 1"),
     ("splitFed.gpu.enabled=true", "at '/splitFed': additional properties 'gpu' not allowed"),  # no torch, no GPU
+    ("splitClient.settings.gradient-defence=bogus", "at '/splitClient/settings/gradient-defence': value must be one of 'none', 'max-norm', 'noise'"),
+    ("splitClient.settings.label-dp=0", "at '/splitClient/settings/label-dp'"),
 ])
 def test_bad_split_values_fail_with_a_clear_message(helm, values, message):
     result = helm_template(helm, "-f", str(REPO / "ci" / "chart-values" / "splitnn.yaml"), "--set", values)
@@ -599,6 +601,9 @@ def test_each_split_client_gets_its_index_its_key_and_the_number_of_clients(rend
         assert env["SPLITFED_MIN_CLIENTS"]["value"] == "2" and env["SPLITFED_CLIENT_TIMEOUT"]["value"] == "90", role
         if role != "split-fed":
             assert env["SPLITFED_VIA"]["value"] == "direct", role
+    defences = {"SPLITFED_ACTIVATION_CLIP": "5", "SPLITFED_ACTIVATION_NOISE": "0.05", "SPLITFED_LABEL_DP": "4"}
+    assert {name: env_of(client)[name]["value"] for name in defences} == defences  # the clients' own: the others get none
+    assert not [name for role, (container, _) in containers.items() if role != "split-client" for name in defences if name in env_of(container)]
 
 
 def test_the_fed_is_torch_free_signs_and_reads_no_data(helm, rendered):

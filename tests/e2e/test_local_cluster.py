@@ -339,8 +339,10 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
     """Two split clients (an Indexed Job: each pod's completion index is its client index) on
     splitfed-v1, the split-fed averaging their layers, the server leading. Each client reads its
     own folder, /data/split-client-0 and -1; the server gets no data (data.servers false: its
-    layers are built from the task's input_shape and classes); the model is the task's."""
+    layers are built from the task's input_shape and classes); the model is the task's. The
+    clients clip and noise what they send (their own settings: the server and the fed get none)."""
     settings = {**SMALL_SPLIT, "schedule": "splitfed-v1", "lr": 0.01}  # the task's small model learns one epoch at 0.01
+    defences = {"activation-clip": 10, "activation-noise": 0.01}
     # the split-server's folder is for the reference run, where every role is given --data-dir
     data = tmp_path / "parties"
     samples = write_party_data(data, ["split-client-0", "split-client-1", "split-server"])
@@ -349,7 +351,7 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
     pods = cluster.install(helm, {
         **own,
         "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False},
-        "splitClient": {"enabled": True, "replicas": 2}, "splitServer": {"enabled": True}, "splitFed": {"enabled": True},
+        "splitClient": {"enabled": True, "replicas": 2, "settings": defences}, "splitServer": {"enabled": True}, "splitFed": {"enabled": True},
         "split": {"settings": settings},
     })
     assert pods == ["e2e-splitfed-split-client-0", "e2e-splitfed-split-client-1", "e2e-splitfed-split-fed-0", "e2e-splitfed-split-server-0"]
@@ -360,7 +362,7 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
     assert [epoch["included"] for epoch in result["history"]] == [["split-client-0", "split-client-1"]]
     task = cluster.workdir / "config-maps" / "e2e-splitfed-task"
     reference = reference_run("localhost/splitfed-split-server:latest", cluster.results, "splitnn",
-                              {**settings, "clients": 2, "dataset": "npz", "data-dir": f"{DATA_ROOT}/{{party}}",
+                              {**settings, **defences, "clients": 2, "dataset": "npz", "data-dir": f"{DATA_ROOT}/{{party}}",
                                "task": "/etc/splitfed/task/task.py"},
                               mounts=(f"{data}:{DATA_ROOT}:ro", f"{task}:/etc/splitfed/task:ro"))
     assert result["accuracy"] == pytest.approx(reference["accuracy"], abs=0.01)  # the layers agree to ~1e-5 (float sums)
