@@ -32,15 +32,14 @@ def test_defended_split_processes_over_rabbitmq_equal_their_reference(broker_url
     from safetensors.torch import load_file
 
     from splitfed.learning import clients
-    from splitfed.roles.split.common import merged_state
+    from tests.unit.test_splitnn import max_diff, reference_states
 
     settings = SplitSettings(dataset="digits", epochs=1, batch_size=32, limit=600, nopeek_weight=0.2, activation_clip=5.0, activation_noise=0.3, label_dp=1.0,
                              label_dp_prior="model")
     result = launch.run(split.SCENARIO, settings, SplitRun(broker=broker_url, session=session, via="relay", timeout=120, save_model=tmp_path / "model.safetensors"))
     parts, bodies = clients.reference_run(SplitNNSettings(**dataclasses.asdict(settings)))
-    expected = merged_state([(parts[0].head.state_dict(), 0), (bodies[0].state_dict(), parts[0].cut_layer)])
-    saved = load_file(str(tmp_path / "model.safetensors"))
-    assert set(saved) == set(expected) and max(float((saved[k] - expected[k]).abs().max()) for k in saved) <= 1e-5
+    client, server = reference_states(parts[0], bodies[0])
+    assert max_diff(load_file(str(tmp_path / "model.safetensors")), {**client, **server}) <= 1e-5
     assert result["label_dp"]["released"] == 600 and 0 < result["label_dp"]["true"] < 600
 
 

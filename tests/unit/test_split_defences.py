@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from splitfed.learning import clients as reference, defences
+from splitfed.learning import defences
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.split.checks import check_activations
-from splitfed.roles.split.common import merged_state
-from tests.unit.test_splitnn import max_diff, run_saving_layers
+from tests.unit.test_splitnn import assert_equals_reference, max_diff, run_saving_layers
 
 SMALL = dict(dataset="digits", batch_size=32, limit=600, test_limit=300, epochs=2)
 
@@ -147,12 +146,7 @@ def undefended(tmp_path_factory):
 def test_a_defended_run_equals_its_reference(case, tmp_path, undefended):
     settings = SplitNNSettings(**SMALL, **CASES[case])
     result, client_layers, server_layers = run_saving_layers(settings, tmp_path)
-    parts, bodies = reference.reference_run(settings)
-    for index, part in enumerate(parts):
-        name = "split-client" if settings.clients == 1 else f"split-client-{index}"
-        expected = merged_state([(part.head.state_dict(), 0)] + ([(part.tail.state_dict(), part.tail_start)] if part.tail is not None else []))
-        assert max_diff(client_layers[name], expected) <= 1e-5, name
-    assert max_diff(server_layers, merged_state([(bodies[0].state_dict(), parts[0].cut_layer)])) <= 1e-5
+    assert_equals_reference(settings, client_layers, server_layers)
     if settings.clients == 1:
         assert max_diff(client_layers["split-client"], undefended[settings.mode]) > 1e-3  # the defence did something
     assert result["accuracy"] is not None

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from splitfed.learning import clients as reference, data, train
-from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings
+from splitfed.learning.settings import SCHEDULES, SplitNNSettings, TrainSettings, split_client_name
 from splitfed.roles.split.common import SERVER, merged_state
 from splitfed.scenarios import centralized, launch, splitnn
 from splitfed.protocol import decode
@@ -37,6 +37,24 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def reference_states(part, body) -> tuple[dict, dict]:
+    """A reference run's client layers (the head, and the tail in u-shaped mode) and server layers,
+    under the whole model's layer indices, as the parties save them."""
+    client = merged_state([(part.head.state_dict(), 0)] + ([(part.tail.state_dict(), part.tail_start)] if part.tail is not None else []))
+    return client, merged_state([(body.state_dict(), part.cut_layer)])
+
+
+def assert_equals_reference(settings: SplitNNSettings, client_layers: dict[str, dict], server_layers: dict) -> tuple[list, list]:
+    """Every client's layers and the server's equal those of the one-process reference run, to
+    1e-5; the reference's (parts, bodies)."""
+    parts, bodies = reference.reference_run(settings)
+    for index, part in enumerate(parts):
+        name = split_client_name(index, settings.clients)
+        assert max_diff(client_layers[name], reference_states(part, bodies[0])[0]) <= 1e-5, name
+    assert max_diff(server_layers, reference_states(parts[0], bodies[0])[1]) <= 1e-5
+    return parts, bodies
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_one_client_is_centralized_training(schedule):
     settings = SplitNNSettings(**SMALL, clients=1, schedule=schedule)
@@ -53,11 +71,7 @@ def test_one_client_is_centralized_training(schedule):
 def test_several_clients_equal_the_reference(schedule, syncs, fed_lr, mode, tmp_path):
     settings = SplitNNSettings(**SMALL, clients=3, schedule=schedule, mode=mode, partition="dirichlet:0.5", syncs_per_epoch=syncs, fed_lr=fed_lr)
     result, client_layers, server_layers = run_saving_layers(settings, tmp_path)
-    parts, bodies = reference.reference_run(settings)
-    for index, part in enumerate(parts):
-        expected = merged_state([(part.head.state_dict(), 0)] + ([(part.tail.state_dict(), part.tail_start)] if part.tail is not None else []))
-        assert max_diff(client_layers[f"split-client-{index}"], expected) <= 1e-5, index
-    assert max_diff(server_layers, merged_state([(bodies[0].state_dict(), parts[0].cut_layer)])) <= 1e-5
+    parts, bodies = assert_equals_reference(settings, client_layers, server_layers)
     if schedule == "splitfed-v1":  # averaged: every client ends with the same layers
         assert max_diff(client_layers["split-client-0"], client_layers["split-client-2"]) == 0
     assert [e["included"] for e in result["history"]] == [["split-client-0", "split-client-1", "split-client-2"]] * 2

@@ -147,7 +147,7 @@ def _train_batches(client: ClientHalves, body: nn.Module, server_opt: torch.opti
         labels = defences.release(indices, labels, prior)
         with compute.autocast():
             outputs = body(sent)
-            if client.parts.tail is not None and defences.settings.gradient_defence != "none":
+            if client.parts.tail is not None:
                 outputs.register_hook(defences.returned)  # the server's layers get the returned gradient, the tail the true one
             logits = client.parts.tail(outputs) if client.parts.tail is not None else outputs
             loss = loss_of(logits, labels)

@@ -124,7 +124,6 @@ class LabelRelease:
 
     released: torch.Tensor  # (N,) int64
     uniforms: torch.Tensor  # (N, 2)
-    count: int = 0  # released so far
 
 
 class Defences:
@@ -174,9 +173,10 @@ class Defences:
     def needs_prior(self, indices: torch.Tensor) -> bool:
         """Whether some of these samples' labels are still to be released, with the model's prior
         (once the first PLAIN_SHARE of the labels are out)."""
-        labels = self.labels
-        return (labels is not None and self.settings.label_dp_prior == "model" and labels.count >= PLAIN_SHARE * len(labels.released)
-                and bool((labels.released[indices.cpu()] < 0).any()))
+        if self.labels is None or self.settings.label_dp_prior != "model":
+            return False
+        released = self.labels.released
+        return int((released >= 0).sum()) >= PLAIN_SHARE * len(released) and bool((released[indices.cpu()] < 0).any())
 
     def release(self, indices: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The labels of the samples at `indices` as the server gets them: each released once (with
@@ -188,7 +188,6 @@ class Defences:
         if new.any():
             prior = torch.softmax(logits.detach().float().cpu(), dim=1)[new] if logits is not None else torch.full((int(new.sum()), self.classes), 1 / self.classes)
             self.labels.released[at[new]] = randomised_response(labels.cpu()[new], prior, self.settings.label_dp, self.labels.uniforms[at[new]])
-            self.labels.count += int(new.sum())
         return self.labels.released[at].to(labels.device)
 
     def label_counts(self, labels: torch.Tensor) -> dict[str, int] | None:

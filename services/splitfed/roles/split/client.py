@@ -10,6 +10,7 @@ round-robin clients wait for their turn and start it from the layers of the clie
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -61,7 +62,8 @@ class SplitClient:
         whole = self.task.sequential(self.context)
         # What the server checks this client's model against, and what it builds its own from
         # when it holds no data: the whole model and the classes, and one sample's shape.
-        self.fingerprint = fingerprint(whole, self.task.classes(self.context))
+        classes = self.task.classes(self.context)
+        self.fingerprint = fingerprint(whole, classes)
         self.input_shape = self.task.data_shape(self.context).shape
         self.parts = cutting.cut(whole, settings.cut_layer, settings.mode)
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
@@ -71,8 +73,7 @@ class SplitClient:
         self.train_data = clients.client_share(self.task, self.context)
         clients.check_periods(math.ceil(len(self.train_data) / settings.batch_size), settings.syncs_per_epoch, f"{self.name}'s share")  # before the handshake
         self.test_data = self.task.data(self.context, train=False)
-        self.defences = Defences(settings, self.index, len(self.train_data), len(self.task.classes(self.context)))
-        self.evaluation_noise: torch.Generator | None = None  # the activation noise of the evaluation under way
+        self.defences = Defences(settings, self.index, len(self.train_data), len(classes))
         self.generator = data.party_generator(settings.seed, self.index)
         self.session = deployment.session
         several = settings.clients > 1
@@ -335,10 +336,10 @@ class SplitClient:
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of the whole split model, for evaluation."""
+    def forward(self, images: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        """Logits of the whole split model, for evaluation; `noise`: the evaluation's activation noise."""
         self.parts.head.eval()
-        outputs = self.remote_forward(self.defences.outgoing(self.parts.head(images), self.evaluation_noise), train_step=False)
+        outputs = self.remote_forward(self.defences.outgoing(self.parts.head(images), noise), train_step=False)
         if self.parts.tail is None:
             return outputs
         self.parts.tail.eval()
@@ -352,16 +353,16 @@ class SplitClient:
         message: it adds them up. A client that scores a whole set keeps the record too."""
         counts: dict[str, object] = {}
         whole = None
-        self.evaluation_noise = self.defences.evaluation_stream(epoch)
+        forward = functools.partial(self.forward, noise=self.defences.evaluation_stream(epoch))
         if parts:
             size = len(self.test_data)
             share = self.test_data.subset(slice(part * size // parts, (part + 1) * size // parts))
-            evaluation = train.evaluate(self.forward, share, self.settings.eval_batch_size, self.loss_of, self.compute) if len(share) else train.Evaluation(0.0, 0.0)
+            evaluation = train.evaluate(forward, share, self.settings.eval_batch_size, self.loss_of, self.compute) if len(share) else train.Evaluation(0.0, 0.0)
             counts.update(scored_counts(evaluation, len(share)))
             whole = evaluation if parts == 1 else None
         if own:
             if whole is None:
-                whole = train.evaluate(self.forward, self.test_data, self.settings.eval_batch_size, self.loss_of, self.compute)
+                whole = train.evaluate(forward, self.test_data, self.settings.eval_batch_size, self.loss_of, self.compute)
             counts["own"] = scored_counts(whole, len(self.test_data))
         self.endpoint.send(self.server, EVALUATED, to=SERVER, epoch=epoch, **counts)
         if whole is None:
