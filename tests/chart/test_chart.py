@@ -171,8 +171,16 @@ def test_pod_security(rendered, name):
             assert context["capabilities"] == {"drop": ["ALL"]}, where
             assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
             assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], where
+            # uids below 10000 may be a host's own users (the rabbitmq image's is 999)
+            assert context["runAsUser"] >= 10000 and pod["runAsUser"] >= 10000 and pod["runAsGroup"] >= 10000, where
             if meta["labels"]["app.kubernetes.io/component"] != "broker":
                 assert context["runAsUser"] == 10001 and pod["runAsUser"] == 10001, where
+        # Secret volumes are mode 0440: without fsGroup the non-root user could not read its keys or
+        # credentials, nor write its checkpoint volume.
+        assert pod["fsGroup"] == pod["runAsGroup"], where
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                assert volume["secret"]["defaultMode"] == 0o440, (where, volume["name"])
 
 
 def test_gpu_wiring(rendered):
@@ -237,7 +245,8 @@ def test_role_env_is_accepted_by_the_role(rendered, name):
         splitfed_vars = {n for n in env if n.startswith("SPLITFED_")}
         unknown = splitfed_vars - ROLES[role].env_names()
         assert not unknown, f"{role} does not accept {sorted(unknown)}"
-        assert {"SPLITFED_SESSION", "SPLITFED_BROKER", "SPLITFED_METRICS_PORT"} <= splitfed_vars, role
+        assert {"SPLITFED_SESSION", "SPLITFED_METRICS_PORT"} <= splitfed_vars, role
+        assert {"SPLITFED_BROKER_FILE"} <= splitfed_vars or {"SPLITFED_BROKER", "SPLITFED_BROKER_CREDENTIALS"} <= splitfed_vars, role
         assert env["SPLITFED_SESSION"]["value"] == RELEASE
         assert env["SPLITFED_METRICS_PORT"]["value"] == str(container["ports"][0]["containerPort"])
         if role == "fedavg-worker":
@@ -282,23 +291,23 @@ def credentials_in_url(text: str) -> bool:
 
 @pytest.mark.parametrize("name", VALUE_NAMES)
 def test_no_plain_text_secrets(rendered, name):
+    """No credential in any value, no password variable; the broker's credentials are read from a
+    mounted Secret volume (a file, or a folder of username and password)."""
     checked = 0
     for obj, _, spec in pod_specs(rendered[name]):
+        where = obj["metadata"]["name"]
+        secret_volumes = {volume["name"] for volume in spec["volumes"] if "secret" in volume}
         for container in spec["containers"] + spec.get("initContainers", []):
             env = env_of(container)
             for var, entry in env.items():
-                value = entry.get("value", "")
-                assert not credentials_in_url(value), f"{obj['metadata']['name']}: {var} has credentials in plain text"
-                if re.search(r"PASS|PASSWORD|USER|SECRET", var):
-                    assert "secretKeyRef" in entry.get("valueFrom", {}), f"{var} does not come from a Secret"
-            if "SPLITFED_BROKER" in env:
-                broker = env["SPLITFED_BROKER"]
-                if "value" in broker:  # assembled by Kubernetes from variables that come from a Secret
-                    for ref in re.findall(r"\$\(([A-Z_]+)\)", broker["value"]):
-                        assert "secretKeyRef" in env[ref]["valueFrom"], ref
-                else:
-                    assert "secretKeyRef" in broker["valueFrom"]
-                checked += 1
+                assert not credentials_in_url(entry.get("value", "")), f"{where}: {var} has credentials in plain text"
+                assert not re.search(r"PASS|PASSWORD|SECRET|COOKIE", var), f"{where}: {var} names a secret"
+            for var in ("SPLITFED_BROKER_FILE", "SPLITFED_BROKER_CREDENTIALS"):
+                if var in env:
+                    path = env[var]["value"]
+                    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+                    assert [m["name"] for m in mounts] == ["broker-credentials"] and "broker-credentials" in secret_volumes, (where, var)
+                    checked += 1
     assert checked > 0
 
 
@@ -321,8 +330,12 @@ def test_external_tls_broker(rendered):
     assert not [o for o in objects if o["metadata"]["name"].endswith("-broker")]  # no RabbitMQ of our own
     for role, container, spec, _ in role_containers(objects):
         env = env_of(container)
-        assert env["SPLITFED_BROKER"]["value"] == "amqps://$(BROKER_USERNAME):$(BROKER_PASSWORD)@rabbitmq.example.internal:5671/splitfed"
-        assert env["BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rabbitmq-credentials", "key": "password"}
+        assert env["SPLITFED_BROKER"]["value"] == "amqps://rabbitmq.example.internal:5671/splitfed"  # no credentials: they are files
+        assert env["SPLITFED_BROKER_CREDENTIALS"]["value"] == "/etc/splitfed/broker"
+        (credentials,) = [v for v in spec["volumes"] if v["name"] == "broker-credentials"]
+        assert credentials["secret"] == {"secretName": "rabbitmq-credentials", "defaultMode": 0o440, "items": [
+            {"key": "username", "path": "username"}, {"key": "password", "path": "password"}]}
+        assert {"name": "broker-credentials", "mountPath": "/etc/splitfed/broker", "readOnly": True} in container["volumeMounts"]
         assert env["SPLITFED_TLS_CA"]["value"] == "/etc/splitfed/tls/ca.crt"
         assert env["SPLITFED_TLS_KEY"]["value"] == "/etc/splitfed/tls/tls.key"
         (tls,) = [v for v in spec["volumes"] if v["name"] == "broker-tls"]
@@ -335,8 +348,26 @@ def test_own_rabbitmq(rendered):
     assert broker["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     (config,) = [o for o in rendered["default"] if o["kind"] == "ConfigMap"]
     assert "rabbitmq_prometheus" in config["data"]["enabled_plugins"]
-    env = env_of(broker["spec"]["template"]["spec"]["containers"][0])
-    assert env["RABBITMQ_DEFAULT_PASS"]["valueFrom"]["secretKeyRef"] == {"name": "ci-splitfed-broker", "key": "password"}
+    pod = broker["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert "RABBITMQ_DEFAULT_PASS" not in env and env["RABBITMQ_CONFIG_FILES"]["value"] == "/etc/rabbitmq-credentials.d"
+    (credentials,) = [v for v in pod["volumes"] if v["name"] == "credentials"]
+    assert credentials["secret"]["secretName"] == "ci-splitfed-broker"
+    for role, container, spec, _ in role_containers(rendered["default"]):  # the roles read the Secret's URL list as a file
+        assert env_of(container)["SPLITFED_BROKER_FILE"]["value"] == "/etc/splitfed/broker/url", role
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "broker-credentials"]
+        assert volume["secret"]["secretName"] == "ci-splitfed-broker" and volume["secret"]["items"] == [{"key": "url", "path": "url"}], role
+
+
+@pytest.mark.parametrize("name", VALUE_NAMES)
+def test_no_container_is_given_a_secret_as_an_environment_value(rendered, name):
+    """Environment values show in /proc/PID/environ, crash reports and scanners' findings: every
+    credential, key and cookie the chart hands a container is a mounted file."""
+    for obj, _, spec in pod_specs(rendered[name]):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            for variable in container.get("env", []):
+                assert "secretKeyRef" not in variable.get("valueFrom", {}), (obj["metadata"]["name"], variable["name"])
+            assert not container.get("envFrom"), obj["metadata"]["name"]
 
 
 def test_run_to_completion_roles_are_jobs(rendered):
@@ -472,8 +503,8 @@ def test_dashboards_and_alert_rules_only_when_asked(helm, rendered):
 def test_helm_test_checks_the_broker(rendered):
     (test_pod,) = [o for o in rendered["default"] if o["kind"] == "Pod"]
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    assert "BlockingConnection" in test_pod["spec"]["containers"][0]["args"][0]
-    assert "SPLITFED_BROKER" in env_of(test_pod["spec"]["containers"][0])
+    assert "connect(node, settings" in test_pod["spec"]["containers"][0]["args"][0]
+    assert env_of(test_pod["spec"]["containers"][0])["SPLITFED_BROKER_FILE"]["value"] == "/etc/splitfed/broker/url"
 
 
 @pytest.mark.parametrize(("values", "message"), [

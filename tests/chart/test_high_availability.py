@@ -12,11 +12,14 @@ import base64
 import subprocess
 import sys
 
+import pika
+
 import pytest
 import yaml
 
 from tests.chart.test_chart import env_of, pod_specs, role_containers
 from tests.conftest import REPO, RELEASE, render
+from tests.own_broker import OwnBroker
 
 BROKER = f"{RELEASE}-splitfed-broker"
 HEADLESS = f"{BROKER}-headless"
@@ -102,6 +105,41 @@ def test_the_nodes_share_an_erlang_cookie_from_a_secret(helm, default):
     assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [f"{BROKER}-erlang-cookie"]
 
 
+def test_a_node_prepared_by_the_init_container_has_the_secrets_user_and_no_guest(helm, tmp_path):
+    """The init container's script, run by sh with its folders moved under tmp_path, against a
+    real RabbitMQ node that reads the configuration folder the StatefulSet names: the Secret's
+    user logs in with its password, and the image's default guest user does not exist."""
+    objects = render(helm, "--set", "broker.rabbitmq.auth.password=Given-Pa55word")
+    pod = one(objects, "StatefulSet", BROKER)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    env = {variable["name"]: variable.get("value") for variable in pod["containers"][0]["env"]}
+    folders = {  # the pod's paths -> here; the longer first, so that no path is replaced inside another
+        "/etc/rabbitmq-credentials.d": tmp_path / "conf.d", "/etc/rabbitmq-credentials": tmp_path / "credentials",
+        "/etc/rabbitmq-cookie": tmp_path / "cookie", "/var/lib/rabbitmq": tmp_path / "data",
+    }
+    script = init["args"][0]
+    for path, folder in folders.items():
+        folder.mkdir()
+        script = script.replace(path, str(folder))
+    secret = one(objects, "Secret", BROKER)["data"]
+    for key in ("username", "password"):
+        (tmp_path / "credentials" / key).write_bytes(base64.b64decode(secret[key]))
+    (tmp_path / "cookie" / "cookie").write_text("Cookie-0123456789")
+    subprocess.run(["sh", "-c", script], check=True, timeout=60)
+    assert (tmp_path / "conf.d" / "10-default-user.conf").stat().st_mode & 0o077 == 0  # readable by RabbitMQ's user only
+
+    node = OwnBroker(tmp_path / "node")
+    node.env["RABBITMQ_CONFIG_FILES"] = str(folders[env["RABBITMQ_CONFIG_FILES"]])
+    try:
+        node.start()
+        connection = pika.BlockingConnection(pika.URLParameters(f"amqp://splitfed:Given-Pa55word@127.0.0.1:{node.port}/"))
+        connection.close()
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(node.url))  # guest:guest
+    finally:
+        node.stop()
+
+
 def test_each_node_has_its_own_volume(helm):
     objects = render(helm, "--set", "broker.rabbitmq.persistence.size=8Gi,broker.rabbitmq.persistence.storageClass=fast")
     (claim,) = one(objects, "StatefulSet", BROKER)["spec"]["volumeClaimTemplates"]
@@ -171,10 +209,12 @@ def test_minimal_install_urls_name_the_service_only(helm):
 def test_urls_with_an_existing_credentials_secret_list_every_node(helm):
     objects = render(helm, "--set", "broker.rabbitmq.auth.existingSecret=rabbitmq-credentials")
     hosts = [f"{BROKER}-{n}.{HEADLESS}" for n in range(3)] + [BROKER]
-    for role, container, _, _ in role_containers(objects):
+    for role, container, spec, _ in role_containers(objects):
         env = env_of(container)
-        assert env["SPLITFED_BROKER"]["value"] == ",".join(f"amqp://$(BROKER_USERNAME):$(BROKER_PASSWORD)@{h}:5672/%2F" for h in hosts)
-        assert env["BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rabbitmq-credentials", "key": "password"}
+        assert env["SPLITFED_BROKER"]["value"] == ",".join(f"amqp://{h}:5672/%2F" for h in hosts)  # the credentials are files
+        assert env["SPLITFED_BROKER_CREDENTIALS"]["value"] == "/etc/splitfed/broker"
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "broker-credentials"]
+        assert volume["secret"]["secretName"] == "rabbitmq-credentials"
 
 
 def test_broker_peers_may_reach_each_other(default, helm):
@@ -230,12 +270,19 @@ def test_external_broker_queue_type_is_given(helm):
     assert {env_of(c)["SPLITFED_QUEUE_TYPE"]["value"] for _, c, _, _ in role_containers(quorum)} == {"quorum"}
 
 
-def test_helm_test_tries_every_address_with_the_queue_type(default):
+@pytest.mark.broker
+def test_helm_test_tries_every_address_with_the_queue_type(default, broker_url, tmp_path):
+    """The helm test pod's script, run here as the pod would run it: its broker file names this
+    machine's RabbitMQ twice (two nodes' addresses), and it declares a queue on each."""
     (test_pod,) = [o for o in default if o["kind"] == "Pod"]
-    script = test_pod["spec"]["containers"][0]["args"][0]
-    assert 'os.environ["SPLITFED_BROKER"].split(",")' in script
-    assert '"x-queue-type": queue_type' in script
-    compile(script, "broker-answers", "exec")
+    container = test_pod["spec"]["containers"][0]
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    broker_file = tmp_path / "url"
+    broker_file.write_text(f"{broker_url},{broker_url}\n")
+    env.update(SPLITFED_BROKER_FILE=str(broker_file), SPLITFED_QUEUE_TYPE="classic", PATH="/usr/bin:/bin", PYTHONPATH=str(REPO / "services"))
+    done = subprocess.run([sys.executable, "-c", container["args"][0]], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("answers (classic queue declared)") == 2 and "guest" not in done.stdout, done.stdout
 
 
 # -- the fedavg-server: active + standby --------------------------------------------------------

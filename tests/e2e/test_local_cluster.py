@@ -11,7 +11,7 @@ fills in with its name), and its model from a task file the chart puts in a Conf
 
 What this covers: the images' entrypoints, users and read-only root filesystems; the chart's
 SPLITFED_* variables, arguments, security contexts and memory limits as the containers get them;
-the broker URL from a Secret; worker identities from pod ordinals, split-client identities from
+the broker credentials from a mounted Secret; worker identities from pod ordinals, split-client identities from
 completion indices; a whole run in containers.
 
 What it does not (no Kubernetes API server can run here), and how each is stood in for:
@@ -21,6 +21,9 @@ What it does not (no Kubernetes API server can run here), and how each is stood 
   completion, with the `batch.kubernetes.io/job-completion-index` annotation Kubernetes sets.
 - `secretKeyRef` and downward-API `fieldRef` values, and `$(VAR)` references, are resolved by the
   test, as the kubelet would; the broker Secret is the test's own (the machine's guest user).
+- A secret volume becomes a folder holding the Secret's items with the volume's mode (0440),
+  owned by root and the pod's fsGroup, mounted from the host: a role reads its broker
+  credentials through the group the chart gives it, as on a cluster.
 - Services, NetworkPolicies, the ServiceAccount and the helm test Pod are not run: pods use the
   host network, so neither DNS names nor network policies are exercised.
 - On the host network, container ports cannot be mapped: they are dropped, and each pod's
@@ -180,6 +183,20 @@ def config_map_folders(objects: list[dict], where: Path) -> dict[str, Path]:
     return folders
 
 
+def secret_folder(volume: dict, secrets: dict[str, dict[str, str]], folder: Path, fs_group: int) -> Path:
+    """A secret volume's items as the kubelet projects them: one file per item, with the volume's
+    defaultMode, owned by root and the pod's fsGroup; the container reads them through that group only."""
+    folder.mkdir(parents=True)
+    for item in volume["items"]:
+        path = folder / item["path"]
+        path.write_text(secrets[volume["secretName"]][item["key"]])
+        os.chown(path, 0, fs_group)
+        path.chmod(volume["defaultMode"])
+    os.chown(folder, 0, fs_group)
+    folder.chmod(0o750)
+    return folder
+
+
 def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Path, config_maps: dict[str, Path]) -> list[dict]:
     """One Pod per replica of every workload, ready for `podman kube play`; each mounts `results`
     at /results, where a role writes its result when SPLITFED_OUT says so, and each configMap
@@ -212,6 +229,8 @@ def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Pa
                 if "persistentVolumeClaim" in volume:
                     volume.pop("persistentVolumeClaim")
                     volume["emptyDir"] = {}
+                if "secret" in volume:
+                    volume["hostPath"] = {"path": str(secret_folder(volume.pop("secret"), secrets, results.parent / "secrets" / name / volume["name"], spec["securityContext"]["fsGroup"])), "type": "Directory"}
                 if "configMap" in volume:
                     projected = volume.pop("configMap")
                     assert [item["key"] for item in projected["items"]] == [item["path"] for item in projected["items"]]

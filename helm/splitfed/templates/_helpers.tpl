@@ -212,7 +212,8 @@ the credentials already percent-encoded, or $(VAR) references the kubelet fills 
 {{- $scheme := ternary "amqps" "amqp" (eq (include "splitfed.brokerTLS" $root) "true") -}}
 {{- $urls := list -}}
 {{- range $host := splitList "," (include "splitfed.brokerHosts" $root) -}}
-{{- $urls = append $urls (printf "%s://%s@%s:%s/%s" $scheme $.credentials $host (include "splitfed.brokerPort" $root) (urlquery $root.Values.broker.vhost)) -}}
+{{- $userinfo := ternary (printf "%s@" $.credentials) "" (ne $.credentials "") -}}
+{{- $urls = append $urls (printf "%s://%s%s:%s/%s" $scheme $userinfo $host (include "splitfed.brokerPort" $root) (urlquery $root.Values.broker.vhost)) -}}
 {{- end -}}
 {{- join "," $urls -}}
 {{- end -}}
@@ -266,32 +267,20 @@ url
 {{- if and .Values.broker.external.enabled .Values.broker.external.tls.enabled -}}true{{- end -}}
 {{- end -}}
 
-{{/* Env vars for the broker: its URLs and the queue type. The credentials never appear in the
-manifest: either the whole URL list comes from a Secret, or the user name and password do and
-Kubernetes puts them into each URL ($(VAR) references to variables defined just before). */}}
+{{/* Env vars for the broker: where its URLs and credentials are, and the queue type. The
+credentials appear neither in the manifest nor in the environment (which shows in
+/proc/PID/environ and crash reports): the role reads them from the broker Secret, mounted at
+/etc/splitfed/broker (splitfed.brokerVolume), either as the whole URL list (the Secret's `url`, or
+broker.external.urlKey) or as a user name and password, which it puts into the URLs given here. */}}
 {{- define "splitfed.brokerEnv" -}}
-{{- $secret := include "splitfed.brokerSecretName" . -}}
-{{- $urlKey := include "splitfed.brokerUrlKey" . -}}
-{{- if $urlKey }}
-- name: SPLITFED_BROKER
-  valueFrom:
-    secretKeyRef:
-      name: {{ $secret }}
-      key: {{ $urlKey }}
+{{- if include "splitfed.brokerUrlKey" . }}
+- name: SPLITFED_BROKER_FILE
+  value: /etc/splitfed/broker/url
 {{- else }}
-{{- $ext := .Values.broker.external }}
-- name: BROKER_USERNAME
-  valueFrom:
-    secretKeyRef:
-      name: {{ $secret }}
-      key: {{ ternary $ext.usernameKey "username" $ext.enabled }}
-- name: BROKER_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $secret }}
-      key: {{ ternary $ext.passwordKey "password" $ext.enabled }}
 - name: SPLITFED_BROKER
-  value: {{ include "splitfed.brokerUrls" (dict "root" . "credentials" "$(BROKER_USERNAME):$(BROKER_PASSWORD)") | quote }}
+  value: {{ include "splitfed.brokerUrls" (dict "root" . "credentials" "") | quote }}
+- name: SPLITFED_BROKER_CREDENTIALS
+  value: /etc/splitfed/broker
 {{- end }}
 - name: SPLITFED_QUEUE_TYPE
   value: {{ include "splitfed.queueType" . | quote }}
@@ -306,6 +295,34 @@ Kubernetes puts them into each URL ($(VAR) references to variables defined just 
   value: /etc/splitfed/tls/{{ $tls.keyKey }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The broker Secret's credentials as files (splitfed.brokerEnv says which), readable by the
+pod's fsGroup only. */}}
+{{- define "splitfed.brokerVolume" -}}
+{{- $ext := .Values.broker.external -}}
+- name: broker-credentials
+  secret:
+    secretName: {{ include "splitfed.brokerSecretName" . }}
+    defaultMode: 0440
+    items:
+      {{- with include "splitfed.brokerUrlKey" . }}
+      - key: {{ . }}
+        path: url
+      {{- else }}
+      - key: {{ ternary $ext.usernameKey "username" $ext.enabled }}
+        path: username
+      - key: {{ ternary $ext.passwordKey "password" $ext.enabled }}
+        path: password
+      {{- end }}
+{{- include "splitfed.brokerTLSVolume" . }}
+{{- end -}}
+
+{{- define "splitfed.brokerMount" -}}
+- name: broker-credentials
+  mountPath: /etc/splitfed/broker
+  readOnly: true
+{{- include "splitfed.brokerTLSMount" . }}
 {{- end -}}
 
 {{- define "splitfed.brokerTLSVolume" -}}

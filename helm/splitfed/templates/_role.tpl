@@ -227,7 +227,7 @@ spec:
           mountPath: /etc/splitfed/keys
           readOnly: true
         {{- end }}
-        {{- with include "splitfed.brokerTLSMount" $root | trim }}{{ . | nindent 8 }}{{ end }}
+        {{- include "splitfed.brokerMount" $root | trim | nindent 8 }}
         {{- if $roleData.dir }}
         - name: data
           mountPath: {{ $data.mountPath }}
@@ -276,7 +276,7 @@ spec:
           {{- end }}
         {{- end }}
     {{- end }}
-    {{- with include "splitfed.brokerTLSVolume" $root | trim }}{{ . | nindent 4 }}{{ end }}
+    {{- include "splitfed.brokerVolume" $root | trim | nindent 4 }}
     {{- with $roleData.volume }}
     - name: data
       {{- toYaml . | nindent 6 }}

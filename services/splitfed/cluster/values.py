@@ -29,7 +29,7 @@ from splitfed.scenarios.registry import SCENARIOS
 # task, worker, split-client and peer identity, worker, split-client and peer counts, checkpoint
 # volume, relay or direct, the queue type that follows the broker's size): never in `settings`.
 MANAGED = {
-    "session", "broker", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
+    "session", "broker", "broker_file", "broker_credentials", "tls_ca", "tls_cert", "tls_key", "key_list", "private_key", "metrics_port",
     "dataset", "data_dir", "label_column", "classes", "image_size", "task",
     "worker_id", "index", "workers", "checkpoint_dir", "via", "queue_type",
     "clients", "client_index", "peers", "peer_index",
@@ -98,6 +98,8 @@ NOT_OFFERED = {
     "broker": "the chart's own RabbitMQ, or an external one with --set broker.external.* "
               "(its credentials come from a Secret, never from a command line)",
     "launch": "every role is a pod",
+    "broker_file": "the chart mounts the broker Secret and points every role at it",
+    "broker_credentials": "the chart mounts the broker Secret and points every role at it",
     "tls_ca": "broker TLS material comes from a Secret: --set broker.external.tls.*",
     "tls_cert": "broker TLS material comes from a Secret: --set broker.external.tls.*",
     "tls_key": "broker TLS material comes from a Secret: --set broker.external.tls.*",

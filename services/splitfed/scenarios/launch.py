@@ -25,7 +25,9 @@ from splitfed.config import NAME, setting
 from splitfed.observability import metrics
 from splitfed.roles.declaration import Identity, Progress, ProgressSink, RoleSpec
 from splitfed.roles.deployment import LOG_LEVELS
-from splitfed.transport import MEMORY, Broker, Connection, InMemory, MemoryBroker, MemoryTransport, Transport, connect, warn_if_unencrypted
+from splitfed.transport import (
+    MEMORY, AmqpBroker, Broker, Connection, InMemory, MemoryBroker, MemoryTransport, Transport, connect, passed_as_file, warn_if_unencrypted,
+)
 from splitfed.transport.broker import NotAmqp
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class RunSettings(Connection, LocalRun):
     @property
     def broker_scheme(self) -> str:
         """memory, amqp or amqps: how the run's label names its broker (no credentials)."""
+        if isinstance(self.address, AmqpBroker):  # resolved: perhaps read from --broker-file
+            return "amqps" if self.address.encrypted else "amqp"
         return self.broker.split("://")[0]
 
     def resolved(self) -> RunSettings:
@@ -312,15 +316,18 @@ def role_environment(launch: Launch, connection: Connection) -> dict[str, str]:
     threads = {"OMP_NUM_THREADS": str(launch.threads)}
     if "GOMP_SPINCOUNT" not in inherited and "OMP_WAIT_POLICY" not in inherited:
         threads["GOMP_SPINCOUNT"] = str(IDLE_SPINS)
-    return {**inherited, **config.to_env(*learning, launch.deployment), **config.env_of(Connection, connection), **threads}
+    broker = config.env_of(Connection, connection)
+    if connection.broker_file is not None:  # the file names the broker: no URL in the environment, not even the default's guest password
+        broker.pop(config.env_name("broker"))
+    return {**inherited, **config.to_env(*learning, launch.deployment), **broker, **threads}
 
 
 class ProcessGroup:
     """The OS processes of one run; killed together when anything fails."""
 
     def __init__(self, connection: Connection, workdir: Path | None = None) -> None:
-        self.connection = connection
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="splitfed-"))  # logs and the lead's result
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="splitfed-"))  # logs, the lead's result, the broker's credentials
+        self.connection = passed_as_file(connection, self.workdir)  # the roles' environment names no password
         self.members: list[RoleProcess] = []
 
     def start(self, launch: Launch, name: str | None = None) -> RoleProcess:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ class AmqpBroker:
 
 
 Broker = AmqpBroker | InMemory
+
+
+def with_credentials(url: str, username: str, password: str) -> str:
+    """`url` with `username` and `password` as its credentials (percent-encoded, as pika decodes
+    them), in place of any it names."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url  # not a URL at all: AmqpBroker.parse refuses it, and says what it needs
+    authority, slash, path = rest.partition("/")
+    host = authority.rsplit("@", 1)[-1]
+    return f"{scheme}://{quote(username, safe='')}:{quote(password, safe='')}@{host}{slash}{path}"
 
 
 def _redact_all(urls: tuple[str, ...]) -> str:
