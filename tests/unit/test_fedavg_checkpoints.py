@@ -4,8 +4,10 @@ checkpoint intact (and resumable)."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from splitfed.learning import federated
@@ -77,3 +79,47 @@ def test_a_server_replaced_by_another_stops_before_writing(tmp_path):
     with pytest.raises(Superseded, match="another fedavg-server took over session ckpt-fence \\(epoch 2, this one 1\\)"):
         server.checkpoint(with_model=True)
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2  # the successor's checkpoint is untouched
+
+
+class Crash(BaseException):
+    """The server's process dying mid-write: nothing after it runs, nothing catches it."""
+
+
+def test_a_crash_at_any_step_of_a_write_leaves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    """Round 2's write is cut short after each of its file operations in turn (every replace of a
+    file and every deletion). Whatever step the crash lands on, what is on disk is a complete
+    checkpoint: the state it holds names a model that is there and loads."""
+    from splitfed.roles.fedavg import checkpoints
+
+    model = {"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    strategy = {"momentum": torch.ones(3)}
+    steps_of_a_write = None
+    for crash_after in range(1, 10):
+        folder = tmp_path / f"crash-{crash_after}"
+        store = checkpoints.CheckpointStore(folder, {"session": "crash"})
+        store.write(checkpoints.ServerState(run={"session": "crash"}, round=1), model, strategy, with_model=True)
+        steps = []
+
+        def step(name, operation, *args, **kwargs):
+            steps.append(name)
+            if len(steps) == crash_after:
+                raise Crash(name)
+            return operation(*args, **kwargs)
+
+        real_atomic, real_unlink = checkpoints._atomic, Path.unlink
+        monkeypatch.setattr(checkpoints, "_atomic", lambda path, content: step(f"replace {path.name}", real_atomic, path, content))
+        monkeypatch.setattr(Path, "unlink", lambda path, missing_ok=False: step(f"unlink {path.name}", real_unlink, path, missing_ok=missing_ok))
+        try:
+            store.write(checkpoints.ServerState(run={"session": "crash"}, round=2), {"weight": model["weight"] + 1}, strategy, with_model=True)
+        except Crash:
+            pass
+        else:
+            steps_of_a_write = steps_of_a_write or len(steps)
+        finally:
+            monkeypatch.undo()
+        state = checkpoints.CheckpointStore(folder, {"session": "crash"}).saved()
+        loaded = checkpoints.CheckpointStore(folder, {"session": "crash"}).model(state)  # raises if the model it names is gone
+        assert torch.equal(loaded["weight"], model["weight"] + state.round - 1), (crash_after, steps)
+        if steps_of_a_write:
+            break
+    assert steps_of_a_write is not None and steps_of_a_write > 3  # every step of a whole write was crashed on
