@@ -28,7 +28,8 @@ What it does not (no Kubernetes API server can run here), and how each is stood 
   host network, so neither DNS names nor network policies are exercised.
 - On the host network, container ports cannot be mapped: they are dropped, and each pod's
   metrics port is moved to one of its own (all pods share the host's ports).
-- Persistent volume claims become emptyDirs; probes are dropped (podman runs them as health
+- A persistent volume claim becomes a folder of the test's, owned by root and the pod's fsGroup
+  (mode 2770), as the kubelet hands a fresh volume to a pod with fsGroup; probes are dropped (podman runs them as health
   checks, which would only slow the run); restart policies become Never, so a failure shows.
 - A configMap volume becomes a folder holding the ConfigMap's items, as the kubelet projects them,
   mounted from the host (the ConfigMap is the one the chart rendered); hostPath volumes are played as they are.
@@ -48,6 +49,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from splitfed.security import keys
 from tests.conftest import REPO, render
 from tests.shared_broker import BROKER, delete_queues_of
 
@@ -226,9 +228,12 @@ def pods_of(objects: list[dict], secrets: dict[str, dict[str, str]], results: Pa
             for field in ("serviceAccountName", "automountServiceAccountToken"):
                 spec.pop(field, None)
             for volume in spec.get("volumes", []):
-                if "persistentVolumeClaim" in volume:
-                    volume.pop("persistentVolumeClaim")
-                    volume["emptyDir"] = {}
+                if "persistentVolumeClaim" in volume:  # a fresh volume as the kubelet hands it over: its group the pod's fsGroup, setgid
+                    claim = results.parent / "volumes" / volume.pop("persistentVolumeClaim")["claimName"]
+                    claim.mkdir(parents=True, exist_ok=True)
+                    os.chown(claim, 0, spec["securityContext"]["fsGroup"])
+                    claim.chmod(0o2770)
+                    volume["hostPath"] = {"path": str(claim), "type": "Directory"}
                 if "secret" in volume:
                     volume["hostPath"] = {"path": str(secret_folder(volume.pop("secret"), secrets, results.parent / "secrets" / name / volume["name"], spec["securityContext"]["fsGroup"])), "type": "Directory"}
                 if "configMap" in volume:
@@ -261,14 +266,14 @@ class Cluster:
         self.pods: list[str] = []
         self.session: str | None = None
 
-    def install(self, helm: Path, scenario: dict) -> list[str]:
+    def install(self, helm: Path, scenario: dict, secrets: dict[str, dict[str, str]] | None = None) -> list[str]:
         """Render the chart for `scenario` (values over `chart_values`), play its pods, and
         return their names."""
         values_file = self.workdir / "values.yaml"
         self.session = "e2e-" + uuid.uuid4().hex[:8]
         values_file.write_text(yaml.safe_dump(chart_values(self.session, scenario)))
         objects = render(helm, "-f", str(values_file), release="e2e")
-        pods = pods_of(objects, broker_secret(), self.results, config_map_folders(objects, self.workdir / "config-maps"))
+        pods = pods_of(objects, {**broker_secret(), **(secrets or {})}, self.results, config_map_folders(objects, self.workdir / "config-maps"))
         manifest = self.workdir / "pods.yaml"
         manifest.write_text(yaml.safe_dump_all(pods))
         self.pods = [pod["metadata"]["name"] for pod in pods]
@@ -322,13 +327,16 @@ def test_a_fedavg_federation_of_own_data_runs_as_containers_and_equals_splitfed_
         **per_party(data),
         "fedavg": {"settings": settings},
         "fedavgWorker": {"replicas": 2},
-        # One server (no standby: a standby needs the shared checkpoint volume, which becomes an emptyDir here).
-        "fedavgServer": {"replicas": 1, "persistence": {"enabled": False}, "settings": {"rounds": 2}},
+        # One server (no standby: on one host the test plays no second node's view of a shared volume).
+        "fedavgServer": {"replicas": 1, "settings": {"rounds": 2}},
     })
     assert pods == ["e2e-splitfed-fedavg-server-0", "e2e-splitfed-fedavg-worker-0", "e2e-splitfed-fedavg-worker-1"]
     result = cluster.wait("e2e-splitfed-fedavg-server-0", "fedavg-server")
     workers = [cluster.wait(f"e2e-splitfed-fedavg-worker-{i}", "fedavg-worker") for i in range(2)]
     assert {w["worker"]: w["samples"] for w in workers} == {party: samples[party] for party in ("worker-0", "worker-1")}  # its own folder
+    # the checkpoint, on the claim's volume, written by the role's uid through the fsGroup's permissions
+    state = cluster.workdir / "volumes" / "e2e-splitfed-fedavg-server-checkpoint" / "state.json"
+    assert state.stat().st_uid == 10001 and json.loads(state.read_text())["round"] == 3
     task = cluster.workdir / "config-maps" / "e2e-splitfed-task"
     reference = reference_run("localhost/splitfed-fedavg-server:latest", cluster.results, "fedavg",
                               {**settings, "rounds": 2, "workers": 2, "dataset": "npz", "data-dir": f"{DATA_ROOT}/{{party}}",
@@ -338,16 +346,27 @@ def test_a_fedavg_federation_of_own_data_runs_as_containers_and_equals_splitfed_
     assert result["history"][-1]["accuracy"] > 0.6  # two rounds (0.98 here, on the server's 60 test digits): well above chance (0.1)
 
 
+def key_secret(folder: Path) -> dict[str, str]:
+    """What `kubectl create secret generic NAME --from-file=FOLDER` would hold: the key list and every private key."""
+    return {path.name: path.read_text() for path in folder.iterdir() if path.suffix in (".json", ".key")}
+
+
 @pytest.mark.usefixtures("images", "broker_url")
-def test_a_split_release_through_the_relay_runs_as_containers_and_equals_splitfed_run(helm, cluster):
+def test_a_signed_split_release_through_the_relay_runs_as_containers_and_equals_splitfed_run(helm, cluster, tmp_path):
+    """Signed: the key list and each half's private key come from a Secret (keys.existingSecret),
+    mounted with the chart's mode (0440) and read through the pod's fsGroup, as on a cluster."""
     settings = {**SMALL_SPLIT}
+    keys.generate(tmp_path / "keys", ["split-client", "split-server"])
     pods = cluster.install(helm, {
         "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False},
         "relay": {"enabled": True}, "splitClient": {"enabled": True}, "splitServer": {"enabled": True},
-        "split": {"settings": settings},
-    })
+        "split": {"settings": settings}, "keys": {"existingSecret": "e2e-keys"},
+    }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
     assert pods == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
     result = cluster.wait("e2e-splitfed-split-client-0", "split-client")
+    for pod, container in (("relay", "relay"), ("split-client", "split-client"), ("split-server", "split-server")):
+        log = podman("logs", f"e2e-splitfed-{pod}-0-{container}").stderr
+        assert "UNSAFE MODE" not in log and "rejected a message" not in log, log[-2000:]
     reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
     assert result["accuracy"] == reference["accuracy"]
     assert result["accuracy"] > 0.5
