@@ -1,10 +1,14 @@
 """The local cluster test, our stand-in for kind: the Helm chart's pods run for real as containers.
 
-For a small FedAvg run, a small split run through the relay and a small run of several split
-clients (splitfed-v1, with the split-fed), the chart is rendered with
-`helm template`, its workloads are turned into Pods, and `podman kube play --network host` runs
-them from the images `ci/images.sh` built, against this machine's RabbitMQ. Each run must end
-with the same accuracy as `splitfed run` on the same settings in one process of the same image.
+For a small FedAvg run (its checkpoint on the claim's volume), a small signed split run through
+the relay, a small run of several split clients (splitfed-v1, with the split-fed), and signed
+p2p and SMPL runs, the chart is rendered with `helm template`, its workloads are turned into
+Pods, and `podman kube play --network host` runs them from the images `ci/images.sh` built,
+against this machine's RabbitMQ. The FedAvg and split runs must end with the same accuracy as
+`splitfed run` on the same settings in one process of the same image; the decentralized ones,
+whose peers run concurrently, must train every epoch (hyperedge) of every peer, well above chance.
+The signed runs take their key list and keys from a Secret (keys.existingSecret) and must refuse
+nothing.
 The FedAvg run and the run of several split clients are a federation's: each party reads its own
 data, digits in npz files, from its own folder (data.perParty.hostPath .../{party}, which each role
 fills in with its name), and its model from a task file the chart puts in a ConfigMap (task.file).
@@ -364,9 +368,7 @@ def test_a_signed_split_release_through_the_relay_runs_as_containers_and_equals_
     }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
     assert pods == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
     result = cluster.wait("e2e-splitfed-split-client-0", "split-client")
-    for pod, container in (("relay", "relay"), ("split-client", "split-client"), ("split-server", "split-server")):
-        log = podman("logs", f"e2e-splitfed-{pod}-0-{container}").stderr
-        assert "UNSAFE MODE" not in log and "rejected a message" not in log, log[-2000:]
+    assert_signed_and_clean(cluster, {f"e2e-splitfed-{role}-0": role for role in ("relay", "split-client", "split-server")})
     reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
     assert result["accuracy"] == reference["accuracy"]
     assert result["accuracy"] > 0.5
@@ -405,3 +407,52 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
                               mounts=(f"{data}:{DATA_ROOT}:ro", f"{task}:/etc/splitfed/task:ro"))
     assert result["accuracy"] == pytest.approx(reference["accuracy"], abs=0.01)  # the layers agree to ~1e-5 (float sums)
     assert result["accuracy"] > 0.6  # one epoch on digits (0.87 here): well above chance (0.1)
+
+
+def assert_signed_and_clean(cluster: Cluster, containers: dict[str, str]) -> None:
+    """Each pod (-> its container) ran with a key list and refused nothing: every frame was signed by a listed party."""
+    for pod, container in containers.items():
+        log = podman("logs", f"{pod}-{container}").stderr
+        assert "UNSAFE MODE" not in log and "rejected a message" not in log, log[-2000:]
+
+
+@pytest.mark.usefixtures("images", "broker_url")
+def test_a_signed_p2p_release_runs_as_containers(helm, cluster, tmp_path):
+    """The tracker a Job that ends with the run, three peers an Indexed Job, every party signing
+    with its key from the Secret: each peer trains all its epochs and the tracker lets them all leave."""
+    peers = [f"p2p-peer-{index}" for index in range(3)]
+    keys.generate(tmp_path / "keys", ["p2p-tracker", *peers])
+    pods = cluster.install(helm, {
+        "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False}, "data": {"dataset": "digits"},
+        "p2pTracker": {"enabled": True, "settings": {"expect-peers": 3}},
+        "p2pPeer": {"enabled": True, "replicas": 3, "settings": {"epochs": 3, "partition": "iid", "batch-size": 16}},
+        "p2p": {"settings": {"seed": 3, "peer-timeout": 120}}, "keys": {"existingSecret": "e2e-keys"},
+    }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
+    assert pods == ["e2e-splitfed-p2p-peer-0", "e2e-splitfed-p2p-peer-1", "e2e-splitfed-p2p-peer-2", "e2e-splitfed-p2p-tracker-0"]
+    tracker = cluster.wait("e2e-splitfed-p2p-tracker-0", "p2p-tracker")
+    for index in range(3):
+        assert [record["epoch"] for record in cluster.wait(f"e2e-splitfed-p2p-peer-{index}", "p2p-peer")["history"]] == [1, 2, 3]
+    assert {name: peer["state"] for name, peer in tracker["peers"].items()} == dict.fromkeys(peers, "left")
+    assert tracker["accuracy"] > 0.5  # chance is 0.1
+    assert_signed_and_clean(cluster, {"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "p2p-peer" for peer in peers}})
+
+
+@pytest.mark.usefixtures("images", "broker_url")
+def test_a_signed_smpl_release_runs_as_containers(helm, cluster, tmp_path):
+    """The tracker a Deployment that serves until uninstalled (removed with the pods at the end),
+    three peers a StatefulSet training two hyperepochs in hyperedges of 3, every frame (hyperedges, start models, sparse changes) signed."""
+    peers = [f"smpl-peer-{index}" for index in range(3)]
+    keys.generate(tmp_path / "keys", ["p2p-tracker", *peers])
+    pods = cluster.install(helm, {
+        "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False}, "data": {"dataset": "digits"},
+        "p2pTracker": {"enabled": True},
+        "smplPeer": {"enabled": True, "replicas": 3, "settings": {"hyperepochs": 2, "sparsity": 0.9, "partition": "iid", "batch-size": 16, "hyperedge-timeout": 120}},
+        "smpl": {"settings": {"hyperedge-size": 3, "seed": 5, "peer-timeout": 120}},
+        "keys": {"existingSecret": "e2e-keys"},
+    }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
+    assert pods == ["e2e-splitfed-p2p-tracker-0", "e2e-splitfed-smpl-peer-0", "e2e-splitfed-smpl-peer-1", "e2e-splitfed-smpl-peer-2"]
+    for index in range(3):
+        history = cluster.wait(f"e2e-splitfed-smpl-peer-{index}", "smpl-peer")["history"]
+        assert len(history) == 2 and all(record["averaged"] == 2 for record in history)  # every hyperedge closed with both others' changes
+        assert history[-1]["accuracy"] > 0.5  # chance is 0.1
+    assert_signed_and_clean(cluster, {"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "smpl-peer" for peer in peers}})
