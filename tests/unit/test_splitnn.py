@@ -224,7 +224,8 @@ def test_an_epoch_is_scored_on_the_parts_that_came():
     nothing from it after the gap. Given up after --client-timeout, it leaves the first epoch
     scored on the other two parts, the second closes without it (--min-clients 2) and is scored
     whole by the two left; the run ends (split-client-1 is told it was left out)."""
-    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2", client_timeout=2.0, min_clients=2)
+    # Only split-client-1's silence is waited out; the live clients, starved for seconds on a loaded machine, are not given up.
+    settings = SplitNNSettings(**SMALL, clients=3, schedule="splitfed-v2", client_timeout=10.0, min_clients=2)
     broker = MemoryBroker()
     history = []
     with pytest.raises(ScenarioError, match="split-client-1 failed: .* without split-client-1's share"):
