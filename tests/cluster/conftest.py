@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from splitfed.cluster import watch
+from splitfed.cluster import kube, watch
 from tests.cluster.recorded_api import FakeCoreV1Api
 
 RECORDING_HELM = '''
@@ -35,8 +35,11 @@ print(f"Release \\"{args[2] if args[0] == 'upgrade' else args[1]}\\" recorded by
 
 @pytest.fixture
 def api(tmp_path, monkeypatch) -> Iterator[FakeCoreV1Api]:
-    """The recorded-responses stand-in, with KUBECONFIG pointing at it (context namespace ns1)."""
-    fake = FakeCoreV1Api().add("GET", "/version", "version.json").add("GET", "/version/", "version.json").start()
+    """The recorded-responses stand-in, with KUBECONFIG pointing at it (context namespace ns1).
+    The watch asks each poll for pods the cluster refused to make; unless a test says otherwise,
+    there are none."""
+    fake = FakeCoreV1Api().add("GET", "/version", "version.json").add("GET", "/version/", "version.json")
+    fake.add("GET", "/api/v1/namespaces/ns1/events", "events-none.json", fieldSelector="reason=FailedCreate").start()
     monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path)))
     yield fake
     fake.stop()
@@ -58,6 +61,14 @@ def recording_helm(tmp_path, monkeypatch) -> Callable[[], list[dict]]:
 def no_wait(monkeypatch) -> None:
     """The watch polls without pausing: the recorded responses change from one request to the next."""
     monkeypatch.setattr(watch, "_sleep", lambda seconds: None)
+
+
+@pytest.fixture(autouse=True)
+def backoff(monkeypatch) -> list[float]:
+    """The pauses kube.request would make between tries, recorded rather than waited."""
+    pauses: list[float] = []
+    monkeypatch.setattr(kube, "_sleep", pauses.append)
+    return pauses
 
 
 @pytest.fixture(autouse=True)

@@ -3,18 +3,23 @@ Docker can run on this machine).
 
 It is a plain HTTP server on 127.0.0.1 that answers the requests of the real `kubernetes` Python
 client, and of the real helm, with RECORDED API responses: the JSON files in recorded/, shaped as
-a Kubernetes 1.30 API server sends them (PodList, EventList, SecretList, Status, discovery
-documents, and pod logs as text). They were written for these tests in that shape, not captured
-from a cluster: none was reachable where they were made. A route may hold a sequence of responses (pods pending, then
-running, then finished): each request takes the next, and the last one repeats. Every request is
-kept, so tests check which API calls a command made. No API server runs: nothing is scheduled,
-stored or validated; what comes back is only what was recorded."""
+a Kubernetes 1.30 API server sends them (PodList, EventList, SecretList, Job, StatefulSet,
+ReplicaSet, Status, discovery documents, and pod logs as text). A .http file holds a whole
+response as it travels (status line, headers, blank line, body), for the answers whose headers
+matter: API Priority and Fairness's 429 (plain text, with Retry-After), the 503 of an API server
+shutting down (a Status, with Retry-After). They were written
+for these tests in that shape, not captured from a cluster: none was reachable where they were
+made. A route may hold a sequence of responses (pods pending, then running, then finished): each
+request takes the next, and the last one repeats. `dropped` makes a response whose connection
+breaks off partway through its body, as a dropped connection does. Every request is kept, so
+tests check which API calls a command made. No API server runs: nothing is scheduled, stored or
+validated; what comes back is only what was recorded."""
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -32,11 +37,30 @@ class Response:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    cut: int | None = None  # the connection drops after this many bytes of the body
 
 
 def reply(name: str, status: int = 200) -> Response:
-    """A recorded response file: .json as application/json, .log as text/plain (as pod logs come)."""
+    """A recorded response file: .json as application/json, .log as text/plain (as pod logs come),
+    .http as it is written (its status, headers and body)."""
+    if name.endswith(".http"):
+        return wire(recorded(name))
     return Response(status, recorded(name), "text/plain" if name.endswith(".log") else "application/json")
+
+
+def wire(raw: bytes) -> Response:
+    """A response written as it travels: status line, headers, a blank line, the body."""
+    head, _, body = raw.partition(b"\n\n")
+    status_line, *lines = head.decode().splitlines()
+    headers = dict(line.split(": ", 1) for line in lines)
+    return Response(int(status_line.split()[1]), body, headers.pop("Content-Type"), headers)
+
+
+def dropped(name: str, after: int) -> Response:
+    """The recorded response `name`, sent in chunks as a streamed one is, its connection closed
+    after `after` bytes of the body, before the end of the stream."""
+    return replace(reply(name), cut=after)
 
 
 @dataclass
@@ -94,9 +118,19 @@ class FakeCoreV1Api:
                     "reason": "NotFound", "details": {}, "code": 404}).encode())
                 self.send_response(response.status)
                 self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(response.body)))
+                for header, value in response.headers.items():
+                    self.send_header(header, value)
+                if response.cut is None:
+                    self.send_header("Content-Length", str(len(response.body)))
+                    self.end_headers()
+                    self.wfile.write(response.body)
+                    return
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(response.body)
+                part = response.body[:response.cut]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))  # and no last, empty chunk
+                self.wfile.flush()
+                self.close_connection = True
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
 

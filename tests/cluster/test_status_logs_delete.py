@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from splitfed.cluster.watch import parse_line
 from tests.cluster.conftest import invoke
 from tests.cluster.recorded_api import RECORDED
 
@@ -140,7 +141,7 @@ def test_status_tells_a_p2p_run_from_an_smpl_run_by_their_peers():
     for peer, scenario in (("p2p-peer", "p2p"), ("smpl-peer", "smpl")):
         pods = [pod("p2p-tracker", "tracker", "true"), pod(peer, f"{peer}-0"), pod(peer, f"{peer}-1")]
         assert [p.metadata.name for p in _lead_pods(pods)] == ["tracker"]
-        assert _run_state(kube, "ns1", pods) == (scenario, "round 5/12", "0.8100", "")
+        assert _run_state(kube, "ns1", pods) == (scenario, "round 5/12", "0.8100")
 
 
 # -- logs ---------------------------------------------------------------------------------------
@@ -167,12 +168,19 @@ def test_logs_of_a_role_with_several_pods_and_of_a_previous_container(api):
     assert [r.query for r in api.made("GET", "/log")] == [{"previous": "true"}] * 2
 
 
+def without_timestamps(name: str) -> str:
+    """A log read with timestamps, as `logs` prints it: each line's text."""
+    return "".join(parse_line(line)[1] + "\n" for line in (RECORDED / name).read_text().splitlines())
+
+
 def test_logs_follow_streams_one_pod(api):
     api.add("GET", PODS, "fl-pods-running.json", **FL)
     api.add("GET", f"{PODS}/{SERVER}/log", "fl-server-finished.log", follow="true")
     result = invoke("logs", "fl", "--follow")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == (RECORDED / "fl-server-finished.log").read_text()
+    assert result.stdout == without_timestamps("fl-server-finished.log")
+    (read,) = api.made("GET", "/log")
+    assert read.query == {"follow": "true", "previous": "false", "tailLines": "100", "timestamps": "true"}  # stamped, to resume a dropped stream
 
     result = invoke("logs", "fl", "--role", "fedavg-worker", "--follow")
     assert result.exit_code == 2 and "--follow follows one pod; 2 match: give --pod" in result.stderr

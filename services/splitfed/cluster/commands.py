@@ -3,9 +3,11 @@ chart. cli.py registers them with one call to `register`.
 
 Exit codes (commandline.ExitCode), as elsewhere in the CLI: 2 bad input (an option, a values file,
 a key folder, a release that already ran, no such release), 3 no result within --wait-timeout, 4 a
-pod of the run failed (the reason, its events and last log lines follow the error line), 7 no
-reachable cluster, no helm, no kubernetes client, no chart, or helm failed; 130 Ctrl-C (the run
-goes on)."""
+pod of the run failed (the reason, its events and last log lines follow the error line) or could
+not be made (a FailedCreate event's message: a quota, an admission webhook), 7 no reachable
+cluster, no helm, no kubernetes client, no chart, helm failed, a request the API server kept
+failing through every retry (kube.request), or one it refused (the missing permission is named);
+130 Ctrl-C (the run goes on)."""
 
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from rich.table import Table
 
 from splitfed.cluster import values as chart
 from splitfed.cluster.helm import Helm, HelmError, ReleaseNotFound, find_chart
-from splitfed.cluster.kube import LOG_TIMEOUT, ClusterError, Kube, connect, describe, from_client
-from splitfed.cluster.watch import (INSTANCE, NOT_WATCHED, PART_OF, NoResult, PodFailure, Watch, WatchTimeout, diagnose, events_in, health, newest,
-                                    prints_progress, progress_of, role_of, utcnow)
+from splitfed.cluster.kube import LOG_TIMEOUT, ClusterError, Kube, connect, describe, from_client, request
+from splitfed.cluster.watch import (INSTANCE, NOT_WATCHED, PART_OF, LogCursor, NoResult, PodFailure, Watch, WatchTimeout, diagnose, events_in,
+                                    health, newest, prints_progress, progress_of, role_of, utcnow)
 from splitfed.commandline import ExitCode, Failures, check_outputs, command, err, fail, finish, guard
 from splitfed.scenarios.registry import SCENARIOS
 
@@ -35,7 +37,7 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 LAUNCHER = "splitfed-launch"  # managed-by of the objects launch makes itself (the keys Secret)
 STATUS_LOG_TAIL = 2000
 CLUSTER_FAILURES: Failures = [
-    ((ClusterError, HelmError, ConnectionError), ExitCode.NO_CLUSTER),
+    ((ClusterError, HelmError), ExitCode.NO_CLUSTER),
     ((PodFailure, NoResult), ExitCode.RUN_FAILED),
     ((WatchTimeout,), ExitCode.TIMEOUT),
     ((ValueError,), ExitCode.BAD_INPUT),
@@ -243,19 +245,22 @@ def _lead_pods(pods: list[Any]) -> list[Any]:
     return candidates
 
 
-def _run_state(kube: Kube, namespace: str, pods: list[Any]) -> tuple[str, str, str, str]:
-    """(scenario, progress, accuracy, log note) of one release, from its lead's log."""
+def _run_state(kube: Kube, namespace: str, pods: list[Any]) -> tuple[str, str, str]:
+    """(scenario, progress, accuracy) of one release, from its lead's log. ClusterError if the
+    log cannot be read (refused, or the API kept failing)."""
     leads = _lead_pods(pods)
     if not leads:
-        return "-", "-", "-", ""
+        return "-", "-", "-"
     lead = newest(leads)
     scenario = chart.scenario_of(role_of(lead), {role_of(pod) for pod in pods})
     try:
         log = kube.log(lead.metadata.name, namespace, tail_lines=STATUS_LOG_TAIL)
-    except Exception as exc:  # not started yet: no log
-        return scenario, "starting", "-", describe(exc)
+    except Exception as exc:
+        if getattr(exc, "status", None) in (400, 404):  # not started yet, or gone since it was listed
+            return scenario, "starting", "-"
+        raise
     where, accuracy = progress_of(events_in(log))
-    return scenario, where, "-" if accuracy is None else f"{accuracy:.4f}", ""
+    return scenario, where, "-" if accuracy is None else f"{accuracy:.4f}"
 
 
 def _out() -> Console:
@@ -282,8 +287,13 @@ def status(
     table = Table(title="splitfed runs")
     for column in ("release", "namespace", "scenario", "progress", "accuracy", "pods", "problems"):
         table.add_column(column)
+    unread: list[ClusterError] = []  # logs refused or failed: the rest of the table still shows
     for (space, release), pods in sorted(groups.items()):
-        scenario, progress, accuracy, note = _guard(lambda pods=pods, space=space: _run_state(kube, space, pods))
+        try:
+            scenario, progress, accuracy = _run_state(kube, space, pods)
+        except ClusterError as exc:
+            unread.append(exc)
+            scenario, progress, accuracy = "?", "unknown (log unread)", "?"
         counts, problems = health(pods, now)
         table.add_row(release, space, scenario, progress, accuracy, counts, "\n".join(problems) or "-")
     out = _out()
@@ -297,6 +307,8 @@ def status(
             problem = diagnose(pod, now, pending_timeout=0)
             detail.add_row(pod.metadata.name, role_of(pod), pod.status.phase or "?", str(restarts), problem.line().split(": ", 1)[1] if problem else "-")
         out.print(detail)
+    if unread:
+        raise fail(str(unread[0]) + (f" (and {len(unread) - 1} more releases' logs)" if len(unread) > 1 else ""), ExitCode.NO_CLUSTER)
 
 
 # -- logs ---------------------------------------------------------------------------------------
@@ -340,13 +352,25 @@ def logs(
 
 
 def _follow(kube: Kube, pod: str, options: dict[str, Any]) -> None:
-    with kube.log_stream(pod, **options) as chunks:
-        try:
-            for chunk in chunks:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
-        except KeyboardInterrupt:
-            raise typer.Exit(ExitCode.INTERRUPTED.value) from None
+    """Print the pod's log as it grows, until its container ends. The lines come with timestamps,
+    so a stream that breaks off (a dropped connection) is resumed: kube.request opens it again,
+    as it retries any request, and once lines were printed, for the whole log, of which LogCursor
+    prints only the lines after them (the client offers no sinceTime, and sinceSeconds would set
+    this machine's clock against the node's)."""
+    cursor = LogCursor()
+
+    def stream() -> None:
+        reopened = {key: value for key, value in options.items() if key != "tail_lines"} if cursor.at_last else options
+        with kube.log_stream(pod, timestamps=True, **reopened) as lines:
+            for line in lines:
+                for text in cursor.new(line):
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+
+    try:
+        request(f"follow the log of pod {pod} in namespace {kube.namespace}", stream)
+    except KeyboardInterrupt:
+        raise typer.Exit(ExitCode.INTERRUPTED.value) from None
 
 
 # -- delete -------------------------------------------------------------------------------------

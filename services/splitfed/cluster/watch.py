@@ -11,6 +11,11 @@ log text), so that recorded API responses can drive it.
   one-client split run, the split-server of several clients; the p2p-tracker), and, last, a
   "result" event with the role's result. `LogCursor` reads the log with timestamps, so each line is taken once.
 - `Watch.run` polls: the release's pods, then the lead's new log lines, until the result line.
+  Each request is retried by `kube.request` (429, 5xx, dropped connections).
+- A pod that is never made has no state to diagnose: a controller of the release (a Job, a
+  StatefulSet, a Deployment's ReplicaSet) whose newest attempt to create one failed (a
+  FailedCreate event: a quota exceeded, an admission webhook or policy that denied it) ends the
+  watch with the event's message, where it would otherwise wait for ever.
 """
 
 from __future__ import annotations
@@ -23,23 +28,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from splitfed.cluster.kube import Forbidden, client, describe, request
 from splitfed.roles.declaration import Progress
 
 POLL_SECONDS = 2.0
 LOG_TAIL = 500  # lines read per poll: a split-client prints one event per batch
 LAST_LINES = 20  # log lines shown with a failure
-LOST_AFTER = 5  # consecutive failed polls before the watch gives up on the cluster
 COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 PART_OF = "app.kubernetes.io/part-of"
 NOT_WATCHED = {"broker-test"}  # the helm test pod
 PROGRESS_EVENTS_VARIABLE = "SPLITFED_PROGRESS_EVENTS"
 IMAGE_OR_CONFIG = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+# The controllers that make the roles' pods, and how to read one: (API class, method).
+CONTROLLERS = {"Job": ("BatchV1Api", "read_namespaced_job"), "StatefulSet": ("AppsV1Api", "read_namespaced_stateful_set"),
+               "ReplicaSet": ("AppsV1Api", "read_namespaced_replica_set")}
+CREATION = ("SuccessfulCreate", "FailedCreate")  # the reasons of a controller's events about making a pod
 _sleep = time.sleep
 
 
 class PodFailure(RuntimeError):
-    """A pod of the run failed; the message is the reason, the pod, events and last log lines."""
+    """A pod of the run failed, or could not be made; the message is the reason, the pod or its
+    controller, events and last log lines."""
 
 
 class WatchTimeout(RuntimeError):
@@ -247,38 +257,29 @@ class Watch:
     clock: Callable[[], datetime] = utcnow
     noticed: set = field(default_factory=set)
     cursor: LogCursor = field(default_factory=LogCursor)
+    checks_refusals: bool = True  # until the events or controllers turn out unreadable (403)
 
     def pods(self) -> list[Any]:
-        listed = self.core.list_namespaced_pod(self.namespace, label_selector=f"{INSTANCE}={self.release}", _request_timeout=self.request_timeout)
+        listed = request(f"list the pods of release {self.release} in namespace {self.namespace}", self.core.list_namespaced_pod, self.namespace,
+                         label_selector=f"{INSTANCE}={self.release}", _request_timeout=self.request_timeout)
         return [pod for pod in listed.items if role_of(pod) not in NOT_WATCHED]
 
     def log(self, pod: Any, **options: Any) -> str:
-        return self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, _request_timeout=self.request_timeout, **options)
+        return request(f"read the log of pod {pod.metadata.name} in namespace {self.namespace}", self.core.read_namespaced_pod_log,
+                       pod.metadata.name, self.namespace, _request_timeout=self.request_timeout, **options)
+
+    def events(self, selector: str) -> list[Any]:
+        """The namespace's events that match the field selector."""
+        return request(f"list the events ({selector}) in namespace {self.namespace}", self.core.list_namespaced_event, self.namespace,
+                       field_selector=selector, _request_timeout=self.request_timeout).items
 
     def run(self) -> dict:
-        from kubernetes.client import ApiException
-        from urllib3.exceptions import HTTPError
-
         started = time.monotonic()
-        lost = 0
-        while True:
-            try:
-                result = self.step()
-                lost = 0
-            except ApiException as exc:
-                if exc.status and exc.status < 500 and exc.status not in (404, 429):
-                    raise
-                lost += 1
-            except (OSError, HTTPError):  # a dropped connection, a timeout
-                lost += 1
-            else:
-                if result is not None:
-                    return result
-            if lost >= LOST_AFTER:
-                raise ConnectionError(f"lost the cluster: {LOST_AFTER} requests in a row failed")
+        while (result := self.step()) is None:
             if self.wait_timeout and time.monotonic() - started > self.wait_timeout:
                 raise WatchTimeout(f"{self.release}: no result within --wait-timeout {self.wait_timeout:g}s; the run goes on")
             _sleep(self.poll)
+        return result
 
     def step(self) -> dict | None:
         """One look at the release: its result once the lead has printed it, else None."""
@@ -294,6 +295,12 @@ class Watch:
             if key not in self.noticed:
                 self.noticed.add(key)
                 self.on_notice(problem.line())
+        if self.checks_refusals:
+            try:
+                self.refused()
+            except Forbidden as exc:  # the run can go on; only this check cannot
+                self.checks_refusals = False
+                self.on_notice(f"not watching for pods the cluster refuses to make: {exc}")
         leads = [pod for pod in pods if role_of(pod) == self.lead]
         if not leads:
             return None
@@ -334,7 +341,7 @@ class Watch:
             try:
                 logs.append((pod, self.log(pod, timestamps=True, **({} if whole else {"tail_lines": LOG_TAIL}))))
             except ApiException as exc:
-                if exc.status != 400:  # 400: the container has not started yet
+                if exc.status not in (400, 404):  # 400: its container has not started yet; 404: the pod is gone
                     raise
             if len(leads) == 1:
                 break
@@ -351,23 +358,53 @@ class Watch:
             lines.append(f"  last log lines{' of the previous container' if problem.previous else ''}:" if shown else "  (its log is empty)")
             lines += shown
         except Exception as exc:  # no log yet (an image never pulled), or none kept
-            from splitfed.cluster.kube import describe
-
             lines.append(f"  (no log: {describe(exc)})")
         return "\n".join(lines)
 
     def warnings(self, pod: Any, most: int = 3) -> list[str]:
         try:
-            listed = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={pod.metadata.name}",
-                                                     _request_timeout=self.request_timeout)
+            listed = self.events(f"involvedObject.name={pod.metadata.name}")
         except Exception:  # events are a help, not a need
             return []
-        warnings = [event for event in listed.items if event.type == "Warning"]
-        floor = datetime.min.replace(tzinfo=timezone.utc)
-        warnings.sort(key=lambda event: event.last_timestamp or event.event_time or floor)
+        warnings = [event for event in listed if event.type == "Warning"]
+        warnings.sort(key=_when)
         messages: list[str] = []
         for event in reversed(warnings):
             text = f"{event.reason}: {event.message}"
             if text not in messages:
                 messages.append(text)
         return messages[:most][::-1]
+
+    def refused(self) -> None:
+        """Raise PodFailure if a controller of the release failed to make a pod in its newest
+        attempt (see the module's docstring); a refusal it has since got past (a quota freed as
+        another run's pods ended) is over."""
+        refusals = [event for event in self.events("reason=FailedCreate") if event.reason == "FailedCreate"]
+        made = {event.involved_object.uid: event.involved_object for event in refusals if event.involved_object.kind in CONTROLLERS}
+        for uid, made_by in made.items():
+            controller = self.controller(made_by.kind, made_by.name)
+            if controller is None or controller.metadata.uid != uid or (controller.metadata.labels or {}).get(INSTANCE) != self.release:
+                continue  # another release's, or one deleted since
+            history = [event for event in self.events(f"involvedObject.uid={uid}") if event.reason in CREATION]
+            newest = max(history, key=lambda event: (_when(event), event.reason == "FailedCreate"), default=None)
+            if newest is not None and newest.reason == "FailedCreate":
+                role = (controller.metadata.labels or {}).get(COMPONENT, "?")
+                raise PodFailure(f"{role} {made_by.kind} {made_by.name} cannot make its pods (FailedCreate): {newest.message}")
+
+    def controller(self, kind: str, name: str) -> Any | None:
+        """The Job, StatefulSet or ReplicaSet `name`, or None if it is gone."""
+        kubernetes = client()
+        api_class, method = CONTROLLERS[kind]
+        api = getattr(kubernetes.client, api_class)(self.core.api_client)
+        try:
+            return request(f"read {kind} {name} in namespace {self.namespace}", getattr(api, method), name, self.namespace,
+                           _request_timeout=self.request_timeout)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+def _when(event: Any) -> datetime:
+    """When an event last happened (a legacy event's lastTimestamp, a new one's eventTime)."""
+    return event.last_timestamp or event.event_time or event.first_timestamp or datetime.min.replace(tzinfo=timezone.utc)
