@@ -131,7 +131,6 @@ class Endpoint:
         self.ordered = ordered
         self.inbox = inbox
         self.timeout = timeout
-        self.max_message_bytes = max_message_bytes
         self.traffic = Traffic()
         self.on_arrival = on_arrival
         self.peer_roles = tuple(peer_roles)
@@ -147,10 +146,17 @@ class Endpoint:
         if trusted is None:
             log.warning("%s is running in **** UNSAFE MODE ****: no key list, messages are not authenticated", self.sender)
         transport.declare(inbox, durable=durable)
+        self.limit(max_message_bytes)
+
+    def limit(self, max_message_bytes: int) -> None:
+        """Accept messages of at most `max_message_bytes` from now on: the largest this role can
+        legitimately receive (roles.limits), which a role that learns its model's shapes only
+        after it starts (from a hello) raises then."""
+        self.max_message_bytes = max_message_bytes
         # Oversized messages are refused before their chunks are put together, and refusals below
         # the protocol (bad or abandoned chunks) are counted like any other.
         # With a key list, a chunked message is judged by its signed first chunk before any of it is kept.
-        transport.watch(inbox, max_bytes=max_message_bytes, on_reject=self.rejected, admit=self.admit if trusted is not None else None)
+        self.transport.watch(self.inbox, max_bytes=max_message_bytes, on_reject=self.rejected, admit=self.admit if self.trusted is not None else None)
 
     def bind(self, run: str) -> None:
         """From now on, send and accept only messages of `run` (handshakes aside)."""

@@ -51,6 +51,7 @@ from splitfed.roles.fedavg.common import (
     fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
 from splitfed.roles.fedavg.lease import Lease
+from splitfed.roles.limits import message_bytes
 from splitfed.transport import Delivery, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,14 @@ class FedAvgServer:
             {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, len(classes)).items()}
             if settings.calibration == "ccvr" else {}
         )
-        model_bytes = sum(value.numel() * 4 for value in self.model.state_dict().values())
-        statistics_bytes = sum(4 * math.prod(spec.shape) for spec in self.statistics_specs.values())  # a covariance per class: can outweigh the model
         self.test_data = federated.evaluation_data(self.task, self.context) if self.server_scores else None
         self.scoring: Scoring | None = None  # the scores being gathered now, if any
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
-            max_message_bytes=max(2 * model_bytes, statistics_bytes) + 64 * 1024, signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
+            # The largest it receives: an update (with SCAFFOLD's control deltas), or CCVR's
+            # statistics (a covariance per class: they can outweigh the model); joins and scores are metadata.
+            max_message_bytes=max(message_bytes(self.update_specs), message_bytes(self.statistics_specs)),
+            signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
             on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc, peer_roles=(WORKER,),
             handshake=(JOIN, REFUSED),  # they come before (or instead of) a place in the run
         )

@@ -29,6 +29,7 @@ from splitfed.roles.fedavg.common import (
     CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
     fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
+from splitfed.roles.limits import message_bytes
 from splitfed.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class FedAvgWorker(Role):
         self.endpoint = Endpoint(
             transport, session=self.session, role=WORKER, inbox=worker_queue(self.session, self.worker_id), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True, name=self.worker_id, peer_roles=(SERVER,),
+            # The largest it receives: a model with SCAFFOLD's control variates (the server's strategy is
+            # not a worker setting); the models to score or calibrate carry the model alone.
+            max_message_bytes=message_bytes({**self.specs, **with_prefix(CONTROL, self.specs)}),
         )
         self.server = server_queue(self.session)
         transport.declare(self.server, durable=True)

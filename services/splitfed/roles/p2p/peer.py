@@ -17,9 +17,10 @@ from splitfed.learning.device import state_of
 from splitfed.learning.peers import Received, mix, scored, sync_chunks, synchronised, train_batches
 from splitfed.learning.settings import P2PSettings
 from splitfed.observability import metrics
-from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.protocol import Message, ProtocolError, check_tensors
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import RoleTimeout
+from splitfed.roles.limits import message_bytes
 from splitfed.roles.p2p.common import FETCH, MEMBERS, MODEL, P2P_PEER, REFUSED, count, peer_name, peer_queue
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
@@ -32,7 +33,6 @@ class P2PPeer(Peer):
 
     def __init__(self, settings: P2PSettings, deployment, transport: Transport, identity: Identity = Identity(), on_progress: ProgressSink | None = None):  # noqa: ANN001 (roles.p2p.PeerDeployment)
         super().__init__(P2P_PEER, settings, deployment, transport, identity, on_progress, settings.epochs)
-        self.layout = {name: TensorSpec(value.dtype.name, value.shape) for name, value in state_of(self.model).items()}
         self.peer_timeout = deployment.peer_timeout
         self.syncs = 0  # synchronisations done (a late joiner starts from those of the model it fetched)
         self.received: dict[str, Received] = {}  # the newest model from each peer since the last average
@@ -43,6 +43,10 @@ class P2PPeer(Peer):
         self.fetch_nonce: str | None = None
         self.fetched: Received | None = None
         self.staleness = metrics.PEER_STALENESS.labels(P2P_PEER, self.session)
+
+    def largest_message(self) -> int:
+        """A peer's model, sent at a synchronisation or in answer to a fetch."""
+        return message_bytes(self.specs)
 
     # -- the run, top to bottom ----------------------------------------------------------------
 
@@ -157,7 +161,7 @@ class P2PPeer(Peer):
                 raise ProtocolError("stale", f"model from {message.sender} answers a fetch this peer is not waiting for (any more)")
         elif sync <= self.last_sync.get((message.sender, incarnation), 0):
             raise ProtocolError("duplicate", f"model of synchronisation {sync} from {message.sender} is not newer than one already taken")
-        check_tensors(message, self.layout)
+        check_tensors(message, self.specs)
 
     def handle(self, message: Message) -> None:
         if message.kind == MEMBERS:

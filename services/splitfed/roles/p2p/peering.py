@@ -10,11 +10,12 @@ from collections.abc import Callable, Collection
 
 from splitfed.errors import Refused
 from splitfed.learning import train
+from splitfed.learning.device import state_of
 from splitfed.learning.peers import learner, peer_context, scoring_data
 from splitfed.learning.tasks import Task, fingerprint, fingerprint_difference
 from splitfed.learning.settings import PeerSettings
 from splitfed.observability import metrics
-from splitfed.protocol import Message
+from splitfed.protocol import Message, TensorSpec
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.p2p.common import TRACKER, peer_name, peer_queue
@@ -42,9 +43,11 @@ class Peer:
         self.model, self.share, self.loss_of, self.compute = self.learner.model, self.learner.share, self.learner.loss_of, self.learner.compute
         self.test = scoring_data(task, context)
         self.fingerprint = fingerprint(self.model, task.classes(context))
+        self.specs = {name: TensorSpec(array.dtype.name, array.shape) for name, array in state_of(self.model).items()}  # its model as it travels
         self.endpoint = Endpoint(
             transport, session=self.session, role=role, inbox=peer_queue(self.session, self.name), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, name=self.name, peer_roles=(TRACKER, role),
+            max_message_bytes=self.largest_message(),
         )
         self.membership = Membership(self.endpoint, role, self.name, len(self.share), planned, deployment.peer_timeout, self.fingerprint)
         self.history: list[dict] = []
@@ -58,6 +61,11 @@ class Peer:
             return self.train()
         finally:
             self.membership.stop()
+
+    def largest_message(self) -> int:
+        """The largest message this peer can legitimately receive, from its model and settings (the
+        tracker's are metadata alone)."""
+        raise NotImplementedError
 
     def train(self) -> dict:
         raise NotImplementedError

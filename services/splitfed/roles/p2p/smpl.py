@@ -18,6 +18,7 @@ the epoch is reported."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from splitfed.observability import metrics
 from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import RoleTimeout
+from splitfed.roles.limits import message_bytes
 from splitfed.roles.p2p.common import DELTA, HYPEREDGE, MEMBERS, REFUSED, SMPL_PEER, START, TRACKER, WANT
 from splitfed.roles.p2p.peering import POLL_SECONDS, Peer
 from splitfed.transport import Transport
@@ -69,7 +71,6 @@ class SMPLPeer(Peer):
         super().__init__(SMPL_PEER, settings, deployment, transport, identity, on_progress, settings.hyperepochs)
         self.snapshot = state_of(self.model)  # the model when own training was last counted
         self.layout = layout_of(self.snapshot)
-        self.specs = {name: TensorSpec(dtype, shape) for name, (dtype, shape) in self.layout.items()}
         self.edge_batches = hyperedge_batches(len(self.share), settings)
         self.planned_edges = settings.hyperepochs * settings.syncs_per_epoch
         self.closed = 0  # hyperedges closed; every --syncs-per-epoch of them make an epoch's record
@@ -81,6 +82,21 @@ class SMPLPeer(Peer):
         self.early_since: dict[str, float] = {}  # when each of those hyperedges was first heard of (monotonic)
         self.asked: float | None = None  # when this peer asked for the hyperedge it waits for (monotonic)
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
+
+    def largest_message(self) -> int:
+        """A start model, or a change at its largest: each tensor as its values alone, or with
+        --sparsity as its top (1 - sparsity) of entries at most, each with its int64 index,
+        whichever takes more."""
+        change = {}
+        for name, spec in self.specs.items():
+            size, item = math.prod(spec.shape), np.dtype(spec.dtype).itemsize
+            kept = min(size, math.ceil((1 - self.settings.sparsity) * size))
+            if self.settings.sparsity > 0 and kept * (8 + item) > size * item:  # 8: an int64 index
+                change[f"{name}/indices"] = TensorSpec("int64", (kept,))
+                change[f"{name}/values"] = TensorSpec(spec.dtype, (kept,))
+            else:
+                change[f"{name}/values"] = TensorSpec(spec.dtype, (size,))
+        return max(message_bytes(self.specs), message_bytes(change))
 
     # -- the run, top to bottom ----------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from splitfed.protocol import Message, ProtocolError
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout
+from splitfed.roles.limits import FRAME_HEADER_BYTES
 from splitfed.roles.p2p.common import (
     HEARTBEAT, LEAVE, MEMBERS, P2P_PEER, REFUSED, REGISTER, REPORT, SMPL_PEER, TRACKER, WANT, count, finite, fingerprint_of, fraction, incarnation_of,
     peer_queue, peer_role, tracker_queue,
@@ -65,6 +66,7 @@ class Tracker(Role):
         self.endpoint = Endpoint(
             transport, session=self.session, role=TRACKER, inbox=tracker_queue(self.session), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, ordered=False, peer_roles=(P2P_PEER, SMPL_PEER), handshake=(REGISTER,),
+            max_message_bytes=FRAME_HEADER_BYTES,  # everything it receives is metadata: models never pass through it
         )
         self.started = time.time()  # orders trackers: a peer follows the newest one's lists
         self.version = 0

@@ -32,9 +32,10 @@ from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.limits import message_bytes
 from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, AVERAGE, CLIENT, CLOSED, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDOFF, HANDSHAKE, HEAD, HELLO, OUTPUTS, SERVER,
-    TRAINED, TURN, client_inbox, client_index, client_name, peer_queue, save_parts, shared,
+    TRAINED, TURN, client_inbox, client_index, client_name, largest_messages, peer_queue, save_parts, shared,
 )
 from splitfed.transport import Delivery, Transport
 
@@ -81,9 +82,13 @@ class SplitClient:
         self.fed = queue_name(self.session, FED) if several and settings.schedule != "round-robin" else None
         self.round_robin = several and settings.schedule == "round-robin"
         peer_roles = (SERVER, FED, CLIENT) if several else (SERVER,)
+        # The largest it receives: the server's gradients or outputs and, among several, a client's
+        # layers (the fed's average, or the client before it handing them on).
+        receives = largest_messages(settings, self.cut_shape, self.server_out_shape).to_client
         self.endpoint = Endpoint(
             transport, session=self.session, role=CLIENT, name=self.name, inbox=client_inbox(self.session, self.index, settings.clients),
             timeout=deployment.timeout, signer=identity.signer, trusted=identity.trusted, peer_roles=peer_roles, handshake=HANDSHAKE,
+            max_message_bytes=max(receives, message_bytes(layer_specs(self.parts))) if several else receives,
         )
         self.server = peer_queue(self.session, deployment.via, SERVER) if not several else queue_name(self.session, SERVER)
         transport.declare(self.server)
@@ -196,7 +201,8 @@ class SplitClient:
             if message.meta.get("ref") != nonce or not isinstance(message.meta.get("run"), str):
                 raise ProtocolError("replay", "hello answering another hello")
 
-        self.endpoint.send(self.server, HELLO, nonce=nonce, fingerprint=self.fingerprint, input_shape=list(self.input_shape), **shared(self.settings))
+        self.endpoint.send(self.server, HELLO, nonce=nonce, fingerprint=self.fingerprint, input_shape=list(self.input_shape),
+                           receives=self.endpoint.max_message_bytes, **shared(self.settings))
         reply, delivery = self.endpoint.receive((HELLO,), (SERVER,), check)
         self.endpoint.ack(delivery)
         if reply.meta.get("ok") is not True:
@@ -219,24 +225,16 @@ class SplitClient:
     # -- layers between clients -----------------------------------------------------------
 
     def layers(self) -> dict[str, np.ndarray]:
-        """This client's layers as named tensors: the head, and the tail in u-shaped mode.
-        Scalars (BatchNorm's batch counters) travel as one-element arrays, as safetensors keeps them."""
-        return {f"{prefix}{k}": to_numpy(v).reshape(v.shape or (1,)) for prefix, part in self.named_parts() for k, v in part.state_dict().items()}
-
-    def named_parts(self) -> list[tuple[str, torch.nn.Module]]:
-        return [("head.", self.parts.head)] + ([("tail.", self.parts.tail)] if self.parts.tail is not None else [])
-
-    def layer_specs(self) -> dict[str, TensorSpec]:
-        return {name: TensorSpec(array.dtype.name, array.shape) for name, array in self.layers().items()}
+        return client_layers(self.parts)
 
     def load_layers(self, tensors: dict[str, np.ndarray]) -> None:
-        for prefix, part in self.named_parts():
+        for prefix, part in named_parts(self.parts):
             own = part.state_dict()
             part.load_state_dict({k: torch.from_numpy(tensors[prefix + k].copy()).reshape(v.shape) for k, v in own.items()})
 
     def check_layers(self, message: Message) -> None:
         """Layers from the fed or another client: exactly this client's names, shapes and dtypes."""
-        specs = self.layer_specs()
+        specs = layer_specs(self.parts)
         if set(message.tensors) != set(specs):
             raise ProtocolError("shape", f"{message.kind} from {message.sender} does not hold this client's layers")
         for name, spec in specs.items():
@@ -408,6 +406,22 @@ class SplitClient:
                 "server_compute_seconds": float(done.meta.get("compute_seconds", 0.0)) if done else None,
             },
         }
+
+
+def named_parts(parts: cutting.Parts) -> list[tuple[str, torch.nn.Module]]:
+    """A client's parts under the prefixes its layers travel with: the head, and the tail in u-shaped mode."""
+    return [("head.", parts.head)] + ([("tail.", parts.tail)] if parts.tail is not None else [])
+
+
+def client_layers(parts: cutting.Parts) -> dict[str, np.ndarray]:
+    """A client's layers as named tensors, as they travel to the fed or to the next client.
+    Scalars (BatchNorm's batch counters) travel as one-element arrays, as safetensors keeps them."""
+    return {f"{prefix}{k}": to_numpy(v).reshape(v.shape or (1,)) for prefix, part in named_parts(parts) for k, v in part.state_dict().items()}
+
+
+def layer_specs(parts: cutting.Parts) -> dict[str, TensorSpec]:
+    """What a client's layers are on the wire (names, dtypes, shapes): every client's are the same."""
+    return {name: TensorSpec(array.dtype.name, array.shape) for name, array in client_layers(parts).items()}
 
 
 def scored_counts(evaluation: train.Evaluation, samples: int) -> dict[str, object]:

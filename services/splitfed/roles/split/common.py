@@ -1,6 +1,7 @@
 """What the split-learning roles share: queue names, message kinds, parameter files.
 
-Start:                          client --hello{settings, nonce, fingerprint, input_shape}--> server --hello{ok, problem, ref=nonce, run}--> client
+Start:                          client --hello{settings, nonce, fingerprint, input_shape, receives}--> server --hello{ok, problem, ref=nonce, run, receives}--> client
+                                (receives: the largest message the sender accepts, which a relay between them holds to)
 Per training batch (vanilla):   client --activations{x,y}--> server --gradients{g}--> client
 Per training batch (u-shaped):  client --activations{x}--> server --outputs{h}--> client
                                 client --gradients{g}--> server --gradients{g}--> client
@@ -17,6 +18,8 @@ A run the server does not know:  client --activations{run=old}--> server --abort
 Several clients (`splitnn`) talk to the server directly, each on its own inbox. In splitfed-v1
 and v2 each client also sends its layers to the fed (`split-fed`) before `trained`:
     client --head{epoch, period, layers}--> fed;  server --closed--> fed;  fed --average{epoch, period, layers}--> clients
+The server names its run to the fed once it holds its model (server --hello{run, started, layers}--> fed), with the bytes
+a client's layers take on the wire, which the fed holds heads to.
 The fed averages exactly the heads of the clients the server's `closed` includes, weighted by
 the samples the server saw from each; the server never sees a client's layers. An epoch is one
 period, or --syncs-per-epoch periods: each client's batches of the epoch cut into that many runs,
@@ -44,10 +47,13 @@ goes on, and the halves drop the duplicates it may forward twice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.learning.settings import SplitSettings, split_client_name as client_name  # noqa: F401 (the roles name clients by it)
+from splitfed.learning.settings import WIRE_NUMPY_DTYPES, SplitSettings, split_client_name as client_name  # noqa: F401 (the roles name clients by it)
+from splitfed.protocol import TensorSpec
 from splitfed.roles.endpoint import queue_name
+from splitfed.roles.limits import message_bytes
 
 CLIENT, SERVER, RELAY = "split-client", "split-server", "relay"
 FED = "split-fed"
@@ -57,12 +63,39 @@ HEAD, AVERAGE = "head", "average"  # splitfed-v1/v2: a client's layers to the fe
 TURN, HANDOFF, HANDED = "turn", "handoff", "handed"  # round-robin
 KINDS = (HELLO, ACTIVATIONS, GRADIENTS, OUTPUTS, DONE, ABORT, TRAINED, CLOSED, EVALUATED)  # what a relay forwards: one client's
 HANDSHAKE = (HELLO, ABORT)  # they speak of a run rather than within one: unbound, out of sequence
-# Settings both halves must agree on, or they would not be halves of one model.
-SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr", "epochs", "clients", "schedule", "syncs_per_epoch")
+# Settings both halves must agree on, or they would not be halves of one model (the batch sizes and
+# the wire dtype: each half's message-size limit is worked out from its own, `largest_messages`).
+SHARED_SETTINGS = ("dataset", "model", "cut_layer", "mode", "seed", "optimizer", "lr", "epochs", "clients", "schedule", "syncs_per_epoch",
+                   "batch_size", "eval_batch_size", "wire_dtype")
 
 
 def shared(settings: SplitSettings) -> dict:
     return {name: getattr(settings, name) for name in SHARED_SETTINGS}
+
+
+@dataclass(frozen=True)
+class LargestMessages:
+    """The largest message each half of a split model receives from the other, in bytes on the wire."""
+
+    to_server: int
+    to_client: int
+
+
+def largest_messages(settings: SplitSettings, cut_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LargestMessages:
+    """What the halves send each other at their largest, for one sample's shape at the cut and at
+    the server half's output, in --wire-dtype (batches of at most --batch-size and
+    --eval-batch-size, which both halves share). To the server: a training batch at the cut (with
+    its labels in vanilla mode), an evaluation batch or a label prior's query at the cut, and in
+    u-shaped mode a batch's gradients at its output. To a client: a batch's gradients at the cut,
+    and the server half's outputs for a training batch (u-shaped, or a label prior's query) or an
+    evaluation batch. Everything else between them is metadata alone."""
+    wire, batch, evaluation = WIRE_NUMPY_DTYPES[settings.wire_dtype], settings.batch_size, settings.eval_batch_size
+    labels = {"y": TensorSpec("int64", (batch,))} if settings.mode == "vanilla" else {}
+    to_server = [{"x": TensorSpec(wire, (batch, *cut_shape)), **labels}, {"x": TensorSpec(wire, (evaluation, *cut_shape))}]
+    if settings.mode == "u-shaped":
+        to_server.append({"g": TensorSpec(wire, (batch, *out_shape))})
+    to_client = [{"g": TensorSpec(wire, (batch, *cut_shape))}, {"h": TensorSpec(wire, (max(batch, evaluation), *out_shape))}]
+    return LargestMessages(max(map(message_bytes, to_server)), max(map(message_bytes, to_client)))
 
 
 def client_index(name: str) -> int:

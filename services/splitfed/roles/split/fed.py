@@ -11,6 +11,11 @@ It follows the run of the newest split server (by the start time the server sign
 hello), and drops layers of any other run. A client that reports a period after it closed (too
 slow, given up) gets the newest layers the fed has sent when its own arrive, and goes on from
 them with the others (the server tells it which period is open).
+
+It holds no model: the server's hello says how many bytes a client's layers take on the wire, and
+from then on the fed accepts no larger message. Before any hello it keeps its transport's limit:
+the first chunks of heads queued behind the hello may reach the transport before the fed has
+handled it.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import numpy as np
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
-from splitfed.protocol import Message, ProtocolError, TensorSpec
+from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, TensorSpec
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, queue_name
+from splitfed.roles.limits import FRAME_HEADER_BYTES
 from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD, HELLO, SERVER, client_inbox, client_index, client_name
 from splitfed.transport import Delivery, Transport
 
@@ -40,6 +46,7 @@ class SplitFed(Role):
         self.endpoint = Endpoint(
             transport, session=self.session, role=FED, inbox=queue_name(self.session, FED), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT, SERVER), handshake=(HELLO,),
+            max_message_bytes=MAX_MESSAGE_BYTES,  # until a server's hello says how large the clients' layers are (`follow`)
         )
         for index in range(settings.clients):
             transport.declare(client_inbox(self.session, index, settings.clients))
@@ -65,8 +72,10 @@ class SplitFed(Role):
             raise ProtocolError("replay", f"{message.kind} from {message.sender} before the server named its run")
         if message.kind in (HELLO, CLOSED, DONE) and message.sender != SERVER or message.kind == HEAD and message.sender == SERVER:
             raise ProtocolError("sender", f"{message.kind} from {message.sender}")
-        if message.kind == HELLO and not (isinstance(message.meta.get("run"), str) and isinstance(message.meta.get("started"), float)):
-            raise ProtocolError("malformed", "a server hello names its run and start time")
+        layers = message.meta.get("layers")
+        if message.kind == HELLO and not (isinstance(message.meta.get("run"), str) and isinstance(message.meta.get("started"), float)
+                                          and isinstance(layers, int) and not isinstance(layers, bool) and FRAME_HEADER_BYTES <= layers <= MAX_MESSAGE_BYTES):
+            raise ProtocolError("malformed", f"a server hello names its run, its start time and the bytes of a client's layers ({FRAME_HEADER_BYTES}..{MAX_MESSAGE_BYTES})")
         if message.kind == HEAD:
             self.check_head(message)
         if message.kind == CLOSED:
@@ -107,6 +116,7 @@ class SplitFed(Role):
             return
         self.server_started = message.meta["started"]
         self.endpoint.bind(message.meta["run"])
+        self.endpoint.limit(message.meta["layers"])  # a head is a client's layers; the rest is metadata
         for sender in (SERVER, *self.clients):  # a new run's parties number their messages afresh
             self.endpoint.resync(sender)
         self.heads, self.newest, self.open, self.layout, self.averaged_periods = {}, None, (1, 1), None, 0

@@ -44,11 +44,13 @@ from splitfed.protocol import Message
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, queue_name
+from splitfed.roles.limits import FRAME_HEADER_BYTES, message_bytes
 from splitfed.roles.p2p.common import fingerprint_of
 from splitfed.roles.split.checks import check_client_message, input_shape_of
+from splitfed.roles.split.client import layer_specs
 from splitfed.roles.split.common import (
     ABORT, ACTIVATIONS, CLIENT, DONE, EVALUATED, FED, GRADIENTS, HANDED, HANDSHAKE, HELLO, OUTPUTS, SERVER, TRAINED,
-    client_name, client_queue, save_parts, shared,
+    client_name, client_queue, largest_messages, save_parts, shared,
 )
 from splitfed.roles.split.records import ClientState, EpochLog
 from splitfed.roles.split.schedules import schedule_for
@@ -79,6 +81,7 @@ class SplitServer(Role):
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=queue_name(self.session, SERVER), timeout=deployment.timeout,
             signer=identity.signer, trusted=identity.trusted, peer_roles=(CLIENT,), handshake=HANDSHAKE,
+            max_message_bytes=FRAME_HEADER_BYTES,  # until it holds its model only hellos can come, and they are metadata (`hold` raises it)
         )
         self.endpoint.bind(uuid.uuid4().hex)  # this server's run: drawn afresh at every start
         self.started_at = time.time()  # stated in its hello, so a relay follows the newest run
@@ -87,6 +90,9 @@ class SplitServer(Role):
                         for index, name in enumerate(names)}
         for state in self.clients.values():
             transport.declare(state.queue)
+        self.fed = queue_name(self.session, FED) if self.schedule.fed else None
+        if self.fed:
+            transport.declare(self.fed)
         # The model: built now where the data set or the task says what it is built for; else
         # from what the first client it accepts states in its hello (the server holds no data).
         self.body: torch.nn.Sequential | None = None  # the shared layers (splitfed-v1: the average, after each epoch)
@@ -100,10 +106,6 @@ class SplitServer(Role):
         self.cut_layer: int | None = None  # the index of the server's first layer in the whole model
         if self.known_shape is not None and self.known_classes is not None:
             self.hold(*self.whole_model(self.task))
-        self.fed = queue_name(self.session, FED) if self.schedule.fed else None
-        if self.fed:  # the fed follows the run of the newest server to say hello
-            transport.declare(self.fed)
-            self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at)
         self.epoch, self.period = 1, 1
         self.epoch_started = time.perf_counter()
         self.epochs: list[EpochLog] = []
@@ -118,13 +120,18 @@ class SplitServer(Role):
         return task.sequential(self.context), task.classes(self.context), task.data_shape(self.context).shape
 
     def hold(self, whole: torch.nn.Sequential, classes: tuple[str, ...], input_shape: tuple[int, ...]) -> None:
-        """Keep the server's layers of `whole`, and what the checks of the clients' messages need."""
+        """Keep the server's layers of `whole`, and what the checks of the clients' messages need;
+        accept the largest messages the clients can send from now on, and name the run to the fed
+        (which follows the newest server to say hello) with the size of a client's layers."""
         self.fingerprint = fingerprint(whole, classes)
         self.classes, self.input_shape = len(classes), input_shape
         parts = cutting.cut(whole, self.settings.cut_layer, self.settings.mode)
         self.cut_layer = parts.cut_layer
         self.in_shape = models.output_shape(parts.head, input_shape)
         self.out_shape = models.output_shape(parts.body, self.in_shape)
+        self.endpoint.limit(largest_messages(self.settings, self.in_shape, self.out_shape).to_server)
+        if self.fed:
+            self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at, layers=message_bytes(layer_specs(parts)))
         self.body = parts.body
         self.opt = train.optimizer(self.body.parameters(), self.settings.optimizer, self.settings.lr)
         for state in self.clients.values():
@@ -225,7 +232,8 @@ class SplitServer(Role):
             log.warning("split-server: a hello from %s once the run was under way (a restarted client, or a replay); refused", state.name)
         elif not problem:
             problem = self.model_problem(state, message)
-        answer = {"ok": not problem, "problem": problem, "begun": begun, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at}
+        answer = {"ok": not problem, "problem": problem, "begun": begun, "ref": message.meta["nonce"], "run": self.endpoint.run, "started": self.started_at,
+                  "receives": self.endpoint.max_message_bytes}
         self.endpoint.send(state.queue, HELLO, **answer)
         if begun:
             return

@@ -1,0 +1,34 @@
+"""How large a frame can be, from the tensors it carries: the arithmetic behind each role's
+message-size limit (`Endpoint(max_message_bytes=...)`). Every role declares the largest message it
+can legitimately receive, worked out from its settings and its model where it builds its endpoint,
+and its transport refuses anything larger at the first chunk (a chunked message announcing more
+chunks than that) or as a whole frame. Torch-free: the relay, the split-fed and the tracker use it too.
+
+A frame is the magic, the header's length and the JSON header (at most MAX_HEADER_BYTES, whatever
+its metadata), then a safetensors body: its header's length, a JSON entry per tensor (name, dtype,
+shape, offsets), padding, and the tensors' bytes. The bound below allows each part at its largest,
+so a message of metadata alone (a hello, a heartbeat) takes at most FRAME_HEADER_BYTES."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from splitfed.protocol.codec import MAGIC, MAX_HEADER_BYTES, TensorSpec
+
+FRAME_HEADER_BYTES = len(MAGIC) + 4 + MAX_HEADER_BYTES  # magic, the header's length, the header at its largest
+BODY_HEADER_BYTES = 8 + 2 + 7  # the safetensors header's length, its braces and its padding to 8 bytes
+TENSOR_ENTRY_BYTES = 64  # a tensor's entry beside its name and numbers: quotes, keys, punctuation, dtype
+NUMBER_BYTES = 21  # a number in an entry (a side, an offset): at most 20 digits and a comma
+
+
+def message_bytes(tensors: Mapping[str, TensorSpec]) -> int:
+    """The largest frame of a message carrying `tensors` (every side known) beside any metadata."""
+    if not tensors:
+        return FRAME_HEADER_BYTES  # encode_body({}) is empty
+    return FRAME_HEADER_BYTES + BODY_HEADER_BYTES + sum(
+        len(name.encode()) + TENSOR_ENTRY_BYTES + NUMBER_BYTES * (len(spec.shape) + 2) + np.dtype(spec.dtype).itemsize * math.prod(spec.shape)
+        for name, spec in tensors.items()
+    )
