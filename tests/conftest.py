@@ -41,6 +41,7 @@ def session(request: pytest.FixtureRequest) -> Iterator[str]:
 
 # -- the Helm chart ---------------------------------------------------------------------------
 
+HANG_GUARD = 300  # seconds: only a run that is stuck takes this long, however loaded the machine
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "splitfed"
 HELM = REPO / ".tools" / "bin" / "helm"

@@ -350,6 +350,19 @@ def test_a_fedavg_federation_of_own_data_runs_as_containers_and_equals_splitfed_
     assert result["history"][-1]["accuracy"] > 0.6  # two rounds (0.98 here, on the server's 60 test digits): well above chance (0.1)
 
 
+# Refusals that would mean a party's frames were not what the release's keys and sizes allow; a
+# decentralized run may still refuse a late or repeated frame (`duplicate`, `sender`) in a race.
+UNTRUSTED = ("unsigned", "signature", "unknown-key", "replay", "oversized", "malformed")
+
+
+def assert_signed_and_clean(containers: dict[str, str]) -> None:
+    """Each pod (-> its container) ran with a key list, and refused no frame for its signature, key, run or size."""
+    for pod, container in containers.items():
+        log = podman("logs", f"{pod}-{container}").stderr
+        refused = re.findall(r"rejected a message \(([\w-]+)\)", log)
+        assert "UNSAFE MODE" not in log and not set(refused) & set(UNTRUSTED), log[-2000:]
+
+
 def key_secret(folder: Path) -> dict[str, str]:
     """What `kubectl create secret generic NAME --from-file=FOLDER` would hold: the key list and every private key."""
     return {path.name: path.read_text() for path in folder.iterdir() if path.suffix in (".json", ".key")}
@@ -407,19 +420,6 @@ def test_a_splitnn_federation_of_own_data_with_the_fed_runs_as_containers_and_eq
                               mounts=(f"{data}:{DATA_ROOT}:ro", f"{task}:/etc/splitfed/task:ro"))
     assert result["accuracy"] == pytest.approx(reference["accuracy"], abs=0.01)  # the layers agree to ~1e-5 (float sums)
     assert result["accuracy"] > 0.6  # one epoch on digits (0.87 here): well above chance (0.1)
-
-
-# Refusals that would mean a party's frames were not what the release's keys and sizes allow; a
-# decentralized run may still refuse a late or repeated frame (`duplicate`, `sender`) in a race.
-UNTRUSTED = ("unsigned", "signature", "unknown-key", "replay", "oversized", "malformed")
-
-
-def assert_signed_and_clean(containers: dict[str, str]) -> None:
-    """Each pod (-> its container) ran with a key list, and refused no frame for its signature, key, run or size."""
-    for pod, container in containers.items():
-        log = podman("logs", f"{pod}-{container}").stderr
-        refused = re.findall(r"rejected a message \(([\w-]+)\)", log)
-        assert "UNSAFE MODE" not in log and not set(refused) & set(UNTRUSTED), log[-2000:]
 
 
 @pytest.mark.usefixtures("images", "broker_url")

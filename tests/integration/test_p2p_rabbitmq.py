@@ -19,11 +19,11 @@ from splitfed.scenarios.launch import ProcessGroup
 from splitfed.scenarios.p2p import PeerRun, planner
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
+from tests.conftest import HANG_GUARD
 
 DIGITS = dict(dataset="digits", batch_size=16, lr=3e-3)
 FASHION = dict(dataset="fashion-mnist", limit=8000, test_limit=1000, batch_size=32)  # epochs long enough to join a run under way
 PEER_TIMEOUT = 10.0  # generous: a loaded machine can starve a training peer for seconds
-HANG_GUARD = 300  # seconds: only a run that is stuck takes this long, however loaded the machine
 
 
 class Session:

@@ -22,10 +22,9 @@ from splitfed.scenarios.launch import ProcessGroup
 from splitfed.scenarios.split import SplitRun
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
-from tests.conftest import max_param_diff
+from tests.conftest import HANG_GUARD, max_param_diff
 
 SETTINGS = SplitSettings(dataset="digits", epochs=1, batch_size=32)
-HANG_GUARD = 300  # seconds: only a run that is stuck takes this long, however loaded the machine
 
 
 class Halves:

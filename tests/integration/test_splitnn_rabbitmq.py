@@ -22,12 +22,12 @@ from splitfed.scenarios import splitnn
 from splitfed.scenarios.launch import ProcessGroup
 from splitfed.security import keys
 from splitfed.transport.rabbitmq import RabbitTransport
+from tests.conftest import HANG_GUARD
 
 SMALL = dict(dataset="digits", batch_size=32, limit=900, test_limit=300)
 # Generous: a live client starved of CPU for seconds on a loaded machine must not be given up
 # with the one the test kills or stops (whose silence it waits out once a test).
 CLIENT_TIMEOUT = 10.0
-HANG_GUARD = 300  # seconds: only a run that is stuck takes this long, however loaded the machine
 
 
 class Parties:

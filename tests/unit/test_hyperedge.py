@@ -13,6 +13,7 @@ from splitfed.learning.hyperedge import (
     choose_start,
     densify,
     from_wire,
+    largest_wire,
     layout_of,
     sparsify,
     to_wire,
@@ -342,3 +343,19 @@ def test_ledger_bookkeeping_errors():
     assert ledger.edges == ()
     with pytest.raises(KeyError):
         ledger.close("E", zero, [zero], [1])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 0.999])
+def test_largest_wire_is_what_a_sparsified_change_sends_at_most(sparsity):
+    """Every tensor `to_wire(sparsify(...))` makes of a random change has the dtype and shape
+    `largest_wire` gives it; what it leaves out is only the indices of a tensor whose kept entries
+    happen to be its first ones (sent as values alone). An integer tensor goes whole."""
+    rng = np.random.default_rng(5)
+    delta = {"w": rng.standard_normal((7, 11)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32),
+             "scalar": np.float32(rng.standard_normal()).reshape(()), "count": np.array(4, dtype=np.int64)}
+    sent, largest = to_wire(sparsify(delta, sparsity)), largest_wire(layout_of(delta), sparsity)
+    assert {name: largest[name] for name in sent} == layout_of(sent)
+    for name in set(largest) - set(sent):
+        assert name.endswith("/indices") and largest[name][1] == sent[name.replace("/indices", "/values")].shape
+    assert "count/indices" not in largest and largest["count/values"] == ("int64", (1,))
+    assert ("w/indices" in largest) == (sparsity > 0)

@@ -129,6 +129,20 @@ def to_wire(sparse: Sparse) -> State:
     return wire
 
 
+def largest_wire(layout: Layout, sparsity: float) -> Layout:
+    """The flat tensors `to_wire(sparsify(delta, sparsity))` sends for a delta of `layout` at their
+    largest: a tensor cut to its top k as NAME/indices and NAME/values of k entries, one kept whole
+    (an integer tensor, or k the whole size) as NAME/values alone."""
+    wire = {}
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape)
+        kept = size if _is_integer(np.dtype(dtype)) else _keep_count(sparsity, size)
+        if kept < size:
+            wire[f"{name}/indices"] = ("int64", (kept,))
+        wire[f"{name}/values"] = (dtype, (kept,))
+    return wire
+
+
 def from_wire(tensors: State) -> Sparse:
     """The inverse of `to_wire`: every name must be NAME/values, with or without its NAME/indices
     (without: the tensor whole, which `densify` holds to its size)."""

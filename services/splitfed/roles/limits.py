@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from splitfed.protocol.codec import MAGIC, MAX_HEADER_BYTES, TensorSpec
+from splitfed.protocol.codec import MAGIC, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, TensorSpec
 
 FRAME_HEADER_BYTES = len(MAGIC) + 4 + MAX_HEADER_BYTES  # magic, the header's length, the header at its largest
 BODY_HEADER_BYTES = 8 + 2 + 7  # the safetensors header's length, its braces and its padding to 8 bytes
@@ -32,3 +32,14 @@ def message_bytes(tensors: Mapping[str, TensorSpec]) -> int:
         len(name.encode()) + TENSOR_ENTRY_BYTES + NUMBER_BYTES * (len(spec.shape) + 2) + np.dtype(spec.dtype).itemsize * math.prod(spec.shape)
         for name, spec in tensors.items()
     )
+
+
+STATED_RANGE = f"{FRAME_HEADER_BYTES}..{MAX_MESSAGE_BYTES}"  # what a stated size may be, as a refusal says it
+
+
+def stated_bytes(value: object) -> int | None:
+    """A size in bytes that a party states in a hello (the largest message it accepts, the bytes of
+    a client's layers), if it is one a frame can have; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and FRAME_HEADER_BYTES <= value <= MAX_MESSAGE_BYTES:
+        return value
+    return None

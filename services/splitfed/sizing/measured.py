@@ -21,7 +21,7 @@ DEFAULT_TORCH_BUILD = "cpu"
 # Python with `splitfed.cli` imported (numpy, pika, cryptography, prometheus_client, typer, rich):
 # 47-49 MiB with either build in the image, 55.6-56.1 MiB in the test virtualenv (its extras add
 # optional parts of the same packages). Between the two, so that either lies within the bounds of
-# a role that holds little else (the relay: 73 MiB peak on the host, 65 in its image).
+# a role that holds little else (the relay: 73 MiB peak on the host, 64 in its image, RUNTIME_MIB's).
 INTERPRETER_MIB = 52.0
 # `import torch` and the role modules, over INTERPRETER_MIB: 48 -> 233 MiB in the CPU image, 49 -> 524
 # MiB with the CUDA build. A bare `python -c "import torch"` peaks at 222152 kB (CPU build) and

@@ -59,7 +59,6 @@ class Connection:
                 raise ValueError(f"TLS file {path} does not exist")
         return broker
 
-
     def broker_urls(self) -> str:
         """The --broker value: as given, or read from --broker-file; with --broker-credentials put
         into each URL. A file that cannot be read, or is empty, is refused naming its path."""

@@ -18,7 +18,6 @@ the epoch is reported."""
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 
 from splitfed.learning import data, train
 from splitfed.learning.averaging import weighted_average
-from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, layout_of, sparsify, to_wire
+from splitfed.learning.hyperedge import DeltaLedger, densify, from_wire, largest_wire, layout_of, sparsify, to_wire
 from splitfed.learning.device import from_numpy, load_state, state_of
 from splitfed.learning.peers import Learner, hyperedge_batches, scored, synchronised, train_batches, validation_loss
 from splitfed.learning.settings import SMPLSettings
@@ -84,18 +83,10 @@ class SMPLPeer(Peer):
         self.active = metrics.HYPEREDGES_ACTIVE.labels(SMPL_PEER, self.session)
 
     def largest_message(self) -> int:
-        """A start model, or a change at its largest: each tensor as its values alone, or with
-        --sparsity as its top (1 - sparsity) of entries at most, each with its int64 index,
-        whichever takes more."""
-        change = {}
-        for name, spec in self.specs.items():
-            size, item = math.prod(spec.shape), np.dtype(spec.dtype).itemsize
-            kept = min(size, math.ceil((1 - self.settings.sparsity) * size))
-            if self.settings.sparsity > 0 and kept * (8 + item) > size * item:  # 8: an int64 index
-                change[f"{name}/indices"] = TensorSpec("int64", (kept,))
-                change[f"{name}/values"] = TensorSpec(spec.dtype, (kept,))
-            else:
-                change[f"{name}/values"] = TensorSpec(spec.dtype, (size,))
+        """A start model, or a member's change at its largest (`hyperedge.largest_wire`). Called
+        while the peer is built, before its own `layout`: the model's specs say the same."""
+        layout = {name: (spec.dtype, spec.shape) for name, spec in self.specs.items()}
+        change = {name: TensorSpec(dtype, shape) for name, (dtype, shape) in largest_wire(layout, self.settings.sparsity).items()}
         return max(message_bytes(self.specs), message_bytes(change))
 
     # -- the run, top to bottom ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, TensorS
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, queue_name
-from splitfed.roles.limits import FRAME_HEADER_BYTES
+from splitfed.roles.limits import STATED_RANGE, stated_bytes
 from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD, HELLO, SERVER, client_inbox, client_index, client_name
 from splitfed.transport import Delivery, Transport
 
@@ -72,10 +72,9 @@ class SplitFed(Role):
             raise ProtocolError("replay", f"{message.kind} from {message.sender} before the server named its run")
         if message.kind in (HELLO, CLOSED, DONE) and message.sender != SERVER or message.kind == HEAD and message.sender == SERVER:
             raise ProtocolError("sender", f"{message.kind} from {message.sender}")
-        layers = message.meta.get("layers")
         if message.kind == HELLO and not (isinstance(message.meta.get("run"), str) and isinstance(message.meta.get("started"), float)
-                                          and isinstance(layers, int) and not isinstance(layers, bool) and FRAME_HEADER_BYTES <= layers <= MAX_MESSAGE_BYTES):
-            raise ProtocolError("malformed", f"a server hello names its run, its start time and the bytes of a client's layers ({FRAME_HEADER_BYTES}..{MAX_MESSAGE_BYTES})")
+                                          and stated_bytes(message.meta.get("layers")) is not None):
+            raise ProtocolError("malformed", f"a server hello names its run, its start time and the bytes of a client's layers ({STATED_RANGE})")
         if message.kind == HEAD:
             self.check_head(message)
         if message.kind == CLOSED:

@@ -22,7 +22,7 @@ from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, queue_name
-from splitfed.roles.limits import FRAME_HEADER_BYTES
+from splitfed.roles.limits import STATED_RANGE, stated_bytes
 from splitfed.roles.split.common import CLIENT, DONE, HANDSHAKE, HELLO, KINDS, RELAY, SERVER
 from splitfed.transport import Delivery, Transport
 
@@ -58,10 +58,8 @@ class Relay(Role):
         return KINDS, tuple(ROUTES)
 
     def check(self, message: Message) -> None:
-        if message.kind == HELLO:
-            receives = message.meta.get("receives")
-            if not (isinstance(receives, int) and not isinstance(receives, bool) and FRAME_HEADER_BYTES <= receives <= MAX_MESSAGE_BYTES):
-                raise ProtocolError("malformed", f"a hello states the largest message its sender accepts, {FRAME_HEADER_BYTES}..{MAX_MESSAGE_BYTES} bytes")
+        if message.kind == HELLO and stated_bytes(message.meta.get("receives")) is None:
+            raise ProtocolError("malformed", f"a hello states the largest message its sender accepts, {STATED_RANGE} bytes")
         if message.kind in HANDSHAKE:
             return
         run = message.meta.get("run")
