@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from splitfed.protocol.codec import MAGIC, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, TensorSpec
+from splitfed.protocol.codec import ALLOWED_DTYPES, MAGIC, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, TensorSpec
 
 FRAME_HEADER_BYTES = len(MAGIC) + 4 + MAX_HEADER_BYTES  # magic, the header's length, the header at its largest
 BODY_HEADER_BYTES = 8 + 2 + 7  # the safetensors header's length, its braces and its padding to 8 bytes
@@ -43,3 +43,26 @@ def stated_bytes(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and FRAME_HEADER_BYTES <= value <= MAX_MESSAGE_BYTES:
         return value
     return None
+
+
+MAX_STATED_TENSORS = 4096  # more tensors than any model's part has: a hello's metadata stays small
+MAX_STATED_DIMS = 8
+
+
+def layout_meta(tensors: Mapping[str, TensorSpec]) -> dict[str, list]:
+    """Tensors' names, dtypes and shapes (every side known) as a hello states them: name -> [dtype, shape]."""
+    return {name: [spec.dtype, list(spec.shape)] for name, spec in tensors.items()}
+
+
+def stated_layout(value: object) -> dict[str, TensorSpec] | None:
+    """The tensors a hello states (`layout_meta`), if every entry is one a frame can carry and a
+    message of them fits in a frame; None for anything else."""
+    if not isinstance(value, dict) or not 1 <= len(value) <= MAX_STATED_TENSORS:
+        return None
+    layout = {}
+    for name, entry in value.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in ALLOWED_DTYPES and isinstance(entry[1], list)
+                and len(entry[1]) <= MAX_STATED_DIMS and all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in entry[1])):
+            return None
+        layout[name] = TensorSpec(entry[0], tuple(entry[1]))
+    return layout if stated_bytes(message_bytes(layout)) is not None else None

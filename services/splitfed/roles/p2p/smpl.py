@@ -77,6 +77,7 @@ class SMPLPeer(Peer):
         self.batches: list[torch.Tensor] = []
         self.ledger = DeltaLedger()
         self.edges: dict[str, Edge] = {}
+        self.ended: set[str] = set()  # the hyperedges this peer closed or left: anything more for them is a replay or too late
         self.early: dict[str, dict[tuple[str, str], Message]] = {}  # edge -> (kind, sender) -> a change or start model that came before its hyperedge did
         self.early_since: dict[str, float] = {}  # when each of those hyperedges was first heard of (monotonic)
         self.asked: float | None = None  # when this peer asked for the hyperedge it waits for (monotonic)
@@ -166,7 +167,10 @@ class SMPLPeer(Peer):
         self.ledger.open(edge.id, self.layout)
         edge.phase, edge.deadline = "training", float("inf")
         for message in self.early.pop(edge.id, {}).values():
-            self.take_delta(edge, message)
+            if message.kind == DELTA and message.sender in edge.members:
+                self.take_delta(edge, message)
+            else:  # came before the hyperedge did, from a party the hyperedge gives no such say
+                self.endpoint.rejected("sender", f"{message.kind} for hyperedge {edge.id} from {message.sender}, not its source or a member")
 
     def begin_at_mean(self, edge: Edge) -> None:
         """--start mean: once every live member's model is in, begin from their sample-weighted mean
@@ -205,8 +209,7 @@ class SMPLPeer(Peer):
                 correction[key] = correction[key] - (weight * change).astype(change.dtype)
         self.add(correction)
         synchronised(self.learner)
-        del self.edges[edge.id]
-        self.active.set(len(self.edges))
+        self.end(edge)
         self.counted["averaged"].inc(len(present))
         self.closed += 1
         edge.averaged = len(present)
@@ -224,7 +227,11 @@ class SMPLPeer(Peer):
 
     def drop(self, edge: Edge) -> None:
         self.ledger.discard(edge.id)
+        self.end(edge)
+
+    def end(self, edge: Edge) -> None:
         del self.edges[edge.id]
+        self.ended.add(edge.id)
         self.active.set(len(self.edges))
 
     def record_epoch(self, before: train.Evaluation, after: train.Evaluation) -> None:
@@ -265,6 +272,8 @@ class SMPLPeer(Peer):
             edge_id = message.meta.get("edge")
             if not isinstance(edge_id, str) or len(edge_id) > 64:
                 raise ProtocolError("malformed", f"{message.kind} names no hyperedge")
+            if edge_id in self.ended:
+                raise ProtocolError("stale", f"{message.kind} from {message.sender} for hyperedge {edge_id}, which ended here")
             edge = self.edges.get(edge_id)
             if message.kind == START:
                 check_tensors(message, self.specs)
@@ -288,7 +297,7 @@ class SMPLPeer(Peer):
             raise ProtocolError("sender", f"hyperedge from {message.sender}")
         if not isinstance(members, list) or not 1 <= len(members) <= self.settings.hyperedge_size or self.name not in members or source not in members:
             raise ProtocolError("malformed", f"a hyperedge of at most {self.settings.hyperedge_size} peers with this one and its source among them")
-        if not isinstance(edge_id, str) or edge_id in self.edges or len(edge_id) > 64:
+        if not isinstance(edge_id, str) or edge_id in self.edges or edge_id in self.ended or len(edge_id) > 64:
             raise ProtocolError("duplicate", f"hyperedge {str(edge_id)[:64]!r} already open here")
 
 
@@ -338,8 +347,6 @@ class SMPLPeer(Peer):
                 self.take_delta(edge, message)
 
     def take_delta(self, edge: Edge, message: Message) -> None:
-        if message.kind != DELTA or message.sender not in edge.members:
-            return
         edge.deltas[message.sender] = message.tensors
         if self.settings.async_mid and edge.phase == "exchanging":
             self.apply_early(edge, message.sender)

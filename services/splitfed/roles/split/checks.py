@@ -41,8 +41,10 @@ def check_client_message(server: ServerView, state: ClientState, message: Messag
     """A hello needs a nonce, the client's fingerprint and one sample's input shape; anything else
     comes after the client's hello and passes its kind's check."""
     if message.kind == HELLO:
-        if not isinstance(message.meta.get("nonce"), str):
+        if not isinstance(message.meta.get("nonce"), str) or len(message.meta["nonce"]) > 64:
             raise ProtocolError("malformed", "hello without a nonce")
+        if message.meta["nonce"] in state.hellos:
+            raise ProtocolError("replay", f"a hello from {state.name} seen before (nonce {message.meta['nonce']})")
         fingerprint_of(message.meta)
         input_shape_of(message.meta)
         return

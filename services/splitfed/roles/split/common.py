@@ -18,8 +18,8 @@ A run the server does not know:  client --activations{run=old}--> server --abort
 Several clients (`splitnn`) talk to the server directly, each on its own inbox. In splitfed-v1
 and v2 each client also sends its layers to the fed (`split-fed`) before `trained`:
     client --head{epoch, period, layers}--> fed;  server --closed--> fed;  fed --average{epoch, period, layers}--> clients
-The server names its run to the fed once it holds its model (server --hello{run, started, layers}--> fed), with the bytes
-a client's layers take on the wire, which the fed holds heads to.
+The server names its run to the fed once it holds its model (server --hello{run, started, layout}--> fed), with a
+client's layers' names, dtypes and shapes, which every head must match (and so the largest head).
 The fed averages exactly the heads of the clients the server's `closed` includes, weighted by
 the samples the server saw from each; the server never sees a client's layers. An epoch is one
 period, or --syncs-per-epoch periods: each client's batches of the epoch cut into that many runs,

@@ -12,10 +12,10 @@ hello), and drops layers of any other run. A client that reports a period after 
 slow, given up) gets the newest layers the fed has sent when its own arrive, and goes on from
 them with the others (the server tells it which period is open).
 
-It holds no model: the server's hello says how many bytes a client's layers take on the wire, and
-from then on the fed accepts no larger message. Before any hello it keeps its transport's limit:
-the first chunks of heads queued behind the hello may reach the transport before the fed has
-handled it.
+It holds no model: the server's hello states a client's layers (names, dtypes, shapes). From then
+on a head must hold exactly those, and the fed accepts no message larger than they make. Before
+any hello it keeps its transport's limit: the first chunks of heads queued behind the hello may
+reach the transport before the fed has handled it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import numpy as np
 from splitfed.learning.averaging import step_towards, weighted_average
 from splitfed.learning.settings import SplitNNSettings
 from splitfed.observability import metrics
-from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, TensorSpec
+from splitfed.protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, TensorSpec, check_tensors
 from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity
 from splitfed.roles.endpoint import Endpoint, queue_name
-from splitfed.roles.limits import STATED_RANGE, stated_bytes
+from splitfed.roles.limits import message_bytes, stated_layout
 from splitfed.roles.split.common import AVERAGE, CLIENT, CLOSED, DONE, FED, HEAD, HELLO, SERVER, client_inbox, client_index, client_name
 from splitfed.transport import Delivery, Transport
 
@@ -51,7 +51,7 @@ class SplitFed(Role):
         for index in range(settings.clients):
             transport.declare(client_inbox(self.session, index, settings.clients))
         self.server_started = float("-inf")  # the start time of the server whose run this fed follows
-        self.layout: dict[str, TensorSpec] | None = None  # every client's layers: names, dtypes, shapes (from the first)
+        self.layout: dict[str, TensorSpec] | None = None  # every client's layers: names, dtypes, shapes (from the server's hello)
         self.heads: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # client -> (samples it claims, its layers) for the open period
         self.newest: tuple[tuple[int, int], list[str], dict[str, np.ndarray]] | None = None  # the last layers sent: (period, included, layers)
         self.open = (1, 1)  # the (epoch, period) whose layers are being gathered
@@ -73,8 +73,10 @@ class SplitFed(Role):
         if message.kind in (HELLO, CLOSED, DONE) and message.sender != SERVER or message.kind == HEAD and message.sender == SERVER:
             raise ProtocolError("sender", f"{message.kind} from {message.sender}")
         if message.kind == HELLO and not (isinstance(message.meta.get("run"), str) and isinstance(message.meta.get("started"), float)
-                                          and stated_bytes(message.meta.get("layers")) is not None):
-            raise ProtocolError("malformed", f"a server hello names its run, its start time and the bytes of a client's layers ({STATED_RANGE})")
+                                          and stated_layout(message.meta.get("layout")) is not None):
+            raise ProtocolError("malformed", "a server hello names its run, its start time and a client's layers' dtypes and shapes")
+        if message.kind == HELLO and message.meta["started"] <= self.server_started:
+            raise ProtocolError("replay", f"a hello of a server started no later than the one followed (run {self.endpoint.run})")
         if message.kind == HEAD:
             self.check_head(message)
         if message.kind == CLOSED:
@@ -86,11 +88,7 @@ class SplitFed(Role):
             raise ProtocolError("malformed", "head needs an integer sample count")
         if period > self.open:
             raise ProtocolError("kind", f"layers for (epoch, period) {period} from {message.sender} while {self.open} is open")
-        if self.layout is not None:
-            if set(message.tensors) != set(self.layout):
-                raise ProtocolError("shape", f"{message.sender}'s layers are not named like the other clients'")
-            for name, spec in self.layout.items():
-                spec.check(name, message.tensors[name])
+        check_tensors(message, self.layout)
 
     def check_closed(self, message: Message) -> None:
         included, samples = message.meta.get("included"), message.meta.get("samples")
@@ -109,16 +107,15 @@ class SplitFed(Role):
         self.finished = message.kind == DONE
 
     def follow(self, message: Message) -> None:
-        """A server's hello: follow its run if it is the newest server (a replayed hello of an
-        older one changes nothing)."""
-        if message.meta["started"] <= self.server_started:
-            return
+        """A server's hello: follow its run (`check` has refused the hellos of servers older than
+        the one followed, replays among them)."""
         self.server_started = message.meta["started"]
         self.endpoint.bind(message.meta["run"])
-        self.endpoint.limit(message.meta["layers"])  # a head is a client's layers; the rest is metadata
+        self.layout = stated_layout(message.meta["layout"])
+        self.endpoint.limit(message_bytes(self.layout))  # a head is a client's layers; the rest is metadata
         for sender in (SERVER, *self.clients):  # a new run's parties number their messages afresh
             self.endpoint.resync(sender)
-        self.heads, self.newest, self.open, self.layout, self.averaged_periods = {}, None, (1, 1), None, 0
+        self.heads, self.newest, self.open, self.averaged_periods = {}, None, (1, 1), 0
         log.info("split-fed follows run %s", self.endpoint.run)
 
     def keep(self, message: Message) -> None:
@@ -126,8 +123,6 @@ class SplitFed(Role):
             if self.newest is not None and message.sender not in self.newest[1]:
                 self.send_average(self.newest[0], self.newest[2], [message.sender])  # late: it goes on from the newest layers
             return
-        if self.layout is None:
-            self.layout = {name: TensorSpec(array.dtype.name, array.shape) for name, array in message.tensors.items()}
         self.heads[message.sender] = (message.meta["samples"], message.tensors)
 
     def average(self, period: tuple[int, int], included: list[str], samples: dict[str, int]) -> None:

@@ -3,6 +3,7 @@ evaluation as the parts come in (`EpochLog`, and the summary a result and a prog
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,9 @@ class ClientState:
     body: torch.nn.Sequential | None = None  # the layers its batches train (splitfed-v1: its own copy); None until the server has its model
     opt: torch.optim.Optimizer | None = None
     greeted: bool = False
+    # The nonces of its latest hellos (one per start of the client): one seen again is a replay.
+    # Bounded: in unsafe mode anyone can send hellos in its name.
+    hellos: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=32))
     begun: bool = False  # it has sent a batch: a new hello from it can no longer start over
     gone: bool = False  # given up after --client-timeout of silence; back once heard from
     pending: tuple[torch.Tensor, torch.Tensor] | None = None  # u-shaped: (input, output) awaiting gradients

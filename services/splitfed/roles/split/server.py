@@ -44,7 +44,7 @@ from splitfed.protocol import Message
 from splitfed.roles.base import LATER, Role
 from splitfed.roles.declaration import Identity, Progress, ProgressSink
 from splitfed.roles.endpoint import Endpoint, Rejection, queue_name
-from splitfed.roles.limits import FRAME_HEADER_BYTES, message_bytes
+from splitfed.roles.limits import FRAME_HEADER_BYTES, layout_meta
 from splitfed.roles.p2p.common import fingerprint_of
 from splitfed.roles.split.checks import check_client_message, input_shape_of
 from splitfed.roles.split.client import layer_specs
@@ -122,7 +122,7 @@ class SplitServer(Role):
     def hold(self, whole: torch.nn.Sequential, classes: tuple[str, ...], input_shape: tuple[int, ...]) -> None:
         """Keep the server's layers of `whole`, and what the checks of the clients' messages need;
         accept the largest messages the clients can send from now on, and name the run to the fed
-        (which follows the newest server to say hello) with the size of a client's layers."""
+        (which follows the newest server to say hello) with a client's layers' names, dtypes and shapes."""
         self.fingerprint = fingerprint(whole, classes)
         self.classes, self.input_shape = len(classes), input_shape
         parts = cutting.cut(whole, self.settings.cut_layer, self.settings.mode)
@@ -131,7 +131,7 @@ class SplitServer(Role):
         self.out_shape = models.output_shape(parts.body, self.in_shape)
         self.endpoint.limit(largest_messages(self.settings, self.in_shape, self.out_shape).to_server)
         if self.fed:
-            self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at, layers=message_bytes(layer_specs(parts)))
+            self.endpoint.send(self.fed, HELLO, run=self.endpoint.run, started=self.started_at, layout=layout_meta(layer_specs(parts)))
         self.body = parts.body
         self.opt = train.optimizer(self.body.parameters(), self.settings.optimizer, self.settings.lr)
         for state in self.clients.values():
@@ -223,6 +223,7 @@ class SplitServer(Role):
         client may (re)start. A hello from a client that has begun (a restarted client, or a
         replay) is answered that it cannot rejoin; the client's run is untouched. (A client's
         hello is unnumbered, so accepting one expects the client's numbered messages from 1.)"""
+        state.hellos.append(message.meta["nonce"])
         ours = shared(self.settings)
         differing = sorted(k for k in ours if message.meta.get(k) != ours[k])
         problem = ", ".join(f"{k}: client {message.meta.get(k)!r}, server {ours[k]!r}" for k in differing)
