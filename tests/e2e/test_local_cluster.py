@@ -452,7 +452,7 @@ def test_a_signed_smpl_release_runs_as_containers(helm, cluster, tmp_path):
     pods = cluster.install(helm, {
         "fedavgServer": {"enabled": False}, "fedavgWorker": {"enabled": False}, "data": {"dataset": "digits"},
         "p2pTracker": {"enabled": True},
-        "smplPeer": {"enabled": True, "replicas": 3, "settings": {"hyperepochs": 2, "sparsity": 0.9, "partition": "iid", "batch-size": 16, "hyperedge-timeout": 120}},
+        "smplPeer": {"enabled": True, "replicas": 3, "settings": {"hyperepochs": 2, "sparsity": 0.9, "partition": "iid", "batch-size": 16, "hyperedge-timeout": 30}},
         "smpl": {"settings": {"hyperedge-size": 3, "seed": 5, "peer-timeout": 120}},
         "keys": {"existingSecret": "e2e-keys"},
     }, secrets={"e2e-keys": key_secret(tmp_path / "keys")})

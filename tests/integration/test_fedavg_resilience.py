@@ -2,11 +2,14 @@
 out of a round and comes back, a restarted broker is reconnected to; nothing is lost or applied
 twice (the final model equals the uninterrupted plain loop's). Plus TLS-only brokers."""
 
+import contextlib
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from splitfed.roles.fedavg.common import server_queue, session_queues, worker_qu
 from splitfed.roles.fedavg.worker import FedAvgWorker
 from splitfed.scenarios import fedavg, launch
 from splitfed.scenarios.fedavg import FedAvgRun
-from splitfed.scenarios.launch import Launch, ProcessGroup, RoleThread
+from splitfed.scenarios.launch import Launch, ProcessGroup, RoleProcess, RoleThread
 from splitfed.transport import TransportError
 from splitfed.transport.rabbitmq import RabbitTransport, TLSOptions
 from tests.own_broker import OwnBroker, make_tls_files
@@ -59,9 +62,23 @@ def assert_equals_reference(settings: FederatedSettings, checkpoint: Path) -> No
     assert max((reference.state_dict()[k] - saved[k]).abs().max().item() for k in saved) <= 1e-5
 
 
-def slow_enough(**strategy) -> FederatedSettings:
-    """Rounds of a second or two: long enough to kill or restart something in the middle of one."""
-    return FederatedSettings(dataset="fashion-mnist", limit=3000, test_limit=1000, rounds=5, partition="iid", **strategy)
+def with_rounds_to_spare(**strategy) -> FederatedSettings:
+    """More rounds than can pass between the test seeing round 1 on disk and pausing the workers
+    (`paused`): the run is still under way when something is killed or restarted."""
+    return FederatedSettings(dataset="digits", rounds=6, partition="iid", **strategy)
+
+
+@contextlib.contextmanager
+def paused(*members: RoleProcess) -> Iterator[None]:
+    """SIGSTOP the members' processes, SIGCONT them on the way out: the run waits for them, so
+    it can go no further than the round under way."""
+    for member in members:
+        member.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for member in members:
+            member.process.send_signal(signal.SIGCONT)
 
 
 def all_workers(settings):
@@ -147,7 +164,7 @@ def test_server_optimisers_and_scaffold_as_processes_equal_the_plain_loop(broker
 # resumed run equals the uninterrupted one only if that state is checkpointed with the model.
 @pytest.mark.parametrize("strategy", [{"strategy": "fedadam", "calibration": "ccvr"}, {"strategy": "scaffold", "optimizer": "sgd", "lr": 0.02, "local_steps": 12}])
 def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path, strategy):
-    settings = slow_enough(**strategy)
+    settings = with_rounds_to_spare(**strategy)
     checkpoint = tmp_path / "ckpt"
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint)
     server_launch, worker_launches = roles(settings, run, tmp_path)
@@ -156,10 +173,11 @@ def test_killed_server_resumes_from_its_checkpoint(broker_url, session, tmp_path
         first = group.start(server_launch)
         workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
-        first.process.kill()  # mid-round: round 2's models are out, its updates on their way
-        first.process.wait()
-        killed_in = checkpoint_state(checkpoint)["round"]
-        assert killed_in < settings.rounds + 1, "the run ended before the kill; make rounds longer"
+        with paused(*workers):  # mid-round: the round's models are out, some updates maybe on their way
+            first.process.kill()
+            first.process.wait()
+            killed_in = checkpoint_state(checkpoint)["round"]
+        assert killed_in < settings.rounds + 1, "the run ended before the kill; give it more rounds"
         out = tmp_path / "result.json"
         second = group.start(server_launch.with_deployment(out=out), name="server-restarted")
         for member in (second, *workers):
@@ -281,7 +299,7 @@ def test_killed_worker_is_left_out_then_rejoins(broker_url, session, tmp_path):
 
 def test_a_restarted_broker_is_survived(tmp_path, session):
     broker = OwnBroker(tmp_path / "node").start()
-    settings = slow_enough()
+    settings = with_rounds_to_spare()
     checkpoint, out = tmp_path / "ckpt", tmp_path / "result.json"
     run = FedAvgRun(broker=broker.url, session=session, timeout=120, checkpoint_dir=checkpoint)
     server_launch, worker_launches = roles(settings, run, tmp_path)
@@ -290,7 +308,9 @@ def test_a_restarted_broker_is_survived(tmp_path, session):
         server = group.start(server_launch.with_deployment(out=out))
         workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
-        broker.restart_app()  # closes every connection; durable queues and persistent messages stay
+        with paused(*workers):
+            assert checkpoint_state(checkpoint)["round"] <= settings.rounds, "the run ended before the restart; give it more rounds"
+            broker.restart_app()  # closes every connection; durable queues and persistent messages stay
         for member in (server, *workers):
             group.wait(member, 180)
     finally:
