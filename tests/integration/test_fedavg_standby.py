@@ -9,7 +9,7 @@ from splitfed.roles.fedavg.common import session_queues
 from splitfed.scenarios import launch
 from splitfed.scenarios.fedavg import FedAvgRun
 from tests.integration.test_fedavg_resilience import (
-    all_workers, assert_equals_reference, checkpoint_state, process_group, roles, slow_enough, wait_for,
+    all_workers, assert_equals_reference, checkpoint_state, paused, process_group, roles, wait_for, with_rounds_to_spare,
 )
 
 
@@ -18,7 +18,7 @@ def log_of(member) -> str:
 
 
 def test_the_standby_takes_over_when_the_active_server_dies(broker_url, session, tmp_path):
-    settings = slow_enough()
+    settings = with_rounds_to_spare()
     checkpoint, out = tmp_path / "ckpt", tmp_path / "result.json"
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint)
     server_launch, worker_launches = roles(settings, run, tmp_path)
@@ -30,10 +30,11 @@ def test_the_standby_takes_over_when_the_active_server_dies(broker_url, session,
         wait_for(lambda: "standby: another fedavg-server holds session" in log_of(standby), "the second server waiting as standby")
         workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 3, "round 2 on disk")
-        active.process.kill()  # mid-round: its models are out, updates on their way or held unacked
-        active.process.wait()
-        killed_in = checkpoint_state(checkpoint)["round"]
-        assert killed_in <= settings.rounds, "the run ended before the kill; make rounds longer"
+        with paused(*workers):  # mid-round: its models are out, updates on their way or held unacked
+            active.process.kill()
+            active.process.wait()
+            killed_in = checkpoint_state(checkpoint)["round"]
+        assert killed_in <= settings.rounds, "the run ended before the kill; give it more rounds"
         for member in (standby, *workers):
             group.wait(member, 180)
     finally:
@@ -47,7 +48,7 @@ def test_the_standby_takes_over_when_the_active_server_dies(broker_url, session,
 
 
 def test_a_second_server_beside_a_live_one_waits_and_takes_nothing(broker_url, session, tmp_path):
-    settings = slow_enough()
+    settings = with_rounds_to_spare()
     checkpoint = tmp_path / "ckpt"
     run = FedAvgRun(broker=broker_url, session=session, timeout=120, checkpoint_dir=checkpoint)
     server_launch, worker_launches = roles(settings, run, tmp_path)
@@ -56,8 +57,10 @@ def test_a_second_server_beside_a_live_one_waits_and_takes_nothing(broker_url, s
         first = group.start(server_launch.with_deployment(out=tmp_path / "first.json"), name="server-a")
         workers = [group.start(worker) for worker in worker_launches]
         wait_for(lambda: checkpoint_state(checkpoint)["round"] >= 2, "round 1 on disk")
-        second = group.start(server_launch.with_deployment(out=tmp_path / "second.json"), name="server-b")  # a rescheduled pod whose predecessor lives on
-        wait_for(lambda: "standby: another fedavg-server holds session" in log_of(second), "the second server waiting as standby")
+        with paused(*workers):  # the run is still under way when the second server comes up
+            assert checkpoint_state(checkpoint)["round"] <= settings.rounds, "the run ended first; give it more rounds"
+            second = group.start(server_launch.with_deployment(out=tmp_path / "second.json"), name="server-b")  # a rescheduled pod whose predecessor lives on
+            wait_for(lambda: "standby: another fedavg-server holds session" in log_of(second), "the second server waiting as standby")
         for member in (first, *workers):
             group.wait(member, 180)
         group.wait(second, 60)  # it gets the lock once the first is done, and finds the run complete
