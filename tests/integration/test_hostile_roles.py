@@ -46,10 +46,11 @@ from splitfed.protocol import Message, decode, encode, encode_body, signed_bytes
 from splitfed.protocol.codec import MAGIC
 from splitfed.roles.p2p.common import DELTA, HYPEREDGE, P2P_PEER, SMPL_PEER, START, TRACKER, peer_role
 from splitfed.scenarios import fedavg, p2p, split, splitnn
-from splitfed.scenarios.launch import Launch, RunSettings, run_threads
+from splitfed.scenarios.launch import Launch, run_threads
 from splitfed.security import keys
 from splitfed.transport.chunks import CHUNK_COUNT, CHUNK_ID, CHUNK_INDEX
 from splitfed.transport.rabbitmq import RabbitTransport
+from tests.integration.test_role_message_limits import run_settings
 
 FLOOD = 8  # first chunks of each sort
 
@@ -182,18 +183,14 @@ class Attacked(RabbitTransport):
 def attack(broker_url, session, tmp_path):
     made = []
 
-    def run(launches: list[Launch], key_dir: Path) -> tuple[dict, Attacker]:
-        attacker = Attacker(broker_url, session, key_dir)
+    def run(launches: list[Launch], key_dir: Path, kind: type[Attacker] = Attacker, **extra) -> tuple[dict, Attacker]:
+        attacker = kind(broker_url, session, key_dir, **extra)
         made.append(attacker)
         return run_threads(launches, attacker.connect, None, 120), attacker
 
     yield run
     for attacker in made:
         attacker.close()
-
-
-def signed_run(cls: type[RunSettings], broker_url: str, session: str, key_list: Path, **extra) -> RunSettings:
-    return cls(broker=broker_url, launch="threads", session=session, timeout=60, key_list=key_list, **extra).resolved()
 
 
 # What every role refuses of what reaches it, at least this many times (a clean run refuses
@@ -231,7 +228,7 @@ SPLIT = dict(dataset="digits", batch_size=32, test_limit=128)
 def test_a_split_run_through_the_relay(attack, broker_url, session, tmp_path):
     key_list = keys.generate(tmp_path / "keys", ["split-client", "split-server"])
     settings = SplitSettings(**SPLIT, epochs=2)
-    result, attacker = attack(split.plan(settings, signed_run(split.SplitRun, broker_url, session, key_list, via="relay"), tmp_path), key_list.parent)
+    result, attacker = attack(split.plan(settings, run_settings(split.SplitRun, broker_url, session, key_list=key_list, via="relay"), tmp_path), key_list.parent)
     assert len(result["history"]) == 2 and result["accuracy"] > 0.5
     assert_refused(session, attacker, {
         "split-server": {"replay": 2, "duplicate": 1},  # a message of another run, a client's hello again
@@ -243,7 +240,7 @@ def test_a_split_run_through_the_relay(attack, broker_url, session, tmp_path):
 def test_a_splitfed_run_and_its_fed(attack, broker_url, session, tmp_path):
     key_list = keys.generate(tmp_path / "keys", ["split-server", "split-client-0", "split-client-1", "split-fed"])
     settings = SplitNNSettings(**SPLIT, epochs=2, clients=2, schedule="splitfed-v2")
-    result, attacker = attack(splitnn.plan(settings, signed_run(splitnn.SplitNNRun, broker_url, session, key_list), tmp_path), key_list.parent)
+    result, attacker = attack(splitnn.plan(settings, run_settings(splitnn.SplitNNRun, broker_url, session, key_list=key_list), tmp_path), key_list.parent)
     assert [epoch["missing"] for epoch in result["history"]] == [[], []] and result["history"][-1]["accuracy"] > 0.5
     assert_refused(session, attacker, {
         "split-server": {"replay": 2, "duplicate": 1},
@@ -255,7 +252,7 @@ def test_a_splitfed_run_and_its_fed(attack, broker_url, session, tmp_path):
 def test_a_fedavg_run(attack, broker_url, session, tmp_path):
     key_list = keys.generate(tmp_path / "keys", ["fedavg-server", "worker-0", "worker-1"])
     settings = FederatedSettings(dataset="digits", workers=2, partition="iid", rounds=2, test_limit=128)
-    run = signed_run(fedavg.FedAvgRun, broker_url, session, key_list, checkpoint_dir=tmp_path / "checkpoints")
+    run = run_settings(fedavg.FedAvgRun, broker_url, session, key_list=key_list, checkpoint_dir=tmp_path / "checkpoints")
     result, attacker = attack(fedavg.plan(settings, run, tmp_path), key_list.parent)
     assert result["contributors"] == {"1": ["worker-0", "worker-1"], "2": ["worker-0", "worker-1"]} and result["accuracy"] > 0.5
     # The server's inbox is attacked at a join, whose copy it counts as a replay (its nonce was seen).
@@ -271,7 +268,7 @@ PEERS = dict(dataset="digits", partition="iid", test_limit=128, batch_size=16, l
 ], ids=[P2P_PEER, SMPL_PEER])
 def test_a_decentralized_run_and_its_tracker(attack, broker_url, session, tmp_path, role, settings):
     key_list = keys.generate(tmp_path / "keys", [TRACKER, *(f"{role}-{index}" for index in range(settings.peers))])
-    result, attacker = attack(p2p.planner(role)(settings, signed_run(p2p.PeerRun, broker_url, session, key_list), tmp_path), key_list.parent)
+    result, attacker = attack(p2p.planner(role)(settings, run_settings(p2p.PeerRun, broker_url, session, key_list=key_list), tmp_path), key_list.parent)
     assert all(len(peer["history"]) == 2 for peer in result["peers"].values()), result
     assert result["accuracy"] > 0.5
     assert_refused(session, attacker, {TRACKER: {"replay": 1}, role: {"duplicate": 1}})  # the tracker: a register again
@@ -334,7 +331,7 @@ class SMPLAttacker(Attacker):
         self.impostors.append((edge, impostor))
 
 
-def test_smpl_frames_of_its_own(broker_url, session, tmp_path, caplog):
+def test_smpl_frames_of_its_own(attack, broker_url, session, tmp_path, caplog):
     """A start from a member that is not the source is refused (`sender`), a change with indices
     out of range (`shape`), a change replayed (`stale` once its hyperedge has ended at the
     receiver, `duplicate` while it is open), at every peer, and the run ends as a clean one."""
@@ -342,11 +339,8 @@ def test_smpl_frames_of_its_own(broker_url, session, tmp_path, caplog):
     settings = SMPLSettings(**PEERS, peers=3, hyperedge_size=3, hyperepochs=2, sparsity=0.5, start="source")
     peers = [f"{SMPL_PEER}-{index}" for index in range(settings.peers)]
     key_list = keys.generate(tmp_path / "keys", [TRACKER, *peers])
-    attacker = SMPLAttacker(broker_url, session, key_list.parent, peers=peers)
-    try:
-        result = run_threads(p2p.planner(SMPL_PEER)(settings, signed_run(p2p.PeerRun, broker_url, session, key_list), tmp_path), attacker.connect, None, 120)
-    finally:
-        attacker.close()
+    plan = p2p.planner(SMPL_PEER)(settings, run_settings(p2p.PeerRun, broker_url, session, key_list=key_list), tmp_path)
+    result, attacker = attack(plan, key_list.parent, SMPLAttacker, peers=peers)
     assert all(len(peer["history"]) == 2 for peer in result["peers"].values()) and result["accuracy"] > 0.5
     attacked = attacker.smpl_attacked
     assert len(attacker.impostors) >= 3 and sum("indices" in done for done in attacked.values()) == 3 and sum("replay" in done for done in attacked.values()) == 3, attacked

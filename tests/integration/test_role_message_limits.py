@@ -117,8 +117,9 @@ def parties(broker_url, session):
     return Parties(broker_url, session)
 
 
-def run_settings(cls: type[RunSettings], parties: Parties, **extra) -> RunSettings:
-    return cls(broker=parties.broker_url, launch="threads", session=parties.session, timeout=60, **extra).resolved()
+def run_settings(cls: type[RunSettings], broker_url: str, session: str, **extra) -> RunSettings:
+    """A run's settings with every role a thread of this process, on `broker_url`."""
+    return cls(broker=broker_url, launch="threads", session=session, timeout=60, **extra).resolved()
 
 
 SPLIT = dict(dataset="digits", epochs=1, batch_size=32, eval_batch_size=64, limit=96, test_limit=64)
@@ -128,7 +129,7 @@ def test_a_split_run_through_the_relay(parties, tmp_path: Path):
     """The split-server, the split-client and the relay, which holds the larger of the two
     limits the halves' hellos state."""
     settings = SplitNNSettings(**SPLIT, mode="u-shaped")
-    result = parties.run(split.plan(settings, run_settings(split.SplitRun, parties, via="relay"), tmp_path))
+    result = parties.run(split.plan(settings, run_settings(split.SplitRun, parties.broker_url, parties.session, via="relay"), tmp_path))
     assert result["history"][-1]["accuracy"] is not None
     parties.assert_refused_and_tight({SERVER: [SERVER], CLIENT: [CLIENT], RELAY: [RELAY]})
     assert parties.limit_of(RELAY) == max(parties.limit_of(SERVER), parties.limit_of(CLIENT))
@@ -138,14 +139,14 @@ def test_a_splitfed_run_and_its_fed(parties, tmp_path: Path):
     """Two clients of splitfed-v1: their layers go to the fed, which holds what the server's
     hello says they take."""
     settings = SplitNNSettings(**{**SPLIT, "test_limit": 128}, clients=2, schedule="splitfed-v1")  # each client scores half the test set: one full evaluation batch
-    parties.run(splitnn.plan(settings, run_settings(splitnn.SplitNNRun, parties), tmp_path))
+    parties.run(splitnn.plan(settings, run_settings(splitnn.SplitNNRun, parties.broker_url, parties.session), tmp_path))
     parties.assert_refused_and_tight({SERVER: [SERVER], FED: [FED], CLIENT: ["split-client-0", "split-client-1"]})
 
 
 def test_a_fedavg_run_with_control_variates(parties, tmp_path: Path):
     """SCAFFOLD: the workers' updates carry control deltas, the server's models control variates."""
     settings = FederatedSettings(dataset="digits", workers=1, partition="iid", rounds=1, limit=96, test_limit=64, strategy="scaffold")
-    parties.run(fedavg.plan(settings, run_settings(fedavg.FedAvgRun, parties, checkpoint_dir=tmp_path / "checkpoints"), tmp_path))
+    parties.run(fedavg.plan(settings, run_settings(fedavg.FedAvgRun, parties.broker_url, parties.session, checkpoint_dir=tmp_path / "checkpoints"), tmp_path))
     parties.assert_refused_and_tight({"fedavg-server": ["fedavg-server"], "fedavg-worker": ["worker-0"]})
 
 
@@ -158,6 +159,6 @@ PEERS = dict(dataset="digits", peers=2, partition="iid", limit=96, test_limit=64
 ], ids=[P2P_PEER, SMPL_PEER])
 def test_a_decentralized_run_and_its_tracker(parties, tmp_path: Path, role, settings):
     plan = p2p.planner(role)
-    result = parties.run(plan(settings, run_settings(p2p.PeerRun, parties), tmp_path))
+    result = parties.run(plan(settings, run_settings(p2p.PeerRun, parties.broker_url, parties.session), tmp_path))
     assert all(peer["history"] for peer in result["peers"].values())
     parties.assert_refused_and_tight({TRACKER: [TRACKER], role: [f"{role}-0", f"{role}-1"]})

@@ -38,8 +38,8 @@ STATED_RANGE = f"{FRAME_HEADER_BYTES}..{MAX_MESSAGE_BYTES}"  # what a stated siz
 
 
 def stated_bytes(value: object) -> int | None:
-    """A size in bytes that a party states in a hello (the largest message it accepts, the bytes of
-    a client's layers), if it is one a frame can have; None for anything else."""
+    """A size in bytes that a party states in a hello (the largest message a split half accepts),
+    if it is one a frame can have; None for anything else."""
     if isinstance(value, int) and not isinstance(value, bool) and FRAME_HEADER_BYTES <= value <= MAX_MESSAGE_BYTES:
         return value
     return None

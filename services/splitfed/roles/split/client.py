@@ -67,6 +67,7 @@ class SplitClient:
         self.fingerprint = fingerprint(whole, classes)
         self.input_shape = self.task.data_shape(self.context).shape
         self.parts = cutting.cut(whole, settings.cut_layer, settings.mode)
+        self.layout = layer_specs(self.parts)  # its layers' names, dtypes and shapes, which never change
         params = list(self.parts.head.parameters()) + (list(self.parts.tail.parameters()) if self.parts.tail else [])
         self.opt = train.optimizer(params, settings.optimizer, settings.lr)
         self.cut_shape = models.output_shape(self.parts.head, self.input_shape)
@@ -88,7 +89,7 @@ class SplitClient:
         self.endpoint = Endpoint(
             transport, session=self.session, role=CLIENT, name=self.name, inbox=client_inbox(self.session, self.index, settings.clients),
             timeout=deployment.timeout, signer=identity.signer, trusted=identity.trusted, peer_roles=peer_roles, handshake=HANDSHAKE,
-            max_message_bytes=max(receives, message_bytes(layer_specs(self.parts))) if several else receives,
+            max_message_bytes=max(receives, message_bytes(self.layout)) if several else receives,
         )
         self.server = peer_queue(self.session, deployment.via, SERVER) if not several else queue_name(self.session, SERVER)
         transport.declare(self.server)
@@ -234,10 +235,9 @@ class SplitClient:
 
     def check_layers(self, message: Message) -> None:
         """Layers from the fed or another client: exactly this client's names, shapes and dtypes."""
-        specs = layer_specs(self.parts)
-        if set(message.tensors) != set(specs):
+        if set(message.tensors) != set(self.layout):
             raise ProtocolError("shape", f"{message.kind} from {message.sender} does not hold this client's layers")
-        for name, spec in specs.items():
+        for name, spec in self.layout.items():
             spec.check(name, message.tensors[name])
 
     # -- alone, or splitfed-v1 and v2 -----------------------------------------------------
