@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from splitfed.errors import TaskError
-from splitfed.learning import calibration, data, models, objectives, strategies, train
+from splitfed.learning import calibration, data, models, objectives, privacy, secagg, strategies, train
 from splitfed.learning.context import Context, context_of
 from splitfed.learning.device import CPU, Compute
 from splitfed.learning.tasks import Task
@@ -169,6 +169,7 @@ def last_layer(model: nn.Module) -> list[str]:
 class LocalWork:
     loss: float  # mean training loss of the round
     control: dict[str, torch.Tensor] | None = None  # SCAFFOLD: this worker's new control variate c_i
+    steps: int = 0  # optimiser steps taken (sample-level DP's accountant counts them)
 
 
 def local_training(
@@ -186,7 +187,7 @@ def local_training(
     `controls` = (c, c_i), the server's and this worker's SCAFFOLD control variates (with a
     recipe's control_variates): every gradient is corrected by c - c_i, and the new c_i is the
     local gradient at the global model over this round's batches (the paper's option I,
-    whatever the optimiser)."""
+    whatever the optimiser). With --dp sample the steps are DP-SGD's (learning.privacy)."""
     generator = torch.Generator().manual_seed(seed)
     batches = local_batches(len(share), settings, generator)
     new_control = local_gradient(model, share, batches, loss_of, compute) if controls is not None else None
@@ -194,6 +195,18 @@ def local_training(
     head = set(last_layer(model)) if recipe.frozen_head else set()
     trained = [p for name, p in model.named_parameters() if name not in head]
     opt = train.optimizer(trained, settings.optimizer, round_lr(settings, round_number))
+    if settings.dp == "sample":  # every sample's gradient clipped and noised (Opacus); the model is plain again after
+        with privacy.sample_dp(model, opt, settings.dp_clip, settings.dp_noise_multiplier, settings.batch_size) as (private_model, private_opt):
+            return _train_batches(private_model, share, batches, private_opt, settings, recipe, correction, loss_of, compute, new_control)
+    return _train_batches(model, share, batches, opt, settings, recipe, correction, loss_of, compute, new_control)
+
+
+def _train_batches(
+    model: nn.Module, share: data.Samples, batches: list[torch.Tensor], opt: torch.optim.Optimizer, settings: PartitionSettings,
+    recipe: strategies.LocalRecipe, correction: dict[str, torch.Tensor] | None, loss_of: train.Loss, compute: Compute,
+    new_control: dict[str, torch.Tensor] | None,
+) -> LocalWork:
+    """`local_training`'s loop over its batches, with whichever model and optimiser it set up."""
     proximal = objectives.Proximal(model, recipe.prox_mu) if recipe.prox_mu > 0 else None
     classes = models.output_shape(model, tuple(share.images.shape[1:]))[0]  # the model's logits: one per class
     local_loss = objectives.adjusted(
@@ -218,7 +231,94 @@ def local_training(
                 p.grad += correction[name]
         compute.step(opt)
         losses.append(loss.item())
-    return LocalWork(sum(losses) / max(1, len(losses)), new_control)
+    return LocalWork(sum(losses) / max(1, len(losses)), new_control, len(batches))
+
+
+def dp_weighted(settings: PartitionSettings) -> bool:
+    """Whether an update weighs its samples in the mean: not under central or local DP, whose noise
+    is calibrated to every worker weighing the same (McMahan et al. 2018)."""
+    return settings.dp not in ("central", "local")
+
+
+def private_change(change: torch.Tensor, settings: PartitionSettings, clip: float) -> tuple[torch.Tensor, bool]:
+    """What a worker sends of its model change (P,) under --dp: clipped to `clip` (central, local) and
+    noised (local); and whether it was under the clip (adaptive clipping counts those)."""
+    if settings.dp not in ("central", "local"):
+        return change, True
+    clipped, under = privacy.clip_l2(change, clip)
+    if settings.dp == "local":
+        clipped = privacy.local_noise(clipped, clip, settings.dp_noise_multiplier)
+    return clipped, under
+
+
+def noise_multiplier(settings: FederatedSettings, contributors: int) -> float:
+    """The z of the Gaussian the server adds to the sum (central DP): the setting's, or with adaptive
+    clipping the larger one that leaves room for the noised count (Andrew et al. 2021)."""
+    if not settings.dp_adaptive_clip:
+        return settings.dp_noise_multiplier
+    return privacy.effective_noise_multiplier(settings.dp_noise_multiplier, count_stddev(settings, contributors))
+
+
+def count_stddev(settings: FederatedSettings, contributors: int) -> float:
+    return settings.dp_clip_count_stddev if settings.dp_clip_count_stddev is not None else privacy.default_count_stddev(contributors)
+
+
+def next_model(current: torch.Tensor, mean_change: torch.Tensor, contributors: int, settings: FederatedSettings, clip: float, planned: int) -> torch.Tensor:
+    """The mean model (P,) float32 from the mean change of the round's `contributors` (float64), with
+    central DP's noise on their sum (z from the `planned` workers a round)."""
+    if settings.dp == "central":
+        mean_change = privacy.noised_mean(mean_change * contributors, contributors, clip, noise_multiplier(settings, planned)).to(torch.float64)
+    return (current.to(torch.float64) + mean_change.to(current.device)).to(torch.float32)
+
+
+def next_clip(settings: FederatedSettings, clip: float, under_clip: int, contributors: int, planned: int) -> float:
+    """The clip for the next round: adapted with --dp-adaptive-clip, else as it was."""
+    if not settings.dp_adaptive_clip:
+        return clip
+    return privacy.next_clip(clip, under_clip, contributors, settings.dp_target_quantile, settings.dp_clip_lr, count_stddev(settings, planned))
+
+
+def central_mean_change(current: torch.Tensor, vectors: torch.Tensor, clip: float) -> torch.Tensor:
+    """Central DP without secure aggregation: the mean (float64) of the workers' changes (K, P) -
+    (P,), each clipped again on the server, so one worker's weight in the sum is bounded whatever it sent."""
+    changes = vectors.to(torch.float64) - current.to(torch.float64)
+    return torch.stack([privacy.clip_l2(change, clip)[0] for change in changes]).mean(0)
+
+
+def plain_step(strategy: strategies.Strategy, state: strategies.StrategyState, current: torch.Tensor, vectors: torch.Tensor, samples: list[int],
+               settings: FederatedSettings, clip: float, planned: int) -> tuple[torch.Tensor, strategies.StrategyState]:
+    """The strategy's step from the round's models (K, P) as they arrived: weighted by samples, or
+    every worker the same under central or local DP, with central DP's noise on their sum."""
+    if settings.dp == "central":
+        mean = next_model(current, central_mean_change(current, vectors, clip), len(vectors), settings, clip, planned)
+        return strategy.step(current, mean[None], torch.ones(1, device=current.device), state)
+    weights = torch.tensor([float(n) if dp_weighted(settings) else 1.0 for n in samples], device=current.device)
+    return strategy.step(current, vectors, weights, state)
+
+
+def secure_step(strategy: strategies.Strategy, state: strategies.StrategyState, current: torch.Tensor, aggregate: secagg.Aggregate, contributors: int,
+                settings: FederatedSettings, clip: float, planned: int) -> tuple[torch.Tensor, strategies.StrategyState]:
+    """The strategy's step from a secure round's unmasked aggregate: its mean model is the one update
+    the strategy sees (rules that need only the sum give the same step as from every model)."""
+    mean = next_model(current, torch.from_numpy(aggregate.mean_delta), contributors, settings, clip, planned)
+    return strategy.step(current, mean[None], torch.ones(1, device=current.device), state)
+
+
+def secure_input(encoding: secagg.Encoding, change: torch.Tensor, loss: float, samples: int, under_clip: bool, settings: PartitionSettings):  # noqa: ANN201 (np.ndarray)
+    """A worker's input to a secure round: its change weighted by its samples (or 1 under central or local DP)."""
+    return encoding.encode(change.detach().cpu().numpy(), loss, samples if dp_weighted(settings) else 1, under_clip)
+
+
+def epsilon_after(settings: FederatedSettings, rounds: int, registered: int) -> float | None:
+    """The run's epsilon at --dp-delta after `rounds` rounds, for central and local DP (each
+    worker's own accountant gives it for sample-level DP); None without --dp. Central DP: a round
+    is the Gaussian mechanism on the sum, sampled at the round's share of the workers; local DP:
+    every round a worker takes part in is its own Gaussian mechanism, not amplified by sampling
+    (the server knows who took part)."""
+    if settings.dp not in ("central", "local"):
+        return None
+    rate = settings.round_sample_size(registered) / registered if settings.dp == "central" else 1.0
+    return privacy.epsilon(settings.dp_noise_multiplier, rate, rounds, settings.dp_delta)
 
 
 def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings) -> float:
@@ -266,12 +366,16 @@ def reference_run(
         return RoundRecord(step, accuracy, loss, train_loss, time.perf_counter() - started, parties)
 
     history = []
+    clip = settings.dp_clip
     for round_number in range(1, settings.rounds + 1):
         started = time.perf_counter()
+        unclipped = 0
         current = strategies.flatten(model.state_dict(), names)
         server_control = strategies.unflatten(strategy.control(current, strategy_state), model.state_dict(), names) if recipe.control_variates else None
-        vectors, weights, losses, control_deltas = [], [], [], []
-        drawn = set(sample_workers(workers, settings.round_sample_size(len(shares)), settings.seed, round_number))
+        vectors, samples, losses, control_deltas, inputs = [], [], [], [], []
+        planned = settings.round_sample_size(len(shares))
+        drawn = set(sample_workers(workers, planned, settings.seed, round_number))
+        encoding = secagg.Encoding(settings.secagg_clip, settings.secagg_max_samples if dp_weighted(settings) else 1, len(drawn))
         for index, share in enumerate(shares):
             if workers[index] not in drawn:
                 continue
@@ -279,12 +383,22 @@ def reference_run(
             controls = (server_control, worker_controls[index]) if server_control is not None else None
             work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls, loss_of, task.compute)
             losses.append(work.loss)
-            vectors.append(strategies.flatten(local.state_dict(), names))
-            weights.append(float(len(share)))
+            samples.append(len(share))
+            trained = strategies.flatten(local.state_dict(), names)
+            change, under_clip = private_change(trained - current, settings, clip)
+            if settings.secure_aggregation != "none":  # the sum the masked inputs add up to, without the masks
+                inputs.append(secure_input(encoding, change, work.loss, len(share), under_clip, settings))
+            vectors.append(trained if settings.dp not in ("central", "local") else current + change)
+            unclipped += under_clip
             if work.control is not None:
                 control_deltas.append(strategies.flatten(work.control, names) - strategies.flatten(worker_controls[index], names))
                 worker_controls[index] = work.control
-        combined, strategy_state = strategy.step(current, torch.stack(vectors), torch.tensor(weights, device=current.device), strategy_state)  # (P,), (K, P), (K,) -> (P,)
+        if inputs:
+            aggregate = encoding.decode(secagg.plain_sum(inputs))
+            combined, strategy_state = secure_step(strategy, strategy_state, current, aggregate, len(inputs), settings, clip, planned)
+        else:
+            combined, strategy_state = plain_step(strategy, strategy_state, current, torch.stack(vectors), samples, settings, clip, planned)  # (P,), (K, P) -> (P,)
+        clip = next_clip(settings, clip, unclipped, len(vectors), planned)
         if recipe.control_variates:
             strategy_state = strategy.next_control(torch.stack(control_deltas), len(shares), strategy_state)
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))

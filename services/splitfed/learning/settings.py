@@ -325,8 +325,64 @@ class SMPLSettings(PeerSettings, HyperedgeSettings):
             raise ValueError(f"--hyperedge-size {self.hyperedge_size} is more than the {self.peers} peers")
 
 
+SECURE_AGGREGATIONS = ("none", "secagg+")  # learning.secagg
+DP_MODES = ("none", "central", "local", "sample")  # learning.privacy
+
+
 @dataclass(kw_only=True)
-class PartitionSettings(Holdout, ModelSettings):
+class PrivacySettings:
+    """What a federated worker's update may reveal: secure aggregation (the server learns only the
+    round's sum) and differential privacy (the sum, or each update, says little of any one worker
+    or sample). Worker and server must agree on them: the server's model messages state them and a
+    worker refuses a round that does not."""
+
+    secure_aggregation: str = setting(
+        "none", "secagg+: the server learns only the round's sample-weighted sum of the workers' model changes and their total samples "
+        "(SecAgg+: pairwise masks over a random k-regular graph of the round's workers, recoverable from t neighbours' Shamir shares). "
+        "Only rules that need the sum alone: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fedlc, fedrs, fedbabu.",
+        choices=SECURE_AGGREGATIONS,
+    )
+    secagg_neighbours: int | None = setting(
+        None, "secagg+: each worker's neighbours k in the masking graph, even (default: the smallest even number >= 3 log2 n for n workers a "
+        "round, at most n - 1; n - 1 is every pair, as the original SecAgg).", min=2, metavar="K",
+    )
+    secagg_threshold: int | None = setting(
+        None, "secagg+: shares t of its k neighbours needed to unmask a worker; above k/2, so a server cannot gather both a worker's self-mask "
+        "and its key (default: k/2 + 1).", min=1, metavar="T",
+    )
+    secagg_clip: float = setting(
+        1.0, "secagg+: each coordinate of a worker's model change is clipped to [-C, C] before it is quantised into the field Z_2^32 (the "
+        "quantisation step is C n / 2^31 for n workers a round).", min=1e-6, metavar="C",
+    )
+    secagg_max_samples: int = setting(
+        65536, "secagg+: the most samples one worker may hold; updates are weighted by samples over this inside the masked sum, so a larger "
+        "value coarsens the quantisation (a worker with more refuses to start).", min=1,
+    )
+    dp: str = setting(
+        "none", "Differential privacy for the workers: central (workers clip their model change to --dp-clip, the server adds Gaussian noise "
+        "to the sum), local (each worker adds the noise to its own clipped change), sample (DP-SGD on each worker through Opacus: each "
+        "sample's gradient clipped and noised). With central or local every worker weighs the same in the mean.", choices=DP_MODES,
+    )
+    dp_clip: float = setting(1.0, "--dp: the L2 norm C a worker's model change (central, local) or a sample's gradient (sample) is clipped to.", min=1e-6, metavar="C")
+    dp_noise_multiplier: float = setting(1.0, "--dp: the Gaussian noise's standard deviation as a multiple z of the clip.", min=0.0, metavar="Z")
+    dp_delta: float = setting(1e-5, "--dp: the delta epsilon is reported at.", min=1e-12, max=0.5)
+    dp_target_epsilon: float | None = setting(None, "--dp: end the run before a round that would take epsilon past this.", min=1e-6, metavar="EPSILON")
+    dp_adaptive_clip: bool = setting(False, "--dp central: adapt the clip each round towards --dp-target-quantile of the update norms, "
+                                            "from a noised count of the workers under it (Andrew et al. 2021).")
+    dp_target_quantile: float = setting(0.5, "--dp-adaptive-clip: the fraction of updates that should fall under the clip.", min=0.0, max=1.0)
+    dp_clip_lr: float = setting(0.2, "--dp-adaptive-clip: the clip's geometric learning rate.", min=0.0)
+    dp_clip_count_stddev: float | None = setting(None, "--dp-adaptive-clip: the noise on the count of updates under the clip (default: "
+                                                       "workers a round / 20).", min=0.0)
+
+    def __post_init__(self) -> None:
+        if self.dp_adaptive_clip and self.dp != "central":
+            raise ValueError(f"--dp-adaptive-clip adapts the clip from the workers' noised count at the server: it is for --dp central, not {self.dp}")
+        if self.dp_target_epsilon is not None and self.dp == "none":
+            raise ValueError("--dp-target-epsilon needs --dp central, local or sample")
+
+
+@dataclass(kw_only=True)
+class PartitionSettings(Holdout, PrivacySettings, ModelSettings):
     """What a federated worker needs: which share of the data is its own, and its local work."""
 
     workers: int = setting(3, "Number of workers (each holds one share of the training data).", min=1)
@@ -336,6 +392,7 @@ class PartitionSettings(Holdout, ModelSettings):
     lr_decay: float = setting(1.0, "Workers' learning rate in round r is lr * lr_decay^(r-1).", min=0.0, max=1.0)
 
     def __post_init__(self) -> None:
+        PrivacySettings.__post_init__(self)
         self.check_partition(self.workers)
 
 
@@ -391,6 +448,51 @@ class FederatedSettings(PartitionSettings):
             raise ValueError(f"--clients-per-round {self.clients_per_round} is more than the {self.workers} workers")
         if self.fraction == 0:
             raise ValueError("--fraction must be above 0")
+        if self.secure_aggregation != "none":
+            if problem := self.needs_individual_updates():
+                raise ValueError(f"--secure-aggregation {self.secure_aggregation} shows the server only the round's sum, but {problem}")
+            self.secagg_graph(self.round_sample_size(self.workers))
+        if self.dp == "central" and (problem := self.needs_individual_updates(secure=False)):
+            raise ValueError(f"--dp central calibrates its noise to the sum of clipped updates, but {problem}")
+        if self.dp_adaptive_clip:
+            count_stddev = self.dp_clip_count_stddev if self.dp_clip_count_stddev is not None else self.round_sample_size(self.workers) / 20
+            if 2 * count_stddev <= self.dp_noise_multiplier:
+                raise ValueError(f"--dp-adaptive-clip: the noise on the count of updates under the clip ({count_stddev:g}) must be above half "
+                                 f"--dp-noise-multiplier {self.dp_noise_multiplier:g}, or the count alone would spend the budget: raise "
+                                 "--dp-clip-count-stddev (more workers a round raise its default, n / 20)")
+
+    def needs_individual_updates(self, secure: bool = True) -> str | None:
+        """What in these settings needs each worker's own update, not only the sum (`secure`: also
+        the per-worker values secure aggregation hides); None if nothing does."""
+        if self.strategy in ("median", "trimmed-mean", "krum"):
+            return f"--strategy {self.strategy} needs each worker's update"
+        if self.strategy in ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedlc") and self.rule != "mean":
+            return f"--rule {self.rule} needs each worker's update"
+        if secure and self.strategy == "scaffold":
+            return "--strategy scaffold needs each worker's control variate"
+        if secure and self.calibration == "ccvr":
+            return "--calibration ccvr needs each worker's feature statistics"
+        return None
+
+    def secagg_graph(self, workers: int) -> tuple[int, int]:
+        """SecAgg+'s neighbours k and threshold t for a round of `workers`; ValueError for a k or t
+        that cannot work. By default k is the smallest even number >= 3 log2 n (Bell et al. 2020:
+        a logarithmic degree keeps the graph connected after dropouts with high probability), or
+        every other worker when that is fewer; t = k/2 + 1 is the least majority."""
+        if workers < 2:
+            raise ValueError("--secure-aggregation needs at least 2 workers a round: the sum of one is its update")
+        k = self.secagg_neighbours
+        if k is None:
+            k = min(workers - 1, 2 * math.ceil(1.5 * math.log2(workers)))
+        elif k > workers - 1:
+            raise ValueError(f"--secagg-neighbours {k} is more than the {workers - 1} other workers of a round")
+        elif k % 2 and k != workers - 1:
+            raise ValueError(f"--secagg-neighbours {k} must be even (k/2 on each side in the ring), or every other worker ({workers - 1})")
+        t = self.secagg_threshold if self.secagg_threshold is not None else k // 2 + 1
+        if not k / 2 < t <= k:
+            raise ValueError(f"--secagg-threshold {t} must be above k/2 = {k / 2:g} (so no server gets both a worker's self-mask and its "
+                             f"key) and at most k = {k}")
+        return k, t
 
     def samples_clients(self) -> bool:
         """Whether rounds draw some of the workers rather than take every one."""

@@ -24,7 +24,7 @@ MAGIC = b"SF1\x01"
 MAX_MESSAGE_BYTES = 2 * 1024**3
 MAX_HEADER_BYTES = 64 * 1024
 # uint16 carries bfloat16 (numpy has no such dtype): its 16 bits, checked for finiteness as bfloat16
-ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "uint16", "bool"}
+ALLOWED_DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint32", "uint8", "uint16", "bool"}  # uint32: secure aggregation's field
 FLOAT_KINDS = "f"
 BFLOAT16_EXPONENT = np.uint16(0x7F80)  # all ones: infinity or NaN
 

@@ -47,7 +47,8 @@ ROLES = (
         SERVER, "The FedAvg server: rounds, signed-update checks, aggregation, test accuracy, checkpoints.", FederatedSettings, ServerDeployment,
         _server,
         (*metrics.WIRE, metrics.ROUND, metrics.TRAIN_LOSS, metrics.TEST_ACCURACY, metrics.TEST_LOSS, metrics.ROUND_SECONDS, metrics.ROUND_BYTES,
-         metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS, metrics.SAMPLED_WORKERS, metrics.SERVER_ACTIVE),
+         metrics.UPDATES, metrics.ACTIVE_WORKERS, metrics.WORKER_MISSED_ROUNDS, metrics.SAMPLED_WORKERS, metrics.SERVER_ACTIVE, metrics.DP_EPSILON,
+         metrics.SECAGG_DROPOUTS, metrics.SECAGG_FAILURES),
         # Every update of a round stays unacked until the round is on disk: let them all in.
         prefetch=lambda settings: 2 * settings.round_sample_size(settings.workers) + 16,
         needs_data=lambda settings: settings.evaluate != "parties",  # the workers score the model on their own data

@@ -60,6 +60,11 @@ class ServerState:
     # The size of each worker's evaluation data, as its first score since it joined gave it: a
     # later score over another number of samples is refused.
     evaluation_samples: dict[str, int] = field(default_factory=dict)
+    # With --dp central: the clip the workers are told for the round being collected (it adapts
+    # with --dp-adaptive-clip); None until the first round sets it from --dp-clip.
+    dp_clip: float | None = None
+    # Why the run ended before its last round (--dp-target-epsilon), if it did.
+    stopped: str = ""
 
     def is_member(self, worker: str) -> bool:
         at = bisect.bisect_left(self.workers, worker)

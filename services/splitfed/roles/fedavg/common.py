@@ -19,6 +19,11 @@ are sent the model alone:
 server --evaluate{round r, params}--> worker
 worker --evaluated{round r, correct, loss_sum, samples}--> server   (signed, persistent, durable queue)
 Every queue is durable and every update persistent: a restarted server or broker loses nothing.
+
+With --secure-aggregation secagg+ a worker sends no update: the model message states the attempt's
+parameters and the worker's masked change travels in the protocol of roles.fedavg.secure.
+With --dp, a model message's `privacy` states the mode and this round's clip; a worker whose own
+settings differ refuses the round.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ SERVER, WORKER = "fedavg-server", "fedavg-worker"
 JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "model", "update", "done"
 CALIBRATE, STATISTICS = "calibrate", "statistics"
 EVALUATE, EVALUATED = "evaluate", "evaluated"
+# Secure aggregation's stages (roles.fedavg.secure): in place of an update.
+KEYS, NEIGHBOURS, SHARES, SEALED, MASKED, UNMASK, REVEAL = (
+    "secagg-keys", "secagg-neighbours", "secagg-shares", "secagg-sealed", "secagg-masked", "secagg-unmask", "secagg-reveal",
+)
+PRIVACY = "privacy"  # a model message's meta entry: {secure_aggregation, dp, clip}, which the worker checks against its own settings
 RECIPE = "recipe"  # a model message's meta entry: the strategy's local recipe (learning.strategies.LocalRecipe), field by field
 SCORE = "score"  # a model message's meta entry: True asks the worker to score the model (the global model after round - 1) before it trains
 # A fingerprint travels in a join's header, which the codec caps at 64 KiB: its class list must

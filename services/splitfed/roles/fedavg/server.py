@@ -35,7 +35,7 @@ import torch
 
 from splitfed import config
 from splitfed.errors import TaskError
-from splitfed.learning import calibration, federated, strategies, tasks, train
+from splitfed.learning import calibration, federated, secagg, strategies, tasks, train
 from splitfed.learning.device import from_numpy, numpy_state
 from splitfed.learning.settings import FederatedSettings
 from splitfed.learning.tasks import Task
@@ -47,9 +47,10 @@ from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_dige
 from splitfed.roles.fedavg import admission
 from splitfed.roles.fedavg.checkpoints import CheckpointStore, ServerState
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
-    fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED, REVEAL, SCORE,
+    SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
+from splitfed.roles.fedavg.secure import SECURE, SecAggError, SecureRound, masked_spec
 from splitfed.roles.fedavg.lease import Lease
 from splitfed.roles.limits import message_bytes
 from splitfed.transport import Delivery, Transport, TransportError
@@ -64,6 +65,7 @@ class Answer:
     samples: int
     delivery: Delivery
     size: int  # bytes on the wire
+    epsilon: tuple[float, float] | None  # sample-level DP: the worker's epsilon after this round and after one more
 
 
 @dataclass
@@ -73,6 +75,16 @@ class Update(Answer):
     vector: torch.Tensor  # (P,) all parameters, flattened
     control_delta: torch.Tensor | None  # (P,) SCAFFOLD: the change of the worker's control variate
     train_loss: float
+    under_clip: bool  # --dp-adaptive-clip: its change was under the clip
+
+
+SECURE_STAGES = (KEYS, SHARES, MASKED, REVEAL)  # what workers send in a secure round
+
+
+def _reported_epsilon(message: Message) -> tuple[float, float] | None:
+    if "epsilon" not in message.meta:
+        return None
+    return float(message.meta["epsilon"]), float(message.meta["epsilon_next"])
 
 
 @dataclass
@@ -133,13 +145,19 @@ class FedAvgServer:
             {name: TensorSpec("float32", shape) for name, shape in calibration.statistics_shapes(self.model, len(classes)).items()}
             if settings.calibration == "ccvr" else {}
         )
+        self.parameters = sum(math.prod(spec.shape) for spec in self.specs.values())  # P: what a secure input carries beside its extras
         self.test_data = federated.evaluation_data(self.task, self.context) if self.server_scores else None
         self.scoring: Scoring | None = None  # the scores being gathered now, if any
+        self.secure: SecureRound | None = None  # the secure sum under way, if any
+        if (settings.dp in ("central", "local") and settings.dp_target_epsilon is not None
+                and (first := federated.epsilon_after(settings, 1, settings.workers)) > settings.dp_target_epsilon):
+            raise TaskError(f"one round already spends epsilon {first:.3g} at delta {settings.dp_delta:g}, more than --dp-target-epsilon "
+                            f"{settings.dp_target_epsilon:g}: raise --dp-noise-multiplier")
         self.endpoint = Endpoint(
             transport, session=self.session, role=SERVER, inbox=server_queue(self.session), timeout=deployment.timeout,
             # The largest it receives: an update (with SCAFFOLD's control deltas), or CCVR's
             # statistics (a covariance per class: they can outweigh the model); joins and scores are metadata.
-            max_message_bytes=max(message_bytes(self.update_specs), message_bytes(self.statistics_specs)),
+            max_message_bytes=max(message_bytes(self.update_specs), message_bytes(self.statistics_specs), message_bytes(masked_spec(self.parameters))),
             signer=identity.signer, trusted=identity.trusted, ordered=False, durable=True,
             on_arrival=metrics.UPDATES.labels(SERVER, self.session, "received").inc, peer_roles=(WORKER,),
             handshake=(JOIN, REFUSED),  # they come before (or instead of) a place in the run
@@ -193,7 +211,7 @@ class FedAvgServer:
         if not self.state.history and self.state.round == 1:
             Enrolment(self).consume()  # a resumed server knows its workers from the checkpoint
             log.info("%d workers joined: %s", len(self.state.workers), ", ".join(self.state.workers))
-        while self.state.round <= self.settings.rounds:
+        while self.state.round <= self.settings.rounds and not self.budget_spent():
             self.run_round()
         if self.state.unscored:
             self.score_last_round()
@@ -211,7 +229,23 @@ class FedAvgServer:
             "accuracy": final["accuracy"], "loss": final["loss"], **{key: value for key, value in final.items() if key.startswith("parties")},  # federated.parties_figures
             "wall_seconds": time.perf_counter() - started, "history": self.state.history, "traffic": vars(self.endpoint.traffic),
             "contributors": self.state.contributors, **({"calibration": self.state.calibration} if self.state.calibration else {}),
+            **({"dp": {"epsilon": final.get("epsilon"), "delta": self.settings.dp_delta, "stopped": self.state.stopped}} if self.settings.dp != "none" else {}),
         }
+
+    def budget_spent(self) -> bool:
+        """Whether the next round would take epsilon past --dp-target-epsilon: the accountant's
+        figure after it (central, local DP), or the largest any worker reported it would reach
+        (sample-level DP). The run then ends with the rounds it has."""
+        target = self.settings.dp_target_epsilon
+        if target is None or not self.state.history and not self.state.unscored:
+            return False
+        last = self.state.unscored or self.state.history[-1]
+        upcoming = last.get("epsilon_next") if self.settings.dp == "sample" else federated.epsilon_after(self.settings, self.state.round, len(self.state.workers))
+        if upcoming is None or upcoming <= target:
+            return False
+        self.state.stopped = f"round {self.state.round} would take epsilon to {upcoming:.3g}, past --dp-target-epsilon {target:g}"
+        log.warning("ending the run after %d rounds: %s", self.state.round - 1, self.state.stopped)
+        return True
 
     # -- admission ------------------------------------------------------------------------
 
@@ -235,7 +269,7 @@ class FedAvgServer:
         # bound: it names the run. `sampled`: this worker may wait many rounds for a turn.
         # `evaluate`: it will be asked to score global models on its own data.
         welcome = Message(WELCOME, "", "", round=self.state.round, meta={
-            "ref": digest, "sampled": self.settings.samples_clients(), "evaluate": self.parties_score,
+            "ref": digest, "sampled": self.settings.samples_clients() or self.secure_rounds, "evaluate": self.parties_score,
             "fingerprint": self.fingerprint,
         })
         self.endpoint.send_message(queue, welcome, to=worker, persistent=True)
@@ -278,12 +312,27 @@ class FedAvgServer:
         if self.state.round > self.settings.rounds:
             kind, meta, tensors = CALIBRATE, {}, model
         else:
-            kind, meta, tensors = MODEL, {RECIPE: dataclasses.asdict(self.recipe)}, self.model_tensors(model)
+            kind, meta, tensors = MODEL, {RECIPE: dataclasses.asdict(self.recipe), PRIVACY: self.privacy()}, self.model_tensors(model)
+            if self.secure is not None:
+                meta[SECURE] = self.secure.config.meta()
         scorers = self.scoring.expected if self.scoring is not None and kind == MODEL else set()
         batch = [(worker_queue(self.session, worker), Message(kind, "", "", round=self.state.round, meta={**meta, **({SCORE: True} if worker in scorers else {})},
                                                               tensors=tensors), worker) for worker in workers]
         batch += [(worker_queue(self.session, worker), Message(EVALUATE, "", "", round=self.scoring.round, tensors=model), worker) for worker in evaluators]
         self.endpoint.send_messages(batch, persistent=True)
+
+    @property
+    def secure_rounds(self) -> bool:
+        return self.settings.secure_aggregation != "none"
+
+    @property
+    def clip(self) -> float:
+        """This round's DP clip (it adapts with --dp-adaptive-clip)."""
+        return self.state.dp_clip if self.state.dp_clip is not None else self.settings.dp_clip
+
+    def privacy(self) -> dict:
+        """What a model message states of the round's privacy, which the worker checks against its own settings."""
+        return {"secure_aggregation": self.settings.secure_aggregation, "dp": self.settings.dp, "clip": self.clip}
 
     def sample(self) -> list[str]:
         """This round's workers: all that have not missed their last round, or with client
@@ -306,34 +355,48 @@ class FedAvgServer:
         metrics.SAMPLED_WORKERS.labels(SERVER, self.session).set(len(sampled))
         # Without sampling, workers that missed a round are still sent every model, so a slow
         # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
-        recipients = sampled if self.settings.samples_clients() else self.state.workers
+        # A secure round takes only the sampled (its masks are agreed among them); without one,
+        # and without sampling, workers that missed a round are still sent every model, so a slow
+        # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
+        recipients = sampled if self.settings.samples_clients() or self.secure_rounds else self.state.workers
         # The model sent is the last round's: its scorers that are sent it score it on the way,
         # the others are sent it to score.
         self.scoring = self.pending_scoring()
-        self.send_models(recipients, evaluators=sorted(self.scoring.expected.difference(recipients)) if self.scoring else ())
-        # In a fixed order, not arrival order: the same updates always sum to the same bits.
-        updates: dict[str, Update] = dict(sorted(self.collect(set(sampled), UPDATE).items()))
+        current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
+        clip, planned = self.clip, len(sampled)
+        if self.secure_rounds:
+            aggregate, contributors, answers = self.secure_sum(sampled, recipients)
+            combined, self.strategy_state = federated.secure_step(self.strategy, self.strategy_state, current, aggregate, len(contributors),
+                                                                 self.settings, clip, planned)
+            train_loss, under_clip = aggregate.mean_loss, aggregate.under_clip
+        else:
+            self.send_models(recipients, evaluators=sorted(self.scoring.expected.difference(recipients)) if self.scoring else ())
+            # In a fixed order, not arrival order: the same updates always sum to the same bits.
+            updates: dict[str, Update] = dict(sorted(self.collect(set(sampled), UPDATE).items()))
+            vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
+            combined, self.strategy_state = federated.plain_step(self.strategy, self.strategy_state, current, vectors,
+                                                                 [u.samples for u in updates.values()], self.settings, clip, planned)
+            if self.recipe.control_variates:
+                control_deltas = torch.stack([u.control_delta for u in updates.values()])  # (K, P)
+                self.strategy_state = self.strategy.next_control(control_deltas, len(self.state.workers), self.strategy_state)
+            contributors, answers = sorted(updates), list(updates.values())
+            train_loss, under_clip = sum(u.train_loss for u in updates.values()) / len(updates), sum(u.under_clip for u in updates.values())
         scoring = self.close_scoring()
         scored = self.scored_record(self.state.unscored, scoring) if scoring else None  # the last round's record, now complete
-        vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
-        weights = torch.tensor([float(u.samples) for u in updates.values()], device=vectors.device)
-        current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
-        combined, self.strategy_state = self.strategy.step(current, vectors, weights, self.strategy_state)  # (P,)
-        if self.recipe.control_variates:
-            control_deltas = torch.stack([u.control_delta for u in updates.values()])  # (K, P)
-            self.strategy_state = self.strategy.next_control(control_deltas, len(self.state.workers), self.strategy_state)
         self.model.load_state_dict(strategies.unflatten(combined, self.model.state_dict(), self.names))
         evaluation = self.own_evaluation()
-        record = {"step": round_number, **evaluation, "train_loss": sum(u.train_loss for u in updates.values()) / len(updates),
-                  "seconds": time.perf_counter() - started, "workers": sorted(updates)}
-        self.state.contributors[str(round_number)] = sorted(updates)
+        record = {"step": round_number, **evaluation, "train_loss": train_loss, "seconds": time.perf_counter() - started, "workers": contributors,
+                  **self.privacy_figures(round_number, clip, answers)}
+        if self.settings.dp != "none":
+            self.state.dp_clip = federated.next_clip(self.settings, clip, under_clip, len(contributors), planned)
+        self.state.contributors[str(round_number)] = contributors
         self.state.round += 1
         # Not sampled again (nor waited for) until heard from: a late update, a score or a join.
         # A scorer that sent no score nor update is not waited for either.
         silent = scoring.expected - set(scoring.answers) if scoring else set()
-        heard = set(updates) | (set(scoring.answers) if scoring else set())
-        self.state.missed = sorted(((set(self.state.missed) | silent) - heard) | (set(sampled) - set(updates)))
-        if absent := sorted(set(sampled) - set(updates)):
+        heard = set(contributors) | (set(scoring.answers) if scoring else set())
+        self.state.missed = sorted(((set(self.state.missed) | silent) - heard) | (set(sampled) - set(contributors)))
+        if absent := sorted(set(sampled) - set(contributors)):
             log.warning("round %d closed without %s", round_number, ", ".join(absent))
         if scored is not None:
             self.state.history.append(scored)
@@ -343,12 +406,85 @@ class FedAvgServer:
         else:
             self.state.history.append(record)
         self.checkpoint(with_model=True)
-        for answer in [*updates.values(), *(scoring.answers.values() if scoring else ())]:  # only now is the answer's effect on disk
+        for answer in [*answers, *(scoring.answers.values() if scoring else ())]:  # only now is the answer's effect on disk
             self.endpoint.ack(answer.delivery)
-        self._round_metrics(record, updates, sampled)
+        self._round_metrics(record, {answer_of: answer for answer_of, answer in zip(contributors, answers)}, sampled)
         for complete in (scored, None if self.parties_score else record):
             if complete is not None:
                 self.report(complete)
+
+    def privacy_figures(self, round_number: int, clip: float, answers: list[Answer]) -> dict:
+        """What a round's record says of its privacy: epsilon spent after it (central and local DP:
+        the server's accountant; sample-level DP: the most any contributor reported, and the most
+        one more round would take it to) and the clip it used."""
+        if self.settings.dp == "none":
+            return {}
+        if self.settings.dp == "sample":
+            reported = [answer.epsilon for answer in answers if answer.epsilon is not None]
+            epsilon = max((value for value, _ in reported), default=None)
+            figures = {"epsilon": epsilon, "epsilon_next": max((value for _, value in reported), default=None)}
+        else:
+            epsilon = federated.epsilon_after(self.settings, round_number, len(self.state.workers))
+            figures = {"epsilon": epsilon}
+        if epsilon is not None:
+            metrics.DP_EPSILON.labels(SERVER, self.session).set(epsilon)
+        return {**figures, "clip": clip}
+
+    # -- secure aggregation ---------------------------------------------------------------
+
+    def secure_sum(self, sampled: list[str], recipients: list[str]) -> tuple[secagg.Aggregate, list[str], list[Answer]]:
+        """The round's aggregate by SecAgg+ (roles.fedavg.secure): the model and the attempt's
+        parameters to the sampled workers, then keys, shares, masked inputs and the shares that
+        unmask their sum, each stage a collection like an update's. An attempt that cannot be
+        unmasked (too few neighbours revealed) is run again with fresh keys until the run's
+        timeout; its inputs are never used. Returns the aggregate, its contributors and their
+        masked inputs' answers (acked once the round is on disk)."""
+        k, t = self.settings.secagg_graph(len(sampled))
+        give_up = time.monotonic() + self.deployment.timeout
+        first = True
+        while True:
+            self.secure = SecureRound.start(self.state.run_id, self.state.round, sampled, k, t, self.settings, self.parameters)
+            evaluators = sorted(self.scoring.expected.difference(recipients)) if self.scoring and first else ()
+            self.send_models(recipients, evaluators=evaluators)
+            first = False
+            try:
+                return self.secure_stages()
+            except SecAggError as exc:
+                metrics.SECAGG_FAILURES.labels(SERVER, self.session).inc()
+                if time.monotonic() > give_up:
+                    raise RoleTimeout(f"round {self.state.round}: no secure sum could be unmasked: {exc}") from None
+                log.warning("round %d: the secure sum of attempt %s cannot be unmasked (%s): running the round again", self.state.round,
+                            self.secure.config.attempt, exc)
+            finally:
+                self.secure = None
+
+    def secure_stages(self) -> tuple[secagg.Aggregate, list[str], list[Answer]]:
+        """One attempt's stages after the model went out."""
+        attempt, round_number = self.secure, self.state.round
+        stages = ((KEYS, NEIGHBOURS, attempt.neighbour_keys), (SHARES, SEALED, attempt.sealed_for), (MASKED, None, None))
+        answers: dict[str, Answer] = {}
+        for kind, reply, tensors_for in stages:
+            expected = attempt.expected(kind)
+            answers = self.collect(set(expected), kind, with_scores=kind == MASKED)
+            if left := sorted(expected - set(answers)):
+                metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, kind.removeprefix("secagg-")).inc(len(left))
+                log.warning("round %d: secure sum goes on without %s (no %s)", round_number, ", ".join(left), kind)
+            if reply is not None:
+                self.endpoint.send_messages([(worker_queue(self.session, worker), Message(reply, "", "", round=round_number, meta={"attempt": attempt.config.attempt},
+                                                                                          tensors=tensors_for(worker)), worker) for worker in sorted(answers)],
+                                            persistent=True)
+        survivors, dropped = attempt.unmask_sets()
+        request = {"attempt": attempt.config.attempt, "survivors": survivors, "dropped": dropped}
+        self.endpoint.send_messages([(worker_queue(self.session, worker), Message(UNMASK, "", "", round=round_number, meta=dict(request)), worker)
+                                     for worker in survivors], persistent=True)
+        revealed = self.collect(set(survivors), REVEAL, with_scores=False)
+        if left := sorted(set(survivors) - set(revealed)):
+            metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "reveal").inc(len(left))
+        total = attempt.unmasked_sum()
+        aggregate = attempt.config.encoding(federated.dp_weighted(self.settings)).decode(total)
+        log.info("round %d: secure sum of %d workers unmasked (%d dropped after sharing, %d left before)", round_number, len(survivors), len(dropped),
+                 len(attempt.config.participants) - len(survivors) - len(dropped))
+        return aggregate, survivors, [answers[worker] for worker in survivors]
 
     def own_evaluation(self) -> dict:
         """The server's own score of the global model (accuracy and loss; None without data)."""
@@ -455,23 +591,27 @@ class FedAvgServer:
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
             missed.set(0) if worker in updates else missed.inc()
 
-    def collect(self, expected: set[str], kind: str | None) -> dict[str, Answer]:
+    def collect(self, expected: set[str], kind: str | None, with_scores: bool = True) -> dict[str, Answer]:
         """`kind` answers from the `expected` workers (kind None: none, only the scores that
-        `scoring` waits for), in one `Collection`."""
-        collection = Collection(self, kind, expected)
+        `scoring` waits for), in one `Collection`; `with_scores` False: it need not wait for the scores."""
+        collection = Collection(self, kind, expected, with_scores)
         collection.consume()
         return collection.answers
 
     def answer_of(self, message: Message, delivery: Delivery) -> Answer:
         """The record of an update, statistics or a score that passed the collection's checks."""
-        samples, size = message.meta["samples"], len(delivery.body)
+        samples, size = message.meta.get("samples", 0), len(delivery.body)
+        if message.kind in SECURE_STAGES:
+            self.secure.take(message)
+            return Answer(samples, delivery, size, _reported_epsilon(message))
         if message.kind == EVALUATED:
-            return Evaluated(samples, delivery, size, train.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
+            return Evaluated(samples, delivery, size, None, train.Score(message.meta["correct"], float(message.meta["loss_sum"]), samples))
         if message.kind == STATISTICS:  # pooled on the CPU, in float64 (learning.calibration)
-            return Statistics(samples, delivery, size, calibration.ClassStatistics.from_tensors({name: torch.from_numpy(array) for name, array in message.tensors.items()}))
+            return Statistics(samples, delivery, size, None, calibration.ClassStatistics.from_tensors({name: torch.from_numpy(array) for name, array in message.tensors.items()}))
         tensors = {name: from_numpy(array, self.task.compute.device) for name, array in message.tensors.items()}  # averaged on the device
         control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.recipe.control_variates else None
-        return Update(samples, delivery, size, strategies.flatten(tensors, self.names), control_delta, float(message.meta["train_loss"]))
+        return Update(samples, delivery, size, _reported_epsilon(message), strategies.flatten(tensors, self.names), control_delta,
+                      float(message.meta["train_loss"]), message.meta.get("under_clip") is True)
 
     def scored_by(self, round_number: int) -> Names[str]:
         """The workers whose scores of the model of `round_number` are on record."""
@@ -521,11 +661,12 @@ class Collection(Role):
     one from a sampled worker (restarted mid-round) gets this round's model. Each answer stays
     unacked (LATER) until the server has its effect on disk."""
 
-    def __init__(self, server: FedAvgServer, kind: str | None, expected: set[str]):
+    def __init__(self, server: FedAvgServer, kind: str | None, expected: set[str], with_scores: bool = True):
         self.server = server
         self.endpoint = server.endpoint
         self.kind = kind
         self.expected = expected
+        self.with_scores = with_scores
         self.sampled = set(server.state.sampled)
         self.quorum = min(server.quorum, len(self.sampled)) if kind is not None else 0
         self.answers: dict[str, Answer] = {}
@@ -546,6 +687,14 @@ class Collection(Role):
             return
         if not state.is_member(message.sender):
             raise ProtocolError("sender", f"update from {message.sender!r}, which has not joined")
+        _check_epsilon(message)
+        if self.kind in SECURE_STAGES:
+            if server.secure is None:
+                raise ProtocolError("stale", f"{message.kind} from {message.sender}, but no secure sum is under way")
+            server.secure.check(message)
+            if message.sender in self.answers:
+                raise ProtocolError("duplicate", f"second {message.kind} from {message.sender} in attempt {server.secure.config.attempt}")
+            return
         if message.round < state.round:
             if message.sender in state.contributors.get(str(message.round), ()):
                 raise ProtocolError("duplicate", f"update for round {message.round} from {message.sender} was applied already")
@@ -606,8 +755,9 @@ class Collection(Role):
 
     def handle(self, message: Message, delivery: Delivery) -> str | None:
         if message.kind == JOIN:
-            # Without sampling a newcomer takes part at once; with it, it waits to be drawn.
-            takes_part = self.kind is not None and (message.sender in self.sampled or not self.server.settings.samples_clients())
+            # Without sampling a newcomer takes part at once; with it, it waits to be drawn. A
+            # secure round's workers are fixed when it starts: a newcomer waits for the next.
+            takes_part = self.kind == UPDATE and (message.sender in self.sampled or not self.server.settings.samples_clients())
             if takes_part and message.sender not in self.sampled:
                 self.sampled.add(message.sender)
                 self.expected.add(message.sender)
@@ -618,7 +768,11 @@ class Collection(Role):
             self.hold(self.server.scoring.answers, message, delivery)
             self.server.state.evaluation_samples.setdefault(message.sender, message.meta["samples"])
             return LATER
-        if self.hold(self.answers, message, delivery):
+        if message.kind in SECURE_STAGES:  # the attempt's state is in memory only: a restarted server runs the round again
+            self.answers[message.sender] = self.server.answer_of(message, delivery)
+            if message.kind != MASKED:
+                return None
+        elif self.hold(self.answers, message, delivery):
             metrics.UPDATES.labels(SERVER, self.server.session, "accepted").inc()
         return LATER
 
@@ -639,7 +793,7 @@ class Collection(Role):
         return self.round_deadline if time.monotonic() < self.round_deadline else self.give_up
 
     def on_deadline(self) -> None:
-        now, scoring = time.monotonic(), self.server.scoring
+        now, scoring = time.monotonic(), self.server.scoring if self.with_scores else None
         complete = self.expected <= set(self.answers) and (scoring is None or scoring.expected <= set(scoring.answers))
         enough = len(self.answers) >= self.quorum and (scoring is None or len(scoring.answers) > 0)
         if complete or (now >= self.round_deadline and enough):
@@ -652,6 +806,15 @@ class Collection(Role):
     def on_silence(self, seconds: float) -> None:
         """Silence as long as `timeout` means the collection's own give-up time has passed too."""
         self.on_deadline()
+
+
+def _check_epsilon(message: Message) -> None:
+    """Sample-level DP figures a worker reports: two finite, non-negative numbers, the second no smaller."""
+    if "epsilon" not in message.meta:
+        return
+    now, upcoming = message.meta.get("epsilon"), message.meta.get("epsilon_next")
+    if not (_finite_number(now) or now == math.inf) or not (_finite_number(upcoming) or upcoming == math.inf) or not 0 <= now <= upcoming:
+        raise ProtocolError("value", f"{message.kind} from {message.sender} reports epsilon {now!r:.40}, then {upcoming!r:.40}")
 
 
 def _check_class_counts(counts: np.ndarray, samples: int, sender: str) -> None:

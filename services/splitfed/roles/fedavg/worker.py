@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import math
 import time
 import uuid
@@ -14,7 +15,7 @@ import uuid
 import torch
 
 from splitfed.errors import Refused, TaskError
-from splitfed.learning import calibration, data, federated
+from splitfed.learning import calibration, data, federated, privacy, strategies
 from splitfed.learning.context import context_of
 from splitfed.learning.device import from_numpy, numpy_state
 from splitfed.learning.settings import PartitionSettings
@@ -26,9 +27,10 @@ from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, MODEL, RECIPE, REFUSED, SCORE, SERVER, STATISTICS, UPDATE, WELCOME, WORKER,
-    fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
+    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED, REVEAL, SCORE,
+    SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
 )
+from splitfed.roles.fedavg.secure import SECURE, RoundConfig, SecAggError, SecureTurn
 from splitfed.roles.limits import message_bytes
 from splitfed.transport import Delivery, Transport
 
@@ -56,6 +58,19 @@ def received_recipe(message: Message) -> LocalRecipe:
             raise ProtocolError("value", f"{field.name} {value!r}")
         values[field.name] = value
     return LocalRecipe(**values)
+
+
+@dataclass
+class Trained:
+    """A round's local training, as this worker sends it."""
+
+    round: int
+    start: torch.Tensor  # (P,) the global model it began from
+    change: torch.Tensor  # (P,) its change, clipped and noised as --dp says
+    under_clip: bool
+    loss: float
+    control_delta: dict[str, torch.Tensor] | None  # SCAFFOLD
+    steps: int
 
 
 def received_tensors(message: Message, device: torch.device) -> dict[str, torch.Tensor]:
@@ -96,6 +111,14 @@ class FedAvgWorker(Role):
         self.server = server_queue(self.session)
         transport.declare(self.server, durable=True)
         self.control = federated.zeros_like_state(self.model)  # SCAFFOLD's c_i; zero again after a restart
+        self.trained: Trained | None = None  # the last round's training, kept for a secure round's retry
+        self.turn: SecureTurn | None = None  # this worker's part in the secure round under way
+        self.revealed: dict[int, frozenset[str]] = {}  # round -> the survivors it revealed shares for
+        self.dp_steps = 0  # sample-level DP: optimiser steps taken, for this worker's accountant
+        if settings.dp == "sample":
+            privacy.check_sample_dp(self.model)
+        if settings.secure_aggregation != "none" and len(self.data) > settings.secagg_max_samples:
+            raise TaskError(f"{self.worker_id} holds {len(self.data)} samples, more than --secagg-max-samples {settings.secagg_max_samples}")
         self.last_round = 0  # the last round this worker sent an update for
         self.last_scored = 0  # the round of the last global model this worker scored
         self.rounds = 0
@@ -141,7 +164,7 @@ class FedAvgWorker(Role):
         log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, seconds)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (MODEL, CALIBRATE, EVALUATE, DONE, WELCOME), (SERVER,)
+        return (MODEL, CALIBRATE, EVALUATE, DONE, WELCOME, NEIGHBOURS, SEALED, UNMASK), (SERVER,)
 
     def check(self, message: Message) -> None:
         if message.kind in (CALIBRATE, EVALUATE):
@@ -151,11 +174,37 @@ class FedAvgWorker(Role):
             check_tensors(message, {**self.specs, **(with_prefix(CONTROL, self.specs) if recipe.control_variates else {})})
             if not isinstance(message.meta.get(SCORE, False), bool):
                 raise ProtocolError("value", f"{SCORE} {message.meta[SCORE]!r:.40}")
+            self.round_clip(message)
+            if (secure := message.meta.get(SECURE)) is not None or self.settings.secure_aggregation != "none":
+                RoundConfig.received(secure, self.worker_id, self.settings)
+        if message.kind in (NEIGHBOURS, SEALED, UNMASK):
+            if self.turn is None:
+                raise ProtocolError("stale", f"{message.kind} for round {message.round}, but this worker is in no secure round")
+            self.turn.check(message, self.endpoint.trusted)
+
+    def round_clip(self, message: Message) -> float:
+        """The clip a model message states for this round (central DP's may adapt), after checking
+        that the server runs the privacy this worker was set up for; ProtocolError("value") if not."""
+        stated = message.meta.get(PRIVACY)
+        own = {"secure_aggregation": self.settings.secure_aggregation, "dp": self.settings.dp}
+        if not isinstance(stated, dict) or {key: stated.get(key) for key in own} != own:
+            raise ProtocolError("value", f"the server runs with privacy {stated!r:.120}, this worker with {own}")
+        clip = stated.get("clip")
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 < clip < math.inf:
+            raise ProtocolError("value", f"clip {clip!r:.40}")
+        if not self.settings.dp_adaptive_clip and clip != self.settings.dp_clip:
+            raise ProtocolError("value", f"the server clips at {clip}, this worker at --dp-clip {self.settings.dp_clip}")
+        return float(clip)
 
     def handle(self, message: Message, delivery: Delivery) -> None:
-        # A model for a round already answered is a redelivery: nothing to do.
+        if message.kind in (NEIGHBOURS, SEALED, UNMASK):
+            self.secure_step(message)
+            return
+        # A model for a round already answered is a redelivery: nothing to do; a secure round's
+        # model again, with another attempt, is a server that restarted the round's protocol.
         answered = self.last_scored if message.kind == EVALUATE else self.last_round
-        if message.kind in (MODEL, CALIBRATE, EVALUATE) and message.round > answered:
+        retried = message.kind == MODEL and message.round == answered and SECURE in message.meta
+        if message.kind in (MODEL, CALIBRATE, EVALUATE) and (message.round > answered or retried):
             arrived = time.monotonic()
             self.waiting.inc(arrived - self.idle_since)
             {MODEL: self.train_and_send, CALIBRATE: self.send_statistics, EVALUATE: self.score}[message.kind](message)
@@ -184,28 +233,89 @@ class FedAvgWorker(Role):
                  score.accuracy, score.loss, time.perf_counter() - started)
 
     def train_and_send(self, message: Message) -> None:
+        """Train from the model `message` carries and send what this round takes: the model (with
+        --dp central or local, the global one plus the clipped, or noised, change), or in a secure
+        round the keys now and the masked change once the server asks for it (`secure_step`)."""
         started = time.perf_counter()
+        clip = self.round_clip(message)
+        if SECURE in message.meta:  # the keys go out before training: the other workers need them to share
+            self.turn = SecureTurn.start(self.endpoint.run, message.round, RoundConfig.received(message.meta[SECURE], self.worker_id, self.settings), self.worker_id)
+            self.endpoint.send_message(self.server, Message(KEYS, "", "", round=message.round, meta={"attempt": self.turn.config.attempt},
+                                                            tensors=self.turn.advertisement(self.endpoint.signer)), to=SERVER, persistent=True)
+        if self.trained is None or self.trained.round != message.round:  # a secure round run again is not trained again
+            self.trained = self.train(message, clip)
+        work = self.trained
+        if self.turn is not None:
+            encoding = self.turn.config.encoding(federated.dp_weighted(self.settings))
+            self.turn.input = federated.secure_input(encoding, work.change, work.loss, len(self.data), work.under_clip, self.settings)
+            sent_bytes = self.turn.input.nbytes
+        else:
+            sent = numpy_state(self.model.state_dict()) if self.settings.dp not in ("central", "local") else numpy_state(
+                strategies.unflatten(work.start + work.change, self.model.state_dict(), list(self.specs)))
+            if work.control_delta is not None:
+                sent.update(numpy_state(with_prefix(CONTROL_DELTA, work.control_delta)))
+            meta = {"samples": len(self.data), "train_loss": work.loss, **({"under_clip": work.under_clip} if self.settings.dp_adaptive_clip else {}),
+                    **self.epsilon_meta()}
+            self.endpoint.send_message(self.server, Message(UPDATE, "", "", round=message.round, meta=meta, tensors=sent), to=SERVER, persistent=True)
+            sent_bytes = sum(array.nbytes for array in sent.values())
+        self.last_round = message.round
+        self.rounds += 1
+        metrics.ROUND.labels(WORKER, self.session).set(message.round)
+        metrics.TRAIN_LOSS.labels(WORKER, self.session).set(work.loss)
+        metrics.UPDATE_BYTES.labels(WORKER, self.session).set(sent_bytes)
+        log.info("worker %s: round %d trained on %d samples, loss %.4f, %.1fs", self.worker_id, message.round, len(self.data), work.loss,
+                 time.perf_counter() - started)
+
+    def train(self, message: Message, clip: float) -> Trained:
+        """One round's local training from the model `message` carries (scored first, when asked)."""
         tensors = received_tensors(message, self.task.compute.device)
         self.model.load_state_dict({name: tensors[name] for name in self.specs})
         if message.meta.get(SCORE) is True and message.round - 1 > self.last_scored:  # the global model after the last round: scored before it is trained
             self.send_score(message.round - 1)
+        start = strategies.flatten(self.model.state_dict(), list(self.specs))
         recipe = received_recipe(message)
         controls = (without_prefix(CONTROL, tensors), self.control) if recipe.control_variates else None
         seed = federated.round_seed(self.settings.seed, self.index, message.round)
         work = federated.local_training(self.model, self.data, self.settings, seed, message.round, recipe, controls, self.loss_of, self.task.compute)
-        loss, sent = work.loss, numpy_state(self.model.state_dict())
+        self.dp_steps += work.steps
+        control_delta = None
         if work.control is not None:
-            sent.update(numpy_state(with_prefix(CONTROL_DELTA, {name: work.control[name] - self.control[name] for name in self.control})))
+            control_delta = {name: work.control[name] - self.control[name] for name in self.control}
             self.control = work.control
-        update = Message(UPDATE, "", "", round=message.round, meta={"samples": len(self.data), "train_loss": loss}, tensors=sent)
-        self.endpoint.send_message(self.server, update, to=SERVER, persistent=True)
-        self.last_round = message.round
-        self.rounds += 1
-        metrics.ROUND.labels(WORKER, self.session).set(message.round)
-        metrics.TRAIN_LOSS.labels(WORKER, self.session).set(loss)
-        metrics.UPDATE_BYTES.labels(WORKER, self.session).set(sum(array.nbytes for array in sent.values()))
-        log.info("worker %s: round %d trained on %d samples, loss %.4f, %.1fs", self.worker_id, message.round, len(self.data), loss,
-                 time.perf_counter() - started)
+        change, under_clip = federated.private_change(strategies.flatten(self.model.state_dict(), list(self.specs)) - start, self.settings, clip)
+        return Trained(message.round, start, change, under_clip, work.loss, control_delta, work.steps)
+
+    def epsilon_meta(self) -> dict:
+        """Sample-level DP: this worker's epsilon so far and after one more round like this one
+        (the server ends the run before a round that would pass --dp-target-epsilon)."""
+        if self.settings.dp != "sample":
+            return {}
+        rate, steps = min(1.0, self.settings.batch_size / len(self.data)), self.trained.steps
+        return {"epsilon": privacy.epsilon(self.settings.dp_noise_multiplier, rate, self.dp_steps, self.settings.dp_delta),
+                "epsilon_next": privacy.epsilon(self.settings.dp_noise_multiplier, rate, self.dp_steps + steps, self.settings.dp_delta)}
+
+    def secure_step(self, message: Message) -> None:
+        """The next stage of this worker's secure round: its shares for the neighbours whose keys
+        the server forwards, its masked input once it holds theirs, the shares the server needs
+        to unmask the sum. A stage this worker cannot do (too few neighbours left, a share that
+        does not open, survivors other than those it revealed for) leaves the round without it."""
+        turn, reply = self.turn, None
+        try:
+            if message.kind == NEIGHBOURS:
+                reply = Message(SHARES, "", "", tensors=turn.shares(message))
+            elif message.kind == SEALED:
+                reply = Message(MASKED, "", "", meta=self.epsilon_meta(), tensors=turn.masked(message))
+            else:
+                survivors, dropped = frozenset(message.meta["survivors"]), frozenset(message.meta["dropped"])
+                if (earlier := self.revealed.get(turn.round)) is not None and earlier != survivors:
+                    raise SecAggError(f"it revealed shares for round {turn.round} with other survivors: the difference of two sums would show")
+                reply = Message(REVEAL, "", "", tensors=turn.reveal(set(survivors), set(dropped)))
+                self.revealed = {turn.round: survivors}
+        except SecAggError as exc:
+            self.endpoint.rejected("secagg", f"round {turn.round}, {message.kind}: {exc}")
+            return
+        reply.round, reply.meta["attempt"] = turn.round, turn.config.attempt
+        self.endpoint.send_message(self.server, reply, to=SERVER, persistent=True)
 
     def send_statistics(self, message: Message) -> None:
         """CCVR: the per-class count, mean and covariance of this share's penultimate features

@@ -1,0 +1,263 @@
+"""Secure aggregation on the wire: what the FedAvg server and a worker hold and check in one attempt
+of a SecAgg+ round (learning.secagg has the maths). Every message is signed, bound to run and
+recipient by the endpoint, and names its round and attempt; one of another attempt is stale.
+
+server --model{round, secure{attempt, participants, neighbours k, threshold t, clip, max_samples}}--> each participant
+worker --secagg-keys{attempt, cipher, mask, commitment [, signature]}--> server          (U1: who advertised)
+server --secagg-neighbours{attempt, <v>/cipher, <v>/mask, <v>/commitment [, <v>/signature]}--> each of U1, its neighbours in U1
+worker --secagg-shares{attempt, <v>: sealed shares}--> server                              (U2: who shared)
+server --secagg-sealed{attempt, <u>: sealed shares}--> each of U2, the boxes sealed for it
+worker --secagg-masked{attempt, masked, uint32 (P + 3)}--> server                        (U3: who sent an input)
+server --secagg-unmask{attempt, survivors U3, dropped U2 - U3}--> each of U3
+worker --secagg-reveal{attempt, seed/<v> for survivors, key/<v> for the dropped}--> server
+
+A worker signs its advertisement with its own key (`signature`, over run, round, attempt, name and
+the three values) and checks its neighbours' with the key list, so a server cannot slip in keys of
+its own. A worker reveals shares for a round only once per set of survivors: a server that re-runs a
+round (it restarted) with other survivors would otherwise learn the difference of two sums.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitfed.learning import secagg
+from splitfed.learning.secagg import EXTRA, KEY_BYTES, SEALED_BYTES, SEED_BYTES, Encoding, MaskingParty, SecAggError
+from splitfed.learning.settings import PartitionSettings
+from splitfed.protocol import Message, ProtocolError, TensorSpec, check_tensors
+from splitfed.roles.fedavg.common import KEYS, MASKED, NEIGHBOURS, REVEAL, SEALED, SHARES, UNMASK, WORKER_ID
+from splitfed.security.keys import KeyList, Signer
+
+SECURE = "secure"  # a model message's meta entry: the attempt's parameters
+ATTEMPT = re.compile(r"[0-9a-f]{32}")
+SIGNATURE_BYTES = 64
+ADVERT = {"cipher": TensorSpec("uint8", (KEY_BYTES,)), "mask": TensorSpec("uint8", (KEY_BYTES,)), "commitment": TensorSpec("uint8", (32,))}
+SIGNATURE = {"signature": TensorSpec("uint8", (SIGNATURE_BYTES,))}
+SEED_SHARE, KEY_SHARE = TensorSpec("uint8", (1 + SEED_BYTES,)), TensorSpec("uint8", (1 + KEY_BYTES,))
+
+
+def advert_statement(run: str, round_number: int, attempt: str, worker: str, advert: dict[str, np.ndarray]) -> bytes:
+    """What a worker signs of its advertisement."""
+    return f"splitfed-secagg-keys/{run}/{round_number}/{attempt}/{worker}/".encode() + b"".join(advert[name].tobytes() for name in ADVERT)
+
+
+def masked_spec(parameters: int) -> dict[str, TensorSpec]:
+    return {"masked": TensorSpec("uint32", (parameters + EXTRA,))}
+
+
+def _bytes(array: np.ndarray) -> bytes:
+    return array.tobytes()
+
+
+def _array(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+@dataclass
+class RoundConfig:
+    """An attempt's parameters, as the model message states them."""
+
+    attempt: str
+    participants: list[str]
+    neighbours: int
+    threshold: int
+    clip: float
+    max_samples: int
+
+    def meta(self) -> dict:
+        return {"attempt": self.attempt, "participants": self.participants, "neighbours": self.neighbours, "threshold": self.threshold,
+                "clip": self.clip, "max_samples": self.max_samples}
+
+    def encoding(self, weighted: bool) -> Encoding:
+        """`weighted` False (central or local DP): every worker weighs 1, its samples are not used."""
+        return Encoding(self.clip, self.max_samples if weighted else 1, len(self.participants))
+
+    @classmethod
+    def received(cls, meta: object, worker: str, settings: PartitionSettings) -> RoundConfig:
+        """The parameters a model message states, checked against what this worker will take part
+        in; ProtocolError("value") for anything else."""
+        if not isinstance(meta, dict) or set(meta) != {"attempt", "participants", "neighbours", "threshold", "clip", "max_samples"}:
+            raise ProtocolError("value", f"secure aggregation parameters {meta!r:.80}")
+        attempt, participants, k, t = meta["attempt"], meta["participants"], meta["neighbours"], meta["threshold"]
+        if not isinstance(attempt, str) or not ATTEMPT.fullmatch(attempt):
+            raise ProtocolError("value", f"secure aggregation attempt {attempt!r:.40}")
+        if (not isinstance(participants, list) or not all(isinstance(p, str) and WORKER_ID.fullmatch(p) for p in participants)
+                or participants != sorted(set(participants)) or worker not in participants):
+            raise ProtocolError("value", "secure aggregation participants are not a sorted list of workers naming this one")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, t)) or not (k / 2 < t <= k <= len(participants) - 1):
+            raise ProtocolError("value", f"secure aggregation with k={k!r:.20}, t={t!r:.20} among {len(participants)}: t must be above k/2 "
+                                         "(or the server could gather both secrets of a worker) and k below the participants")
+        if meta["clip"] != settings.secagg_clip or meta["max_samples"] != settings.secagg_max_samples:
+            raise ProtocolError("value", f"the server encodes with clip {meta['clip']!r:.20} and max_samples {meta['max_samples']!r:.20}, this "
+                                         f"worker with {settings.secagg_clip} and {settings.secagg_max_samples}")
+        return cls(attempt, participants, k, t, float(meta["clip"]), meta["max_samples"])
+
+
+# -- the server's side --------------------------------------------------------------------------
+
+@dataclass
+class SecureRound:
+    """One attempt at a round's secure sum, on the server: who got how far, and what they sent."""
+
+    run: str
+    round: int
+    config: RoundConfig
+    parameters: int  # P: the model's values (the input has P + EXTRA)
+    adverts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # U1
+    boxes: dict[str, dict[str, bytes]] = field(default_factory=dict)  # U2: sharer -> recipient -> sealed
+    masked: dict[str, np.ndarray] = field(default_factory=dict)  # U3
+    seed_shares: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    key_shares: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    revealed: set[str] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, run: str, round_number: int, participants: list[str], k: int, t: int, settings: PartitionSettings, parameters: int) -> SecureRound:
+        config = RoundConfig(uuid.uuid4().hex, sorted(participants), k, t, settings.secagg_clip, settings.secagg_max_samples)
+        return cls(run, round_number, config, parameters)
+
+    @property
+    def context(self) -> str:
+        return f"{self.run}/{self.round}/{self.config.attempt}"
+
+    @property
+    def graph(self) -> dict[str, list[str]]:
+        if not hasattr(self, "_graph"):
+            self._graph = secagg.neighbourhoods(self.config.participants, self.config.neighbours,
+                                                secagg.graph_seed(self.run, self.round, self.config.attempt))
+        return self._graph
+
+    def expected(self, kind: str) -> set[str]:
+        """Who may send `kind` now."""
+        return {KEYS: set(self.config.participants), SHARES: set(self.adverts), MASKED: set(self.boxes),
+                UNMASK: set(), REVEAL: set(self.masked)}[kind]
+
+    def check(self, message: Message) -> None:
+        """A protocol message of this attempt, from a worker at this stage, of the form its stage
+        says; ProtocolError (stale: another attempt or round) otherwise."""
+        sender = message.sender
+        if message.round != self.round or message.meta.get("attempt") != self.config.attempt:
+            raise ProtocolError("stale", f"{message.kind} from {sender} for round {message.round}, attempt {str(message.meta.get('attempt'))[:32]}: "
+                                         f"this is round {self.round}, attempt {self.config.attempt}")
+        if sender not in self.expected(message.kind):
+            raise ProtocolError("sender", f"{message.kind} from {sender}, which is not at that stage of round {self.round}'s secure sum")
+        neighbours = [v for v in self.graph[sender]]
+        if message.kind == KEYS:
+            check_tensors(message, {**ADVERT, **(SIGNATURE if "signature" in message.tensors else {})})
+        elif message.kind == SHARES:
+            check_tensors(message, {v: TensorSpec("uint8", (SEALED_BYTES,)) for v in neighbours if v in self.adverts})
+        elif message.kind == MASKED:
+            check_tensors(message, masked_spec(self.parameters))
+        elif message.kind == REVEAL:
+            survivors, dropped = self.unmask_sets()
+            check_tensors(message, {**{f"seed/{v}": SEED_SHARE for v in neighbours if v in survivors and sender in self.boxes[v]},
+                                    **{f"key/{v}": KEY_SHARE for v in neighbours if v in dropped and sender in self.boxes[v]}})
+            if any(not 1 <= int(array[0]) <= self.config.neighbours for array in message.tensors.values()):
+                raise ProtocolError("value", f"reveal from {sender} names a share index outside 1..{self.config.neighbours}")
+
+    def take(self, message: Message) -> None:
+        """Record a checked protocol message."""
+        sender, tensors = message.sender, message.tensors
+        if message.kind == KEYS:
+            self.adverts[sender] = {name: array.copy() for name, array in tensors.items()}
+        elif message.kind == SHARES:
+            self.boxes[sender] = {v: _bytes(array) for v, array in tensors.items()}
+        elif message.kind == MASKED:
+            self.masked[sender] = tensors["masked"].copy()
+        elif message.kind == REVEAL:
+            for name, array in tensors.items():
+                which, owner = name.split("/", 1)
+                (self.seed_shares if which == "seed" else self.key_shares).setdefault(owner, {})[int(array[0])] = _bytes(array[1:])
+            self.revealed.add(sender)
+
+    def neighbour_keys(self, worker: str) -> dict[str, np.ndarray]:
+        """What `worker` is sent of its neighbours that advertised: their keys, commitments and signatures."""
+        return {f"{v}/{name}": array for v in self.graph[worker] if v in self.adverts for name, array in self.adverts[v].items()}
+
+    def sealed_for(self, worker: str) -> dict[str, np.ndarray]:
+        return {u: _array(boxes[worker]) for u, boxes in self.boxes.items() if worker in boxes}
+
+    def unmask_sets(self) -> tuple[list[str], list[str]]:
+        """(survivors: who sent an input, dropped: who shared but sent none)."""
+        return sorted(self.masked), sorted(set(self.boxes) - set(self.masked))
+
+    def unmasked_sum(self) -> np.ndarray:
+        """The survivors' inputs added up; SecAggError when too few neighbours revealed."""
+        survivors, dropped = self.unmask_sets()
+        total = secagg.plain_sum([self.masked[u] for u in survivors])
+        adverts = {u: self.adverts[u] for u in self.boxes}
+        return secagg.unmask(total, survivors, dropped, self.graph, {u: _bytes(a["mask"]) for u, a in adverts.items()},
+                             {u: _bytes(a["commitment"]) for u, a in adverts.items()}, self.seed_shares, self.key_shares,
+                             self.config.threshold, self.context)
+
+
+# -- a worker's side ----------------------------------------------------------------------------
+
+@dataclass
+class SecureTurn:
+    """A worker's part in one attempt: its masking secrets, and its input once it has trained."""
+
+    run: str
+    round: int
+    config: RoundConfig
+    party: MaskingParty
+    input: np.ndarray | None = None
+
+    @classmethod
+    def start(cls, run: str, round_number: int, config: RoundConfig, worker: str) -> SecureTurn:
+        context = f"{run}/{round_number}/{config.attempt}"
+        graph = secagg.neighbourhoods(config.participants, config.neighbours, secagg.graph_seed(run, round_number, config.attempt))
+        return cls(run, round_number, config, MaskingParty(worker, context, graph[worker], config.threshold))
+
+    def advertisement(self, signer: Signer | None) -> dict[str, np.ndarray]:
+        cipher, mask, commitment = self.party.advertisement()
+        advert = {"cipher": _array(cipher), "mask": _array(mask), "commitment": _array(commitment)}
+        if signer is not None:
+            statement = advert_statement(self.run, self.round, self.config.attempt, self.party.name, advert)
+            advert["signature"] = _array(bytes.fromhex(signer.sign(statement)))
+        return advert
+
+    def check(self, message: Message, trusted: KeyList | None) -> None:
+        """A server message of this attempt, of the form its stage says."""
+        if message.round != self.round or message.meta.get("attempt") != self.config.attempt:
+            raise ProtocolError("stale", f"{message.kind} for round {message.round}, attempt {str(message.meta.get('attempt'))[:32]}, "
+                                         f"not this worker's round {self.round}, attempt {self.config.attempt}")
+        neighbours = self.party.neighbours
+        if message.kind == NEIGHBOURS:
+            named = {name.rsplit("/", 1)[0] for name in message.tensors}
+            check_tensors(message, {f"{v}/{name}": spec for v in neighbours if v in named
+                                    for name, spec in {**ADVERT, **(SIGNATURE if trusted is not None else {})}.items()})
+            if trusted is not None:
+                for v in named:
+                    advert = {name: message.tensors[f"{v}/{name}"] for name in ADVERT}
+                    statement = advert_statement(self.run, self.round, self.config.attempt, v, advert)
+                    if not trusted.verify(v, message.tensors[f"{v}/signature"].tobytes().hex(), statement):
+                        raise ProtocolError("signature", f"the keys the server forwards as {v}'s are not signed by {v}")
+        elif message.kind == SEALED:
+            check_tensors(message, {u: TensorSpec("uint8", (SEALED_BYTES,)) for u in neighbours if u in message.tensors})
+        elif message.kind == UNMASK:
+            survivors, dropped = message.meta.get("survivors"), message.meta.get("dropped")
+            if not all(isinstance(names, list) and all(isinstance(name, str) for name in names) for names in (survivors, dropped)):
+                raise ProtocolError("value", "unmask request without lists of survivors and dropped workers")
+            check_tensors(message, {})
+
+    def shares(self, message: Message) -> dict[str, np.ndarray]:
+        """The sealed shares for the neighbours whose keys `message` forwards."""
+        keys = {v: (_bytes(message.tensors[f"{v}/cipher"]), _bytes(message.tensors[f"{v}/mask"]))
+                for v in {name.rsplit("/", 1)[0] for name in message.tensors}}
+        return {v: _array(box) for v, box in self.party.sealed_shares(keys).items()}
+
+    def masked(self, message: Message) -> dict[str, np.ndarray]:
+        assert self.input is not None, "masked before the input was encoded"
+        return {"masked": self.party.masked(self.input, {u: _bytes(box) for u, box in message.tensors.items()})}
+
+    def reveal(self, survivors: set[str], dropped: set[str]) -> dict[str, np.ndarray]:
+        seeds, keys = self.party.reveal(survivors, dropped)
+        return {**{f"seed/{v}": _array(bytes([held.index]) + held.seed) for v, held in seeds.items()},
+                **{f"key/{v}": _array(bytes([held.index]) + held.key) for v, held in keys.items()}}
+
+
+__all__ = ["SECURE", "RoundConfig", "SecAggError", "SecureRound", "SecureTurn", "masked_spec"]
