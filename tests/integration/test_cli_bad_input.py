@@ -32,6 +32,11 @@ CASES = {  # name -> (arguments, exit code, what the line says)
     "gradient defence in vanilla mode": (["run", "splitnn", "--gradient-defence", "max-norm"], 2, "--gradient-defence max-norm is for u-shaped mode"),
     "activation noise without a clip": (["run", "split", "--activation-noise", "0.5"], 2, "give --activation-clip C too"),
     "label dp epsilon out of range": (["run", "split", "--label-dp", "0"], 2, "--label-dp"),
+    "secure aggregation with a robust rule": (["run", "fedavg", "--secure-aggregation", "secagg+", "--strategy", "krum"], 2,
+                                               "--strategy krum needs each worker's update"),
+    "secagg threshold at half the neighbours": (["run", "fedavg", "--workers", "9", "--partition", "iid", "--secure-aggregation", "secagg+",
+                                                 "--secagg-neighbours", "4", "--secagg-threshold", "2"], 2, "--secagg-threshold 2 must be above k/2"),
+    "adaptive clipping with local dp": (["run", "fedavg", "--dp", "local", "--dp-adaptive-clip"], 2, "it is for --dp central, not local"),
     "negative nopeek weight": (["serve", "split-client", "--session", "s", "--nopeek-weight", "-1"], 2, "--nopeek-weight"),
 }
 

@@ -145,3 +145,36 @@ def test_a_wrong_share_is_caught_by_the_seed_commitment(inputs):
     with pytest.raises(SecAggError, match="committed"):
         secagg.unmask(secagg.plain_sum(list(masked.values())), names, [], graph, {u: adverts[u][1] for u in names},
                       {u: adverts[u][2] for u in names}, seed_shares, {}, 2, "c")
+
+
+REFUSALS = {  # settings -> what the one line says
+    (("strategy", "median"),): "--strategy median needs each worker's update",
+    (("strategy", "trimmed-mean"),): "--strategy trimmed-mean needs each worker's update",
+    (("strategy", "krum"),): "--strategy krum needs each worker's update",
+    (("strategy", "fedadam"), ("rule", "median")): "--rule median needs each worker's update",
+    (("strategy", "scaffold"),): "--strategy scaffold needs each worker's control variate",
+    (("calibration", "ccvr"),): "--calibration ccvr needs each worker's feature statistics",
+    (("workers", 1), ("partition", "iid")): "at least 2 workers a round",
+    (("workers", 9), ("partition", "iid"), ("secagg_neighbours", 9)): "--secagg-neighbours 9 is more than the 8 other workers",
+    (("workers", 9), ("partition", "iid"), ("secagg_neighbours", 3)): "--secagg-neighbours 3 must be even",
+    (("workers", 9), ("partition", "iid"), ("secagg_neighbours", 4), ("secagg_threshold", 2)): "--secagg-threshold 2 must be above k/2 = 2",
+    (("workers", 9), ("partition", "iid"), ("secagg_neighbours", 4), ("secagg_threshold", 5)): "and at most k = 4",
+}
+
+
+@pytest.mark.parametrize("changes", sorted(REFUSALS), ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes))
+def test_secure_aggregation_refuses_what_it_cannot_do_at_start(changes):
+    from splitfed.learning.settings import FederatedSettings
+
+    with pytest.raises(ValueError) as refused:
+        FederatedSettings(**{"secure_aggregation": "secagg+", **dict(changes)})
+    assert REFUSALS[changes] in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedlc", "fedrs", "fedbabu"])
+def test_the_rules_that_need_only_the_sum_are_taken(strategy):
+    from splitfed.learning.settings import FederatedSettings
+
+    settings = FederatedSettings(secure_aggregation="secagg+", strategy=strategy, workers=100, partition="iid", clients_per_round=10)
+    assert settings.secagg_graph(10) == (9, 5)  # 3 log2 10 > 9: every pair, as the original SecAgg
+    assert FederatedSettings(secure_aggregation="secagg+", workers=100, partition="iid").secagg_graph(100) == (20, 11)

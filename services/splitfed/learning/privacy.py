@@ -18,16 +18,13 @@ one for tests and reproducible runs, otherwise a fresh one seeded from the opera
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import secrets
+import warnings
 from collections.abc import Iterator
 
 import torch
-from dp_accounting import dp_event, rdp
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from splitfed.learning.models import device_of
@@ -136,6 +133,11 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         raise ValueError(f"steps must be >= 0, got {steps}")
     if steps == 0:
         return 0.0  # nothing released yet (dp-accounting refuses to compose zero events)
+    from dp_accounting import dp_event, rdp  # imported here: over a second, and most processes never account
+
+    # The accountant warns through absl for every RDP order whose series does not converge and which
+    # it then leaves out (the epsilon stays an upper bound): noise in a worker's log every round.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     event = dp_event.GaussianDpEvent(noise_multiplier)
     if sample_rate < 1:
         event = dp_event.PoissonSampledDpEvent(sample_rate, event)
@@ -164,6 +166,12 @@ def sample_dp(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float, n
     if generator is None:
         # Opacus would otherwise draw from torch's global generator, which --seed makes predictable.
         generator = _os_seeded_generator(device_of(model))
+    # Opacus's hooks fire on the first layer, whose input (the data) needs no gradient: torch says
+    # so once per process, about nothing that is wrong here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs", category=UserWarning)
+    from opacus import GradSampleModule  # imported here, as in check_sample_dp: only --dp sample needs Opacus
+    from opacus.optimizers import DPOptimizer
+
     module = GradSampleModule(model)
     try:
         yield module, DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
@@ -193,6 +201,9 @@ def _per_sample_refusals(model: nn.Module) -> dict[str, list[str]]:
     samples of a batch, so no gradient belongs to one sample) and GradSampleModule's rule that a
     trainable layer keeps no buffers (they would be computed from the data outside any noise)."""
     refused: dict[str, list[str]] = {}
+    from opacus.utils.module_utils import trainable_modules  # imported here: most processes never train per sample
+    from opacus.validators import ModuleValidator
+
     for name, layer in trainable_modules(model):
         validator = ModuleValidator.VALIDATORS.get(type(layer))
         errors = validator(layer) if validator else []

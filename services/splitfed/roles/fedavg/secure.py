@@ -19,6 +19,7 @@ round (it restarted) with other survivors would otherwise learn the difference o
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -123,12 +124,9 @@ class SecureRound:
     def context(self) -> str:
         return f"{self.run}/{self.round}/{self.config.attempt}"
 
-    @property
+    @functools.cached_property
     def graph(self) -> dict[str, list[str]]:
-        if not hasattr(self, "_graph"):
-            self._graph = secagg.neighbourhoods(self.config.participants, self.config.neighbours,
-                                                secagg.graph_seed(self.run, self.round, self.config.attempt))
-        return self._graph
+        return secagg.neighbourhoods(self.config.participants, self.config.neighbours, secagg.graph_seed(self.run, self.round, self.config.attempt))
 
     def expected(self, kind: str) -> set[str]:
         """Who may send `kind` now."""
@@ -144,7 +142,7 @@ class SecureRound:
                                          f"this is round {self.round}, attempt {self.config.attempt}")
         if sender not in self.expected(message.kind):
             raise ProtocolError("sender", f"{message.kind} from {sender}, which is not at that stage of round {self.round}'s secure sum")
-        neighbours = [v for v in self.graph[sender]]
+        neighbours = self.graph[sender]
         if message.kind == KEYS:
             check_tensors(message, {**ADVERT, **(SIGNATURE if "signature" in message.tensors else {})})
         elif message.kind == SHARES:
@@ -259,5 +257,3 @@ class SecureTurn:
         return {**{f"seed/{v}": _array(bytes([held.index]) + held.seed) for v, held in seeds.items()},
                 **{f"key/{v}": _array(bytes([held.index]) + held.key) for v, held in keys.items()}}
 
-
-__all__ = ["SECURE", "RoundConfig", "SecAggError", "SecureRound", "SecureTurn", "masked_spec"]
