@@ -45,6 +45,7 @@ from splitfed.observability.metrics import rejected_count
 from splitfed.protocol import Message, decode, encode, encode_body, signed_bytes
 from splitfed.protocol.codec import MAGIC
 from splitfed.roles.p2p.common import DELTA, HYPEREDGE, P2P_PEER, SMPL_PEER, START, TRACKER, peer_role
+from splitfed.roles.fedavg import worker_ids
 from splitfed.scenarios import fedavg, p2p, split, splitnn
 from splitfed.scenarios.launch import Launch, run_threads
 from splitfed.security import keys
@@ -249,12 +250,16 @@ def test_a_splitfed_run_and_its_fed(attack, broker_url, session, tmp_path):
     })
 
 
-def test_a_fedavg_run(attack, broker_url, session, tmp_path):
-    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", "worker-0", "worker-1"])
-    settings = FederatedSettings(dataset="digits", workers=2, partition="iid", rounds=2, test_limit=128)
+@pytest.mark.parametrize("secure_aggregation", ["none", "secagg+"])
+def test_a_fedavg_run(attack, broker_url, session, tmp_path, secure_aggregation):
+    """With secagg+ the server's first numbered message is a worker's keys (its inbox never sees a
+    float tensor), and the workers' the attempt's forwarded keys."""
+    workers = worker_ids(2 if secure_aggregation == "none" else 3)
+    key_list = keys.generate(tmp_path / "keys", ["fedavg-server", *workers])
+    settings = FederatedSettings(dataset="digits", workers=len(workers), partition="iid", rounds=2, test_limit=128, secure_aggregation=secure_aggregation)
     run = run_settings(fedavg.FedAvgRun, broker_url, session, key_list=key_list, checkpoint_dir=tmp_path / "checkpoints")
     result, attacker = attack(fedavg.plan(settings, run, tmp_path), key_list.parent)
-    assert result["contributors"] == {"1": ["worker-0", "worker-1"], "2": ["worker-0", "worker-1"]} and result["accuracy"] > 0.5
+    assert result["contributors"] == {"1": workers, "2": workers} and result["accuracy"] > 0.5
     # The server's inbox is attacked at a join, whose copy it counts as a replay (its nonce was seen).
     assert_refused(session, attacker, {"fedavg-server": {"replay": 2}, "fedavg-worker": {"replay": 1}})
 
