@@ -111,6 +111,14 @@ FEDAVG = (
           description="1: the server holding the session and running rounds; 0: a standby waiting to take over"),
     Panel("Missed rounds by worker", (q(f"splitfed_worker_missed_rounds{{{FEDAVG_SERVER}}}", "{{worker}}"),),
           description="Rounds in a row closed without the worker's update; 0 once it is heard from"),
+    Panel("Privacy spent (epsilon)", (q(f"max by (session) (splitfed_dp_epsilon{{{FEDAVG_SERVER}}})", "{{session}}"),),
+          description="Differential privacy (--dp): the epsilon the run has spent so far, at its --dp-delta (sample: the most any "
+                      "worker reported); --dp-target-epsilon ends the run before a round would take it past the target"),
+    Panel("Secure aggregation dropouts", (
+        q(f"sum by (session, stage) (increase(splitfed_secagg_dropouts_total{{{FEDAVG_SERVER}}}[$__rate_interval]))", "{{stage}} {{session}}"),
+        q(f"sum by (session) (increase(splitfed_secagg_failures_total{{{FEDAVG_SERVER}}}[$__rate_interval]))", "failed attempts {{session}}")),
+          description="--secure-aggregation: workers a secure round went on without, by the stage they left at (keys, shares, masked, "
+                      "reveal), and secure sums that could not be unmasked and were run again with fresh keys. No data: nothing dropped"),
 )
 
 SPLIT_CLIENT = f'role="split-client", {S}'

@@ -118,7 +118,7 @@ def report_command(
     title: Annotated[Optional[str], typer.Option(envvar="SPLITFED_REPORT_TITLE", help="Figure title (default: the scenarios, data set and model).")] = None,
     label: Annotated[Optional[list[str]], typer.Option(envvar="SPLITFED_REPORT_LABEL", help="Legend label per results file, in order (repeatable; default: made from each run's config).")] = None,
 ) -> None:
-    """Draw finished runs as one PNG: test accuracy, test and train loss per epoch or round, and traffic (needs the plots extra)."""
+    """Draw finished runs as one PNG: test accuracy, test and train loss per epoch or round, epsilon per round of runs with --dp, and traffic (needs the plots extra)."""
     from splitfed.observability import report
 
     check_outputs(out)
@@ -127,6 +127,8 @@ def report_command(
     guard(report.require)
     loaded = [guard(lambda path=path: report.read(path)) for path in results]
     guard(lambda: report.draw(loaded, out, labels=label or None, title=title, names=[str(path) for path in results]))
+    for line in report.privacy_lines(loaded, labels=label or None, names=[str(path) for path in results]):
+        err.print(line, highlight=False, markup=False)
     err.print(f"wrote {out} ({len(results)} runs)", highlight=False)
 
 

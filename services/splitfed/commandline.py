@@ -143,19 +143,32 @@ def _number(value: float | None) -> str:
 def _write_results(result: dict, out: Path | None) -> None:
     if out:
         out.write_text(json.dumps(result, indent=2) + "\n")
+    from splitfed.observability import report  # matplotlib only when it draws
+
     several = any("included" in record for record in result["history"])  # splitnn: which clients each epoch had
+    private = bool(report.privacy_curve(result))  # --dp: epsilon spent by each round
     table = Table(title=f"splitfed {result['scenario']}")
-    for column in ("step", "test accuracy", "test loss", "train loss", "seconds", *(("clients", "missing") if several else ())):
+    for column in ("step", "test accuracy", "test loss", "train loss", "seconds", *(("epsilon",) if private else ()),
+                   *(("clients", "missing") if several else ())):
         table.add_column(column, justify="right")
     for record in result["history"]:
+        epsilon = (_epsilon(record.get("epsilon")),) if private else ()
         clients = (str(len(record["included"])), ", ".join(record["missing"]) or "-") if several else ()
-        table.add_row(str(record["step"]), _number(record["accuracy"]), _number(record["loss"]), _number(record["train_loss"]), f"{record['seconds']:.1f}", *clients)
+        table.add_row(str(record["step"]), _number(record["accuracy"]), _number(record["loss"]), _number(record["train_loss"]), f"{record['seconds']:.1f}",
+                      *epsilon, *clients)
     if calibrated := result.get("calibration"):  # fedavg --calibration: the model the run leaves
-        table.add_row("calibrated", _number(calibrated["accuracy"]), _number(calibrated["loss"]), _number(calibrated["train_loss"]), f"{calibrated['seconds']:.1f}")
+        table.add_row("calibrated", _number(calibrated["accuracy"]), _number(calibrated["loss"]), _number(calibrated["train_loss"]), f"{calibrated['seconds']:.1f}",
+                      *((_epsilon(calibrated.get("epsilon")),) if private else ()))
     err.print(table)
     err.print(f"accuracy {_number(result['accuracy'])}  loss {_number(result['loss'])}  wall {result['wall_seconds']:.1f}s  "
               f"traffic {result['traffic']['messages']} messages / {result['traffic']['bytes'] / 1e6:.1f} MB"
               + (f"  results in {out}" if out else ""), highlight=False)
+    if spent := report.privacy_line(result):
+        err.print(f"privacy: {spent}", highlight=False, markup=False)
+
+
+def _epsilon(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 def finish(result: dict, out: Path | None, plot: Path | None) -> None:

@@ -19,9 +19,9 @@ from tests.conftest import CHART, render
 RULES = CHART / "files" / "alerts" / "splitfed.rules.yaml"
 UNIT_TESTS = Path(__file__).resolve().parent / "splitfed.rules.test.yaml"
 # The alerts the chart promises: a party down, a round or epoch stalled, rejections spiking, unsafe mode on,
-# a worker missing rounds, the broker's queue growing without consumers.
+# a worker missing rounds, secure sums that keep failing to unmask, the broker's queue growing without consumers.
 ALERTS = {"SplitfedPartyDown", "SplitfedRoundStalled", "SplitfedEpochStalled", "SplitfedRejectionsSpiking",
-          "SplitfedUnsafeMode", "SplitfedWorkerMissingRounds", "SplitfedQueueGrowingWithoutConsumers"}
+          "SplitfedUnsafeMode", "SplitfedWorkerMissingRounds", "SplitfedSecAggAttemptsFailing", "SplitfedQueueGrowingWithoutConsumers"}
 
 
 @pytest.fixture(scope="module")

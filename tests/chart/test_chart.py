@@ -62,7 +62,8 @@ def env_of(container: dict) -> dict[str, dict]:
 
 
 def test_every_scenario_file_is_there():
-    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split", "splitnn", "p2p", "smpl"}
+    assert set(VALUE_NAMES) >= {"default", "gpu", "external-tls-broker", "all-roles", "minimal", "split", "splitnn", "p2p", "smpl",
+                                "private-fedavg"}
 
 
 def test_values_schema_matches_the_role_declarations():
@@ -445,6 +446,29 @@ def test_there_are_dashboards():
     assert DASHBOARD_FILES, "helm/splitfed/files/dashboards/ holds no *.json"
 
 
+def test_the_dashboards_show_every_metric_splitfed_exports_and_no_other():
+    """Every splitfed_* name in a panel's query or a template variable is one splitfed exports (a
+    typo shows as an empty panel, and only tests/observability's real Prometheus would notice),
+    and every metric of observability/metrics.py is on a dashboard."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from splitfed.observability import metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exposed = {metric._name: {metric._name + suffix for suffix in suffixes[metric._type]}
+               for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)}
+    used = set()
+    for path in DASHBOARD_FILES:
+        board = json.loads(path.read_text())
+        queries = [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+        queries += [variable["query"]["query"] for variable in board["templating"]["list"] if variable["type"] == "query"]
+        used |= {name for query in queries for name in re.findall(r"\bsplitfed_[a-z_]+", query)}
+    unknown = used - set().union(*exposed.values())
+    assert used and not unknown, f"not exported by splitfed: {sorted(unknown)}"
+    unshown = sorted(name for name, names in exposed.items() if not names & used)
+    assert not unshown, f"exported but on no dashboard: {unshown}"
+
+
 def test_every_dashboard_is_a_configmap_of_its_own(rendered):
     maps = dashboard_maps(rendered["all-roles"])
     assert len(maps) == len(DASHBOARD_FILES)
@@ -532,6 +556,10 @@ def test_helm_test_checks_the_broker(rendered):
     ("clusterDomain=Cluster_Local", "at '/clusterDomain'"),
     ("fedavgServer.persistence.enabled=false", "fedavgServer.replicas > 1 needs fedavgServer.persistence.enabled"),
     ("fedavgServer.persistence.accessModes={ReadWriteOnce}", "fedavgServer.replicas > 1 needs ReadWriteMany in fedavgServer.persistence.accessModes"),
+    # secure aggregation and differential privacy
+    ("fedavg.settings.secure-aggregation=secagg", "at '/fedavg/settings/secure-aggregation': value must be one of 'none', 'secagg+'"),
+    ("fedavg.settings.dp=gaussian", "at '/fedavg/settings/dp': value must be one of 'none', 'central', 'local', 'sample'"),
+    ("fedavg.settings.dp-delta=1", "at '/fedavg/settings/dp-delta': maximum"),
 ])
 def test_bad_values_fail_with_a_clear_message(helm, values, message):
     result = helm_template(helm, "--set", values)
@@ -592,6 +620,68 @@ def test_a_roles_own_false_or_zero_beats_the_shared_setting(helm):
     assert env["fedavg-worker"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "false"
     assert env["fedavg-server"]["SPLITFED_PROGRESS_EVENTS"]["value"] == "true"
     assert env["split-client"]["SPLITFED_SEED"]["value"] == "0" and env["split-server"]["SPLITFED_SEED"]["value"] == "5"
+
+
+# -- secure aggregation and differential privacy (ci/chart-values/private-fedavg.yaml) -------------
+
+PRIVACY = ("SPLITFED_SECURE_AGGREGATION", "SPLITFED_SECAGG_", "SPLITFED_DP")  # the variables (prefixes) server and workers must agree on
+
+
+def privacy_env(env: dict[str, dict]) -> dict[str, str]:
+    return {name: entry["value"] for name, entry in env.items() if name.startswith(PRIVACY)}
+
+
+def learning_settings(role: str, env: dict[str, dict]):
+    """The learning settings `role` builds from its pod's plain SPLITFED_* values (checked as the
+    role checks them: the secure-aggregation graph for the workers there are, DP's bounds, ...)."""
+    from splitfed import config
+
+    options = {option.env: option for option in ROLES[role].options()}
+    given = {options[name].name: options[name].parse(entry["value"]) for name, entry in env.items()
+             if name in options and "value" in entry and "$(" not in entry["value"]}
+    return config.build(ROLES[role].learning, given)
+
+
+def test_secure_aggregation_and_dp_reach_the_server_and_every_worker_alike(rendered):
+    """fedavg.settings reaches both roles: the server and each worker get the same settings (a
+    worker refuses a server that runs otherwise), and they make a run both roles accept."""
+    env = {role: env_of(c) for role, c, _, _ in role_containers(rendered["private-fedavg"])}
+    assert set(env) == {"fedavg-server", "fedavg-worker"}
+    expected = {"SPLITFED_SECURE_AGGREGATION": "secagg+", "SPLITFED_SECAGG_NEIGHBOURS": "4", "SPLITFED_DP": "central", "SPLITFED_DP_CLIP": "0.5",
+                "SPLITFED_DP_NOISE_MULTIPLIER": "1.1", "SPLITFED_DP_DELTA": "1e-06", "SPLITFED_DP_TARGET_EPSILON": "8"}
+    assert privacy_env(env["fedavg-server"]) == privacy_env(env["fedavg-worker"]) == expected
+    assert env["fedavg-server"]["SPLITFED_MIN_WORKERS"]["value"] == "4" and "SPLITFED_MIN_WORKERS" not in env["fedavg-worker"]
+    for role in env:
+        learning = learning_settings(role, env[role])
+        assert (learning.secure_aggregation, learning.dp, learning.dp_delta, learning.workers) == ("secagg+", "central", 1e-6, 5), role
+    assert learning_settings("fedavg-server", env["fedavg-server"]).secagg_graph(5) == (4, 3)  # 4 neighbours, 3 shares unmask a worker
+    for name in VALUE_NAMES:  # the other files run neither
+        for role, container, _, _ in role_containers(rendered[name]):
+            assert name == "private-fedavg" or not privacy_env(env_of(container)), (name, role)
+
+
+@pytest.mark.parametrize("given", [
+    {"secure_aggregation": "secagg+", "dp": "central", "dp_target_epsilon": 4.0},
+    {"dp": "sample", "dp_delta": 1e-6, "dp_noise_multiplier": 0.8},
+    {"secure_aggregation": "secagg+", "secagg_threshold": 2, "dp": "local", "dp_clip": 2.0},
+], ids=["secagg-central", "sample", "secagg-local"])
+def test_launch_values_with_secure_aggregation_and_dp_reach_both_roles(helm, tmp_path, given):
+    """What `splitfed launch fedavg --secure-aggregation ... --dp ...` installs: the options land in
+    fedavg.settings and arrive, the same, as SPLITFED_SECURE_AGGREGATION, SPLITFED_DP... in the
+    fedavg-server's pod and the fedavg-workers'."""
+    from splitfed import config
+    from splitfed.cluster import values
+
+    launched = tmp_path / "launch.yaml"
+    launched.write_text(yaml.safe_dump(values.chart_values("fedavg", {**given, "workers": 4, "partition": "iid"})))
+    env = {role: env_of(c) for role, c, _, _ in role_containers(render(helm, "-f", str(launched)))}
+    assert set(env) == {"fedavg-server", "fedavg-worker"}
+    assert privacy_env(env["fedavg-server"]) == privacy_env(env["fedavg-worker"])
+    assert set(privacy_env(env["fedavg-server"])) == {config.env_name(name) for name in given}
+    for role in env:
+        learning = learning_settings(role, env[role])
+        assert {name: getattr(learning, name) for name in given} == given, role
+        assert learning.workers == 4, role
 
 
 # -- several split clients (ci/chart-values/splitnn.yaml) ------------------------------------------

@@ -7,7 +7,10 @@ and the chart's alert rules, loaded by the same Prometheus, must have evaluated 
 Every role runs as its own `splitfed serve` process (`splitfed run --metrics-port`), so each
 role's /metrics endpoint is a scrape target of its own: relay, split-client, split-server,
 fedavg-server and three fedavg-workers; split-server, split-fed and two split clients. A garbage frame is put in the FedAvg server's and the
-relay's queues before the runs, so the rejection panels have something to show.
+relay's queues before the runs, so the rejection panels have something to show. The FedAvg run
+is a private one (--secure-aggregation secagg+ --dp central), so the privacy panel has epsilon to
+show, and the secure aggregation panel zeros (the server starts its dropout and failure counters
+at zero, so a healthy run has data there too).
 
 The runs start while the broker holds a memory alarm, which blocks every publish: each role
 starts, serves its metrics, builds its endpoint and waits at its first message. Once Prometheus
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -61,6 +65,7 @@ def http_json(url: str) -> dict:
 
 class Prometheus:
     def __init__(self, directory: Path, targets: dict[str, list[str]], broker_port: int):
+        self.directory = directory  # the runs' logs and results files are there too
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         detailed = {"family": ["queue_coarse_metrics", "queue_consumer_count"]}
@@ -186,6 +191,7 @@ def scraped_runs(tmp_path_factory):
         # train side by side: each is scraped all the while, and the wait is the longest run's.
         runs = [
             CliRun(directory, "fedavg", "run", "fedavg", *TRAINING, "--workers", "3", "--rounds", "6", "--broker", broker.url,
+                   "--secure-aggregation", "secagg+", "--dp", "central",
                    "--session", sessions["fedavg"], "--metrics-port", str(fedavg_port), "--out", str(directory / "fedavg.json")),
             CliRun(directory, "split", "run", "split", *TRAINING, "--epochs", "2", "--broker", broker.url, "--via", "relay",
                    "--session", sessions["split"], "--metrics-port", str(split_port), "--out", str(directory / "split.json")),
@@ -253,6 +259,20 @@ def test_the_garbage_frames_were_counted(scraped_runs):
     rejected = prometheus.api("query", query=f'max by (role) (max_over_time(splitfed_messages_rejected_total{{reason="malformed"}}[{span}]))',
                               time=f"{end:.3f}")["result"]
     assert {series["metric"]["role"]: series["value"][1] for series in rejected} == {"fedavg-server": "1", "relay": "1"}
+
+
+def test_the_privacy_panel_shows_the_epsilon_the_run_spent(scraped_runs):
+    """The private FedAvg run's splitfed_dp_epsilon is the epsilon its results record round by
+    round (the last round's may end the run before the next scrape: any round's will do)."""
+    prometheus, sessions, start, end = scraped_runs
+    result = json.loads((prometheus.directory / "fedavg.json").read_text())
+    spent = [record["epsilon"] for record in result["history"]]
+    assert len(spent) == 6 and spent == sorted(spent) and spent[0] > 0, spent
+    assert result["dp"] == {"epsilon": spent[-1], "delta": 1e-5, "stopped": ""}
+    span = f"{int(end - start) + 5}s"
+    query = f'max_over_time(splitfed_dp_epsilon{{role="fedavg-server", session="{sessions["fedavg"]}"}}[{span}])'
+    (series,) = prometheus.api("query", query=query, time=f"{end:.3f}")["result"]
+    assert any(math.isclose(float(series["value"][1]), value, rel_tol=1e-9) for value in spent), (series, spent)
 
 
 @pytest.mark.parametrize(("dashboard", "panel", "expr"), PANEL_QUERIES, ids=[f"{d}: {p}" for d, p, _ in PANEL_QUERIES])

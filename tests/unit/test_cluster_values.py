@@ -78,6 +78,21 @@ def test_fedavg_options_become_shared_role_and_chart_level_values():
     }
 
 
+def test_secure_aggregation_and_dp_are_the_fedavg_familys_shared_settings():
+    """The server and every worker must run the same secure aggregation and DP (a worker refuses a
+    server that runs otherwise): every such option lands in fedavg.settings, which reaches both."""
+    privacy = [option.name for option in values.launch_options("fedavg") if option.name.startswith(("secure_aggregation", "secagg_", "dp"))]
+    assert {"secure_aggregation", "secagg_neighbours", "secagg_threshold", "dp", "dp_delta", "dp_target_epsilon"} <= set(privacy)
+    for name in privacy:
+        assert values.settings_home("fedavg", name, values.CHART_SCENARIOS["fedavg"].roles) == ["fedavg"], name
+    chosen = values.chart_values("fedavg", {"secure_aggregation": "secagg+", "secagg_neighbours": 4, "dp": "central", "dp_delta": 1e-6,
+                                            "dp_target_epsilon": 8.0, "dp_adaptive_clip": True, "workers": 5})
+    assert chosen["fedavg"] == {"settings": {"secure-aggregation": "secagg+", "secagg-neighbours": 4, "dp": "central", "dp-delta": 1e-6,
+                                             "dp-target-epsilon": 8.0, "dp-adaptive-clip": True}}
+    assert "settings" not in chosen["fedavgServer"] and "settings" not in chosen["fedavgWorker"]
+    assert "dp-adaptive-clip" not in values.chart_values("fedavg", {"dp": "central", "dp_adaptive_clip": False})["fedavg"]["settings"]  # the default
+
+
 def test_split_options_and_the_relay():
     through_relay = values.chart_values("split", {"epochs": 2, "mode": "u-shaped", "timeout": 60.0})
     assert through_relay["relay"] == {"enabled": True, "settings": {"timeout": 60.0}}

@@ -1,5 +1,6 @@
 """Figures of finished runs, from their results files (`splitfed run ... --out`): test accuracy and
-loss per epoch or round for every run on shared axes, and what each run sent over the wire.
+loss per epoch or round for every run on shared axes, the privacy each run spent (--dp: epsilon
+per round, when a run's history holds it), and what each run sent over the wire.
 
 Only this module imports matplotlib, and only when it draws (the `plots` extra, Agg backend), so
 the rest of splitfed and the torch-free relay never load it."""
@@ -114,9 +115,10 @@ def run_labels(results: Sequence[dict], names: Sequence[str] | None = None) -> l
             found.append(", ".join(parts))
         else:
             found.append(f"{scenario} ({', '.join(parts)})" if parts else scenario)
-    for index, label in enumerate(found):  # runs nothing tells apart: number them
-        if found.count(label) > 1:
-            found[index] = f"{label} #{found[:index + 1].count(label)}"
+    made = list(found)
+    for index, label in enumerate(made):  # runs nothing tells apart: number them
+        if made.count(label) > 1:
+            found[index] = f"{label} #{made[:index + 1].count(label)}"
     return found
 
 
@@ -132,13 +134,75 @@ def _step_name(results: Sequence[dict]) -> str:
     return " / ".join(sorted(kinds))
 
 
+# -- differential privacy ---------------------------------------------------------------------
+
+
+def privacy_curve(result: dict) -> list[tuple[float, float]]:
+    """(step, epsilon) of each record of a run's history that says what privacy it had spent by
+    then (--dp); empty for a run without DP."""
+    history = result.get("history") if isinstance(result.get("history"), list) else []
+    return [(record["step"], record["epsilon"]) for record in history if isinstance(record, dict) and _is_number(record.get("epsilon"))]
+
+
+def privacy(result: dict) -> dict | None:
+    """What a run spent of its privacy (--dp): {"epsilon", "delta", "stopped"}, from the results'
+    `dp` (what the run ended with), else from the last epsilon its history holds and its
+    config's dp_delta; None for a run without DP. epsilon is None where no round said it (dp
+    sample with no report); stopped is why the run ended before its last round ("" if it did not)."""
+    dp = result.get("dp") if isinstance(result.get("dp"), dict) else None
+    curve = privacy_curve(result)
+    if dp is None and not curve:
+        return None
+    dp = dp or {}
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    epsilon = dp["epsilon"] if _is_number(dp.get("epsilon")) else (curve[-1][1] if curve else None)
+    delta = next((value for value in (dp.get("delta"), config.get("dp_delta")) if _is_number(value)), None)
+    stopped = dp.get("stopped") if isinstance(dp.get("stopped"), str) else ""
+    return {"epsilon": epsilon, "delta": delta, "stopped": stopped}
+
+
+def privacy_line(result: dict) -> str | None:
+    """One line on what a run spent of its privacy, as `run` and `report` print it:
+    "epsilon 9.01 at delta 1e-05 after 3 rounds; stopped early: ..."; None for a run without DP."""
+    spent = privacy(result)
+    if spent is None:
+        return None
+    line = "epsilon " + ("not reported" if spent["epsilon"] is None else f"{spent['epsilon']:.4g}")
+    if spent["delta"] is not None:
+        line += f" at delta {spent['delta']:g}"
+    history = result.get("history") if isinstance(result.get("history"), list) else []
+    if history:
+        line += f" after {len(history)} {_step_name([result])}{'s' if len(history) > 1 else ''}"
+    if spent["stopped"]:
+        line += f"; stopped early: {spent['stopped']}"
+    return line
+
+
+def privacy_lines(results: Sequence[dict], labels: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[str]:
+    """"LABEL: privacy line" for each run with DP (labels as the figure's legend)."""
+    legend = list(labels) if labels is not None else run_labels(results, names)
+    return [f"{label}: {line}" for result, label in zip(results, legend) if (line := privacy_line(result))]
+
+
 # -- the figure -------------------------------------------------------------------------------
 
 
 def draw(results: Sequence[dict], out: Path, labels: Sequence[str] | None = None, title: str | None = None, names: Sequence[str] | None = None) -> Path:
     """Write a PNG of `results` (loaded results dicts) to `out`: test accuracy, test (solid) and
-    train (dashed) loss per epoch or round, one colour per run, and each run's traffic. `names`
-    (file names) appear in error messages; `labels` replace the labels made from the configs."""
+    train (dashed) loss per epoch or round, one colour per run, the epsilon spent per round when
+    a run has DP, and each run's traffic. `names` (file names) appear in error messages; `labels`
+    replace the labels made from the configs."""
+    figure = draw_figure(results, labels=labels, title=title, names=names)
+    out = Path(out)
+    try:
+        figure.savefig(out, format="png")
+    finally:
+        require().close(figure)
+    return out
+
+
+def draw_figure(results: Sequence[dict], labels: Sequence[str] | None = None, title: str | None = None, names: Sequence[str] | None = None) -> Any:
+    """The matplotlib Figure that `draw` writes (the caller closes it)."""
     if not results:
         raise ValueError("no results to draw")
     names = list(names) if names is not None else [f"results {index + 1}" for index in range(len(results))]
@@ -153,9 +217,11 @@ def draw(results: Sequence[dict], out: Path, labels: Sequence[str] | None = None
 
     colours = plt.get_cmap("tab10").colors
     step = _step_name(results)
-    figure, (accuracy_axes, loss_axes, traffic_axes) = plt.subplots(
-        1, 3, figsize=(16, 5), dpi=100, gridspec_kw={"width_ratios": [1.15, 1.15, 1]}, layout="constrained",
-    )
+    private = any(privacy_curve(result) for result in results)
+    ratios = [1.15, 1.15, *([1.15] if private else []), 1]
+    figure, panels = plt.subplots(1, len(ratios), figsize=(16 + 5.5 * private, 5), dpi=100, gridspec_kw={"width_ratios": ratios},
+                                  layout="constrained")
+    accuracy_axes, loss_axes, traffic_axes = panels[0], panels[1], panels[-1]
     figure.suptitle(title or _title(results), fontsize=13)
     for index, result in enumerate(results):
         colour = colours[index % len(colours)]
@@ -173,11 +239,43 @@ def draw(results: Sequence[dict], out: Path, labels: Sequence[str] | None = None
         axes.grid(alpha=0.3)
     accuracy_axes.legend(loc="best", fontsize=9)
     loss_axes.legend([Line2D([], [], color="0.3"), Line2D([], [], color="0.3", linestyle="--")], ["test loss", "train loss"], fontsize=9)
+    if private:
+        _privacy(panels[2], results, legend, colours, step)
     _traffic(traffic_axes, results, legend, colours)
-    out = Path(out)
-    figure.savefig(out, format="png")
-    plt.close(figure)
-    return out
+    return figure
+
+
+def _privacy(axes: Any, results: Sequence[dict], legend: list[str], colours: Sequence[Any], step: str) -> None:
+    """Epsilon spent per round of each run with DP, its final epsilon and delta in the legend, and
+    its --dp-target-epsilon (dotted) where it has one."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    handles, texts, targets = [], [], False
+    for index, result in enumerate(results):
+        curve = privacy_curve(result)
+        if not curve:
+            continue
+        colour = colours[index % len(colours)]
+        (line,) = axes.plot(*zip(*curve), color=colour, marker="o", markersize=4)
+        spent = privacy(result) or {}
+        text = legend[index] + (f": ε {spent['epsilon']:.3g}" if spent.get("epsilon") is not None else "")
+        text += f" (δ {spent['delta']:g})" if spent.get("delta") is not None else ""
+        text += ", stopped early" if spent.get("stopped") else ""
+        handles.append(line)
+        texts.append(text)
+        config = result.get("config") if isinstance(result.get("config"), dict) else {}
+        if _is_number(config.get("dp_target_epsilon")):
+            axes.axhline(config["dp_target_epsilon"], color=colour, linestyle=":", linewidth=1.2)
+            targets = True
+    if targets:
+        handles.append(Line2D([], [], color="0.3", linestyle=":"))
+        texts.append("--dp-target-epsilon")
+    axes.set(title="privacy spent (epsilon)", xlabel=step, ylabel="epsilon")
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(handles, texts, loc="best", fontsize=9)
 
 
 def _traffic(axes: Any, results: Sequence[dict], legend: list[str], colours: Sequence[Any]) -> None:

@@ -149,6 +149,10 @@ class FedAvgServer:
         self.test_data = federated.evaluation_data(self.task, self.context) if self.server_scores else None
         self.scoring: Scoring | None = None  # the scores being gathered now, if any
         self.secure: SecureRound | None = None  # the secure sum under way, if any
+        if self.secure_rounds:  # at zero from the start, so the first dropout or failure is an increase a dashboard sees
+            for stage in SECURE_STAGES:
+                metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, stage.removeprefix("secagg-"))
+            metrics.SECAGG_FAILURES.labels(SERVER, self.session)
         if (settings.dp in ("central", "local") and settings.dp_target_epsilon is not None
                 and (first := federated.epsilon_after(settings, 1, settings.workers)) > settings.dp_target_epsilon):
             raise TaskError(f"one round already spends epsilon {first:.3g} at delta {settings.dp_delta:g}, more than --dp-target-epsilon "
@@ -480,6 +484,7 @@ class FedAvgServer:
         revealed = self.collect(set(survivors), REVEAL, with_scores=False)
         if left := sorted(set(survivors) - set(revealed)):
             metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "reveal").inc(len(left))
+            log.warning("round %d: secure sum is unmasked without %s's shares (no %s)", round_number, ", ".join(left), REVEAL)
         total = attempt.unmasked_sum()
         aggregate = attempt.config.encoding(federated.dp_weighted(self.settings)).decode(total)
         log.info("round %d: secure sum of %d workers unmasked (%d dropped after sharing, %d left before)", round_number, len(survivors), len(dropped),
