@@ -178,3 +178,12 @@ def test_the_rules_that_need_only_the_sum_are_taken(strategy):
     settings = FederatedSettings(secure_aggregation="secagg+", strategy=strategy, workers=100, partition="iid", clients_per_round=10)
     assert settings.secagg_graph(10) == (9, 5)  # 3 log2 10 > 9: every pair, as the original SecAgg
     assert FederatedSettings(secure_aggregation="secagg+", workers=100, partition="iid").secagg_graph(100) == (20, 11)
+
+
+def test_a_round_smaller_than_the_run_takes_the_largest_graph_that_fits():
+    from splitfed.learning.settings import FederatedSettings
+
+    settings = FederatedSettings(workers=5, partition="iid", secure_aggregation="secagg+", secagg_neighbours=4, secagg_threshold=3)
+    assert [settings.secagg_graph(n, fitted=True) for n in (5, 4, 3, 2)] == [(4, 3), (3, 3), (2, 2), (1, 1)]
+    with pytest.raises(ValueError, match="more than the 2 other workers"):
+        settings.secagg_graph(3)  # as the run's start checks it: the settings themselves must fit

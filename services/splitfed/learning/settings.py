@@ -456,7 +456,7 @@ class FederatedSettings(PartitionSettings):
             raise ValueError(f"--dp central calibrates its noise to the sum of clipped updates, but {problem}")
         if self.dp_adaptive_clip:
             count_stddev = self.dp_clip_count_stddev if self.dp_clip_count_stddev is not None else self.round_sample_size(self.workers) / 20
-            if 2 * count_stddev <= self.dp_noise_multiplier:
+            if 0 < self.dp_noise_multiplier >= 2 * count_stddev:
                 raise ValueError(f"--dp-adaptive-clip: the noise on the count of updates under the clip ({count_stddev:g}) must be above half "
                                  f"--dp-noise-multiplier {self.dp_noise_multiplier:g}, or the count alone would spend the budget: raise "
                                  "--dp-clip-count-stddev (more workers a round raise its default, n / 20)")
@@ -474,14 +474,20 @@ class FederatedSettings(PartitionSettings):
             return "--calibration ccvr needs each worker's feature statistics"
         return None
 
-    def secagg_graph(self, workers: int) -> tuple[int, int]:
+    def secagg_graph(self, workers: int, fitted: bool = False) -> tuple[int, int]:
         """SecAgg+'s neighbours k and threshold t for a round of `workers`; ValueError for a k or t
         that cannot work. By default k is the smallest even number >= 3 log2 n (Bell et al. 2020:
         a logarithmic degree keeps the graph connected after dropouts with high probability), or
-        every other worker when that is fewer; t = k/2 + 1 is the least majority."""
+        every other worker when that is fewer; t = k/2 + 1 is the least majority. `fitted`: a round
+        smaller than the run was checked for (workers given up on) takes the largest k and t that
+        fit it, t still above k/2."""
         if workers < 2:
             raise ValueError("--secure-aggregation needs at least 2 workers a round: the sum of one is its update")
         k = self.secagg_neighbours
+        if fitted and k is not None and k > workers - 1:
+            k = workers - 1
+        if fitted and k is not None and k % 2 and k != workers - 1:
+            k -= 1
         if k is None:
             k = min(workers - 1, 2 * math.ceil(1.5 * math.log2(workers)))
         elif k > workers - 1:
@@ -489,6 +495,8 @@ class FederatedSettings(PartitionSettings):
         elif k % 2 and k != workers - 1:
             raise ValueError(f"--secagg-neighbours {k} must be even (k/2 on each side in the ring), or every other worker ({workers - 1})")
         t = self.secagg_threshold if self.secagg_threshold is not None else k // 2 + 1
+        if fitted:
+            t = max(min(t, k), k // 2 + 1)
         if not k / 2 < t <= k:
             raise ValueError(f"--secagg-threshold {t} must be above k/2 = {k / 2:g} (so no server gets both a worker's self-mask and its "
                              f"key) and at most k = {k}")

@@ -443,7 +443,9 @@ class FedAvgServer:
         unmasked (too few neighbours revealed) is run again with fresh keys until the run's
         timeout; its inputs are never used. Returns the aggregate, its contributors and their
         masked inputs' answers (acked once the round is on disk)."""
-        k, t = self.settings.secagg_graph(len(sampled))
+        if len(sampled) < 2:
+            raise RoleTimeout(f"round {self.state.round}: {len(sampled)} live worker, and a secure sum of one would be its update")
+        k, t = self.settings.secagg_graph(len(sampled), fitted=True)  # the round may be smaller than the run's start was checked for
         give_up = time.monotonic() + self.deployment.timeout
         first = True
         while True:
@@ -481,7 +483,9 @@ class FedAvgServer:
         request = {"attempt": attempt.config.attempt, "survivors": survivors, "dropped": dropped}
         self.endpoint.send_messages([(worker_queue(self.session, worker), Message(UNMASK, "", "", round=round_number, meta=dict(request)), worker)
                                      for worker in survivors], persistent=True)
-        revealed = self.collect(set(survivors), REVEAL, with_scores=False)
+        # A survivor that died after its input needs no shares of its own: whether enough shares
+        # came in is for the unmasking to say, not the quorum.
+        revealed = self.collect(set(survivors), REVEAL, with_scores=False, quorum=1)
         if left := sorted(set(survivors) - set(revealed)):
             metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "reveal").inc(len(left))
             log.warning("round %d: secure sum is unmasked without %s's shares (no %s)", round_number, ", ".join(left), REVEAL)
@@ -596,10 +600,11 @@ class FedAvgServer:
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
             missed.set(0) if worker in updates else missed.inc()
 
-    def collect(self, expected: set[str], kind: str | None, with_scores: bool = True) -> dict[str, Answer]:
+    def collect(self, expected: set[str], kind: str | None, with_scores: bool = True, quorum: int | None = None) -> dict[str, Answer]:
         """`kind` answers from the `expected` workers (kind None: none, only the scores that
-        `scoring` waits for), in one `Collection`; `with_scores` False: it need not wait for the scores."""
-        collection = Collection(self, kind, expected, with_scores)
+        `scoring` waits for), in one `Collection`; `with_scores` False: it need not wait for the
+        scores; `quorum`: the answers it may close with at the round timeout (default: --min-workers)."""
+        collection = Collection(self, kind, expected, with_scores, quorum)
         collection.consume()
         return collection.answers
 
@@ -666,14 +671,14 @@ class Collection(Role):
     one from a sampled worker (restarted mid-round) gets this round's model. Each answer stays
     unacked (LATER) until the server has its effect on disk."""
 
-    def __init__(self, server: FedAvgServer, kind: str | None, expected: set[str], with_scores: bool = True):
+    def __init__(self, server: FedAvgServer, kind: str | None, expected: set[str], with_scores: bool = True, quorum: int | None = None):
         self.server = server
         self.endpoint = server.endpoint
         self.kind = kind
         self.expected = expected
         self.with_scores = with_scores
         self.sampled = set(server.state.sampled)
-        self.quorum = min(server.quorum, len(self.sampled)) if kind is not None else 0
+        self.quorum = (quorum or min(server.quorum, len(self.sampled))) if kind is not None else 0
         self.answers: dict[str, Answer] = {}
         self.round_deadline = time.monotonic() + server.deployment.round_timeout
         self.give_up = time.monotonic() + server.deployment.timeout

@@ -258,8 +258,8 @@ class FedAvgWorker(Role):
                     **self.epsilon_meta()}
             self.endpoint.send_message(self.server, Message(UPDATE, "", "", round=message.round, meta=meta, tensors=sent), to=SERVER, persistent=True)
             sent_bytes = sum(array.nbytes for array in sent.values())
+        self.rounds += message.round > self.last_round  # a secure round run again is the same round
         self.last_round = message.round
-        self.rounds += 1
         metrics.ROUND.labels(WORKER, self.session).set(message.round)
         metrics.TRAIN_LOSS.labels(WORKER, self.session).set(work.loss)
         metrics.UPDATE_BYTES.labels(WORKER, self.session).set(sent_bytes)
