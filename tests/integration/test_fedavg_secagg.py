@@ -45,7 +45,7 @@ from splitfed.roles.declaration import Identity
 from splitfed.roles.fedavg import SERVER, WorkerDeployment, worker_ids
 from splitfed.roles.fedavg.checkpoints import ServerState
 from splitfed.roles.fedavg.common import (
-    EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, REVEAL, SEALED, SHARES, UNMASK, UPDATE, server_queue, session_queues, worker_queue,
+    CONSENT, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, REVEAL, SEALED, SHARES, UNMASK, UPDATE, server_queue, session_queues, worker_queue,
 )
 from splitfed.roles.fedavg.secure import SECURE
 from splitfed.roles.fedavg.worker import FedAvgWorker
@@ -58,7 +58,7 @@ from splitfed.transport.rabbitmq import RabbitTransport
 from tests.integration.test_fedavg_resilience import all_workers, assert_equals_reference, roles, wait_for
 from tests.own_broker import OwnBroker
 
-SECURE_KINDS = (KEYS, SHARES, MASKED, REVEAL)  # what a worker sends in a secure round, in order
+SECURE_KINDS = (KEYS, SHARES, MASKED, CONSENT, REVEAL)  # what a worker sends in a secure round, in order
 TO_SERVER = {JOIN, *SECURE_KINDS, EVALUATED}  # all that may reach the server's queue in a secure run
 FIELD = 2.0**32
 CHI2_LIMIT = 60.0  # 16 bins, 15 degrees of freedom: a uniform vector passes but for odds of about 2e-7
@@ -436,7 +436,7 @@ def assert_the_sum_is_the_next_model(attempt: Attempt, inputs: dict[str, Input],
     the sample-weighted mean of their (clipped) changes within the quantisation bound."""
     survivors = sorted(attempt.senders(MASKED))
     encoding = secagg.Encoding(attempt.secure["clip"], attempt.secure["max_samples"], len(attempt.secure["participants"]))
-    aggregate = encoding.decode(secagg.plain_sum([inputs[worker].vector for worker in survivors]))
+    aggregate = encoding.decode(secagg.plain_sum([inputs[worker].vector for worker in survivors]), len(survivors))
     current, following = flat(attempt.model, names).double(), flat(next_model, names).double()
     assert aggregate.samples == sum(inputs[worker].samples for worker in survivors)
     assert (current + torch.from_numpy(aggregate.mean_delta) - following).abs().max().item() < 1e-6
@@ -556,9 +556,9 @@ def test_workers_killed_at_each_stage_are_left_out_or_unmasked_as_the_protocol_s
     assert sorted(attempt.round for attempt in attempts.values()) == [1, 2, 3], "a round was run again"
     second, third = completed(attempts, 2), completed(attempts, 3)
     # Each kill came where it was meant to, no later.
-    assert [second.senders(kind) for kind in SECURE_KINDS] == [set(all_workers(settings)), {"worker-1", *survivors}, set(survivors), set(survivors)]
+    assert [second.senders(kind) for kind in SECURE_KINDS] == [set(all_workers(settings)), {"worker-1", *survivors}, *[set(survivors)] * 3]
     assert third.secure["participants"] == survivors
-    assert [third.senders(kind) for kind in SECURE_KINDS] == [set(survivors)] * 3 + [set(survivors) - {"worker-2"}]
+    assert [third.senders(kind) for kind in SECURE_KINDS] == [set(survivors)] * 3 + [set(survivors) - {"worker-2"}] * 2
     assert second.unmask == {"survivors": survivors, "dropped": ["worker-1"]}
     assert third.unmask == {"survivors": survivors, "dropped": []}
     seeds, mask_keys = second.revealed()

@@ -35,7 +35,7 @@ def test_decoded_mean_is_within_the_stated_bound_of_the_exact_weighted_mean():
     samples = [int(n) for n in rng.integers(100, 1000, participants)]
     losses = [float(v) for v in rng.uniform(0.1, 3.0, participants)]
     total = secagg.plain_sum([encoding.encode(d, loss, n, i % 2 == 0) for i, (d, loss, n) in enumerate(zip(deltas, losses, samples))])
-    aggregate = encoding.decode(total)
+    aggregate = encoding.decode(total, participants)
     exact = sum(n * np.clip(d, -0.5, 0.5) for d, n in zip(deltas, samples)) / sum(samples)  # float64, independently of the encoding
     error = np.abs(aggregate.mean_delta - exact).max()
     bound = encoding.bound(participants, sum(samples))
@@ -48,7 +48,7 @@ def test_decoded_mean_is_within_the_stated_bound_of_the_exact_weighted_mean():
 def test_the_sum_of_the_largest_inputs_does_not_wrap():
     encoding = Encoding(clip=1.0, max_samples=10, participants=5)
     total = secagg.plain_sum([encoding.encode(np.full(3, sign * 9.0), 0.0, 10, False) for sign in (-1, -1, -1, -1, -1)])
-    assert np.allclose(encoding.decode(total).mean_delta, -1.0, atol=encoding.bound(5, 50))
+    assert np.allclose(encoding.decode(total, 5).mean_delta, -1.0, atol=encoding.bound(5, 50))
 
 
 def run_round(names, k, t, inputs, drop_before_sharing=(), drop_after_sharing=(), context="run/1/a"):

@@ -251,31 +251,35 @@ def private_change(change: torch.Tensor, settings: PartitionSettings, clip: floa
     return clipped, under
 
 
-def noise_multiplier(settings: FederatedSettings, contributors: int) -> float:
+def noise_multiplier(settings: FederatedSettings) -> float:
     """The z of the Gaussian the server adds to the sum (central DP): the setting's, or with adaptive
     clipping the larger one that leaves room for the noised count (Andrew et al. 2021)."""
     if not settings.dp_adaptive_clip:
         return settings.dp_noise_multiplier
-    return privacy.effective_noise_multiplier(settings.dp_noise_multiplier, count_stddev(settings, contributors))
+    return privacy.effective_noise_multiplier(settings.dp_noise_multiplier, count_stddev(settings))
 
 
-def count_stddev(settings: FederatedSettings, contributors: int) -> float:
-    return settings.dp_clip_count_stddev if settings.dp_clip_count_stddev is not None else privacy.default_count_stddev(contributors)
+def count_stddev(settings: FederatedSettings) -> float:
+    """The noise on adaptive clipping's count: the setting's, or the paper's default for the round
+    size the run was started with (fixed: a round that shrinks must not spend more)."""
+    if settings.dp_clip_count_stddev is not None:
+        return settings.dp_clip_count_stddev
+    return privacy.default_count_stddev(settings.round_sample_size(settings.workers))
 
 
-def next_model(current: torch.Tensor, mean_change: torch.Tensor, contributors: int, settings: FederatedSettings, clip: float, planned: int) -> torch.Tensor:
+def next_model(current: torch.Tensor, mean_change: torch.Tensor, contributors: int, settings: FederatedSettings, clip: float) -> torch.Tensor:
     """The mean model (P,) float32 from the mean change of the round's `contributors` (float64), with
-    central DP's noise on their sum (z from the `planned` workers a round)."""
+    central DP's noise on their sum."""
     if settings.dp == "central":
-        mean_change = privacy.noised_mean(mean_change * contributors, contributors, clip, noise_multiplier(settings, planned)).to(torch.float64)
+        mean_change = privacy.noised_mean(mean_change * contributors, contributors, clip, noise_multiplier(settings)).to(torch.float64)
     return (current.to(torch.float64) + mean_change.to(current.device)).to(torch.float32)
 
 
-def next_clip(settings: FederatedSettings, clip: float, under_clip: int, contributors: int, planned: int) -> float:
+def next_clip(settings: FederatedSettings, clip: float, under_clip: int, contributors: int) -> float:
     """The clip for the next round: adapted with --dp-adaptive-clip, else as it was."""
     if not settings.dp_adaptive_clip:
         return clip
-    return privacy.next_clip(clip, under_clip, contributors, settings.dp_target_quantile, settings.dp_clip_lr, count_stddev(settings, planned))
+    return privacy.next_clip(clip, under_clip, contributors, settings.dp_target_quantile, settings.dp_clip_lr, count_stddev(settings))
 
 
 def central_mean_change(current: torch.Tensor, vectors: torch.Tensor, clip: float) -> torch.Tensor:
@@ -286,21 +290,21 @@ def central_mean_change(current: torch.Tensor, vectors: torch.Tensor, clip: floa
 
 
 def plain_step(strategy: strategies.Strategy, state: strategies.StrategyState, current: torch.Tensor, vectors: torch.Tensor, samples: list[int],
-               settings: FederatedSettings, clip: float, planned: int) -> tuple[torch.Tensor, strategies.StrategyState]:
+               settings: FederatedSettings, clip: float) -> tuple[torch.Tensor, strategies.StrategyState]:
     """The strategy's step from the round's models (K, P) as they arrived: weighted by samples, or
     every worker the same under central or local DP, with central DP's noise on their sum."""
     if settings.dp == "central":
-        mean = next_model(current, central_mean_change(current, vectors, clip), len(vectors), settings, clip, planned)
+        mean = next_model(current, central_mean_change(current, vectors, clip), len(vectors), settings, clip)
         return strategy.step(current, mean[None], torch.ones(1, device=current.device), state)
     weights = torch.tensor([float(n) if dp_weighted(settings) else 1.0 for n in samples], device=current.device)
     return strategy.step(current, vectors, weights, state)
 
 
 def secure_step(strategy: strategies.Strategy, state: strategies.StrategyState, current: torch.Tensor, aggregate: secagg.Aggregate, contributors: int,
-                settings: FederatedSettings, clip: float, planned: int) -> tuple[torch.Tensor, strategies.StrategyState]:
+                settings: FederatedSettings, clip: float) -> tuple[torch.Tensor, strategies.StrategyState]:
     """The strategy's step from a secure round's unmasked aggregate: its mean model is the one update
     the strategy sees (rules that need only the sum give the same step as from every model)."""
-    mean = next_model(current, torch.from_numpy(aggregate.mean_delta), contributors, settings, clip, planned)
+    mean = next_model(current, torch.from_numpy(aggregate.mean_delta), contributors, settings, clip)
     return strategy.step(current, mean[None], torch.ones(1, device=current.device), state)
 
 
@@ -309,16 +313,15 @@ def secure_input(encoding: secagg.Encoding, change: torch.Tensor, loss: float, s
     return encoding.encode(change.detach().cpu().numpy(), loss, samples if dp_weighted(settings) else 1, under_clip)
 
 
-def epsilon_after(settings: FederatedSettings, rounds: int, registered: int) -> float | None:
+def epsilon_after(settings: FederatedSettings, rounds: int) -> float | None:
     """The run's epsilon at --dp-delta after `rounds` rounds, for central and local DP (each
-    worker's own accountant gives it for sample-level DP); None without --dp. Central DP: a round
-    is the Gaussian mechanism on the sum, sampled at the round's share of the workers; local DP:
-    every round a worker takes part in is its own Gaussian mechanism, not amplified by sampling
-    (the server knows who took part)."""
+    worker's own accountant gives it for sample-level DP); None without --dp. Each round is one
+    Gaussian mechanism on every worker's change (central: on their sum; local: on each), composed
+    over the rounds and not amplified by client sampling: the draw is seeded and each round's
+    record names its workers, so whether a worker took part is no secret."""
     if settings.dp not in ("central", "local"):
         return None
-    rate = settings.round_sample_size(registered) / registered if settings.dp == "central" else 1.0
-    return privacy.epsilon(settings.dp_noise_multiplier, rate, rounds, settings.dp_delta)
+    return privacy.epsilon(settings.dp_noise_multiplier, 1.0, rounds, settings.dp_delta)
 
 
 def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings) -> float:
@@ -373,8 +376,7 @@ def reference_run(
         current = strategies.flatten(model.state_dict(), names)
         server_control = strategies.unflatten(strategy.control(current, strategy_state), model.state_dict(), names) if recipe.control_variates else None
         vectors, samples, losses, control_deltas, inputs = [], [], [], [], []
-        planned = settings.round_sample_size(len(shares))
-        drawn = set(sample_workers(workers, planned, settings.seed, round_number))
+        drawn = set(sample_workers(workers, settings.round_sample_size(len(shares)), settings.seed, round_number))
         encoding = secagg.Encoding(settings.secagg_clip, settings.secagg_max_samples if dp_weighted(settings) else 1, len(drawn))
         for index, share in enumerate(shares):
             if workers[index] not in drawn:
@@ -394,11 +396,11 @@ def reference_run(
                 control_deltas.append(strategies.flatten(work.control, names) - strategies.flatten(worker_controls[index], names))
                 worker_controls[index] = work.control
         if inputs:
-            aggregate = encoding.decode(secagg.plain_sum(inputs))
-            combined, strategy_state = secure_step(strategy, strategy_state, current, aggregate, len(inputs), settings, clip, planned)
+            aggregate = encoding.decode(secagg.plain_sum(inputs), len(inputs))
+            combined, strategy_state = secure_step(strategy, strategy_state, current, aggregate, len(inputs), settings, clip)
         else:
-            combined, strategy_state = plain_step(strategy, strategy_state, current, torch.stack(vectors), samples, settings, clip, planned)  # (P,), (K, P) -> (P,)
-        clip = next_clip(settings, clip, unclipped, len(vectors), planned)
+            combined, strategy_state = plain_step(strategy, strategy_state, current, torch.stack(vectors), samples, settings, clip)  # (P,), (K, P) -> (P,)
+        clip = next_clip(settings, clip, unclipped, len(vectors))
         if recipe.control_variates:
             strategy_state = strategy.next_control(torch.stack(control_deltas), len(shares), strategy_state)
         model.load_state_dict(strategies.unflatten(combined, model.state_dict(), names))

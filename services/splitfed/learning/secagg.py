@@ -66,8 +66,10 @@ def neighbourhoods(participants: list[str], k: int, seed: bytes) -> dict[str, li
     return {order[i]: sorted(order[(i + j) % n] for j in (*range(-half, 0), *range(1, half + 1))) for i in range(n)}
 
 
-def graph_seed(run: str, round_number: int, attempt: str) -> bytes:
-    return hashlib.sha256(f"splitfed-secagg/{run}/{round_number}/{attempt}".encode()).digest()
+def graph_seed(run: str, round_number: int) -> bytes:
+    """The ring order of a round: the same for every attempt at it, so a server that runs a round
+    again cannot draw another graph until a worker's neighbours suit it."""
+    return hashlib.sha256(f"splitfed-secagg/{run}/{round_number}".encode()).digest()
 
 
 # -- primitives -------------------------------------------------------------------------------
@@ -77,8 +79,22 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
 
 
 def agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
-    """A 32-byte key both ends derive: X25519, then HKDF-SHA256 over `info`."""
-    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(public)), info)
+    """A 32-byte key both ends derive: X25519, then HKDF-SHA256 over `info`; SecAggError for a
+    public key no exchange can use (a low-order point gives an all-zero secret, which X25519 refuses)."""
+    try:
+        return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(public)), info)
+    except ValueError:
+        raise SecAggError("a public key is not one an X25519 exchange can use (a low-order point)") from None
+
+
+def usable_public_key(public: bytes) -> bool:
+    """Whether an advertised key can take part in an exchange: checked once, by the server, before
+    anyone relies on it."""
+    try:
+        agree(X25519PrivateKey.generate(), public, b"splitfed-secagg/check")
+    except SecAggError:
+        return False
+    return True
 
 
 def prg(seed: bytes, length: int) -> np.ndarray:
@@ -167,6 +183,8 @@ class Encoding:
         """(P,) float model change -> (P + EXTRA,) uint32."""
         if not 0 < samples <= self.max_samples:
             raise SecAggError(f"{samples} samples: at most {self.max_samples} (--secagg-max-samples)")
+        if not np.isfinite(delta).all() or not np.isfinite(loss):
+            raise SecAggError("the model change or the loss is not finite: there is nothing to add up")
         weight = samples / self.max_samples
         values = np.empty(delta.size + 1, dtype=np.float64)
         values[:-1] = np.clip(delta.astype(np.float64).reshape(-1), -self.clip, self.clip)
@@ -174,15 +192,17 @@ class Encoding:
         quantised = np.rint(values * weight / self.step).astype(np.int64)
         return np.concatenate([quantised, [int(under_clip), samples]]).astype(np.uint32)  # negatives wrap: two's complement
 
-    def decode(self, total: np.ndarray) -> Aggregate:
-        """The unmasked sum of the contributors' inputs -> their sample-weighted means."""
+    def decode(self, total: np.ndarray, contributors: int) -> Aggregate:
+        """The unmasked sum of `contributors`' inputs -> their sample-weighted means; SecAggError
+        for a sum whose sample count they cannot have (a worker lied about its own)."""
         signed = total.astype(np.int64)
         signed[: -EXTRA + 1] = np.where(signed[: -EXTRA + 1] >= 2**31, signed[: -EXTRA + 1] - 2**32, signed[: -EXTRA + 1])
-        samples = int(signed[-1])
-        if samples <= 0:
-            raise SecAggError("the unmasked sum counts no samples: its masks were not removed")
+        samples, under_clip = int(signed[-1]), int(signed[-2])
+        if not contributors <= samples <= contributors * self.max_samples or not 0 <= under_clip <= contributors:
+            raise SecAggError(f"the unmasked sum of {contributors} inputs counts {samples} samples and {under_clip} updates under the clip: "
+                              f"not what {contributors} workers of 1 to {self.max_samples} samples can send")
         scale = self.step * self.max_samples / samples
-        return Aggregate(signed[:-EXTRA] * scale, float(signed[-EXTRA] * scale * LOSS_CAP / self.clip), int(signed[-2]), samples)
+        return Aggregate(signed[:-EXTRA] * scale, float(signed[-EXTRA] * scale * LOSS_CAP / self.clip), under_clip, samples)
 
     def bound(self, contributors: int, samples: int) -> float:
         """The largest error of a coordinate of the decoded mean against the exact weighted mean of
@@ -251,6 +271,7 @@ class MaskingParty:
     def masked(self, vector: np.ndarray, sealed: dict[str, bytes]) -> np.ndarray:
         """Its input masked: the self mask, and a pairwise mask for each neighbour whose shares it
         received (those, and only those, mask with it too)."""
+        held = {}
         for u, box in sealed.items():
             if u not in self.keys:
                 raise SecAggError(f"shares from {u!r}, which advertised no keys to {self.name}")
@@ -258,9 +279,10 @@ class MaskingParty:
                            box, _seal_info(self.context, u, self.name))
             if len(plain) != 1 + SEED_BYTES + KEY_BYTES or not 1 <= plain[0] <= len(self.neighbours):
                 raise SecAggError(f"shares from {u!r} are not of the expected form")
-            self.held[u] = HeldShares(plain[0], plain[1 : 1 + SEED_BYTES], plain[1 + SEED_BYTES :])
-        if len(self.held) < self.threshold:
-            raise SecAggError(f"{len(self.held)} neighbours shared with {self.name}, fewer than the threshold {self.threshold}")
+            held[u] = HeldShares(plain[0], plain[1 : 1 + SEED_BYTES], plain[1 + SEED_BYTES :])
+        if len(held) < self.threshold:
+            raise SecAggError(f"{len(held)} neighbours shared with {self.name}, fewer than the threshold {self.threshold}")
+        self.held = held  # only once every box opened: what it holds is what it masked for
         masked = vector + prg(self.self_seed, vector.size)
         for v in self.held:
             masked += pair_mask(self.mask_key, self.keys[v][1], self.context, self.name, v, vector.size)

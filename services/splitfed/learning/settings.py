@@ -344,7 +344,7 @@ class PrivacySettings:
     )
     secagg_neighbours: int | None = setting(
         None, "secagg+: each worker's neighbours k in the masking graph, even (default: the smallest even number >= 3 log2 n for n workers a "
-        "round, at most n - 1; n - 1 is every pair, as the original SecAgg).", min=2, metavar="K",
+        "round, at most n - 1; n - 1 is every pair, as the original SecAgg).", min=2, max=254, metavar="K",
     )
     secagg_threshold: int | None = setting(
         None, "secagg+: shares t of its k neighbours needed to unmask a worker; above k/2, so a server cannot gather both a worker's self-mask "
@@ -375,6 +375,8 @@ class PrivacySettings:
                                                        "workers a round / 20).", min=0.0)
 
     def __post_init__(self) -> None:
+        if self.dp == "sample" and getattr(self, "precision", "fp32") == "fp16":
+            raise ValueError("--dp sample clips each sample's gradient, and fp16's loss scaling would have it clip scaled ones: use --precision bf16 or fp32")
         if self.dp_adaptive_clip and self.dp != "central":
             raise ValueError(f"--dp-adaptive-clip adapts the clip from the workers' noised count at the server: it is for --dp central, not {self.dp}")
         if self.dp_target_epsilon is not None and self.dp == "none":
@@ -452,8 +454,17 @@ class FederatedSettings(PartitionSettings):
             if problem := self.needs_individual_updates():
                 raise ValueError(f"--secure-aggregation {self.secure_aggregation} shows the server only the round's sum, but {problem}")
             self.secagg_graph(self.round_sample_size(self.workers))
+            if (total := self.round_sample_size(self.workers) * self.secagg_max_samples) >= 2**32:
+                raise ValueError(f"--secagg-max-samples {self.secagg_max_samples} for {self.round_sample_size(self.workers)} workers a round: their "
+                                 f"samples, up to {total}, would not fit the field's 2^32")
         if self.dp == "central" and (problem := self.needs_individual_updates(secure=False)):
             raise ValueError(f"--dp central calibrates its noise to the sum of clipped updates, but {problem}")
+        if self.dp != "none" and (self.strategy == "scaffold" or self.calibration == "ccvr"):
+            sent = "its control variate's change" if self.strategy == "scaffold" else "its feature statistics"
+            raise ValueError(f"--dp {self.dp} noises what the workers' model changes reveal, but with "
+                             f"{'--strategy scaffold' if self.strategy == 'scaffold' else '--calibration ccvr'} each worker also sends {sent}, un-noised")
+        if self.dp == "sample" and self.strategy == "fedprox":
+            raise ValueError("--dp sample clips and noises the gradients Opacus sees per sample, and fedprox's proximal term is not one of them")
         if self.dp_adaptive_clip:
             count_stddev = self.dp_clip_count_stddev if self.dp_clip_count_stddev is not None else self.round_sample_size(self.workers) / 20
             if 0 < self.dp_noise_multiplier >= 2 * count_stddev:

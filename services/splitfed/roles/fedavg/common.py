@@ -42,8 +42,9 @@ JOIN, WELCOME, REFUSED, MODEL, UPDATE, DONE = "join", "welcome", "refused", "mod
 CALIBRATE, STATISTICS = "calibrate", "statistics"
 EVALUATE, EVALUATED = "evaluate", "evaluated"
 # Secure aggregation's stages (roles.fedavg.secure): in place of an update.
-KEYS, NEIGHBOURS, SHARES, SEALED, MASKED, UNMASK, REVEAL = (
-    "secagg-keys", "secagg-neighbours", "secagg-shares", "secagg-sealed", "secagg-masked", "secagg-unmask", "secagg-reveal",
+KEYS, NEIGHBOURS, SHARES, SEALED, MASKED, UNMASK, CONSENT, CONSENTS, REVEAL = (
+    "secagg-keys", "secagg-neighbours", "secagg-shares", "secagg-sealed", "secagg-masked", "secagg-unmask", "secagg-consent", "secagg-consents",
+    "secagg-reveal",
 )
 PRIVACY = "privacy"  # a model message's meta entry: {secure_aggregation, dp, clip}, which the worker checks against its own settings
 RECIPE = "recipe"  # a model message's meta entry: the strategy's local recipe (learning.strategies.LocalRecipe), field by field

@@ -47,8 +47,9 @@ from splitfed.roles.endpoint import Endpoint, Rejection, RoleTimeout, frame_dige
 from splitfed.roles.fedavg import admission
 from splitfed.roles.fedavg.checkpoints import CheckpointStore, ServerState
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED, REVEAL, SCORE,
-    SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
+    CALIBRATE, CONSENT, CONSENTS, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED,
+    REVEAL, SCORE, SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix,
+    worker_queue,
 )
 from splitfed.roles.fedavg.secure import SECURE, SecAggError, SecureRound, masked_spec
 from splitfed.roles.fedavg.lease import Lease
@@ -78,7 +79,7 @@ class Update(Answer):
     under_clip: bool  # --dp-adaptive-clip: its change was under the clip
 
 
-SECURE_STAGES = (KEYS, SHARES, MASKED, REVEAL)  # what workers send in a secure round
+SECURE_STAGES = (KEYS, SHARES, MASKED, CONSENT, REVEAL)  # what workers send in a secure round
 
 
 def _reported_epsilon(message: Message) -> tuple[float, float] | None:
@@ -154,7 +155,7 @@ class FedAvgServer:
                 metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, stage.removeprefix("secagg-"))
             metrics.SECAGG_FAILURES.labels(SERVER, self.session)
         if (settings.dp in ("central", "local") and settings.dp_target_epsilon is not None
-                and (first := federated.epsilon_after(settings, 1, settings.workers)) > settings.dp_target_epsilon):
+                and (first := federated.epsilon_after(settings, 1)) > settings.dp_target_epsilon):
             raise TaskError(f"one round already spends epsilon {first:.3g} at delta {settings.dp_delta:g}, more than --dp-target-epsilon "
                             f"{settings.dp_target_epsilon:g}: raise --dp-noise-multiplier")
         self.endpoint = Endpoint(
@@ -244,7 +245,7 @@ class FedAvgServer:
         if target is None or not self.state.history and not self.state.unscored:
             return False
         last = self.state.unscored or self.state.history[-1]
-        upcoming = last.get("epsilon_next") if self.settings.dp == "sample" else federated.epsilon_after(self.settings, self.state.round, len(self.state.workers))
+        upcoming = last.get("epsilon_next") if self.settings.dp == "sample" else federated.epsilon_after(self.settings, self.state.round)
         if upcoming is None or upcoming <= target:
             return False
         self.state.stopped = f"round {self.state.round} would take epsilon to {upcoming:.3g}, past --dp-target-epsilon {target:g}"
@@ -357,8 +358,6 @@ class FedAvgServer:
         metrics.ROUND.labels(SERVER, self.session).set(round_number)
         sampled = self.sample()
         metrics.SAMPLED_WORKERS.labels(SERVER, self.session).set(len(sampled))
-        # Without sampling, workers that missed a round are still sent every model, so a slow
-        # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
         # A secure round takes only the sampled (its masks are agreed among them); without one,
         # and without sampling, workers that missed a round are still sent every model, so a slow
         # one comes back by itself; with it, only the sampled are (the rest wait for a turn).
@@ -367,11 +366,11 @@ class FedAvgServer:
         # the others are sent it to score.
         self.scoring = self.pending_scoring()
         current = strategies.flatten(self.model.state_dict(), self.names)  # (P,)
-        clip, planned = self.clip, len(sampled)
+        clip = self.clip
         if self.secure_rounds:
             aggregate, contributors, answers = self.secure_sum(sampled, recipients)
             combined, self.strategy_state = federated.secure_step(self.strategy, self.strategy_state, current, aggregate, len(contributors),
-                                                                 self.settings, clip, planned)
+                                                                 self.settings, clip)
             train_loss, under_clip = aggregate.mean_loss, aggregate.under_clip
         else:
             self.send_models(recipients, evaluators=sorted(self.scoring.expected.difference(recipients)) if self.scoring else ())
@@ -379,7 +378,7 @@ class FedAvgServer:
             updates: dict[str, Update] = dict(sorted(self.collect(set(sampled), UPDATE).items()))
             vectors = torch.stack([u.vector for u in updates.values()])  # (K, P)
             combined, self.strategy_state = federated.plain_step(self.strategy, self.strategy_state, current, vectors,
-                                                                 [u.samples for u in updates.values()], self.settings, clip, planned)
+                                                                 [u.samples for u in updates.values()], self.settings, clip)
             if self.recipe.control_variates:
                 control_deltas = torch.stack([u.control_delta for u in updates.values()])  # (K, P)
                 self.strategy_state = self.strategy.next_control(control_deltas, len(self.state.workers), self.strategy_state)
@@ -389,10 +388,11 @@ class FedAvgServer:
         scored = self.scored_record(self.state.unscored, scoring) if scoring else None  # the last round's record, now complete
         self.model.load_state_dict(strategies.unflatten(combined, self.model.state_dict(), self.names))
         evaluation = self.own_evaluation()
-        record = {"step": round_number, **evaluation, "train_loss": train_loss, "seconds": time.perf_counter() - started, "workers": contributors,
+        # Under DP the workers' losses are not noised, so they are not reported either.
+        record = {"step": round_number, **evaluation, "train_loss": train_loss if self.settings.dp == "none" else None, "seconds": time.perf_counter() - started, "workers": contributors,
                   **self.privacy_figures(round_number, clip, answers)}
         if self.settings.dp != "none":
-            self.state.dp_clip = federated.next_clip(self.settings, clip, under_clip, len(contributors), planned)
+            self.state.dp_clip = federated.next_clip(self.settings, clip, under_clip, len(contributors))
         self.state.contributors[str(round_number)] = contributors
         self.state.round += 1
         # Not sampled again (nor waited for) until heard from: a late update, a score or a join.
@@ -428,7 +428,7 @@ class FedAvgServer:
             epsilon = max((value for value, _ in reported), default=None)
             figures = {"epsilon": epsilon, "epsilon_next": max((value for _, value in reported), default=None)}
         else:
-            epsilon = federated.epsilon_after(self.settings, round_number, len(self.state.workers))
+            epsilon = federated.epsilon_after(self.settings, round_number)
             figures = {"epsilon": epsilon}
         if epsilon is not None:
             metrics.DP_EPSILON.labels(SERVER, self.session).set(epsilon)
@@ -449,13 +449,15 @@ class FedAvgServer:
         give_up = time.monotonic() + self.deployment.timeout
         first = True
         while True:
-            self.secure = SecureRound.start(self.state.run_id, self.state.round, sampled, k, t, self.settings, self.parameters)
+            self.secure = SecureRound.start(self.state.run_id, self.state.round, sampled, k, t, self.settings, self.parameters, self.endpoint.trusted)
             evaluators = sorted(self.scoring.expected.difference(recipients)) if self.scoring and first else ()
             self.send_models(recipients, evaluators=evaluators)
             first = False
             try:
                 return self.secure_stages()
             except SecAggError as exc:
+                for answer in self.secure.held:  # the attempt's inputs are never used: let them go
+                    self.endpoint.ack(answer.delivery)
                 metrics.SECAGG_FAILURES.labels(SERVER, self.session).inc()
                 if time.monotonic() > give_up:
                     raise RoleTimeout(f"round {self.state.round}: no secure sum could be unmasked: {exc}") from None
@@ -483,17 +485,23 @@ class FedAvgServer:
         request = {"attempt": attempt.config.attempt, "survivors": survivors, "dropped": dropped}
         self.endpoint.send_messages([(worker_queue(self.session, worker), Message(UNMASK, "", "", round=round_number, meta=dict(request)), worker)
                                      for worker in survivors], persistent=True)
-        # A survivor that died after its input needs no shares of its own: whether enough shares
-        # came in is for the unmasking to say, not the quorum.
-        revealed = self.collect(set(survivors), REVEAL, with_scores=False, quorum=1)
+        # A survivor that died after its input needs no shares of its own: whether enough consents
+        # and shares came in is for the workers and the unmasking to say, not the quorum.
+        self.collect(set(survivors), CONSENT, with_scores=False, quorum=1)
+        consents = attempt.consent_tensors()
+        if left := sorted(set(survivors) - set(consents)):
+            metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "consent").inc(len(left))
+        self.endpoint.send_messages([(worker_queue(self.session, worker), Message(CONSENTS, "", "", round=round_number, meta={"attempt": attempt.config.attempt},
+                                                                                  tensors=consents), worker) for worker in sorted(consents)], persistent=True)
+        revealed = self.collect(set(consents), REVEAL, with_scores=False, quorum=1)
         if left := sorted(set(survivors) - set(revealed)):
             metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "reveal").inc(len(left))
             log.warning("round %d: secure sum is unmasked without %s's shares (no %s)", round_number, ", ".join(left), REVEAL)
         total = attempt.unmasked_sum()
-        aggregate = attempt.config.encoding(federated.dp_weighted(self.settings)).decode(total)
+        aggregate = attempt.config.encoding(federated.dp_weighted(self.settings)).decode(total, len(survivors))
         log.info("round %d: secure sum of %d workers unmasked (%d dropped after sharing, %d left before)", round_number, len(survivors), len(dropped),
                  len(attempt.config.participants) - len(survivors) - len(dropped))
-        return aggregate, survivors, [answers[worker] for worker in survivors]
+        return aggregate, survivors, attempt.held
 
     def own_evaluation(self) -> dict:
         """The server's own score of the global model (accuracy and loss; None without data)."""
@@ -592,7 +600,8 @@ class FedAvgServer:
 
     def _round_metrics(self, record: dict, updates: dict[str, Update], sampled: list[str]) -> None:
         session = self.session
-        metrics.TRAIN_LOSS.labels(SERVER, session).set(record["train_loss"])
+        if record["train_loss"] is not None:
+            metrics.TRAIN_LOSS.labels(SERVER, session).set(record["train_loss"])
         metrics.ROUND_SECONDS.labels(SERVER, session).observe(record["seconds"])
         metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
         metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
@@ -621,7 +630,7 @@ class FedAvgServer:
         tensors = {name: from_numpy(array, self.task.compute.device) for name, array in message.tensors.items()}  # averaged on the device
         control_delta = strategies.flatten(without_prefix(CONTROL_DELTA, tensors), self.names) if self.recipe.control_variates else None
         return Update(samples, delivery, size, _reported_epsilon(message), strategies.flatten(tensors, self.names), control_delta,
-                      float(message.meta["train_loss"]), message.meta.get("under_clip") is True)
+                      float(message.meta.get("train_loss") or 0.0), message.meta.get("under_clip") is True)
 
     def scored_by(self, round_number: int) -> Names[str]:
         """The workers whose scores of the model of `round_number` are on record."""
@@ -720,7 +729,7 @@ class Collection(Role):
         ceiling = min(server.deployment.max_samples, listed or server.deployment.max_samples)
         if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= ceiling:
             raise ProtocolError("value", f"update from {message.sender} reports samples={samples!r} (at most {ceiling})")
-        if self.kind == UPDATE and not _finite_number(loss):
+        if self.kind == UPDATE and server.settings.dp == "none" and not _finite_number(loss):  # under DP a worker reports no loss
             raise ProtocolError("value", f"update from {message.sender} reports train_loss={loss!r:.40}")
         if self.kind == STATISTICS:
             _check_class_counts(message.tensors["class_counts"], samples, message.sender)
@@ -767,7 +776,7 @@ class Collection(Role):
         if message.kind == JOIN:
             # Without sampling a newcomer takes part at once; with it, it waits to be drawn. A
             # secure round's workers are fixed when it starts: a newcomer waits for the next.
-            takes_part = self.kind == UPDATE and (message.sender in self.sampled or not self.server.settings.samples_clients())
+            takes_part = self.kind in (UPDATE, STATISTICS) and (message.sender in self.sampled or not self.server.settings.samples_clients())
             if takes_part and message.sender not in self.sampled:
                 self.sampled.add(message.sender)
                 self.expected.add(message.sender)
@@ -782,6 +791,7 @@ class Collection(Role):
             self.answers[message.sender] = self.server.answer_of(message, delivery)
             if message.kind != MASKED:
                 return None
+            self.server.secure.held.append(self.answers[message.sender])
         elif self.hold(self.answers, message, delivery):
             metrics.UPDATES.labels(SERVER, self.server.session, "accepted").inc()
         return LATER

@@ -27,8 +27,9 @@ from splitfed.roles.base import Role
 from splitfed.roles.declaration import Identity, ProgressSink
 from splitfed.roles.endpoint import Endpoint
 from splitfed.roles.fedavg.common import (
-    CALIBRATE, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED, REVEAL, SCORE,
-    SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix, worker_queue,
+    CALIBRATE, CONSENT, CONSENTS, CONTROL, CONTROL_DELTA, DONE, EVALUATE, EVALUATED, JOIN, KEYS, MASKED, MODEL, NEIGHBOURS, PRIVACY, RECIPE, REFUSED,
+    REVEAL, SCORE, SEALED, SERVER, SHARES, STATISTICS, UNMASK, UPDATE, WELCOME, WORKER, fingerprint_problem, server_queue, with_prefix, without_prefix,
+    worker_queue,
 )
 from splitfed.roles.fedavg.secure import SECURE, RoundConfig, SecAggError, SecureTurn
 from splitfed.roles.limits import message_bytes
@@ -114,6 +115,7 @@ class FedAvgWorker(Role):
         self.trained: Trained | None = None  # the last round's training, kept for a secure round's retry
         self.turn: SecureTurn | None = None  # this worker's part in the secure round under way
         self.revealed: dict[int, frozenset[str]] = {}  # round -> the survivors it revealed shares for
+        self.attempts: set[str] = set()  # the attempts of the turn's round this worker has seen
         self.dp_steps = 0  # sample-level DP: optimiser steps taken, for this worker's accountant
         if settings.dp == "sample":
             privacy.check_sample_dp(self.model)
@@ -164,7 +166,7 @@ class FedAvgWorker(Role):
         log.info("worker %s: not drawn for a round in %.0fs, still waiting", self.worker_id, seconds)
 
     def expecting(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (MODEL, CALIBRATE, EVALUATE, DONE, WELCOME, NEIGHBOURS, SEALED, UNMASK), (SERVER,)
+        return (MODEL, CALIBRATE, EVALUATE, DONE, WELCOME, NEIGHBOURS, SEALED, UNMASK, CONSENTS), (SERVER,)
 
     def check(self, message: Message) -> None:
         if message.kind in (CALIBRATE, EVALUATE):
@@ -176,8 +178,12 @@ class FedAvgWorker(Role):
                 raise ProtocolError("value", f"{SCORE} {message.meta[SCORE]!r:.40}")
             self.round_clip(message)
             if (secure := message.meta.get(SECURE)) is not None or self.settings.secure_aggregation != "none":
-                RoundConfig.received(secure, self.worker_id, self.settings)
-        if message.kind in (NEIGHBOURS, SEALED, UNMASK):
+                config = RoundConfig.received(secure, self.worker_id, self.settings, self.endpoint.trusted)
+                if self.turn is not None and message.round == self.turn.round and config.attempt in self.attempts:
+                    # A redelivery or a replay: answering it afresh would give the attempt a second set of keys.
+                    raise ProtocolError("duplicate" if config.attempt == self.turn.config.attempt else "stale",
+                                        f"model of round {message.round}, attempt {config.attempt} again")
+        if message.kind in (NEIGHBOURS, SEALED, UNMASK, CONSENTS):
             if self.turn is None:
                 raise ProtocolError("stale", f"{message.kind} for round {message.round}, but this worker is in no secure round")
             self.turn.check(message, self.endpoint.trusted)
@@ -197,7 +203,7 @@ class FedAvgWorker(Role):
         return float(clip)
 
     def handle(self, message: Message, delivery: Delivery) -> None:
-        if message.kind in (NEIGHBOURS, SEALED, UNMASK):
+        if message.kind in (NEIGHBOURS, SEALED, UNMASK, CONSENTS):
             self.secure_step(message)
             return
         # A model for a round already answered is a redelivery: nothing to do; a secure round's
@@ -239,22 +245,28 @@ class FedAvgWorker(Role):
         started = time.perf_counter()
         clip = self.round_clip(message)
         if SECURE in message.meta:  # the keys go out before training: the other workers need them to share
-            self.turn = SecureTurn.start(self.endpoint.run, message.round, RoundConfig.received(message.meta[SECURE], self.worker_id, self.settings), self.worker_id)
+            config = RoundConfig.received(message.meta[SECURE], self.worker_id, self.settings, self.endpoint.trusted)
+            self.attempts = (self.attempts if self.turn is not None and self.turn.round == message.round else set()) | {config.attempt}
+            self.turn = SecureTurn.start(self.endpoint.run, message.round, config, self.worker_id)
             self.endpoint.send_message(self.server, Message(KEYS, "", "", round=message.round, meta={"attempt": self.turn.config.attempt},
                                                             tensors=self.turn.advertisement(self.endpoint.signer)), to=SERVER, persistent=True)
         if self.trained is None or self.trained.round != message.round:  # a secure round run again is not trained again
             self.trained = self.train(message, clip)
         work = self.trained
+        loss = work.loss if self.settings.dp == "none" else None  # un-noised: under DP it stays with the worker
         if self.turn is not None:
             encoding = self.turn.config.encoding(federated.dp_weighted(self.settings))
-            self.turn.input = federated.secure_input(encoding, work.change, work.loss, len(self.data), work.under_clip, self.settings)
-            sent_bytes = self.turn.input.nbytes
+            try:
+                self.turn.input = federated.secure_input(encoding, work.change, loss or 0.0, len(self.data), work.under_clip, self.settings)
+            except SecAggError as exc:  # a change that is not finite: this worker sits the round out
+                self.endpoint.rejected("secagg", f"round {message.round}: {exc}")
+            sent_bytes = 0 if self.turn.input is None else self.turn.input.nbytes
         else:
             sent = numpy_state(self.model.state_dict()) if self.settings.dp not in ("central", "local") else numpy_state(
                 strategies.unflatten(work.start + work.change, self.model.state_dict(), list(self.specs)))
             if work.control_delta is not None:
                 sent.update(numpy_state(with_prefix(CONTROL_DELTA, work.control_delta)))
-            meta = {"samples": len(self.data), "train_loss": work.loss, **({"under_clip": work.under_clip} if self.settings.dp_adaptive_clip else {}),
+            meta = {"samples": len(self.data), "train_loss": loss, **({"under_clip": work.under_clip} if self.settings.dp_adaptive_clip else {}),
                     **self.epsilon_meta()}
             self.endpoint.send_message(self.server, Message(UPDATE, "", "", round=message.round, meta=meta, tensors=sent), to=SERVER, persistent=True)
             sent_bytes = sum(array.nbytes for array in sent.values())
@@ -300,16 +312,19 @@ class FedAvgWorker(Role):
         to unmask the sum. A stage this worker cannot do (too few neighbours left, a share that
         does not open, survivors other than those it revealed for) leaves the round without it."""
         turn, reply = self.turn, None
+        turn.answered.add(message.kind)  # answered or refused, it is not answered again
         try:
             if message.kind == NEIGHBOURS:
                 reply = Message(SHARES, "", "", tensors=turn.shares(message))
             elif message.kind == SEALED:
                 reply = Message(MASKED, "", "", meta=self.epsilon_meta(), tensors=turn.masked(message))
+            elif message.kind == UNMASK:
+                reply = Message(CONSENT, "", "", tensors=turn.consent(message, self.endpoint.signer))
             else:
-                survivors, dropped = frozenset(message.meta["survivors"]), frozenset(message.meta["dropped"])
+                survivors = frozenset(turn.lists[0])
                 if (earlier := self.revealed.get(turn.round)) is not None and earlier != survivors:
                     raise SecAggError(f"it revealed shares for round {turn.round} with other survivors: the difference of two sums would show")
-                reply = Message(REVEAL, "", "", tensors=turn.reveal(set(survivors), set(dropped)))
+                reply = Message(REVEAL, "", "", tensors=turn.reveal())
                 self.revealed = {turn.round: survivors}
         except SecAggError as exc:
             self.endpoint.rejected("secagg", f"round {turn.round}, {message.kind}: {exc}")
