@@ -39,8 +39,8 @@ def test_central_dp_without_noise_is_the_plain_loop_and_epsilon_is_the_accountan
     assert [r["loss"] for r in result["history"]] == [r.loss for r in plain]  # clipped, uniform weights: the same maths both ways
     assert [r["epsilon"] for r in result["history"]] == [math.inf, math.inf]  # no noise, no privacy
     noisy = launch.run(fedavg.SCENARIO, dataclasses.replace(settings, dp_noise_multiplier=1.3, clients_per_round=2), FedAvgRun(timeout=60))
-    # Not amplified by the sampling: the draw is seeded and the records name each round's workers.
-    assert [r["epsilon"] for r in noisy["history"]] == pytest.approx([accountant_epsilon(1.3, 1.0, n, 1e-5) for n in (1, 2)], rel=1e-9)
+    # Amplified by the secret draw of 2 of the 4 workers a round.
+    assert [r["epsilon"] for r in noisy["history"]] == pytest.approx([accountant_epsilon(1.3, 0.5, n, 1e-5) for n in (1, 2)], rel=1e-9)
     assert noisy["dp"] == {"epsilon": noisy["history"][-1]["epsilon"], "delta": 1e-5, "stopped": ""}
 
 

@@ -82,3 +82,13 @@ def test_a_worker_that_misses_its_round_is_not_drawn_until_heard_from():
     labels = {"role": "fedavg-server", "session": "sample-silent"}
     assert REGISTRY.get_sample_value("splitfed_worker_missed_rounds", {**labels, "worker": silent}) == 1
     assert REGISTRY.get_sample_value("splitfed_sampled_workers", labels) == 2
+
+
+def test_a_secret_draw_does_not_follow_the_seed():
+    """Central DP's amplification by sampling needs a draw nobody can redo from --seed."""
+    from splitfed.learning.federated import sample_workers
+
+    candidates = [f"worker-{i}" for i in range(100)]
+    seeded = {tuple(sample_workers(candidates, 10, 1, 3)) for _ in range(5)}
+    secret = {tuple(sample_workers(candidates, 10, 1, 3, secret=True)) for _ in range(5)}
+    assert len(seeded) == 1 and len(secret) > 1 and all(len(draw) == 10 and list(draw) == sorted(draw) for draw in secret)

@@ -130,13 +130,16 @@ def local_batches(size: int, settings: PartitionSettings, generator: torch.Gener
     return batches[: settings.local_steps]
 
 
-def sample_workers(candidates: list[str], count: int, seed: int, round_number: int) -> list[str]:
+def sample_workers(candidates: list[str], count: int, seed: int, round_number: int, secret: bool = False) -> list[str]:
     """`count` of `candidates` (all of them when there are no more), drawn for one round: the
-    same seed, round and candidates, in any order, always give the same workers, sorted."""
+    same seed, round and candidates, in any order, always give the same workers, sorted.
+    `secret`: drawn from the operating system's randomness instead, so that nobody who knows the
+    seed knows who took part (central DP's amplification by sampling rests on that)."""
     ordered = sorted(candidates)
     if count >= len(ordered):
         return ordered
-    return sorted(random.Random(f"splitfed-sample/{seed}/{round_number}").sample(ordered, count))
+    draw = random.SystemRandom() if secret else random.Random(f"splitfed-sample/{seed}/{round_number}")
+    return sorted(draw.sample(ordered, count))
 
 
 def round_lr(settings: PartitionSettings, round_number: int) -> float:
@@ -313,15 +316,22 @@ def secure_input(encoding: secagg.Encoding, change: torch.Tensor, loss: float, s
     return encoding.encode(change.detach().cpu().numpy(), loss, samples if dp_weighted(settings) else 1, under_clip)
 
 
-def epsilon_after(settings: FederatedSettings, rounds: int) -> float | None:
-    """The run's epsilon at --dp-delta after `rounds` rounds, for central and local DP (each
-    worker's own accountant gives it for sample-level DP); None without --dp. Each round is one
-    Gaussian mechanism on every worker's change (central: on their sum; local: on each), composed
-    over the rounds and not amplified by client sampling: the draw is seeded and each round's
-    record names its workers, so whether a worker took part is no secret."""
+def epsilon_after(settings: FederatedSettings, rates: list[float]) -> float | None:
+    """The run's epsilon at --dp-delta after rounds in which each worker took part with the chance
+    `rates` gives (one a round), for central and local DP (each worker's own accountant gives it
+    for sample-level DP); None without --dp. Each round is one Gaussian mechanism on every worker's
+    change (central: on their sum; local: on each). Central DP is amplified by the round's sampling
+    rate, the secret draw's (`sample_workers`): that assumes who took part stays with the server,
+    whose results and checkpoint name them. Local DP is not: the server sees each noised change and
+    knows whose it is."""
     if settings.dp not in ("central", "local"):
         return None
-    return privacy.epsilon(settings.dp_noise_multiplier, 1.0, rounds, settings.dp_delta)
+    return privacy.epsilon_of_rounds(settings.dp_noise_multiplier, rates if settings.dp == "central" else [1.0] * len(rates), settings.dp_delta)
+
+
+def sampling_rate(settings: FederatedSettings, candidates: int) -> float:
+    """A worker's chance of taking part in a round drawn from `candidates` (the live workers)."""
+    return min(1.0, settings.round_sample_size(settings.workers) / max(1, candidates))
 
 
 def calibrate(model: nn.Sequential, statistics: list[calibration.ClassStatistics], settings: FederatedSettings) -> float:

@@ -17,6 +17,7 @@ one for tests and reproducible runs, otherwise a fresh one seeded from the opera
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -143,6 +144,21 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         event = dp_event.PoissonSampledDpEvent(sample_rate, event)
     accountant = rdp.RdpAccountant()
     accountant.compose(event, steps)
+    return accountant.get_epsilon(delta)
+
+
+def epsilon_of_rounds(noise_multiplier: float, rates: list[float], delta: float) -> float:
+    """`epsilon` after one Gaussian mechanism per entry of `rates`, each Poisson-subsampled at its
+    rate (1: not subsampled): rounds whose worker pool shrank sample at a higher rate."""
+    if not rates:
+        return 0.0
+    from dp_accounting import dp_event, rdp
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # see epsilon
+    accountant = rdp.RdpAccountant()
+    for rate, count in collections.Counter(rates).items():
+        event = dp_event.GaussianDpEvent(noise_multiplier)
+        accountant.compose(event if rate >= 1 else dp_event.PoissonSampledDpEvent(rate, event), count)
     return accountant.get_epsilon(delta)
 
 

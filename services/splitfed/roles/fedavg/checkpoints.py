@@ -63,6 +63,8 @@ class ServerState:
     # With --dp central: the clip the workers are told for the round being collected (it adapts
     # with --dp-adaptive-clip); None until the first round sets it from --dp-clip.
     dp_clip: float | None = None
+    # With --dp central or local: each closed round's sampling rate, which its epsilon is amplified by.
+    dp_rates: list[float] = field(default_factory=list)
     # Why the run ended before its last round (--dp-target-epsilon), if it did.
     stopped: str = ""
 

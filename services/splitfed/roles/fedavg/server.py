@@ -155,7 +155,7 @@ class FedAvgServer:
                 metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, stage.removeprefix("secagg-"))
             metrics.SECAGG_FAILURES.labels(SERVER, self.session)
         if (settings.dp in ("central", "local") and settings.dp_target_epsilon is not None
-                and (first := federated.epsilon_after(settings, 1)) > settings.dp_target_epsilon):
+                and (first := federated.epsilon_after(settings, [federated.sampling_rate(settings, settings.workers)])) > settings.dp_target_epsilon):
             raise TaskError(f"one round already spends epsilon {first:.3g} at delta {settings.dp_delta:g}, more than --dp-target-epsilon "
                             f"{settings.dp_target_epsilon:g}: raise --dp-noise-multiplier")
         self.endpoint = Endpoint(
@@ -237,15 +237,20 @@ class FedAvgServer:
             **({"dp": {"epsilon": final.get("epsilon"), "delta": self.settings.dp_delta, "stopped": self.state.stopped}} if self.settings.dp != "none" else {}),
         }
 
+    def last_record(self) -> dict:
+        """The record of the last round closed (its scores may still be due); empty before the first."""
+        return self.state.unscored or (self.state.history[-1] if self.state.history else {})
+
     def budget_spent(self) -> bool:
         """Whether the next round would take epsilon past --dp-target-epsilon: the accountant's
         figure after it (central, local DP), or the largest any worker reported it would reach
         (sample-level DP). The run then ends with the rounds it has."""
         target = self.settings.dp_target_epsilon
-        if target is None or not self.state.history and not self.state.unscored:
+        if target is None or not self.last_record():
             return False
-        last = self.state.unscored or self.state.history[-1]
-        upcoming = last.get("epsilon_next") if self.settings.dp == "sample" else federated.epsilon_after(self.settings, self.state.round)
+        last = self.last_record()
+        upcoming = (last.get("epsilon_next") if self.settings.dp == "sample" else
+                    federated.epsilon_after(self.settings, [*self.state.dp_rates, federated.sampling_rate(self.settings, len(self.candidates()))]))
         if upcoming is None or upcoming <= target:
             return False
         self.state.stopped = f"round {self.state.round} would take epsilon to {upcoming:.3g}, past --dp-target-epsilon {target:g}"
@@ -343,14 +348,18 @@ class FedAvgServer:
         """This round's workers: all that have not missed their last round, or with client
         sampling a seeded draw from them, drawn once per round. It needs no write of its own:
         until the next checkpoint (which holds it) it is a function of the last one, so a
-        server that restarts before then draws the same workers again."""
+        server that restarts before then draws the same workers again. Under central DP the draw
+        is secret (the OS's randomness): a restarted server may draw others."""
         if self.state.sampled_round != self.state.round:
-            missed = set(self.state.missed)
-            candidates = [worker for worker in self.state.workers if worker not in missed]
             size = self.settings.round_sample_size(len(self.state.workers))
-            self.state.sampled = federated.sample_workers(candidates, size, self.settings.seed, self.state.round)
+            self.state.sampled = federated.sample_workers(self.candidates(), size, self.settings.seed, self.state.round, secret=self.settings.dp == "central")
             self.state.sampled_round = self.state.round
         return self.state.sampled
+
+    def candidates(self) -> list[str]:
+        """The workers a round may draw: those not given up on."""
+        missed = set(self.state.missed)
+        return [worker for worker in self.state.workers if worker not in missed]
 
     def run_round(self) -> None:
         round_number = self.state.round
@@ -423,12 +432,15 @@ class FedAvgServer:
         one more round would take it to) and the clip it used."""
         if self.settings.dp == "none":
             return {}
-        if self.settings.dp == "sample":
+        if self.settings.dp == "sample":  # the largest any worker has reported, in this round or before
+            last = self.last_record()
             reported = [answer.epsilon for answer in answers if answer.epsilon is not None]
-            epsilon = max((value for value, _ in reported), default=None)
-            figures = {"epsilon": epsilon, "epsilon_next": max((value for _, value in reported), default=None)}
+            epsilon = max((value for value in (last.get("epsilon"), *(now for now, _ in reported)) if value is not None), default=None)
+            upcoming = max((value for value in (last.get("epsilon_next"), *(then for _, then in reported)) if value is not None), default=None)
+            figures = {"epsilon": epsilon, "epsilon_next": upcoming}
         else:
-            epsilon = federated.epsilon_after(self.settings, round_number)
+            self.state.dp_rates.append(federated.sampling_rate(self.settings, len(self.candidates())))
+            epsilon = federated.epsilon_after(self.settings, self.state.dp_rates)
             figures = {"epsilon": epsilon}
         if epsilon is not None:
             metrics.DP_EPSILON.labels(SERVER, self.session).set(epsilon)
