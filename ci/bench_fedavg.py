@@ -20,6 +20,17 @@
         for 10,000 shares), few trained per round. Goal: 10,000 registered, 100 per round,
         <= 2 s/round. The workers of one process share one connection, its key list and one
         partition of the data (10 processes of 1000: 11 connections in all, with the server's).
+    .venv/bin/python ci/bench_fedavg.py secagg [--rounds 6] [--repeat 1] [--workers 10] [--registered 1000] [--clients-per-round 100]
+        Secure aggregation (--secure-aggregation secagg+) against plain FedAvg, the same work in one
+        run, plain and secagg+ runs alternating (the order flips every repeat): (a) --workers (10)
+        all trained every round, as `scale` runs them (tiny model on digits, a connection each);
+        (b) --clients-per-round (100) sampled of --registered (1000), as `sampled` runs them (tiny
+        model on fashion-mnist, one helper process whose workers share its connection). Prints
+        s/round (rounds 2..), the ratio (goal: <= 2x at 100 per round), and the bytes and messages
+        per round: the server's endpoint's traffic (every frame it sends and accepts: header, meta,
+        tensors and signature, not AMQP's framing) in rounds 2.., per round, and that divided by
+        the workers trained per round (every message is between the server and one worker, so this
+        is a trained worker's sent + received), with the bytes per kind of message.
 """
 
 from __future__ import annotations
@@ -135,18 +146,74 @@ def sampled(args) -> None:
     scale(args)
 
 
+def secagg(args) -> None:
+    """Plain and secagg+ rounds of the same work, alternating, for `scale`'s and `sampled`'s harnesses."""
+    setups = [  # (name, registered, trained per round, per process, dataset, one connection per process)
+        (f"(a) all {args.workers}", args.workers, None, args.workers, "digits", False),
+        (f"(b) {args.clients_per_round} of {args.registered}", args.registered, args.clients_per_round, args.registered, "fashion-mnist", True),
+    ]
+    table = Table(title=f"FedAvg with and without secure aggregation (secagg+), tiny model, signed messages, mean of rounds 2..{args.rounds}: "
+                        f"(a) {args.workers} workers on digits, a connection each, all trained every round; (b) {args.clients_per_round} sampled "
+                        f"a round of {args.registered} on fashion-mnist, one helper process sharing a connection")
+    for column in ("setting", "pair", "s/round plain", "s/round secagg+", "ratio", "KB/worker/round plain / secagg+",
+                   "messages/round plain / secagg+", "CPU s/round server+helpers: plain / secagg+", "accuracy plain / secagg+"):
+        table.add_column(column, justify="right")
+    kinds: dict[str, dict] = {}
+    with scale_broker(args) as (broker, broker_pid):
+        for name, count, per_round, per_process, dataset, shared in setups:
+            if name.startswith("(a)") and args.skip_a or name.startswith("(b)") and args.skip_b:
+                continue
+            trained = per_round or count
+            ratios = []
+            for repeat in range(args.repeat):
+                results = {}
+                for mode in (("none", "secagg+") if repeat % 2 == 0 else ("secagg+", "none")):
+                    figures: dict = {}
+                    mean, _, _, cpu, accuracy = scale_run(count, per_process, args.rounds, broker, None, per_round, broker_pid, 0.0, dataset, shared,
+                                                          secure=mode, figures=figures, worker_timeout=args.worker_timeout)
+                    results[mode] = (mean, figures, cpu, accuracy)
+                    kinds[f"{name}, {mode}"] = figures["kinds"]
+                (plain, plain_traffic, plain_cpu, plain_accuracy), (secure, secure_traffic, secure_cpu, secure_accuracy) = results["none"], results["secagg+"]
+                ratios.append(secure / plain)
+                cpu_of = lambda cpu: "+".join("-" if c is None else f"{c:.2f}" for c in cpu[:2])  # noqa: E731
+                table.add_row(name, str(repeat + 1), f"{plain:.2f}", f"{secure:.2f}", f"{secure / plain:.2f}x",
+                              f"{plain_traffic['bytes'] / trained / 1e3:.1f} / {secure_traffic['bytes'] / trained / 1e3:.1f}",
+                              f"{plain_traffic['messages']:.0f} / {secure_traffic['messages']:.0f}",
+                              f"{cpu_of(plain_cpu)} / {cpu_of(secure_cpu)}", f"{plain_accuracy:.4f} / {secure_accuracy:.4f}")
+            if args.repeat > 1:
+                table.add_row(name, "median", "", "", f"{statistics.median(ratios):.2f}x", "", "", "", "")
+            Console(width=200).print(table)
+    console = Console(width=200)
+    breakdown = Table(title=f"The server's traffic per round by kind of message (rounds 2..{args.rounds}, last repeat): messages / KB")
+    breakdown.add_column("kind")
+    for run in kinds:
+        breakdown.add_column(run, justify="right")
+    for kind in sorted({kind for counted in kinds.values() for kind in counted}):
+        breakdown.add_row(kind, *(f"{counted[kind][0]:.0f} / {counted[kind][1] / 1e3:.1f}" if kind in counted else "" for counted in kinds.values()))
+    console.print(breakdown)
+    console.print("KB/worker/round: the server's sent + accepted frames (header, meta, tensors, signature; not AMQP framing) in rounds 2.. per "
+                  "round, over the workers trained per round; every message is between the server and one worker, so this is what a trained "
+                  "worker sends + receives. messages/round: all of the server's, both ways. CPU: the server's process, then the helper processes "
+                  "hosting the workers, per round. Ratio: secagg+ s/round over plain s/round.", soft_wrap=True)
+
+
 
 
 def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, profile: Path | None = None,
               clients_per_round: int | None = None, broker_pid: int | None = None, idle_probe: float = 0.0,
-              dataset: str = "digits", shared_connection: bool = False) -> tuple[float, float, list[float], list, float]:
+              dataset: str = "digits", shared_connection: bool = False, secure: str = "none",
+              figures: dict | None = None, worker_timeout: int = 300) -> tuple[float, float, list[float], list, float]:
     """Mean, worst and each round's seconds of rounds 2.., the CPU seconds per round (server
-    process, all helpers, broker node) spent in them, and the final accuracy."""
+    process, all helpers, broker node) spent in them, and the final accuracy. `secure`: the
+    --secure-aggregation of the server and workers. `figures`, when given, gets the server's
+    traffic per round in rounds 2..: {"messages", "bytes", "kinds": {kind: (messages, bytes)}}.
+    `worker_timeout`: how long a worker waits for the server (its welcome, its turn)."""
     directory = Path(tempfile.mkdtemp(prefix="splitfed-scale-"))
     key_list = keys.generate(directory, ["fedavg-server", *worker_ids(count)])
     session = new_session()
     sampling = {"clients_per_round": clients_per_round} if clients_per_round else {}
-    settings = FederatedSettings(dataset=dataset, model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05, **sampling)
+    settings = FederatedSettings(dataset=dataset, model="tiny", batch_size=16, rounds=rounds, workers=count, partition="iid", lr=0.05,
+                                 secure_aggregation=secure, **sampling)
     server_transport = RabbitTransport(broker, name="scale-server", prefetch=ROLES[SERVER].prefetch(settings))
     identity = Identity.load("fedavg-server", key_list, directory / "fedavg-server.key")
     samplers, cpu_start, cpu_end, idle, faults = [], [], [], [], []
@@ -159,9 +226,11 @@ def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, p
             time.sleep(idle_probe)
             idle.extend(None if b is None else (cpu_seconds(pids) - b) / idle_probe for b, pids in zip(before, parties()))
         if progress.event == "round" and progress.done == 1:
+            counting.append(True)
             cpu_start.extend(cpu_seconds(pids) for pids in parties())
             faults.append(major_faults([helper.pid for helper in helpers]))
         if progress.event == "round" and progress.done == rounds:  # before the done messages go out
+            counting.clear()
             cpu_end.extend(cpu_seconds(pids) for pids in parties())
             faults.append(major_faults([helper.pid for helper in helpers]))
             for sampler, _, _ in samplers:
@@ -175,9 +244,22 @@ def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, p
 
     server = FedAvgServer(settings, ServerDeployment(session=session, timeout=600), server_transport, identity, on_progress=start_profiling)
     phases = timed_phases(server)
+    counting: list[bool] = []  # non-empty while rounds 2.. run
+    by_kind: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    count_frame = server.endpoint._count
+
+    def counted(kind: str, direction: str, size: int) -> None:
+        """The server endpoint's count of every frame it sends or accepts, by kind, in rounds 2.. only."""
+        count_frame(kind, direction, size)
+        if counting:
+            by_kind[kind][0] += 1
+            by_kind[kind][1] += size
+
+    server.endpoint._count = counted
     helpers = [
         subprocess.Popen([sys.executable, __file__, "workers", "--session", session, "--first", str(first), "--count", str(min(per_process, count - first)),
                           "--total", str(count), "--rounds", str(rounds), "--key-list", str(key_list), "--broker", broker, "--dataset", dataset,
+                          "--secure-aggregation", secure, "--timeout", str(worker_timeout),
                           *(["--shared-connection"] if shared_connection else [])])
         for first in range(0, count, per_process)
     ]
@@ -201,8 +283,13 @@ def scale_run(count: int, per_process: int, rounds: int, broker: str = BROKER, p
     seconds = [r["seconds"] for r in result["history"][1:]]  # round 1 waits for the helpers to start
     cpu = [(end - start) / len(seconds) if end is not None and start is not None else None for start, end in zip(cpu_start, cpu_end)]
     send, collect, rest = (statistics.mean(phase[1:]) for phase in zip(*phases))
-    print(f"{count} workers, rounds 2..{rounds}, mean s/round: sending the models {send:.2f}, then collecting the updates {collect:.2f}, "
+    collecting = "the secure sum's stages (keys, shares, masked inputs, reveals)" if secure != "none" else "collecting the updates"
+    print(f"{count} workers{'' if secure == 'none' else ', ' + secure}, rounds 2..{rounds}, mean s/round: sending the models {send:.2f}, then {collecting} {collect:.2f}, "
           f"the rest (aggregate, test, checkpoint, acks) {rest:.2f}", flush=True)
+    if figures is not None:
+        figures["kinds"] = {kind: (messages / len(seconds), size / len(seconds)) for kind, (messages, size) in by_kind.items()}
+        figures["messages"] = sum(messages for messages, _ in figures["kinds"].values())
+        figures["bytes"] = sum(size for _, size in figures["kinds"].values())
     if idle:
         print(f"{count} workers, idle (after round 1, {idle_probe:.0f}s): CPU s/s server / helpers / broker "
               + " / ".join("-" if c is None else f"{c:.2f}" for c in idle), flush=True)
@@ -225,7 +312,7 @@ def timed_phases(server: FedAvgServer) -> list[tuple[float, float, float]]:
         return timed_send
 
     def timed_collect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        marks["collect"] = time.perf_counter()
+        marks.setdefault("collect", time.perf_counter())  # a secure round collects four times: from the first
         try:
             return collect(*args, **kwargs)
         finally:
@@ -301,7 +388,8 @@ def workers(args) -> None:
     own or (--shared-connection) one for the whole process, which also loads the key list and
     partitions the data once for all its workers."""
     torch.set_num_threads(1)
-    settings = PartitionSettings(dataset=args.dataset, model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05)
+    settings = PartitionSettings(dataset=args.dataset, model="tiny", batch_size=16, workers=args.total, partition="iid", lr=0.05,
+                                 secure_aggregation=args.secure_aggregation)
     shared = RabbitTransport(args.broker, name=f"workers-{args.first}") if args.shared_connection else None
     trusted = keys.KeyList.load(args.key_list) if shared else None
     hosted = list(range(args.first, args.first + args.count))
@@ -312,7 +400,7 @@ def workers(args) -> None:
         transport = shared or RabbitTransport(args.broker, name=name)
         private_key = args.key_list.parent / f"{name}.key"
         identity = Identity(keys.load_private(private_key, name), trusted) if shared else Identity.load(name, args.key_list, private_key)
-        role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=300, worker_id=name, index=index), transport, identity,
+        role = FedAvgWorker(settings, WorkerDeployment(session=args.session, timeout=args.timeout, worker_id=name, index=index), transport, identity,
                             share=shares[index] if shared else None)
         threads.append((transport, RoleThread(name, role.run)))
     for _, thread in threads:
@@ -362,8 +450,23 @@ def main() -> None:
     helper.add_argument("--broker", default=BROKER)
     helper.add_argument("--dataset", default="digits")
     helper.add_argument("--shared-connection", action="store_true")
+    helper.add_argument("--secure-aggregation", default="none")
+    helper.add_argument("--timeout", type=float, default=300, help="how long a worker waits for the server")
+    secure = commands.add_parser("secagg", help="round time and traffic with secure aggregation against without")
+    secure.add_argument("--rounds", type=int, default=6)
+    secure.add_argument("--repeat", type=int, default=1, help="plain/secagg+ pairs per setting (the order flips every pair)")
+    secure.add_argument("--workers", type=int, default=10, help="(a): workers, all trained every round")
+    secure.add_argument("--registered", type=int, default=1000, help="(b): registered workers")
+    secure.add_argument("--clients-per-round", type=int, default=100, help="(b): workers sampled per round")
+    secure.add_argument("--skip-a", action="store_true", help="only (b)")
+    secure.add_argument("--worker-timeout", type=int, default=1800,
+                        help="how long a worker waits for the server: starting 1000 workers on a busy 2-core machine can take minutes")
+    secure.add_argument("--skip-b", action="store_true", help="only (a)")
+    secure.add_argument("--broker", default=BROKER)
+    secure.add_argument("--own-broker", action="store_true", help="start a RabbitMQ node of this run's own with RLIMIT_NOFILE raised")
+    secure.add_argument("--nofile", type=int, default=None, help="the file-descriptor limit for --own-broker (default: the hard limit)")
     args = parser.parse_args()
-    {"overhead": overhead, "scale": scale, "sampled": sampled, "workers": workers}[args.command](args)
+    {"overhead": overhead, "scale": scale, "sampled": sampled, "workers": workers, "secagg": secagg}[args.command](args)
 
 
 if __name__ == "__main__":

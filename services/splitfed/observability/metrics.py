@@ -55,7 +55,7 @@ SAMPLED_WORKERS = Gauge("splitfed_sampled_workers", "Workers drawn to train in t
 SERVER_ACTIVE = Gauge("splitfed_server_active", "1 while this server holds its session and runs the rounds, 0 while it waits as standby", ["role", "session"])
 DP_EPSILON = Gauge("splitfed_dp_epsilon", "Differential privacy spent so far: epsilon at the run's --dp-delta", ["role", "session"])
 SECAGG_DROPOUTS = Counter(
-    "splitfed_secagg_dropouts_total", "Workers a secure round went on without, by the stage they left at (keys, shares, masked, reveal)",
+    "splitfed_secagg_dropouts_total", "Workers a secure round went on without, by the stage they left at (keys, shares, masked, consent, reveal)",
     ["role", "session", "stage"],
 )
 SECAGG_FAILURES = Counter("splitfed_secagg_failures_total", "Attempts at a secure sum that could not be unmasked and were run again", ["role", "session"])
