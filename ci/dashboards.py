@@ -97,7 +97,7 @@ FEDAVG = (
                              q(f"splitfed_sampled_workers{{{FEDAVG_SERVER}}}", "drawn this round {{session}}")), width=8),
     Panel("Update bytes accepted per round", (q(f"splitfed_round_bytes{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="bytes", width=8),
     Panel("Test accuracy", (q(f"splitfed_test_accuracy{{{FEDAVG_SERVER}}}", "{{session}}"),), unit="percentunit"),
-    Panel("Loss", (q(f"splitfed_test_loss{{{FEDAVG_SERVER}}}", "test {{session}}"), q(f"splitfed_train_loss{{{FEDAVG_SERVER}}}", "train (workers' mean) {{session}}"))),
+    Panel("Loss", (q(f"splitfed_test_loss{{{FEDAVG_SERVER}}}", "test {{session}}"), q(f"splitfed_train_loss{{{FEDAVG_SERVER}}}", "train (workers' mean; none under --dp) {{session}}"))),
     Panel("Round duration", quantiles("splitfed_round_duration_seconds", FEDAVG_SERVER), unit="s"),
     Panel("Updates per second", (q(f"sum by (session, outcome) (rate(splitfed_updates_total{{{FEDAVG_SERVER}}}[$__rate_interval]))", "{{outcome}} {{session}}"),),
           unit="ops", description="Received: every update and join that arrived; accepted: those applied"),
