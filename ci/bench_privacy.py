@@ -1,6 +1,6 @@
 """Differential privacy benchmark: test accuracy against epsilon, central DP (DP-FedAvg).
 
-    .venv/bin/python ci/bench_privacy.py [--rounds 20] [--epsilons 1 4 8] [--partitions iid dirichlet:0.3] [--out privacy.json]
+    .venv/bin/python ci/bench_privacy.py [--rounds 20] [--epsilons 8 4 1] [--partitions iid dirichlet:0.3] [--out privacy.json [--resume]]
 
 Fashion-MNIST, the default cnn, 1,000 registered workers of which 100 are drawn each round. For
 each partition: a run without DP, then for each target epsilon (at --delta 1e-5) a run with
@@ -129,6 +129,23 @@ def norms(args) -> None:  # noqa: ANN001
             federated.reference_run(settings, on_round=report)
 
 
+RESULT_SETTINGS = ("delta", "rounds", "workers", "clients_per_round", "optimizer", "lr", "batch_size", "local_epochs", "clip", "seed",
+                   "round_test_limit", "tolerance")  # what a row depends on beside its partition and epsilon
+
+
+def earlier_rows(args) -> dict[tuple[str, float | None], dict]:  # noqa: ANN001
+    """--resume: the rows --out holds from an earlier run with the same settings, by (partition,
+    target epsilon), so that a grid cut short goes on where it stopped."""
+    if not args.resume or not args.out or not args.out.exists():
+        return {}
+    earlier = json.loads(args.out.read_text())
+    if any(earlier["settings"].get(name) != getattr(args, name) for name in RESULT_SETTINGS):
+        raise SystemExit(f"--resume: {args.out} was written with other settings ({', '.join(RESULT_SETTINGS)} must match)")
+    rows = {(row["partition"], row["target_epsilon"]): row for row in earlier["rows"]}
+    print(f"--resume: {len(rows)} rows from {args.out}: " + ", ".join(f"{p} {'no DP' if t is None else t}" for p, t in rows), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partitions", nargs="+", default=["iid", "dirichlet:0.3"])
@@ -147,7 +164,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="the bisection's precision on z")
     parser.add_argument("--norms", type=int, default=0, help="only run this many rounds without DP and print the update norms")
     parser.add_argument("--progress", action="store_true", help="print every round's accuracy and seconds")
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here (after every run)")
+    parser.add_argument("--resume", action="store_true", help="reuse the rows --out already holds (same settings): run only the missing cells")
     args = parser.parse_args()
     if args.norms:
         norms(args)
@@ -157,23 +175,29 @@ def main() -> None:
     title = (f"Central DP (DP-FedAvg), fashion-mnist, cnn, {args.clients_per_round} of {args.workers} workers a round, {args.rounds} rounds, "
              f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.local_epochs} local epochs, clip {args.clip}, delta {args.delta:g}, seed {args.seed}")
     console = Console(width=200)
+    done = earlier_rows(args)
     rows = []
     for partition in args.partitions:
         for target in [None, *args.epsilons]:
+            if (partition, target) in done:
+                rows.append(done[(partition, target)])
+                continue
             rows.append(one_run(args, partition, target, noise.get(target)))
-            table = Table(title=title)
-            for column in ("partition", "epsilon", "z", "accuracy", "best round accuracy*", "update norm median", "clipped", "s"):
-                table.add_column(column, justify="right")
-            for row in rows:
-                table.add_row(row["partition"], "no DP" if row["noise_multiplier"] is None else f"{row['epsilon']:.3f} (target {row['target_epsilon']:g})",
-                              "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.4f}", f"{row['accuracy']:.4f}",
-                              f"{max(row['round_accuracy']):.4f}", f"{row['update_norm_median']:.3f}", f"{row['clipped']:.0%}", f"{row['seconds']:.0f}")
-            console.print(table)
+            row = rows[-1]
+            print(f"done: {partition}, {'no DP' if target is None else f'epsilon {target:g}'}: accuracy {row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
             if args.out:
                 args.out.write_text(json.dumps({"command": command, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                                 "rows": rows}, indent=2))
+    table = Table(title=title)
+    for column in ("partition", "epsilon", "z", "accuracy", "best round accuracy*", "update norm median", "clipped", "s"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["partition"], "no DP" if row["noise_multiplier"] is None else f"{row['epsilon']:.3f} (target {row['target_epsilon']:g})",
+                      "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.4f}", f"{row['accuracy']:.4f}",
+                      f"{max(row['round_accuracy']):.4f}", f"{row['update_norm_median']:.3f}", f"{row['clipped']:.0%}", f"{row['seconds']:.0f}")
+    console.print(table)
     console.print(f"accuracy: the final model on the whole test set; *best round accuracy: on the first {args.round_test_limit} test samples; "
-                  f"clipped: the share of the updates (all rounds) whose norm was above the clip {args.clip}")
+                  f"clipped: the share of the updates (all rounds) whose norm was above the clip {args.clip}; s: the run's wall seconds on this machine")
     console.print(f"command: {command}", soft_wrap=True)
 
 
