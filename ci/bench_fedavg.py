@@ -20,12 +20,13 @@
         for 10,000 shares), few trained per round. Goal: 10,000 registered, 100 per round,
         <= 2 s/round. The workers of one process share one connection, its key list and one
         partition of the data (10 processes of 1000: 11 connections in all, with the server's).
-    .venv/bin/python ci/bench_fedavg.py secagg [--rounds 6] [--repeat 1] [--workers 10] [--registered 1000] [--clients-per-round 100]
+    .venv/bin/python ci/bench_fedavg.py secagg [--rounds 6] [--repeat 1] [--workers 10] [--registered 1000] [--clients-per-round 100] [--per-process N]
         Secure aggregation (--secure-aggregation secagg+) against plain FedAvg, the same work in one
         run, plain and secagg+ runs alternating (the order flips every repeat): (a) --workers (10)
         all trained every round, as `scale` runs them (tiny model on digits, a connection each);
         (b) --clients-per-round (100) sampled of --registered (1000), as `sampled` runs them (tiny
-        model on fashion-mnist, one helper process whose workers share its connection). Prints
+        model on fashion-mnist, one helper process whose workers share its connection; or
+        --per-process N workers per process). Prints
         s/round (rounds 2..), the ratio (goal: <= 2x at 100 per round), and the bytes and messages
         per round: the server's endpoint's traffic (every frame it sends and accepts: header, meta,
         tensors and signature, not AMQP's framing) in rounds 2.., per round, and that divided by
@@ -150,11 +151,12 @@ def secagg(args) -> None:
     """Plain and secagg+ rounds of the same work, alternating, for `scale`'s and `sampled`'s harnesses."""
     setups = [  # (name, registered, trained per round, per process, dataset, one connection per process)
         (f"(a) all {args.workers}", args.workers, None, args.workers, "digits", False),
-        (f"(b) {args.clients_per_round} of {args.registered}", args.registered, args.clients_per_round, args.registered, "fashion-mnist", True),
+        (f"(b) {args.clients_per_round} of {args.registered}", args.registered, args.clients_per_round, args.per_process or args.registered, "fashion-mnist", True),
     ]
     table = Table(title=f"FedAvg with and without secure aggregation (secagg+), tiny model, signed messages, mean of rounds 2..{args.rounds}: "
                         f"(a) {args.workers} workers on digits, a connection each, all trained every round; (b) {args.clients_per_round} sampled "
-                        f"a round of {args.registered} on fashion-mnist, one helper process sharing a connection")
+                        f"a round of {args.registered} on fashion-mnist, {-(-args.registered // (args.per_process or args.registered))} helper "
+                        "process(es), each sharing one connection among its workers")
     for column in ("setting", "pair", "s/round plain", "s/round secagg+", "ratio", "KB/worker/round plain / secagg+",
                    "messages/round plain / secagg+", "CPU s/round server+helpers: plain / secagg+", "accuracy plain / secagg+"):
         table.add_column(column, justify="right")
@@ -458,6 +460,7 @@ def main() -> None:
     secure.add_argument("--workers", type=int, default=10, help="(a): workers, all trained every round")
     secure.add_argument("--registered", type=int, default=1000, help="(b): registered workers")
     secure.add_argument("--clients-per-round", type=int, default=100, help="(b): workers sampled per round")
+    secure.add_argument("--per-process", type=int, default=None, help="(b): workers per helper process, sharing its connection (default: all in one)")
     secure.add_argument("--skip-a", action="store_true", help="only (b)")
     secure.add_argument("--worker-timeout", type=int, default=1800,
                         help="how long a worker waits for the server: starting 1000 workers on a busy 2-core machine can take minutes")
