@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -107,12 +108,17 @@ def one_run(args, partition: str, target: float | None, z: float | None) -> dict
     with NormRecorder() as recorder:
         model, history = federated.reference_run(settings, on_round=progress if args.progress else None)
     accuracy = full_test_accuracy(model, settings)
-    norms = sorted(recorder.norms)
+    norms = recorder.norms
+    finite_norms = sorted(n for n in norms if math.isfinite(n))
     return {
         "partition": partition, "target_epsilon": target, "noise_multiplier": z,
         "epsilon": federated.epsilon_after(settings, [federated.sampling_rate(settings, args.workers)] * args.rounds) if z is not None else None,
         "accuracy": accuracy, "round_accuracy": [r.accuracy for r in history], "seconds": time.perf_counter() - started,
-        "update_norm_median": statistics.median(norms), "clipped": sum(n > args.clip for n in norms) / len(norms),
+        "update_norm_median": statistics.median(finite_norms), "clipped": sum(n > args.clip for n in finite_norms) / len(finite_norms),
+        # A non-finite update (a worker's local training blown up from a noised model) makes the
+        # mean non-finite, and every round after it: the table says so rather than just 0.1.
+        "finite": all(bool(torch.isfinite(value).all()) for value in model.state_dict().values() if value.is_floating_point()),
+        "non_finite_updates": sum(not math.isfinite(n) for n in norms),
     }
 
 
@@ -193,7 +199,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(row["partition"], "no DP" if row["noise_multiplier"] is None else f"{row['epsilon']:.3f} (target {row['target_epsilon']:g})",
-                      "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.4f}", f"{row['accuracy']:.4f}",
+                      "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.4f}", f"{row['accuracy']:.4f}" + (" (NaN model)" if row.get("finite") is False else ""),
                       f"{max(row['round_accuracy']):.4f}", f"{row['update_norm_median']:.3f}", f"{row['clipped']:.0%}", f"{row['seconds']:.0f}")
     console.print(table)
     console.print(f"accuracy: the final model on the whole test set; *best round accuracy: on the first {args.round_test_limit} test samples; "
