@@ -31,7 +31,8 @@
         per round: the server's endpoint's traffic (every frame it sends and accepts: header, meta,
         tensors and signature, not AMQP's framing) in rounds 2.., per round, and that divided by
         the workers trained per round (every message is between the server and one worker, so this
-        is a trained worker's sent + received), with the bytes per kind of message.
+        is a trained worker's sent + received), with the bytes per kind of message. Every party
+        runs on this machine's cores: the workers' crypto is not spread over 100 machines.
 """
 
 from __future__ import annotations

@@ -19,10 +19,15 @@ test samples (cheap); the accuracy in the table is the final model's on the whol
 to show where the clip sits among them: `--norms R` runs R rounds without DP, prints their
 quantiles per round and stops (how the clip was chosen).
 
-Defaults (chosen on this 2-core machine, where a round takes ~5 s when it is otherwise idle): 20
+Defaults (chosen on this 2-core machine, where a round takes ~5 s when it is otherwise idle, so
+a 20-round run ~2 min and the grid of 8 ~16 min; on a busy machine several times that): 20
 rounds, SGD (momentum 0.9) lr 0.05, batch 16, 2 local epochs (about 8 steps on a 60-sample IID
 share), clip 1.0 (about the median update norm without DP), seed 2 (seed 1 leaves a worker
-without samples under dirichlet:0.3 with 1,000 workers).
+without samples under dirichlet:0.3 with 1,000 workers). `--out FILE` is written after every
+run; `--resume` reuses its rows (same settings) and runs only the missing cells. A model made
+non-finite by a worker's non-finite update (local training blown up from a heavily noised model)
+is marked "NaN model" (the plain loop averages such an update in; the distributed server's codec
+refuses non-finite tensors).
 """
 
 from __future__ import annotations
@@ -191,9 +196,10 @@ def main() -> None:
             rows.append(one_run(args, partition, target, noise.get(target)))
             row = rows[-1]
             print(f"done: {partition}, {'no DP' if target is None else f'epsilon {target:g}'}: accuracy {row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
-            if args.out:
+            if args.out:  # with the earlier rows of cells outside this grid, so that --resume never loses one
+                kept = [row for key, row in done.items() if key not in {(r["partition"], r["target_epsilon"]) for r in rows}]
                 args.out.write_text(json.dumps({"command": command, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                                                "rows": rows}, indent=2))
+                                                "rows": rows + kept}, indent=2))
     table = Table(title=title)
     for column in ("partition", "epsilon", "z", "accuracy", "best round accuracy*", "update norm median", "clipped", "s"):
         table.add_column(column, justify="right")

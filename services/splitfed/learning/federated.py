@@ -394,9 +394,11 @@ def reference_run(
             local.load_state_dict(model.state_dict())
             controls = (server_control, worker_controls[index]) if server_control is not None else None
             work = local_training(local, share, settings, round_seed(settings.seed, index, round_number), round_number, recipe, controls, loss_of, task.compute)
+            trained = strategies.flatten(local.state_dict(), names)
+            if not torch.isfinite(trained).all():  # the server refuses a non-finite update (and a worker sits a secure round out): left out
+                continue
             losses.append(work.loss)
             samples.append(len(share))
-            trained = strategies.flatten(local.state_dict(), names)
             change, under_clip = private_change(trained - current, settings, clip)
             if settings.secure_aggregation != "none":  # the sum the masked inputs add up to, without the masks
                 inputs.append(secure_input(encoding, change, work.loss, len(share), under_clip, settings))
