@@ -217,10 +217,6 @@ class SecureRound:
     def statement(self) -> bytes:
         return consent_statement(self.run, self.round, self.config.attempt, *self.unmask_sets())
 
-    def consent_tensors(self) -> dict[str, np.ndarray]:
-        """What every survivor that consented is sent: each one's signature (names alone without a key list)."""
-        return {u: signature for u, signature in self.consents.items()}
-
     def sealed_for(self, worker: str) -> dict[str, np.ndarray]:
         return {u: _array(boxes[worker]) for u, boxes in self.boxes.items() if worker in boxes}
 

@@ -421,7 +421,7 @@ class FedAvgServer:
         self.checkpoint(with_model=True)
         for answer in [*answers, *(scoring.answers.values() if scoring else ())]:  # only now is the answer's effect on disk
             self.endpoint.ack(answer.delivery)
-        self._round_metrics(record, {answer_of: answer for answer_of, answer in zip(contributors, answers)}, sampled)
+        self._round_metrics(record, contributors, sum(answer.size for answer in answers), sampled)
         for complete in (scored, None if self.parties_score else record):
             if complete is not None:
                 self.report(complete)
@@ -482,13 +482,10 @@ class FedAvgServer:
         """One attempt's stages after the model went out."""
         attempt, round_number = self.secure, self.state.round
         stages = ((KEYS, NEIGHBOURS, attempt.neighbour_keys), (SHARES, SEALED, attempt.sealed_for), (MASKED, None, None))
-        answers: dict[str, Answer] = {}
         for kind, reply, tensors_for in stages:
             expected = attempt.expected(kind)
             answers = self.collect(set(expected), kind, with_scores=kind == MASKED)
-            if left := sorted(expected - set(answers)):
-                metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, kind.removeprefix("secagg-")).inc(len(left))
-                log.warning("round %d: secure sum goes on without %s (no %s)", round_number, ", ".join(left), kind)
+            self.went_on_without(kind, expected - set(answers))
             if reply is not None:
                 self.endpoint.send_messages([(worker_queue(self.session, worker), Message(reply, "", "", round=round_number, meta={"attempt": attempt.config.attempt},
                                                                                           tensors=tensors_for(worker)), worker) for worker in sorted(answers)],
@@ -500,20 +497,23 @@ class FedAvgServer:
         # A survivor that died after its input needs no shares of its own: whether enough consents
         # and shares came in is for the workers and the unmasking to say, not the quorum.
         self.collect(set(survivors), CONSENT, with_scores=False, quorum=1)
-        consents = attempt.consent_tensors()
-        if left := sorted(set(survivors) - set(consents)):
-            metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "consent").inc(len(left))
+        consents = dict(attempt.consents)  # every consent to every consenter: each one's signature (empty without a key list)
+        self.went_on_without(CONSENT, set(survivors) - set(consents))
         self.endpoint.send_messages([(worker_queue(self.session, worker), Message(CONSENTS, "", "", round=round_number, meta={"attempt": attempt.config.attempt},
                                                                                   tensors=consents), worker) for worker in sorted(consents)], persistent=True)
         revealed = self.collect(set(consents), REVEAL, with_scores=False, quorum=1)
-        if left := sorted(set(survivors) - set(revealed)):
-            metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, "reveal").inc(len(left))
-            log.warning("round %d: secure sum is unmasked without %s's shares (no %s)", round_number, ", ".join(left), REVEAL)
+        self.went_on_without(REVEAL, set(survivors) - set(revealed))
         total = attempt.unmasked_sum()
         aggregate = attempt.config.encoding(federated.dp_weighted(self.settings)).decode(total, len(survivors))
         log.info("round %d: secure sum of %d workers unmasked (%d dropped after sharing, %d left before)", round_number, len(survivors), len(dropped),
                  len(attempt.config.participants) - len(survivors) - len(dropped))
         return aggregate, survivors, attempt.held
+
+    def went_on_without(self, kind: str, left: set[str]) -> None:
+        """Workers a secure round's stage closed without: counted by stage, and logged."""
+        if left:
+            metrics.SECAGG_DROPOUTS.labels(SERVER, self.session, kind.removeprefix("secagg-")).inc(len(left))
+            log.warning("round %d: secure sum goes on without %s (no %s)", self.state.round, ", ".join(sorted(left)), kind)
 
     def own_evaluation(self) -> dict:
         """The server's own score of the global model (accuracy and loss; None without data)."""
@@ -610,16 +610,16 @@ class FedAvgServer:
             self.on_progress(Progress("calibration", 1, 1, record["train_loss"], record))
         log.info("calibrated (ccvr) on the statistics of %d workers: %s", len(answers), self.scores_of(record))
 
-    def _round_metrics(self, record: dict, updates: dict[str, Update], sampled: list[str]) -> None:
+    def _round_metrics(self, record: dict, contributors: list[str], received_bytes: int, sampled: list[str]) -> None:
         session = self.session
         if record["train_loss"] is not None:
             metrics.TRAIN_LOSS.labels(SERVER, session).set(record["train_loss"])
         metrics.ROUND_SECONDS.labels(SERVER, session).observe(record["seconds"])
-        metrics.ROUND_BYTES.labels(SERVER, session).set(sum(u.size for u in updates.values()))
+        metrics.ROUND_BYTES.labels(SERVER, session).set(received_bytes)
         metrics.ACTIVE_WORKERS.labels(SERVER, session).set(len(self.state.workers) - len(self.state.missed))
         for worker in sampled:  # the others had no round to miss
             missed = metrics.WORKER_MISSED_ROUNDS.labels(SERVER, session, worker)
-            missed.set(0) if worker in updates else missed.inc()
+            missed.set(0) if worker in contributors else missed.inc()
 
     def collect(self, expected: set[str], kind: str | None, with_scores: bool = True, quorum: int | None = None) -> dict[str, Answer]:
         """`kind` answers from the `expected` workers (kind None: none, only the scores that
